@@ -1,0 +1,269 @@
+/*
+ * keel/pg.h — asynchronous PostgreSQL on a libuv loop.
+ *
+ * A keel_pg is one libpq connection in non-blocking mode, driven by a
+ * uv_poll_t on its socket. Queries queue in order; each result reaches its
+ * callback exactly once. With pipeline mode (libpq >= 14) queued statements
+ * go out in one write. A lost connection fails the queries in flight with
+ * KEEL_ECONN and reconnects with jittered exponential backoff. A keel_pg_pool
+ * spreads queries over N connections and runs transactions on one of them.
+ * The listener, the verifier, the integrity helpers and the durable queue are
+ * built on this layer.
+ *
+ *     static void on_rows(keel_pg *c, int status, const keel_pg_result *res,
+ *                         void *data) {
+ *       if (status < 0) { fprintf(stderr, "%s\n", keel_pg_last_error(c)); return; }
+ *       for (int i = 0; i < keel_pg_result_nrows(res); i++)
+ *         puts(keel_pg_result_get(res, i, "name"));
+ *     }
+ *     keel_pg_opts o; keel_pg_opts_init(&o); o.conninfo = "host=... dbname=...";
+ *     keel_pg *c; keel_pg_new(loop, &o, &c);
+ *     const char *params[] = {"42"};
+ *     keel_pg_query(c, "SELECT name FROM users WHERE team_id = $1", 1, params,
+ *                   on_rows, NULL);
+ */
+#ifndef KEEL_PG_H
+#define KEEL_PG_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "keel/common.h"
+#include "keel/retry.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct keel_pg keel_pg;
+typedef struct keel_pg_pool keel_pg_pool;
+typedef struct keel_pg_result keel_pg_result;
+typedef struct keel_pg_tx keel_pg_tx;
+
+/* ---- results ----------------------------------------------------------- */
+
+/*
+ * A query's result, valid only during the result callback (copy what you
+ * keep). On a SQL error it carries the SQLSTATE and message; on KEEL_ECONN or
+ * UV_ECANCELED it has no rows.
+ */
+KEEL_EXTERN int keel_pg_result_nrows(const keel_pg_result *res);
+KEEL_EXTERN int keel_pg_result_ncols(const keel_pg_result *res);
+/* Column index of `name`, or -1. */
+KEEL_EXTERN int keel_pg_result_col(const keel_pg_result *res, const char *name);
+/* Column name of index col, or NULL when out of range. */
+KEEL_EXTERN const char *keel_pg_result_col_name(const keel_pg_result *res, int col);
+/* Text value at (row, col); NULL for SQL NULL or out of range. */
+KEEL_EXTERN const char *keel_pg_result_value(const keel_pg_result *res, int row, int col);
+/* Text value at (row, column named name); NULL for SQL NULL or no such column. */
+KEEL_EXTERN const char *keel_pg_result_get(const keel_pg_result *res, int row, const char *name);
+/* Length in bytes of the value at (row, col); 0 for NULL / out of range. */
+KEEL_EXTERN int keel_pg_result_length(const keel_pg_result *res, int row, int col);
+/* true when (row, col) is SQL NULL or out of range. */
+KEEL_EXTERN bool keel_pg_result_is_null(const keel_pg_result *res, int row, int col);
+/* Rows affected by INSERT/UPDATE/DELETE (PQcmdTuples), 0 otherwise. */
+KEEL_EXTERN uint64_t keel_pg_result_affected(const keel_pg_result *res);
+/* The five-character SQLSTATE of an error result ("23505"), or NULL. */
+KEEL_EXTERN const char *keel_pg_result_sqlstate(const keel_pg_result *res);
+/* The server's primary error message, or NULL. */
+KEEL_EXTERN const char *keel_pg_result_error(const keel_pg_result *res);
+/* The underlying PGresult (a `PGresult *`), or NULL; owned by keel. */
+KEEL_EXTERN void *keel_pg_result_raw(const keel_pg_result *res);
+
+/* ---- one connection ---------------------------------------------------- */
+
+/*
+ * Result callback. status: 0; KEEL_EPG for a SQL error (SQLSTATE and message
+ * in res and in keel_pg_last_error(c)); KEEL_ECONN when the connection was
+ * lost before the result arrived (the statement may or may not have run);
+ * UV_ETIMEDOUT when opts.query_timeout_ms passed; UV_ECANCELED on close.
+ */
+typedef void (*keel_pg_result_cb)(keel_pg *c, int status, const keel_pg_result *res, void *data);
+
+/* Called when the connection comes up (up = true, status 0) or goes down
+ * (up = false, status KEEL_ECONN or UV_ETIMEDOUT for a failed connect). */
+typedef void (*keel_pg_state_cb)(keel_pg *c, bool up, int status, void *data);
+
+/* Called for each NOTIFY received on this connection (after LISTEN). The
+ * strings are valid during the call only. */
+typedef void (*keel_pg_notify_cb)(keel_pg *c, const char *channel, const char *payload,
+                                  int sender_pid, void *data);
+
+typedef struct keel_pg_opts {
+  const char *conninfo;              /* libpq connection string or URI; required */
+  uint32_t connect_timeout_ms;       /* default 5000 */
+  uint32_t query_timeout_ms;         /* per query, 0 = none (default) */
+  uint32_t health_check_interval_ms; /* idle `SELECT 1` probe; default 10000; 0 = off */
+  uint32_t keepalive_idle_s;         /* TCP keepalive idle seconds; default 10 */
+  keel_backoff reconnect_backoff;    /* default full jitter 100 ms x2, cap 10000 ms */
+  bool reconnect;                    /* default true */
+  bool pipeline;                     /* default true (when libpq supports it) */
+  keel_pg_state_cb on_state;         /* may be NULL */
+  keel_pg_notify_cb on_notify;       /* may be NULL */
+  void *data;                        /* passed to on_state and on_notify */
+} keel_pg_opts;
+
+KEEL_EXTERN void keel_pg_opts_init(keel_pg_opts *opts);
+
+/*
+ * Creates a connection and starts connecting (non-blocking). Queries may be
+ * queued at once; they are sent when the connection is up.
+ * Returns 0 and sets *out, UV_EINVAL (NULL argument or conninfo, bad
+ * backoff) or UV_ENOMEM. *out is untouched on failure. Loop thread only.
+ */
+KEEL_EXTERN int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out);
+
+/*
+ * Queues a parameterised statement ($1..$n, text parameters, NULL value =
+ * SQL NULL). sql and values are copied; cb (may be NULL) is called exactly
+ * once, on a later loop iteration, with the result.
+ * Returns 0, UV_EINVAL (NULL c or sql, nparams < 0, values NULL with
+ * nparams > 0), UV_ENOMEM, or KEEL_ECLOSING after close.
+ */
+KEEL_EXTERN int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *values,
+                              keel_pg_result_cb cb, void *data);
+
+/* true when connected and usable now. */
+KEEL_EXTERN bool keel_pg_is_connected(const keel_pg *c);
+
+/* The backend process id of the current session, 0 when not connected. */
+KEEL_EXTERN int keel_pg_backend_pid(const keel_pg *c);
+
+/* The underlying PGconn (a `PGconn *`) or NULL; for escaping functions only:
+ * never run blocking calls on it. */
+KEEL_EXTERN void *keel_pg_raw(keel_pg *c);
+
+/* Text of the last error this connection saw ("SQLSTATE 23505: duplicate
+ * key..." or a connection error); "" when none. Valid until the next call. */
+KEEL_EXTERN const char *keel_pg_last_error(const keel_pg *c);
+
+/* Forces a reconnect now (e.g. after the caller saw the server restart).
+ * In-flight queries fail with KEEL_ECONN. Returns 0 or UV_EINVAL. */
+KEEL_EXTERN int keel_pg_reset(keel_pg *c);
+
+typedef struct keel_pg_stats {
+  uint64_t queries;     /* counter: statements completed (any status) */
+  uint64_t errors;      /* counter: statements failed with KEEL_EPG */
+  uint64_t connects;    /* counter: successful connects */
+  uint64_t disconnects; /* counter: connection losses */
+  uint64_t reconnects;  /* counter: reconnect attempts */
+  uint64_t in_flight;   /* gauge: statements sent, result not yet in */
+  uint64_t queued;      /* gauge: statements waiting to be sent */
+  bool connected;       /* gauge */
+} keel_pg_stats;
+
+KEEL_EXTERN void keel_pg_get_stats(const keel_pg *c, keel_pg_stats *out);
+
+/*
+ * Closes the connection: queued and in-flight queries get UV_ECANCELED,
+ * the socket and timers close, and cb (may be NULL) runs on a later loop
+ * iteration. NULL-safe; callable from inside any callback of c.
+ */
+KEEL_EXTERN void keel_pg_close(keel_pg *c, keel_close_cb cb, void *data);
+
+/* ---- pool ---------------------------------------------------------------- */
+
+typedef struct keel_pg_pool_opts {
+  keel_pg_opts conn;           /* per-connection options (conn.conninfo required) */
+  unsigned size;               /* connections, default 4, >= 1 */
+  uint32_t acquire_timeout_ms; /* waiters fail with UV_ETIMEDOUT after this; 0 = none
+                                  (default 30000) */
+  unsigned max_waiters;        /* KEEL_EFULL beyond; 0 = unbounded (default) */
+} keel_pg_pool_opts;
+
+KEEL_EXTERN void keel_pg_pool_opts_init(keel_pg_pool_opts *opts);
+
+/* Creates a pool and starts its connections. Errors as keel_pg_new(). */
+KEEL_EXTERN int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts,
+                                 keel_pg_pool **out);
+
+/*
+ * Runs one statement on whichever connection is free first (FIFO waiters).
+ * The callback's keel_pg is the connection that ran it. Errors as
+ * keel_pg_query(), plus KEEL_EFULL when max_waiters are already waiting.
+ */
+KEEL_EXTERN int keel_pg_pool_query(keel_pg_pool *pool, const char *sql, int nparams,
+                                   const char *const *values, keel_pg_result_cb cb, void *data);
+
+/* status 0 and a connection for the caller's exclusive use until
+ * keel_pg_pool_release(); or UV_ETIMEDOUT / UV_ECANCELED with conn NULL. */
+typedef void (*keel_pg_acquire_cb)(keel_pg_pool *pool, keel_pg *conn, int status, void *data);
+
+/* Waits (FIFO) for a free connection. Returns 0, UV_EINVAL, UV_ENOMEM,
+ * KEEL_EFULL or KEEL_ECLOSING. */
+KEEL_EXTERN int keel_pg_pool_acquire(keel_pg_pool *pool, keel_pg_acquire_cb cb, void *data);
+
+/* Gives an acquired connection back (queries still queued on it finish
+ * first). Returns 0 or UV_EINVAL when conn is not an acquired member. */
+KEEL_EXTERN int keel_pg_pool_release(keel_pg_pool *pool, keel_pg *conn);
+
+/* Transactions: BEGIN [ISOLATION LEVEL ...], the user's steps, then COMMIT,
+ * or ROLLBACK when the user finishes with an error or a statement fails. */
+typedef enum keel_pg_isolation {
+  KEEL_PG_READ_COMMITTED = 0,
+  KEEL_PG_REPEATABLE_READ,
+  KEEL_PG_SERIALIZABLE
+} keel_pg_isolation;
+
+/*
+ * The user's body: issue statements with keel_pg_query(conn, ...) (they run
+ * inside the transaction, in order) and, when done, call
+ * keel_pg_tx_finish(tx, 0) to COMMIT or keel_pg_tx_finish(tx, err) to ROLLBACK.
+ */
+typedef void (*keel_pg_tx_fn)(keel_pg_tx *tx, keel_pg *conn, void *data);
+
+/* The transaction's outcome, exactly once: 0 when COMMIT succeeded; the
+ * user's error, KEEL_EPG (e.g. a serialization failure at COMMIT, SQLSTATE in
+ * sqlstate, may be NULL), KEEL_ECONN, UV_ETIMEDOUT or UV_ECANCELED. */
+typedef void (*keel_pg_tx_done_cb)(keel_pg_pool *pool, int status, const char *sqlstate,
+                                   void *data);
+
+/*
+ * Acquires a connection, runs BEGIN, calls body, and after
+ * keel_pg_tx_finish() commits or rolls back, releases the connection and
+ * calls done. Returns 0 or the errors of keel_pg_pool_acquire().
+ */
+KEEL_EXTERN int keel_pg_pool_transaction(keel_pg_pool *pool, keel_pg_isolation isolation,
+                                         keel_pg_tx_fn body, keel_pg_tx_done_cb done, void *data);
+
+/* Ends the transaction body: status 0 → COMMIT, < 0 → ROLLBACK and done gets
+ * status. Exactly once per transaction. */
+KEEL_EXTERN void keel_pg_tx_finish(keel_pg_tx *tx, int status);
+
+typedef struct keel_pg_pool_stats {
+  uint64_t queries;      /* counter */
+  uint64_t errors;       /* counter */
+  uint64_t reconnects;   /* counter, summed over connections */
+  uint64_t transactions; /* counter: committed */
+  uint64_t rollbacks;    /* counter */
+  uint64_t in_flight;    /* gauge */
+  uint64_t waiting;      /* gauge: queries/acquires waiting for a connection */
+  unsigned connected;    /* gauge: connections up */
+  unsigned size;         /* configured size */
+} keel_pg_pool_stats;
+
+KEEL_EXTERN void keel_pg_pool_get_stats(const keel_pg_pool *pool, keel_pg_pool_stats *out);
+
+/* Text of the last error any connection of the pool saw; "" when none. */
+KEEL_EXTERN const char *keel_pg_pool_last_error(const keel_pg_pool *pool);
+
+/* Closes every connection; waiters and queries get UV_ECANCELED. NULL-safe. */
+KEEL_EXTERN void keel_pg_pool_close(keel_pg_pool *pool, keel_close_cb cb, void *data);
+
+/* ---- identifiers ------------------------------------------------------ */
+
+/*
+ * Writes ident as a quoted SQL identifier into buf ("order" → "\"order\"",
+ * embedded quotes doubled). With allow_qualified, one '.' splits schema and
+ * name ("app.orders" → "\"app\".\"orders\""). Each part must be 1..63 bytes.
+ * Returns the length written (excluding the NUL), UV_EINVAL (NULL, empty,
+ * too long, more than one '.', or a '.' without allow_qualified) or
+ * UV_ENOBUFS when cap is too small. Thread-safe.
+ */
+KEEL_EXTERN int keel_pg_quote_ident(char *buf, size_t cap, const char *ident, bool allow_qualified);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KEEL_PG_H */

@@ -1,0 +1,123 @@
+#include <math.h>
+
+#include "keel/retry.h"
+
+/* splitmix64: turns any seed (0 included) into a well-mixed state. */
+static uint64_t splitmix64(uint64_t *x) {
+  uint64_t z = (*x += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+void keel_rng_seed(keel_rng *rng, uint64_t seed) {
+  rng->state[0] = splitmix64(&seed);
+  rng->state[1] = splitmix64(&seed);
+  if (rng->state[0] == 0 && rng->state[1] == 0) rng->state[1] = 1;
+}
+
+/* xoroshiro128+ */
+uint64_t keel_rng_next(keel_rng *rng) {
+  uint64_t s0 = rng->state[0];
+  uint64_t s1 = rng->state[1];
+  uint64_t result = s0 + s1;
+  s1 ^= s0;
+  rng->state[0] = ((s0 << 24) | (s0 >> 40)) ^ s1 ^ (s1 << 16);
+  rng->state[1] = (s1 << 37) | (s1 >> 27);
+  return result;
+}
+
+uint64_t keel_rng_between(keel_rng *rng, uint64_t low, uint64_t high) {
+  if (high <= low) return low;
+  uint64_t span = high - low;
+  if (span == UINT64_MAX) return keel_rng_next(rng);
+  span += 1;
+  /* Rejection sampling keeps the draw unbiased. */
+  uint64_t limit = UINT64_MAX - (UINT64_MAX % span);
+  uint64_t draw;
+  do draw = keel_rng_next(rng);
+  while (draw >= limit);
+  return low + draw % span;
+}
+
+void keel_backoff_fixed(keel_backoff *b, uint64_t delay_ms) {
+  b->kind = KEEL_BACKOFF_FIXED;
+  b->base_ms = delay_ms;
+  b->factor = 1.0;
+  b->max_ms = 0;
+}
+
+void keel_backoff_exponential(keel_backoff *b, uint64_t base_ms, double factor, uint64_t max_ms) {
+  b->kind = KEEL_BACKOFF_EXPONENTIAL;
+  b->base_ms = base_ms;
+  b->factor = factor;
+  b->max_ms = max_ms;
+}
+
+void keel_backoff_full_jitter(keel_backoff *b, uint64_t base_ms, double factor, uint64_t max_ms) {
+  keel_backoff_exponential(b, base_ms, factor, max_ms);
+  b->kind = KEEL_BACKOFF_FULL_JITTER;
+}
+
+void keel_backoff_decorrelated_jitter(keel_backoff *b, uint64_t base_ms, uint64_t max_ms) {
+  b->kind = KEEL_BACKOFF_DECORRELATED_JITTER;
+  b->base_ms = base_ms;
+  b->factor = 3.0;
+  b->max_ms = max_ms;
+}
+
+int keel_backoff_validate(const keel_backoff *b, const char **why) {
+  const char *problem = NULL;
+  if (b == NULL)
+    problem = "backoff policy is NULL";
+  else if (b->kind < KEEL_BACKOFF_FIXED || b->kind > KEEL_BACKOFF_DECORRELATED_JITTER)
+    problem = "unknown backoff kind";
+  else if (!isfinite(b->factor) || b->factor < 1.0)
+    problem = "backoff factor must be a finite number >= 1";
+  else if (b->max_ms != 0 && b->max_ms < b->base_ms)
+    problem = "backoff max_ms must be 0 (no cap) or >= base_ms";
+  if (why != NULL) *why = problem;
+  return problem == NULL ? 0 : UV_EINVAL;
+}
+
+#define KEEL_BACKOFF_SATURATE (UINT64_MAX / 2)
+
+static uint64_t cap_of(const keel_backoff *b) {
+  return b->max_ms != 0 ? b->max_ms : KEEL_BACKOFF_SATURATE;
+}
+
+static uint64_t exponential_delay(const keel_backoff *b, unsigned retry) {
+  uint64_t cap = cap_of(b);
+  if (b->base_ms >= cap) return cap;
+  double delay = (double)b->base_ms;
+  for (unsigned i = 1; i < retry; i++) {
+    delay *= b->factor;
+    if (delay >= (double)cap) return cap;
+  }
+  return (uint64_t)delay;
+}
+
+uint64_t keel_backoff_delay(const keel_backoff *b, unsigned retry, uint64_t prev_delay_ms,
+                            keel_rng *rng) {
+  if (b == NULL) return 0;
+  if (retry == 0) retry = 1;
+  switch (b->kind) {
+    case KEEL_BACKOFF_FIXED:
+      return b->max_ms != 0 && b->base_ms > b->max_ms ? b->max_ms : b->base_ms;
+    case KEEL_BACKOFF_EXPONENTIAL:
+      return exponential_delay(b, retry);
+    case KEEL_BACKOFF_FULL_JITTER: {
+      uint64_t ceiling = exponential_delay(b, retry);
+      return rng == NULL ? ceiling : keel_rng_between(rng, 0, ceiling);
+    }
+    case KEEL_BACKOFF_DECORRELATED_JITTER: {
+      uint64_t cap = cap_of(b);
+      uint64_t prev = prev_delay_ms < b->base_ms ? b->base_ms : prev_delay_ms;
+      uint64_t high = prev > cap / 3 ? cap : prev * 3;
+      if (rng == NULL) return high < cap ? high : cap;
+      uint64_t delay = keel_rng_between(rng, b->base_ms, high);
+      return delay < cap ? delay : cap;
+    }
+  }
+  return b->base_ms;
+}

@@ -1,0 +1,208 @@
+#include "support/harness.h"
+
+#include <criterion/criterion.h>
+#include <libpq-fe.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "keel/common.h"
+
+const char *kt_pg_conninfo(void) {
+  const char *conninfo = getenv("KEEL_TEST_PG");
+  if (conninfo == NULL || conninfo[0] == '\0')
+    cr_assert_fail("KEEL_TEST_PG is not set: run the suite with ./scripts/test");
+  return conninfo;
+}
+
+void kt_redis_addr(char *host, size_t host_cap, int *port) {
+  const char *addr = getenv("KEEL_TEST_REDIS");
+  if (addr == NULL || addr[0] == '\0')
+    cr_assert_fail("KEEL_TEST_REDIS is not set: run the suite with ./scripts/test");
+  const char *colon = strrchr(addr, ':');
+  cr_assert_not_null(colon, "KEEL_TEST_REDIS must be host:port, got %s", addr);
+  size_t host_len = (size_t)(colon - addr);
+  cr_assert_lt(host_len, host_cap);
+  memcpy(host, addr, host_len);
+  host[host_len] = '\0';
+  char *end = NULL;
+  long value = strtol(colon + 1, &end, 10);
+  cr_assert(end != colon + 1 && *end == '\0' && value > 0 && value < 65536,
+            "bad port in KEEL_TEST_REDIS=%s", addr);
+  *port = (int)value;
+}
+
+void kt_unique_name(char *buf, size_t cap, const char *prefix) {
+  static atomic_uint counter;
+  unsigned n = atomic_fetch_add(&counter, 1);
+  snprintf(buf, cap, "kt_%s_%ld_%u", prefix, (long)getpid(), n);
+}
+
+static PGconn *connect_blocking(void) {
+  PGconn *conn = PQconnectdb(kt_pg_conninfo());
+  if (PQstatus(conn) != CONNECTION_OK) {
+    char message[512];
+    snprintf(message, sizeof message, "%s", PQerrorMessage(conn));
+    PQfinish(conn);
+    cr_assert_fail("cannot connect to the test PostgreSQL: %s", message);
+  }
+  return conn;
+}
+
+void kt_pg_exec(const char *sql) {
+  PGconn *conn = connect_blocking();
+  PGresult *res = PQexec(conn, sql);
+  ExecStatusType status = PQresultStatus(res);
+  if (status != PGRES_COMMAND_OK && status != PGRES_TUPLES_OK) {
+    char message[512];
+    snprintf(message, sizeof message, "%s", PQresultErrorMessage(res));
+    PQclear(res);
+    PQfinish(conn);
+    cr_assert_fail("SQL failed: %s\n%s", sql, message);
+  }
+  PQclear(res);
+  PQfinish(conn);
+}
+
+char *kt_pg_scalar(const char *sql) {
+  PGconn *conn = connect_blocking();
+  PGresult *res = PQexec(conn, sql);
+  if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+    char message[512];
+    snprintf(message, sizeof message, "%s", PQresultErrorMessage(res));
+    PQclear(res);
+    PQfinish(conn);
+    cr_assert_fail("SQL failed: %s\n%s", sql, message);
+  }
+  char *value = NULL;
+  if (PQntuples(res) > 0 && !PQgetisnull(res, 0, 0)) value = strdup(PQgetvalue(res, 0, 0));
+  PQclear(res);
+  PQfinish(conn);
+  return value;
+}
+
+static void stop_on_timeout(uv_timer_t *timer) {
+  *(bool *)timer->data = true;
+}
+
+bool kt_run_until(uv_loop_t *loop, const volatile bool *done, uint64_t timeout_ms) {
+  uv_timer_t timer;
+  bool timed_out = false;
+  uv_timer_init(loop, &timer);
+  timer.data = &timed_out;
+  uv_timer_start(&timer, stop_on_timeout, timeout_ms, 0);
+  uv_unref((uv_handle_t *)&timer);
+  while (!*done && !timed_out) {
+    if (uv_run(loop, UV_RUN_ONCE) == 0 && !*done) {
+      /* Nothing referenced is left: only the timer could still fire. */
+      uv_ref((uv_handle_t *)&timer);
+      uv_run(loop, UV_RUN_ONCE);
+      uv_unref((uv_handle_t *)&timer);
+    }
+  }
+  uv_close((uv_handle_t *)&timer, NULL);
+  uv_run(loop, UV_RUN_NOWAIT);
+  return *done;
+}
+
+static void close_any(uv_handle_t *handle, void *arg) {
+  (void)arg;
+  if (!uv_is_closing(handle)) {
+    cr_log_warn("closing a handle left open (type %s)", uv_handle_type_name(handle->type));
+    uv_close(handle, NULL);
+  }
+}
+
+void kt_loop_finish(uv_loop_t *loop) {
+  uv_run(loop, UV_RUN_DEFAULT);
+  int rc = uv_loop_close(loop);
+  if (rc == UV_EBUSY) {
+    uv_walk(loop, close_any, NULL);
+    uv_run(loop, UV_RUN_DEFAULT);
+    cr_assert_eq(uv_loop_close(loop), 0);
+    cr_assert_fail("uv_loop_close() returned UV_EBUSY: handles were left open");
+  }
+  cr_assert_eq(rc, 0, "uv_loop_close() = %d", rc);
+}
+
+/* ---- counting allocator ------------------------------------------------ */
+
+/* A header before each block remembers its size so frees can be counted. */
+typedef struct {
+  size_t size;
+  size_t pad; /* keeps the payload 16-byte aligned */
+} alloc_header;
+
+static atomic_uint_fast64_t alloc_count;
+static atomic_int_fast64_t live_bytes;
+static atomic_int_fast64_t live_blocks;
+static atomic_int_fast64_t fail_after = -1;
+
+static bool should_fail(void) {
+  int_fast64_t left = atomic_load(&fail_after);
+  if (left < 0) return false;
+  if (left == 0) return true;
+  atomic_fetch_sub(&fail_after, 1);
+  return false;
+}
+
+static void *count_malloc(size_t size) {
+  if (should_fail()) return NULL;
+  alloc_header *h = malloc(sizeof *h + size);
+  if (h == NULL) return NULL;
+  h->size = size;
+  atomic_fetch_add(&alloc_count, 1);
+  atomic_fetch_add(&live_bytes, (int_fast64_t)size);
+  atomic_fetch_add(&live_blocks, 1);
+  return h + 1;
+}
+
+static void count_free(void *ptr) {
+  if (ptr == NULL) return;
+  alloc_header *h = (alloc_header *)ptr - 1;
+  atomic_fetch_sub(&live_bytes, (int_fast64_t)h->size);
+  atomic_fetch_sub(&live_blocks, 1);
+  free(h);
+}
+
+static void *count_realloc(void *ptr, size_t size) {
+  if (ptr == NULL) return count_malloc(size);
+  if (should_fail()) return NULL;
+  alloc_header *old = (alloc_header *)ptr - 1;
+  size_t old_size = old->size;
+  alloc_header *h = realloc(old, sizeof *h + size);
+  if (h == NULL) return NULL;
+  h->size = size;
+  atomic_fetch_add(&alloc_count, 1);
+  atomic_fetch_add(&live_bytes, (int_fast64_t)size - (int_fast64_t)old_size);
+  return h + 1;
+}
+
+static void *count_calloc(size_t count, size_t size) {
+  if (size != 0 && count > SIZE_MAX / size) return NULL;
+  void *p = count_malloc(count * size);
+  if (p != NULL) memset(p, 0, count * size);
+  return p;
+}
+
+void kt_alloc_install(void) {
+  keel_replace_allocator(count_malloc, count_realloc, count_calloc, count_free);
+}
+
+uint64_t kt_alloc_count(void) {
+  return atomic_load(&alloc_count);
+}
+
+int64_t kt_alloc_live_bytes(void) {
+  return atomic_load(&live_bytes);
+}
+
+int64_t kt_alloc_live_blocks(void) {
+  return atomic_load(&live_blocks);
+}
+
+void kt_alloc_fail_after(int64_t n) {
+  atomic_store(&fail_after, n);
+}

@@ -1,0 +1,55 @@
+/*
+ * Test support shared by every suite: the addresses of the throwaway
+ * PostgreSQL and Redis that scripts/test starts, unique names so that
+ * parallel tests never share a table, a counting/failing allocator, and
+ * loop helpers.
+ */
+#ifndef KEEL_TEST_HARNESS_H
+#define KEEL_TEST_HARNESS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <uv.h>
+
+/* Conninfo of the test PostgreSQL (KEEL_TEST_PG). Fails the current test
+ * (never skips) when the variable is not set. */
+const char *kt_pg_conninfo(void);
+
+/* Redis host and port from KEEL_TEST_REDIS ("127.0.0.1:6379"); fails the
+ * current test when not set. */
+void kt_redis_addr(char *host, size_t host_cap, int *port);
+
+/* Writes a name unique to this process and call ("kt_<prefix>_<pid>_<n>")
+ * usable as a table or channel name. */
+void kt_unique_name(char *buf, size_t cap, const char *prefix);
+
+/* Runs a SQL statement synchronously on a fresh blocking libpq connection
+ * (set-up and checks only, never inside the loop under test). Fails the test
+ * on error. */
+void kt_pg_exec(const char *sql);
+
+/* Like kt_pg_exec but returns the first column of the first row as a
+ * malloc'd string (NULL for no row or NULL value); caller frees with free(). */
+char *kt_pg_scalar(const char *sql);
+
+/* Runs the loop until `done` becomes true or timeout_ms passes (real time);
+ * returns whether done became true. */
+bool kt_run_until(uv_loop_t *loop, const volatile bool *done, uint64_t timeout_ms);
+
+/* Closes every handle still open, runs the loop until it ends and asserts
+ * uv_loop_close() == 0. Use at the end of each loop test. */
+void kt_loop_finish(uv_loop_t *loop);
+
+/* ---- counting / failing allocator (keel_replace_allocator) ------------- */
+
+/* Installs the counting allocator. Allocations counted in kt_alloc_count();
+ * live bytes in kt_alloc_live_bytes(). */
+void kt_alloc_install(void);
+uint64_t kt_alloc_count(void);
+int64_t kt_alloc_live_bytes(void);
+int64_t kt_alloc_live_blocks(void);
+/* After n more successful allocations, every allocation fails (n < 0: never). */
+void kt_alloc_fail_after(int64_t n);
+
+#endif
