@@ -117,10 +117,12 @@ typedef void (*keel_retry_attempt_fn)(keel_retry *r, unsigned attempt, void *dat
 typedef int (*keel_retry_classify_fn)(int status, void *classify_data);
 
 /*
- * The final result, called exactly once: 0 after a successful attempt, the
- * last failure's status when it was not retryable or attempts ran out,
- * UV_ETIMEDOUT when the deadline passed first, UV_ECANCELED after
- * keel_retry_close(). `attempts` counts the attempts started.
+ * The final result, called exactly once: 0 after a successful attempt; the
+ * last failure's status when it was not retryable, when attempts ran out, or
+ * when the next retry could only start after the deadline; UV_ETIMEDOUT when
+ * the deadline had passed by the time a retry was due; UV_ECANCELED after
+ * keel_retry_close(). `attempts` counts the attempts started. The runner
+ * may be closed from inside this callback.
  */
 typedef void (*keel_retry_done_cb)(keel_retry *r, int status, unsigned attempts, void *data);
 

@@ -1,0 +1,162 @@
+/* keel_breaker_execute(): the libuv adapter around the state machine. Calls
+ * come from a free list with their timeout timer already initialised, so a
+ * steady stream of calls allocates nothing; every operation is started from
+ * one zero-delay timer, never inside keel_breaker_execute(). */
+#include "circuit/breaker_internal.h"
+#include "core/alloc.h"
+
+int keel__breaker_release_timeout(keel_breaker_permit *permit, uint64_t duration_ms);
+
+static void on_call_timer_closed(uv_handle_t *handle) {
+  keel_breaker_call *call = handle->data;
+  keel_breaker *b = call->breaker;
+  keel__free(call);
+  b->calls_allocated--;
+  keel__breaker_maybe_free(b);
+}
+
+static void active_remove(keel_breaker *b, keel_breaker_call *call) {
+  if (call->prev_active != NULL)
+    call->prev_active->next_active = call->next_active;
+  else
+    b->active_calls = call->next_active;
+  if (call->next_active != NULL) call->next_active->prev_active = call->prev_active;
+  call->next_active = call->prev_active = NULL;
+}
+
+/* The call has finished and its operation has reported (or never started):
+ * back to the free list, or freed when the breaker is closing. */
+static void recycle(keel_breaker_call *call) {
+  keel_breaker *b = call->breaker;
+  active_remove(b, call);
+  call->in_use = false;
+  uv_timer_stop(&call->timer);
+  if (b->closing) {
+    uv_close((uv_handle_t *)&call->timer, on_call_timer_closed);
+    return;
+  }
+  call->next_free = b->free_calls;
+  b->free_calls = call;
+}
+
+static void finish(keel_breaker_call *call, int status) {
+  call->finished = true;
+  call->done(call->breaker, status, call->data);
+}
+
+static void on_call_timeout(uv_timer_t *timer) {
+  keel_breaker_call *call = timer->data;
+  keel_breaker *b = call->breaker;
+  if (call->finished) return;
+  keel__breaker_release_timeout(&call->permit, keel__breaker_now(b) - call->started_ms);
+  finish(call, UV_ETIMEDOUT);
+  /* The memory stays until the operation reports. */
+}
+
+static void on_start(uv_timer_t *timer) {
+  keel_breaker *b = timer->data;
+  keel_breaker_call *call = b->start_queue_head;
+  b->start_queue_head = b->start_queue_tail = NULL;
+  while (call != NULL) {
+    keel_breaker_call *next = call->next_free;
+    call->next_free = NULL;
+    if (b->closing) {
+      /* close() already reported UV_ECANCELED for queued calls. */
+    } else if (call->permit.generation == 0) {
+      finish(call, KEEL_EOPEN);
+      recycle(call);
+    } else {
+      call->started_ms = keel__breaker_now(b);
+      if (call->timeout_ms > 0) uv_timer_start(&call->timer, on_call_timeout, call->timeout_ms, 0);
+      call->op_started = true;
+      call->op(call, call->data);
+    }
+    call = next;
+  }
+}
+
+static keel_breaker_call *take_call(keel_breaker *b) {
+  keel_breaker_call *call = b->free_calls;
+  if (call != NULL) {
+    b->free_calls = call->next_free;
+    return call;
+  }
+  call = keel__calloc(1, sizeof *call);
+  if (call == NULL) return NULL;
+  if (uv_timer_init(b->loop, &call->timer) != 0) {
+    keel__free(call);
+    return NULL;
+  }
+  call->timer.data = call;
+  call->breaker = b;
+  b->calls_allocated++;
+  return call;
+}
+
+int keel_breaker_execute(keel_breaker *b, keel_breaker_op_fn op, uint64_t timeout_ms,
+                         keel_breaker_done_cb done, void *data) {
+  if (b == NULL) return UV_EINVAL;
+  if (op == NULL || done == NULL)
+    return keel__fail(b->last_error, UV_EINVAL, "keel_breaker_execute: op and done are required");
+  if (b->closing) return KEEL_ECLOSING;
+  keel_breaker_call *call = take_call(b);
+  if (call == NULL) return keel__fail(b->last_error, UV_ENOMEM, "out of memory");
+  call->op = op;
+  call->done = done;
+  call->data = data;
+  call->timeout_ms = timeout_ms;
+  call->op_started = call->op_reported = call->finished = false;
+  call->in_use = true;
+  call->next_free = NULL;
+  if (keel_breaker_acquire(b, &call->permit) != 0) call->permit.generation = 0;
+  call->prev_active = NULL;
+  call->next_active = b->active_calls;
+  if (b->active_calls != NULL) b->active_calls->prev_active = call;
+  b->active_calls = call;
+  if (b->start_queue_tail != NULL)
+    b->start_queue_tail->next_free = call;
+  else
+    b->start_queue_head = call;
+  b->start_queue_tail = call;
+  if (!uv_is_active((uv_handle_t *)&b->start_timer))
+    uv_timer_start(&b->start_timer, on_start, 0, 0);
+  return 0;
+}
+
+int keel_breaker_call_done(keel_breaker_call *call, int status) {
+  if (call == NULL || !call->in_use || !call->op_started || call->op_reported) return UV_EINVAL;
+  call->op_reported = true;
+  if (call->finished) {
+    recycle(call);
+    return KEEL_ESTALE;
+  }
+  keel_breaker *b = call->breaker;
+  uv_timer_stop(&call->timer);
+  keel_breaker_release(&call->permit, status, keel__breaker_now(b) - call->started_ms);
+  finish(call, status);
+  recycle(call);
+  return 0;
+}
+
+void keel__breaker_cancel_calls(keel_breaker *b) {
+  keel_breaker_call *call = b->active_calls;
+  while (call != NULL) {
+    keel_breaker_call *next = call->next_active;
+    if (!call->finished) finish(call, UV_ECANCELED);
+    /* Calls whose operation never started, or has reported, are done;
+     * the others wait for their operation's report. */
+    if (!call->op_started || call->op_reported) recycle(call);
+    call = next;
+  }
+  b->start_queue_head = b->start_queue_tail = NULL;
+}
+
+void keel__breaker_close_call_handles(keel_breaker *b) {
+  keel_breaker_call *call = b->free_calls;
+  b->free_calls = NULL;
+  while (call != NULL) {
+    keel_breaker_call *next = call->next_free;
+    uv_close((uv_handle_t *)&call->timer, on_call_timer_closed);
+    call = next;
+  }
+}
