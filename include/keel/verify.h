@@ -1,5 +1,282 @@
-/* keel/verify.h — placeholder until the module lands. */
+/*
+ * keel/verify.h — a periodic server-side verification job.
+ *
+ * Every interval_ms the verifier walks a table in keyset order
+ * (`WHERE (id) > ($last) ORDER BY id LIMIT batch_size`, never OFFSET),
+ * fetching the next batch while the current one is validated. A synchronous
+ * validator looks at each row (columns by name, NULL-aware) and names the
+ * problems it finds; an asynchronous fix-up repairs invalid rows, at most
+ * fix_concurrency at a time, retried with a backoff policy and bounded by a
+ * timeout. Two runs never overlap; with leader_lock on, only the process
+ * holding a PostgreSQL advisory lock runs the job; an optional checkpoint
+ * table lets a long run resume after a restart. Statistics are kept for
+ * dashboards.
+ *
+ *     static bool check(keel_verify *v, const keel_verify_row *row, void *data) {
+ *       if (keel_verify_row_is_null(row, "status")) keel_verify_row_problem(row, "missing_status");
+ *       return true;  // invalid as soon as a problem was named
+ *     }
+ *     keel_verify_opts o; keel_verify_opts_init(&o);
+ *     o.conninfo = "host=... dbname=..."; o.table = "orders"; o.id_columns[0] = "id";
+ *     o.validate = check; o.fix = fix_order; o.interval_ms = 3600 * 1000;
+ *     keel_verify *v; if (keel_verify_new(loop, &o, &v) != 0) ...;
+ *     keel_verify_start(v);
+ *     ... keel_verify_get_stats(v, &st); printf("%llu problems\n", st.problems_last_run);
+ *     keel_verify_close(v, NULL, NULL);
+ */
 #ifndef KEEL_VERIFY_H
 #define KEEL_VERIFY_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
 #include "keel/common.h"
+#include "keel/pg.h"
+#include "keel/retry.h"
+
+#ifdef __cplusplus
+extern "C" {
 #endif
+
+/* Most key columns of a composite key. */
+#define KEEL_VERIFY_MAX_KEYS 4
+/* Most columns in opts.columns. */
+#define KEEL_VERIFY_MAX_COLUMNS 64
+/* Entries in keel_verify_stats.top_codes. */
+#define KEEL_VERIFY_TOP_CODES 8
+/* Longest problem code kept (longer codes are truncated), NUL included. */
+#define KEEL_VERIFY_CODE_MAX 48
+/* Distinct problem codes counted; more land in the code "(other)". */
+#define KEEL_VERIFY_MAX_CODES 128
+
+typedef struct keel_verify keel_verify;
+typedef struct keel_verify_row keel_verify_row;
+typedef struct keel_verify_fix keel_verify_fix;
+
+/* ---- rows ------------------------------------------------------------- */
+
+/*
+ * Text value of column `name` in row (PostgreSQL text format), or NULL for
+ * SQL NULL or when the row has no such column (tell them apart with
+ * keel_verify_row_has()). Valid while the row is (the validator call, or
+ * until keel_verify_fix_done() for a fix-up's row). Loop thread only.
+ */
+KEEL_EXTERN const char *keel_verify_row_get(const keel_verify_row *row, const char *name);
+
+/* true when column `name` is SQL NULL or absent. */
+KEEL_EXTERN bool keel_verify_row_is_null(const keel_verify_row *row, const char *name);
+
+/* true when the row has a column called `name`. */
+KEEL_EXTERN bool keel_verify_row_has(const keel_verify_row *row, const char *name);
+
+/* Number of columns, and name/value by index (NULL when out of range or
+ * SQL NULL). */
+KEEL_EXTERN int keel_verify_row_ncols(const keel_verify_row *row);
+KEEL_EXTERN const char *keel_verify_row_col_name(const keel_verify_row *row, int col);
+KEEL_EXTERN const char *keel_verify_row_value(const keel_verify_row *row, int col);
+
+/*
+ * Writes the row's key as text into buf: the id value, or the key values
+ * joined by ',' for a composite key (truncated to cap). Returns the length
+ * of the full text, or UV_EINVAL.
+ */
+KEEL_EXTERN int keel_verify_row_key(const keel_verify_row *row, char *buf, size_t cap);
+
+/*
+ * Inside the validator only: records that this row has the problem `code`
+ * (a short code such as "missing_completion_date"; copied; at most
+ * KEEL_VERIFY_CODE_MAX - 1 bytes are kept). A row with at least one named
+ * problem is invalid whatever the validator returns. The same code named
+ * twice for one row counts twice.
+ * Returns 0, or UV_EINVAL (NULL or empty code, or called outside the
+ * validator).
+ */
+KEEL_EXTERN int keel_verify_row_problem(const keel_verify_row *row, const char *code);
+
+/* ---- callbacks -------------------------------------------------------- */
+
+/*
+ * The validator: synchronous, called once per scanned row. Returns true for
+ * a valid row, false for an invalid one (naming problems with
+ * keel_verify_row_problem() is optional; a row returned false without one
+ * counts under the code "invalid"). It must not close the verifier.
+ */
+typedef bool (*keel_verify_validate_fn)(keel_verify *v, const keel_verify_row *row, void *data);
+
+/*
+ * The fix-up: asynchronous, called for each invalid row (again for every
+ * retry). It owns `fix` until it calls keel_verify_fix_done(fix, status),
+ * once, from this call or later; `row` stays valid until then. It may run
+ * its own queries (e.g. on a keel_pg_pool) or anything else.
+ */
+typedef void (*keel_verify_fix_fn)(keel_verify *v, keel_verify_fix *fix,
+                                   const keel_verify_row *row, void *data);
+
+/* Called at the end of every run: status 0 when the whole table was
+ * walked (fix-ups included, whatever their outcome), or the error that
+ * ended it (KEEL_EPG, KEEL_ECONN, KEEL_ENOTLEADER, UV_ECANCELED on
+ * stop/close...). Runs skipped because another process leads do not call it. */
+typedef void (*keel_verify_run_cb)(keel_verify *v, int status, void *data);
+
+/* ---- options ---------------------------------------------------------- */
+
+typedef struct keel_verify_opts {
+  /* Where to read: a pool (borrowed; must outlive the verifier) or a
+   * connection string (the verifier opens its own connection). At least one
+   * is required; the pool wins when both are set. leader_lock needs conninfo. */
+  keel_pg_pool *pool;
+  const char *conninfo;
+
+  const char *table;                          /* required; "name" or "schema.name" */
+  const char *id_columns[KEEL_VERIFY_MAX_KEYS]; /* default {"id"}; NULL-terminated;
+                                                  unique, orderable (composite ok) */
+  const char *const *columns; /* columns to read, NULL-terminated; NULL = all (t.*) */
+  const char *where;          /* extra SQL condition (trusted SQL, not an identifier),
+                                 ANDed to each batch query; NULL = none */
+  uint32_t batch_size;        /* rows per batch, default 1000, 1..1000000 */
+  uint64_t interval_ms;       /* time between run starts, default 3600000, > 0 */
+  bool run_on_start;          /* first run right at start(), default true */
+  bool bound_run;             /* default true: a run stops at the largest key seen
+                                 at its start, so rows inserted meanwhile can't
+                                 prolong it */
+
+  keel_verify_validate_fn validate; /* required */
+  keel_verify_fix_fn fix;           /* may be NULL: invalid rows are only counted */
+  unsigned fix_concurrency;         /* fix-ups running at once, default 4, >= 1 */
+  unsigned fix_max_retries;         /* retries of a failed fix-up, default 3 */
+  keel_backoff fix_backoff;         /* default exponential 100 ms x2, cap 10000 ms */
+  uint64_t fix_timeout_ms;          /* per attempt, default 30000; 0 = none */
+
+  bool leader_lock;        /* default false: run only while holding the lock */
+  int64_t leader_lock_key; /* advisory lock key; 0 (default) = derived from table */
+
+  const char *checkpoint_table; /* NULL (default) = no checkpoint; created if missing */
+  const char *job_name;         /* checkpoint row key; default = table */
+  uint32_t checkpoint_every;    /* batches between checkpoint writes, default 10 */
+
+  keel_verify_run_cb on_run_done; /* may be NULL */
+  keel_clock clock;               /* durations and times; default uv_now */
+  void *data;                     /* passed to validate, fix, on_run_done */
+} keel_verify_opts;
+
+/* Fills opts with the defaults above. Loop-free; thread-safe. */
+KEEL_EXTERN void keel_verify_opts_init(keel_verify_opts *opts);
+
+/*
+ * Checks opts without creating anything. Returns 0 or UV_EINVAL with a
+ * static explanation in *why (when not NULL): missing table, validator or
+ * connection; batch_size 0 or too large; interval 0; fix_concurrency 0;
+ * an identifier that cannot be quoted (empty, > 63 bytes, qualified where
+ * not allowed); too many columns; bad backoff; leader_lock without conninfo.
+ * Thread-safe.
+ */
+KEEL_EXTERN int keel_verify_opts_validate(const keel_verify_opts *opts, const char **why);
+
+/*
+ * Creates a verifier (idle until keel_verify_start() or
+ * keel_verify_run_now()). Copies every string of opts; identifiers are
+ * quoted, never pasted. Opens its connection(s) at once when conninfo is used.
+ * Returns 0 and sets *out; UV_EINVAL (NULL loop/opts/out, or invalid opts:
+ * keel_verify_opts_validate() gives the reason), UV_ENOMEM, or an error of
+ * keel_pg_new(). *out is untouched on failure. Loop thread only.
+ */
+KEEL_EXTERN int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out);
+
+/* ---- verbs ------------------------------------------------------------ */
+
+/*
+ * Starts the interval timer (first run now when run_on_start, else after
+ * interval_ms). Returns 0 (also when already started), UV_EINVAL (NULL) or
+ * KEEL_ECLOSING.
+ */
+KEEL_EXTERN int keel_verify_start(keel_verify *v);
+
+/*
+ * Stops the timer; a run in progress stops after its current batch (its
+ * fix-ups finish) and ends with UV_ECANCELED. Returns 0 or UV_EINVAL.
+ */
+KEEL_EXTERN int keel_verify_stop(keel_verify *v);
+
+/*
+ * Starts a run on the next loop iteration, whether started or not.
+ * Returns 0; KEEL_EINPROGRESS when a run is going (counted in runs_skipped,
+ * nothing else happens); UV_EINVAL; KEEL_ECLOSING.
+ */
+KEEL_EXTERN int keel_verify_run_now(keel_verify *v);
+
+/*
+ * Reports the outcome of a fix-up: status 0 for fixed, < 0 for failed (it
+ * is retried up to fix_max_retries times with fix_backoff, then counted as
+ * failed). Exactly once per fix handle; the handle is invalid afterwards.
+ * Returns 0; KEEL_ESTALE when the attempt had already timed out (or the
+ * verifier was closed: the status is ignored, the handle is freed); UV_EINVAL
+ * for NULL. May be called from inside the fix-up callback. Loop thread only.
+ */
+KEEL_EXTERN int keel_verify_fix_done(keel_verify_fix *fix, int status);
+
+/* The attempt number (1 for the first try) of a fix handle, 0 for NULL. */
+KEEL_EXTERN unsigned keel_verify_fix_attempt(const keel_verify_fix *fix);
+
+/* ---- stats -------------------------------------------------------------- */
+
+typedef struct keel_verify_code_count {
+  char code[KEEL_VERIFY_CODE_MAX];
+  uint64_t total;    /* counter: rows with this problem, all runs */
+  uint64_t last_run; /* rows with this problem in the last finished run */
+} keel_verify_code_count;
+
+typedef struct keel_verify_stats {
+  uint64_t runs_started;   /* counter */
+  uint64_t runs_completed; /* counter: status 0 */
+  uint64_t runs_failed;    /* counter: ended with an error */
+  uint64_t runs_skipped;   /* counter: tick or run_now while a run was going */
+  uint64_t runs_not_leader; /* counter: ticks skipped because another process leads */
+  uint64_t rows_scanned;   /* counter */
+  uint64_t rows_valid;     /* counter */
+  uint64_t rows_invalid;   /* counter */
+  uint64_t fixes_attempted; /* counter: fix-up calls (retries included) */
+  uint64_t fixes_succeeded; /* counter: rows fixed */
+  uint64_t fixes_failed;    /* counter: rows whose fix-up failed for good */
+  uint64_t fixes_retried;   /* counter: attempts after a failure */
+  uint64_t fixes_timed_out; /* counter: attempts that timed out */
+  uint64_t batches;         /* counter: batch queries that returned */
+  uint64_t problems_last_run; /* problems named in the last finished run (seed's problemCount) */
+  uint64_t problems_total;    /* counter */
+  uint64_t rows_last_run;     /* rows scanned by the last finished run */
+  uint64_t last_run_duration_ms; /* duration of the last finished run */
+  double rows_per_s;             /* rate of the last finished run */
+  uint64_t last_run_started_ms;  /* clock time of the last run start, 0 = never */
+  uint64_t next_run_ms;          /* clock time of the next tick, 0 = not scheduled */
+  bool running;                  /* gauge */
+  bool leader;                   /* gauge: holds the leader lock (true without leader_lock) */
+  unsigned fixes_running;        /* gauge */
+  unsigned fixes_pending;        /* gauge: invalid rows waiting for a fix-up slot */
+  int last_status;               /* status of the last finished run */
+  char last_key[128];            /* key of the last row scanned ("" = none) */
+  char last_error[256];          /* text of the last error ("" = none) */
+  unsigned ncodes;               /* entries used in top_codes */
+  keel_verify_code_count top_codes[KEEL_VERIFY_TOP_CODES]; /* by total, descending */
+} keel_verify_stats;
+
+/* Fills *out. NULL-safe (does nothing). Loop thread only. */
+KEEL_EXTERN void keel_verify_get_stats(const keel_verify *v, keel_verify_stats *out);
+
+/* Text of the last error ("" when none); valid until the next call. */
+KEEL_EXTERN const char *keel_verify_last_error(const keel_verify *v);
+
+/*
+ * Stops everything: the run in progress is abandoned (on_run_done is not
+ * called for it), fix-ups waiting for a slot are dropped, owned connections
+ * close, and cb (may be NULL) runs on a later loop iteration once every
+ * handle is closed and every query of v has returned. Fix handles still
+ * held by fix-ups stay valid: keel_verify_fix_done() on them returns
+ * KEEL_ESTALE and frees them (a handle never reported leaks).
+ * NULL-safe; callable from any callback of v.
+ */
+KEEL_EXTERN void keel_verify_close(keel_verify *v, keel_close_cb cb, void *data);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KEEL_VERIFY_H */
