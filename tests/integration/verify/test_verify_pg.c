@@ -825,3 +825,36 @@ Test(verify_pg, sql_error_ends_run_with_message) {
   cr_expect_eq(st.runs_completed, 0);
   fx_finish(&f);
 }
+
+Test(verify_pg, new_under_failing_allocator) {
+  kt_alloc_install();
+  static const char *const cols[] = {"status", "note", NULL};
+  bool succeeded = false;
+  for (int64_t i = 0; i < 400 && !succeeded; i++) {
+    uv_loop_t loop;
+    cr_assert_eq(uv_loop_init(&loop), 0);
+    keel_verify_opts o;
+    keel_verify_opts_init(&o);
+    o.conninfo = kt_pg_conninfo();
+    o.table = "app.orders";
+    o.columns = cols;
+    o.where = "true";
+    o.validate = count_validator;
+    o.leader_lock = true;
+    o.checkpoint_table = "app.progress";
+    keel_verify *v = NULL;
+    kt_alloc_fail_after(i);
+    int rc = keel_verify_new(&loop, &o, &v);
+    kt_alloc_fail_after(-1);
+    if (rc == 0) {
+      succeeded = true;
+      keel_verify_close(v, NULL, NULL);
+    } else {
+      cr_expect_eq(rc, UV_ENOMEM, "allocation %" PRId64 ": %s", i, keel_err_name(rc));
+      cr_expect_null(v);
+    }
+    kt_loop_finish(&loop);
+    cr_expect_eq(kt_alloc_live_blocks(), 0, "allocation %" PRId64 " leaked", i);
+  }
+  cr_expect(succeeded);
+}
