@@ -1,0 +1,203 @@
+#include "queue/sched.h"
+
+#include <string.h>
+
+#include "core/alloc.h"
+
+void keel__sched_init(keel__sched *s) {
+  memset(s, 0, sizeof *s);
+  s->free_head = KEEL__NIL;
+}
+
+void keel__sched_free(keel__sched *s) {
+  for (uint32_t i = 0; i < s->slot_count; i++) keel__free(keel__slot(s, i)->overrides);
+  for (uint32_t c = 0; c < s->chunk_count; c++) keel__free(s->chunks[c]);
+  keel__free(s->chunks);
+  keel__free(s->levels);
+  keel__free(s->heap);
+  keel__sched_init(s);
+}
+
+uint32_t keel__sched_alloc(keel__sched *s) {
+  uint32_t index = s->free_head;
+  if (index != KEEL__NIL) {
+    keel__job_slot *slot = keel__slot(s, index);
+    s->free_head = slot->next;
+    slot->generation++;
+    return index;
+  }
+  if (s->slot_count == KEEL__NIL - 1) return KEEL__NIL;
+  if ((s->slot_count & (KEEL__SLAB_CHUNK - 1)) == 0) {
+    /* A new chunk; slots never move, so pointers to them stay valid. */
+    keel__job_slot **chunks = keel__realloc(s->chunks, (s->chunk_count + 1) * sizeof *chunks);
+    if (chunks == NULL) return KEEL__NIL;
+    s->chunks = chunks;
+    keel__job_slot *chunk = keel__calloc(KEEL__SLAB_CHUNK, sizeof *chunk);
+    if (chunk == NULL) return KEEL__NIL;
+    s->chunks[s->chunk_count++] = chunk;
+  }
+  index = s->slot_count++;
+  keel__job_slot *slot = keel__slot(s, index);
+  slot->generation = 1;
+  return index;
+}
+
+void keel__sched_release(keel__sched *s, uint32_t index) {
+  keel__job_slot *slot = keel__slot(s, index);
+  keel__free(slot->overrides);
+  slot->overrides = NULL;
+  slot->payload = NULL;
+  slot->state = KEEL__JOB_FREE;
+  slot->attempts = 0;
+  slot->last_delay_ms = 0;
+  slot->next = s->free_head;
+  s->free_head = index;
+}
+
+uint32_t keel__sched_lookup(const keel__sched *s, uint64_t id) {
+  uint64_t low = id & 0xFFFFFFFFu;
+  if (low == 0 || low > s->slot_count) return KEEL__NIL;
+  uint32_t index = (uint32_t)(low - 1);
+  const keel__job_slot *slot = keel__slot(s, index);
+  if (slot->generation != (uint32_t)(id >> 32) || slot->state == KEEL__JOB_FREE) return KEEL__NIL;
+  return index;
+}
+
+/* Index of the level with this priority, or where it would be inserted. */
+static uint32_t level_search(const keel__sched *s, int32_t priority, bool *found) {
+  uint32_t low = 0, high = s->level_count;
+  /* Levels are sorted by ascending priority: the highest is last, so the
+   * level that empties most often is removed without moving the others. */
+  while (low < high) {
+    uint32_t mid = low + (high - low) / 2;
+    if (s->levels[mid].priority == priority) {
+      *found = true;
+      return mid;
+    }
+    if (s->levels[mid].priority < priority)
+      low = mid + 1;
+    else
+      high = mid;
+  }
+  *found = false;
+  return low;
+}
+
+int keel__sched_enqueue(keel__sched *s, uint32_t index) {
+  keel__job_slot *slot = keel__slot(s, index);
+  bool found;
+  uint32_t at = level_search(s, slot->priority, &found);
+  if (!found) {
+    if (s->level_count == s->level_cap) {
+      uint32_t cap = s->level_cap ? s->level_cap * 2 : 8;
+      keel__level *levels = keel__realloc(s->levels, cap * sizeof *levels);
+      if (levels == NULL) return UV_ENOMEM;
+      s->levels = levels;
+      s->level_cap = cap;
+    }
+    memmove(&s->levels[at + 1], &s->levels[at], (s->level_count - at) * sizeof *s->levels);
+    s->levels[at].priority = slot->priority;
+    s->levels[at].head = s->levels[at].tail = KEEL__NIL;
+    s->level_count++;
+  }
+  keel__level *level = &s->levels[at];
+  slot->next = KEEL__NIL;
+  slot->state = KEEL__JOB_PENDING;
+  if (level->tail == KEEL__NIL)
+    level->head = index;
+  else
+    keel__slot(s, level->tail)->next = index;
+  level->tail = index;
+  s->pending++;
+  return 0;
+}
+
+uint32_t keel__sched_pop(keel__sched *s) {
+  while (s->level_count > 0) {
+    keel__level *level = &s->levels[s->level_count - 1];
+    uint32_t index = level->head;
+    keel__job_slot *slot = keel__slot(s, index);
+    level->head = slot->next;
+    if (level->head == KEEL__NIL) s->level_count--;
+    if (slot->state == KEEL__JOB_CANCELLED) {
+      keel__sched_release(s, index);
+      continue;
+    }
+    s->pending--;
+    return index;
+  }
+  return KEEL__NIL;
+}
+
+void keel__sched_cancel_pending(keel__sched *s, uint32_t index) {
+  keel__job_slot *slot = keel__slot(s, index);
+  slot->state = KEEL__JOB_CANCELLED;
+  slot->payload = NULL;
+  s->pending--;
+}
+
+/* ---- retry heap ------------------------------------------------------- */
+
+static bool due_before(const keel__sched *s, uint32_t a, uint32_t b) {
+  return keel__slot(s, a)->at.due_ms < keel__slot(s, b)->at.due_ms;
+}
+
+static void heap_set(keel__sched *s, uint32_t pos, uint32_t index) {
+  s->heap[pos] = index;
+  keel__slot(s, index)->heap_pos = pos;
+}
+
+static void sift_up(keel__sched *s, uint32_t pos) {
+  uint32_t index = s->heap[pos];
+  while (pos > 0) {
+    uint32_t parent = (pos - 1) / 2;
+    if (!due_before(s, index, s->heap[parent])) break;
+    heap_set(s, pos, s->heap[parent]);
+    pos = parent;
+  }
+  heap_set(s, pos, index);
+}
+
+static void sift_down(keel__sched *s, uint32_t pos) {
+  uint32_t index = s->heap[pos];
+  for (;;) {
+    uint32_t child = 2 * pos + 1;
+    if (child >= s->heap_count) break;
+    if (child + 1 < s->heap_count && due_before(s, s->heap[child + 1], s->heap[child])) child++;
+    if (!due_before(s, s->heap[child], index)) break;
+    heap_set(s, pos, s->heap[child]);
+    pos = child;
+  }
+  heap_set(s, pos, index);
+}
+
+int keel__sched_wait(keel__sched *s, uint32_t index, uint64_t due_ms) {
+  if (s->heap_count == s->heap_cap) {
+    uint32_t cap = s->heap_cap ? s->heap_cap * 2 : 16;
+    uint32_t *heap = keel__realloc(s->heap, cap * sizeof *heap);
+    if (heap == NULL) return UV_ENOMEM;
+    s->heap = heap;
+    s->heap_cap = cap;
+  }
+  keel__job_slot *slot = keel__slot(s, index);
+  slot->state = KEEL__JOB_WAITING;
+  slot->at.due_ms = due_ms;
+  heap_set(s, s->heap_count++, index);
+  sift_up(s, s->heap_count - 1);
+  return 0;
+}
+
+void keel__sched_unwait(keel__sched *s, uint32_t index) {
+  uint32_t pos = keel__slot(s, index)->heap_pos;
+  uint32_t last = s->heap[--s->heap_count];
+  if (pos == s->heap_count) return;
+  heap_set(s, pos, last);
+  if (pos > 0 && due_before(s, last, s->heap[(pos - 1) / 2]))
+    sift_up(s, pos);
+  else
+    sift_down(s, pos);
+}
+
+uint32_t keel__sched_next_due(const keel__sched *s) {
+  return s->heap_count == 0 ? KEEL__NIL : s->heap[0];
+}

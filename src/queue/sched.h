@@ -1,0 +1,99 @@
+/* The job queue's scheduler core, without I/O: a chunked slab of job slots
+ * (ids encode slot + generation, so cancel needs no hash map), one FIFO per
+ * distinct priority level with the levels in a sorted array (push and pop
+ * O(1) for the few levels real workloads use, stable within a level), and
+ * a min-heap of jobs waiting for a retry, ordered by due time. */
+#ifndef KEEL_QUEUE_SCHED_H
+#define KEEL_QUEUE_SCHED_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "keel/retry.h"
+
+#define KEEL__NIL UINT32_MAX
+#define KEEL__SLAB_CHUNK_BITS 12
+#define KEEL__SLAB_CHUNK (1u << KEEL__SLAB_CHUNK_BITS)
+
+typedef enum keel__job_state {
+  KEEL__JOB_FREE = 0,
+  KEEL__JOB_PENDING,
+  KEEL__JOB_CANCELLED, /* still linked in its level's FIFO; skipped by pop */
+  KEEL__JOB_WAITING,   /* in the retry heap */
+  KEEL__JOB_RUNNING
+} keel__job_state;
+
+/* Per-job overrides, allocated only for keel_queue_push_ex() with options. */
+typedef struct keel__job_overrides {
+  keel_backoff backoff;
+  bool has_backoff;
+  int max_retries; /* < 0: the queue's */
+  uint64_t timeout_ms;
+} keel__job_overrides;
+
+typedef struct keel__job_slot {
+  void *payload;
+  keel__job_overrides *overrides;
+  union {
+    uint64_t ready_ns; /* PENDING: when it became pending (wait time) */
+    uint64_t due_ms;   /* WAITING: when the retry is due */
+  } at;
+  int32_t priority;
+  uint32_t generation;
+  uint32_t next;          /* FIFO link, or free-list link */
+  uint32_t heap_pos;      /* WAITING: index in the retry heap */
+  uint32_t last_delay_ms; /* previous retry delay (decorrelated jitter) */
+  uint16_t attempts;
+  uint8_t state;
+} keel__job_slot;
+
+typedef struct keel__level {
+  int32_t priority;
+  uint32_t head, tail;
+} keel__level;
+
+typedef struct keel__sched {
+  keel__job_slot **chunks;
+  uint32_t chunk_count;
+  uint32_t slot_count; /* slots ever created */
+  uint32_t free_head;
+  /* levels sorted by ascending priority (highest last); empty ones removed */
+  keel__level *levels;
+  uint32_t level_count, level_cap;
+  uint64_t pending; /* live pending jobs (cancelled ones excluded) */
+  /* retry heap of slot indices */
+  uint32_t *heap;
+  uint32_t heap_count, heap_cap;
+} keel__sched;
+
+static inline keel__job_slot *keel__slot(const keel__sched *s, uint32_t index) {
+  return &s->chunks[index >> KEEL__SLAB_CHUNK_BITS][index & (KEEL__SLAB_CHUNK - 1)];
+}
+
+static inline uint64_t keel__job_id(uint32_t index, uint32_t generation) {
+  return ((uint64_t)generation << 32) | ((uint64_t)index + 1);
+}
+
+void keel__sched_init(keel__sched *s);
+void keel__sched_free(keel__sched *s);
+/* Takes a free slot (state FREE, generation bumped); KEEL__NIL when out of
+ * memory. */
+uint32_t keel__sched_alloc(keel__sched *s);
+/* Returns a slot to the free list (its overrides are freed). */
+void keel__sched_release(keel__sched *s, uint32_t index);
+/* Finds the slot of an id; KEEL__NIL when unknown or stale. */
+uint32_t keel__sched_lookup(const keel__sched *s, uint64_t id);
+/* Appends a slot to its priority's FIFO (state PENDING). 0 or UV_ENOMEM. */
+int keel__sched_enqueue(keel__sched *s, uint32_t index);
+/* Removes and returns the first live pending slot, freeing cancelled ones
+ * met on the way; KEEL__NIL when none. */
+uint32_t keel__sched_pop(keel__sched *s);
+/* Marks a pending slot cancelled (it is freed when pop meets it). */
+void keel__sched_cancel_pending(keel__sched *s, uint32_t index);
+/* Retry heap. */
+int keel__sched_wait(keel__sched *s, uint32_t index, uint64_t due_ms);
+void keel__sched_unwait(keel__sched *s, uint32_t index);
+/* The slot with the earliest due time, KEEL__NIL when none. */
+uint32_t keel__sched_next_due(const keel__sched *s);
+
+#endif
