@@ -1,0 +1,493 @@
+/* A pool of connections: one statement or one holder per connection at a
+ * time, FIFO waiters with a timeout, and transactions on one connection. */
+#include <stdio.h>
+#include <string.h>
+
+#include "core/alloc.h"
+#include "pg/pg_internal.h"
+
+typedef enum waiter_kind { WAIT_QUERY, WAIT_ACQUIRE } waiter_kind;
+
+typedef struct waiter {
+  struct waiter *next;
+  waiter_kind kind;
+  uint64_t deadline_ms;
+  keel_pg_acquire_cb acquire_cb;
+  keel_pg_result_cb result_cb;
+  void *data;
+  int nparams;
+  char *sql;
+  char **values;
+} waiter;
+
+typedef struct member {
+  keel_pg *conn;
+  keel_pg_pool *pool;
+  bool busy;
+  bool closed;
+  /* The pool query running on it, so its callback can be relayed. */
+  keel_pg_result_cb result_cb;
+  void *result_data;
+} member;
+
+struct keel_pg_pool {
+  uv_loop_t *loop;
+  keel_pg_pool_opts opts;
+  char *conninfo;
+  member *members;
+  unsigned size;
+  waiter *wait_head, *wait_tail;
+  uint64_t waiting;
+  uv_timer_t wait_timer;
+  uv_timer_t dispatch_timer;
+  unsigned open_things; /* members + timers still open */
+  bool closing;
+  keel_close_cb close_cb;
+  void *close_data;
+  keel_pg_pool_stats stats;
+  char last_error[KEEL__ERRBUF_SIZE];
+};
+
+struct keel_pg_tx {
+  keel_pg_pool *pool;
+  member *m;
+  keel_pg_isolation isolation;
+  keel_pg_tx_fn body;
+  keel_pg_tx_done_cb done;
+  void *data;
+  uint64_t errors_at_begin;
+  bool finished;
+};
+
+static void dispatch(keel_pg_pool *p);
+
+void keel_pg_pool_opts_init(keel_pg_pool_opts *opts) {
+  if (opts == NULL) return;
+  memset(opts, 0, sizeof *opts);
+  keel_pg_opts_init(&opts->conn);
+  opts->size = 4;
+  opts->acquire_timeout_ms = 30000;
+}
+
+static member *member_of(keel_pg_pool *p, keel_pg *conn) {
+  for (unsigned i = 0; i < p->size; i++)
+    if (p->members[i].conn == conn) return &p->members[i];
+  return NULL;
+}
+
+static void maybe_free_pool(keel_pg_pool *p) {
+  if (!p->closing || p->open_things != 0) return;
+  keel_close_cb cb = p->close_cb;
+  void *data = p->close_data;
+  keel__free(p->members);
+  keel__free(p->conninfo);
+  keel__free(p);
+  if (cb != NULL) cb(p, data);
+}
+
+static void on_dispatch_timer(uv_timer_t *timer);
+
+static void schedule_dispatch(keel_pg_pool *p) {
+  if (!p->closing && !uv_is_active((uv_handle_t *)&p->dispatch_timer))
+    uv_timer_start(&p->dispatch_timer, on_dispatch_timer, 0, 0);
+}
+
+static void on_dispatch_timer(uv_timer_t *timer) {
+  dispatch(timer->data);
+}
+
+static void on_wait_timer(uv_timer_t *timer);
+
+static void arm_wait_timer(keel_pg_pool *p) {
+  if (p->closing) return;
+  if (p->wait_head == NULL || p->wait_head->deadline_ms == 0) {
+    uv_timer_stop(&p->wait_timer);
+    return;
+  }
+  uint64_t now = uv_now(p->loop);
+  uint64_t due = p->wait_head->deadline_ms;
+  uv_timer_start(&p->wait_timer, on_wait_timer, due > now ? due - now : 0, 0);
+}
+
+static waiter *pop_waiter(keel_pg_pool *p) {
+  waiter *w = p->wait_head;
+  if (w == NULL) return NULL;
+  p->wait_head = w->next;
+  if (p->wait_head == NULL) p->wait_tail = NULL;
+  p->waiting--;
+  return w;
+}
+
+static void fail_waiter(keel_pg_pool *p, waiter *w, int status, const char *text) {
+  if (w->kind == WAIT_ACQUIRE) {
+    if (w->acquire_cb != NULL) w->acquire_cb(p, NULL, status, w->data);
+  } else if (w->result_cb != NULL) {
+    keel_pg_result result = {NULL, text};
+    w->result_cb(NULL, status, &result, w->data);
+  }
+  keel__free(w);
+}
+
+static void on_wait_timer(uv_timer_t *timer) {
+  keel_pg_pool *p = timer->data;
+  uint64_t now = uv_now(p->loop);
+  /* Deadlines grow with arrival order, so expired waiters are at the head. */
+  while (p->wait_head != NULL && p->wait_head->deadline_ms != 0 &&
+         p->wait_head->deadline_ms <= now) {
+    waiter *w = pop_waiter(p);
+    keel__fail(p->last_error, UV_ETIMEDOUT, "no connection became free within %u ms",
+               p->opts.acquire_timeout_ms);
+    fail_waiter(p, w, UV_ETIMEDOUT, "timed out waiting for a pool connection");
+    if (p->closing) return;
+  }
+  arm_wait_timer(p);
+}
+
+/* Relays a pool query's result and frees its connection. */
+static void on_member_result(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  member *m = data;
+  keel_pg_pool *p = m->pool;
+  keel_pg_result_cb cb = m->result_cb;
+  void *cb_data = m->result_data;
+  m->busy = false;
+  m->result_cb = NULL;
+  p->stats.queries++;
+  if (status == KEEL_EPG) p->stats.errors++;
+  if (status != 0) snprintf(p->last_error, sizeof p->last_error, "%s", keel_pg_last_error(c));
+  if (cb != NULL) cb(c, status, res, cb_data);
+  schedule_dispatch(p);
+}
+
+static void dispatch(keel_pg_pool *p) {
+  while (p->wait_head != NULL && !p->closing) {
+    member *free_member = NULL;
+    /* Prefer a connected member; fall back to any idle one (statements
+     * queue on it until it connects). */
+    for (unsigned i = 0; i < p->size; i++) {
+      member *m = &p->members[i];
+      if (m->busy || m->closed) continue;
+      if (keel_pg_is_connected(m->conn)) {
+        free_member = m;
+        break;
+      }
+      if (free_member == NULL) free_member = m;
+    }
+    if (free_member == NULL) break;
+    waiter *w = pop_waiter(p);
+    free_member->busy = true;
+    if (w->kind == WAIT_ACQUIRE) {
+      w->acquire_cb(p, free_member->conn, 0, w->data);
+    } else {
+      free_member->result_cb = w->result_cb;
+      free_member->result_data = w->data;
+      int rc = keel_pg_query(free_member->conn, w->sql, w->nparams, (const char *const *)w->values,
+                             on_member_result, free_member);
+      if (rc != 0) {
+        free_member->busy = false;
+        free_member->result_cb = NULL;
+        fail_waiter(p, w, rc, keel_pg_last_error(free_member->conn));
+        continue;
+      }
+    }
+    keel__free(w);
+  }
+  arm_wait_timer(p);
+}
+
+static void on_member_state(keel_pg *c, bool up, int status, void *data) {
+  keel_pg_pool *p = data;
+  if (up)
+    schedule_dispatch(p);
+  else
+    snprintf(p->last_error, sizeof p->last_error, "%s", keel_pg_last_error(c));
+  if (p->opts.conn.on_state != NULL) p->opts.conn.on_state(c, up, status, p->opts.conn.data);
+}
+
+int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts, keel_pg_pool **out) {
+  if (loop == NULL || opts == NULL || out == NULL || opts->conn.conninfo == NULL || opts->size == 0)
+    return UV_EINVAL;
+  if (keel_backoff_validate(&opts->conn.reconnect_backoff, NULL) != 0) return UV_EINVAL;
+  keel_pg_pool *p = keel__calloc(1, sizeof *p);
+  if (p == NULL) return UV_ENOMEM;
+  p->loop = loop;
+  p->opts = *opts;
+  p->conninfo = keel__strdup(opts->conn.conninfo);
+  p->members = keel__calloc(opts->size, sizeof *p->members);
+  if (p->conninfo == NULL || p->members == NULL) {
+    keel__free(p->conninfo);
+    keel__free(p->members);
+    keel__free(p);
+    return UV_ENOMEM;
+  }
+  p->opts.conn.conninfo = p->conninfo;
+  p->size = opts->size;
+  keel_pg_opts conn_opts = p->opts.conn;
+  conn_opts.on_state = on_member_state;
+  conn_opts.data = p;
+  for (unsigned i = 0; i < p->size; i++) {
+    p->members[i].pool = p;
+    int rc = keel_pg_new(loop, &conn_opts, &p->members[i].conn);
+    if (rc != 0) {
+      /* Close what was opened; the pool's memory goes once they are closed. */
+      for (unsigned j = 0; j < i; j++) keel_pg_close(p->members[j].conn, NULL, NULL);
+      keel__free(p->members);
+      keel__free(p->conninfo);
+      keel__free(p);
+      return rc;
+    }
+  }
+  uv_timer_init(loop, &p->wait_timer);
+  uv_timer_init(loop, &p->dispatch_timer);
+  p->wait_timer.data = p->dispatch_timer.data = p;
+  p->open_things = p->size + 2;
+  p->stats.size = p->size;
+  *out = p;
+  return 0;
+}
+
+static int add_waiter(keel_pg_pool *p, waiter *w) {
+  if (p->opts.max_waiters != 0 && p->waiting >= p->opts.max_waiters) {
+    keel__free(w);
+    return keel__fail(p->last_error, KEEL_EFULL, "%u requests already wait for a connection",
+                      p->opts.max_waiters);
+  }
+  w->deadline_ms = p->opts.acquire_timeout_ms ? uv_now(p->loop) + p->opts.acquire_timeout_ms : 0;
+  if (p->wait_tail != NULL)
+    p->wait_tail->next = w;
+  else
+    p->wait_head = w;
+  p->wait_tail = w;
+  p->waiting++;
+  schedule_dispatch(p);
+  return 0;
+}
+
+int keel_pg_pool_query(keel_pg_pool *p, const char *sql, int nparams, const char *const *values,
+                       keel_pg_result_cb cb, void *data) {
+  if (p == NULL) return UV_EINVAL;
+  if (sql == NULL || nparams < 0 || (nparams > 0 && values == NULL))
+    return keel__fail(p->last_error, UV_EINVAL, "keel_pg_pool_query: sql required, nparams >= 0");
+  if (p->closing) return KEEL_ECLOSING;
+  size_t size = sizeof(waiter) + (size_t)nparams * sizeof(char *) + strlen(sql) + 1;
+  for (int i = 0; i < nparams; i++)
+    if (values[i] != NULL) size += strlen(values[i]) + 1;
+  waiter *w = keel__calloc(1, size);
+  if (w == NULL) return keel__fail(p->last_error, UV_ENOMEM, "out of memory");
+  w->kind = WAIT_QUERY;
+  w->result_cb = cb;
+  w->data = data;
+  w->nparams = nparams;
+  w->values = (char **)(w + 1);
+  char *text = (char *)(w->values + nparams);
+  for (int i = 0; i < nparams; i++) {
+    if (values[i] == NULL) continue;
+    size_t len = strlen(values[i]) + 1;
+    memcpy(text, values[i], len);
+    w->values[i] = text;
+    text += len;
+  }
+  memcpy(text, sql, strlen(sql) + 1);
+  w->sql = text;
+  return add_waiter(p, w);
+}
+
+int keel_pg_pool_acquire(keel_pg_pool *p, keel_pg_acquire_cb cb, void *data) {
+  if (p == NULL) return UV_EINVAL;
+  if (cb == NULL) return keel__fail(p->last_error, UV_EINVAL, "acquire callback is required");
+  if (p->closing) return KEEL_ECLOSING;
+  waiter *w = keel__calloc(1, sizeof *w);
+  if (w == NULL) return keel__fail(p->last_error, UV_ENOMEM, "out of memory");
+  w->kind = WAIT_ACQUIRE;
+  w->acquire_cb = cb;
+  w->data = data;
+  return add_waiter(p, w);
+}
+
+int keel_pg_pool_release(keel_pg_pool *p, keel_pg *conn) {
+  if (p == NULL || conn == NULL) return UV_EINVAL;
+  member *m = member_of(p, conn);
+  if (m == NULL || !m->busy || m->result_cb != NULL)
+    return keel__fail(p->last_error, UV_EINVAL, "connection is not acquired from this pool");
+  m->busy = false;
+  schedule_dispatch(p);
+  return 0;
+}
+
+/* ---- transactions -------------------------------------------------------- */
+
+static void tx_end(keel_pg_tx *tx, int status, const char *sqlstate) {
+  keel_pg_pool *p = tx->pool;
+  if (status == 0)
+    p->stats.transactions++;
+  else
+    p->stats.rollbacks++;
+  tx->m->busy = false;
+  schedule_dispatch(p);
+  keel_pg_tx_done_cb done = tx->done;
+  void *data = tx->data;
+  keel__free(tx);
+  done(p, status, sqlstate, data);
+}
+
+static void on_commit(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  keel_pg_tx *tx = data;
+  char sqlstate[6] = "";
+  const char *state = keel_pg_result_sqlstate(res);
+  if (state != NULL) snprintf(sqlstate, sizeof sqlstate, "%s", state);
+  if (status == 0 && res != NULL && res->res != NULL &&
+      strcmp(PQcmdStatus(res->res), "ROLLBACK") == 0) {
+    /* COMMIT of a transaction in which a statement failed rolls back. */
+    status = KEEL_EPG;
+    snprintf(sqlstate, sizeof sqlstate, "25P02");
+    keel__fail(tx->pool->last_error, KEEL_EPG, "transaction rolled back: a statement failed");
+  } else if (status != 0) {
+    snprintf(tx->pool->last_error, sizeof tx->pool->last_error, "%s", keel_pg_last_error(c));
+  }
+  tx_end(tx, status, sqlstate[0] ? sqlstate : NULL);
+}
+
+typedef struct rollback_ctx {
+  keel_pg_tx *tx;
+  int status;
+  char sqlstate[6];
+} rollback_ctx;
+
+static void on_rollback(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  (void)status;
+  (void)res;
+  rollback_ctx *ctx = data;
+  keel_pg_tx *tx = ctx->tx;
+  int final_status = ctx->status;
+  char sqlstate[6];
+  memcpy(sqlstate, ctx->sqlstate, sizeof sqlstate);
+  keel__free(ctx);
+  tx_end(tx, final_status, sqlstate[0] ? sqlstate : NULL);
+}
+
+static void on_begin(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)res;
+  keel_pg_tx *tx = data;
+  if (status != 0) {
+    snprintf(tx->pool->last_error, sizeof tx->pool->last_error, "%s", keel_pg_last_error(c));
+    tx_end(tx, status, keel_pg_result_sqlstate(res));
+    return;
+  }
+  tx->errors_at_begin = c->error_generation;
+  tx->body(tx, c, tx->data);
+}
+
+static void on_tx_acquired(keel_pg_pool *p, keel_pg *conn, int status, void *data) {
+  keel_pg_tx *tx = data;
+  if (status != 0) {
+    keel_pg_tx_done_cb done = tx->done;
+    void *cb_data = tx->data;
+    keel__free(tx);
+    done(p, status, NULL, cb_data);
+    return;
+  }
+  tx->m = member_of(p, conn);
+  static const char *const begins[] = {"BEGIN ISOLATION LEVEL READ COMMITTED",
+                                       "BEGIN ISOLATION LEVEL REPEATABLE READ",
+                                       "BEGIN ISOLATION LEVEL SERIALIZABLE"};
+  int rc = keel_pg_query(conn, begins[tx->isolation], 0, NULL, on_begin, tx);
+  if (rc != 0) tx_end(tx, rc, NULL);
+}
+
+int keel_pg_pool_transaction(keel_pg_pool *p, keel_pg_isolation isolation, keel_pg_tx_fn body,
+                             keel_pg_tx_done_cb done, void *data) {
+  if (p == NULL) return UV_EINVAL;
+  if (body == NULL || done == NULL || isolation < KEEL_PG_READ_COMMITTED ||
+      isolation > KEEL_PG_SERIALIZABLE)
+    return keel__fail(p->last_error, UV_EINVAL, "transaction: body, done and a valid isolation");
+  keel_pg_tx *tx = keel__calloc(1, sizeof *tx);
+  if (tx == NULL) return keel__fail(p->last_error, UV_ENOMEM, "out of memory");
+  tx->pool = p;
+  tx->isolation = isolation;
+  tx->body = body;
+  tx->done = done;
+  tx->data = data;
+  int rc = keel_pg_pool_acquire(p, on_tx_acquired, tx);
+  if (rc != 0) keel__free(tx);
+  return rc;
+}
+
+void keel_pg_tx_finish(keel_pg_tx *tx, int status) {
+  if (tx == NULL || tx->finished) return;
+  tx->finished = true;
+  keel_pg *conn = tx->m->conn;
+  if (status == 0 && conn->error_generation == tx->errors_at_begin) {
+    if (keel_pg_query(conn, "COMMIT", 0, NULL, on_commit, tx) != 0) tx_end(tx, KEEL_ECONN, NULL);
+    return;
+  }
+  rollback_ctx *ctx = keel__calloc(1, sizeof *ctx);
+  if (ctx == NULL) {
+    /* Without memory for the context, still roll back (result ignored). */
+    keel_pg_query(conn, "ROLLBACK", 0, NULL, NULL, NULL);
+    tx_end(tx, status != 0 ? status : KEEL_EPG, NULL);
+    return;
+  }
+  ctx->tx = tx;
+  ctx->status = status != 0 ? status : KEEL_EPG;
+  if (status == 0) {
+    /* A statement of the body failed although the body reported success. */
+    const char *last = conn->last_error;
+    if (strncmp(last, "SQLSTATE ", 9) == 0) memcpy(ctx->sqlstate, last + 9, 5);
+  }
+  if (keel_pg_query(conn, "ROLLBACK", 0, NULL, on_rollback, ctx) != 0) {
+    int final_status = ctx->status;
+    keel__free(ctx);
+    tx_end(tx, final_status, NULL);
+  }
+}
+
+/* ---- stats and close ------------------------------------------------------ */
+
+void keel_pg_pool_get_stats(const keel_pg_pool *p, keel_pg_pool_stats *out) {
+  if (p == NULL || out == NULL) return;
+  *out = p->stats;
+  out->connected = 0;
+  out->in_flight = 0;
+  out->reconnects = 0;
+  for (unsigned i = 0; i < p->size; i++) {
+    keel_pg_stats s;
+    keel_pg_get_stats(p->members[i].conn, &s);
+    out->connected += s.connected ? 1 : 0;
+    out->in_flight += s.in_flight;
+    out->reconnects += s.reconnects;
+  }
+  out->waiting = p->waiting;
+  out->size = p->size;
+}
+
+const char *keel_pg_pool_last_error(const keel_pg_pool *p) {
+  return p == NULL ? "pool is NULL" : p->last_error;
+}
+
+static void on_member_closed(void *object, void *data) {
+  (void)object;
+  keel_pg_pool *p = data;
+  p->open_things--;
+  maybe_free_pool(p);
+}
+
+static void on_pool_timer_closed(uv_handle_t *handle) {
+  keel_pg_pool *p = handle->data;
+  p->open_things--;
+  maybe_free_pool(p);
+}
+
+void keel_pg_pool_close(keel_pg_pool *p, keel_close_cb cb, void *data) {
+  if (p == NULL || p->closing) return;
+  p->closing = true;
+  p->close_cb = cb;
+  p->close_data = data;
+  waiter *w;
+  while ((w = pop_waiter(p)) != NULL) fail_waiter(p, w, UV_ECANCELED, "pool closed");
+  for (unsigned i = 0; i < p->size; i++) {
+    p->members[i].closed = true;
+    keel_pg_close(p->members[i].conn, on_member_closed, p);
+  }
+  uv_close((uv_handle_t *)&p->wait_timer, on_pool_timer_closed);
+  uv_close((uv_handle_t *)&p->dispatch_timer, on_pool_timer_closed);
+}

@@ -1,0 +1,452 @@
+/* Async PostgreSQL layer against the real server of the harness: queries,
+ * pipelining, errors, reconnect after a killed backend, pool, transactions,
+ * notifications, close. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "keel/pg.h"
+#include "support/harness.h"
+
+typedef struct ctx {
+  uv_loop_t loop;
+  keel_pg *c;
+  int results;
+  int statuses[256];
+  char values[256][64];
+  char sqlstate[8];
+  int ups, downs;
+  int notifies;
+  char notify_payload[128];
+  bool done;
+} ctx;
+
+static void on_state(keel_pg *c, bool up, int status, void *data) {
+  (void)c;
+  (void)status;
+  ctx *x = data;
+  if (up)
+    x->ups++;
+  else
+    x->downs++;
+}
+
+static void on_notify(keel_pg *c, const char *channel, const char *payload, int pid, void *data) {
+  (void)c;
+  (void)channel;
+  (void)pid;
+  ctx *x = data;
+  x->notifies++;
+  snprintf(x->notify_payload, sizeof x->notify_payload, "%s", payload);
+}
+
+static void open_conn(ctx *x) {
+  memset(x, 0, sizeof *x);
+  uv_loop_init(&x->loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = kt_pg_conninfo();
+  o.on_state = on_state;
+  o.on_notify = on_notify;
+  o.data = x;
+  keel_backoff_fixed(&o.reconnect_backoff, 50);
+  cr_assert_eq(keel_pg_new(&x->loop, &o, &x->c), 0);
+}
+
+static void close_conn(ctx *x) {
+  keel_pg_close(x->c, NULL, NULL);
+  kt_loop_finish(&x->loop);
+}
+
+static void store(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  ctx *x = data;
+  int i = x->results++;
+  x->statuses[i] = status;
+  const char *v = keel_pg_result_value(res, 0, 0);
+  snprintf(x->values[i], sizeof x->values[i], "%s", v ? v : "(null)");
+  const char *state = keel_pg_result_sqlstate(res);
+  if (state != NULL) snprintf(x->sqlstate, sizeof x->sqlstate, "%s", state);
+}
+
+static void wait_results(ctx *x, int n) {
+  uint64_t start = uv_now(&x->loop);
+  while (x->results < n && uv_now(&x->loop) - start < 10000) uv_run(&x->loop, UV_RUN_ONCE);
+  cr_assert_eq(x->results, n, "results %d of %d", x->results, n);
+}
+
+Test(pg, connect_and_query_with_params_and_null) {
+  ctx x;
+  open_conn(&x);
+  const char *params[] = {"41", NULL};
+  cr_assert_eq(keel_pg_query(x.c, "SELECT $1::int + 1, $2::text IS NULL", 2, params, store, &x), 0);
+  cr_assert_eq(x.results, 0, "never called inside keel_pg_query");
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], 0);
+  cr_assert_str_eq(x.values[0], "42");
+  cr_assert(keel_pg_is_connected(x.c));
+  cr_assert_gt(keel_pg_backend_pid(x.c), 0);
+  cr_assert_eq(x.ups, 1);
+  close_conn(&x);
+}
+
+static void check_columns(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  ctx *x = data;
+  cr_assert_eq(status, 0);
+  cr_assert_eq(keel_pg_result_nrows(res), 2);
+  cr_assert_eq(keel_pg_result_ncols(res), 3);
+  cr_assert_eq(keel_pg_result_col(res, "Name"), 1, "exact, case-sensitive names");
+  cr_assert_eq(keel_pg_result_col(res, "missing"), -1);
+  cr_assert_str_eq(keel_pg_result_get(res, 0, "Name"), "a");
+  cr_assert_null(keel_pg_result_get(res, 1, "note"));
+  cr_assert(keel_pg_result_is_null(res, 1, 2));
+  cr_assert(!keel_pg_result_is_null(res, 0, 2));
+  cr_assert_eq(keel_pg_result_length(res, 0, 2), 3);
+  cr_assert_null(keel_pg_result_value(res, 5, 0), "out of range is NULL");
+  cr_assert_str_eq(keel_pg_result_col_name(res, 0), "id");
+  cr_assert_not_null(keel_pg_result_raw(res));
+  x->results++;
+}
+
+Test(pg, results_by_name_and_null_aware) {
+  ctx x;
+  open_conn(&x);
+  keel_pg_query(x.c,
+                "SELECT * FROM (VALUES (1, 'a', 'xyz'), (2, 'b', NULL)) AS t(id, \"Name\", note) "
+                "ORDER BY id",
+                0, NULL, check_columns, &x);
+  wait_results(&x, 1);
+  close_conn(&x);
+}
+
+Test(pg, pipeline_keeps_order_and_isolates_errors) {
+  ctx x;
+  open_conn(&x);
+  enum { N = 200 };
+  char num[16];
+  for (int i = 0; i < N; i++) {
+    snprintf(num, sizeof num, "%d", i);
+    const char *p[] = {num};
+    const char *sql = i == 100 ? "SELECT 1/0" : "SELECT $1::int";
+    cr_assert_eq(keel_pg_query(x.c, sql, i == 100 ? 0 : 1, i == 100 ? NULL : p, store, &x), 0);
+  }
+  wait_results(&x, N);
+  for (int i = 0; i < N; i++) {
+    if (i == 100) {
+      cr_assert_eq(x.statuses[i], KEEL_EPG);
+      continue;
+    }
+    cr_assert_eq(x.statuses[i], 0, "statement %d", i);
+    snprintf(num, sizeof num, "%d", i);
+    cr_assert_str_eq(x.values[i], num, "in order");
+  }
+  cr_assert_str_eq(x.sqlstate, "22012");
+  cr_assert(strstr(keel_pg_last_error(x.c), "22012") != NULL);
+  keel_pg_stats s;
+  keel_pg_get_stats(x.c, &s);
+  cr_assert_eq(s.queries, N);
+  cr_assert_eq(s.errors, 1);
+  close_conn(&x);
+}
+
+Test(pg, unique_violation_reports_sqlstate) {
+  char table[64], sql[256];
+  kt_unique_name(table, sizeof table, "uniq");
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (id int PRIMARY KEY)", table);
+  kt_pg_exec(sql);
+  ctx x;
+  open_conn(&x);
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", table);
+  keel_pg_query(x.c, sql, 0, NULL, store, &x);
+  keel_pg_query(x.c, sql, 0, NULL, store, &x);
+  wait_results(&x, 2);
+  cr_assert_eq(x.statuses[0], 0);
+  cr_assert_eq(x.statuses[1], KEEL_EPG);
+  cr_assert_str_eq(x.sqlstate, "23505");
+  close_conn(&x);
+  snprintf(sql, sizeof sql, "DROP TABLE %s", table);
+  kt_pg_exec(sql);
+}
+
+Test(pg, killed_backend_fails_in_flight_and_reconnects) {
+  ctx x;
+  open_conn(&x);
+  keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x);
+  wait_results(&x, 1);
+  int pid = keel_pg_backend_pid(x.c);
+  cr_assert_gt(pid, 0);
+  keel_pg_query(x.c, "SELECT pg_sleep(5)", 0, NULL, store, &x);
+  uv_run(&x.loop, UV_RUN_NOWAIT);
+  char sql[128];
+  snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)", pid);
+  free(kt_pg_scalar(sql));
+  wait_results(&x, 2);
+  cr_assert_eq(x.statuses[1], KEEL_ECONN, "in flight: %s", keel_err_name(x.statuses[1]));
+  cr_assert_eq(x.downs, 1);
+  /* A statement queued while down runs after the reconnect. */
+  keel_pg_query(x.c, "SELECT 7", 0, NULL, store, &x);
+  wait_results(&x, 3);
+  cr_assert_eq(x.statuses[2], 0);
+  cr_assert_str_eq(x.values[2], "7");
+  cr_assert_eq(x.ups, 2);
+  cr_assert_neq(keel_pg_backend_pid(x.c), pid);
+  keel_pg_stats s;
+  keel_pg_get_stats(x.c, &s);
+  cr_assert_eq(s.connects, 2);
+  cr_assert_eq(s.disconnects, 1);
+  cr_assert_geq(s.reconnects, 1);
+  close_conn(&x);
+}
+
+Test(pg, unreachable_server_reports_down_and_times_out_queries) {
+  ctx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = "host=127.0.0.1 port=1 user=nobody dbname=none connect_timeout=2";
+  o.on_state = on_state;
+  o.data = &x;
+  o.query_timeout_ms = 300;
+  keel_backoff_fixed(&o.reconnect_backoff, 50);
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x);
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], UV_ETIMEDOUT);
+  cr_assert_geq(x.downs, 2, "retries while down");
+  cr_assert_eq(x.ups, 0);
+  cr_assert_str_neq(keel_pg_last_error(x.c), "");
+  close_conn(&x);
+}
+
+Test(pg, close_with_queries_in_flight_cancels_each_once) {
+  ctx x;
+  open_conn(&x);
+  keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x);
+  wait_results(&x, 1);
+  for (int i = 0; i < 5; i++) keel_pg_query(x.c, "SELECT pg_sleep(1)", 0, NULL, store, &x);
+  uv_run(&x.loop, UV_RUN_NOWAIT);
+  keel_pg_close(x.c, NULL, NULL);
+  cr_assert_eq(x.results, 6);
+  for (int i = 1; i < 6; i++) cr_assert_eq(x.statuses[i], UV_ECANCELED);
+  cr_assert_eq(keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x), KEEL_ECLOSING);
+  kt_loop_finish(&x.loop);
+  cr_assert_eq(x.results, 6);
+}
+
+static void close_inside(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  store(c, status, res, data);
+  keel_pg_close(c, NULL, NULL);
+}
+
+Test(pg, close_from_inside_a_result_callback) {
+  ctx x;
+  open_conn(&x);
+  keel_pg_query(x.c, "SELECT 1", 0, NULL, close_inside, &x);
+  keel_pg_query(x.c, "SELECT 2", 0, NULL, store, &x);
+  keel_pg_query(x.c, "SELECT 3", 0, NULL, store, &x);
+  kt_loop_finish(&x.loop);
+  cr_assert_eq(x.results, 3);
+  cr_assert_eq(x.statuses[0], 0);
+  cr_assert_eq(x.statuses[1], UV_ECANCELED);
+  cr_assert_eq(x.statuses[2], UV_ECANCELED);
+}
+
+Test(pg, listen_notify) {
+  ctx x;
+  open_conn(&x);
+  char channel[64], sql[160];
+  kt_unique_name(channel, sizeof channel, "chan");
+  snprintf(sql, sizeof sql, "LISTEN %s", channel);
+  keel_pg_query(x.c, sql, 0, NULL, store, &x);
+  wait_results(&x, 1);
+  snprintf(sql, sizeof sql, "SELECT pg_notify('%s', 'hello')", channel);
+  free(kt_pg_scalar(sql));
+  uint64_t start = uv_now(&x.loop);
+  while (x.notifies == 0 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
+  cr_assert_eq(x.notifies, 1);
+  cr_assert_str_eq(x.notify_payload, "hello");
+  close_conn(&x);
+}
+
+Test(pg, invalid_input) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  keel_pg *c = (keel_pg *)0x1;
+  cr_assert_eq(keel_pg_new(&loop, &o, &c), UV_EINVAL, "conninfo required");
+  cr_assert_eq(c, (keel_pg *)0x1);
+  o.conninfo = kt_pg_conninfo();
+  cr_assert_eq(keel_pg_new(&loop, &o, &c), 0);
+  cr_assert_eq(keel_pg_query(c, NULL, 0, NULL, NULL, NULL), UV_EINVAL);
+  cr_assert_eq(keel_pg_query(c, "SELECT $1", 1, NULL, NULL, NULL), UV_EINVAL);
+  cr_assert_eq(keel_pg_query(NULL, "SELECT 1", 0, NULL, NULL, NULL), UV_EINVAL);
+  keel_pg_close(c, NULL, NULL);
+  kt_loop_finish(&loop);
+}
+
+Test(pg, quote_ident) {
+  char buf[160];
+  cr_assert_eq(keel_pg_quote_ident(buf, sizeof buf, "orders", false), 8);
+  cr_assert_str_eq(buf, "\"orders\"");
+  cr_assert_eq(keel_pg_quote_ident(buf, sizeof buf, "app.Orders", true), 14);
+  cr_assert_str_eq(buf, "\"app\".\"Orders\"");
+  keel_pg_quote_ident(buf, sizeof buf, "we\"ird", false);
+  cr_assert_str_eq(buf, "\"we\"\"ird\"");
+  cr_assert_eq(keel_pg_quote_ident(buf, sizeof buf, "a.b", false), UV_EINVAL);
+  cr_assert_eq(keel_pg_quote_ident(buf, sizeof buf, "a.b.c", true), UV_EINVAL);
+  cr_assert_eq(keel_pg_quote_ident(buf, sizeof buf, "", true), UV_EINVAL);
+  cr_assert_eq(keel_pg_quote_ident(buf, sizeof buf, ".x", true), UV_EINVAL);
+  char long_name[80];
+  memset(long_name, 'x', 64);
+  long_name[64] = '\0';
+  cr_assert_eq(keel_pg_quote_ident(buf, sizeof buf, long_name, false), UV_EINVAL);
+  cr_assert_eq(keel_pg_quote_ident(buf, 4, "orders", false), UV_ENOBUFS);
+}
+
+/* ---- pool and transactions ------------------------------------------------ */
+
+typedef struct pool_ctx {
+  uv_loop_t loop;
+  keel_pg_pool *pool;
+  int results;
+  int order[64];
+  int statuses[64];
+  int tx_status[8];
+  char tx_sqlstate[8][8];
+  int tx_done;
+  char table[64];
+} pool_ctx;
+
+static void pool_store(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  (void)res;
+  pool_ctx *p = data;
+  p->statuses[p->results++] = status;
+}
+
+static void open_pool(pool_ctx *p, unsigned size) {
+  memset(p, 0, sizeof *p);
+  uv_loop_init(&p->loop);
+  keel_pg_pool_opts o;
+  keel_pg_pool_opts_init(&o);
+  o.conn.conninfo = kt_pg_conninfo();
+  o.size = size;
+  cr_assert_eq(keel_pg_pool_new(&p->loop, &o, &p->pool), 0);
+}
+
+static void pool_wait(pool_ctx *p, int *counter, int n) {
+  uint64_t start = uv_now(&p->loop);
+  while (*counter < n && uv_now(&p->loop) - start < 10000) uv_run(&p->loop, UV_RUN_ONCE);
+  cr_assert_eq(*counter, n);
+}
+
+Test(pg, pool_runs_more_queries_than_connections) {
+  pool_ctx p;
+  open_pool(&p, 3);
+  for (int i = 0; i < 30; i++)
+    cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT pg_sleep(0.01)", 0, NULL, pool_store, &p), 0);
+  keel_pg_pool_stats s;
+  keel_pg_pool_get_stats(p.pool, &s);
+  cr_assert_eq(s.waiting, 30);
+  pool_wait(&p, &p.results, 30);
+  for (int i = 0; i < 30; i++) cr_assert_eq(p.statuses[i], 0);
+  keel_pg_pool_get_stats(p.pool, &s);
+  cr_assert_eq(s.queries, 30);
+  cr_assert_eq(s.connected, 3);
+  cr_assert_eq(s.size, 3);
+  keel_pg_pool_close(p.pool, NULL, NULL);
+  kt_loop_finish(&p.loop);
+}
+
+typedef struct acquire_ctx {
+  pool_ctx *p;
+  int id;
+} acquire_ctx;
+
+static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *data) {
+  acquire_ctx *a = data;
+  cr_assert_eq(status, 0);
+  a->p->order[a->p->results++] = a->id;
+  keel_pg_pool_release(pool, conn);
+}
+
+Test(pg, pool_waiters_are_served_fifo) {
+  pool_ctx p;
+  open_pool(&p, 1);
+  acquire_ctx a[10];
+  for (int i = 0; i < 10; i++) {
+    a[i] = (acquire_ctx){&p, i};
+    keel_pg_pool_acquire(p.pool, on_acquired, &a[i]);
+  }
+  pool_wait(&p, &p.results, 10);
+  for (int i = 0; i < 10; i++) cr_assert_eq(p.order[i], i);
+  cr_assert_eq(keel_pg_pool_release(p.pool, NULL), UV_EINVAL);
+  keel_pg_pool_close(p.pool, NULL, NULL);
+  kt_loop_finish(&p.loop);
+}
+
+typedef struct tx_body_ctx {
+  pool_ctx *p;
+  bool fail_statement;
+  int slot;
+  keel_pg_tx *tx;
+} tx_body_ctx;
+
+static void after_insert(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  (void)res;
+  (void)status;
+  tx_body_ctx *b = data;
+  /* The body reports success even when its statement failed: the helper
+   * must still roll back. */
+  keel_pg_tx_finish(b->tx, 0);
+}
+
+static void tx_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  tx_body_ctx *b = data;
+  b->tx = tx;
+  char sql[200];
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (%d)", b->p->table,
+           b->fail_statement ? 1 : 100 + b->slot);
+  keel_pg_query(conn, sql, 0, NULL, after_insert, b);
+}
+
+static void tx_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
+  (void)pool;
+  tx_body_ctx *b = data;
+  b->p->tx_status[b->slot] = status;
+  snprintf(b->p->tx_sqlstate[b->slot], 8, "%s", sqlstate ? sqlstate : "");
+  b->p->tx_done++;
+}
+
+Test(pg, transactions_commit_and_roll_back) {
+  pool_ctx p;
+  open_pool(&p, 2);
+  kt_unique_name(p.table, sizeof p.table, "tx");
+  char sql[200];
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (id int PRIMARY KEY); INSERT INTO %s VALUES (1)",
+           p.table, p.table);
+  kt_pg_exec(sql);
+  tx_body_ctx ok = {&p, false, 0, NULL};
+  tx_body_ctx dup = {&p, true, 1, NULL}; /* inserts 1 again: unique violation */
+  cr_assert_eq(keel_pg_pool_transaction(p.pool, KEEL_PG_READ_COMMITTED, tx_body, tx_done, &ok), 0);
+  cr_assert_eq(keel_pg_pool_transaction(p.pool, KEEL_PG_SERIALIZABLE, tx_body, tx_done, &dup), 0);
+  pool_wait(&p, &p.tx_done, 2);
+  cr_assert_eq(p.tx_status[0], 0);
+  cr_assert_eq(p.tx_status[1], KEEL_EPG, "the failed statement rolls the transaction back");
+  cr_assert_str_eq(p.tx_sqlstate[1], "23505");
+  keel_pg_pool_stats s;
+  keel_pg_pool_get_stats(p.pool, &s);
+  cr_assert_eq(s.transactions, 1);
+  cr_assert_eq(s.rollbacks, 1);
+  keel_pg_pool_close(p.pool, NULL, NULL);
+  kt_loop_finish(&p.loop);
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", p.table);
+  char *count = kt_pg_scalar(sql);
+  cr_assert_str_eq(count, "2", "row 100 committed, nothing else");
+  free(count);
+}
