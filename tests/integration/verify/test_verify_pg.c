@@ -397,8 +397,8 @@ static bool composite_validator(keel_verify *v, const keel_verify_row *row, void
 Test(verify_pg, composite_key_and_quoted_names) {
   fx f;
   fx_init(&f, "vComp");
-  char base[96], sqlname[128];
-  memcpy(base, f.table, sizeof base);
+  char base[64], sqlname[128];
+  snprintf(base, sizeof base, "%.60s", f.table);
   /* the table's name holds a double quote: "<base>""q" in SQL */
   snprintf(f.table, sizeof f.table, "%s\"q", base);
   snprintf(sqlname, sizeof sqlname, "%s\"\"q", base);
