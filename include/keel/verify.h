@@ -110,8 +110,8 @@ typedef bool (*keel_verify_validate_fn)(keel_verify *v, const keel_verify_row *r
  * once, from this call or later; `row` stays valid until then. It may run
  * its own queries (e.g. on a keel_pg_pool) or anything else.
  */
-typedef void (*keel_verify_fix_fn)(keel_verify *v, keel_verify_fix *fix,
-                                   const keel_verify_row *row, void *data);
+typedef void (*keel_verify_fix_fn)(keel_verify *v, keel_verify_fix *fix, const keel_verify_row *row,
+                                   void *data);
 
 /* Called at the end of every run: status 0 when the whole table was
  * walked (fix-ups included, whatever their outcome), or the error that
@@ -124,11 +124,13 @@ typedef void (*keel_verify_run_cb)(keel_verify *v, int status, void *data);
 typedef struct keel_verify_opts {
   /* Where to read: a pool (borrowed; must outlive the verifier) or a
    * connection string (the verifier opens its own connection). At least one
-   * is required; the pool wins when both are set. leader_lock needs conninfo. */
+   * is required; the pool wins when both are set. With leader_lock the
+   * lock lives on a dedicated connection: its own one from conninfo when
+   * set, else one connection held from the pool for the verifier's life. */
   keel_pg_pool *pool;
   const char *conninfo;
 
-  const char *table;                          /* required; "name" or "schema.name" */
+  const char *table;                            /* required; "name" or "schema.name" */
   const char *id_columns[KEEL_VERIFY_MAX_KEYS]; /* default {"id"}; NULL-terminated;
                                                   unique, orderable (composite ok) */
   const char *const *columns; /* columns to read, NULL-terminated; NULL = all (t.*) */
@@ -168,7 +170,7 @@ KEEL_EXTERN void keel_verify_opts_init(keel_verify_opts *opts);
  * static explanation in *why (when not NULL): missing table, validator or
  * connection; batch_size 0 or too large; interval 0; fix_concurrency 0;
  * an identifier that cannot be quoted (empty, > 63 bytes, qualified where
- * not allowed); too many columns; bad backoff; leader_lock without conninfo.
+ * not allowed); too many columns; bad backoff.
  * Thread-safe.
  */
 KEEL_EXTERN int keel_verify_opts_validate(const keel_verify_opts *opts, const char **why);
@@ -227,23 +229,23 @@ typedef struct keel_verify_code_count {
 } keel_verify_code_count;
 
 typedef struct keel_verify_stats {
-  uint64_t runs_started;   /* counter */
-  uint64_t runs_completed; /* counter: status 0 */
-  uint64_t runs_failed;    /* counter: ended with an error */
-  uint64_t runs_skipped;   /* counter: tick or run_now while a run was going */
-  uint64_t runs_not_leader; /* counter: ticks skipped because another process leads */
-  uint64_t rows_scanned;   /* counter */
-  uint64_t rows_valid;     /* counter */
-  uint64_t rows_invalid;   /* counter */
-  uint64_t fixes_attempted; /* counter: fix-up calls (retries included) */
-  uint64_t fixes_succeeded; /* counter: rows fixed */
-  uint64_t fixes_failed;    /* counter: rows whose fix-up failed for good */
-  uint64_t fixes_retried;   /* counter: attempts after a failure */
-  uint64_t fixes_timed_out; /* counter: attempts that timed out */
-  uint64_t batches;         /* counter: batch queries that returned */
-  uint64_t problems_last_run; /* problems named in the last finished run (seed's problemCount) */
-  uint64_t problems_total;    /* counter */
-  uint64_t rows_last_run;     /* rows scanned by the last finished run */
+  uint64_t runs_started;         /* counter */
+  uint64_t runs_completed;       /* counter: status 0 */
+  uint64_t runs_failed;          /* counter: ended with an error */
+  uint64_t runs_skipped;         /* counter: tick or run_now while a run was going */
+  uint64_t runs_not_leader;      /* counter: ticks skipped because another process leads */
+  uint64_t rows_scanned;         /* counter */
+  uint64_t rows_valid;           /* counter */
+  uint64_t rows_invalid;         /* counter */
+  uint64_t fixes_attempted;      /* counter: fix-up calls (retries included) */
+  uint64_t fixes_succeeded;      /* counter: rows fixed */
+  uint64_t fixes_failed;         /* counter: rows whose fix-up failed for good */
+  uint64_t fixes_retried;        /* counter: attempts after a failure */
+  uint64_t fixes_timed_out;      /* counter: attempts that timed out */
+  uint64_t batches;              /* counter: batch queries that returned */
+  uint64_t problems_last_run;    /* problems named in the last finished run (seed's problemCount) */
+  uint64_t problems_total;       /* counter */
+  uint64_t rows_last_run;        /* rows scanned by the last finished run */
   uint64_t last_run_duration_ms; /* duration of the last finished run */
   double rows_per_s;             /* rate of the last finished run */
   uint64_t last_run_started_ms;  /* clock time of the last run start, 0 = never */

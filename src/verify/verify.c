@@ -39,7 +39,9 @@ struct keel_verify {
   keel__vsql sql;
   keel_pg_pool *pool;
   keel_pg *conn;      /* owned, when no pool */
-  keel_pg *lock_conn; /* owned, with leader_lock */
+  keel_pg *lock_conn; /* with leader_lock: owned, or held from the pool */
+  bool lock_from_pool, lock_acquiring, lock_cancel;
+  int lock_pid; /* backend holding our lock, to notice a new session */
   int conns_open;
   uv_timer_t tick, kick, fixt;
   int handles_open;
@@ -118,6 +120,7 @@ static void set_error(keel_verify *v, int err, const char *fmt, ...) {
 static void pump(keel_verify *v);
 static void kick_cb(uv_timer_t *t);
 static void ckpt_cb(keel_pg *c, int status, const keel_pg_result *res, void *data);
+static void send_lock_query(keel_verify *v);
 static void batch_cb(keel_pg *c, int status, const keel_pg_result *res, void *data);
 
 static void kick(keel_verify *v) {
@@ -337,8 +340,6 @@ int keel_verify_opts_validate(const keel_verify_opts *o, const char **why) {
   const char *bw = NULL;
   if (keel_backoff_validate(&o->fix_backoff, &bw) < 0)
     return (*why = bw ? bw : "fix_backoff is invalid", UV_EINVAL);
-  if (o->leader_lock && (o->conninfo == NULL || o->conninfo[0] == '\0'))
-    return (*why = "leader_lock needs conninfo for its dedicated lock connection", UV_EINVAL);
   if (o->checkpoint_table != NULL) {
     if (keel_pg_quote_ident(tmp, sizeof tmp, o->checkpoint_table, true) < 0)
       return (*why = "checkpoint_table is not a valid identifier", UV_EINVAL);
@@ -433,7 +434,8 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
     po.conninfo = v->s_conninfo;
     rc = keel_pg_new(loop, &po, &v->conn);
   }
-  if (rc == 0 && v->o.leader_lock) {
+  v->lock_from_pool = v->o.leader_lock && v->s_conninfo == NULL;
+  if (rc == 0 && v->o.leader_lock && !v->lock_from_pool) {
     keel_pg_opts po;
     keel_pg_opts_init(&po);
     po.conninfo = v->s_conninfo;
@@ -481,6 +483,7 @@ int keel_verify_stop(keel_verify *v) {
   v->started = false;
   if (!v->closing) uv_timer_stop(&v->tick);
   v->run_requested = false;
+  if (v->lock_inflight) v->lock_cancel = true;
   if (v->running) {
     v->stopping = true;
     kick(v);
@@ -750,6 +753,7 @@ static void lock_cb(keel_pg *c, int status, const keel_pg_result *res, void *dat
   v->lock_inflight = false;
   if (query_returned(v)) return;
   if (status < 0) {
+    v->lock_cancel = false;
     v->leader = false;
     set_error(v, status, "leader lock: %s", pg_error_text(v, c, res));
     v->st.runs_not_leader++;
@@ -757,8 +761,13 @@ static void lock_cb(keel_pg *c, int status, const keel_pg_result *res, void *dat
   }
   const char *val = keel_pg_result_value(res, 0, 0);
   v->leader = val != NULL && val[0] == 't';
+  v->lock_pid = v->leader ? keel_pg_backend_pid(v->lock_conn) : 0;
   if (!v->leader) {
     v->st.runs_not_leader++;
+    return;
+  }
+  if (v->lock_cancel) { /* stopped meanwhile */
+    v->lock_cancel = false;
     return;
   }
   begin_run(v);
@@ -969,6 +978,58 @@ static void fixt_cb(uv_timer_t *t) {
   pump(v);
 }
 
+/* ---- leader lock ---------------------------------------------------------- */
+
+static void lock_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *data) {
+  keel_verify *v = data;
+  v->lock_acquiring = false;
+  v->lock_inflight = false;
+  v->queries_out--;
+  if (v->closing) {
+    if (status == 0) keel_pg_pool_release(pool, conn);
+    maybe_free(v);
+    return;
+  }
+  if (status < 0) {
+    set_error(v, status, "leader lock: no pool connection (%s)", keel_err_name(status));
+    v->st.runs_not_leader++;
+    return;
+  }
+  v->lock_conn = conn;
+  if (v->lock_cancel) {
+    v->lock_cancel = false;
+    return;
+  }
+  send_lock_query(v);
+}
+
+/* Asks for the advisory lock on the dedicated connection (taking one from
+ * the pool first when there is no conninfo). */
+static void send_lock_query(keel_verify *v) {
+  if (v->lock_conn == NULL) {
+    if (v->lock_acquiring) return;
+    int rc = keel_pg_pool_acquire(v->pool, lock_acquired, v);
+    if (rc < 0) {
+      set_error(v, rc, "leader lock: %s", keel_strerror(rc));
+      return;
+    }
+    v->queries_out++;
+    v->lock_acquiring = true;
+    v->lock_inflight = true;
+    return;
+  }
+  char key[32];
+  snprintf(key, sizeof key, "%" PRId64, v->o.leader_lock_key);
+  const char *p[1] = {key};
+  int rc = keel_pg_query(v->lock_conn, v->sql.lock, 1, p, lock_cb, v);
+  if (rc == 0) {
+    v->queries_out++;
+    v->lock_inflight = true;
+  } else {
+    set_error(v, rc, "leader lock: %s", keel_strerror(rc));
+  }
+}
+
 /* ---- the pump: whatever can move, moves ------------------------------------ */
 
 static void pump(keel_verify *v) {
@@ -979,16 +1040,7 @@ static void pump(keel_verify *v) {
     if (v->run_requested && !v->running && !v->lock_inflight) {
       v->run_requested = false;
       if (v->o.leader_lock) {
-        char key[32];
-        snprintf(key, sizeof key, "%" PRId64, v->o.leader_lock_key);
-        const char *p[1] = {key};
-        int rc = keel_pg_query(v->lock_conn, v->sql.lock, 1, p, lock_cb, v);
-        if (rc == 0) {
-          v->queries_out++;
-          v->lock_inflight = true;
-        } else {
-          set_error(v, rc, "leader lock: %s", keel_strerror(rc));
-        }
+        send_lock_query(v);
       } else {
         begin_run(v);
       }
@@ -1005,6 +1057,10 @@ static void pump(keel_verify *v) {
       continue;
     }
     if (v->phase != PH_SCAN) break;
+    if (v->o.leader_lock && v->leader && keel_pg_backend_pid(v->lock_conn) != v->lock_pid) {
+      v->leader = false; /* the session that held the lock is gone */
+      set_error(v, KEEL_ENOTLEADER, "leader lock connection lost");
+    }
     if (v->o.leader_lock && !v->leader && !v->scan_done) {
       set_error(v, KEEL_ENOTLEADER, "lost the leader lock during the run");
       fail_run(v, KEEL_ENOTLEADER);
@@ -1073,5 +1129,17 @@ void keel_verify_close(keel_verify *v, keel_close_cb cb, void *data) {
   uv_close((uv_handle_t *)&v->kick, on_handle_closed);
   uv_close((uv_handle_t *)&v->fixt, on_handle_closed);
   if (v->conn) keel_pg_close(v->conn, on_conn_closed, v);
-  if (v->lock_conn) keel_pg_close(v->lock_conn, on_conn_closed, v);
+  if (v->lock_conn && !v->lock_from_pool) keel_pg_close(v->lock_conn, on_conn_closed, v);
+  if (v->lock_conn && v->lock_from_pool) {
+    /* the pooled session must not keep our lock: unlock, then give it back
+     * (statements queued on it finish first) */
+    char key[32];
+    snprintf(key, sizeof key, "%" PRId64, v->o.leader_lock_key);
+    const char *p[1] = {key};
+    if (v->leader || v->lock_inflight)
+      (void)keel_pg_query(v->lock_conn, "SELECT pg_catalog.pg_advisory_unlock($1::bigint)", 1, p,
+                          NULL, NULL);
+    keel_pg_pool_release(v->pool, v->lock_conn);
+    v->lock_conn = NULL;
+  }
 }

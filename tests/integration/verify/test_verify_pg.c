@@ -601,7 +601,8 @@ static bool a_led(void *ctx) {
   return a.runs_completed >= 1;
 }
 
-static void setup_pair(pair *p, const char *prefix, int64_t key, uint64_t a_interval) {
+static void setup_pair_ex(pair *p, const char *prefix, int64_t key, uint64_t a_interval,
+                          bool pools) {
   fx_init(&p->a, prefix);
   make_ids(p->a.table, 20);
   fx_init(&p->b, prefix);
@@ -616,8 +617,23 @@ static void setup_pair(pair *p, const char *prefix, int64_t key, uint64_t a_inte
     os[i]->interval_ms = 40;
   }
   p->a.o.interval_ms = a_interval;
+  if (pools) {
+    keel_pg_pool_opts po;
+    keel_pg_pool_opts_init(&po);
+    po.conn.conninfo = kt_pg_conninfo();
+    po.size = 2;
+    cr_assert_eq(keel_pg_pool_new(&p->a.loop, &po, &p->a.pool), 0);
+    cr_assert_eq(keel_pg_pool_new(&p->a.loop, &po, &p->b.pool), 0);
+    p->a.o.pool = p->a.pool;
+    p->b.o.pool = p->b.pool;
+    p->a.o.conninfo = p->b.o.conninfo = NULL;
+  }
   cr_assert_eq(keel_verify_new(&p->a.loop, &p->a.o, &p->a.v), 0);
   cr_assert_eq(keel_verify_new(&p->a.loop, &p->b.o, &p->b.v), 0);
+}
+
+static void setup_pair(pair *p, const char *prefix, int64_t key, uint64_t a_interval) {
+  setup_pair_ex(p, prefix, key, a_interval, false);
 }
 
 static bool pair_closed(void *ctx) {
@@ -632,6 +648,8 @@ static void finish_pair(pair *p) {
     p->a.closed = true;
   keel_verify_close(p->b.v, on_closed, &p->b);
   cr_expect(wait_for(&p->a.loop, pair_closed, p, 5000));
+  keel_pg_pool_close(p->a.pool, NULL, NULL);
+  keel_pg_pool_close(p->b.pool, NULL, NULL);
   kt_loop_finish(&p->a.loop);
   sqlf("DROP TABLE IF EXISTS \"%s\"", p->a.table);
 }
@@ -655,6 +673,26 @@ Test(verify_pg, leader_election_two_verifiers) {
   cr_expect_geq(a.rows_scanned, 20 * a.runs_completed);
 
   /* the leader's process goes away: the other takes over at its next tick */
+  keel_verify_close(p.a.v, on_closed, &p.a);
+  p.a.v = NULL;
+  cr_assert(wait_for(&p.a.loop, b_ran, &p, 5000), "%s", keel_verify_last_error(p.b.v));
+  keel_verify_get_stats(p.b.v, &b);
+  cr_expect(b.leader);
+  finish_pair(&p);
+}
+
+Test(verify_pg, leader_election_on_pools) {
+  pair p;
+  int64_t key = 0x5ef00000 + (int64_t)getpid();
+  setup_pair_ex(&p, "vlpool", key, 40, true);
+  cr_assert_eq(keel_verify_start(p.a.v), 0);
+  cr_assert(wait_for(&p.a.loop, a_led, &p, 5000), "%s", keel_verify_last_error(p.a.v));
+  cr_assert_eq(keel_verify_start(p.b.v), 0);
+  cr_assert(wait_for(&p.a.loop, both_ticked, &p, 5000));
+  keel_verify_stats b;
+  keel_verify_get_stats(p.b.v, &b);
+  cr_expect_eq(b.runs_started, 0, "the follower ran");
+  /* a closes but its pool lives on: the pooled session must drop the lock */
   keel_verify_close(p.a.v, on_closed, &p.a);
   p.a.v = NULL;
   cr_assert(wait_for(&p.a.loop, b_ran, &p, 5000), "%s", keel_verify_last_error(p.b.v));
