@@ -774,7 +774,8 @@ Test(verify_pg, checkpoint_resume_after_restart) {
   cr_expect_eq(f.last_status, 0, "%s", keel_verify_last_error(f.v));
   cr_assert_gt(f.nseen, 0);
   cr_expect_eq(f.seen[0], resume_after + 1);
-  cr_expect_eq(f.nseen, 100 - resume_after);
+  cr_expect_eq(f.nseen, 100 - resume_after, "seen %d rows from %ld to %ld, checkpoint %ld", f.nseen,
+               f.seen[0], f.seen[f.nseen - 1], resume_after);
   keel_verify_stats st = stats(&f);
   cr_expect_eq(st.rows_scanned, (uint64_t)(100 - resume_after));
   /* a completed run clears the checkpoint: the next one starts over */
@@ -895,4 +896,68 @@ Test(verify_pg, new_under_failing_allocator) {
     cr_expect_eq(kt_alloc_live_blocks(), 0, "allocation %" PRId64 " leaked", i);
   }
   cr_expect(succeeded);
+}
+
+/* ---- injected clock and re-entrancy ----------------------------------------------- */
+
+typedef struct clocked {
+  fx f;
+  uint64_t now;
+  keel_verify_stats first; /* stats seen at the end of the first run */
+} clocked;
+
+static uint64_t test_now(void *data) {
+  return ((clocked *)data)->now;
+}
+
+static bool clock_validator(keel_verify *v, const keel_verify_row *row, void *data) {
+  (void)v;
+  clocked *c = data;
+  record(&c->f, row_id(row));
+  c->now = 5000; /* the run "takes" 4 s of the injected clock */
+  return true;
+}
+
+static void close_on_second_run(keel_verify *v, int status, void *data) {
+  clocked *c = data;
+  c->f.runs_done++;
+  c->f.last_status = status;
+  if (c->f.runs_done == 1) {
+    keel_verify_get_stats(v, &c->first);
+    c->now = 1000;                           /* the second run starts at 1000 again */
+    cr_expect_eq(keel_verify_run_now(v), 0); /* from inside the callback */
+  } else {
+    keel_verify_close(v, on_closed, &c->f); /* close from inside the callback */
+  }
+}
+
+Test(verify_pg, injected_clock_and_reentrant_callbacks) {
+  clocked c;
+  fx_init(&c.f, "vclock");
+  make_ids(c.f.table, 40);
+  c.now = 1000;
+  c.f.o.data = &c;
+  c.f.o.clock.now = test_now;
+  c.f.o.clock.data = &c;
+  c.f.o.validate = clock_validator;
+  c.f.o.on_run_done = close_on_second_run;
+  c.f.o.interval_ms = 60000;
+  cr_assert_eq(keel_verify_new(&c.f.loop, &c.f.o, &c.f.v), 0);
+  cr_assert_eq(keel_verify_start(c.f.v), 0);
+  keel_verify_stats st;
+  keel_verify_get_stats(c.f.v, &st);
+  cr_expect_geq(st.next_run_ms, 1000);
+  cr_expect_leq(st.next_run_ms, 1000 + 60000);
+  cr_assert(wait_for(&c.f.loop, is_closed, &c.f, 5000), "not closed from on_run_done");
+  st = c.first;
+  cr_expect_eq(st.last_run_started_ms, 1000);
+  cr_expect_eq(st.last_run_duration_ms, 4000);
+  cr_expect_eq(st.rows_last_run, 40);
+  cr_expect_eq(st.rows_per_s, 10.0);
+  cr_expect_geq(st.next_run_ms, 5000);
+  c.f.v = NULL;
+  cr_expect_eq(c.f.runs_done, 2);
+  cr_expect_eq(c.f.last_status, 0);
+  cr_expect_eq(c.f.nseen, 80);
+  fx_finish(&c.f);
 }
