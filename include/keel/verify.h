@@ -64,14 +64,17 @@ typedef struct keel_verify_fix keel_verify_fix;
  */
 KEEL_EXTERN const char *keel_verify_row_get(const keel_verify_row *row, const char *name);
 
-/* true when column `name` is SQL NULL or absent. */
+/* true when column `name` is SQL NULL or absent (also for NULL arguments).
+ * Loop thread only. */
 KEEL_EXTERN bool keel_verify_row_is_null(const keel_verify_row *row, const char *name);
 
-/* true when the row has a column called `name`. */
+/* true when the row has a column called `name`; false for NULL arguments.
+ * Loop thread only. */
 KEEL_EXTERN bool keel_verify_row_has(const keel_verify_row *row, const char *name);
 
-/* Number of columns, and name/value by index (NULL when out of range or
- * SQL NULL). */
+/* Number of columns (0 for NULL), and name/value by index (NULL when out of
+ * range, for SQL NULL or a NULL row). Same lifetime as keel_verify_row_get().
+ * Loop thread only. */
 KEEL_EXTERN int keel_verify_row_ncols(const keel_verify_row *row);
 KEEL_EXTERN const char *keel_verify_row_col_name(const keel_verify_row *row, int col);
 KEEL_EXTERN const char *keel_verify_row_value(const keel_verify_row *row, int col);
@@ -79,7 +82,8 @@ KEEL_EXTERN const char *keel_verify_row_value(const keel_verify_row *row, int co
 /*
  * Writes the row's key as text into buf: the id value, or the key values
  * joined by ',' for a composite key (truncated to cap). Returns the length
- * of the full text, or UV_EINVAL.
+ * of the full text (like snprintf), or UV_EINVAL for a NULL row or a NULL
+ * buf with cap > 0. Loop thread only.
  */
 KEEL_EXTERN int keel_verify_row_key(const keel_verify_row *row, char *buf, size_t cap);
 
@@ -90,7 +94,7 @@ KEEL_EXTERN int keel_verify_row_key(const keel_verify_row *row, char *buf, size_
  * problem is invalid whatever the validator returns. The same code named
  * twice for one row counts twice.
  * Returns 0, or UV_EINVAL (NULL or empty code, or called outside the
- * validator).
+ * validator: nothing is counted). Loop thread only.
  */
 KEEL_EXTERN int keel_verify_row_problem(const keel_verify_row *row, const char *code);
 
@@ -188,22 +192,26 @@ KEEL_EXTERN int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, k
 /* ---- verbs ------------------------------------------------------------ */
 
 /*
- * Starts the interval timer (first run now when run_on_start, else after
- * interval_ms). Returns 0 (also when already started), UV_EINVAL (NULL) or
- * KEEL_ECLOSING.
+ * Starts the interval timer (first run on the next loop iteration when
+ * run_on_start, else after interval_ms). Runs report through
+ * opts.on_run_done. Returns 0 (also when already started), UV_EINVAL (NULL)
+ * or KEEL_ECLOSING. Loop thread only.
  */
 KEEL_EXTERN int keel_verify_start(keel_verify *v);
 
 /*
- * Stops the timer; a run in progress stops after its current batch (its
- * fix-ups finish) and ends with UV_ECANCELED. Returns 0 or UV_EINVAL.
+ * Stops the timer; a run in progress fetches no further batch, lets its
+ * fix-ups finish and ends with UV_ECANCELED (its checkpoint is saved).
+ * keel_verify_start() may be called again later. Returns 0 or UV_EINVAL.
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_verify_stop(keel_verify *v);
 
 /*
- * Starts a run on the next loop iteration, whether started or not.
- * Returns 0; KEEL_EINPROGRESS when a run is going (counted in runs_skipped,
- * nothing else happens); UV_EINVAL; KEEL_ECLOSING.
+ * Starts a run on the next loop iteration, whether started or not (with
+ * leader_lock, only if the lock is obtained). Returns 0; KEEL_EINPROGRESS
+ * when a run is going or about to (counted in runs_skipped, nothing else
+ * happens); UV_EINVAL; KEEL_ECLOSING. Loop thread only.
  */
 KEEL_EXTERN int keel_verify_run_now(keel_verify *v);
 
@@ -217,7 +225,8 @@ KEEL_EXTERN int keel_verify_run_now(keel_verify *v);
  */
 KEEL_EXTERN int keel_verify_fix_done(keel_verify_fix *fix, int status);
 
-/* The attempt number (1 for the first try) of a fix handle, 0 for NULL. */
+/* The attempt number (1 for the first try) of a fix handle, 0 for NULL.
+ * Loop thread only. */
 KEEL_EXTERN unsigned keel_verify_fix_attempt(const keel_verify_fix *fix);
 
 /* ---- stats -------------------------------------------------------------- */
@@ -264,7 +273,9 @@ typedef struct keel_verify_stats {
 /* Fills *out. NULL-safe (does nothing). Loop thread only. */
 KEEL_EXTERN void keel_verify_get_stats(const keel_verify *v, keel_verify_stats *out);
 
-/* Text of the last error ("" when none); valid until the next call. */
+/* Text of the last error ("" when none, or for NULL): a PostgreSQL message,
+ * a fix-up failure, a lost lock. Valid until the next call into v. Loop
+ * thread only. */
 KEEL_EXTERN const char *keel_verify_last_error(const keel_verify *v);
 
 /*
