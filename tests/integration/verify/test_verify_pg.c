@@ -758,12 +758,8 @@ Test(verify_pg, checkpoint_resume_after_restart) {
   cr_assert(wait_for(&f.loop, is_closed, &f, 10000), "%s", "not closed");
   cr_expect_eq(f.runs_done, 0);
   f.v = NULL;
-  char *saved = scalarf("SELECT last_key[1] FROM \"%s\" WHERE job = '%s'", ck, f.table);
-  cr_assert_not_null(saved);
-  long resume_after = strtol(saved, NULL, 10);
-  free(saved);
-  cr_expect(resume_after == 40 || resume_after == 50, "checkpoint at %ld", resume_after);
-
+  /* (the checkpoint of batch 5 may still be committing: the restart below
+   * sees 40 or 50) */
   /* restart: a new verifier resumes after the checkpoint */
   f.nseen = 0;
   f.closed = false;
@@ -773,7 +769,9 @@ Test(verify_pg, checkpoint_resume_after_restart) {
   cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, 0, "%s", keel_verify_last_error(f.v));
   cr_assert_gt(f.nseen, 0);
-  cr_expect_eq(f.seen[0], resume_after + 1);
+  long resume_after = f.seen[0] - 1;
+  cr_expect(resume_after == 40 || resume_after == 50, "resumed after %ld", resume_after);
+  cr_expect(f.order_ok);
   cr_expect_eq(f.nseen, 100 - resume_after, "seen %d rows from %ld to %ld, checkpoint %ld", f.nseen,
                f.seen[0], f.seen[f.nseen - 1], resume_after);
   keel_verify_stats st = stats(&f);
