@@ -1,5 +1,212 @@
-/* keel/listen.h — placeholder until the module lands. */
+/*
+ * keel/listen.h — a PostgreSQL change listener on LISTEN/NOTIFY.
+ *
+ * A trigger (installed by keel_listener_install(), or with the SQL in
+ * docs/listen.md) sends every INSERT, UPDATE and DELETE of a table as a JSON
+ * NOTIFY. A listener keeps one connection, LISTENs on the channels of its
+ * tables, parses each change once, applies the subscription's filter
+ * (PostgREST syntax) and calls every registered handler. It reconnects after
+ * a loss, LISTENs again and reports the gap so that handlers can
+ * resynchronise: NOTIFY is at-most-once while nobody listens.
+ *
+ *     keel_listener_opts o;
+ *     keel_listener_opts_init(&o);
+ *     o.conninfo = "host=... dbname=...";
+ *     o.table = "public.projects";
+ *     o.events = KEEL_CHANGE_UPDATE;          // the seed's event: 'UPDATE'
+ *     o.filter = "team_id=eq.123";            // the seed's filter
+ *     keel_listener *l;
+ *     keel_listener_new(loop, &o, &l);
+ *     keel_listener_on(l, "project-list", on_project, ui);
+ *     keel_listener_start(l);
+ *
+ * Loop thread only.
+ */
 #ifndef KEEL_LISTEN_H
 #define KEEL_LISTEN_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <uv.h>
+
 #include "keel/common.h"
+#include "keel/pg.h"
+#include "keel/retry.h"
+
+#ifdef __cplusplus
+extern "C" {
 #endif
+
+typedef struct keel_listener keel_listener;
+typedef struct keel_change keel_change;
+
+/* Operations, also usable as a mask. */
+typedef enum keel_change_op {
+  KEEL_CHANGE_INSERT = 1,
+  KEEL_CHANGE_UPDATE = 2,
+  KEEL_CHANGE_DELETE = 4,
+  KEEL_CHANGE_ALL = 7
+} keel_change_op;
+
+/* The channel keel's trigger notifies on unless told otherwise. */
+#define KEEL_LISTEN_DEFAULT_CHANNEL "keel_changes"
+
+/* ---- the change handed to handlers (valid during the call only) ------- */
+
+KEEL_EXTERN keel_change_op keel_change_operation(const keel_change *c);
+/* "INSERT", "UPDATE" or "DELETE". */
+KEEL_EXTERN const char *keel_change_operation_name(const keel_change *c);
+KEEL_EXTERN const char *keel_change_schema(const keel_change *c);
+KEEL_EXTERN const char *keel_change_table(const keel_change *c);
+/*
+ * A column of the new row (INSERT, UPDATE) or the old row (UPDATE, DELETE)
+ * as text: strings as they are, numbers and booleans as PostgreSQL prints
+ * them in JSON, objects and arrays as JSON. NULL when the column is SQL
+ * NULL, absent, or the row is absent.
+ */
+KEEL_EXTERN const char *keel_change_new(const keel_change *c, const char *column);
+KEEL_EXTERN const char *keel_change_old(const keel_change *c, const char *column);
+/* Whether the new / old row is present (a key-only change whose row is gone
+ * has neither; use keel_change_key()). */
+KEEL_EXTERN bool keel_change_has_new(const keel_change *c);
+KEEL_EXTERN bool keel_change_has_old(const keel_change *c);
+/* A primary-key column's value as text, NULL when unknown. */
+KEEL_EXTERN const char *keel_change_key(const keel_change *c, const char *column);
+/* The NOTIFY payload as received (JSON). */
+KEEL_EXTERN const char *keel_change_json(const keel_change *c);
+/* true when the row was too large for NOTIFY and was fetched by key. */
+KEEL_EXTERN bool keel_change_was_fetched(const keel_change *c);
+/* Wall-clock time of the change in the trigger (µs since the epoch). */
+KEEL_EXTERN int64_t keel_change_time_us(const keel_change *c);
+/* Receive latency: time of receipt minus the change's time, µs. */
+KEEL_EXTERN int64_t keel_change_latency_us(const keel_change *c);
+
+/* ---- callbacks ---------------------------------------------------------- */
+
+typedef void (*keel_listener_handler)(keel_listener *l, const keel_change *change, void *data);
+
+/* After a reconnect (LISTEN is active again): changes made during
+ * `disconnected_ms` may have been missed. */
+typedef void (*keel_listener_gap_cb)(keel_listener *l, uint64_t disconnected_ms, void *data);
+
+/* A raw NOTIFY on a channel subscribed with keel_listener_listen_channel(). */
+typedef void (*keel_listener_channel_cb)(keel_listener *l, const char *channel, const char *payload,
+                                         void *data);
+
+typedef struct keel_listener_opts {
+  const char *conninfo;           /* required */
+  const char *table;              /* "schema.table" or "table" (schema public); may be
+                                     NULL for a listener of raw channels only */
+  unsigned events;                /* keel_change_op mask; default KEEL_CHANGE_ALL */
+  const char *filter;             /* PostgREST filter, e.g. "team_id=eq.123&status=in.(a,b)";
+                                     NULL = every row */
+  const char *channel;            /* default KEEL_LISTEN_DEFAULT_CHANNEL */
+  uint32_t heartbeat_ms;          /* a dead connection is noticed within this plus
+                                     connect_timeout_ms; default 5000 */
+  uint32_t connect_timeout_ms;    /* default 5000 */
+  keel_backoff reconnect_backoff; /* default full jitter 100 ms x2, cap 5000 ms */
+  keel_listener_gap_cb on_gap;    /* may be NULL */
+  void *data;                     /* passed to on_gap */
+} keel_listener_opts;
+
+KEEL_EXTERN void keel_listener_opts_init(keel_listener_opts *opts);
+
+/*
+ * Creates a listener (not started). Strings are copied; the filter is parsed
+ * now. Returns 0 and sets *out; UV_EINVAL for a NULL argument, a missing
+ * conninfo, an invalid table name, an events mask outside 1..7 or a malformed
+ * filter / unknown operator (keel_listener_new2() writes the reason);
+ * UV_ENOMEM. *out is untouched on failure.
+ */
+KEEL_EXTERN int keel_listener_new(uv_loop_t *loop, const keel_listener_opts *opts,
+                                  keel_listener **out);
+
+/* Like keel_listener_new(); on UV_EINVAL writes the reason into why_buf. */
+KEEL_EXTERN int keel_listener_new2(uv_loop_t *loop, const keel_listener_opts *opts,
+                                   keel_listener **out, char *why_buf, size_t why_cap);
+
+/*
+ * Adds another table to the same connection: its changes (of `events`,
+ * matching `filter`) go to the same handlers. channel NULL = the default.
+ * Returns 0, UV_EINVAL (bad table or filter, reason in last_error) or
+ * UV_ENOMEM. Takes effect at once when started.
+ */
+KEEL_EXTERN int keel_listener_add_table(keel_listener *l, const char *table, unsigned events,
+                                        const char *filter, const char *channel);
+
+/* LISTENs on a raw channel; each NOTIFY's payload goes to cb as is. */
+KEEL_EXTERN int keel_listener_listen_channel(keel_listener *l, const char *channel,
+                                             keel_listener_channel_cb cb, void *data);
+
+/*
+ * Registers a handler under an id (the seed's onChange(id, handler)); the
+ * same id replaces the previous handler. id is copied. Safe inside a handler
+ * (the new handler sees the next change). Returns 0, UV_EINVAL, UV_ENOMEM.
+ */
+KEEL_EXTERN int keel_listener_on(keel_listener *l, const char *id, keel_listener_handler handler,
+                                 void *data);
+
+/* Removes a handler (the seed's removeListener(id)); safe inside a handler.
+ * Returns 0 or KEEL_ENOTFOUND. */
+KEEL_EXTERN int keel_listener_off(keel_listener *l, const char *id);
+
+/* Connects and LISTENs (the seed's start()). Returns 0, UV_EINVAL, UV_ENOMEM,
+ * or KEEL_ECLOSING. Starting a started listener is a no-op. */
+KEEL_EXTERN int keel_listener_start(keel_listener *l);
+
+/* Disconnects (the seed's stop()); handlers stay registered. */
+KEEL_EXTERN int keel_listener_stop(keel_listener *l);
+
+/* true while connected with every LISTEN in place (the seed's isActive()). */
+KEEL_EXTERN bool keel_listener_is_active(const keel_listener *l);
+
+typedef struct keel_listener_stats {
+  uint64_t received;     /* counter: notifications received */
+  uint64_t delivered;    /* counter: changes handed to handlers */
+  uint64_t filtered;     /* counter: changes dropped by filter, table or mask */
+  uint64_t malformed;    /* counter: payloads that are not keel's JSON */
+  uint64_t fetched;      /* counter: oversize rows fetched by key */
+  uint64_t reconnects;   /* counter */
+  uint64_t gaps;         /* counter: on_gap reports */
+  uint64_t raw;          /* counter: raw channel notifications */
+  double latency_p50_us; /* change time → handler */
+  double latency_p99_us;
+  double latency_max_us;
+  bool active; /* gauge */
+} keel_listener_stats;
+
+KEEL_EXTERN void keel_listener_get_stats(const keel_listener *l, keel_listener_stats *out);
+
+/* Text of the last error (malformed payload, connection error, ...). */
+KEEL_EXTERN const char *keel_listener_last_error(const keel_listener *l);
+
+/* Closes the listener (NULL-safe; callable from a handler); cb runs later. */
+KEEL_EXTERN void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data);
+
+/* ---- the trigger -------------------------------------------------------- */
+
+/*
+ * Writes into buf the SQL that installs keel's notify function (once per
+ * database) and the trigger on `table` that notifies on `channel` (NULL =
+ * default) with the primary-key columns `key_columns` (comma-separated,
+ * e.g. "id" or "tenant_id,id"). Idempotent: running it twice is fine.
+ * Returns the length, UV_EINVAL (bad identifiers) or UV_ENOBUFS.
+ */
+KEEL_EXTERN int keel_listener_install_sql(char *buf, size_t cap, const char *table,
+                                          const char *key_columns, const char *channel);
+
+typedef void (*keel_listener_install_cb)(keel_pg *conn, int status, void *data);
+
+/*
+ * Installs the trigger on `table` through conn (see keel_listener_install_sql).
+ * key_columns NULL = the table's primary key, looked up first. cb gets 0 or
+ * the error (KEEL_EPG with the message in keel_pg_last_error(conn)).
+ * Returns 0, UV_EINVAL or UV_ENOMEM.
+ */
+KEEL_EXTERN int keel_listener_install(keel_pg *conn, const char *table, const char *key_columns,
+                                      const char *channel, keel_listener_install_cb cb, void *data);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* KEEL_LISTEN_H */

@@ -1,0 +1,593 @@
+/* The listener: one keel_pg connection, LISTEN on every channel after each
+ * connect, gap reports after a reconnect, parse → route → filter →
+ * handlers, fetching rows whose payload was too large, in arrival order. */
+#include <stdio.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "core/alloc.h"
+#include "core/histogram.h"
+#include "core/util.h"
+#include "keel/listen.h"
+#include "listen/change.h"
+#include "listen/filter.h"
+
+typedef struct subscription {
+  char *schema;
+  char *table;
+  char *quoted; /* "schema"."table" for row fetches */
+  char *channel;
+  unsigned events;
+  keel__filter filter;
+} subscription;
+
+typedef struct handler_entry {
+  char *id;
+  keel_listener_handler fn;
+  void *data;
+  bool removed;
+} handler_entry;
+
+typedef struct raw_channel {
+  char *channel;
+  keel_listener_channel_cb cb;
+  void *data;
+} raw_channel;
+
+/* A change waiting for its turn (behind a row fetch) or for its row. */
+typedef struct queued_change {
+  struct queued_change *next;
+  keel_change change;
+  subscription *sub;
+  bool ready;
+  char payload[];
+} queued_change;
+
+struct keel_listener {
+  uv_loop_t *loop;
+  keel_listener_opts opts;
+  char *conninfo;
+  keel_pg *conn;
+  bool started;
+  bool active;
+  bool ever_active;
+  uint64_t down_since_ms;
+  unsigned listens_outstanding;
+  unsigned conns_open;
+  subscription *subs;
+  size_t sub_count;
+  handler_entry *handlers;
+  size_t handler_count;
+  raw_channel *raws;
+  size_t raw_count;
+  queued_change *queue_head, *queue_tail;
+  unsigned dispatch_depth;
+  bool closing;
+  keel_close_cb close_cb;
+  void *close_data;
+  keel_listener_stats stats;
+  keel__histogram latency;
+  char last_error[KEEL__ERRBUF_SIZE];
+};
+
+void keel_listener_opts_init(keel_listener_opts *opts) {
+  if (opts == NULL) return;
+  memset(opts, 0, sizeof *opts);
+  opts->events = KEEL_CHANGE_ALL;
+  opts->heartbeat_ms = 5000;
+  opts->connect_timeout_ms = 5000;
+  keel_backoff_full_jitter(&opts->reconnect_backoff, 100, 2.0, 5000);
+}
+
+static int64_t wall_us(void) {
+  struct timeval tv;
+  gettimeofday(&tv, NULL);
+  return (int64_t)tv.tv_sec * 1000000 + tv.tv_usec;
+}
+
+/* ---- subscriptions -------------------------------------------------------- */
+
+static void subscription_free(subscription *s) {
+  keel__free(s->schema);
+  keel__free(s->table);
+  keel__free(s->quoted);
+  keel__free(s->channel);
+  keel__filter_free(&s->filter);
+}
+
+static int subscription_init(subscription *s, const char *table, unsigned events,
+                             const char *filter, const char *channel, char *why, size_t cap) {
+  memset(s, 0, sizeof *s);
+  char quoted[160];
+  if (table == NULL || keel_pg_quote_ident(quoted, sizeof quoted, table, true) < 0) {
+    snprintf(why, cap, "invalid table name");
+    return UV_EINVAL;
+  }
+  if (events == 0 || events > KEEL_CHANGE_ALL) {
+    snprintf(why, cap, "events must be a mask of KEEL_CHANGE_INSERT/UPDATE/DELETE");
+    return UV_EINVAL;
+  }
+  int rc = keel__filter_parse(&s->filter, filter, why, cap);
+  if (rc != 0) return rc;
+  const char *dot = strchr(table, '.');
+  s->schema = dot ? keel__strndup(table, (size_t)(dot - table)) : keel__strdup("public");
+  s->table = keel__strdup(dot ? dot + 1 : table);
+  s->quoted = keel__strdup(quoted);
+  s->channel = keel__strdup(channel != NULL ? channel : KEEL_LISTEN_DEFAULT_CHANNEL);
+  s->events = events;
+  if (s->schema == NULL || s->table == NULL || s->quoted == NULL || s->channel == NULL) {
+    subscription_free(s);
+    snprintf(why, cap, "out of memory");
+    return UV_ENOMEM;
+  }
+  return 0;
+}
+
+static int add_subscription(keel_listener *l, const char *table, unsigned events,
+                            const char *filter, const char *channel, char *why, size_t cap) {
+  subscription s;
+  int rc = subscription_init(&s, table, events, filter, channel, why, cap);
+  if (rc != 0) return rc;
+  subscription *subs = keel__realloc(l->subs, (l->sub_count + 1) * sizeof *subs);
+  if (subs == NULL) {
+    subscription_free(&s);
+    return UV_ENOMEM;
+  }
+  l->subs = subs;
+  l->subs[l->sub_count++] = s;
+  return 0;
+}
+
+/* ---- delivery ------------------------------------------------------------ */
+
+static const char *row_lookup(void *row, const char *column, bool *present) {
+  keel_change *c = row;
+  json_t *object = c->op == KEEL_CHANGE_DELETE ? c->old_row : c->new_row;
+  if (object == NULL) object = c->key; /* key-only change whose row is gone */
+  return keel__change_column(c, object, column, present);
+}
+
+static void compact_handlers(keel_listener *l) {
+  size_t kept = 0;
+  for (size_t i = 0; i < l->handler_count; i++) {
+    if (l->handlers[i].removed) {
+      keel__free(l->handlers[i].id);
+      continue;
+    }
+    l->handlers[kept++] = l->handlers[i];
+  }
+  l->handler_count = kept;
+}
+
+static void deliver(keel_listener *l, keel_change *c, subscription *sub) {
+  if (!keel__filter_match(&sub->filter, row_lookup, c)) {
+    l->stats.filtered++;
+    return;
+  }
+  c->latency_us = wall_us() - c->time_us;
+  keel__histogram_record(&l->latency, c->latency_us > 0 ? (uint64_t)c->latency_us * 1000 : 0);
+  l->stats.delivered++;
+  size_t count = l->handler_count; /* handlers added now see the next change */
+  l->dispatch_depth++;
+  for (size_t i = 0; i < count && !l->closing; i++) {
+    handler_entry *h = &l->handlers[i];
+    if (!h->removed) h->fn(l, c, h->data);
+  }
+  l->dispatch_depth--;
+  if (l->dispatch_depth == 0) compact_handlers(l);
+}
+
+static void drain_queue(keel_listener *l) {
+  while (l->queue_head != NULL && l->queue_head->ready && !l->closing) {
+    queued_change *q = l->queue_head;
+    l->queue_head = q->next;
+    if (l->queue_head == NULL) l->queue_tail = NULL;
+    deliver(l, &q->change, q->sub);
+    keel__change_free(&q->change);
+    keel__free(q);
+  }
+}
+
+static void on_row_fetched(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  (void)conn;
+  queued_change *q = data;
+  q->ready = true;
+  if (status == 0) {
+    const char *row = keel_pg_result_value(res, 0, 0);
+    if (row != NULL) {
+      json_t *parsed = json_loads(row, 0, NULL);
+      if (json_is_object(parsed)) {
+        /* Keep the fetched row inside the change's tree so it is freed with it. */
+        json_object_set_new(q->change.root, "new", parsed);
+        json_t *fetched = json_object_get(q->change.root, "new");
+        if (q->change.op == KEEL_CHANGE_DELETE)
+          q->change.old_row = fetched;
+        else
+          q->change.new_row = fetched;
+        q->change.fetched = true;
+      } else if (parsed != NULL) {
+        json_decref(parsed);
+      }
+    }
+  }
+}
+
+static void fetch_row(keel_listener *l, queued_change *q);
+
+static void on_notify(keel_pg *conn, const char *channel, const char *payload, int pid,
+                      void *data) {
+  (void)conn;
+  (void)pid;
+  keel_listener *l = data;
+  l->stats.received++;
+  for (size_t i = 0; i < l->raw_count; i++) {
+    if (strcmp(l->raws[i].channel, channel) == 0) {
+      l->stats.raw++;
+      l->raws[i].cb(l, channel, payload, l->raws[i].data);
+      return;
+    }
+  }
+  size_t payload_len = strlen(payload);
+  queued_change *q = keel__malloc(sizeof *q + payload_len + 1);
+  if (q == NULL) {
+    keel__fail(l->last_error, UV_ENOMEM, "out of memory: a change was dropped");
+    return;
+  }
+  memcpy(q->payload, payload, payload_len + 1);
+  q->next = NULL;
+  q->ready = true;
+  q->sub = NULL;
+  int rc = keel__change_parse(&q->change, q->payload, l->last_error, sizeof l->last_error);
+  if (rc == 0) {
+    for (size_t i = 0; i < l->sub_count; i++) {
+      subscription *s = &l->subs[i];
+      if (strcmp(s->channel, channel) == 0 && strcmp(s->table, q->change.table) == 0 &&
+          strcmp(s->schema, q->change.schema) == 0 && (s->events & q->change.op)) {
+        q->sub = s;
+        break;
+      }
+    }
+  }
+  if (rc != 0 || q->sub == NULL) {
+    if (rc != 0)
+      l->stats.malformed++;
+    else
+      l->stats.filtered++;
+    keel__change_free(&q->change);
+    keel__free(q);
+    return;
+  }
+  if (l->queue_tail != NULL)
+    l->queue_tail->next = q;
+  else
+    l->queue_head = q;
+  l->queue_tail = q;
+  if (q->change.key_only && q->change.op != KEEL_CHANGE_DELETE) fetch_row(l, q);
+  drain_queue(l);
+}
+
+typedef struct fetch_ctx {
+  keel_listener *l;
+  queued_change *q;
+} fetch_ctx;
+
+static void on_fetch_done(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  fetch_ctx *f = data;
+  keel_listener *l = f->l;
+  queued_change *q = f->q;
+  keel__free(f);
+  on_row_fetched(conn, status, res, q);
+  if (status != 0 && status != UV_ECANCELED)
+    keel__fail(l->last_error, status, "fetching an oversize row: %s", keel_pg_last_error(conn));
+  if (!l->closing && status != UV_ECANCELED) drain_queue(l);
+}
+
+static void fetch_row(keel_listener *l, queued_change *q) {
+  /* WHERE k1::text = $1 AND k2::text = $2 ... from the change's key. */
+  char sql[1024];
+  const char *values[8];
+  int n = snprintf(sql, sizeof sql, "SELECT row_to_json(t)::text FROM %s t WHERE ", q->sub->quoted);
+  int params = 0;
+  const char *column;
+  json_t *value;
+  json_object_foreach(q->change.key, column, value) {
+    char quoted[160];
+    if (params == 8 || keel_pg_quote_ident(quoted, sizeof quoted, column, false) < 0) break;
+    values[params] = keel__change_text(&q->change, value);
+    n += snprintf(sql + n, sizeof sql - (size_t)n, "%s t.%s::text IS NOT DISTINCT FROM $%d",
+                  params ? " AND" : "", quoted, params + 1);
+    params++;
+    if ((size_t)n >= sizeof sql) break;
+  }
+  fetch_ctx *f = keel__malloc(sizeof *f);
+  if (params == 0 || (size_t)n >= sizeof sql || f == NULL) {
+    keel__free(f);
+    return; /* delivered with the key only */
+  }
+  f->l = l;
+  f->q = q;
+  q->ready = false;
+  l->stats.fetched++;
+  if (keel_pg_query(l->conn, sql, params, values, on_fetch_done, f) != 0) {
+    keel__free(f);
+    q->ready = true;
+  }
+}
+
+/* ---- connection ----------------------------------------------------------- */
+
+static void on_listen_done(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  (void)res;
+  keel_listener *l = data;
+  if (status != 0) {
+    if (status != UV_ECANCELED && status != KEEL_ECONN)
+      keel__fail(l->last_error, status, "LISTEN failed: %s", keel_pg_last_error(conn));
+    return;
+  }
+  if (l->listens_outstanding == 0 || --l->listens_outstanding > 0) return;
+  l->active = true;
+  if (l->down_since_ms != 0) {
+    uint64_t gap = uv_now(l->loop) - l->down_since_ms;
+    l->down_since_ms = 0;
+    l->stats.gaps++;
+    if (l->opts.on_gap != NULL) l->opts.on_gap(l, gap, l->opts.data);
+  }
+  l->ever_active = true;
+}
+
+static int send_listen(keel_listener *l, const char *channel) {
+  char sql[200], quoted[160];
+  if (keel_pg_quote_ident(quoted, sizeof quoted, channel, false) < 0) return UV_EINVAL;
+  snprintf(sql, sizeof sql, "LISTEN %s", quoted);
+  int rc = keel_pg_query(l->conn, sql, 0, NULL, on_listen_done, l);
+  if (rc == 0) l->listens_outstanding++;
+  return rc;
+}
+
+static bool channel_seen(keel_listener *l, size_t sub_index, const char *channel) {
+  for (size_t i = 0; i < sub_index; i++)
+    if (strcmp(l->subs[i].channel, channel) == 0) return true;
+  return false;
+}
+
+static void listen_everything(keel_listener *l) {
+  l->listens_outstanding = 0;
+  for (size_t i = 0; i < l->sub_count; i++)
+    if (!channel_seen(l, i, l->subs[i].channel)) send_listen(l, l->subs[i].channel);
+  for (size_t i = 0; i < l->raw_count; i++) send_listen(l, l->raws[i].channel);
+  if (l->listens_outstanding == 0) {
+    l->active = true;
+    l->ever_active = true;
+  }
+}
+
+static void on_state(keel_pg *conn, bool up, int status, void *data) {
+  (void)conn;
+  keel_listener *l = data;
+  if (up) {
+    if (l->ever_active) l->stats.reconnects++;
+    listen_everything(l);
+    return;
+  }
+  if (l->active || (l->ever_active && l->down_since_ms == 0)) {
+    if (l->down_since_ms == 0) l->down_since_ms = uv_now(l->loop);
+  }
+  l->active = false;
+  keel__fail(l->last_error, status, "listener connection down: %s", keel_pg_last_error(conn));
+}
+
+int keel_listener_new2(uv_loop_t *loop, const keel_listener_opts *opts, keel_listener **out,
+                       char *why_buf, size_t why_cap) {
+  char why_local[KEEL__ERRBUF_SIZE];
+  char *why = why_buf != NULL && why_cap > 0 ? why_buf : why_local;
+  size_t cap = why_buf != NULL && why_cap > 0 ? why_cap : sizeof why_local;
+  if (loop == NULL || opts == NULL || out == NULL || opts->conninfo == NULL) {
+    snprintf(why, cap, "loop, opts, out and opts->conninfo are required");
+    return UV_EINVAL;
+  }
+  if (keel_backoff_validate(&opts->reconnect_backoff, NULL) != 0) {
+    snprintf(why, cap, "invalid reconnect_backoff");
+    return UV_EINVAL;
+  }
+  keel_listener *l = keel__calloc(1, sizeof *l);
+  if (l == NULL) return UV_ENOMEM;
+  l->loop = loop;
+  l->opts = *opts;
+  l->conninfo = keel__strdup(opts->conninfo);
+  if (l->conninfo == NULL) {
+    keel__free(l);
+    return UV_ENOMEM;
+  }
+  l->opts.conninfo = l->conninfo;
+  l->opts.table = l->opts.filter = l->opts.channel = NULL;
+  if (opts->table != NULL) {
+    int rc = add_subscription(l, opts->table, opts->events, opts->filter, opts->channel, why, cap);
+    if (rc != 0) {
+      keel__free(l->conninfo);
+      keel__free(l);
+      return rc;
+    }
+  }
+  *out = l;
+  return 0;
+}
+
+int keel_listener_new(uv_loop_t *loop, const keel_listener_opts *opts, keel_listener **out) {
+  return keel_listener_new2(loop, opts, out, NULL, 0);
+}
+
+int keel_listener_add_table(keel_listener *l, const char *table, unsigned events,
+                            const char *filter, const char *channel) {
+  if (l == NULL) return UV_EINVAL;
+  if (l->closing) return KEEL_ECLOSING;
+  int rc = add_subscription(l, table, events, filter, channel, l->last_error, sizeof l->last_error);
+  if (rc == 0 && l->conn != NULL && keel_pg_is_connected(l->conn) &&
+      !channel_seen(l, l->sub_count - 1, l->subs[l->sub_count - 1].channel))
+    send_listen(l, l->subs[l->sub_count - 1].channel);
+  return rc;
+}
+
+int keel_listener_listen_channel(keel_listener *l, const char *channel, keel_listener_channel_cb cb,
+                                 void *data) {
+  char quoted[160];
+  if (l == NULL) return UV_EINVAL;
+  if (channel == NULL || cb == NULL ||
+      keel_pg_quote_ident(quoted, sizeof quoted, channel, false) < 0)
+    return keel__fail(l->last_error, UV_EINVAL, "a valid channel name and a callback are required");
+  raw_channel *raws = keel__realloc(l->raws, (l->raw_count + 1) * sizeof *raws);
+  if (raws == NULL) return keel__fail(l->last_error, UV_ENOMEM, "out of memory");
+  l->raws = raws;
+  char *copy = keel__strdup(channel);
+  if (copy == NULL) return keel__fail(l->last_error, UV_ENOMEM, "out of memory");
+  l->raws[l->raw_count++] = (raw_channel){copy, cb, data};
+  if (l->conn != NULL && keel_pg_is_connected(l->conn)) send_listen(l, channel);
+  return 0;
+}
+
+int keel_listener_on(keel_listener *l, const char *id, keel_listener_handler handler, void *data) {
+  if (l == NULL) return UV_EINVAL;
+  if (id == NULL || handler == NULL)
+    return keel__fail(l->last_error, UV_EINVAL, "keel_listener_on: id and handler are required");
+  for (size_t i = 0; i < l->handler_count; i++) {
+    handler_entry *h = &l->handlers[i];
+    if (!h->removed && strcmp(h->id, id) == 0) {
+      h->fn = handler; /* the same id replaces, like the seed's onChange */
+      h->data = data;
+      return 0;
+    }
+  }
+  handler_entry *handlers = keel__realloc(l->handlers, (l->handler_count + 1) * sizeof *handlers);
+  if (handlers == NULL) return keel__fail(l->last_error, UV_ENOMEM, "out of memory");
+  l->handlers = handlers;
+  char *copy = keel__strdup(id);
+  if (copy == NULL) return keel__fail(l->last_error, UV_ENOMEM, "out of memory");
+  l->handlers[l->handler_count++] = (handler_entry){copy, handler, data, false};
+  return 0;
+}
+
+int keel_listener_off(keel_listener *l, const char *id) {
+  if (l == NULL || id == NULL) return UV_EINVAL;
+  for (size_t i = 0; i < l->handler_count; i++) {
+    handler_entry *h = &l->handlers[i];
+    if (!h->removed && strcmp(h->id, id) == 0) {
+      h->removed = true; /* lazily: a dispatch may be walking the array */
+      if (l->dispatch_depth == 0) compact_handlers(l);
+      return 0;
+    }
+  }
+  return KEEL_ENOTFOUND;
+}
+
+int keel_listener_start(keel_listener *l) {
+  if (l == NULL) return UV_EINVAL;
+  if (l->closing) return KEEL_ECLOSING;
+  if (l->started) return 0;
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = l->conninfo;
+  o.connect_timeout_ms = l->opts.connect_timeout_ms;
+  o.health_check_interval_ms = l->opts.heartbeat_ms;
+  o.reconnect_backoff = l->opts.reconnect_backoff;
+  o.on_state = on_state;
+  o.on_notify = on_notify;
+  o.data = l;
+  int rc = keel_pg_new(l->loop, &o, &l->conn);
+  if (rc != 0) return keel__fail(l->last_error, rc, "cannot create the connection");
+  l->conns_open++;
+  l->started = true;
+  return 0;
+}
+
+static void free_queue(keel_listener *l) {
+  queued_change *q = l->queue_head;
+  while (q != NULL) {
+    queued_change *next = q->next;
+    keel__change_free(&q->change);
+    keel__free(q);
+    q = next;
+  }
+  l->queue_head = l->queue_tail = NULL;
+}
+
+static void free_listener(keel_listener *l) {
+  keel_close_cb cb = l->close_cb;
+  void *data = l->close_data;
+  free_queue(l);
+  for (size_t i = 0; i < l->sub_count; i++) subscription_free(&l->subs[i]);
+  for (size_t i = 0; i < l->handler_count; i++) keel__free(l->handlers[i].id);
+  for (size_t i = 0; i < l->raw_count; i++) keel__free(l->raws[i].channel);
+  keel__free(l->subs);
+  keel__free(l->handlers);
+  keel__free(l->raws);
+  keel__free(l->conninfo);
+  keel__free(l);
+  if (cb != NULL) cb(l, data);
+}
+
+static void on_conn_closed(void *object, void *data) {
+  (void)object;
+  keel_listener *l = data;
+  l->conns_open--;
+  if (l->closing && l->conns_open == 0) free_listener(l);
+}
+
+static void disconnect(keel_listener *l) {
+  keel_pg *conn = l->conn;
+  l->conn = NULL;
+  l->started = false;
+  l->active = false;
+  l->ever_active = false;
+  l->down_since_ms = 0;
+  keel_pg_close(conn, on_conn_closed, l);
+  /* Changes waiting for a row fetch were cancelled by the close: drop them. */
+  free_queue(l);
+}
+
+int keel_listener_stop(keel_listener *l) {
+  if (l == NULL) return UV_EINVAL;
+  if (l->started) disconnect(l);
+  return 0;
+}
+
+bool keel_listener_is_active(const keel_listener *l) {
+  return l != NULL && l->active;
+}
+
+void keel_listener_get_stats(const keel_listener *l, keel_listener_stats *out) {
+  if (l == NULL || out == NULL) return;
+  *out = l->stats;
+  out->latency_p50_us = keel__histogram_quantile(&l->latency, 0.50) / 1000.0;
+  out->latency_p99_us = keel__histogram_quantile(&l->latency, 0.99) / 1000.0;
+  out->latency_max_us = (double)l->latency.max_ns / 1000.0;
+  out->active = l->active;
+}
+
+const char *keel_listener_last_error(const keel_listener *l) {
+  return l == NULL ? "listener is NULL" : l->last_error;
+}
+
+static void on_deferred_free(uv_handle_t *handle) {
+  keel_listener *l = handle->data;
+  keel__free(handle);
+  free_listener(l);
+}
+
+void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
+  if (l == NULL || l->closing) return;
+  l->closing = true;
+  l->close_cb = cb;
+  l->close_data = data;
+  if (l->started) disconnect(l);
+  if (l->conns_open == 0) {
+    /* Nothing to wait for, but cb must still come on a later iteration: the
+     * close of a short-lived handle provides one. */
+    uv_timer_t *timer = keel__malloc(sizeof *timer);
+    if (timer == NULL) {
+      free_listener(l);
+      return;
+    }
+    uv_timer_init(l->loop, timer);
+    timer->data = l;
+    uv_close((uv_handle_t *)timer, on_deferred_free);
+  }
+}

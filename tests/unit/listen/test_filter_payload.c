@@ -1,0 +1,122 @@
+/* The listener's cores without I/O: filter parser/evaluator and payload
+ * parser. */
+#include <criterion/criterion.h>
+#include <string.h>
+
+#include "listen/change.h"
+#include "listen/filter.h"
+#include "support/harness.h"
+
+typedef struct row {
+  const char *names[8];
+  const char *values[8];
+} row;
+
+static const char *lookup(void *data, const char *column, bool *present) {
+  row *r = data;
+  for (int i = 0; i < 8 && r->names[i] != NULL; i++) {
+    if (strcmp(r->names[i], column) == 0) {
+      *present = true;
+      return r->values[i];
+    }
+  }
+  *present = false;
+  return NULL;
+}
+
+static bool matches(const char *filter, row *r) {
+  keel__filter f;
+  char why[128];
+  cr_assert_eq(keel__filter_parse(&f, filter, why, sizeof why), 0, "%s: %s", filter, why);
+  bool result = keel__filter_match(&f, lookup, r);
+  keel__filter_free(&f);
+  return result;
+}
+
+Test(filter, every_operator) {
+  row r = {{"team_id", "status", "score", "name", "done", "gone", "flag"},
+           {"123", "active", "9.5", "a,b", "true", NULL, "false"}};
+  cr_assert(matches("team_id=eq.123", &r));
+  cr_assert(matches("team_id=eq.123.0", &r), "numbers compare as numbers");
+  cr_assert(!matches("team_id=eq.12", &r));
+  cr_assert(matches("team_id=neq.12", &r));
+  cr_assert(matches("score=lt.10", &r), "9.5 < 10 numerically, not as text");
+  cr_assert(!matches("score=lt.9", &r));
+  cr_assert(matches("score=lte.9.5", &r));
+  cr_assert(matches("score=gt.9", &r));
+  cr_assert(matches("score=gte.9.5", &r));
+  cr_assert(!matches("score=gte.10", &r));
+  cr_assert(matches("status=in.(paused,active)", &r));
+  cr_assert(!matches("status=in.(paused,stopped)", &r));
+  cr_assert(matches("name=in.(\"a,b\",c)", &r), "quoted values keep commas");
+  cr_assert(matches("gone=is.null", &r));
+  cr_assert(!matches("status=is.null", &r));
+  cr_assert(matches("done=is.true", &r));
+  cr_assert(matches("flag=is.false", &r));
+  cr_assert(!matches("gone=eq.x", &r), "NULL never equals");
+  cr_assert(!matches("missing=eq.1", &r));
+  cr_assert(matches("team_id=eq.123&status=eq.active&score=gt.1", &r));
+  cr_assert(!matches("team_id=eq.123&status=eq.paused", &r));
+  cr_assert(matches("", &r), "empty filter matches everything");
+  cr_assert(matches("status=gt.abc", &r), "text compares as text");
+}
+
+Test(filter, malformed_filters_are_rejected) {
+  const char *bad[] = {"team_id",        "team_id=123",  "team_id=like.1", "=eq.1",
+                       "a=eq.1&",        "a=in.(1,2",    "a=in.()",        "a=is.maybe",
+                       "a=in.(\"x)",     "a=in.(1,)",    "a=eq.1&&b=eq.2", "a=.1",
+                       "a=verylongop.1", "a=in.(\"x\"y)"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    keel__filter f;
+    char why[128] = "";
+    cr_assert_eq(keel__filter_parse(&f, bad[i], why, sizeof why), UV_EINVAL, "%s", bad[i]);
+    cr_assert_str_neq(why, "", "a reason for %s", bad[i]);
+  }
+}
+
+Test(payload, parses_keel_format) {
+  const char *json =
+      "{\"op\":\"UPDATE\",\"schema\":\"public\",\"table\":\"projects\",\"ts_us\":1700000000000000,"
+      "\"pk\":{\"id\":7},\"new\":{\"id\":7,\"name\":\"x\",\"n\":null,\"ok\":true,\"tags\":[1,2]},"
+      "\"old\":{\"id\":7,\"name\":\"y\"}}";
+  keel_change c;
+  char why[128];
+  cr_assert_eq(keel__change_parse(&c, json, why, sizeof why), 0, "%s", why);
+  cr_assert_eq(keel_change_operation(&c), KEEL_CHANGE_UPDATE);
+  cr_assert_str_eq(keel_change_operation_name(&c), "UPDATE");
+  cr_assert_str_eq(keel_change_table(&c), "projects");
+  cr_assert_str_eq(keel_change_schema(&c), "public");
+  cr_assert_str_eq(keel_change_new(&c, "name"), "x");
+  cr_assert_str_eq(keel_change_old(&c, "name"), "y");
+  cr_assert_str_eq(keel_change_new(&c, "id"), "7");
+  cr_assert_null(keel_change_new(&c, "n"));
+  cr_assert_str_eq(keel_change_new(&c, "ok"), "true");
+  cr_assert_str_eq(keel_change_new(&c, "tags"), "[1,2]");
+  cr_assert_null(keel_change_new(&c, "missing"));
+  cr_assert_str_eq(keel_change_key(&c, "id"), "7");
+  cr_assert_eq(keel_change_time_us(&c), 1700000000000000);
+  cr_assert_str_eq(keel_change_json(&c), json);
+  cr_assert(keel_change_has_new(&c) && keel_change_has_old(&c));
+  keel__change_free(&c);
+}
+
+Test(payload, malformed_payloads_are_reported) {
+  const char *bad[] = {
+      "",
+      "not json",
+      "[]",
+      "{}",
+      "{\"op\":\"TRUNCATE\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}",
+      "{\"op\":\"INSERT\",\"table\":\"t\",\"ts_us\":1}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\"}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":5}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"key_only\":true}",
+      "{\"op\":1,\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    keel_change c;
+    char why[128] = "";
+    cr_assert_eq(keel__change_parse(&c, bad[i], why, sizeof why), KEEL_EPROTO, "%s", bad[i]);
+    cr_assert_str_neq(why, "");
+    keel__change_free(&c);
+  }
+}
