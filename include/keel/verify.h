@@ -130,7 +130,8 @@ typedef struct keel_verify_opts {
    * connection string (the verifier opens its own connection). At least one
    * is required; the pool wins when both are set. With leader_lock the
    * lock lives on a dedicated connection: its own one from conninfo when
-   * set, else one connection held from the pool for the verifier's life. */
+   * set, else one connection held from the pool for the verifier's life
+   * (the pool then needs at least 2 connections). */
   keel_pg_pool *pool;
   const char *conninfo;
 
