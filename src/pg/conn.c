@@ -238,6 +238,11 @@ static void continue_connect(keel_pg *c) {
   }
 }
 
+static void ignore_notice(void *arg, const char *message) {
+  (void)arg;
+  (void)message;
+}
+
 static void start_connect(keel_pg *c) {
   c->state = KEEL__PG_CONNECTING;
   c->conn = PQconnectStart(c->conninfo);
@@ -250,6 +255,8 @@ static void start_connect(keel_pg *c) {
     return;
   }
   PQsetnonblocking(c->conn, 1);
+  /* libpq prints server notices to stderr by default; a library must not. */
+  PQsetNoticeProcessor(c->conn, ignore_notice, NULL);
   uv_timer_start(&c->connect_timer, on_connect_timeout, c->opts.connect_timeout_ms, 0);
   continue_connect(c);
 }
