@@ -959,3 +959,60 @@ Test(verify_pg, injected_clock_and_reentrant_callbacks) {
   cr_expect_eq(c.f.nseen, 80);
   fx_finish(&c.f);
 }
+
+static bool run_or_closed(void *ctx) {
+  fx *f = ctx;
+  return f->runs_done > 0 || f->closed;
+}
+
+/* Every allocation of a whole run (verifier and pg layer) fails in turn: the
+ * run ends cleanly (status 0 or an error), nothing leaks, the loop closes. */
+Test(verify_pg, run_under_failing_allocator) {
+  fx f;
+  fx_init(&f, "voom");
+  uv_loop_close(&f.loop);
+  make_ids(f.table, 12);
+  kt_alloc_install();
+  bool clean_run = false;
+  int iterations = 0;
+  for (int64_t i = 0; i < 1000 && !clean_run; i += 1) {
+    iterations++;
+    cr_assert_eq(uv_loop_init(&f.loop), 0);
+    f.runs_done = 0;
+    f.last_status = 1;
+    f.closed = false;
+    f.nseen = 0;
+    f.o.batch_size = 5;
+    f.o.validate = even_invalid;
+    f.o.fix = generic_fix;
+    f.o.on_run_done = on_run_done;
+    f.v = NULL;
+    kt_alloc_fail_after(i);
+    int rc = keel_verify_new(&f.loop, &f.o, &f.v);
+    if (rc == 0) rc = keel_verify_run_now(f.v);
+    if (rc == 0) {
+      wait_for(&f.loop, run_or_closed, &f, 3000);
+      kt_alloc_fail_after(-1);
+      if (f.runs_done > 0 && f.last_status == 0 && f.nseen == 12) {
+        keel_verify_stats st;
+        keel_verify_get_stats(f.v, &st);
+        clean_run = st.fixes_succeeded == 6;
+      }
+      keel_verify_close(f.v, on_closed, &f);
+      cr_expect(wait_for(&f.loop, is_closed, &f, 5000), "allocation %" PRId64 ": close hung", i);
+    } else {
+      kt_alloc_fail_after(-1);
+      if (f.v) {
+        keel_verify_close(f.v, on_closed, &f);
+        wait_for(&f.loop, is_closed, &f, 5000);
+      }
+    }
+    f.v = NULL;
+    kt_loop_finish(&f.loop);
+    cr_expect_eq(kt_alloc_live_blocks(), 0, "allocation %" PRId64 " leaked", i);
+  }
+  cr_expect(clean_run);
+  cr_expect_gt(iterations, 20, "only %d iterations", iterations);
+  cr_log_info("%d iterations, %" PRIu64 " allocations", iterations, kt_alloc_count());
+  sqlf("DROP TABLE IF EXISTS \"%s\"", f.table);
+}
