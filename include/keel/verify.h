@@ -190,6 +190,11 @@ KEEL_EXTERN int keel_verify_opts_validate(const keel_verify_opts *opts, const ch
  */
 KEEL_EXTERN int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out);
 
+/* Like keel_verify_new(), and explains a UV_EINVAL in *why (static text;
+ * why may be NULL). Loop thread only. */
+KEEL_EXTERN int keel_verify_new_ex(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out,
+                                   const char **why);
+
 /* ---- verbs ------------------------------------------------------------ */
 
 /*

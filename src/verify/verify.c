@@ -469,6 +469,19 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
   return 0;
 }
 
+int keel_verify_new_ex(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out,
+                       const char **why) {
+  static const char *dummy;
+  if (why == NULL) why = &dummy;
+  *why = NULL;
+  if (loop == NULL || out == NULL) return (*why = "loop and out are required", UV_EINVAL);
+  int rc = keel_verify_opts_validate(opts, why);
+  if (rc < 0) return rc;
+  rc = keel_verify_new(loop, opts, out);
+  if (rc == UV_ENOMEM) *why = "out of memory";
+  return rc;
+}
+
 int keel_verify_start(keel_verify *v) {
   if (v == NULL) return UV_EINVAL;
   if (v->closing) return KEEL_ECLOSING;

@@ -89,6 +89,10 @@ Test(verify_opts, new_rejects_without_touching_out) {
   o.batch_size = 0;
   cr_expect_eq(keel_verify_new(&loop, &o, &v), UV_EINVAL);
   cr_expect_eq(v, (keel_verify *)(uintptr_t)0x1);
+  const char *why = NULL;
+  cr_expect_eq(keel_verify_new_ex(&loop, &o, &v, &why), UV_EINVAL);
+  cr_expect_str_eq(why, "batch_size must be 1..1000000");
+  cr_expect_eq(v, (keel_verify *)(uintptr_t)0x1);
   cr_expect_eq(keel_verify_new(NULL, &o, &v), UV_EINVAL);
   cr_expect_eq(keel_verify_new(&loop, NULL, &v), UV_EINVAL);
   o = base();
