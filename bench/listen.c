@@ -1,0 +1,384 @@
+/*
+ * bench/listen.c — NOTIFY latency and throughput (./scripts/bench listen).
+ *
+ * A sender process (its own connection) sends
+ * SELECT pg_notify('bench', '{"s":<seq>,"t":"<CLOCK_MONOTONIC ns>"}').
+ * keel's listener (a raw channel of keel_listener on the loop) is measured
+ * against a floor in the same run: a bare blocking loop of poll +
+ * PQconsumeInput + PQnotifies, no event loop, no JSON library. Runs
+ * alternate, medians are reported.
+ *  (a) 1,000 notifications/s, one per transaction, 10,000 of them: latency
+ *  (b) 1,000 NOTIFYs per transaction for 10 s: receive rate
+ *  (c) pgbench -c 4 -T 10 with a one-line NOTIFY script, alone and with
+ *      keel's listener attached: tps ratio, and nothing lost
+ * BENCH_LISTEN_SECONDS shortens (a), (b) and (c) for a quick look.
+ */
+#include <errno.h>
+#include <libpq-fe.h>
+#include <poll.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "keel/listen.h"
+
+#define RUNS 3
+#define MAX_SAMPLES 200000
+
+static const char *conninfo;
+static int seconds = 10;
+
+static uint64_t mono_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static PGconn *connect_or_die(void) {
+  PGconn *conn = PQconnectdb(conninfo);
+  if (PQstatus(conn) != CONNECTION_OK) {
+    fprintf(stderr, "connect: %s", PQerrorMessage(conn));
+    exit(1);
+  }
+  return conn;
+}
+
+static void exec_or_die(PGconn *conn, const char *sql) {
+  PGresult *res = PQexec(conn, sql);
+  if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
+    fprintf(stderr, "%s: %s", sql, PQerrorMessage(conn));
+    exit(1);
+  }
+  PQclear(res);
+}
+
+/* ---- sender (child process) ---------------------------------------------- */
+
+static void send_paced(int count, int per_second) {
+  PGconn *conn = connect_or_die();
+  struct timespec next;
+  clock_gettime(CLOCK_MONOTONIC, &next);
+  char payload[96];
+  for (int seq = 0; seq < count; seq++) {
+    snprintf(payload, sizeof payload, "{\"s\":%d,\"t\":\"%llu\"}", seq,
+             (unsigned long long)mono_ns());
+    const char *params[] = {payload};
+    PGresult *res =
+        PQexecParams(conn, "SELECT pg_notify('bench', $1)", 1, NULL, params, NULL, NULL, 0);
+    PQclear(res);
+    next.tv_nsec += 1000000000L / per_second;
+    while (next.tv_nsec >= 1000000000L) {
+      next.tv_nsec -= 1000000000L;
+      next.tv_sec++;
+    }
+    clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+  }
+  exec_or_die(conn, "SELECT pg_notify('bench', 'END')");
+  PQfinish(conn);
+}
+
+static void send_batched(int batch_seconds) {
+  PGconn *conn = connect_or_die();
+  uint64_t end = mono_ns() + (uint64_t)batch_seconds * 1000000000ull;
+  long long base = 0;
+  char sql[256];
+  while (mono_ns() < end) {
+    snprintf(sql, sizeof sql,
+             "SELECT count(pg_notify('bench', '{\"s\":' || (g + %lld) || ',\"t\":\"%llu\"}')) "
+             "FROM generate_series(1, 1000) g",
+             base, (unsigned long long)mono_ns());
+    exec_or_die(conn, sql);
+    base += 1000;
+  }
+  snprintf(sql, sizeof sql, "SELECT pg_notify('bench', 'END %lld')", base);
+  exec_or_die(conn, sql);
+  PQfinish(conn);
+}
+
+static pid_t start_sender(int batched) {
+  fflush(stdout);
+  pid_t pid = fork();
+  if (pid == 0) {
+    if (batched)
+      send_batched(seconds);
+    else
+      send_paced(seconds * 1000, 1000);
+    _exit(0);
+  }
+  return pid;
+}
+
+/* ---- measurements ----------------------------------------------------------- */
+
+typedef struct run_result {
+  double p50_us, p99_us;
+  double per_second;
+  long long received;
+  long long expected;
+} run_result;
+
+typedef struct sink {
+  uint64_t *samples;
+  int count;
+  long long received;
+  uint64_t first_ns, last_ns;
+  long long expected; /* from the END marker; -1 until seen */
+  bool done;
+} sink;
+
+static void sink_payload(sink *s, const char *payload) {
+  uint64_t now = mono_ns();
+  if (strncmp(payload, "END", 3) == 0) {
+    s->expected = payload[3] == ' ' ? atoll(payload + 4) : s->received;
+    s->done = true;
+    return;
+  }
+  const char *t = strstr(payload, "\"t\":\"");
+  if (t == NULL) return;
+  uint64_t sent = strtoull(t + 5, NULL, 10);
+  if (s->received == 0) s->first_ns = now;
+  s->last_ns = now;
+  s->received++;
+  if (s->count < MAX_SAMPLES) s->samples[s->count++] = now - sent;
+}
+
+static int cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return (x > y) - (x < y);
+}
+
+static run_result summarize(sink *s) {
+  run_result r = {0};
+  qsort(s->samples, (size_t)s->count, sizeof *s->samples, cmp_u64);
+  if (s->count > 0) {
+    r.p50_us = (double)s->samples[s->count / 2] / 1000.0;
+    r.p99_us = (double)s->samples[(int)(s->count * 0.99)] / 1000.0;
+  }
+  double span = (double)(s->last_ns - s->first_ns) / 1e9;
+  r.per_second = span > 0 ? (double)s->received / span : 0;
+  r.received = s->received;
+  r.expected = s->expected;
+  return r;
+}
+
+static run_result floor_run(int batched) {
+  static uint64_t samples[MAX_SAMPLES];
+  sink s = {samples, 0, 0, 0, 0, -1, false};
+  PGconn *conn = connect_or_die();
+  exec_or_die(conn, "LISTEN bench");
+  pid_t sender = start_sender(batched);
+  struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
+  while (!s.done) {
+    if (poll(&pfd, 1, 30000) <= 0) break;
+    PQconsumeInput(conn);
+    PGnotify *n;
+    while ((n = PQnotifies(conn)) != NULL) {
+      sink_payload(&s, n->extra);
+      PQfreemem(n);
+    }
+  }
+  waitpid(sender, NULL, 0);
+  PQfinish(conn);
+  return summarize(&s);
+}
+
+typedef struct keel_ctx {
+  sink s;
+  keel_listener *l;
+  pid_t sender;
+  int batched;
+  bool started;
+} keel_ctx;
+
+static void on_bench(keel_listener *l, const char *channel, const char *payload, void *data) {
+  (void)channel;
+  keel_ctx *k = data;
+  sink_payload(&k->s, payload);
+  if (k->s.done) keel_listener_close(l, NULL, NULL);
+}
+
+static void check_active(uv_timer_t *timer) {
+  keel_ctx *k = timer->data;
+  if (!keel_listener_is_active(k->l)) return;
+  uv_timer_stop(timer);
+  uv_close((uv_handle_t *)timer, NULL);
+  k->sender = start_sender(k->batched);
+}
+
+static run_result keel_run(int batched) {
+  static uint64_t samples[MAX_SAMPLES];
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_ctx k = {{samples, 0, 0, 0, 0, -1, false}, NULL, 0, batched, false};
+  keel_listener_opts o;
+  keel_listener_opts_init(&o);
+  o.conninfo = conninfo;
+  if (keel_listener_new(&loop, &o, &k.l) != 0) exit(1);
+  keel_listener_listen_channel(k.l, "bench", on_bench, &k);
+  keel_listener_start(k.l);
+  uv_timer_t timer;
+  uv_timer_init(&loop, &timer);
+  timer.data = &k;
+  uv_timer_start(&timer, check_active, 1, 1);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  waitpid(k.sender, NULL, 0);
+  uv_loop_close(&loop);
+  return summarize(&k.s);
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static double median3(double a, double b, double c) {
+  double v[3] = {a, b, c};
+  qsort(v, 3, sizeof *v, cmp_double);
+  return v[1];
+}
+
+/* ---- (c) pgbench ------------------------------------------------------------ */
+
+static double pgbench_tps(long long *processed) {
+  char script[] = "/tmp/keel-bench-notify-XXXXXX";
+  int fd = mkstemp(script);
+  const char line[] = "SELECT pg_notify('bench', 'p' || random()::text);\n";
+  if (fd < 0 || write(fd, line, sizeof line - 1) < 0) exit(1);
+  close(fd);
+  const char *bindir = getenv("KEEL_TEST_PG_BINDIR");
+  char cmd[1024];
+  snprintf(cmd, sizeof cmd, "%s%spgbench -n -c 4 -j 2 -T %d -f %s '%s' 2>/dev/null",
+           bindir ? bindir : "", bindir ? "/" : "", seconds, script, conninfo);
+  FILE *p = popen(cmd, "r");
+  double tps = 0;
+  *processed = 0;
+  char buf[512];
+  while (p != NULL && fgets(buf, sizeof buf, p) != NULL) {
+    if (strncmp(buf, "tps = ", 6) == 0) tps = atof(buf + 6);
+    if (strstr(buf, "actually processed:") != NULL)
+      *processed = atoll(strstr(buf, "processed:") + 10);
+  }
+  if (p != NULL) pclose(p);
+  unlink(script);
+  return tps;
+}
+
+typedef struct count_ctx {
+  long long received;
+  keel_listener *l;
+  bool stop;
+} count_ctx;
+
+static void on_count(keel_listener *l, const char *channel, const char *payload, void *data) {
+  (void)l;
+  (void)channel;
+  count_ctx *c = data;
+  if (strcmp(payload, "END") == 0) {
+    c->stop = true;
+    return;
+  }
+  c->received++;
+}
+
+static double server_ratio(long long *lost) {
+  long long alone_processed, with_processed;
+  double alone = pgbench_tps(&alone_processed);
+  /* Listener in a child process with its own loop, counting. */
+  int counts[2];
+  if (pipe(counts) != 0) exit(1);
+  pid_t child = fork();
+  if (child == 0) {
+    close(counts[0]);
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    count_ctx c = {0, NULL, false};
+    keel_listener_opts o;
+    keel_listener_opts_init(&o);
+    o.conninfo = conninfo;
+    keel_listener_new(&loop, &o, &c.l);
+    keel_listener_listen_channel(c.l, "bench", on_count, &c);
+    keel_listener_start(c.l);
+    while (!keel_listener_is_active(c.l)) uv_run(&loop, UV_RUN_ONCE);
+    if (write(counts[1], "R", 1) != 1) _exit(1);
+    while (!c.stop) uv_run(&loop, UV_RUN_ONCE);
+    dprintf(counts[1], "%lld\n", c.received);
+    keel_listener_close(c.l, NULL, NULL);
+    uv_run(&loop, UV_RUN_DEFAULT);
+    _exit(0);
+  }
+  close(counts[1]);
+  char ready;
+  if (read(counts[0], &ready, 1) != 1) exit(1);
+  double with_listener = pgbench_tps(&with_processed);
+  PGconn *conn = connect_or_die();
+  exec_or_die(conn, "SELECT pg_notify('bench', 'END')");
+  PQfinish(conn);
+  char buf[64] = "";
+  ssize_t n = read(counts[0], buf, sizeof buf - 1);
+  if (n > 0) buf[n] = '\0';
+  waitpid(child, NULL, 0);
+  long long received = atoll(buf);
+  *lost = with_processed - received;
+  printf(
+      "(c) pgbench NOTIFY alone %.0f tps, with keel listening %.0f tps; sent %lld, received "
+      "%lld\n",
+      alone, with_listener, with_processed, received);
+  return alone > 0 ? with_listener / alone : 0;
+}
+
+int main(void) {
+  conninfo = getenv("KEEL_PG");
+  if (conninfo == NULL || conninfo[0] == '\0') {
+    fprintf(stderr, "KEEL_PG is not set (run ./scripts/bench listen)\n");
+    return 1;
+  }
+  if (getenv("BENCH_LISTEN_SECONDS") != NULL) seconds = atoi(getenv("BENCH_LISTEN_SECONDS"));
+  if (seconds < 1) seconds = 1;
+
+  run_result keel_a[RUNS], floor_a[RUNS], keel_b[RUNS], floor_b[RUNS];
+  long long lost = 0;
+  for (int r = 0; r < RUNS; r++) {
+    floor_a[r] = floor_run(0);
+    keel_a[r] = keel_run(0);
+    printf("(a) run %d: floor p50 %.0f us p99 %.0f us | keel p50 %.0f us p99 %.0f us (%lld/%lld)\n",
+           r + 1, floor_a[r].p50_us, floor_a[r].p99_us, keel_a[r].p50_us, keel_a[r].p99_us,
+           keel_a[r].received, keel_a[r].expected);
+    lost += keel_a[r].expected - keel_a[r].received;
+  }
+  for (int r = 0; r < RUNS; r++) {
+    floor_b[r] = floor_run(1);
+    keel_b[r] = keel_run(1);
+    printf("(b) run %d: floor %.0f/s | keel %.0f/s (%lld of %lld)\n", r + 1, floor_b[r].per_second,
+           keel_b[r].per_second, keel_b[r].received, keel_b[r].expected);
+    lost += keel_b[r].expected - keel_b[r].received;
+  }
+  long long lost_c = 0;
+  double ratio = server_ratio(&lost_c);
+  lost += lost_c;
+
+  double p50 = median3(keel_a[0].p50_us, keel_a[1].p50_us, keel_a[2].p50_us);
+  double p99 = median3(keel_a[0].p99_us, keel_a[1].p99_us, keel_a[2].p99_us);
+  double fp50 = median3(floor_a[0].p50_us, floor_a[1].p50_us, floor_a[2].p50_us);
+  double fp99 = median3(floor_a[0].p99_us, floor_a[1].p99_us, floor_a[2].p99_us);
+  double kb = median3(keel_b[0].per_second, keel_b[1].per_second, keel_b[2].per_second);
+  double fb = median3(floor_b[0].per_second, floor_b[1].per_second, floor_b[2].per_second);
+  printf(
+      "bars: p50 %.0f <= %.0f (floor + 30 us): %s; p99 %.0f <= %.0f (1.25 x floor): %s; "
+      "batched %.0f >= %.0f (0.9 x floor): %s; server ratio %.2f >= 0.85: %s\n",
+      p50, fp50 + 30, p50 <= fp50 + 30 ? "yes" : "NO", p99, fp99 * 1.25,
+      p99 <= fp99 * 1.25 ? "yes" : "NO", kb, fb * 0.9, kb >= fb * 0.9 ? "yes" : "NO", ratio,
+      ratio >= 0.85 ? "yes" : "NO");
+  printf(
+      "peers (issue): libpq floor p50 200-230 us, p99 0.65-1.9 ms, batched 1.9 M/s; pgx v4 p99 "
+      "0.7-1.7 ms, batched 0.19 M/s; node pg p99 1.9-2.4 ms, batched 1.08 M/s, server ratio "
+      "0.69\n");
+  printf(
+      "listen p50_us=%.0f p99_us=%.0f floor_p50_us=%.0f floor_p99_us=%.0f batched_per_s=%.0f "
+      "floor_batched_per_s=%.0f server_ratio=%.2f lost=%lld\n",
+      p50, p99, fp50, fp99, kb, fb, ratio, lost);
+  return 0;
+}
