@@ -73,6 +73,45 @@ void keel__pg_fail_all(keel_pg *c, keel__pg_query **head, keel__pg_query **tail,
   }
 }
 
+/* Fails the unsent statements bound to a session that is gone: they belong
+ * to a transaction the server already rolled back, and must never run in
+ * autocommit on a new session. */
+static void fail_stale_bound(keel_pg *c) {
+  bool live = c->state == KEEL__PG_CONNECTED;
+  keel__pg_query **link = &c->pending_head;
+  keel__pg_query *prev = NULL;
+  keel__pg_query *stale = NULL, *stale_tail = NULL;
+  while (*link != NULL) {
+    keel__pg_query *q = *link;
+    if (q->session != 0 && (!live || q->session != c->session)) {
+      *link = q->next;
+      c->pending_count--;
+      q->next = NULL;
+      if (stale_tail != NULL)
+        stale_tail->next = q;
+      else
+        stale = q;
+      stale_tail = q;
+      continue;
+    }
+    prev = q;
+    link = &q->next;
+  }
+  c->pending_tail = prev;
+  while (stale != NULL && c->state != KEEL__PG_CLOSING) {
+    keel__pg_query *next = stale->next;
+    keel__pg_deliver(c, stale, KEEL_ECONN, NULL,
+                     "connection lost during the transaction (rolled back by the server)");
+    stale = next;
+  }
+  /* Closed meanwhile: the rest are cancelled like every other statement. */
+  while (stale != NULL) {
+    keel__pg_query *next = stale->next;
+    keel__pg_deliver(c, stale, UV_ECANCELED, NULL, "connection closed");
+    stale = next;
+  }
+}
+
 /* ---- socket watching ---------------------------------------------------- */
 
 /* Frees the connection once it is closing and its last handle is closed. */
@@ -118,6 +157,13 @@ static int watch(keel_pg *c, int events) {
     c->handles_open++;
     c->poll = poll;
     c->poll_fd = fd;
+    c->poll_events = 0;
+  }
+  /* While connecting, libpq may close its socket and open another one that
+   * gets the same descriptor number (next address of a host): re-register
+   * at every step so the new socket is really watched. */
+  if (c->state == KEEL__PG_CONNECTING && c->poll_events != 0) {
+    uv_poll_stop(c->poll);
     c->poll_events = 0;
   }
   if (events != c->poll_events) {
@@ -167,6 +213,8 @@ static void disconnect(keel_pg *c, int status, const char *reason) {
    * the next connection, unless there will be none. */
   keel__pg_fail_all(c, &c->sent_head, &c->sent_tail, &c->sent_count, status, why);
   if (c->state == KEEL__PG_CLOSING) return;
+  fail_stale_bound(c);
+  if (c->state == KEEL__PG_CLOSING) return;
   if (!c->opts.reconnect)
     keel__pg_fail_all(c, &c->pending_head, &c->pending_tail, &c->pending_count, status, why);
   if (c->state == KEEL__PG_CLOSING) return;
@@ -198,6 +246,7 @@ static void connected(keel_pg *c) {
   uv_timer_stop(&c->connect_timer);
   c->state = KEEL__PG_CONNECTED;
   c->stats.connects++;
+  c->session++;
   c->reconnect_attempt = 0;
   c->last_backoff_ms = 0;
   c->last_activity_ms = now_ms(c);
@@ -278,10 +327,14 @@ static void move_to_sent(keel_pg *c, keel__pg_query *q) {
 
 static void flush_queries(keel_pg *c) {
   if (c->state != KEEL__PG_CONNECTED) return;
+  fail_stale_bound(c);
+  if (c->state != KEEL__PG_CONNECTED) return;
   while (c->pending_head != NULL) {
     /* Without pipelining, one statement at a time. */
     if (!c->pipeline_on && c->sent_head != NULL) break;
     keel__pg_query *q = c->pending_head;
+    /* Queued by a callback of fail_stale_bound(): the flush timer fails it. */
+    if (q->session != 0 && q->session != c->session) break;
     if (!PQsendQueryParams(c->conn, q->sql, q->nparams, NULL, q->values, NULL, NULL, 0)) {
       disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
       return;
@@ -529,7 +582,9 @@ int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out) {
 }
 
 static void on_flush_timer(uv_timer_t *timer) {
-  flush_queries(timer->data);
+  keel_pg *c = timer->data;
+  fail_stale_bound(c);
+  flush_queries(c);
 }
 
 static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *values,
@@ -562,6 +617,7 @@ static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *
   q->cb = cb;
   q->data = data;
   q->internal = internal;
+  q->session = internal ? 0 : c->bound_session;
   q->deadline_ms = timeout_ms != 0 ? now_ms(c) + timeout_ms : 0;
   if (c->pending_tail != NULL)
     c->pending_tail->next = q;
@@ -572,7 +628,8 @@ static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *
   /* Statements queued during one loop iteration go out together on the next
    * (one write in pipeline mode), and no callback ever runs inside
    * keel_pg_query(). */
-  if (c->state == KEEL__PG_CONNECTED && !uv_is_active((uv_handle_t *)&c->flush_timer))
+  bool stale = q->session != 0 && (c->state != KEEL__PG_CONNECTED || q->session != c->session);
+  if ((c->state == KEEL__PG_CONNECTED || stale) && !uv_is_active((uv_handle_t *)&c->flush_timer))
     uv_timer_start(&c->flush_timer, on_flush_timer, 0, 0);
   arm_deadline(c);
   return 0;

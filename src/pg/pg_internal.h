@@ -24,6 +24,7 @@ typedef struct keel__pg_query {
   uint64_t deadline_ms; /* 0: none */
   PGresult *result;     /* first result collected while in flight */
   bool internal;        /* health check: no user callback */
+  uint64_t session;     /* != 0: may run only in this session (transactions) */
   /* sql, the value pointers and the values follow in the same block */
 } keel__pg_query;
 
@@ -62,6 +63,8 @@ struct keel_pg {
   keel_close_cb close_cb;
   void *close_data;
   uint64_t error_generation; /* bumped on every failed statement */
+  uint64_t session;          /* bumped on every successful connect */
+  uint64_t bound_session;    /* != 0: new statements are bound to it (a transaction) */
   char last_error[KEEL__ERRBUF_SIZE];
 };
 

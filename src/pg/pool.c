@@ -44,6 +44,8 @@ struct keel_pg_pool {
   bool closing;
   keel_close_cb close_cb;
   void *close_data;
+  keel_pg_tx *txs;       /* transactions that have a connection */
+  keel_pg_tx *cancelled; /* ended by close while their body ran; freed with the pool */
   keel_pg_pool_stats stats;
   char last_error[KEEL__ERRBUF_SIZE];
 };
@@ -56,8 +58,27 @@ struct keel_pg_tx {
   keel_pg_tx_done_cb done;
   void *data;
   uint64_t errors_at_begin;
+  uint64_t session; /* the connection's session BEGIN ran in */
+  keel_pg_tx *prev, *next;
   bool finished;
+  bool cancelled;
 };
+
+static void tx_link(keel_pg_pool *p, keel_pg_tx *tx) {
+  tx->prev = NULL;
+  tx->next = p->txs;
+  if (p->txs != NULL) p->txs->prev = tx;
+  p->txs = tx;
+}
+
+static void tx_unlink(keel_pg_pool *p, keel_pg_tx *tx) {
+  if (tx->prev != NULL)
+    tx->prev->next = tx->next;
+  else if (p->txs == tx)
+    p->txs = tx->next;
+  if (tx->next != NULL) tx->next->prev = tx->prev;
+  tx->prev = tx->next = NULL;
+}
 
 static void dispatch(keel_pg_pool *p);
 
@@ -79,6 +100,11 @@ static void maybe_free_pool(keel_pg_pool *p) {
   if (!p->closing || p->open_things != 0) return;
   keel_close_cb cb = p->close_cb;
   void *data = p->close_data;
+  while (p->cancelled != NULL) {
+    keel_pg_tx *next = p->cancelled->next;
+    keel__free(p->cancelled);
+    p->cancelled = next;
+  }
   keel__free(p->members);
   keel__free(p->conninfo);
   keel__free(p);
@@ -321,7 +347,9 @@ static void tx_end(keel_pg_tx *tx, int status, const char *sqlstate) {
     p->stats.transactions++;
   else
     p->stats.rollbacks++;
+  tx_unlink(p, tx);
   tx->m->busy = false;
+  tx->m->conn->bound_session = 0;
   schedule_dispatch(p);
   keel_pg_tx_done_cb done = tx->done;
   void *data = tx->data;
@@ -374,6 +402,11 @@ static void on_begin(keel_pg *c, int status, const keel_pg_result *res, void *da
     return;
   }
   tx->errors_at_begin = c->error_generation;
+  /* Statements of the body (and COMMIT/ROLLBACK) may run only in this
+   * session: after a reconnect they fail with KEEL_ECONN instead of running
+   * in autocommit on the new session. */
+  tx->session = c->session;
+  c->bound_session = c->session;
   tx->body(tx, c, tx->data);
 }
 
@@ -387,6 +420,7 @@ static void on_tx_acquired(keel_pg_pool *p, keel_pg *conn, int status, void *dat
     return;
   }
   tx->m = member_of(p, conn);
+  tx_link(p, tx);
   static const char *const begins[] = {"BEGIN ISOLATION LEVEL READ COMMITTED",
                                        "BEGIN ISOLATION LEVEL REPEATABLE READ",
                                        "BEGIN ISOLATION LEVEL SERIALIZABLE"};
@@ -415,9 +449,13 @@ int keel_pg_pool_transaction(keel_pg_pool *p, keel_pg_isolation isolation, keel_
 void keel_pg_tx_finish(keel_pg_tx *tx, int status) {
   if (tx == NULL || tx->finished) return;
   tx->finished = true;
+  if (tx->cancelled) return; /* done already had UV_ECANCELED from close */
   keel_pg *conn = tx->m->conn;
+  /* A reconnect since BEGIN: the server rolled the transaction back. */
+  if (status == 0 && conn->session != tx->session) status = KEEL_ECONN;
   if (status == 0 && conn->error_generation == tx->errors_at_begin) {
-    if (keel_pg_query(conn, "COMMIT", 0, NULL, on_commit, tx) != 0) tx_end(tx, KEEL_ECONN, NULL);
+    int rc = keel_pg_query(conn, "COMMIT", 0, NULL, on_commit, tx);
+    if (rc != 0) tx_end(tx, rc == KEEL_ECLOSING ? UV_ECANCELED : KEEL_ECONN, NULL);
     return;
   }
   rollback_ctx *ctx = keel__calloc(1, sizeof *ctx);
@@ -429,10 +467,12 @@ void keel_pg_tx_finish(keel_pg_tx *tx, int status) {
   }
   ctx->tx = tx;
   ctx->status = status != 0 ? status : KEEL_EPG;
-  if (status == 0) {
-    /* A statement of the body failed although the body reported success. */
+  if (conn->error_generation != tx->errors_at_begin) {
+    /* A statement of the body failed: its SQLSTATE tells the caller whether
+     * the transaction is worth retrying (40001, 40P01). */
     const char *last = conn->last_error;
     if (strncmp(last, "SQLSTATE ", 9) == 0) memcpy(ctx->sqlstate, last + 9, 5);
+    snprintf(tx->pool->last_error, sizeof tx->pool->last_error, "%s", last);
   }
   if (keel_pg_query(conn, "ROLLBACK", 0, NULL, on_rollback, ctx) != 0) {
     int final_status = ctx->status;
@@ -487,6 +527,17 @@ void keel_pg_pool_close(keel_pg_pool *p, keel_close_cb cb, void *data) {
   for (unsigned i = 0; i < p->size; i++) {
     p->members[i].closed = true;
     keel_pg_close(p->members[i].conn, on_member_closed, p);
+  }
+  /* Transactions whose body still runs end now; a later
+   * keel_pg_tx_finish() on them does nothing. */
+  while (p->txs != NULL) {
+    keel_pg_tx *tx = p->txs;
+    tx_unlink(p, tx);
+    p->stats.rollbacks++;
+    tx->cancelled = true;
+    tx->next = p->cancelled;
+    p->cancelled = tx;
+    tx->done(p, UV_ECANCELED, NULL, tx->data);
   }
   uv_close((uv_handle_t *)&p->wait_timer, on_pool_timer_closed);
   uv_close((uv_handle_t *)&p->dispatch_timer, on_pool_timer_closed);

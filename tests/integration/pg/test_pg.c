@@ -450,3 +450,286 @@ Test(pg, transactions_commit_and_roll_back) {
   cr_assert_str_eq(count, "2", "row 100 committed, nothing else");
   free(count);
 }
+
+/* ---- more transactions ------------------------------------------------------ */
+
+typedef struct tx2 {
+  pool_ctx *p;
+  keel_pg_tx *tx;
+  keel_pg *conn;
+  int step;
+  int stmt_status;
+  int pid;
+  bool wait_for_up;
+} tx2;
+
+static void user_error_step(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  (void)res;
+  tx2 *t = data;
+  t->stmt_status = status;
+  keel_pg_tx_finish(t->tx, UV_EINVAL); /* the user's own error: roll back */
+}
+
+static void user_error_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  tx2 *t = data;
+  t->tx = tx;
+  char sql[200];
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (5)", t->p->table);
+  cr_assert_eq(keel_pg_query(conn, sql, 0, NULL, user_error_step, t), 0);
+}
+
+static void tx2_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
+  (void)pool;
+  tx2 *t = data;
+  t->p->tx_status[0] = status;
+  snprintf(t->p->tx_sqlstate[0], 8, "%s", sqlstate ? sqlstate : "");
+  t->p->tx_done++;
+}
+
+static char *count_rows(const char *table) {
+  char sql[160];
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+  return kt_pg_scalar(sql);
+}
+
+Test(pg, transaction_rolls_back_on_user_error) {
+  pool_ctx p;
+  open_pool(&p, 1);
+  kt_unique_name(p.table, sizeof p.table, "txu");
+  char sql[200];
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (id int PRIMARY KEY)", p.table);
+  kt_pg_exec(sql);
+  tx2 t = {.p = &p};
+  cr_assert_eq(
+      keel_pg_pool_transaction(p.pool, KEEL_PG_REPEATABLE_READ, user_error_body, tx2_done, &t), 0);
+  pool_wait(&p, &p.tx_done, 1);
+  cr_assert_eq(t.stmt_status, 0, "the statement itself succeeded");
+  cr_assert_eq(p.tx_status[0], UV_EINVAL, "done gets the user's error");
+  cr_assert_str_eq(p.tx_sqlstate[0], "");
+  keel_pg_pool_stats s;
+  keel_pg_pool_get_stats(p.pool, &s);
+  cr_assert_eq(s.rollbacks, 1);
+  cr_assert_eq(s.transactions, 0);
+  /* The connection went back to the pool usable (no open transaction). */
+  cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 1", 0, NULL, pool_store, &p), 0);
+  pool_wait(&p, &p.results, 1);
+  cr_assert_eq(p.statuses[0], 0);
+  keel_pg_pool_close(p.pool, NULL, NULL);
+  kt_loop_finish(&p.loop);
+  char *n = count_rows(p.table);
+  cr_assert_str_eq(n, "0", "rolled back");
+  free(n);
+}
+
+static void serial_update_done(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  (void)res;
+  tx2 *t = data;
+  t->stmt_status = status;
+  keel_pg_tx_finish(t->tx, 0);
+}
+
+static void serial_read_done(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)res;
+  tx2 *t = data;
+  cr_assert_eq(status, 0);
+  /* Another session changes the row after this transaction's snapshot. */
+  char sql[200];
+  snprintf(sql, sizeof sql, "UPDATE %s SET v = v + 1 WHERE id = 1", t->p->table);
+  kt_pg_exec(sql);
+  snprintf(sql, sizeof sql, "UPDATE %s SET v = v + 10 WHERE id = 1", t->p->table);
+  cr_assert_eq(keel_pg_query(c, sql, 0, NULL, serial_update_done, t), 0);
+}
+
+static void serial_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  tx2 *t = data;
+  t->tx = tx;
+  char sql[200];
+  snprintf(sql, sizeof sql, "SELECT v FROM %s WHERE id = 1", t->p->table);
+  cr_assert_eq(keel_pg_query(conn, sql, 0, NULL, serial_read_done, t), 0);
+}
+
+Test(pg, serialization_failure_reports_40001) {
+  pool_ctx p;
+  open_pool(&p, 1);
+  kt_unique_name(p.table, sizeof p.table, "txs");
+  char sql[200];
+  snprintf(sql, sizeof sql,
+           "CREATE TABLE %s (id int PRIMARY KEY, v int); INSERT INTO %s VALUES (1, 0)", p.table,
+           p.table);
+  kt_pg_exec(sql);
+  tx2 t = {.p = &p};
+  cr_assert_eq(keel_pg_pool_transaction(p.pool, KEEL_PG_SERIALIZABLE, serial_body, tx2_done, &t),
+               0);
+  pool_wait(&p, &p.tx_done, 1);
+  cr_assert_eq(t.stmt_status, KEEL_EPG);
+  cr_assert_eq(p.tx_status[0], KEEL_EPG);
+  cr_assert_str_eq(p.tx_sqlstate[0], "40001");
+  cr_assert(strstr(keel_pg_pool_last_error(p.pool), "40001") != NULL, "%s",
+            keel_pg_pool_last_error(p.pool));
+  keel_pg_pool_close(p.pool, NULL, NULL);
+  kt_loop_finish(&p.loop);
+  snprintf(sql, sizeof sql, "SELECT v FROM %s WHERE id = 1", p.table);
+  char *v = kt_pg_scalar(sql);
+  cr_assert_str_eq(v, "1", "only the other session's update");
+  free(v);
+}
+
+/* A connection lost in the middle of a transaction: later statements of the
+ * body must not run in autocommit on the new session. */
+static tx2 *lost_tx;
+
+static void lost_insert_done(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  (void)res;
+  tx2 *t = data;
+  t->stmt_status = status;
+  keel_pg_tx_finish(t->tx, 0);
+}
+
+static void lost_pool_state(keel_pg *c, bool up, int status, void *data) {
+  (void)status;
+  (void)data;
+  tx2 *t = lost_tx;
+  if (!up || t == NULL || !t->wait_for_up || c != t->conn) return;
+  t->wait_for_up = false;
+  char sql[200];
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (7)", t->p->table);
+  cr_assert_eq(keel_pg_query(c, sql, 0, NULL, lost_insert_done, t), 0);
+}
+
+static void lost_pid_done(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  tx2 *t = data;
+  cr_assert_eq(status, 0);
+  char sql[100];
+  snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%s)", keel_pg_result_value(res, 0, 0));
+  t->wait_for_up = true;
+  free(kt_pg_scalar(sql));
+}
+
+static void lost_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  tx2 *t = data;
+  t->tx = tx;
+  t->conn = conn;
+  cr_assert_eq(keel_pg_query(conn, "SELECT pg_backend_pid()", 0, NULL, lost_pid_done, t), 0);
+}
+
+Test(pg, transaction_broken_by_reconnect_fails_with_econn) {
+  pool_ctx p;
+  memset(&p, 0, sizeof p);
+  uv_loop_init(&p.loop);
+  keel_pg_pool_opts o;
+  keel_pg_pool_opts_init(&o);
+  o.conn.conninfo = kt_pg_conninfo();
+  o.conn.on_state = lost_pool_state;
+  keel_backoff_fixed(&o.conn.reconnect_backoff, 20);
+  o.size = 1;
+  cr_assert_eq(keel_pg_pool_new(&p.loop, &o, &p.pool), 0);
+  kt_unique_name(p.table, sizeof p.table, "txl");
+  char sql[200];
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (id int PRIMARY KEY)", p.table);
+  kt_pg_exec(sql);
+  tx2 t = {.p = &p};
+  lost_tx = &t;
+  cr_assert_eq(keel_pg_pool_transaction(p.pool, KEEL_PG_READ_COMMITTED, lost_body, tx2_done, &t),
+               0);
+  pool_wait(&p, &p.tx_done, 1);
+  cr_assert_eq(t.stmt_status, KEEL_ECONN, "%s", keel_err_name(t.stmt_status));
+  cr_assert_eq(p.tx_status[0], KEEL_ECONN, "%s", keel_err_name(p.tx_status[0]));
+  /* The pool still works on the new session. */
+  cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 1", 0, NULL, pool_store, &p), 0);
+  pool_wait(&p, &p.results, 1);
+  cr_assert_eq(p.statuses[0], 0);
+  keel_pg_pool_close(p.pool, NULL, NULL);
+  kt_loop_finish(&p.loop);
+  lost_tx = NULL;
+  char *n = count_rows(p.table);
+  cr_assert_str_eq(n, "0", "nothing ran outside the transaction");
+  free(n);
+}
+
+/* ---- close while connecting, allocation failure ----------------------------- */
+
+static void count_close(void *object, void *data) {
+  (void)object;
+  ++*(int *)data;
+}
+
+Test(pg, close_while_connecting_and_while_waiting_to_reconnect) {
+  ctx x;
+  open_conn(&x);
+  keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x);
+  int closed = 0;
+  keel_pg_close(x.c, count_close, &closed);
+  cr_assert_eq(closed, 0, "close callback runs later");
+  cr_assert_eq(x.results, 1);
+  cr_assert_eq(x.statuses[0], UV_ECANCELED);
+  uv_run(&x.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(closed, 1);
+  cr_assert_eq(x.ups, 0);
+  cr_assert_eq(uv_loop_close(&x.loop), 0);
+
+  /* A closed port: down, backoff timer armed, then close. */
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = "host=127.0.0.1 port=1 user=nobody dbname=none";
+  o.on_state = on_state;
+  o.data = &x;
+  keel_backoff_fixed(&o.reconnect_backoff, 10000);
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  uint64_t start = uv_now(&x.loop);
+  while (x.downs == 0 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
+  cr_assert_eq(x.downs, 1);
+  cr_assert(!keel_pg_is_connected(x.c));
+  keel_pg_close(x.c, count_close, &closed);
+  uv_run(&x.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(closed, 2);
+  cr_assert_eq(uv_loop_close(&x.loop), 0);
+}
+
+Test(pg, allocation_failure_during_new_is_clean) {
+  kt_alloc_install();
+  bool conn_ok = false, pool_ok = false;
+  for (int64_t i = 0; i < 64 && !(conn_ok && pool_ok); i++) {
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    int64_t blocks = kt_alloc_live_blocks();
+    keel_pg_opts o;
+    keel_pg_opts_init(&o);
+    o.conninfo = kt_pg_conninfo();
+    keel_pg *c = (keel_pg *)0x1;
+    kt_alloc_fail_after(i);
+    int rc = keel_pg_new(&loop, &o, &c);
+    kt_alloc_fail_after(-1);
+    if (rc == 0) {
+      conn_ok = true;
+      keel_pg_close(c, NULL, NULL);
+    } else {
+      cr_assert_eq(rc, UV_ENOMEM);
+      cr_assert_eq(c, (keel_pg *)0x1, "out untouched");
+    }
+    keel_pg_pool_opts po;
+    keel_pg_pool_opts_init(&po);
+    po.conn.conninfo = kt_pg_conninfo();
+    po.size = 3;
+    keel_pg_pool *p = (keel_pg_pool *)0x1;
+    kt_alloc_fail_after(i);
+    rc = keel_pg_pool_new(&loop, &po, &p);
+    kt_alloc_fail_after(-1);
+    if (rc == 0) {
+      pool_ok = true;
+      keel_pg_pool_close(p, NULL, NULL);
+    } else {
+      cr_assert_eq(rc, UV_ENOMEM);
+      cr_assert_eq(p, (keel_pg_pool *)0x1, "out untouched");
+    }
+    uv_run(&loop, UV_RUN_DEFAULT);
+    cr_assert_eq(uv_loop_close(&loop), 0, "no handle left (i = %lld)", (long long)i);
+    cr_assert_eq(kt_alloc_live_blocks(), blocks, "no leak (i = %lld)", (long long)i);
+  }
+  cr_assert(conn_ok && pool_ok);
+}
