@@ -1,0 +1,145 @@
+/* The integrity context: defaults, statistics, errors, close; and the SQL
+ * text builder the operations share. */
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "core/alloc.h"
+#include "integrity/integrity_internal.h"
+
+static void grow(keel__sql *b, size_t extra) {
+  if (b->failed || b->len + extra + 1 <= b->cap) return;
+  size_t cap = b->cap ? b->cap : 256;
+  while (cap < b->len + extra + 1) cap *= 2;
+  char *text = keel__realloc(b->text, cap);
+  if (text == NULL) {
+    b->failed = true;
+    return;
+  }
+  b->text = text;
+  b->cap = cap;
+}
+
+void keel__sql_add(keel__sql *b, const char *text) {
+  size_t len = strlen(text);
+  grow(b, len);
+  if (b->failed) return;
+  memcpy(b->text + b->len, text, len + 1);
+  b->len += len;
+}
+
+void keel__sql_addf(keel__sql *b, const char *fmt, ...) {
+  char buf[256];
+  va_list args;
+  va_start(args, fmt);
+  int n = vsnprintf(buf, sizeof buf, fmt, args);
+  va_end(args);
+  if (n < 0 || (size_t)n >= sizeof buf) {
+    b->failed = true;
+    return;
+  }
+  keel__sql_add(b, buf);
+}
+
+void keel__sql_ident(keel__sql *b, const char *ident, bool allow_qualified) {
+  char quoted[160];
+  if (ident == NULL || keel_pg_quote_ident(quoted, sizeof quoted, ident, allow_qualified) < 0) {
+    b->failed = true;
+    return;
+  }
+  keel__sql_add(b, quoted);
+}
+
+void keel__sql_free(keel__sql *b) {
+  keel__free(b->text);
+  memset(b, 0, sizeof *b);
+}
+
+void keel_integrity_opts_init(keel_integrity_opts *opts) {
+  if (opts == NULL) return;
+  memset(opts, 0, sizeof *opts);
+  keel_retry_opts_init(&opts->retry);
+  keel_backoff_full_jitter(&opts->retry.backoff, 20, 2.0, 1000);
+  opts->retry.max_attempts = 5;
+}
+
+int keel_integrity_new(uv_loop_t *loop, keel_pg_pool *pool, const keel_integrity_opts *opts,
+                       keel_integrity **out) {
+  if (loop == NULL || pool == NULL || out == NULL) return UV_EINVAL;
+  keel_integrity_opts defaults;
+  if (opts == NULL) {
+    keel_integrity_opts_init(&defaults);
+    opts = &defaults;
+  }
+  if (opts->retry.max_attempts == 0 || keel_backoff_validate(&opts->retry.backoff, NULL) != 0)
+    return UV_EINVAL;
+  keel_integrity *ig = keel__calloc(1, sizeof *ig);
+  if (ig == NULL) return UV_ENOMEM;
+  ig->loop = loop;
+  ig->pool = pool;
+  ig->opts = *opts;
+  *out = ig;
+  return 0;
+}
+
+int keel__ig_begin(keel_integrity *ig) {
+  if (ig->closing) return KEEL_ECLOSING;
+  ig->outstanding++;
+  ig->stats.attempts++;
+  return 0;
+}
+
+static void free_context(keel_integrity *ig) {
+  keel_close_cb cb = ig->close_cb;
+  void *data = ig->close_data;
+  keel__free(ig);
+  if (cb != NULL) cb(ig, data);
+}
+
+void keel__ig_end(keel_integrity *ig) {
+  if (--ig->outstanding == 0 && ig->closing) free_context(ig);
+}
+
+void keel__ig_record_error(keel_integrity *ig, keel_pg *conn, int status,
+                           const keel_pg_result *res) {
+  if (status == 0) return;
+  const char *sqlstate = keel_pg_result_sqlstate(res);
+  keel_sqlstate_class cls =
+      status == KEEL_ECONN ? KEEL_SQLSTATE_CONNECTION : keel_sqlstate_classify(sqlstate);
+  ig->stats.by_class[cls]++;
+  snprintf(ig->last_error, sizeof ig->last_error, "%s",
+           conn != NULL ? keel_pg_last_error(conn) : keel_strerror(status));
+}
+
+void keel_integrity_get_stats(const keel_integrity *ig, keel_integrity_stats *out) {
+  if (ig == NULL || out == NULL) return;
+  *out = ig->stats;
+}
+
+const char *keel_integrity_last_error(const keel_integrity *ig) {
+  return ig == NULL ? "context is NULL" : ig->last_error;
+}
+
+static void on_deferred(uv_handle_t *handle) {
+  keel_integrity *ig = handle->data;
+  keel__free(handle);
+  free_context(ig);
+}
+
+void keel_integrity_close(keel_integrity *ig, keel_close_cb cb, void *data) {
+  if (ig == NULL || ig->closing) return;
+  ig->closing = true;
+  ig->close_cb = cb;
+  ig->close_data = data;
+  if (ig->outstanding > 0) return; /* freed when the last operation ends */
+  /* cb must run on a later loop iteration: the close of a short-lived
+   * handle provides one. */
+  uv_timer_t *timer = keel__malloc(sizeof *timer);
+  if (timer == NULL) {
+    free_context(ig);
+    return;
+  }
+  uv_timer_init(ig->loop, timer);
+  timer->data = ig;
+  uv_close((uv_handle_t *)timer, on_deferred);
+}

@@ -1,0 +1,47 @@
+/* Private to src/integrity: the context and a small SQL text builder. */
+#ifndef KEEL_INTEGRITY_INTERNAL_H
+#define KEEL_INTEGRITY_INTERNAL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include "core/util.h"
+#include "keel/integrity.h"
+
+struct keel_integrity {
+  uv_loop_t *loop;
+  keel_pg_pool *pool;
+  keel_integrity_opts opts;
+  keel_integrity_stats stats;
+  unsigned outstanding; /* operations whose callback is still due */
+  bool closing;
+  keel_close_cb close_cb;
+  void *close_data;
+  char last_error[KEEL__ERRBUF_SIZE];
+};
+
+/* A growing SQL buffer; `failed` sticks after an allocation failure. */
+typedef struct keel__sql {
+  char *text;
+  size_t len, cap;
+  bool failed;
+} keel__sql;
+
+void keel__sql_add(keel__sql *b, const char *text);
+/* Appends a quoted identifier; marks the builder failed when invalid. */
+void keel__sql_ident(keel__sql *b, const char *ident, bool allow_qualified);
+void keel__sql_addf(keel__sql *b, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+void keel__sql_free(keel__sql *b);
+
+/* Operation bookkeeping for close. */
+int keel__ig_begin(keel_integrity *ig);
+void keel__ig_end(keel_integrity *ig);
+/* Records an error result (by SQLSTATE class) and its text. */
+void keel__ig_record_error(keel_integrity *ig, keel_pg *conn, int status,
+                           const keel_pg_result *res);
+
+#endif

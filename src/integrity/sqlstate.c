@@ -1,0 +1,45 @@
+/* SQLSTATE classes: what is worth retrying, and how. */
+#include <string.h>
+
+#include "keel/integrity.h"
+
+keel_sqlstate_class keel_sqlstate_classify(const char *s) {
+  if (s == NULL || strlen(s) != 5 || strcmp(s, "00000") == 0) return KEEL_SQLSTATE_NONE;
+  if (strcmp(s, "40001") == 0 || strcmp(s, "40P01") == 0) return KEEL_SQLSTATE_RETRY_TX;
+  if (strcmp(s, "55P03") == 0) return KEEL_SQLSTATE_RETRY;
+  if (strncmp(s, "08", 2) == 0 || strcmp(s, "57P01") == 0 || strcmp(s, "57P02") == 0 ||
+      strcmp(s, "57P03") == 0)
+    return KEEL_SQLSTATE_CONNECTION;
+  if (strcmp(s, "23505") == 0) return KEEL_SQLSTATE_UNIQUE;
+  if (strncmp(s, "23", 2) == 0) return KEEL_SQLSTATE_CONSTRAINT;
+  return KEEL_SQLSTATE_OTHER;
+}
+
+int keel_sqlstate_error(const char *s) {
+  switch (keel_sqlstate_classify(s)) {
+    case KEEL_SQLSTATE_NONE:
+      return 0;
+    case KEEL_SQLSTATE_RETRY_TX:
+      return KEEL_ESERIALIZATION;
+    case KEEL_SQLSTATE_RETRY:
+      return KEEL_ERETRYABLE;
+    case KEEL_SQLSTATE_CONNECTION:
+      return KEEL_ECONN;
+    case KEEL_SQLSTATE_UNIQUE:
+      return KEEL_EUNIQUE;
+    default:
+      return KEEL_EPG;
+  }
+}
+
+const char *keel_sqlstate_class_name(keel_sqlstate_class cls) {
+  static const char *const names[] = {"none",   "retry_tx",   "retry", "connection",
+                                      "unique", "constraint", "other"};
+  return (unsigned)cls < sizeof names / sizeof names[0] ? names[cls] : "unknown";
+}
+
+int keel_integrity_retryable(int status, void *classify_data) {
+  if (status == KEEL_EUNIQUE) return classify_data != NULL && *(const bool *)classify_data;
+  return status == KEEL_ESERIALIZATION || status == KEEL_ERETRYABLE || status == KEEL_ECONN ||
+         status == UV_ETIMEDOUT;
+}
