@@ -37,8 +37,10 @@ bool keel__pg_idle(const keel_pg *c) {
 /* ---- delivering results ------------------------------------------------ */
 
 void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, const char *text) {
-  c->stats.queries++;
-  if (status == KEEL_EPG) c->stats.errors++;
+  if (!q->internal) { /* health checks are not the user's statements */
+    c->stats.queries++;
+    if (status == KEEL_EPG) c->stats.errors++;
+  }
   if (status != 0) c->error_generation++;
   if (status == KEEL_EPG && res != NULL) {
     const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
@@ -353,7 +355,12 @@ static void flush_queries(keel_pg *c) {
     return;
   }
   int rc = watch(c, UV_READABLE | (flushed == 1 ? UV_WRITABLE : 0));
-  if (rc != 0) disconnect(c, rc, "cannot watch the socket");
+  if (rc != 0) {
+    disconnect(c, rc, "cannot watch the socket");
+    return;
+  }
+  /* A silent server sends no event: the deadline must not wait for one. */
+  arm_deadline(c);
 }
 
 static keel__pg_query *pop_sent(keel_pg *c) {

@@ -2,6 +2,7 @@
  * pipelining, errors, reconnect after a killed backend, pool, transactions,
  * notifications, close. */
 #include <criterion/criterion.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -732,4 +733,75 @@ Test(pg, allocation_failure_during_new_is_clean) {
     cr_assert_eq(kt_alloc_live_blocks(), blocks, "no leak (i = %lld)", (long long)i);
   }
   cr_assert(conn_ok && pool_ok);
+}
+
+/* ---- timeouts and health checks -------------------------------------------- */
+
+static void keep_alive_tick(uv_timer_t *t) {
+  (void)t;
+}
+
+Test(pg, query_timeout_resets_the_connection) {
+  ctx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = kt_pg_conninfo();
+  o.on_state = on_state;
+  o.data = &x;
+  o.query_timeout_ms = 200;
+  keel_backoff_fixed(&o.reconnect_backoff, 20);
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  keel_pg_query(x.c, "SELECT pg_sleep(3)", 0, NULL, store, &x);
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], UV_ETIMEDOUT);
+  cr_assert_eq(x.downs, 1, "the connection is reset, never left with a late answer pending");
+  keel_pg_query(x.c, "SELECT 5", 0, NULL, store, &x);
+  wait_results(&x, 2);
+  cr_assert_eq(x.statuses[1], 0);
+  cr_assert_str_eq(x.values[1], "5");
+  cr_assert_eq(x.ups, 2);
+  close_conn(&x);
+}
+
+/* A backend stopped with SIGSTOP keeps its socket open but never answers,
+ * like a half-open connection: the idle health check finds it. */
+Test(pg, health_check_detects_an_unresponsive_server) {
+  ctx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = kt_pg_conninfo();
+  o.on_state = on_state;
+  o.data = &x;
+  o.health_check_interval_ms = 100;
+  o.connect_timeout_ms = 300; /* also the health probe's deadline */
+  keel_backoff_fixed(&o.reconnect_backoff, 20);
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  uv_timer_t tick;
+  uv_timer_init(&x.loop, &tick);
+  uv_timer_start(&tick, keep_alive_tick, 20, 20);
+  keel_pg_query(x.c, "SELECT pg_backend_pid()", 0, NULL, store, &x);
+  wait_results(&x, 1);
+  int pid = atoi(x.values[0]);
+  cr_assert_gt(pid, 0);
+  cr_assert_eq(kill(pid, SIGSTOP), 0);
+  uint64_t start = uv_now(&x.loop);
+  while (x.downs == 0 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
+  kill(pid, SIGCONT);
+  char sql[100];
+  snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)", pid);
+  free(kt_pg_scalar(sql));
+  cr_assert_eq(x.downs, 1, "health check noticed the silent server");
+  start = uv_now(&x.loop);
+  while (x.ups < 2 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
+  cr_assert_eq(x.ups, 2);
+  cr_assert_neq(keel_pg_backend_pid(x.c), pid);
+  keel_pg_stats s;
+  keel_pg_get_stats(x.c, &s);
+  cr_assert_eq(s.queries, 1, "health probes are not counted as statements");
+  uv_close((uv_handle_t *)&tick, NULL);
+  close_conn(&x);
 }
