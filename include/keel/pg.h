@@ -76,8 +76,11 @@ KEEL_EXTERN void *keel_pg_result_raw(const keel_pg_result *res);
 /*
  * Result callback. status: 0; KEEL_EPG for a SQL error (SQLSTATE and message
  * in res and in keel_pg_last_error(c)); KEEL_ECONN when the connection was
- * lost before the result arrived (the statement may or may not have run);
- * UV_ETIMEDOUT when opts.query_timeout_ms passed; UV_ECANCELED on close.
+ * lost before the result arrived (the statement may or may not have run), or
+ * when a statement of a transaction could not run because its session is
+ * gone; UV_ETIMEDOUT when opts.query_timeout_ms passed; UV_ECANCELED on
+ * close. res is never NULL. c is NULL only for a pool query that failed
+ * before it got a connection (UV_ETIMEDOUT waiting, UV_ECANCELED at close).
  */
 typedef void (*keel_pg_result_cb)(keel_pg *c, int status, const keel_pg_result *res, void *data);
 
@@ -93,9 +96,14 @@ typedef void (*keel_pg_notify_cb)(keel_pg *c, const char *channel, const char *p
 typedef struct keel_pg_opts {
   const char *conninfo;              /* libpq connection string or URI; required */
   uint32_t connect_timeout_ms;       /* default 5000 */
-  uint32_t query_timeout_ms;         /* per query, 0 = none (default) */
-  uint32_t health_check_interval_ms; /* idle `SELECT 1` probe; default 10000; 0 = off */
-  uint32_t keepalive_idle_s;         /* TCP keepalive idle seconds; default 10 */
+  uint32_t query_timeout_ms;         /* per query, counted from keel_pg_query(); 0 = none
+                                        (default). A sent statement that expires resets
+                                        the connection (PQcancel would block the loop). */
+  uint32_t health_check_interval_ms; /* idle `SELECT 1` probe with a connect_timeout_ms
+                                        deadline; default 10000; 0 = off */
+  uint32_t keepalive_idle_s;         /* TCP keepalive idle seconds; default 10 (added as
+                                        keepalives params to key=value conninfo strings,
+                                        where the user's own settings win; not to URIs) */
   keel_backoff reconnect_backoff;    /* default full jitter 100 ms x2, cap 10000 ms */
   bool reconnect;                    /* default true */
   bool pipeline;                     /* default true (when libpq supports it) */
@@ -119,7 +127,9 @@ KEEL_EXTERN int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg *
  * SQL NULL). sql and values are copied; cb (may be NULL) is called exactly
  * once, on a later loop iteration, with the result.
  * Returns 0, UV_EINVAL (NULL c or sql, nparams < 0, values NULL with
- * nparams > 0), UV_ENOMEM, or KEEL_ECLOSING after close.
+ * nparams > 0), UV_ENOMEM, KEEL_ECONN (disconnected with opts.reconnect
+ * false), or KEEL_ECLOSING after close; nothing is queued then.
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *values,
                               keel_pg_result_cb cb, void *data);
@@ -143,7 +153,8 @@ KEEL_EXTERN const char *keel_pg_last_error(const keel_pg *c);
 KEEL_EXTERN int keel_pg_reset(keel_pg *c);
 
 typedef struct keel_pg_stats {
-  uint64_t queries;     /* counter: statements completed (any status) */
+  uint64_t queries;     /* counter: statements completed (any status; health probes
+                           not included) */
   uint64_t errors;      /* counter: statements failed with KEEL_EPG */
   uint64_t connects;    /* counter: successful connects */
   uint64_t disconnects; /* counter: connection losses */
@@ -156,9 +167,12 @@ typedef struct keel_pg_stats {
 KEEL_EXTERN void keel_pg_get_stats(const keel_pg *c, keel_pg_stats *out);
 
 /*
- * Closes the connection: queued and in-flight queries get UV_ECANCELED,
- * the socket and timers close, and cb (may be NULL) runs on a later loop
- * iteration. NULL-safe; callable from inside any callback of c.
+ * Closes the connection: queued and in-flight queries get UV_ECANCELED
+ * (their callbacks run during this call), the socket and timers close, and
+ * cb (may be NULL; its object argument is the freed c, for identity only)
+ * runs on a later loop iteration. Nothing else is called after close.
+ * NULL-safe; a second call does nothing; callable from inside any callback
+ * of c (c stays valid until the callback returns).
  */
 KEEL_EXTERN void keel_pg_close(keel_pg *c, keel_close_cb cb, void *data);
 
@@ -174,14 +188,17 @@ typedef struct keel_pg_pool_opts {
 
 KEEL_EXTERN void keel_pg_pool_opts_init(keel_pg_pool_opts *opts);
 
-/* Creates a pool and starts its connections. Errors as keel_pg_new(). */
+/* Creates a pool and starts its connections. Errors as keel_pg_new(), and
+ * UV_EINVAL for size 0. opts.conn.on_state and on_notify are called for
+ * each member connection with opts.conn.data. */
 KEEL_EXTERN int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts,
                                  keel_pg_pool **out);
 
 /*
  * Runs one statement on whichever connection is free first (FIFO waiters).
- * The callback's keel_pg is the connection that ran it. Errors as
- * keel_pg_query(), plus KEEL_EFULL when max_waiters are already waiting.
+ * The callback's keel_pg is the connection that ran it (NULL when it failed
+ * before getting one). Errors as keel_pg_query(), plus KEEL_EFULL when
+ * max_waiters are already waiting.
  */
 KEEL_EXTERN int keel_pg_pool_query(keel_pg_pool *pool, const char *sql, int nparams,
                                    const char *const *values, keel_pg_result_cb cb, void *data);
@@ -222,13 +239,21 @@ typedef void (*keel_pg_tx_done_cb)(keel_pg_pool *pool, int status, const char *s
 /*
  * Acquires a connection, runs BEGIN, calls body, and after
  * keel_pg_tx_finish() commits or rolls back, releases the connection and
- * calls done. Returns 0 or the errors of keel_pg_pool_acquire().
+ * calls done. Statements the body queues are bound to the session BEGIN ran
+ * in: if the connection is lost meanwhile they fail with KEEL_ECONN (never
+ * run in autocommit on the new session) and done gets KEEL_ECONN. Closing
+ * the pool while a body runs calls done with UV_ECANCELED; a later
+ * keel_pg_tx_finish() on it does nothing (allowed until the pool's close
+ * callback has run). Returns 0, UV_EINVAL (NULL body/done, bad isolation)
+ * or the errors of keel_pg_pool_acquire().
  */
 KEEL_EXTERN int keel_pg_pool_transaction(keel_pg_pool *pool, keel_pg_isolation isolation,
                                          keel_pg_tx_fn body, keel_pg_tx_done_cb done, void *data);
 
 /* Ends the transaction body: status 0 → COMMIT, < 0 → ROLLBACK and done gets
- * status. Exactly once per transaction. */
+ * status (KEEL_EPG with the failed statement's SQLSTATE when a statement of
+ * the body failed, even if status is 0). Call it exactly once per
+ * transaction, from the loop thread; further calls do nothing. */
 KEEL_EXTERN void keel_pg_tx_finish(keel_pg_tx *tx, int status);
 
 typedef struct keel_pg_pool_stats {

@@ -229,6 +229,12 @@ static void on_member_state(keel_pg *c, bool up, int status, void *data) {
   if (p->opts.conn.on_state != NULL) p->opts.conn.on_state(c, up, status, p->opts.conn.data);
 }
 
+static void on_member_notify(keel_pg *c, const char *channel, const char *payload, int sender_pid,
+                             void *data) {
+  keel_pg_pool *p = data;
+  p->opts.conn.on_notify(c, channel, payload, sender_pid, p->opts.conn.data);
+}
+
 int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts, keel_pg_pool **out) {
   if (loop == NULL || opts == NULL || out == NULL || opts->conn.conninfo == NULL || opts->size == 0)
     return UV_EINVAL;
@@ -249,6 +255,7 @@ int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts, keel_pg_poo
   p->size = opts->size;
   keel_pg_opts conn_opts = p->opts.conn;
   conn_opts.on_state = on_member_state;
+  conn_opts.on_notify = p->opts.conn.on_notify != NULL ? on_member_notify : NULL;
   conn_opts.data = p;
   for (unsigned i = 0; i < p->size; i++) {
     p->members[i].pool = p;

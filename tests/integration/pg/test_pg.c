@@ -805,3 +805,38 @@ Test(pg, health_check_detects_an_unresponsive_server) {
   uv_close((uv_handle_t *)&tick, NULL);
   close_conn(&x);
 }
+
+static void idle_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  (void)conn;
+  tx2 *t = data;
+  t->tx = tx; /* finishes later, after the pool is closed */
+  t->step = 1;
+}
+
+Test(pg, pool_close_ends_a_running_transaction_once) {
+  pool_ctx p;
+  open_pool(&p, 1);
+  tx2 t = {.p = &p};
+  cr_assert_eq(keel_pg_pool_transaction(p.pool, KEEL_PG_READ_COMMITTED, idle_body, tx2_done, &t),
+               0);
+  /* A second one waits for the connection and is cancelled at close. */
+  tx2 t2 = {.p = &p};
+  cr_assert_eq(keel_pg_pool_transaction(p.pool, KEEL_PG_READ_COMMITTED, idle_body, tx2_done, &t2),
+               0);
+  cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 1", 0, NULL, pool_store, &p), 0);
+  uint64_t start = uv_now(&p.loop);
+  while (t.step == 0 && uv_now(&p.loop) - start < 5000) uv_run(&p.loop, UV_RUN_ONCE);
+  cr_assert_eq(t.step, 1);
+  int closed = 0;
+  keel_pg_pool_close(p.pool, count_close, &closed);
+  cr_assert_eq(p.tx_done, 2, "both transactions ended");
+  cr_assert_eq(p.tx_status[0], UV_ECANCELED);
+  cr_assert_eq(p.results, 1);
+  cr_assert_eq(p.statuses[0], UV_ECANCELED);
+  keel_pg_tx_finish(t.tx, 0); /* does nothing now */
+  cr_assert_eq(p.tx_done, 2);
+  cr_assert_eq(t2.step, 0, "the waiting body never ran");
+  uv_run(&p.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(closed, 1);
+  cr_assert_eq(uv_loop_close(&p.loop), 0);
+}
