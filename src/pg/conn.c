@@ -418,6 +418,12 @@ static bool read_results(keel_pg *c) {
   int nulls_in_a_row = 0;
   while (c->state == KEEL__PG_CONNECTED && c->sent_head != NULL && !PQisBusy(c->conn)) {
     PGresult *res = PQgetResult(c->conn);
+    /* Notifications parsed before this result go first, in arrival order. */
+    deliver_notifications(c);
+    if (c->state != KEEL__PG_CONNECTED) {
+      if (res != NULL) PQclear(res);
+      break;
+    }
     keel__pg_query *head = c->sent_head;
     nulls_in_a_row = res == NULL ? nulls_in_a_row + 1 : 0;
     if (c->pipeline_on) {
