@@ -396,6 +396,12 @@ static void complete_head(keel_pg *c) {
         status = KEEL_EPG;
         break;
     }
+    /* The server ended the session (e.g. 57P01 after pg_terminate_backend):
+     * report the loss, not a SQL error. */
+    if (status == KEEL_EPG && PQstatus(c->conn) == CONNECTION_BAD) {
+      status = KEEL_ECONN;
+      text = "connection lost";
+    }
   }
   keel__pg_deliver(c, q, status, res, text);
 }
