@@ -95,15 +95,15 @@ typedef void (*keel_pg_notify_cb)(keel_pg *c, const char *channel, const char *p
 
 typedef struct keel_pg_opts {
   const char *conninfo;              /* libpq connection string or URI; required */
-  uint32_t connect_timeout_ms;       /* default 5000 */
+  uint32_t connect_timeout_ms;       /* default 5000 (0 = 5000) */
   uint32_t query_timeout_ms;         /* per query, counted from keel_pg_query(); 0 = none
                                         (default). A sent statement that expires resets
                                         the connection (PQcancel would block the loop). */
   uint32_t health_check_interval_ms; /* idle `SELECT 1` probe with a connect_timeout_ms
                                         deadline; default 10000; 0 = off */
-  uint32_t keepalive_idle_s;         /* TCP keepalive idle seconds; default 10 (added as
-                                        keepalives params to key=value conninfo strings,
-                                        where the user's own settings win; not to URIs) */
+  uint32_t keepalive_idle_s;         /* TCP keepalive idle seconds; default 10 (0 = 10).
+                                        Added as libpq keepalives params (probes every 5 s);
+                                        keepalive settings in conninfo win */
   keel_backoff reconnect_backoff;    /* default full jitter 100 ms x2, cap 10000 ms */
   bool reconnect;                    /* default true */
   bool pipeline;                     /* default true (when libpq supports it) */
@@ -133,6 +133,18 @@ KEEL_EXTERN int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg *
  */
 KEEL_EXTERN int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *values,
                               keel_pg_result_cb cb, void *data);
+
+/*
+ * Like keel_pg_query(), for a statement run many times: it is prepared once
+ * per session (in the same pipelined write as its first execution) and
+ * executed by name afterwards, which saves the server parsing and planning
+ * it each time. Up to 64 distinct statements are cached per connection;
+ * beyond that, and without pipeline mode, it behaves as keel_pg_query().
+ * A failing PREPARE is reported as the statement's own error. Errors as
+ * keel_pg_query().
+ */
+KEEL_EXTERN int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams,
+                                     const char *const *values, keel_pg_result_cb cb, void *data);
 
 /* true when connected and usable now. */
 KEEL_EXTERN bool keel_pg_is_connected(const keel_pg *c);
@@ -202,6 +214,12 @@ KEEL_EXTERN int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts,
  */
 KEEL_EXTERN int keel_pg_pool_query(keel_pg_pool *pool, const char *sql, int nparams,
                                    const char *const *values, keel_pg_result_cb cb, void *data);
+
+/* keel_pg_pool_query() for a statement run many times: prepared once per
+ * session of each connection (see keel_pg_query_cached). */
+KEEL_EXTERN int keel_pg_pool_query_cached(keel_pg_pool *pool, const char *sql, int nparams,
+                                          const char *const *values, keel_pg_result_cb cb,
+                                          void *data);
 
 /* status 0 and a connection for the caller's exclusive use until
  * keel_pg_pool_release(); or UV_ETIMEDOUT / UV_ECANCELED with conn NULL. */

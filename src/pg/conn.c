@@ -122,6 +122,7 @@ static void handle_closed(keel_pg *c) {
   if (c->state != KEEL__PG_CLOSING || c->handles_open != 0) return;
   keel_close_cb cb = c->close_cb;
   void *data = c->close_data;
+  for (int i = 0; i < KEEL__PG_PREPARED_MAX; i++) keel__free(c->prepared[i].sql);
   keel__free(c->conninfo);
   keel__free(c);
   if (cb != NULL) cb(c, data);
@@ -327,6 +328,73 @@ static void move_to_sent(keel_pg *c, keel__pg_query *q) {
   c->sent_count++;
 }
 
+/* The cache slot of sql prepared in this session, or a slot to prepare it
+ * in (*fresh = true), or -1 when the cache is full. */
+static int prepared_slot(keel_pg *c, const char *sql, bool *fresh) {
+  int free_slot = -1;
+  for (int i = 0; i < KEEL__PG_PREPARED_MAX; i++) {
+    keel__pg_prepared *p = &c->prepared[i];
+    if (p->sql == NULL || p->session != c->session) {
+      if (free_slot < 0) free_slot = i;
+      continue;
+    }
+    if (strcmp(p->sql, sql) == 0) {
+      *fresh = false;
+      return i;
+    }
+  }
+  if (free_slot < 0) return -1;
+  keel__pg_prepared *p = &c->prepared[free_slot];
+  keel__free(p->sql);
+  p->sql = keel__strdup(sql);
+  if (p->sql == NULL) return -1;
+  p->session = c->session;
+  *fresh = true;
+  return free_slot;
+}
+
+static void drop_prepared(keel_pg *c, int slot) {
+  keel__free(c->prepared[slot].sql);
+  c->prepared[slot].sql = NULL;
+}
+
+/* Sends one statement: by name when it is cached (preparing it first, in
+ * the same pipeline, the first time in a session), otherwise with its text. */
+static bool send_statement(keel_pg *c, keel__pg_query *q) {
+#if defined(LIBPQ_HAS_PIPELINING)
+  if (q->cached && c->pipeline_on) {
+    bool fresh = false;
+    int slot = prepared_slot(c, q->sql, &fresh);
+    if (slot >= 0) {
+      char name[24];
+      snprintf(name, sizeof name, "keel_s%d", slot);
+      if (fresh) {
+        keel__pg_query *prepare = keel__calloc(1, sizeof *prepare);
+        if (prepare == NULL) {
+          drop_prepared(c, slot);
+          return PQsendQueryParams(c->conn, q->sql, q->nparams, NULL, q->values, NULL, NULL, 0);
+        }
+        prepare->internal = true;
+        prepare->prepare_slot = slot;
+        if (!PQsendPrepare(c->conn, name, q->sql, q->nparams, NULL) || !PQpipelineSync(c->conn)) {
+          keel__free(prepare);
+          return false;
+        }
+        /* Its result comes first: it goes into the sent list ahead of q. */
+        if (c->sent_tail != NULL)
+          c->sent_tail->next = prepare;
+        else
+          c->sent_head = prepare;
+        c->sent_tail = prepare;
+        c->sent_count++;
+      }
+      return PQsendQueryPrepared(c->conn, name, q->nparams, q->values, NULL, NULL, 0);
+    }
+  }
+#endif
+  return PQsendQueryParams(c->conn, q->sql, q->nparams, NULL, q->values, NULL, NULL, 0);
+}
+
 static void flush_queries(keel_pg *c) {
   if (c->state != KEEL__PG_CONNECTED) return;
   fail_stale_bound(c);
@@ -337,7 +405,7 @@ static void flush_queries(keel_pg *c) {
     keel__pg_query *q = c->pending_head;
     /* Queued by a callback of fail_stale_bound(): the flush timer fails it. */
     if (q->session != 0 && q->session != c->session) break;
-    if (!PQsendQueryParams(c->conn, q->sql, q->nparams, NULL, q->values, NULL, NULL, 0)) {
+    if (!send_statement(c, q)) {
       disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
       return;
     }
@@ -375,6 +443,26 @@ static void complete_head(keel_pg *c) {
   keel__pg_query *q = pop_sent(c);
   PGresult *res = q->result;
   q->result = NULL;
+  if (q->prepare_slot >= 0 && q->internal) {
+    /* An internal PREPARE: on failure, forget the slot and let the EXECUTE
+     * that follows report the PREPARE's error (its own would only say that
+     * the statement does not exist). */
+    if (res == NULL || PQresultStatus(res) != PGRES_COMMAND_OK) {
+      drop_prepared(c, q->prepare_slot);
+      if (c->sent_head != NULL && res != NULL) {
+        c->sent_head->inherited = res;
+        res = NULL;
+      }
+    }
+    if (res != NULL) PQclear(res);
+    keel__free(q);
+    return;
+  }
+  if (q->inherited != NULL) {
+    if (res != NULL) PQclear(res);
+    res = q->inherited;
+    q->inherited = NULL;
+  }
   int status = 0;
   const char *text = NULL;
   if (res == NULL) {
@@ -542,7 +630,8 @@ static void arm_deadline(keel_pg *c) {
 }
 
 static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *values,
-                   keel_pg_result_cb cb, void *data, uint64_t timeout_ms, bool internal);
+                   keel_pg_result_cb cb, void *data, uint64_t timeout_ms, bool internal,
+                   bool cached);
 
 static void on_health_timer(uv_timer_t *timer) {
   keel_pg *c = timer->data;
@@ -550,23 +639,33 @@ static void on_health_timer(uv_timer_t *timer) {
   if (now_ms(c) - c->last_activity_ms < c->opts.health_check_interval_ms) return;
   /* An idle probe with a deadline finds half-open sockets that TCP alone
    * would take minutes to notice. */
-  enqueue(c, "SELECT 1", 0, NULL, NULL, NULL, c->opts.connect_timeout_ms, true);
+  enqueue(c, "SELECT 1", 0, NULL, NULL, NULL, c->opts.connect_timeout_ms, true, false);
 }
 
 /* ---- public API --------------------------------------------------------- */
 
 static char *conninfo_with_keepalives(const keel_pg_opts *opts) {
-  /* Keywords given later win in libpq, but user settings should win over
-   * ours: ours go first. A URI cannot be prefixed, so it is used as is. */
   const char *user = opts->conninfo;
-  if (strncmp(user, "postgres://", 11) == 0 || strncmp(user, "postgresql://", 13) == 0)
-    return keel__strdup(user);
-  char prefix[128];
-  snprintf(prefix, sizeof prefix, "keepalives=1 keepalives_idle=%u keepalives_interval=5 ",
-           opts->keepalive_idle_s ? opts->keepalive_idle_s : 10);
-  size_t len = strlen(prefix) + strlen(user) + 1;
+  unsigned idle = opts->keepalive_idle_s ? opts->keepalive_idle_s : 10;
+  char extra[128];
+  bool uri = strncmp(user, "postgres://", 11) == 0 || strncmp(user, "postgresql://", 13) == 0;
+  if (uri) {
+    /* In a URI the parameters go after '?'; the user's own keepalive
+     * settings win, so ours are added only when there are none. */
+    if (strstr(user, "keepalives") != NULL) return keel__strdup(user);
+    snprintf(extra, sizeof extra, "%ckeepalives=1&keepalives_idle=%u&keepalives_interval=5",
+             strchr(user, '?') != NULL ? '&' : '?', idle);
+  } else {
+    /* Keywords given later win in libpq: ours go first. */
+    snprintf(extra, sizeof extra, "keepalives=1 keepalives_idle=%u keepalives_interval=5 ", idle);
+  }
+  size_t len = strlen(extra) + strlen(user) + 1;
   char *out = keel__malloc(len);
-  if (out != NULL) snprintf(out, len, "%s%s", prefix, user);
+  if (out == NULL) return NULL;
+  if (uri)
+    snprintf(out, len, "%s%s", user, extra);
+  else
+    snprintf(out, len, "%s%s", extra, user);
   return out;
 }
 
@@ -607,7 +706,8 @@ static void on_flush_timer(uv_timer_t *timer) {
 }
 
 static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *values,
-                   keel_pg_result_cb cb, void *data, uint64_t timeout_ms, bool internal) {
+                   keel_pg_result_cb cb, void *data, uint64_t timeout_ms, bool internal,
+                   bool cached) {
   /* One block: the query, the value pointers, then the SQL and values. */
   size_t sql_len = strlen(sql) + 1;
   size_t size = sizeof(keel__pg_query) + (size_t)nparams * sizeof(char *) + sql_len;
@@ -636,6 +736,8 @@ static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *
   q->cb = cb;
   q->data = data;
   q->internal = internal;
+  q->cached = cached;
+  q->prepare_slot = -1;
   q->session = internal ? 0 : c->bound_session;
   q->deadline_ms = timeout_ms != 0 ? now_ms(c) + timeout_ms : 0;
   if (c->pending_tail != NULL)
@@ -662,7 +764,18 @@ int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *v
   if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
   if (c->state == KEEL__PG_STOPPED)
     return keel__fail(c->last_error, KEEL_ECONN, "not connected and reconnect is off");
-  return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false);
+  return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, false);
+}
+
+int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams, const char *const *values,
+                         keel_pg_result_cb cb, void *data) {
+  if (c == NULL) return UV_EINVAL;
+  if (sql == NULL || nparams < 0 || (nparams > 0 && values == NULL))
+    return keel__fail(c->last_error, UV_EINVAL, "keel_pg_query_cached: sql required");
+  if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
+  if (c->state == KEEL__PG_STOPPED)
+    return keel__fail(c->last_error, KEEL_ECONN, "not connected and reconnect is off");
+  return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, true);
 }
 
 bool keel_pg_is_connected(const keel_pg *c) {

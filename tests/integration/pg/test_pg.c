@@ -2,10 +2,14 @@
  * pipelining, errors, reconnect after a killed backend, pool, transactions,
  * notifications, close. */
 #include <criterion/criterion.h>
+#include <libpq-fe.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 #include "keel/pg.h"
 #include "support/harness.h"
@@ -839,4 +843,47 @@ Test(pg, pool_close_ends_a_running_transaction_once) {
   uv_run(&p.loop, UV_RUN_DEFAULT);
   cr_assert_eq(closed, 1);
   cr_assert_eq(uv_loop_close(&p.loop), 0);
+}
+
+/* ---- TCP keepalives, key/value and URI conninfo ----------------------------- */
+
+static int keepidle_of(const char *conninfo) {
+  ctx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = conninfo;
+  o.keepalive_idle_s = 7;
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x);
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], 0, "%s", keel_pg_last_error(x.c));
+  int fd = PQsocket(keel_pg_raw(x.c));
+  int idle = -1;
+  socklen_t len = sizeof idle;
+  cr_assert_eq(getsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, &len), 0);
+  close_conn(&x);
+  return idle;
+}
+
+Test(pg, keepalives_for_key_value_and_uri_conninfo) {
+  cr_assert_eq(keepidle_of(kt_pg_conninfo()), 7);
+  PQconninfoOption *opts = PQconninfoParse(kt_pg_conninfo(), NULL);
+  cr_assert_not_null(opts);
+  const char *host = "127.0.0.1", *port = "5432", *user = "postgres", *db = "postgres";
+  for (PQconninfoOption *o = opts; o->keyword != NULL; o++) {
+    if (o->val == NULL) continue;
+    if (strcmp(o->keyword, "host") == 0) host = o->val;
+    if (strcmp(o->keyword, "port") == 0) port = o->val;
+    if (strcmp(o->keyword, "user") == 0) user = o->val;
+    if (strcmp(o->keyword, "dbname") == 0) db = o->val;
+  }
+  char uri[256];
+  snprintf(uri, sizeof uri, "postgresql://%s@%s:%s/%s", user, host, port, db);
+  cr_assert_eq(keepidle_of(uri), 7, "%s", uri);
+  char uri_q[300];
+  snprintf(uri_q, sizeof uri_q, "%s?application_name=keel_test", uri);
+  cr_assert_eq(keepidle_of(uri_q), 7, "%s", uri_q);
+  PQconninfoFree(opts);
 }
