@@ -184,7 +184,7 @@ static int run_occ(keel_integrity *ig, const keel_occ_spec *s, keel_occ_cb cb, v
   rc = keel__ig_begin(ig);
   if (rc == 0) {
     *call = (occ_call){ig, cb, data};
-    rc = keel_pg_pool_query(ig->pool, b.text, s->set_count + 2, values, on_occ_result, call);
+    rc = keel_pg_pool_query_cached(ig->pool, b.text, s->set_count + 2, values, on_occ_result, call);
     if (rc != 0) {
       keel__fail(ig->last_error, rc, "%s", keel_pg_pool_last_error(ig->pool));
       ig->outstanding--;

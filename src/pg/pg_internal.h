@@ -25,8 +25,18 @@ typedef struct keel__pg_query {
   PGresult *result;     /* first result collected while in flight */
   bool internal;        /* health check: no user callback */
   uint64_t session;     /* != 0: may run only in this session (transactions) */
+  bool cached;          /* prepare once per session, then execute by name */
+  int prepare_slot;     /* internal PREPARE of this cache slot; -1 otherwise */
+  PGresult *inherited;  /* a failed PREPARE's error, reported by its EXECUTE */
   /* sql, the value pointers and the values follow in the same block */
 } keel__pg_query;
+
+/* Statements prepared on the current session (keel_pg_query_cached). */
+#define KEEL__PG_PREPARED_MAX 64
+typedef struct keel__pg_prepared {
+  char *sql;        /* NULL: free slot */
+  uint64_t session; /* prepared in this session */
+} keel__pg_prepared;
 
 typedef enum keel__pg_state {
   KEEL__PG_CONNECTING = 0,
@@ -65,6 +75,7 @@ struct keel_pg {
   uint64_t error_generation; /* bumped on every failed statement */
   uint64_t session;          /* bumped on every successful connect */
   uint64_t bound_session;    /* != 0: new statements are bound to it (a transaction) */
+  keel__pg_prepared prepared[KEEL__PG_PREPARED_MAX];
   char last_error[KEEL__ERRBUF_SIZE];
 };
 

@@ -18,6 +18,7 @@ typedef struct waiter {
   int nparams;
   char *sql;
   char **values;
+  bool cached; /* WAIT_QUERY: keel_pg_query_cached */
 } waiter;
 
 typedef struct member {
@@ -206,8 +207,9 @@ static void dispatch(keel_pg_pool *p) {
     } else {
       free_member->result_cb = w->result_cb;
       free_member->result_data = w->data;
-      int rc = keel_pg_query(free_member->conn, w->sql, w->nparams, (const char *const *)w->values,
-                             on_member_result, free_member);
+      int rc = (w->cached ? keel_pg_query_cached : keel_pg_query)(
+          free_member->conn, w->sql, w->nparams, (const char *const *)w->values, on_member_result,
+          free_member);
       if (rc != 0) {
         free_member->busy = false;
         free_member->result_cb = NULL;
@@ -295,8 +297,8 @@ static int add_waiter(keel_pg_pool *p, waiter *w) {
   return 0;
 }
 
-int keel_pg_pool_query(keel_pg_pool *p, const char *sql, int nparams, const char *const *values,
-                       keel_pg_result_cb cb, void *data) {
+static int pool_query(keel_pg_pool *p, const char *sql, int nparams, const char *const *values,
+                      keel_pg_result_cb cb, void *data, bool cached) {
   if (p == NULL) return UV_EINVAL;
   if (sql == NULL || nparams < 0 || (nparams > 0 && values == NULL))
     return keel__fail(p->last_error, UV_EINVAL, "keel_pg_pool_query: sql required, nparams >= 0");
@@ -321,7 +323,18 @@ int keel_pg_pool_query(keel_pg_pool *p, const char *sql, int nparams, const char
   }
   memcpy(text, sql, strlen(sql) + 1);
   w->sql = text;
+  w->cached = cached;
   return add_waiter(p, w);
+}
+
+int keel_pg_pool_query(keel_pg_pool *p, const char *sql, int nparams, const char *const *values,
+                       keel_pg_result_cb cb, void *data) {
+  return pool_query(p, sql, nparams, values, cb, data, false);
+}
+
+int keel_pg_pool_query_cached(keel_pg_pool *p, const char *sql, int nparams,
+                              const char *const *values, keel_pg_result_cb cb, void *data) {
+  return pool_query(p, sql, nparams, values, cb, data, true);
 }
 
 int keel_pg_pool_acquire(keel_pg_pool *p, keel_pg_acquire_cb cb, void *data) {
