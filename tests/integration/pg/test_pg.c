@@ -887,3 +887,76 @@ Test(pg, keepalives_for_key_value_and_uri_conninfo) {
   cr_assert_eq(keepidle_of(uri_q), 7, "%s", uri_q);
   PQconninfoFree(opts);
 }
+
+/* ---- close from inside other callbacks ---------------------------------------- */
+
+static void close_pool_inside(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  (void)res;
+  pool_ctx *p = data;
+  p->statuses[p->results++] = status;
+  keel_pg_pool_close(p->pool, NULL, NULL);
+  keel_pg_pool_close(p->pool, NULL, NULL); /* a second call does nothing */
+}
+
+Test(pg, pool_close_from_inside_a_pool_callback) {
+  pool_ctx p;
+  open_pool(&p, 1);
+  cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 1", 0, NULL, close_pool_inside, &p), 0);
+  cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 2", 0, NULL, pool_store, &p), 0);
+  uv_run(&p.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(p.results, 2);
+  cr_assert_eq(p.statuses[0], 0);
+  cr_assert_eq(p.statuses[1], UV_ECANCELED);
+  cr_assert_eq(uv_loop_close(&p.loop), 0);
+}
+
+static void close_on_up(keel_pg *c, bool up, int status, void *data) {
+  on_state(c, up, status, data);
+  if (up) keel_pg_close(c, NULL, NULL);
+}
+
+static void close_on_notify(keel_pg *c, const char *channel, const char *payload, int pid,
+                            void *data) {
+  on_notify(c, channel, payload, pid, data);
+  keel_pg_close(c, NULL, NULL);
+}
+
+Test(pg, close_from_inside_on_state_and_on_notify) {
+  ctx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = kt_pg_conninfo();
+  o.on_state = close_on_up;
+  o.data = &x;
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x);
+  uv_run(&x.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(x.ups, 1);
+  cr_assert_eq(x.results, 1);
+  cr_assert_eq(x.statuses[0], UV_ECANCELED);
+  cr_assert_eq(uv_loop_close(&x.loop), 0);
+
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  o.on_state = NULL;
+  o.on_notify = close_on_notify;
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  char channel[64], sql[200];
+  kt_unique_name(channel, sizeof channel, "chan");
+  snprintf(sql, sizeof sql, "LISTEN %s", channel);
+  keel_pg_query(x.c, sql, 0, NULL, NULL, NULL);
+  snprintf(sql, sizeof sql, "NOTIFY %s, 'one'", channel);
+  keel_pg_query(x.c, sql, 0, NULL, NULL, NULL);
+  snprintf(sql, sizeof sql, "NOTIFY %s, 'two'", channel);
+  keel_pg_query(x.c, sql, 0, NULL, NULL, NULL);
+  keel_pg_query(x.c, "SELECT pg_sleep(2)", 0, NULL, store, &x);
+  uv_run(&x.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(x.notifies, 1, "nothing is delivered after close");
+  cr_assert_str_eq(x.notify_payload, "one");
+  cr_assert_eq(x.results, 1);
+  cr_assert_eq(x.statuses[0], UV_ECANCELED);
+  cr_assert_eq(uv_loop_close(&x.loop), 0);
+}
