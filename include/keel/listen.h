@@ -206,6 +206,36 @@ typedef void (*keel_listener_install_cb)(keel_pg *conn, int status, void *data);
 KEEL_EXTERN int keel_listener_install(keel_pg *conn, const char *table, const char *key_columns,
                                       const char *channel, keel_listener_install_cb cb, void *data);
 
+/*
+ * Like keel_listener_install_sql(), and also pushes the subscription into
+ * the trigger so that unwanted changes are never sent: only the operations
+ * in `events` (a keel_change_op mask) fire it, and a `filter` (PostgREST
+ * syntax, NULL = none) becomes its WHEN condition: with a filter, one trigger
+ * for INSERT/UPDATE tests the new row and one for DELETE tests the old row,
+ * as the listener does. Column values are read as the listener sees them
+ * (to_jsonb(NEW) ->> 'column'), values are quoted literals, text compares
+ * bytewise, plain decimal numbers compare as numbers; a value the trigger
+ * cannot judge exactly (e.g. a hex number) lets the row through, and the
+ * listener's own filter still decides. The filter applies to everything the
+ * table sends on that channel: installing again replaces the table's
+ * triggers (one set per table).
+ * Returns the length, UV_EINVAL (bad identifiers, events outside 1..7, a
+ * malformed filter), UV_ENOMEM or UV_ENOBUFS.
+ */
+KEEL_EXTERN int keel_listener_install_filtered_sql(char *buf, size_t cap, const char *table,
+                                                   const char *key_columns, const char *channel,
+                                                   unsigned events, const char *filter);
+
+/*
+ * Installs the trigger of keel_listener_install_filtered_sql() through conn,
+ * like keel_listener_install(). Returns 0, UV_EINVAL (also for a malformed
+ * filter or events outside 1..7) or UV_ENOMEM; cb is called only after 0.
+ */
+KEEL_EXTERN int keel_listener_install_filtered(keel_pg *conn, const char *table,
+                                               const char *key_columns, const char *channel,
+                                               unsigned events, const char *filter,
+                                               keel_listener_install_cb cb, void *data);
+
 #ifdef __cplusplus
 }
 #endif

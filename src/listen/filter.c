@@ -221,3 +221,164 @@ bool keel__filter_match(const keel__filter *f, keel__filter_lookup lookup, void 
     if (!term_match(&f->terms[i], lookup, row)) return false;
   return true;
 }
+
+/* ---- translation into a trigger's WHEN condition ------------------------ */
+
+typedef struct sqlbuf {
+  char *buf;
+  size_t cap, at;
+  bool full;
+} sqlbuf;
+
+static void put_n(sqlbuf *b, const char *text, size_t len) {
+  if (b->full || b->at + len + 1 > b->cap) {
+    b->full = true;
+    return;
+  }
+  memcpy(b->buf + b->at, text, len);
+  b->at += len;
+  b->buf[b->at] = '\0';
+}
+
+static void put(sqlbuf *b, const char *text) {
+  put_n(b, text, strlen(text));
+}
+
+/* A SQL string literal: quotes doubled (standard_conforming_strings). */
+static void put_literal(sqlbuf *b, const char *text) {
+  put(b, "'");
+  for (const char *p = text; *p != '\0'; p++) {
+    if (*p == '\'') put(b, "'");
+    put_n(b, p, 1);
+  }
+  put(b, "'");
+}
+
+/* The column's text exactly as the evaluator sees it in keel's JSON. */
+static void put_column(sqlbuf *b, const char *row, const char *column) {
+  put(b, "(to_jsonb(");
+  put(b, row);
+  put(b, ") ->> ");
+  put_literal(b, column);
+  put(b, ")");
+}
+
+/* A plain decimal number that strtod and PostgreSQL's float8 input read the
+ * same way and that cannot overflow: the shape the trigger's regex accepts. */
+#define PLAIN_NUMBER_RE "'^[-+]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][-+]?[0-9]{1,2})?$'"
+
+/* Text strtod might read as a number in another form (hex, inf, very long):
+ * the trigger lets it through and the listener decides. */
+#define MAYBE_NUMBER_RE "'^[[:space:]]*[-+]?([0-9.]|[iInN])'"
+
+static bool plain_number(const char *s) {
+  size_t n = strlen(s), i = 0, digits = 0;
+  if (n == 0 || n >= 40) return false;
+  if (s[i] == '+' || s[i] == '-') i++;
+  while (i < n && s[i] >= '0' && s[i] <= '9') i++, digits++;
+  if (i < n && s[i] == '.') i++;
+  while (i < n && s[i] >= '0' && s[i] <= '9') i++, digits++;
+  if (digits == 0) return false;
+  if (i < n && (s[i] == 'e' || s[i] == 'E')) {
+    i++;
+    if (i < n && (s[i] == '+' || s[i] == '-')) i++;
+    size_t e = 0;
+    while (i < n && s[i] >= '0' && s[i] <= '9') i++, e++;
+    if (e == 0 || e > 2) return false;
+  }
+  return i == n;
+}
+
+static const char *sql_operator(keel__filter_op op) {
+  switch (op) {
+    case KEEL__F_NEQ:
+      return " <> ";
+    case KEEL__F_LT:
+      return " < ";
+    case KEEL__F_LTE:
+      return " <= ";
+    case KEEL__F_GT:
+      return " > ";
+    case KEEL__F_GTE:
+      return " >= ";
+    default:
+      return " = ";
+  }
+}
+
+/* One comparison of the column with one value, never narrower than the
+ * evaluator: text compares bytewise (COLLATE "C" = strcmp); a plain decimal
+ * value compares as float8 when the column's text is a plain decimal too,
+ * as text when the column's text cannot be a number, and otherwise lets the
+ * row through for the listener to decide. */
+static void put_compare(sqlbuf *b, const char *row, const char *column, keel__filter_op op,
+                        const char *value) {
+  double ignored;
+  if (!as_number(value, &ignored)) {
+    put(b, "(");
+    put_column(b, row, column);
+    put(b, " COLLATE \"C\"");
+    put(b, sql_operator(op));
+    put_literal(b, value);
+    put(b, ")");
+    return;
+  }
+  if (!plain_number(value)) { /* hex, inf, ...: the listener decides */
+    put(b, "(");
+    put_column(b, row, column);
+    put(b, " IS NOT NULL)");
+    return;
+  }
+  put(b, "(CASE WHEN ");
+  put_column(b, row, column);
+  put(b, " ~ " PLAIN_NUMBER_RE " AND length(");
+  put_column(b, row, column);
+  put(b, ") < 40 THEN ");
+  put_column(b, row, column);
+  put(b, "::float8");
+  put(b, sql_operator(op));
+  put_literal(b, value);
+  put(b, "::float8 ELSE ");
+  put_column(b, row, column);
+  put(b, " ~ " MAYBE_NUMBER_RE " OR ");
+  put_column(b, row, column);
+  put(b, " COLLATE \"C\"");
+  put(b, sql_operator(op));
+  put_literal(b, value);
+  put(b, " END)");
+}
+
+int keel__filter_to_sql(const keel__filter *f, const char *row, char *buf, size_t cap) {
+  sqlbuf b = {buf, cap, 0, false};
+  if (buf == NULL || cap == 0) return UV_ENOBUFS;
+  buf[0] = '\0';
+  for (size_t i = 0; i < f->count; i++) {
+    const keel__filter_term *t = &f->terms[i];
+    if (i > 0) put(&b, " AND ");
+    switch (t->op) {
+      case KEEL__F_IS_NULL:
+        put(&b, "(");
+        put_column(&b, row, t->column);
+        put(&b, " IS NULL)");
+        break;
+      case KEEL__F_IS_TRUE:
+      case KEEL__F_IS_FALSE:
+        put(&b, "(");
+        put_column(&b, row, t->column);
+        put(&b, t->op == KEEL__F_IS_TRUE ? " = 'true')" : " = 'false')");
+        break;
+      case KEEL__F_IN:
+        put(&b, "(");
+        for (size_t v = 0; v < t->value_count; v++) {
+          if (v > 0) put(&b, " OR ");
+          put_compare(&b, row, t->column, KEEL__F_EQ, t->values[v]);
+        }
+        put(&b, ")");
+        break;
+      default:
+        put_compare(&b, row, t->column, t->op, t->values[0]);
+        break;
+    }
+  }
+  return b.full ? UV_ENOBUFS : (int)b.at;
+}

@@ -43,4 +43,12 @@ typedef const char *(*keel__filter_lookup)(void *row, const char *column, bool *
 /* true when every term matches the row. */
 bool keel__filter_match(const keel__filter *f, keel__filter_lookup lookup, void *row);
 
+/* Writes f as a SQL boolean expression over the trigger row `row` ("NEW" or
+ * "OLD") for a trigger's WHEN clause: values as quoted literals, columns read
+ * from to_jsonb(row) as the listener sees them. Never narrower than
+ * keel__filter_match (a row the evaluator accepts always passes), exact for
+ * text values, is.*, and plain decimal numbers. An empty filter writes "".
+ * Returns the length or UV_ENOBUFS. */
+int keel__filter_to_sql(const keel__filter *f, const char *row, char *buf, size_t cap);
+
 #endif

@@ -6,6 +6,7 @@
 #include "core/alloc.h"
 #include "core/util.h"
 #include "keel/listen.h"
+#include "listen/filter.h"
 
 /* One function per database. TG_ARGV[0] is the channel, the rest are the
  * key columns. A payload over NOTIFY's 8000-byte limit is replaced by the
@@ -58,29 +59,51 @@ static bool append(char *buf, size_t cap, size_t *at, const char *text) {
   return true;
 }
 
-/* Writes "DROP TRIGGER ...;" and "CREATE TRIGGER ..." as two statements
- * separated by a NUL (drop_len receives the first's length). */
-static int trigger_sql(char *buf, size_t cap, const char *table, const char *key_columns,
-                       const char *channel, size_t *drop_len) {
-  char quoted_table[160], trigger_name[80], quoted_trigger[180];
-  if (keel_pg_quote_ident(quoted_table, sizeof quoted_table, table, true) < 0) return UV_EINVAL;
-  const char *bare = strchr(table, '.') ? strchr(table, '.') + 1 : table;
-  snprintf(trigger_name, sizeof trigger_name, "keel_notify_%.50s", bare);
-  if (keel_pg_quote_ident(quoted_trigger, sizeof quoted_trigger, trigger_name, false) < 0)
-    return UV_EINVAL;
-  if (key_columns == NULL || key_columns[0] == '\0') return UV_EINVAL;
-  size_t at = 0;
-  if (!append(buf, cap, &at, "DROP TRIGGER IF EXISTS ") || !append(buf, cap, &at, quoted_trigger) ||
-      !append(buf, cap, &at, " ON ") || !append(buf, cap, &at, quoted_table))
+static bool append_events(char *buf, size_t cap, size_t *at, unsigned events) {
+  bool first = true;
+  static const struct {
+    unsigned bit;
+    const char *name;
+  } names[] = {{KEEL_CHANGE_INSERT, "INSERT"},
+               {KEEL_CHANGE_UPDATE, "UPDATE"},
+               {KEEL_CHANGE_DELETE, "DELETE"}};
+  for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+    if (!(events & names[i].bit)) continue;
+    if (!append(buf, cap, at, first ? "" : " OR ") || !append(buf, cap, at, names[i].name))
+      return false;
+    first = false;
+  }
+  return true;
+}
+
+/* Ends the statement at *at with a NUL and starts the next one after it. */
+static bool next_statement(char *buf, size_t cap, size_t *at, int *count) {
+  if (*at + 1 >= cap) return false;
+  buf[(*at)++] = '\0';
+  buf[*at] = '\0';
+  (*count)++;
+  return true;
+}
+
+/* CREATE TRIGGER name AFTER events ON table FOR EACH ROW [WHEN (cond)]
+ * EXECUTE FUNCTION keel_notify_change('channel', 'k1', ...) */
+static int create_trigger(char *buf, size_t cap, size_t *at, const char *quoted_trigger,
+                          const char *quoted_table, unsigned events, const keel__filter *filter,
+                          const char *row, const char *channel, const char *key_columns) {
+  if (!append(buf, cap, at, "CREATE TRIGGER ") || !append(buf, cap, at, quoted_trigger) ||
+      !append(buf, cap, at, " AFTER ") || !append_events(buf, cap, at, events) ||
+      !append(buf, cap, at, " ON ") || !append(buf, cap, at, quoted_table) ||
+      !append(buf, cap, at, " FOR EACH ROW"))
     return UV_ENOBUFS;
-  *drop_len = at;
-  at++; /* keep the NUL: the next statement starts after it */
-  if (at >= cap) return UV_ENOBUFS;
-  if (!append(buf, cap, &at, "CREATE TRIGGER ") || !append(buf, cap, &at, quoted_trigger) ||
-      !append(buf, cap, &at, " AFTER INSERT OR UPDATE OR DELETE ON ") ||
-      !append(buf, cap, &at, quoted_table) ||
-      !append(buf, cap, &at, " FOR EACH ROW EXECUTE FUNCTION keel_notify_change(") ||
-      !append_literal(buf, cap, &at, channel, strlen(channel)))
+  if (filter->count > 0) {
+    if (!append(buf, cap, at, " WHEN (")) return UV_ENOBUFS;
+    int n = keel__filter_to_sql(filter, row, buf + *at, cap - *at);
+    if (n < 0) return n;
+    *at += (size_t)n;
+    if (!append(buf, cap, at, ")")) return UV_ENOBUFS;
+  }
+  if (!append(buf, cap, at, " EXECUTE FUNCTION keel_notify_change(") ||
+      !append_literal(buf, cap, at, channel, strlen(channel)))
     return UV_ENOBUFS;
   const char *column = key_columns;
   while (*column != '\0') {
@@ -89,27 +112,106 @@ static int trigger_sql(char *buf, size_t cap, const char *table, const char *key
     while (len > 0 && *column == ' ') column++, len--;
     while (len > 0 && column[len - 1] == ' ') len--;
     if (len == 0) return UV_EINVAL;
-    if (!append(buf, cap, &at, ", ") || !append_literal(buf, cap, &at, column, len))
+    if (!append(buf, cap, at, ", ") || !append_literal(buf, cap, at, column, len))
       return UV_ENOBUFS;
     if (comma == NULL) break;
     column = comma + 1;
   }
-  if (!append(buf, cap, &at, ")")) return UV_ENOBUFS;
+  if (!append(buf, cap, at, ")")) return UV_ENOBUFS;
+  return 0;
+}
+
+/* Writes the trigger statements separated by NULs into buf: the two DROP
+ * TRIGGER IF EXISTS (row trigger and delete trigger), then one CREATE
+ * TRIGGER without a filter, or with a filter one for INSERT/UPDATE (WHEN on
+ * NEW) and one for DELETE (WHEN on OLD), each only for events in the mask.
+ * Returns the number of statements. */
+static int trigger_sql(char *buf, size_t cap, const char *table, const char *key_columns,
+                       const char *channel, unsigned events, const keel__filter *filter) {
+  char quoted_table[160], name[80], quoted_trigger[180], quoted_delete[180];
+  if (keel_pg_quote_ident(quoted_table, sizeof quoted_table, table, true) < 0) return UV_EINVAL;
+  if (events == 0 || events > KEEL_CHANGE_ALL) return UV_EINVAL;
+  const char *bare = strchr(table, '.') ? strchr(table, '.') + 1 : table;
+  snprintf(name, sizeof name, "keel_notify_%.50s", bare);
+  if (keel_pg_quote_ident(quoted_trigger, sizeof quoted_trigger, name, false) < 0) return UV_EINVAL;
+  snprintf(name, sizeof name, "keel_notify_%.50s_del", bare);
+  if (keel_pg_quote_ident(quoted_delete, sizeof quoted_delete, name, false) < 0) return UV_EINVAL;
+  if (key_columns == NULL || key_columns[0] == '\0') return UV_EINVAL;
+  size_t at = 0;
+  int count = 0, rc;
+  if (!append(buf, cap, &at, "DROP TRIGGER IF EXISTS ") || !append(buf, cap, &at, quoted_trigger) ||
+      !append(buf, cap, &at, " ON ") || !append(buf, cap, &at, quoted_table) ||
+      !next_statement(buf, cap, &at, &count) || !append(buf, cap, &at, "DROP TRIGGER IF EXISTS ") ||
+      !append(buf, cap, &at, quoted_delete) || !append(buf, cap, &at, " ON ") ||
+      !append(buf, cap, &at, quoted_table) || !next_statement(buf, cap, &at, &count))
+    return UV_ENOBUFS;
+  if (filter->count == 0) {
+    rc = create_trigger(buf, cap, &at, quoted_trigger, quoted_table, events, filter, "NEW", channel,
+                        key_columns);
+    if (rc != 0) return rc;
+    if (!next_statement(buf, cap, &at, &count)) return UV_ENOBUFS;
+    return count;
+  }
+  unsigned row_events = events & (KEEL_CHANGE_INSERT | KEEL_CHANGE_UPDATE);
+  if (row_events != 0) {
+    rc = create_trigger(buf, cap, &at, quoted_trigger, quoted_table, row_events, filter, "NEW",
+                        channel, key_columns);
+    if (rc != 0) return rc;
+    if (!next_statement(buf, cap, &at, &count)) return UV_ENOBUFS;
+  }
+  if (events & KEEL_CHANGE_DELETE) {
+    rc = create_trigger(buf, cap, &at, quoted_delete, quoted_table, KEEL_CHANGE_DELETE, filter,
+                        "OLD", channel, key_columns);
+    if (rc != 0) return rc;
+    if (!next_statement(buf, cap, &at, &count)) return UV_ENOBUFS;
+  }
+  return count;
+}
+
+/* Room for the trigger statements of a filter of this length. */
+static size_t trigger_sql_cap(const char *filter, const char *key_columns) {
+  size_t f = filter != NULL ? strlen(filter) : 0;
+  size_t k = key_columns != NULL ? strlen(key_columns) : 0;
+  return 2048 + 4 * k + 2 * (600 + 40 * f);
+}
+
+int keel_listener_install_filtered_sql(char *buf, size_t cap, const char *table,
+                                       const char *key_columns, const char *channel,
+                                       unsigned events, const char *filter) {
+  if (buf == NULL || table == NULL) return UV_EINVAL;
+  if (channel == NULL) channel = KEEL_LISTEN_DEFAULT_CHANNEL;
+  keel__filter parsed;
+  int rc = keel__filter_parse(&parsed, filter, NULL, 0);
+  if (rc != 0) return rc;
+  size_t tcap = trigger_sql_cap(filter, key_columns);
+  char *trigger = keel__malloc(tcap);
+  if (trigger == NULL) {
+    keel__filter_free(&parsed);
+    return UV_ENOMEM;
+  }
+  int count = trigger_sql(trigger, tcap, table, key_columns, channel, events, &parsed);
+  keel__filter_free(&parsed);
+  if (count < 0) {
+    keel__free(trigger);
+    return count;
+  }
+  int n = snprintf(buf, cap, "%s;\n", notify_function_sql);
+  size_t at = n < 0 ? cap : (size_t)n;
+  const char *stmt = trigger;
+  for (int i = 0; i < count && at < cap; i++) {
+    n = snprintf(buf + at, cap - at, "%s;\n", stmt);
+    at = n < 0 ? cap : at + (size_t)n;
+    stmt += strlen(stmt) + 1;
+  }
+  keel__free(trigger);
+  if (at >= cap) return UV_ENOBUFS;
   return (int)at;
 }
 
 int keel_listener_install_sql(char *buf, size_t cap, const char *table, const char *key_columns,
                               const char *channel) {
-  if (buf == NULL || table == NULL) return UV_EINVAL;
-  if (channel == NULL) channel = KEEL_LISTEN_DEFAULT_CHANNEL;
-  char trigger[2048];
-  size_t drop_len = 0;
-  int len = trigger_sql(trigger, sizeof trigger, table, key_columns, channel, &drop_len);
-  if (len < 0) return len;
-  int n =
-      snprintf(buf, cap, "%s;\n%s;\n%s;\n", notify_function_sql, trigger, trigger + drop_len + 1);
-  if (n < 0 || (size_t)n >= cap) return UV_ENOBUFS;
-  return n;
+  return keel_listener_install_filtered_sql(buf, cap, table, key_columns, channel, KEEL_CHANGE_ALL,
+                                            NULL);
 }
 
 typedef struct install_job {
@@ -117,9 +219,11 @@ typedef struct install_job {
   void *data;
   char *table;
   char *channel;
-  char *statements; /* drop, NUL, create */
-  size_t drop_len;
-  int step;
+  char *filter; /* NULL = none */
+  unsigned events;
+  char *statements; /* NUL-separated */
+  const char *next; /* the next statement to run */
+  int remaining;    /* statements left after the function */
 } install_job;
 
 static void install_finish(keel_pg *conn, install_job *job, int status) {
@@ -127,6 +231,7 @@ static void install_finish(keel_pg *conn, install_job *job, int status) {
   void *data = job->data;
   keel__free(job->table);
   keel__free(job->channel);
+  keel__free(job->filter);
   keel__free(job->statements);
   keel__free(job);
   if (cb != NULL) cb(conn, status, data);
@@ -135,9 +240,9 @@ static void install_finish(keel_pg *conn, install_job *job, int status) {
 static void install_step(keel_pg *conn, int status, const keel_pg_result *res, void *data);
 
 static void run_step(keel_pg *conn, install_job *job) {
-  const char *sql = job->step == 0   ? notify_function_sql
-                    : job->step == 1 ? job->statements
-                                     : job->statements + job->drop_len + 1;
+  const char *sql = job->next;
+  job->next += strlen(sql) + 1;
+  job->remaining--;
   int rc = keel_pg_query(conn, sql, 0, NULL, install_step, job);
   if (rc != 0) install_finish(conn, job, rc);
 }
@@ -145,7 +250,7 @@ static void run_step(keel_pg *conn, install_job *job) {
 static void install_step(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   (void)res;
   install_job *job = data;
-  if (status != 0 || ++job->step == 3) {
+  if (status != 0 || job->remaining == 0) {
     install_finish(conn, job, status);
     return;
   }
@@ -153,11 +258,22 @@ static void install_step(keel_pg *conn, int status, const keel_pg_result *res, v
 }
 
 static int prepare_statements(install_job *job, const char *key_columns) {
-  job->statements = keel__malloc(2048);
-  if (job->statements == NULL) return UV_ENOMEM;
-  int len =
-      trigger_sql(job->statements, 2048, job->table, key_columns, job->channel, &job->drop_len);
-  return len < 0 ? len : 0;
+  size_t cap = trigger_sql_cap(job->filter, key_columns);
+  keel__filter parsed;
+  int rc = keel__filter_parse(&parsed, job->filter, NULL, 0);
+  if (rc != 0) return rc;
+  job->statements = keel__malloc(cap);
+  if (job->statements == NULL) {
+    keel__filter_free(&parsed);
+    return UV_ENOMEM;
+  }
+  int count = trigger_sql(job->statements, cap, job->table, key_columns, job->channel, job->events,
+                          &parsed);
+  keel__filter_free(&parsed);
+  if (count < 0) return count;
+  job->next = job->statements;
+  job->remaining = count;
+  return 0;
 }
 
 static void on_primary_key(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
@@ -176,27 +292,38 @@ static void on_primary_key(keel_pg *conn, int status, const keel_pg_result *res,
     install_finish(conn, job, rc);
     return;
   }
-  run_step(conn, job);
+  rc = keel_pg_query(conn, notify_function_sql, 0, NULL, install_step, job);
+  if (rc != 0) install_finish(conn, job, rc);
 }
 
-int keel_listener_install(keel_pg *conn, const char *table, const char *key_columns,
-                          const char *channel, keel_listener_install_cb cb, void *data) {
+int keel_listener_install_filtered(keel_pg *conn, const char *table, const char *key_columns,
+                                   const char *channel, unsigned events, const char *filter,
+                                   keel_listener_install_cb cb, void *data) {
   char quoted[160];
-  if (conn == NULL || table == NULL || keel_pg_quote_ident(quoted, sizeof quoted, table, true) < 0)
+  if (conn == NULL || table == NULL ||
+      keel_pg_quote_ident(quoted, sizeof quoted, table, true) < 0 || events == 0 ||
+      events > KEEL_CHANGE_ALL)
     return UV_EINVAL;
+  keel__filter check;
+  int rc = keel__filter_parse(&check, filter, NULL, 0);
+  if (rc != 0) return rc;
+  keel__filter_free(&check);
   install_job *job = keel__calloc(1, sizeof *job);
   if (job == NULL) return UV_ENOMEM;
   job->cb = cb;
   job->data = data;
   job->table = keel__strdup(table);
   job->channel = keel__strdup(channel != NULL ? channel : KEEL_LISTEN_DEFAULT_CHANNEL);
-  if (job->table == NULL || job->channel == NULL) {
+  job->events = events;
+  job->filter = filter != NULL && filter[0] != '\0' ? keel__strdup(filter) : NULL;
+  if (job->table == NULL || job->channel == NULL ||
+      (filter != NULL && filter[0] != '\0' && job->filter == NULL)) {
     keel__free(job->table);
     keel__free(job->channel);
+    keel__free(job->filter);
     keel__free(job);
     return UV_ENOMEM;
   }
-  int rc;
   if (key_columns != NULL) {
     rc = prepare_statements(job, key_columns);
     if (rc == 0) rc = keel_pg_query(conn, notify_function_sql, 0, NULL, install_step, job);
@@ -212,8 +339,15 @@ int keel_listener_install(keel_pg *conn, const char *table, const char *key_colu
   if (rc != 0) {
     keel__free(job->table);
     keel__free(job->channel);
+    keel__free(job->filter);
     keel__free(job->statements);
     keel__free(job);
   }
   return rc;
+}
+
+int keel_listener_install(keel_pg *conn, const char *table, const char *key_columns,
+                          const char *channel, keel_listener_install_cb cb, void *data) {
+  return keel_listener_install_filtered(conn, table, key_columns, channel, KEEL_CHANGE_ALL, NULL,
+                                        cb, data);
 }

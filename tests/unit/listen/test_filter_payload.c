@@ -120,3 +120,32 @@ Test(payload, malformed_payloads_are_reported) {
     keel__change_free(&c);
   }
 }
+
+Test(filter, translates_into_a_when_condition) {
+  keel__filter f;
+  char why[128], sql[4096];
+  cr_assert_eq(keel__filter_parse(&f, "na'me=eq.it's&flag=is.true&gone=is.null", why, sizeof why),
+               0);
+  int n = keel__filter_to_sql(&f, "NEW", sql, sizeof sql);
+  cr_assert_gt(n, 0);
+  cr_assert_eq((size_t)n, strlen(sql));
+  cr_assert_str_eq(sql,
+                   "((to_jsonb(NEW) ->> 'na''me') COLLATE \"C\" = 'it''s') AND "
+                   "((to_jsonb(NEW) ->> 'flag') = 'true') AND "
+                   "((to_jsonb(NEW) ->> 'gone') IS NULL)");
+  cr_assert_eq(keel__filter_to_sql(&f, "NEW", sql, 20), UV_ENOBUFS);
+  keel__filter_free(&f);
+
+  cr_assert_eq(keel__filter_parse(&f, "team_id=gt.12&s=in.(a,\"b)\",0x1A)", why, sizeof why), 0);
+  n = keel__filter_to_sql(&f, "OLD", sql, sizeof sql);
+  cr_assert_gt(n, 0);
+  cr_assert(strstr(sql, "::float8 > '12'::float8") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "(to_jsonb(OLD) ->> 's') COLLATE \"C\" = 'b)'") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "((to_jsonb(OLD) ->> 's') IS NOT NULL)") != NULL,
+            "a hex number is left to the listener: %s", sql);
+  keel__filter_free(&f);
+
+  cr_assert_eq(keel__filter_parse(&f, NULL, why, sizeof why), 0);
+  cr_assert_eq(keel__filter_to_sql(&f, "NEW", sql, sizeof sql), 0);
+  cr_assert_str_eq(sql, "");
+}
