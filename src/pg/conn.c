@@ -56,6 +56,8 @@ void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, 
     q->cb(c, status, &result, q->data);
     c->callback_depth--;
   }
+  /* A failed PREPARE's error not handed on (connection lost or closed). */
+  if (q->inherited != NULL && q->inherited != res) PQclear(q->inherited);
   if (res != NULL) PQclear(res);
   keel__free(q);
 }
@@ -376,6 +378,8 @@ static bool send_statement(keel_pg *c, keel__pg_query *q) {
         }
         prepare->internal = true;
         prepare->prepare_slot = slot;
+        /* It heads the sent list before q: q's deadline must apply to it. */
+        prepare->deadline_ms = q->deadline_ms;
         if (!PQsendPrepare(c->conn, name, q->sql, q->nparams, NULL) || !PQpipelineSync(c->conn)) {
           keel__free(prepare);
           return false;
