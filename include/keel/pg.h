@@ -230,7 +230,8 @@ typedef void (*keel_pg_acquire_cb)(keel_pg_pool *pool, keel_pg *conn, int status
 KEEL_EXTERN int keel_pg_pool_acquire(keel_pg_pool *pool, keel_pg_acquire_cb cb, void *data);
 
 /* Gives an acquired connection back (queries still queued on it finish
- * first). Returns 0 or UV_EINVAL when conn is not an acquired member. */
+ * first). Returns 0 or UV_EINVAL when conn is not an acquired member (a
+ * transaction's connection is given back by keel_pg_tx_finish() only). */
 KEEL_EXTERN int keel_pg_pool_release(keel_pg_pool *pool, keel_pg *conn);
 
 /* Transactions: BEGIN [ISOLATION LEVEL ...], the user's steps, then COMMIT,

@@ -26,6 +26,7 @@ typedef struct member {
   keel_pg_pool *pool;
   bool busy;
   bool closed;
+  bool in_tx; /* held by keel_pg_pool_transaction(), not releasable by hand */
   /* The pool query running on it, so its callback can be relayed. */
   keel_pg_result_cb result_cb;
   void *result_data;
@@ -352,7 +353,7 @@ int keel_pg_pool_acquire(keel_pg_pool *p, keel_pg_acquire_cb cb, void *data) {
 int keel_pg_pool_release(keel_pg_pool *p, keel_pg *conn) {
   if (p == NULL || conn == NULL) return UV_EINVAL;
   member *m = member_of(p, conn);
-  if (m == NULL || !m->busy || m->result_cb != NULL)
+  if (m == NULL || !m->busy || m->result_cb != NULL || m->in_tx)
     return keel__fail(p->last_error, UV_EINVAL, "connection is not acquired from this pool");
   m->busy = false;
   schedule_dispatch(p);
@@ -369,6 +370,7 @@ static void tx_end(keel_pg_tx *tx, int status, const char *sqlstate) {
     p->stats.rollbacks++;
   tx_unlink(p, tx);
   tx->m->busy = false;
+  tx->m->in_tx = false;
   tx->m->conn->bound_session = 0;
   schedule_dispatch(p);
   keel_pg_tx_done_cb done = tx->done;
@@ -440,6 +442,7 @@ static void on_tx_acquired(keel_pg_pool *p, keel_pg *conn, int status, void *dat
     return;
   }
   tx->m = member_of(p, conn);
+  tx->m->in_tx = true;
   tx_link(p, tx);
   static const char *const begins[] = {"BEGIN ISOLATION LEVEL READ COMMITTED",
                                        "BEGIN ISOLATION LEVEL REPEATABLE READ",

@@ -479,6 +479,8 @@ static void user_error_step(keel_pg *c, int status, const keel_pg_result *res, v
 static void user_error_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
   tx2 *t = data;
   t->tx = tx;
+  cr_assert_eq(keel_pg_pool_release(t->p->pool, conn), UV_EINVAL,
+               "a transaction's connection is not released by hand");
   char sql[200];
   snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (5)", t->p->table);
   cr_assert_eq(keel_pg_query(conn, sql, 0, NULL, user_error_step, t), 0);
