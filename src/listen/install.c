@@ -11,31 +11,40 @@
 /* One function per database. TG_ARGV[0] is the channel, the rest are the
  * key columns. A payload over NOTIFY's 8000-byte limit is replaced by the
  * key only; the listener then fetches the row. */
-static const char notify_function_sql[] =
-    "CREATE OR REPLACE FUNCTION keel_notify_change() RETURNS trigger\n"
-    "LANGUAGE plpgsql AS $keel$\n"
-    "DECLARE\n"
-    "  new_row jsonb;\n"
-    "  old_row jsonb;\n"
-    "  key jsonb := '{}';\n"
-    "  ts bigint := (extract(epoch from clock_timestamp()) * 1000000)::bigint;\n"
-    "  payload text;\n"
-    "BEGIN\n"
-    "  IF TG_OP <> 'DELETE' THEN new_row := to_jsonb(NEW); END IF;\n"
-    "  IF TG_OP <> 'INSERT' THEN old_row := to_jsonb(OLD); END IF;\n"
-    "  FOR i IN 1 .. TG_NARGS - 1 LOOP\n"
-    "    key := key || jsonb_build_object(TG_ARGV[i], COALESCE(new_row, old_row) -> TG_ARGV[i]);\n"
-    "  END LOOP;\n"
-    "  payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"
-    "    TG_TABLE_NAME, 'ts_us', ts, 'pk', key, 'new', new_row, 'old', old_row)::text;\n"
-    "  IF octet_length(payload) > 7999 THEN\n"
-    "    payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"
-    "      TG_TABLE_NAME, 'ts_us', ts, 'pk', key, 'key_only', true)::text;\n"
-    "  END IF;\n"
-    "  PERFORM pg_notify(TG_ARGV[0], payload);\n"
-    "  RETURN NULL;\n"
-    "END\n"
-    "$keel$";
+#define KEEL_NOTIFY_FUNCTION_SQL                                                                  \
+  "CREATE OR REPLACE FUNCTION keel_notify_change() RETURNS trigger\n"                             \
+  "LANGUAGE plpgsql AS $keel$\n"                                                                  \
+  "DECLARE\n"                                                                                     \
+  "  new_row jsonb;\n"                                                                            \
+  "  old_row jsonb;\n"                                                                            \
+  "  key jsonb := '{}';\n"                                                                        \
+  "  ts bigint := (extract(epoch from clock_timestamp()) * 1000000)::bigint;\n"                   \
+  "  payload text;\n"                                                                             \
+  "BEGIN\n"                                                                                       \
+  "  IF TG_OP <> 'DELETE' THEN new_row := to_jsonb(NEW); END IF;\n"                               \
+  "  IF TG_OP <> 'INSERT' THEN old_row := to_jsonb(OLD); END IF;\n"                               \
+  "  FOR i IN 1 .. TG_NARGS - 1 LOOP\n"                                                           \
+  "    key := key || jsonb_build_object(TG_ARGV[i], COALESCE(new_row, old_row) -> TG_ARGV[i]);\n" \
+  "  END LOOP;\n"                                                                                 \
+  "  payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"            \
+  "    TG_TABLE_NAME, 'ts_us', ts, 'pk', key, 'new', new_row, 'old', old_row)::text;\n"           \
+  "  IF octet_length(payload) > 7999 THEN\n"                                                      \
+  "    payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"          \
+  "      TG_TABLE_NAME, 'ts_us', ts, 'pk', key, 'key_only', true)::text;\n"                       \
+  "  END IF;\n"                                                                                   \
+  "  PERFORM pg_notify(TG_ARGV[0], payload);\n"                                                   \
+  "  RETURN NULL;\n"                                                                              \
+  "END\n"                                                                                         \
+  "$keel$"
+
+static const char notify_function_sql[] = KEEL_NOTIFY_FUNCTION_SQL;
+
+/* What install() runs: CREATE OR REPLACE of one function by concurrent
+ * installers fails with "tuple concurrently updated", so they take turns
+ * on an advisory lock held for the DO block's transaction. */
+static const char locked_function_sql[] =
+    "DO $do$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('keel_notify_change')); "
+    "EXECUTE $fn$" KEEL_NOTIFY_FUNCTION_SQL "$fn$; END $do$";
 
 /* Appends a SQL string literal ('it''s'). Returns false when out of room. */
 static bool append_literal(char *buf, size_t cap, size_t *at, const char *text, size_t len) {
@@ -292,7 +301,7 @@ static void on_primary_key(keel_pg *conn, int status, const keel_pg_result *res,
     install_finish(conn, job, rc);
     return;
   }
-  rc = keel_pg_query(conn, notify_function_sql, 0, NULL, install_step, job);
+  rc = keel_pg_query(conn, locked_function_sql, 0, NULL, install_step, job);
   if (rc != 0) install_finish(conn, job, rc);
 }
 
@@ -326,7 +335,7 @@ int keel_listener_install_filtered(keel_pg *conn, const char *table, const char 
   }
   if (key_columns != NULL) {
     rc = prepare_statements(job, key_columns);
-    if (rc == 0) rc = keel_pg_query(conn, notify_function_sql, 0, NULL, install_step, job);
+    if (rc == 0) rc = keel_pg_query(conn, locked_function_sql, 0, NULL, install_step, job);
   } else {
     const char *params[] = {quoted};
     rc = keel_pg_query(conn,
