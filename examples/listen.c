@@ -1,7 +1,8 @@
 /*
  * examples/listen.c — print filtered row changes as they happen.
  *
- * Creates a demo table `keel_demo_projects`, installs keel's trigger on it,
+ * Creates a demo table (`keel_demo_projects`; `keel_demo_projects_<pid>` in
+ * the finite run, dropped at the end), installs keel's trigger on it,
  * and listens for UPDATEs of team 123's projects (the seed's
  * RealtimeListener with event 'UPDATE' and filter 'team_id=eq.123').
  *
@@ -16,6 +17,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef struct app {
   uv_loop_t *loop;
@@ -24,12 +26,34 @@ typedef struct app {
   uv_signal_t sigint;
   bool forever;
   int seen;
-  bool changes_made;
+  bool closing;
+  char table[64];
+  char sql[256];
 } app;
 
+/* Formats a statement about the demo table (one at a time: keel_pg_query
+ * copies it). */
+static const char *sql(app *a, const char *fmt) {
+  snprintf(a->sql, sizeof a->sql, fmt, a->table, a->table);
+  return a->sql;
+}
+
+static void close_admin(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)res;
+  (void)data;
+  if (status != 0 && status != UV_ECANCELED)
+    fprintf(stderr, "dropping the demo table failed: %s\n", keel_pg_last_error(c));
+  keel_pg_close(c, NULL, NULL);
+}
+
 static void shut_down(app *a) {
+  if (a->closing) return;
+  a->closing = true;
   keel_listener_close(a->listener, NULL, NULL);
-  keel_pg_close(a->admin, NULL, NULL);
+  /* The finite run drops its table first (close would cancel the DROP). */
+  if (a->forever ||
+      keel_pg_query(a->admin, sql(a, "DROP TABLE IF EXISTS %s"), 0, NULL, close_admin, NULL) != 0)
+    keel_pg_close(a->admin, NULL, NULL);
   if (!uv_is_closing((uv_handle_t *)&a->sigint)) uv_close((uv_handle_t *)&a->sigint, NULL);
 }
 
@@ -60,13 +84,13 @@ static void ignore(keel_pg *c, int status, const keel_pg_result *res, void *data
 
 static void make_changes(app *a) {
   /* Two UPDATEs match the filter; the INSERT, and the UPDATE of team 7, don't. */
-  keel_pg_query(a->admin, "INSERT INTO keel_demo_projects (team_id, name) VALUES (123, 'new')", 0,
-                NULL, ignore, NULL);
-  keel_pg_query(a->admin, "UPDATE keel_demo_projects SET name = name || '!' WHERE team_id = 7", 0,
-                NULL, ignore, NULL);
+  keel_pg_query(a->admin, sql(a, "INSERT INTO %s (team_id, name) VALUES (123, 'new')"), 0, NULL,
+                ignore, NULL);
+  keel_pg_query(a->admin, sql(a, "UPDATE %s SET name = name || '!' WHERE team_id = 7"), 0, NULL,
+                ignore, NULL);
   keel_pg_query(a->admin,
-                "UPDATE keel_demo_projects SET name = name || '!' WHERE team_id = 123 AND id <= 2",
-                0, NULL, ignore, NULL);
+                sql(a, "UPDATE %s SET name = name || '!' WHERE team_id = 123 AND id <= 2"), 0, NULL,
+                ignore, NULL);
 }
 
 /* Polls until the listener is active, then makes the demo changes. */
@@ -101,7 +125,7 @@ static void on_table(keel_pg *conn, int status, const keel_pg_result *res, void 
     shut_down(a);
     return;
   }
-  keel_listener_install(conn, "public.keel_demo_projects", "id", NULL, on_installed, a);
+  keel_listener_install(conn, a->table, "id", NULL, on_installed, a);
 }
 
 static void on_sigint(uv_signal_t *signal, int signum) {
@@ -120,6 +144,10 @@ int main(int argc, char **argv) {
   memset(&a, 0, sizeof a);
   a.loop = uv_default_loop();
   a.forever = argc > 1 && strcmp(argv[1], "--forever") == 0;
+  if (a.forever)
+    snprintf(a.table, sizeof a.table, "keel_demo_projects");
+  else
+    snprintf(a.table, sizeof a.table, "keel_demo_projects_%d", (int)getpid());
 
   keel_pg_opts po;
   keel_pg_opts_init(&po);
@@ -129,7 +157,7 @@ int main(int argc, char **argv) {
   keel_listener_opts lo;
   keel_listener_opts_init(&lo);
   lo.conninfo = conninfo;
-  lo.table = "public.keel_demo_projects";
+  lo.table = a.table;
   lo.events = KEEL_CHANGE_UPDATE;
   lo.filter = "team_id=eq.123";
   lo.on_gap = on_gap;
@@ -144,13 +172,13 @@ int main(int argc, char **argv) {
 
   /* One statement per query (parameterised statements cannot be chained);
    * they run in order on the connection. */
-  keel_pg_query(a.admin, "DROP TABLE IF EXISTS keel_demo_projects", 0, NULL, ignore, NULL);
-  keel_pg_query(a.admin,
-                "CREATE TABLE keel_demo_projects (id serial PRIMARY KEY, team_id int, name text)",
+  keel_pg_query(a.admin, sql(&a, "DROP TABLE IF EXISTS %s"), 0, NULL, ignore, NULL);
+  keel_pg_query(a.admin, sql(&a, "CREATE TABLE %s (id serial PRIMARY KEY, team_id int, name text)"),
                 0, NULL, ignore, NULL);
   keel_pg_query(a.admin,
-                "INSERT INTO keel_demo_projects (team_id, name) VALUES (123, 'apollo'), "
-                "(123, 'gemini'), (7, 'mercury')",
+                sql(&a,
+                    "INSERT INTO %s (team_id, name) VALUES (123, 'apollo'), (123, 'gemini'), "
+                    "(7, 'mercury')"),
                 0, NULL, on_table, &a);
   uv_signal_init(a.loop, &a.sigint);
   a.sigint.data = &a;
