@@ -98,11 +98,11 @@ static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *dat
   const char *lock_params[] = {job->lock_key};
   int rc = keel_pg_query(conn, "BEGIN", 0, NULL, ignore_result, NULL);
   if (rc == 0)
-    rc = keel_pg_query(conn, "SELECT pg_advisory_xact_lock(hashtext($1))", 1, lock_params,
-                       ignore_result, NULL);
+    rc = keel_pg_query_cached(conn, "SELECT pg_advisory_xact_lock(hashtext($1))", 1, lock_params,
+                              ignore_result, NULL);
   if (rc == 0)
-    rc = keel_pg_query(conn, job->insert_sql, job->nvalues, (const char *const *)job->values,
-                       on_insert, job);
+    rc = keel_pg_query_cached(conn, job->insert_sql, job->nvalues, (const char *const *)job->values,
+                              on_insert, job);
   /* After a failed INSERT, COMMIT answers ROLLBACK: either way the
    * transaction and its lock end here. */
   if (rc == 0) rc = keel_pg_query(conn, "COMMIT", 0, NULL, on_commit, job);
@@ -110,6 +110,26 @@ static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *dat
     keel_pg_pool_release(job->ig->pool, conn);
     finish(job, rc);
   }
+}
+
+/* The slug for suffix number `n` (an SQL expression): the base for 1,
+ * otherwise the base shortened to fit "-n" within $2 bytes. */
+static void add_candidate(keel__sql *b, const char *n) {
+  keel__sql_addf(b,
+                 "(CASE WHEN %s = 1 THEN $1::text ELSE rtrim(left($1::text, $2::int - 1 - "
+                 "length((%s)::text)), '-') || '-' || (%s) END)",
+                 n, n, n);
+}
+
+/* EXISTS: the candidate for suffix `n` is taken. */
+static void add_taken(keel__sql *b, const keel_slug_spec *spec, const char *n) {
+  keel__sql_add(b, "EXISTS (SELECT 1 FROM ");
+  keel__sql_ident(b, spec->table, true);
+  keel__sql_add(b, " x WHERE x.");
+  keel__sql_ident(b, spec->slug_column, false);
+  keel__sql_add(b, " = ");
+  add_candidate(b, n);
+  keel__sql_add(b, ")");
 }
 
 int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_cb cb, void *data) {
@@ -126,9 +146,9 @@ int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_c
   int base_len = keel_slugify(spec->name, max_len, base, sizeof base);
   if (base_len < 0) return keel__fail(ig->last_error, base_len, "cannot make a slug");
 
-  /* INSERT ... VALUES ((first free slug), $3, ...): the probe walks base,
-   * base-2, base-3, ... through the unique index and stops at the first
-   * that is not taken; a base shortened so that the suffix fits. */
+  /* INSERT ... VALUES ((free slug), $3, ...). The free suffix is found in
+   * O(log k) index probes for k taken ones: gallop over 1, 2, 4, ... to the
+   * first free power of two, then bisect between the last taken and it. */
   keel__sql b = {0};
   keel__sql_add(&b, "INSERT INTO ");
   keel__sql_ident(&b, spec->table, true);
@@ -139,16 +159,18 @@ int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_c
     keel__sql_ident(&b, spec->columns[i], false);
   }
   keel__sql_add(&b,
-                ") VALUES ((WITH RECURSIVE probe(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM "
-                "probe WHERE n < 100000 AND EXISTS (SELECT 1 FROM ");
-  keel__sql_ident(&b, spec->table, true);
-  keel__sql_add(&b, " x WHERE x.");
-  keel__sql_ident(&b, spec->slug_column, false);
+                ") VALUES ((WITH RECURSIVE gallop(n) AS (SELECT 1 UNION ALL SELECT n * 2 "
+                "FROM gallop WHERE n < 1048576 AND ");
+  add_taken(&b, spec, "n");
   keel__sql_add(&b,
-                " = CASE WHEN n = 1 THEN $1::text ELSE rtrim(left($1::text, $2::int - 1 - "
-                "length(n::text)), '-') || '-' || n END)) SELECT CASE WHEN m = 1 THEN $1::text "
-                "ELSE rtrim(left($1::text, $2::int - 1 - length(m::text)), '-') || '-' || m END "
-                "FROM (SELECT max(n) AS m FROM probe) last)");
+                "), top AS (SELECT max(n) AS n FROM gallop), bisect(lo, hi) AS (SELECT n / 2, "
+                "n FROM top UNION ALL SELECT CASE WHEN ");
+  add_taken(&b, spec, "(lo + hi) / 2");
+  keel__sql_add(&b, " THEN (lo + hi) / 2 ELSE lo END, CASE WHEN ");
+  add_taken(&b, spec, "(lo + hi) / 2");
+  keel__sql_add(&b, " THEN hi ELSE (lo + hi) / 2 END FROM bisect WHERE hi - lo > 1) SELECT ");
+  add_candidate(&b, "min(hi)");
+  keel__sql_add(&b, " FROM bisect)");
   for (int i = 0; i < spec->count; i++) keel__sql_addf(&b, ", $%d", i + 3);
   keel__sql_add(&b, ") RETURNING ");
   keel__sql_ident(&b, spec->slug_column, false);
