@@ -1,4 +1,5 @@
-/* Fuzz target: the PostgREST filter parser and evaluator. */
+/* Fuzz target: the PostgREST filter parser, evaluator and its translation
+ * into a trigger's WHEN condition. */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +22,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   char why[128];
   if (keel__filter_parse(&f, text, why, sizeof why) == 0) {
     keel__filter_match(&f, lookup, NULL);
+    char sql[4096];
+    int n = keel__filter_to_sql(&f, "NEW", sql, sizeof sql);
+    if (n >= 0 && (size_t)n != strlen(sql)) abort();
     keel__filter_free(&f);
   }
   free(text);

@@ -17,6 +17,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     keel_change_new(&c, "id");
     keel_change_old(&c, "name");
     keel_change_key(&c, "id");
+    keel_change_new(&c, "tags");
+    keel_change_old(&c, "score");
+    keel_change_operation_name(&c);
   }
   keel__change_free(&c);
   free(text);

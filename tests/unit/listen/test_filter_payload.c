@@ -149,3 +149,51 @@ Test(filter, translates_into_a_when_condition) {
   cr_assert_eq(keel__filter_to_sql(&f, "NEW", sql, sizeof sql), 0);
   cr_assert_str_eq(sql, "");
 }
+
+/* Allocation failure is an input: fail the i-th allocation for every i of
+ * parsing a filter, translating it, parsing a payload and formatting its
+ * columns, and writing the install SQL. Each run ends cleanly, leaks nothing. */
+static int alloc_scenario(void) {
+  keel__filter f;
+  char why[128], sql[4096];
+  int rc = keel__filter_parse(&f, "team_id=eq.123&s=in.(a,\"b,c\",d)&n=is.null", why, sizeof why);
+  if (rc != 0) return rc;
+  rc = keel__filter_to_sql(&f, "NEW", sql, sizeof sql);
+  keel__filter_free(&f);
+  if (rc < 0) return rc;
+  keel_change c;
+  rc = keel__change_parse(&c,
+                          "{\"op\":\"UPDATE\",\"schema\":\"public\",\"table\":\"t\",\"ts_us\":1,"
+                          "\"pk\":{\"id\":7},\"new\":{\"id\":7,\"tags\":[1,2],\"x\":1.5},"
+                          "\"old\":{\"id\":6}}",
+                          why, sizeof why);
+  if (rc == 0) {
+    if (keel_change_new(&c, "id") == NULL || keel_change_new(&c, "tags") == NULL ||
+        keel_change_new(&c, "x") == NULL || keel_change_key(&c, "id") == NULL)
+      rc = UV_ENOMEM;
+  }
+  keel__change_free(&c);
+  if (rc != 0) return rc;
+  static char buf[16384];
+  rc = keel_listener_install_filtered_sql(buf, sizeof buf, "public.t", "id", NULL, KEEL_CHANGE_ALL,
+                                          "a=eq.1");
+  return rc < 0 ? rc : 0;
+}
+
+Test(alloc, every_allocation_failure_is_clean) {
+  kt_alloc_install();
+  kt_alloc_fail_after(-1);
+  uint64_t before = kt_alloc_count();
+  cr_assert_eq(alloc_scenario(), 0);
+  uint64_t total = kt_alloc_count() - before;
+  cr_assert_gt(total, 3);
+  cr_assert_eq(kt_alloc_live_blocks(), 0);
+  for (uint64_t i = 0; i < total; i++) {
+    kt_alloc_fail_after((int64_t)i);
+    int rc = alloc_scenario();
+    kt_alloc_fail_after(-1);
+    cr_assert_eq(rc, UV_ENOMEM, "failing allocation %llu gave %d", (unsigned long long)i, rc);
+    cr_assert_eq(kt_alloc_live_blocks(), 0, "leak after failing allocation %llu",
+                 (unsigned long long)i);
+  }
+}
