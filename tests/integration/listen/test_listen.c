@@ -281,6 +281,10 @@ Test(listen, killed_connection_reconnects_and_reports_a_gap) {
   char sql[128];
   snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)", pid);
   free(kt_pg_scalar(sql));
+  uint64_t down = uv_now(&f.loop);
+  while (keel_listener_is_active(f.l) && uv_now(&f.loop) - down < 5000)
+    uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert(!keel_listener_is_active(f.l), "inactive while disconnected");
   /* A change while nobody listens is lost: that is what the gap reports. */
   exec_fmt("INSERT INTO %s (name) VALUES ('lost')", f.table);
   uint64_t start = uv_now(&f.loop);
@@ -480,4 +484,106 @@ Test(listen, filter_pushed_into_the_trigger) {
   cr_assert_eq(s.received, 3, "the trigger sent only matching changes");
   cr_assert_eq(s.filtered, 0);
   teardown(&f);
+}
+
+/* A key-only change whose row is gone by the time it is fetched: the handler
+ * still gets the operation and the key. */
+typedef struct gone_seen {
+  int count;
+  keel_change_op op;
+  bool has_new, fetched;
+  char key[16];
+} gone_seen;
+
+static void gone_handler(keel_listener *l, const keel_change *c, void *data) {
+  (void)l;
+  gone_seen *g = data;
+  if (g->count++ > 0) return;
+  g->op = keel_change_operation(c);
+  g->has_new = keel_change_has_new(c);
+  g->fetched = keel_change_was_fetched(c);
+  const char *key = keel_change_key(c, "id");
+  snprintf(g->key, sizeof g->key, "%s", key ? key : "(null)");
+}
+
+Test(listen, oversize_row_gone_before_the_fetch) {
+  fixture f;
+  setup(&f, KEEL_CHANGE_INSERT, NULL);
+  gone_seen g = {0};
+  keel_listener_on(f.l, "a", gone_handler, &g); /* replaces the fixture's handler */
+  keel_listener_start(f.l);
+  run_until_active(&f);
+  char sql[512];
+  snprintf(sql, sizeof sql,
+           "BEGIN; INSERT INTO %s (id, name, big) VALUES (41, 'huge', repeat('x', 20000)); "
+           "DELETE FROM %s WHERE id = 41; COMMIT",
+           f.table, f.table);
+  kt_pg_exec(sql);
+  uint64_t start = uv_now(&f.loop);
+  while (g.count == 0 && uv_now(&f.loop) - start < 10000) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(g.count, 1);
+  cr_assert_eq(g.op, KEEL_CHANGE_INSERT);
+  cr_assert(!g.has_new, "the row is gone");
+  cr_assert(!g.fetched);
+  cr_assert_str_eq(g.key, "41");
+  keel_listener_stats s;
+  keel_listener_get_stats(f.l, &s);
+  cr_assert_eq(s.fetched, 1, "a fetch was tried");
+  teardown(&f);
+}
+
+static void closing_handler(keel_listener *l, const keel_change *c, void *data) {
+  (void)c;
+  fixture *f = data;
+  f->a.count++;
+  keel_listener_close(l, NULL, NULL); /* from inside a handler */
+  keel_listener_close(l, NULL, NULL); /* a second close does nothing */
+  f->l = NULL;
+}
+
+Test(listen, close_inside_a_handler) {
+  fixture f;
+  setup(&f, KEEL_CHANGE_ALL, NULL);
+  keel_listener_on(f.l, "a", closing_handler, &f);
+  keel_listener_on(f.l, "b", handler_b, &f);
+  keel_listener_start(f.l);
+  run_until_active(&f);
+  exec_fmt("INSERT INTO %s (name) SELECT 'n' || g FROM generate_series(1, 5) g", f.table);
+  uint64_t start = uv_now(&f.loop);
+  while (f.l != NULL && uv_now(&f.loop) - start < 10000) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(f.a.count, 1, "nothing is delivered after close");
+  cr_assert_eq(f.b.count, 0, "not even to the next handler of the same change");
+  kt_loop_finish(&f.loop);
+  exec_fmt("DROP TABLE %s", f.table);
+}
+
+/* One listener, two tables and a raw channel on its one connection. */
+Test(listen, several_tables_on_one_connection) {
+  fixture f;
+  setup(&f, KEEL_CHANGE_ALL, NULL);
+  char second[64], sql[512];
+  kt_unique_name(second, sizeof second, "lt2");
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (id int PRIMARY KEY, name text)", second);
+  kt_pg_exec(sql);
+  char install[8192];
+  cr_assert_gt(keel_listener_install_sql(install, sizeof install, second, "id", f.channel), 0);
+  kt_pg_exec(install);
+  cr_assert_eq(keel_listener_add_table(f.l, second, KEEL_CHANGE_INSERT, "id=gt.1", f.channel), 0);
+  keel_listener_start(f.l);
+  run_until_active(&f);
+  exec_fmt("INSERT INTO %s (name) VALUES ('first table')", f.table);
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1, 'filtered out'), (2, 'second table')",
+           second);
+  kt_pg_exec(sql);
+  run_until_count(&f, &f.a, 2);
+  settle(&f, 100);
+  cr_assert_eq(f.a.count, 2);
+  cr_assert_str_eq(f.a.names[0], "first table");
+  cr_assert_str_eq(f.a.names[1], "second table");
+  keel_listener_stats s;
+  keel_listener_get_stats(f.l, &s);
+  cr_assert_eq(s.filtered, 1);
+  teardown(&f);
+  snprintf(sql, sizeof sql, "DROP TABLE %s", second);
+  kt_pg_exec(sql);
 }
