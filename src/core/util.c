@@ -2,6 +2,8 @@
 
 #include <stdio.h>
 
+#include "core/alloc.h"
+
 int keel__fail(char *errbuf, int err, const char *fmt, ...) {
   if (errbuf != NULL) {
     va_list args;
@@ -10,4 +12,28 @@ int keel__fail(char *errbuf, int err, const char *fmt, ...) {
     va_end(args);
   }
   return err;
+}
+
+typedef struct deferred_call {
+  uv_timer_t handle;
+  void (*fn)(void *arg);
+  void *arg;
+} deferred_call;
+
+static void run_deferred(uv_handle_t *handle) {
+  deferred_call *call = (deferred_call *)handle;
+  void (*fn)(void *arg) = call->fn;
+  void *arg = call->arg;
+  keel__free(call);
+  fn(arg);
+}
+
+int keel__call_later(uv_loop_t *loop, void (*fn)(void *arg), void *arg) {
+  deferred_call *call = keel__malloc(sizeof *call);
+  if (call == NULL) return UV_ENOMEM;
+  call->fn = fn;
+  call->arg = arg;
+  uv_timer_init(loop, &call->handle);
+  uv_close((uv_handle_t *)&call->handle, run_deferred);
+  return 0;
 }

@@ -24,6 +24,12 @@ int keel__fail(char *errbuf, int err, const char *fmt, ...)
 #endif
     ;
 
+/* Calls fn(arg) on a later loop iteration (through the close of a
+ * short-lived handle): for a close_cb that has nothing left to wait for but
+ * must still not run inside the close call. Returns 0 or UV_ENOMEM (fn not
+ * called). */
+int keel__call_later(uv_loop_t *loop, void (*fn)(void *arg), void *arg);
+
 /* Reads the clock: clock->now when set, uv_now(loop) otherwise. */
 static inline uint64_t keel__clock_now(const keel_clock *clock, uv_loop_t *loop) {
   if (clock != NULL && clock->now != NULL) return clock->now(clock->data);

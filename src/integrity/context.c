@@ -120,10 +120,8 @@ const char *keel_integrity_last_error(const keel_integrity *ig) {
   return ig == NULL ? "context is NULL" : ig->last_error;
 }
 
-static void on_deferred(uv_handle_t *handle) {
-  keel_integrity *ig = handle->data;
-  keel__free(handle);
-  free_context(ig);
+static void free_context_later(void *arg) {
+  free_context(arg);
 }
 
 void keel_integrity_close(keel_integrity *ig, keel_close_cb cb, void *data) {
@@ -132,14 +130,6 @@ void keel_integrity_close(keel_integrity *ig, keel_close_cb cb, void *data) {
   ig->close_cb = cb;
   ig->close_data = data;
   if (ig->outstanding > 0) return; /* freed when the last operation ends */
-  /* cb must run on a later loop iteration: the close of a short-lived
-   * handle provides one. */
-  uv_timer_t *timer = keel__malloc(sizeof *timer);
-  if (timer == NULL) {
-    free_context(ig);
-    return;
-  }
-  uv_timer_init(ig->loop, timer);
-  timer->data = ig;
-  uv_close((uv_handle_t *)timer, on_deferred);
+  /* cb must still come on a later loop iteration. */
+  if (keel__call_later(ig->loop, free_context_later, ig) != 0) free_context(ig);
 }

@@ -566,10 +566,8 @@ const char *keel_listener_last_error(const keel_listener *l) {
   return l == NULL ? "listener is NULL" : l->last_error;
 }
 
-static void on_deferred_free(uv_handle_t *handle) {
-  keel_listener *l = handle->data;
-  keel__free(handle);
-  free_listener(l);
+static void free_listener_later(void *arg) {
+  free_listener(arg);
 }
 
 void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
@@ -578,16 +576,7 @@ void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
   l->close_cb = cb;
   l->close_data = data;
   if (l->started) disconnect(l);
-  if (l->conns_open == 0) {
-    /* Nothing to wait for, but cb must still come on a later iteration: the
-     * close of a short-lived handle provides one. */
-    uv_timer_t *timer = keel__malloc(sizeof *timer);
-    if (timer == NULL) {
-      free_listener(l);
-      return;
-    }
-    uv_timer_init(l->loop, timer);
-    timer->data = l;
-    uv_close((uv_handle_t *)timer, on_deferred_free);
-  }
+  /* Nothing to wait for, but cb must still come on a later iteration. */
+  if (l->conns_open == 0 && keel__call_later(l->loop, free_listener_later, l) != 0)
+    free_listener(l);
 }
