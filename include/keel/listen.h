@@ -8,6 +8,9 @@
  * (PostgREST syntax) and calls every registered handler. It reconnects after
  * a loss, LISTENs again and reports the gap so that handlers can
  * resynchronise: NOTIFY is at-most-once while nobody listens.
+ * keel_listener_install_filtered() also pushes the events mask and the filter
+ * into the trigger (a WHEN condition), so that unwanted changes are never
+ * sent.
  *
  *     keel_listener_opts o;
  *     keel_listener_opts_init(&o);
