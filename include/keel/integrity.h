@@ -1,8 +1,14 @@
 /*
- * keel/integrity.h — the data-integrity patterns of the seeds, on any table:
- * versioned (optimistic) updates, an optimistic retry loop, upserts with a
- * version, atomic unique slugs, a SQLSTATE classifier and transactions that
- * are retried on serialization failures and deadlocks.
+ * keel/integrity.h — the data-integrity patterns of the seeds, on any table
+ * of your own: versioned (optimistic) updates that tell "not found" from
+ * "conflict" in one round trip, an optimistic retry loop (read, mutate,
+ * versioned update, back off, repeat), upserts with a version, a version
+ * column installer, atomic unique slugs, a SQLSTATE classifier for the
+ * retry runner, and transactions retried as a whole on serialization
+ * failures and deadlocks.
+ *
+ * Everything runs on a keel_pg_pool through a context that keeps the
+ * statistics and the last error:
  *
  *     keel_integrity *ig;
  *     keel_integrity_new(loop, pool, NULL, &ig);
@@ -11,12 +17,16 @@
  *                        .key_value = "42", .version_column = "version",
  *                        .expected_version = "3", .set_columns = cols,
  *                        .set_values = vals, .set_count = 1};
- *     keel_occ_update(ig, &s, on_updated, NULL);
- *     // on_updated(ig, 0, "4", ...) or (ig, KEEL_ECONFLICT, "5", ...) or
- *     // (ig, KEEL_ENOTFOUND, NULL, ...)
+ *     keel_occ_update(ig, &s, on_saved, req);
+ *     // on_saved(ig, 0, "4", false, req)              saved, new version 4
+ *     // on_saved(ig, KEEL_ECONFLICT, "5", false, req) 409, current version 5
+ *     // on_saved(ig, KEEL_ENOTFOUND, NULL, false, req) 404
+ *     ...
+ *     keel_integrity_close(ig, NULL, NULL);    // before keel_pg_pool_close()
  *
- * Identifiers are always quoted, values always sent as parameters.
- * Loop thread only.
+ * Identifiers (tables, columns) are always quoted with keel_pg_quote_ident();
+ * values always travel as statement parameters, never in the SQL text.
+ * Unless a function says "thread-safe", call it from the loop thread only.
  */
 #ifndef KEEL_INTEGRITY_H
 #define KEEL_INTEGRITY_H
@@ -34,203 +44,389 @@
 extern "C" {
 #endif
 
-/* ---- SQLSTATE classes ------------------------------------------------- */
+/* ---- SQLSTATE classes (no I/O) -------------------------------------------- */
 
+/* What a SQLSTATE means for whoever decides to retry. */
 typedef enum keel_sqlstate_class {
-  KEEL_SQLSTATE_NONE = 0,   /* NULL or "00000" */
-  KEEL_SQLSTATE_RETRY_TX,   /* 40001 serialization failure, 40P01 deadlock */
-  KEEL_SQLSTATE_RETRY,      /* 55P03 lock not available */
-  KEEL_SQLSTATE_CONNECTION, /* class 08, 57P01..57P03: retry after reconnect */
-  KEEL_SQLSTATE_UNIQUE,     /* 23505 */
-  KEEL_SQLSTATE_CONSTRAINT, /* other class 23: check, foreign key, not null */
-  KEEL_SQLSTATE_OTHER       /* anything else: not retryable */
+  KEEL_SQLSTATE_NONE = 0,   /* NULL, malformed or "00000": no error */
+  KEEL_SQLSTATE_RETRY_TX,   /* 40001 serialization failure, 40P01 deadlock:
+                               retry the whole transaction */
+  KEEL_SQLSTATE_RETRY,      /* 55P03 lock not available: retry */
+  KEEL_SQLSTATE_CONNECTION, /* class 08, 57P01..57P03 (shutdown): retry
+                               after the reconnect */
+  KEEL_SQLSTATE_UNIQUE,     /* 23505 unique violation: retried only where
+                               the caller says so (slugs) */
+  KEEL_SQLSTATE_CONSTRAINT, /* other class 23 (check, foreign key, not
+                               null, exclusion): not retryable */
+  KEEL_SQLSTATE_OTHER,      /* anything else: not retryable */
+  KEEL_SQLSTATE_CLASS_COUNT /* number of classes (array size) */
 } keel_sqlstate_class;
 
-/* Classifies a five-character SQLSTATE. Thread-safe. */
+/*
+ * Classifies a SQLSTATE (five characters, e.g. "40001"). Any string is
+ * accepted: NULL, a wrong length or "00000" give KEEL_SQLSTATE_NONE.
+ * Thread-safe.
+ */
 KEEL_EXTERN keel_sqlstate_class keel_sqlstate_classify(const char *sqlstate);
 
-/* The keel error for a SQLSTATE: KEEL_ESERIALIZATION (40001, 40P01),
- * KEEL_ERETRYABLE (55P03), KEEL_ECONN (08, 57P0x), KEEL_EUNIQUE (23505),
- * KEEL_EPG (anything else), 0 for NULL / "00000". Thread-safe. */
+/*
+ * The keel error for a SQLSTATE: KEEL_ESERIALIZATION (40001, 40P01),
+ * KEEL_ERETRYABLE (55P03), KEEL_ECONN (class 08, 57P01..57P03),
+ * KEEL_EUNIQUE (23505), KEEL_EPG (anything else), 0 for KEEL_SQLSTATE_NONE.
+ * Thread-safe.
+ */
 KEEL_EXTERN int keel_sqlstate_error(const char *sqlstate);
 
-/* Name of a class ("retry_tx", "unique", ...). */
+/*
+ * Maps the status of a keel_pg result callback to the error worth reporting
+ * to a retry runner: KEEL_EPG becomes keel_sqlstate_error() of the
+ * result's SQLSTATE (KEEL_EPG when it has none); any other status is
+ * returned unchanged. res may be NULL. Use it as
+ * `keel_retry_report(r, keel_sqlstate_map(status, res))`. Thread-safe.
+ */
+KEEL_EXTERN int keel_sqlstate_map(int status, const keel_pg_result *res);
+
+/* Name of a class ("none", "retry_tx", "retry", "connection", "unique",
+ * "constraint", "other"; "unknown" out of range). Static string.
+ * Thread-safe. */
 KEEL_EXTERN const char *keel_sqlstate_class_name(keel_sqlstate_class cls);
 
 /*
- * A keel_retry_classify_fn: retries KEEL_ESERIALIZATION, KEEL_ERETRYABLE,
- * KEEL_ECONN and UV_ETIMEDOUT; KEEL_EUNIQUE only when classify_data points
- * to a true bool. Use it as keel_retry_opts.classify.
+ * A keel_retry_classify_fn (use it as keel_retry_opts.classify): nonzero
+ * for KEEL_ESERIALIZATION, KEEL_ERETRYABLE, KEEL_ECONN and UV_ETIMEDOUT;
+ * for KEEL_EUNIQUE only when classify_data points to a bool that is true;
+ * 0 for everything else (KEEL_EPG, KEEL_ECONFLICT, KEEL_ENOTFOUND,
+ * KEEL_EABORTED, UV_ECANCELED, ...). Report keel_sqlstate_map(status, res)
+ * rather than a bare KEEL_EPG so that the SQLSTATE counts. Thread-safe.
+ *
+ * KEEL_ECONN is retryable because a statement that never reached the
+ * server is safe to resend; a connection lost while COMMIT was on the wire
+ * leaves the outcome unknown, so a retried non-idempotent transaction may
+ * apply twice. Wrap this function to exclude KEEL_ECONN where that
+ * matters.
  */
 KEEL_EXTERN int keel_integrity_retryable(int status, void *classify_data);
 
-/* ---- slugs (no I/O) ------------------------------------------------------ */
+/* ---- slugs (no I/O) ---------------------------------------------------------- */
 
 /*
- * Turns a name into a slug: lower-case ASCII letters and digits, '-' between
- * words, common Latin accents transliterated from UTF-8 ("Crème Brûlée" →
- * "creme-brulee", "Straße" → "strasse"), at most max_len bytes (cut at a word
- * boundary when possible), never empty ("item" when nothing is left).
- * Writes a NUL-terminated slug into out. Returns its length, UV_EINVAL
- * (NULL, max_len 0) or UV_ENOBUFS (cap <= max_len). Thread-safe.
+ * Turns a name into a slug: lower-case ASCII letters and digits, one '-'
+ * between words (any run of other characters is a word break; none leads or
+ * trails), the Latin-1 and Latin Extended-A letters transliterated from
+ * UTF-8 ("Crème Brûlée" → "creme-brulee", "Straße" → "strasse", "Œuvre" →
+ * "oeuvre", "Łódź" → "lodz"), other scripts and invalid UTF-8 dropped. At
+ * most max_len bytes: a name that does not fit is cut at the last word
+ * boundary that fits, or inside the first word when it alone is too long.
+ * Never empty: "item" (cut to max_len) when nothing is left.
+ *
+ * name     NUL-terminated, any bytes; not retained.
+ * out      receives the NUL-terminated slug; cap must exceed max_len.
+ *
+ * Returns the slug's length (1..max_len), UV_EINVAL (NULL name or out,
+ * max_len 0) or UV_ENOBUFS (cap <= max_len); out is untouched on error.
+ * Thread-safe, no allocation.
  */
 KEEL_EXTERN int keel_slugify(const char *name, size_t max_len, char *out, size_t cap);
 
-/* ---- the context ---------------------------------------------------------- */
+/* ---- the context ------------------------------------------------------------- */
 
 typedef struct keel_integrity keel_integrity;
 
 typedef struct keel_integrity_opts {
-  keel_retry_opts retry; /* default for optimistic and transaction retries:
-                            5 attempts, exponential 20 ms x2 with full jitter,
-                            cap 1000 ms */
+  keel_retry_opts retry;      /* default policy of keel_occ_retry() and
+                                 keel_tx_run(): 5 attempts, full-jitter
+                                 exponential backoff from 20 ms x2, capped at
+                                 1000 ms. retry.classify is honoured by
+                                 keel_tx_run() (NULL: keel_integrity_retryable)
+                                 and by keel_occ_retry() for anything but
+                                 KEEL_ECONFLICT, which it always retries. */
+  unsigned slug_max_attempts; /* inserts per keel_slug_insert() when a unique
+                                 violation or a serialization failure
+                                 interferes; default 5, >= 1 */
 } keel_integrity_opts;
 
+/* Fills opts with the defaults above. NULL: no-op. */
 KEEL_EXTERN void keel_integrity_opts_init(keel_integrity_opts *opts);
 
 /*
- * Creates a context on a pool (not owned; close the context before the
- * pool). opts may be NULL for the defaults. Returns 0, UV_EINVAL, UV_ENOMEM.
+ * Creates a context on a pool.
+ *
+ * pool   not owned: it must outlive the context (close the context first;
+ *        its operations end before its close callback runs).
+ * opts   may be NULL for the defaults; copied.
+ *
+ * Returns 0 and sets *out, UV_EINVAL (NULL loop, pool or out; retry with
+ * max_attempts 0 or a backoff keel_backoff_validate() rejects;
+ * slug_max_attempts 0) or UV_ENOMEM. *out is untouched on failure.
  */
 KEEL_EXTERN int keel_integrity_new(uv_loop_t *loop, keel_pg_pool *pool,
                                    const keel_integrity_opts *opts, keel_integrity **out);
 
-/* ---- versioned updates ------------------------------------------------------ */
+/* ---- versioned updates -------------------------------------------------------- */
 
 typedef enum keel_version_kind {
-  KEEL_VERSION_INTEGER = 0, /* bigint, incremented */
-  KEEL_VERSION_UUID         /* uuid, a new gen_random_uuid() per write */
+  KEEL_VERSION_INTEGER = 0, /* an integer column (bigint, integer),
+                               incremented by each write */
+  KEEL_VERSION_UUID         /* a uuid column: gen_random_uuid() per write
+                               (seed 004) */
 } keel_version_kind;
 
+/*
+ * Names the row and the change. All strings are borrowed for the duration
+ * of the call only (keel copies what it needs).
+ */
 typedef struct keel_occ_spec {
-  const char *table; /* "table" or "schema.table" */
-  const char *key_column;
-  const char *key_value; /* text, cast by PostgreSQL to the column's type */
-  const char *version_column;
+  const char *table;          /* "table" or "schema.table" (quoted for you) */
+  const char *key_column;     /* must identify one row (primary key/unique) */
+  const char *key_value;      /* text, cast by PostgreSQL to the key's type */
+  const char *version_column; /* integer or uuid column, see version_kind */
   keel_version_kind version_kind;
-  const char *expected_version; /* the version the caller read */
-  const char *const *set_columns;
-  const char *const *set_values;  /* NULL entries set SQL NULL */
-  int set_count;                  /* >= 0 (0: only the version changes) */
-  const char *soft_delete_column; /* rows where it IS NOT NULL count as absent */
+  const char *expected_version;   /* the version the caller read, as text */
+  const char *const *set_columns; /* columns to write (not the key or the
+                                     version column, no duplicates) */
+  const char *const *set_values;  /* text values; a NULL entry writes SQL NULL */
+  int set_count;                  /* 0..60 (0: only the version changes) */
+  const char *soft_delete_column; /* optional: rows where it IS NOT NULL count
+                                     as absent (KEEL_ENOTFOUND) ... */
   bool include_deleted;           /* ... unless this is true */
 } keel_occ_spec;
 
 /*
- * The outcome: 0 and the new version; KEEL_ECONFLICT and the current version
- * (the seed's 409 with currentVersion); KEEL_ENOTFOUND and NULL; KEEL_EPG /
- * KEEL_ECONN / ... with NULL (details in keel_integrity_last_error). For an
- * upsert, inserted tells whether the row was created. version is valid
- * during the call.
+ * The outcome of keel_occ_update() / keel_occ_upsert():
+ *   0               written; version is the new version;
+ *   KEEL_ECONFLICT  the row exists with another version; version is the
+ *                   current one (the seed's 409 with currentVersion);
+ *   KEEL_ENOTFOUND  no such row (or only a soft-deleted one); version NULL;
+ *   KEEL_ESERIALIZATION, KEEL_ERETRYABLE, KEEL_ECONN, KEEL_EUNIQUE,
+ *   KEEL_EPG (other SQL errors, e.g. a check or type error), UV_ETIMEDOUT,
+ *   UV_ECANCELED (pool closed): version NULL; the server's text is in
+ *   keel_integrity_last_error().
+ * inserted is true only for an upsert that created the row. version is
+ * valid during the call only.
  */
 typedef void (*keel_occ_cb)(keel_integrity *ig, int status, const char *version, bool inserted,
                             void *data);
 
-/* One statement, one round trip. Returns 0 or UV_EINVAL (bad identifiers,
- * missing fields; reason in last_error) / UV_ENOMEM / KEEL_ECLOSING. */
+/*
+ * Writes spec's columns and a new version to the row whose key is
+ * key_value, only if its version is still expected_version: one statement,
+ * one round trip, atomic (a data-modifying CTE; the SQL is in
+ * docs/integrity.md). A table with keel_occ_install()'s trigger is bumped
+ * once, not twice.
+ *
+ * cb     required; called exactly once on a later loop iteration.
+ * data   passed to cb; owned by the caller.
+ *
+ * Returns 0, or: UV_EINVAL (NULL ig, spec or cb; missing table, key
+ * column, key value, version column or expected version; a bad identifier;
+ * set_count outside 0..60; the key or version column among set_columns; a
+ * duplicate set column; reason in last_error), UV_ENOMEM, KEEL_ECLOSING
+ * (context closing), or the errors of keel_pg_pool_query() (KEEL_EFULL).
+ * On error cb is never called.
+ */
 KEEL_EXTERN int keel_occ_update(keel_integrity *ig, const keel_occ_spec *spec, keel_occ_cb cb,
                                 void *data);
 
 /*
- * Insert when the key is absent (version 1 or a new UUID; expected_version
- * is then ignored), versioned update when present (expected_version NULL
- * means "expected absent": a present row is a conflict). The key column
- * needs a unique index. One statement.
+ * Inserts the row when the key is absent (version 1, or a new UUID) and
+ * does the versioned update of keel_occ_update() when it is present (seed
+ * 001 upsert_personal_info_optimistic), in one statement (INSERT ... ON
+ * CONFLICT (key) DO UPDATE ... WHERE version = expected). The key column
+ * needs a unique index or primary key. expected_version NULL means "I
+ * expect no row": a present row is then KEEL_ECONFLICT with its version.
+ * A soft-deleted row still occupies the key: KEEL_ENOTFOUND unless
+ * include_deleted. cb's inserted tells which branch ran. Errors as
+ * keel_occ_update() (expected_version may be NULL).
  */
 KEEL_EXTERN int keel_occ_upsert(keel_integrity *ig, const keel_occ_spec *spec, keel_occ_cb cb,
                                 void *data);
 
 /*
- * The user's step of an optimistic retry: row is the current row (read by
- * key; column access through keel_pg_result_get(row, 0, "col")). Fill
- * values_out[i] for each of the spec's set_columns (strings are copied before
- * this returns) and return 0, or return an error (e.g. KEEL_EABORTED) to
- * stop: done then gets that error.
+ * The user's step of an optimistic retry. row holds the current row (one
+ * row, every column: keel_pg_result_get(row, 0, "col")); fill values_out[i]
+ * for each of the spec's set_columns (NULL writes SQL NULL; the strings
+ * must stay valid until this returns: keel copies them) and return 0; or
+ * return a negative error (e.g. KEEL_EABORTED) to stop: done then gets that
+ * error (a positive return stops with KEEL_EABORTED). May run several
+ * times: keep it free of side effects. Must not close the context.
  */
 typedef int (*keel_occ_mutate_fn)(keel_integrity *ig, const keel_pg_result *row,
                                   const char **values_out, void *data);
 
-/* The end of an optimistic retry: the last outcome and attempts made. */
+/*
+ * The end of an optimistic retry: status as keel_occ_cb (KEEL_ECONFLICT
+ * after the last attempt, with the current version), or the mutate
+ * callback's error; version as keel_occ_cb; attempts counts the reads
+ * started.
+ */
 typedef void (*keel_occ_retry_cb)(keel_integrity *ig, int status, const char *version,
                                   unsigned attempts, void *data);
 
 /*
- * Read → mutate → versioned update, repeated on KEEL_ECONFLICT per opts
- * (NULL: the context's retry options), with a final KEEL_ECONFLICT after the
- * last attempt (seed 001 retryOptimisticLock, seed 004 withOptimisticRetry).
- * spec.expected_version and spec.set_values are ignored (read and mutated).
+ * Read → mutate → versioned update, repeated on KEEL_ECONFLICT with the
+ * retry policy (seed 001 retryOptimisticLock, seed 004
+ * withOptimisticRetry: maxRetries = max_attempts - 1, retryDelay /
+ * backoffMultiplier / maxDelay = the backoff). The read is
+ * `SELECT * FROM table WHERE key = $1 [AND soft_delete IS NULL]`.
+ * KEEL_ENOTFOUND and the mutate callback's errors end the loop at once;
+ * other errors are retried when opts->classify says so (NULL:
+ * keel_integrity_retryable).
+ *
+ * spec   copied; expected_version and set_values are ignored (they come
+ *        from the read and from mutate).
+ * opts   NULL: the context's opts.retry; copied.
+ * mutate, done   required; data is passed to both.
+ *
+ * Returns 0 (done is called exactly once, on a later loop iteration), or
+ * UV_EINVAL (as keel_occ_update(), NULL mutate or done, a bad policy),
+ * UV_ENOMEM or KEEL_ECLOSING; nothing is called then.
  */
 KEEL_EXTERN int keel_occ_retry(keel_integrity *ig, const keel_occ_spec *spec,
                                const keel_retry_opts *opts, keel_occ_mutate_fn mutate,
                                keel_occ_retry_cb done, void *data);
 
-/*
- * Adds the version column if missing (bigint NOT NULL DEFAULT 1, or uuid
- * DEFAULT gen_random_uuid()) and a BEFORE UPDATE trigger that bumps it on
- * every UPDATE that does not set it itself (so keel_occ_update never bumps
- * twice). Idempotent. cb gets 0 or the error.
- */
+/* Completion of keel_occ_install(): 0 or the error (see there). */
 typedef void (*keel_integrity_done_cb)(keel_integrity *ig, int status, void *data);
+
+/*
+ * Prepares a table for versioned updates (seed 001): adds the version
+ * column if it is missing (bigint NOT NULL DEFAULT 1, or uuid NOT NULL
+ * DEFAULT gen_random_uuid()) and a BEFORE UPDATE trigger that bumps it on
+ * every UPDATE that leaves it unchanged, so plain UPDATEs elsewhere bump it
+ * too while keel_occ_update(), which sets it, is never bumped twice. Runs
+ * as one transaction under an advisory lock (concurrent installers take
+ * turns; no window without the trigger), retried on deadlocks. Idempotent.
+ * The trigger function keel_occ_bump_<table>_<hash> lives in the table's
+ * schema.
+ *
+ * table, column   borrowed for the call; "schema.table" allowed.
+ * cb              may be NULL; called once on a later loop iteration with 0,
+ *                 KEEL_EPG (e.g. no such table; text in last_error),
+ *                 KEEL_ECONN, UV_ECANCELED, ...
+ *
+ * Returns 0, UV_EINVAL (NULL ig, bad identifiers, unknown kind),
+ * UV_ENOMEM or KEEL_ECLOSING; cb is not called then.
+ */
 KEEL_EXTERN int keel_occ_install(keel_integrity *ig, const char *table, const char *column,
                                  keel_version_kind kind, keel_integrity_done_cb cb, void *data);
 
-/* ---- unique slugs ------------------------------------------------------------ */
+/* ---- unique slugs ----------------------------------------------------------------- */
 
 typedef struct keel_slug_spec {
   const char *table;
   const char *slug_column;    /* needs a unique index */
-  const char *name;           /* turned into the base slug with keel_slugify */
-  size_t max_len;             /* default (0): 60 */
-  const char *const *columns; /* the other columns of the row */
-  const char *const *values;
-  int count;
+  const char *name;           /* turned into the base slug by keel_slugify() */
+  size_t max_len;             /* 8..100; 0 = 60 */
+  const char *const *columns; /* the row's other columns (not slug_column) */
+  const char *const *values;  /* their text values; NULL writes SQL NULL */
+  int count;                  /* 0..60 */
 } keel_slug_spec;
 
-/* 0 and the slug inserted, or an error with NULL. Round trips counted in
- * keel_integrity_stats.slug_round_trips. */
+/*
+ * The end of keel_slug_insert(): 0 and the slug the row got (valid during
+ * the call), or an error and NULL: KEEL_EUNIQUE when slug_max_attempts
+ * inserts all met a unique violation (only writers outside keel can cause
+ * that), KEEL_ECONN (the connection was lost: the row may or may not have
+ * been inserted, so keel does not retry), KEEL_EPG (e.g. a NOT NULL
+ * column missing; text in last_error), UV_ETIMEDOUT, UV_ECANCELED.
+ */
 typedef void (*keel_slug_cb)(keel_integrity *ig, int status, const char *slug, void *data);
 
 /*
- * Inserts the row with the first free slug: base, base-2, base-3, ...
- * Creators of the same base are serialised by a transaction-scoped advisory
- * lock and the statements are pipelined: one round trip per insert, no
- * unique violation reaches the caller (one from a writer outside keel is
- * retried, counted as a collision).
+ * Inserts a row with the first free slug for name: the base slug, then
+ * base-2, base-3, ... (the base shortened so that the suffix fits
+ * max_len), atomically under concurrency (seeds 000/001
+ * create_business_card_atomic). Creators of the same base take turns on a
+ * transaction-scoped advisory lock; BEGIN, the lock, the INSERT (which
+ * finds the free suffix in O(log k) index probes) and COMMIT are pipelined
+ * in one write: one round trip per insert, counted in
+ * keel_integrity_stats.slug_round_trips. Fifty concurrent creators of one
+ * name get fifty distinct slugs and no unique violation. A unique violation
+ * caused by another base's suffix or by a writer outside keel is retried
+ * (stats.slug_collisions), up to opts.slug_max_attempts inserts.
+ *
+ * spec   borrowed for the call (copied). cb required; data passed to it.
+ *
+ * Returns 0 (cb is called exactly once, on a later loop iteration), or
+ * UV_EINVAL (NULL ig, spec, table, slug_column, name or cb; bad
+ * identifiers; max_len outside 8..100; count outside 0..60; slug_column
+ * among columns), UV_ENOMEM, KEEL_ECLOSING or the errors of
+ * keel_pg_pool_acquire(); cb is not called then.
  */
 KEEL_EXTERN int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_cb cb,
                                  void *data);
 
-/* ---- transactions with retry -------------------------------------------- */
+/* ---- transactions with retry ------------------------------------------------------- */
+
+/* The end of keel_tx_run(): the final status and the attempts made. */
+typedef void (*keel_tx_done_cb)(keel_integrity *ig, int status, unsigned attempts, void *data);
 
 /*
- * Runs body inside BEGIN ... COMMIT at `isolation` on one connection
- * (keel_pg_pool_transaction), retrying the whole transaction on 40001 and
- * 40P01 (and connection loss) per opts (NULL: the context's). done gets 0,
- * or the final error mapped with keel_sqlstate_error(), and the attempts.
+ * Runs body inside BEGIN ISOLATION LEVEL <isolation> ... COMMIT on one
+ * pooled connection (keel_pg_pool_transaction(): the body issues
+ * statements with keel_pg_query(conn, ...) and ends with
+ * keel_pg_tx_finish(tx, 0) to commit or keel_pg_tx_finish(tx, err) to roll
+ * back). Any failure rolls back; the whole transaction (body included) is
+ * run again when the policy's classifier says so (NULL classify:
+ * keel_integrity_retryable: 40001, 40P01, 55P03, lost connections), as
+ * seed 001's retryDatabaseOperation. The body may therefore run several
+ * times: keep it free of side effects outside the database.
+ *
+ * opts   NULL: the context's opts.retry; copied.
+ * body, done   required; data is passed to both.
+ *
+ * done gets 0 after a COMMIT, or the last failure mapped by
+ * keel_sqlstate_map() (KEEL_ESERIALIZATION, KEEL_ERETRYABLE, KEEL_ECONN,
+ * KEEL_EUNIQUE, KEEL_EPG), the body's own error, UV_ETIMEDOUT or
+ * UV_ECANCELED, and the number of attempts.
+ *
+ * Returns 0 (done is called exactly once, on a later loop iteration), or
+ * UV_EINVAL (NULL ig, body or done; bad isolation; a bad policy),
+ * UV_ENOMEM or KEEL_ECLOSING; nothing is called then.
  */
-typedef void (*keel_tx_done_cb)(keel_integrity *ig, int status, unsigned attempts, void *data);
 KEEL_EXTERN int keel_tx_run(keel_integrity *ig, keel_pg_isolation isolation,
                             const keel_retry_opts *opts, keel_pg_tx_fn body, keel_tx_done_cb done,
                             void *data);
 
-/* ---- stats, errors, close ------------------------------------------------------ */
+/* ---- stats, errors, close ---------------------------------------------------------- */
 
+/* Counters only grow. */
 typedef struct keel_integrity_stats {
-  uint64_t attempts;  /* statements / transactions attempted */
-  uint64_t conflicts; /* KEEL_ECONFLICT outcomes */
-  uint64_t retries;   /* retries scheduled */
-  uint64_t not_found;
-  uint64_t slug_inserts;
-  uint64_t slug_collisions;  /* unique violations met while inserting slugs */
-  uint64_t slug_round_trips; /* network round trips spent on slug inserts */
-  uint64_t by_class[7];      /* errors per keel_sqlstate_class */
+  uint64_t operations;                          /* calls accepted (update, upsert, retry loop,
+                                                   install, slug insert, transaction) */
+  uint64_t attempts;                            /* statements / transactions sent, retries
+                                                   included */
+  uint64_t successes;                           /* operations that ended with 0 */
+  uint64_t conflicts;                           /* KEEL_ECONFLICT outcomes of versioned writes
+                                                   (each one, also those retried) */
+  uint64_t retries;                             /* attempts after the first (retry loops,
+                                                   transactions, slug inserts) */
+  uint64_t not_found;                           /* KEEL_ENOTFOUND outcomes */
+  uint64_t aborted;                             /* retry loops stopped by the mutate callback */
+  uint64_t inserted;                            /* upserts that created the row */
+  uint64_t slug_inserts;                        /* rows inserted by keel_slug_insert() */
+  uint64_t slug_collisions;                     /* unique violations met while inserting slugs */
+  uint64_t slug_round_trips;                    /* pipelined round trips spent on slug inserts */
+  uint64_t by_class[KEEL_SQLSTATE_CLASS_COUNT]; /* errors per SQLSTATE class
+                                (lost connections count as CONNECTION) */
 } keel_integrity_stats;
 
+/* Copies the statistics into *out. NULL ig or out: no-op. */
 KEEL_EXTERN void keel_integrity_get_stats(const keel_integrity *ig, keel_integrity_stats *out);
+
+/* Text of the last error (a rejected spec, "SQLSTATE 40001: could not
+ * serialize...", a version conflict); "" when none. Valid until the next
+ * call on ig. */
 KEEL_EXTERN const char *keel_integrity_last_error(const keel_integrity *ig);
 
-/* Closes the context; operations in flight finish with UV_ECANCELED or
- * their result first. cb runs on a later loop iteration. */
+/*
+ * Closes the context: new calls return KEEL_ECLOSING, operations in flight
+ * end (a retry loop or transaction waiting for its next attempt ends with
+ * UV_ECANCELED when that attempt is due, a statement in flight with its
+ * result), and cb (may be NULL) runs on a later loop iteration after the
+ * last of them. Close the context before the pool. NULL-safe; a second call
+ * does nothing; callable from inside a callback of the context.
+ */
 KEEL_EXTERN void keel_integrity_close(keel_integrity *ig, keel_close_cb cb, void *data);
 
 #ifdef __cplusplus

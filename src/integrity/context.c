@@ -61,6 +61,16 @@ void keel_integrity_opts_init(keel_integrity_opts *opts) {
   keel_retry_opts_init(&opts->retry);
   keel_backoff_full_jitter(&opts->retry.backoff, 20, 2.0, 1000);
   opts->retry.max_attempts = 5;
+  opts->slug_max_attempts = 5;
+}
+
+int keel__ig_check_retry(keel_integrity *ig, const keel_retry_opts *ro) {
+  const char *why = NULL;
+  if (ro->max_attempts == 0)
+    return keel__fail(ig->last_error, UV_EINVAL, "retry policy: max_attempts must be >= 1");
+  if (keel_backoff_validate(&ro->backoff, &why) != 0)
+    return keel__fail(ig->last_error, UV_EINVAL, "retry policy: %s", why ? why : "bad backoff");
+  return 0;
 }
 
 int keel_integrity_new(uv_loop_t *loop, keel_pg_pool *pool, const keel_integrity_opts *opts,
@@ -71,7 +81,8 @@ int keel_integrity_new(uv_loop_t *loop, keel_pg_pool *pool, const keel_integrity
     keel_integrity_opts_init(&defaults);
     opts = &defaults;
   }
-  if (opts->retry.max_attempts == 0 || keel_backoff_validate(&opts->retry.backoff, NULL) != 0)
+  if (opts->retry.max_attempts == 0 || keel_backoff_validate(&opts->retry.backoff, NULL) != 0 ||
+      opts->slug_max_attempts == 0)
     return UV_EINVAL;
   keel_integrity *ig = keel__calloc(1, sizeof *ig);
   if (ig == NULL) return UV_ENOMEM;
@@ -83,10 +94,15 @@ int keel_integrity_new(uv_loop_t *loop, keel_pg_pool *pool, const keel_integrity
 }
 
 int keel__ig_begin(keel_integrity *ig) {
-  if (ig->closing) return KEEL_ECLOSING;
+  if (ig->closing) return keel__fail(ig->last_error, KEEL_ECLOSING, "the context is closing");
   ig->outstanding++;
-  ig->stats.attempts++;
+  ig->stats.operations++;
   return 0;
+}
+
+void keel__ig_unbegin(keel_integrity *ig) {
+  ig->outstanding--;
+  ig->stats.operations--;
 }
 
 static void free_context(keel_integrity *ig) {
@@ -96,19 +112,25 @@ static void free_context(keel_integrity *ig) {
   if (cb != NULL) cb(ig, data);
 }
 
-void keel__ig_end(keel_integrity *ig) {
+void keel__ig_end(keel_integrity *ig, int status) {
+  if (status == 0) ig->stats.successes++;
   if (--ig->outstanding == 0 && ig->closing) free_context(ig);
 }
 
 void keel__ig_record_error(keel_integrity *ig, keel_pg *conn, int status,
                            const keel_pg_result *res) {
   if (status == 0) return;
-  const char *sqlstate = keel_pg_result_sqlstate(res);
+  const char *sqlstate = res != NULL ? keel_pg_result_sqlstate(res) : NULL;
   keel_sqlstate_class cls =
       status == KEEL_ECONN ? KEEL_SQLSTATE_CONNECTION : keel_sqlstate_classify(sqlstate);
-  ig->stats.by_class[cls]++;
-  snprintf(ig->last_error, sizeof ig->last_error, "%s",
-           conn != NULL ? keel_pg_last_error(conn) : keel_strerror(status));
+  if (cls != KEEL_SQLSTATE_NONE) ig->stats.by_class[cls]++;
+  const char *message = res != NULL ? keel_pg_result_error(res) : NULL;
+  if (status == KEEL_EPG && sqlstate != NULL && message != NULL)
+    keel__fail(ig->last_error, status, "SQLSTATE %s: %s", sqlstate, message);
+  else if (conn != NULL && status == KEEL_ECONN)
+    keel__fail(ig->last_error, status, "%s", keel_pg_last_error(conn));
+  else
+    keel__fail(ig->last_error, status, "%s", keel_strerror(status));
 }
 
 void keel_integrity_get_stats(const keel_integrity *ig, keel_integrity_stats *out) {

@@ -37,9 +37,14 @@ void keel__sql_addf(keel__sql *b, const char *fmt, ...)
     ;
 void keel__sql_free(keel__sql *b);
 
-/* Operation bookkeeping for close. */
+/* Operation bookkeeping: begin counts an accepted operation (KEEL_ECLOSING
+ * while closing); unbegin takes it back when the call then fails; end
+ * counts a success and frees a closing context after its last operation. */
 int keel__ig_begin(keel_integrity *ig);
-void keel__ig_end(keel_integrity *ig);
+void keel__ig_unbegin(keel_integrity *ig);
+void keel__ig_end(keel_integrity *ig, int status);
+/* Checks a retry policy; UV_EINVAL with text in last_error. */
+int keel__ig_check_retry(keel_integrity *ig, const keel_retry_opts *ro);
 /* Records an error result (by SQLSTATE class) and its text. */
 void keel__ig_record_error(keel_integrity *ig, keel_pg *conn, int status,
                            const keel_pg_result *res);

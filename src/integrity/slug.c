@@ -8,8 +8,6 @@
 #include "core/alloc.h"
 #include "integrity/integrity_internal.h"
 
-#define SLUG_MAX_ATTEMPTS 5
-
 typedef struct slug_job {
   keel_integrity *ig;
   keel_slug_cb cb;
@@ -37,7 +35,7 @@ static void finish(slug_job *job, int status) {
   if (status == 0) ig->stats.slug_inserts++;
   job->cb(ig, status, status == 0 ? job->slug : NULL, job->data);
   slug_job_free(job);
-  keel__ig_end(ig);
+  keel__ig_end(ig, status);
 }
 
 static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *data);
@@ -69,12 +67,19 @@ static void on_commit(keel_pg *conn, int status, const keel_pg_result *res, void
   keel_integrity *ig = job->ig;
   keel_pg_pool_release(ig->pool, conn);
   job->conn = NULL;
-  if (status != 0) keel__ig_record_error(ig, conn, status, res);
+  if (status != 0 && job->insert_status == 0) keel__ig_record_error(ig, conn, status, res);
   int outcome = job->insert_status != 0 ? job->insert_status : status;
-  if (outcome == KEEL_EPG) outcome = keel_sqlstate_error(job->insert_sqlstate);
+  if (outcome == KEEL_EPG) {
+    int mapped = keel_sqlstate_error(job->insert_sqlstate);
+    if (mapped != 0) outcome = mapped;
+  }
   if (outcome == KEEL_EUNIQUE) ig->stats.slug_collisions++;
-  bool retry = (outcome == KEEL_EUNIQUE || keel_integrity_retryable(outcome, NULL)) &&
-               job->attempts < SLUG_MAX_ATTEMPTS && !ig->closing;
+  /* A unique violation (another base's suffix, a writer outside keel) or a
+   * serialization failure rolled the insert back: try again. A lost
+   * connection is not retried: the pipelined COMMIT may have run. */
+  bool retry =
+      (outcome == KEEL_EUNIQUE || outcome == KEEL_ESERIALIZATION || outcome == KEEL_ERETRYABLE) &&
+      job->attempts < (int)ig->opts.slug_max_attempts && !ig->closing;
   if (retry) {
     ig->stats.retries++;
     int rc = keel_pg_pool_acquire(ig->pool, on_acquired, job);
@@ -87,6 +92,7 @@ static void on_commit(keel_pg *conn, int status, const keel_pg_result *res, void
 static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *data) {
   (void)pool;
   slug_job *job = data;
+  keel_integrity *ig = job->ig;
   if (status != 0) {
     finish(job, status);
     return;
@@ -94,22 +100,34 @@ static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *dat
   job->conn = conn;
   job->attempts++;
   job->insert_status = 0;
-  job->ig->stats.slug_round_trips++; /* the four statements go out in one write */
+  ig->stats.attempts++;
+  ig->stats.slug_round_trips++; /* the four statements go out in one write */
   const char *lock_params[] = {job->lock_key};
+  int queued = 0;
   int rc = keel_pg_query(conn, "BEGIN", 0, NULL, ignore_result, NULL);
-  if (rc == 0)
-    rc = keel_pg_query_cached(conn, "SELECT pg_advisory_xact_lock(hashtext($1))", 1, lock_params,
-                              ignore_result, NULL);
+  if (rc == 0) {
+    queued++;
+    /* The two-key form: its own lock space, apart from the user's
+     * single-key advisory locks. */
+    rc = keel_pg_query_cached(conn,
+                              "SELECT pg_advisory_xact_lock(hashtext('keel_slug'), hashtext($1))",
+                              1, lock_params, ignore_result, NULL);
+  }
   if (rc == 0)
     rc = keel_pg_query_cached(conn, job->insert_sql, job->nvalues, (const char *const *)job->values,
                               on_insert, job);
   /* After a failed INSERT, COMMIT answers ROLLBACK: either way the
    * transaction and its lock end here. */
   if (rc == 0) rc = keel_pg_query(conn, "COMMIT", 0, NULL, on_commit, job);
-  if (rc != 0) {
-    keel_pg_pool_release(job->ig->pool, conn);
-    finish(job, rc);
-  }
+  if (rc == 0) return;
+  /* Queueing failed half-way (no memory): never hand back a connection
+   * inside an open transaction. */
+  if (queued > 0 && keel_pg_query(conn, "ROLLBACK", 0, NULL, ignore_result, NULL) != 0)
+    keel_pg_reset(conn);
+  job->conn = NULL;
+  keel_pg_pool_release(ig->pool, conn);
+  keel__fail(ig->last_error, rc, "cannot queue the slug insert");
+  finish(job, rc);
 }
 
 /* The slug for suffix number `n` (an SQL expression): the base for 1,
@@ -135,13 +153,25 @@ static void add_taken(keel__sql *b, const keel_slug_spec *spec, const char *n) {
 int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_cb cb, void *data) {
   if (ig == NULL) return UV_EINVAL;
   if (spec == NULL || spec->table == NULL || spec->slug_column == NULL || spec->name == NULL ||
-      cb == NULL || spec->count < 0 || (spec->count > 0 && (!spec->columns || !spec->values)) ||
-      spec->count > 60)
+      cb == NULL)
     return keel__fail(ig->last_error, UV_EINVAL,
                       "slug spec needs table, slug_column, name and a callback");
+  if (spec->count < 0 || spec->count > 60 || (spec->count > 0 && (!spec->columns || !spec->values)))
+    return keel__fail(ig->last_error, UV_EINVAL,
+                      "count must be within 0..60, with columns and values");
   size_t max_len = spec->max_len ? spec->max_len : 60;
   if (max_len < 8 || max_len > 100)
     return keel__fail(ig->last_error, UV_EINVAL, "max_len must be within 8..100");
+  char q[160];
+  bool bad = keel_pg_quote_ident(q, sizeof q, spec->table, true) < 0 ||
+             keel_pg_quote_ident(q, sizeof q, spec->slug_column, false) < 0;
+  for (int i = 0; !bad && i < spec->count; i++)
+    bad = spec->columns[i] == NULL ||
+          keel_pg_quote_ident(q, sizeof q, spec->columns[i], false) < 0 ||
+          strcmp(spec->columns[i], spec->slug_column) == 0;
+  if (bad)
+    return keel__fail(ig->last_error, UV_EINVAL,
+                      "invalid table or column name (or the slug column among the columns)");
   char base[128];
   int base_len = keel_slugify(spec->name, max_len, base, sizeof base);
   if (base_len < 0) return keel__fail(ig->last_error, base_len, "cannot make a slug");
@@ -177,7 +207,7 @@ int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_c
   keel__sql_add(&b, "::text");
   if (b.failed) {
     keel__sql_free(&b);
-    return keel__fail(ig->last_error, UV_EINVAL, "invalid table or column name");
+    return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
   }
   slug_job *job = keel__calloc(1, sizeof *job);
   if (job == NULL) {
@@ -207,12 +237,13 @@ int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_c
   int rc = failed ? UV_ENOMEM : keel__ig_begin(ig);
   if (rc == 0) {
     rc = keel_pg_pool_acquire(ig->pool, on_acquired, job);
-    if (rc != 0) ig->outstanding--;
+    if (rc != 0) keel__ig_unbegin(ig);
   }
   if (rc != 0) {
     if (job->values == NULL) job->nvalues = 0;
     slug_job_free(job);
-    return keel__fail(ig->last_error, rc, "cannot queue the slug insert");
+    return rc == KEEL_ECLOSING ? rc
+                               : keel__fail(ig->last_error, rc, "cannot queue the slug insert");
   }
   return 0;
 }

@@ -32,9 +32,15 @@ int keel_sqlstate_error(const char *s) {
   }
 }
 
+int keel_sqlstate_map(int status, const keel_pg_result *res) {
+  if (status != KEEL_EPG) return status;
+  int mapped = keel_sqlstate_error(res != NULL ? keel_pg_result_sqlstate(res) : NULL);
+  return mapped != 0 ? mapped : KEEL_EPG;
+}
+
 const char *keel_sqlstate_class_name(keel_sqlstate_class cls) {
-  static const char *const names[] = {"none",   "retry_tx",   "retry", "connection",
-                                      "unique", "constraint", "other"};
+  static const char *const names[KEEL_SQLSTATE_CLASS_COUNT] = {
+      "none", "retry_tx", "retry", "connection", "unique", "constraint", "other"};
   return (unsigned)cls < sizeof names / sizeof names[0] ? names[cls] : "unknown";
 }
 

@@ -21,19 +21,30 @@ static void run_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
 static void on_tx_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
   (void)pool;
   tx_job *job = data;
-  if (status == KEEL_EPG || (status != 0 && sqlstate != NULL)) {
-    int mapped = keel_sqlstate_error(sqlstate);
-    if (mapped != 0) status = mapped;
-    job->ig->stats.by_class[keel_sqlstate_classify(sqlstate)]++;
+  keel_integrity *ig = job->ig;
+  if (status != 0) {
+    keel_sqlstate_class cls =
+        status == KEEL_ECONN ? KEEL_SQLSTATE_CONNECTION : keel_sqlstate_classify(sqlstate);
+    if (cls != KEEL_SQLSTATE_NONE) ig->stats.by_class[cls]++;
+    /* The body's failed statement, or COMMIT, carries the SQLSTATE. */
+    int mapped = sqlstate != NULL ? keel_sqlstate_error(sqlstate) : 0;
+    if (mapped != 0 && (status == KEEL_EPG || mapped != KEEL_EPG)) status = mapped;
+    keel__fail(ig->last_error, status, "transaction: %s", keel_pg_pool_last_error(ig->pool));
   }
   keel_retry_report(job->runner, status);
 }
 
 static void attempt(keel_retry *runner, unsigned n, void *data) {
   tx_job *job = data;
+  keel_integrity *ig = job->ig;
   job->runner = runner;
-  if (n > 1) job->ig->stats.retries++;
-  int rc = keel_pg_pool_transaction(job->ig->pool, job->isolation, run_body, on_tx_done, job);
+  if (n > 1) ig->stats.retries++;
+  if (ig->closing) {
+    keel_retry_report(runner, UV_ECANCELED);
+    return;
+  }
+  ig->stats.attempts++;
+  int rc = keel_pg_pool_transaction(ig->pool, job->isolation, run_body, on_tx_done, job);
   if (rc != 0) keel_retry_report(runner, rc);
 }
 
@@ -43,7 +54,7 @@ static void finished(keel_retry *runner, int status, unsigned attempts, void *da
   job->done(ig, status, attempts, job->data);
   keel_retry_close(runner, NULL, NULL);
   keel__free(job);
-  keel__ig_end(ig);
+  keel__ig_end(ig, status);
 }
 
 int keel_tx_run(keel_integrity *ig, keel_pg_isolation isolation, const keel_retry_opts *opts,
@@ -52,20 +63,25 @@ int keel_tx_run(keel_integrity *ig, keel_pg_isolation isolation, const keel_retr
   if (body == NULL || done == NULL || isolation < KEEL_PG_READ_COMMITTED ||
       isolation > KEEL_PG_SERIALIZABLE)
     return keel__fail(ig->last_error, UV_EINVAL, "keel_tx_run: body, done and an isolation level");
+  keel_retry_opts ro = opts != NULL ? *opts : ig->opts.retry;
+  int rc = keel__ig_check_retry(ig, &ro);
+  if (rc != 0) return rc;
+  if (ro.classify == NULL) {
+    ro.classify = keel_integrity_retryable;
+    ro.classify_data = NULL;
+  }
   tx_job *job = keel__calloc(1, sizeof *job);
   if (job == NULL) return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
   *job = (tx_job){ig, isolation, body, done, data, NULL};
-  keel_retry_opts ro = opts != NULL ? *opts : ig->opts.retry;
-  if (ro.classify == NULL) ro.classify = keel_integrity_retryable;
-  int rc = keel__ig_begin(ig);
+  rc = keel__ig_begin(ig);
   if (rc == 0) {
     keel_retry *runner;
     rc = keel_retry_start(ig->loop, &ro, attempt, finished, job, &runner);
-    if (rc != 0) ig->outstanding--;
+    if (rc != 0) {
+      keel__ig_unbegin(ig);
+      keel__fail(ig->last_error, rc, "cannot start the transaction");
+    }
   }
-  if (rc != 0) {
-    keel__free(job);
-    return keel__fail(ig->last_error, rc, "cannot start the transaction");
-  }
-  return 0;
+  if (rc != 0) keel__free(job);
+  return rc;
 }
