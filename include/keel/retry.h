@@ -2,7 +2,7 @@
  * keel/retry.h — backoff policies and an asynchronous retry runner.
  *
  * A keel_backoff says how long to wait before retry number n: fixed,
- * exponential (base * factor^(n-1), capped), exponential with full jitter
+ * exponential (min(cap, base * factor^(n-1))), exponential with full jitter
  * (uniform in [0, capped exponential]) or decorrelated jitter
  * (min(cap, uniform in [base, previous * 3])), the formulas of the AWS
  * Architecture Blog's "Exponential Backoff And Jitter". Jitter draws from a
@@ -10,17 +10,25 @@
  *
  * The runner runs an asynchronous operation, asks a classifier whether a
  * failure is worth retrying, waits the policy's delay on a uv_timer_t and
- * tries again, up to max_attempts and within an overall deadline:
+ * tries again, up to max_attempts and within an overall deadline; one final
+ * callback gets the result and the number of attempts:
  *
  *     static void attempt(keel_retry *r, unsigned n, void *data) {
- *       start_my_request(data, on_reply);     // on_reply calls
- *     }                                        // keel_retry_report(r, status)
+ *       start_my_request(data, on_reply);    // on_reply calls
+ *     }                                       // keel_retry_report(r, status)
  *     static void done(keel_retry *r, int status, unsigned attempts, void *d) {
  *       printf("%s after %u attempts\n", keel_strerror(status), attempts);
  *       keel_retry_close(r, NULL, NULL);
  *     }
- *     keel_retry_opts o; keel_retry_opts_init(&o);    // 100, 200, 400 ms
- *     keel_retry *r; keel_retry_start(loop, &o, attempt, done, ctx, &r);
+ *     keel_retry_opts o;
+ *     keel_retry_opts_init(&o);                // 4 attempts: 100, 200, 400 ms
+ *     keel_retry *r;
+ *     int rc = keel_retry_start(loop, &o, attempt, done, ctx, &r);
+ *
+ * Every user callback of a runner (attempt, classify, on_retry, done) runs
+ * from the runner's own timer callback, never from inside
+ * keel_retry_start() or keel_retry_report(); the one exception is
+ * keel_retry_close(), which delivers UV_ECANCELED to done before it returns.
  */
 #ifndef KEEL_RETRY_H
 #define KEEL_RETRY_H
@@ -36,68 +44,80 @@ extern "C" {
 
 /* ---- random source --------------------------------------------------- */
 
-/* A small, fast, seedable generator (xoshiro128+-class). Plain value: copy
- * or embed it; no allocation, no global state. Not thread-safe per instance. */
+/* A small, fast, seedable generator (xoroshiro128+). Plain value: copy or
+ * embed it; no allocation, no global state. Not thread-safe per instance. */
 typedef struct keel_rng {
   uint64_t state[2];
 } keel_rng;
 
-/* Seeds rng deterministically from seed (any value, 0 included). */
+/* Seeds rng deterministically from seed (any value, 0 included): the same
+ * seed gives the same sequence on every platform. NULL rng: no-op. */
 KEEL_EXTERN void keel_rng_seed(keel_rng *rng, uint64_t seed);
 
-/* Returns the next 64 random bits. */
+/* Returns the next 64 random bits (0 for a NULL rng). */
 KEEL_EXTERN uint64_t keel_rng_next(keel_rng *rng);
 
-/* Returns a uniform integer in [low, high] (inclusive); low when high < low. */
+/* Returns a uniform, unbiased integer in [low, high] (both inclusive; the
+ * whole uint64_t range works); low when high <= low or rng is NULL. */
 KEEL_EXTERN uint64_t keel_rng_between(keel_rng *rng, uint64_t low, uint64_t high);
 
 /* ---- backoff policies ------------------------------------------------- */
 
 typedef enum keel_backoff_kind {
-  KEEL_BACKOFF_FIXED = 0,          /* base_ms every time */
-  KEEL_BACKOFF_EXPONENTIAL,        /* base_ms * factor^(n-1), at most max_ms */
+  KEEL_BACKOFF_FIXED = 0,          /* min(max_ms, base_ms) every time */
+  KEEL_BACKOFF_EXPONENTIAL,        /* min(max_ms, base_ms * factor^(n-1)) */
   KEEL_BACKOFF_FULL_JITTER,        /* uniform [0, exponential(n)] */
   KEEL_BACKOFF_DECORRELATED_JITTER /* min(max_ms, uniform [base_ms, prev*3]) */
 } keel_backoff_kind;
 
-/* A backoff policy: plain value, copied by whoever takes it. */
+/* A backoff policy: plain value, copied by whoever takes it. Fill it with
+ * one of the four functions below, then change fields if needed. */
 typedef struct keel_backoff {
   keel_backoff_kind kind;
   uint64_t base_ms; /* first delay (and the floor of decorrelated jitter) */
-  double factor;    /* growth per retry for the exponential kinds, >= 1 */
+  double factor;    /* growth per retry for EXPONENTIAL and FULL_JITTER,
+                       >= 1; FIXED and DECORRELATED_JITTER ignore it */
   uint64_t max_ms;  /* cap on any delay; 0 means no cap */
 } keel_backoff;
 
-/* Fills b with a fixed delay of delay_ms. */
+/* Fills b with a fixed delay of delay_ms (no cap). NULL b: no-op. */
 KEEL_EXTERN void keel_backoff_fixed(keel_backoff *b, uint64_t delay_ms);
 
 /* Fills b with an exponential policy: base_ms, base_ms*factor, ... capped at
- * max_ms (0: uncapped). */
+ * max_ms (0: uncapped). Example: (100, 2.0, 1000) gives 100, 200, 400, 800,
+ * 1000, 1000, ... NULL b: no-op. */
 KEEL_EXTERN void keel_backoff_exponential(keel_backoff *b, uint64_t base_ms, double factor,
                                           uint64_t max_ms);
 
-/* Fills b with exponential backoff with full jitter. */
+/* Fills b with exponential backoff with full jitter: retry n waits a uniform
+ * draw in [0, min(max_ms, base_ms*factor^(n-1))]. NULL b: no-op. */
 KEEL_EXTERN void keel_backoff_full_jitter(keel_backoff *b, uint64_t base_ms, double factor,
                                           uint64_t max_ms);
 
-/* Fills b with decorrelated jitter between base_ms and max_ms. */
+/* Fills b with decorrelated jitter: retry n waits min(max_ms, uniform in
+ * [base_ms, 3 * previous delay]), the first previous delay being base_ms.
+ * base_ms must be > 0 (from 0 it could never grow). NULL b: no-op. */
 KEEL_EXTERN void keel_backoff_decorrelated_jitter(keel_backoff *b, uint64_t base_ms,
                                                   uint64_t max_ms);
 
 /*
- * Checks a policy. Returns 0, or UV_EINVAL with a static explanation in
- * *why (when why is not NULL): unknown kind, factor < 1 or not finite,
- * max_ms < base_ms (when max_ms != 0).
+ * Checks a policy. Returns 0 (and sets *why to NULL), or UV_EINVAL with a
+ * static explanation in *why (when why is not NULL): NULL policy, unknown
+ * kind, factor < 1 or not finite, max_ms < base_ms (when max_ms != 0),
+ * decorrelated jitter with base_ms 0. Thread-safe.
  */
 KEEL_EXTERN int keel_backoff_validate(const keel_backoff *b, const char **why);
 
 /*
- * Returns the delay before retry number `retry` (1 for the first retry).
- * prev_delay_ms is the delay this function returned for the previous retry
- * (0 before the first); only decorrelated jitter uses it. rng may be NULL
- * for the non-jitter kinds; a jitter kind with a NULL rng returns the
- * un-jittered exponential delay. Never overflows: saturates at max_ms, or at
- * UINT64_MAX / 2 without a cap.
+ * Returns the delay in ms before retry number `retry` (1 for the first
+ * retry; 0 is treated as 1). prev_delay_ms is the delay this function
+ * returned for the previous retry (0 before the first); only decorrelated
+ * jitter uses it. rng may be NULL: the jitter kinds then return the upper
+ * end of their range (the capped exponential delay, or min(max_ms,
+ * 3 * prev) for decorrelated jitter). Never overflows for any retry number:
+ * results saturate at max_ms, or at UINT64_MAX / 2 without a cap. A policy
+ * that keel_backoff_validate() rejects still gives a bounded delay (a bad
+ * factor acts as 1). NULL b: 0. Thread-safe when rng is not shared.
  */
 KEEL_EXTERN uint64_t keel_backoff_delay(const keel_backoff *b, unsigned retry,
                                         uint64_t prev_delay_ms, keel_rng *rng);
@@ -108,45 +128,83 @@ typedef struct keel_retry keel_retry;
 
 /*
  * Starts attempt number `attempt` (1-based). The operation must report its
- * outcome exactly once with keel_retry_report(), now (inside this call) or
- * later from the loop thread.
+ * outcome exactly once with keel_retry_report(), either inside this call or
+ * later from the loop thread, even after keel_retry_close() (that report
+ * is then ignored, and the runner's memory waits for it).
  */
 typedef void (*keel_retry_attempt_fn)(keel_retry *r, unsigned attempt, void *data);
 
-/* Returns nonzero when a failure with this status is worth retrying. */
+/*
+ * Returns nonzero when a failure with this status is worth retrying. Called
+ * only for failures (status < 0) while attempts remain.
+ */
 typedef int (*keel_retry_classify_fn)(int status, void *classify_data);
 
 /*
- * The final result, called exactly once: 0 after a successful attempt; the
- * last failure's status when it was not retryable, when attempts ran out, or
- * when the next retry could only start after the deadline; UV_ETIMEDOUT when
- * the deadline had passed by the time a retry was due; UV_ECANCELED after
- * keel_retry_close(). `attempts` counts the attempts started. The runner
- * may be closed from inside this callback.
+ * Optional hook called when a retry has been decided, before the wait
+ * starts (Polly's OnRetry, resilience4j's onRetry event): `next_attempt`
+ * will start after `delay_ms`; `status` is the failure that caused it. Good
+ * for logging and metrics. It may close the runner.
+ */
+typedef void (*keel_retry_event_cb)(keel_retry *r, unsigned next_attempt, int status,
+                                    uint64_t delay_ms, void *data);
+
+/*
+ * The final result, called exactly once:
+ *   0             an attempt succeeded;
+ *   the last failure's status
+ *                 when it was not retryable, when max_attempts ran out, or
+ *                 when the deadline stopped the retries (the next retry
+ *                 would have started after it): the deadline never turns
+ *                 the result into UV_ETIMEDOUT, so the caller sees why the
+ *                 last attempt failed;
+ *   UV_ECANCELED  keel_retry_close() came first.
+ * `attempts` counts the attempts started (0 when closed before the first).
+ * The runner stays allocated until keel_retry_close(), which may be called
+ * from inside this callback (and must be called at some point).
  */
 typedef void (*keel_retry_done_cb)(keel_retry *r, int status, unsigned attempts, void *data);
 
 typedef struct keel_retry_opts {
-  keel_backoff backoff;            /* default: exponential 100 ms x2, cap 0 */
+  keel_backoff backoff;            /* default: exponential 100 ms x2, no cap */
   unsigned max_attempts;           /* total attempts incl. the first; default 4
-                                      (100/200/400 ms waits); >= 1 */
-  uint64_t deadline_ms;            /* overall budget from start; 0 = none */
-  keel_retry_classify_fn classify; /* NULL: all failures retryable except
-                                      UV_ECANCELED, UV_EINVAL, KEEL_EABORTED */
+                                      (waits of 100, 200, 400 ms); >= 1 */
+  uint64_t deadline_ms;            /* overall budget from keel_retry_start(); a
+                                      retry that would start after it is not
+                                      started; an attempt in flight is never
+                                      interrupted; 0 = none (default) */
+  keel_retry_classify_fn classify; /* NULL (default): every failure is
+                                      retryable except UV_ECANCELED, UV_EINVAL,
+                                      UV_ENOMEM, KEEL_EABORTED, KEEL_ECLOSING */
   void *classify_data;
-  uint64_t seed;    /* jitter seed; 0 = seed from uv_hrtime() */
-  keel_clock clock; /* default: uv_now(loop) */
+  uint64_t seed;                /* jitter seed; 0 (default) = from uv_hrtime() */
+  keel_clock clock;             /* deadline clock; default: uv_now(loop) */
+  keel_retry_event_cb on_retry; /* NULL (default): no hook */
 } keel_retry_opts;
 
-/* Fills opts with the defaults above (the seeds' retryWithBackoff). */
+/* Fills opts with the defaults above: the seeds' retryWithBackoff (up to 4
+ * attempts, waiting 100, 200 and 400 ms between them). NULL: no-op. */
 KEEL_EXTERN void keel_retry_opts_init(keel_retry_opts *opts);
+
+/*
+ * The classifier used when opts.classify is NULL: returns 0 for
+ * UV_ECANCELED, UV_EINVAL, UV_ENOMEM, KEEL_EABORTED and KEEL_ECLOSING (and
+ * for status >= 0), nonzero for every other error. classify_data is unused.
+ * Handy to extend: `return status != MY_FATAL && keel_retry_default_classify(status, NULL);`
+ */
+KEEL_EXTERN int keel_retry_default_classify(int status, void *classify_data);
 
 /*
  * Creates a runner and starts attempt 1 on a later loop iteration.
  *
- * attempt and done are required; data is passed to both.
- * Returns 0 and sets *out, or UV_EINVAL (NULL argument, max_attempts 0, bad
- * backoff) or UV_ENOMEM; *out is untouched on failure and nothing is called.
+ * opts     copied; not needed after the call.
+ * attempt  required; starts one attempt.
+ * done     required; receives the result exactly once.
+ * data     passed to attempt, on_retry and done; owned by the caller.
+ *
+ * Returns 0 and sets *out, or UV_EINVAL (NULL loop, opts, attempt, done or
+ * out; max_attempts 0; a backoff that keel_backoff_validate() rejects) or
+ * UV_ENOMEM; *out is untouched on failure and nothing is called.
  * Loop thread only.
  */
 KEEL_EXTERN int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts,
@@ -154,24 +212,44 @@ KEEL_EXTERN int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts,
                                  keel_retry **out);
 
 /*
- * Reports the outcome of the attempt in flight: 0 for success or a negative
- * error. A report when no attempt is in flight is ignored (returns
- * UV_EINVAL). Returns 0 otherwise. Loop thread only.
+ * Reports the outcome of the attempt in flight: 0 (or any status >= 0) for
+ * success, a negative error for failure. It only records the outcome: the
+ * classifier, on_retry, the next attempt or done run later from the
+ * runner's timer, never inside this call, so reporting from inside attempt
+ * (synchronously) is fine and 100 000 immediate failures do not grow the
+ * stack.
+ *
+ * Returns 0, or UV_EINVAL for a NULL runner or when no attempt is in
+ * flight (a second report for the same attempt; nothing changes). After
+ * keel_retry_close(), the report of the attempt that was in flight returns
+ * 0, is ignored and lets the runner finish closing; the runner must not be
+ * used after that. Loop thread only.
  */
 KEEL_EXTERN int keel_retry_report(keel_retry *r, int status);
 
-/* Returns the number of attempts started so far. */
+/* Returns the number of attempts started so far (0 for NULL). */
 KEEL_EXTERN unsigned keel_retry_attempts(const keel_retry *r);
 
 /* Returns the delay (ms) waited before the latest retry, 0 before any. */
 KEEL_EXTERN uint64_t keel_retry_last_delay_ms(const keel_retry *r);
 
+/* Returns the status of the latest failed attempt, 0 when none failed. */
+KEEL_EXTERN int keel_retry_last_status(const keel_retry *r);
+
 /*
- * Closes the runner; NULL-safe; may be called from inside any callback of it.
- * If done has not been called yet, a pending retry is cancelled and done is
- * called with UV_ECANCELED. An attempt in flight may still report (it is
- * ignored); the memory is released after that report, and close_cb (may be
- * NULL) is called on a later loop iteration once the timer is closed.
+ * Closes the runner; NULL-safe; idempotent; may be called from inside any
+ * callback of the runner.
+ *
+ * If done has not been called yet, it is called before close returns: with
+ * 0 when the attempt had already reported success (the outcome was only
+ * waiting for the timer), with UV_ECANCELED otherwise (a pending retry is
+ * cancelled, an attempt in flight is abandoned).
+ *
+ * close_cb (may be NULL) is called with r and data on a later loop
+ * iteration, once the timer is closed and, when an attempt was in flight,
+ * after that attempt has reported (keel_retry_report): until then the
+ * memory stays valid so a late report is safe. After close_cb, r is freed.
+ * Loop thread only.
  */
 KEEL_EXTERN void keel_retry_close(keel_retry *r, keel_close_cb close_cb, void *data);
 

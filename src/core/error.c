@@ -13,8 +13,17 @@ const char *keel_strerror(int err) {
     default:
       break;
   }
-  if (err < 0 && err > -30000) return uv_strerror(err);
-  return "unknown error";
+  /* uv_strerror() allocates (and leaks) a message for codes it does not
+   * know, so only ask it about codes in its list. */
+  switch (err) {
+#define KEEL_UV_STRERROR_CASE_(name, msg) \
+  case UV_##name:                         \
+    return uv_strerror(err);
+    UV_ERRNO_MAP(KEEL_UV_STRERROR_CASE_)
+#undef KEEL_UV_STRERROR_CASE_
+    default:
+      return "unknown error";
+  }
 }
 
 const char *keel_err_name(int err) {

@@ -1,18 +1,23 @@
-/* The asynchronous retry runner of keel/retry.h: one uv_timer_t drives both
- * the wait before a retry and the start of each attempt, so an attempt is
- * never started re-entrantly from inside keel_retry_start() or from inside a
- * report, and a synchronous report cannot grow the stack. */
+/* The asynchronous retry runner of keel/retry.h.
+ *
+ * One uv_timer_t drives everything: it starts each attempt (after the
+ * backoff delay, or at once for attempt 1) and it handles each reported
+ * outcome (armed with timeout 0 by keel_retry_report). So user code
+ * (attempt, classify, on_retry, done) only ever runs from on_timer: never
+ * inside keel_retry_start() or keel_retry_report(). An attempt that reports
+ * synchronously just arms the timer and unwinds; libuv then runs the timer
+ * again from its own loop, iteratively: the trampoline that keeps 100 000
+ * immediate failures from growing the stack.
+ *
+ * Memory: the runner lives until keel_retry_close(); its timer is closed as
+ * soon as no attempt is in flight (at close, or at the late report of the
+ * attempt that was in flight), and the memory is freed in the timer's close
+ * callback, right before the user's close_cb. */
 #include <stdbool.h>
 
 #include "core/alloc.h"
 #include "core/util.h"
 #include "keel/retry.h"
-
-typedef enum retry_phase {
-  PHASE_SCHEDULED, /* timer armed: the next attempt starts when it fires */
-  PHASE_IN_FLIGHT, /* attempt started, waiting for keel_retry_report() */
-  PHASE_DONE       /* done callback delivered (or being delivered) */
-} retry_phase;
 
 struct keel_retry {
   uv_loop_t *loop;
@@ -22,25 +27,33 @@ struct keel_retry {
   keel_retry_done_cb done_cb;
   void *data;
   keel_rng rng;
-  retry_phase phase;
   unsigned attempts;
   uint64_t started_at_ms;
   uint64_t last_delay_ms;
-  /* A report that arrived inside attempt_fn; handled after it returns. */
-  bool reported_inside_attempt;
-  bool in_attempt;
-  int reported_status;
-  /* Close bookkeeping: memory is released once the timer is closed and no
-   * attempt is in flight. */
-  bool closing;
-  bool timer_closed;
+  int last_status;     /* latest failure, 0 when none */
+  int reported_status; /* outcome waiting for the timer when `pending` */
+  bool in_flight;      /* attempt started, its report not yet received */
+  bool pending;        /* outcome reported, not yet handled */
+  bool done_called;    /* done delivered (or being delivered) */
+  bool closing;        /* keel_retry_close() was called */
+  bool timer_closing;  /* uv_close() issued on the timer */
   keel_close_cb close_cb;
   void *close_data;
 };
 
-static int default_classify(int status, void *classify_data) {
+int keel_retry_default_classify(int status, void *classify_data) {
   (void)classify_data;
-  return status != UV_ECANCELED && status != UV_EINVAL && status != KEEL_EABORTED;
+  if (status >= 0) return 0;
+  switch (status) {
+    case UV_ECANCELED:
+    case UV_EINVAL:
+    case UV_ENOMEM:
+    case KEEL_EABORTED:
+    case KEEL_ECLOSING:
+      return 0;
+    default:
+      return 1;
+  }
 }
 
 void keel_retry_opts_init(keel_retry_opts *opts) {
@@ -50,81 +63,93 @@ void keel_retry_opts_init(keel_retry_opts *opts) {
   opts->max_attempts = 4;
 }
 
-static uint64_t retry_now(const keel_retry *r) {
-  return keel__clock_now(&r->opts.clock, r->loop);
+/* Milliseconds since keel_retry_start() on the runner's clock; a clock that
+ * went backwards counts as no time passed. */
+static uint64_t elapsed_ms(const keel_retry *r) {
+  uint64_t now = keel__clock_now(&r->opts.clock, r->loop);
+  return now > r->started_at_ms ? now - r->started_at_ms : 0;
 }
 
-static void maybe_free(keel_retry *r) {
-  if (!r->closing || !r->timer_closed || r->phase == PHASE_IN_FLIGHT || r->in_attempt) return;
+static void on_timer_closed(uv_handle_t *handle) {
+  keel_retry *r = handle->data;
   keel_close_cb cb = r->close_cb;
   void *close_data = r->close_data;
   keel__free(r);
   if (cb != NULL) cb(r, close_data);
 }
 
+static void close_timer(keel_retry *r) {
+  if (r->timer_closing) return;
+  r->timer_closing = true;
+  uv_close((uv_handle_t *)&r->timer, on_timer_closed);
+}
+
+/* Delivers the result. Nothing of r may be touched after it by the caller
+ * except through the closing flags (done may close the runner, but the
+ * memory is only freed in a later close callback). */
 static void finish(keel_retry *r, int status) {
-  if (r->phase == PHASE_DONE) return;
-  r->phase = PHASE_DONE;
+  if (r->done_called) return;
+  r->done_called = true;
   uv_timer_stop(&r->timer);
   r->done_cb(r, status, r->attempts, r->data);
 }
 
 static void on_timer(uv_timer_t *timer);
 
-/* Handles the outcome of the attempt that just ended. */
-static void handle_outcome(keel_retry *r, int status) {
+/* Handles the outcome of the attempt that just ended (from on_timer). */
+static void decide(keel_retry *r, int status) {
   if (status == 0) {
     finish(r, 0);
     return;
   }
-  keel_retry_classify_fn classify = r->opts.classify ? r->opts.classify : default_classify;
-  if (r->attempts >= r->opts.max_attempts || !classify(status, r->opts.classify_data)) {
+  r->last_status = status;
+  if (r->attempts >= r->opts.max_attempts) {
+    finish(r, status);
+    return;
+  }
+  keel_retry_classify_fn classify =
+      r->opts.classify != NULL ? r->opts.classify : keel_retry_default_classify;
+  int retryable = classify(status, r->opts.classify_data);
+  if (r->closing || r->done_called) return; /* closed from inside classify */
+  if (!retryable) {
     finish(r, status);
     return;
   }
   uint64_t delay = keel_backoff_delay(&r->opts.backoff, r->attempts, r->last_delay_ms, &r->rng);
   if (r->opts.deadline_ms != 0) {
-    uint64_t elapsed = retry_now(r) - r->started_at_ms;
     /* A retry that could only start after the deadline is not worth waiting
      * for: report the failure we have now. */
-    if (elapsed >= r->opts.deadline_ms || delay > r->opts.deadline_ms - elapsed) {
+    uint64_t elapsed = elapsed_ms(r);
+    if (elapsed > r->opts.deadline_ms || delay > r->opts.deadline_ms - elapsed) {
       finish(r, status);
       return;
     }
   }
   r->last_delay_ms = delay;
-  r->phase = PHASE_SCHEDULED;
-  uv_timer_start(&r->timer, on_timer, delay, 0);
-}
-
-static void start_attempt(keel_retry *r) {
-  r->attempts++;
-  r->phase = PHASE_IN_FLIGHT;
-  r->in_attempt = true;
-  r->reported_inside_attempt = false;
-  r->attempt_fn(r, r->attempts, r->data);
-  r->in_attempt = false;
-  if (r->reported_inside_attempt) {
-    r->reported_inside_attempt = false;
-    r->phase = PHASE_SCHEDULED; /* no longer in flight */
-    if (r->closing)
-      maybe_free(r);
-    else
-      handle_outcome(r, r->reported_status);
-    return;
+  if (r->opts.on_retry != NULL) {
+    r->opts.on_retry(r, r->attempts + 1, status, delay, r->data);
+    if (r->closing || r->done_called) return;
   }
-  if (r->closing) maybe_free(r);
+  uv_timer_start(&r->timer, on_timer, delay, 0);
 }
 
 static void on_timer(uv_timer_t *timer) {
   keel_retry *r = timer->data;
-  if (r->phase != PHASE_SCHEDULED || r->closing) return;
-  if (r->opts.deadline_ms != 0 && r->attempts > 0 &&
-      retry_now(r) - r->started_at_ms > r->opts.deadline_ms) {
-    finish(r, UV_ETIMEDOUT);
+  if (r->closing || r->done_called || r->in_flight) return;
+  if (r->pending) {
+    r->pending = false;
+    decide(r, r->reported_status);
     return;
   }
-  start_attempt(r);
+  /* Start the next attempt. With a real clock the delay already fit in the
+   * deadline; an injected clock (or a blocked loop) may have jumped past it. */
+  if (r->attempts > 0 && r->opts.deadline_ms != 0 && elapsed_ms(r) > r->opts.deadline_ms) {
+    finish(r, r->last_status);
+    return;
+  }
+  r->attempts++;
+  r->in_flight = true;
+  r->attempt_fn(r, r->attempts, r->data);
 }
 
 int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts, keel_retry_attempt_fn attempt,
@@ -135,42 +160,36 @@ int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts, keel_retry_at
   if (keel_backoff_validate(&opts->backoff, NULL) != 0) return UV_EINVAL;
   keel_retry *r = keel__calloc(1, sizeof *r);
   if (r == NULL) return UV_ENOMEM;
-  r->loop = loop;
-  r->opts = *opts;
-  r->attempt_fn = attempt;
-  r->done_cb = done;
-  r->data = data;
-  keel_rng_seed(&r->rng, opts->seed != 0 ? opts->seed : uv_hrtime());
   int rc = uv_timer_init(loop, &r->timer);
   if (rc != 0) {
     keel__free(r);
     return rc;
   }
+  r->loop = loop;
+  r->opts = *opts;
+  r->attempt_fn = attempt;
+  r->done_cb = done;
+  r->data = data;
   r->timer.data = r;
-  r->started_at_ms = retry_now(r);
-  r->phase = PHASE_SCHEDULED;
-  /* Attempt 1 starts on the next loop iteration, never inside this call. */
+  keel_rng_seed(&r->rng, opts->seed != 0 ? opts->seed : uv_hrtime() ^ (uint64_t)(uintptr_t)r);
+  r->started_at_ms = keel__clock_now(&r->opts.clock, loop);
+  /* Attempt 1 starts on a later loop iteration, never inside this call. */
   uv_timer_start(&r->timer, on_timer, 0, 0);
   *out = r;
   return 0;
 }
 
 int keel_retry_report(keel_retry *r, int status) {
-  if (r == NULL || r->phase != PHASE_IN_FLIGHT) return UV_EINVAL;
-  if (status > 0) status = 0;
-  if (r->in_attempt) {
-    /* Reported synchronously: unwind attempt_fn first (trampoline). */
-    if (r->reported_inside_attempt) return UV_EINVAL;
-    r->reported_inside_attempt = true;
-    r->reported_status = status;
-    return 0;
-  }
-  r->phase = PHASE_SCHEDULED;
+  if (r == NULL || !r->in_flight) return UV_EINVAL;
+  r->in_flight = false;
   if (r->closing) {
-    maybe_free(r);
+    /* The late report of an abandoned attempt: the runner can go now. */
+    close_timer(r);
     return 0;
   }
-  handle_outcome(r, status);
+  r->pending = true;
+  r->reported_status = status > 0 ? 0 : status;
+  uv_timer_start(&r->timer, on_timer, 0, 0);
   return 0;
 }
 
@@ -182,10 +201,8 @@ uint64_t keel_retry_last_delay_ms(const keel_retry *r) {
   return r == NULL ? 0 : r->last_delay_ms;
 }
 
-static void on_timer_closed(uv_handle_t *handle) {
-  keel_retry *r = handle->data;
-  r->timer_closed = true;
-  maybe_free(r);
+int keel_retry_last_status(const keel_retry *r) {
+  return r == NULL ? 0 : r->last_status;
 }
 
 void keel_retry_close(keel_retry *r, keel_close_cb close_cb, void *data) {
@@ -193,8 +210,14 @@ void keel_retry_close(keel_retry *r, keel_close_cb close_cb, void *data) {
   r->closing = true;
   r->close_cb = close_cb;
   r->close_data = data;
-  bool in_flight = r->phase == PHASE_IN_FLIGHT;
-  if (r->phase != PHASE_DONE) finish(r, UV_ECANCELED);
-  if (in_flight) r->phase = PHASE_IN_FLIGHT; /* memory stays until it reports */
-  uv_close((uv_handle_t *)&r->timer, on_timer_closed);
+  uv_timer_stop(&r->timer);
+  if (!r->done_called) {
+    /* A success already reported only waited for the timer: it stands. */
+    int status = r->pending && r->reported_status == 0 ? 0 : UV_ECANCELED;
+    r->pending = false;
+    finish(r, status);
+  }
+  /* done may have received the late report already (then in_flight is
+   * false and close_timer ran or runs now; it is idempotent). */
+  if (!r->in_flight) close_timer(r);
 }

@@ -139,8 +139,12 @@ static atomic_uint_fast64_t alloc_count;
 static atomic_int_fast64_t live_bytes;
 static atomic_int_fast64_t live_blocks;
 static atomic_int_fast64_t fail_after = -1;
+static atomic_int_fast64_t fail_nth = -1;
+static atomic_uint_fast64_t alloc_attempts; /* successful or not */
 
 static bool should_fail(void) {
+  atomic_fetch_add(&alloc_attempts, 1);
+  if (atomic_load(&fail_nth) >= 0 && atomic_fetch_sub(&fail_nth, 1) == 0) return true;
   int_fast64_t left = atomic_load(&fail_after);
   if (left < 0) return false;
   if (left == 0) return true;
@@ -205,4 +209,64 @@ int64_t kt_alloc_live_blocks(void) {
 
 void kt_alloc_fail_after(int64_t n) {
   atomic_store(&fail_after, n);
+}
+
+void kt_alloc_fail_nth(int64_t n) {
+  atomic_store(&fail_nth, n < 0 ? -1 : n);
+}
+
+/* ---- failmalloc runs ----------------------------------------------------- */
+
+static int64_t failmalloc_index = -1;
+static bool failmalloc_sticky;
+static uint64_t failmalloc_count;
+
+int64_t kt_failmalloc_index(void) {
+  return failmalloc_index;
+}
+
+bool kt_failmalloc_sticky(void) {
+  return failmalloc_sticky;
+}
+
+uint64_t kt_failmalloc_count(void) {
+  return failmalloc_count;
+}
+
+static void failmalloc_once(void (*scenario)(void *arg), void *arg, int64_t index, bool sticky) {
+  failmalloc_index = index;
+  failmalloc_sticky = sticky;
+  int64_t live_before = kt_alloc_live_blocks();
+  int64_t bytes_before = kt_alloc_live_bytes();
+  kt_alloc_fail_nth(-1);
+  kt_alloc_fail_after(-1);
+  if (index >= 0 && sticky)
+    kt_alloc_fail_after(index);
+  else if (index >= 0)
+    kt_alloc_fail_nth(index);
+  scenario(arg);
+  kt_alloc_fail_nth(-1);
+  kt_alloc_fail_after(-1);
+  int64_t leaked_blocks = kt_alloc_live_blocks() - live_before;
+  int64_t leaked_bytes = kt_alloc_live_bytes() - bytes_before;
+  cr_assert_eq(leaked_blocks, 0, "failmalloc run %s%lld leaked %lld blocks (%lld bytes)",
+               index < 0 ? "counting"
+               : sticky  ? "failing from #"
+                         : "failing only #",
+               (long long)(index < 0 ? 0 : index), (long long)leaked_blocks,
+               (long long)leaked_bytes);
+}
+
+void kt_failmalloc_run(void (*scenario)(void *arg), void *arg) {
+  kt_alloc_install();
+  uint64_t before = atomic_load(&alloc_attempts);
+  failmalloc_once(scenario, arg, -1, false);
+  uint64_t n = atomic_load(&alloc_attempts) - before;
+  failmalloc_count = n;
+  for (uint64_t i = 0; i < n; i++) {
+    failmalloc_once(scenario, arg, (int64_t)i, false);
+    failmalloc_once(scenario, arg, (int64_t)i, true);
+  }
+  failmalloc_index = -1;
+  failmalloc_sticky = false;
 }

@@ -51,5 +51,38 @@ int64_t kt_alloc_live_bytes(void);
 int64_t kt_alloc_live_blocks(void);
 /* After n more successful allocations, every allocation fails (n < 0: never). */
 void kt_alloc_fail_after(int64_t n);
+/* The allocation attempt number n from now (0: the next one) fails; the ones
+ * before and after it succeed (n < 0: disarm). Independent of
+ * kt_alloc_fail_after. */
+void kt_alloc_fail_nth(int64_t n);
+
+/* ---- allocation failure as an input (nghttp2's TEST_FAILMALLOC_RUN) ----- */
+
+/*
+ * Installs the counting allocator and runs scenario(arg):
+ *   1. once with no failure, counting its allocation attempts (n);
+ *   2. then, for every i in 0..n-1, once with only the i-th allocation
+ *      failing (the code must recover or fail cleanly and go on), and once
+ *      with the i-th and every later allocation failing (cleanup paths that
+ *      allocate).
+ * After every run, live blocks must be back to their value before the run
+ * (asserted: nothing leaked). The scenario must be repeatable: set up and
+ * tear down its own loop (end with kt_loop_finish) and objects each time,
+ * and accept a clean error (UV_ENOMEM, or the documented error of a failed
+ * step) wherever an allocation can fail; kt_failmalloc_index() tells it
+ * which run it is in. Allocation failures are disarmed when it returns.
+ */
+void kt_failmalloc_run(void (*scenario)(void *arg), void *arg);
+
+/* Inside kt_failmalloc_run: -1 during the counting run, else the index i of
+ * the allocation that fails in this run. -1 outside. */
+int64_t kt_failmalloc_index(void);
+
+/* Inside kt_failmalloc_run: true when every allocation from the index on
+ * fails (second mode), false when only that one fails. */
+bool kt_failmalloc_sticky(void);
+
+/* Allocation attempts counted by the last kt_failmalloc_run's first run. */
+uint64_t kt_failmalloc_count(void);
 
 #endif
