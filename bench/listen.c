@@ -9,8 +9,11 @@
  * alternate, medians are reported.
  *  (a) 1,000 notifications/s, one per transaction, 10,000 of them: latency
  *  (b) 1,000 NOTIFYs per transaction for 10 s: receive rate
- *  (c) pgbench -c 4 -T 10 with a one-line NOTIFY script, alone and with
- *      keel's listener attached: tps ratio, and nothing lost
+ *  (c) pgbench -c 4 -T 10 (one client thread, pgbench's default) with a
+ *      one-line NOTIFY script, alone and then with keel's listener attached:
+ *      tps ratio, and nothing lost. The same with the floor's listener shows
+ *      what any listener costs the server: every notifying commit signals
+ *      each listening backend that is behind, and that backend wakes up.
  * BENCH_LISTEN_SECONDS shortens (a), (b) and (c) for a quick look.
  */
 #include <errno.h>
@@ -251,7 +254,7 @@ static double pgbench_tps(long long *processed) {
   close(fd);
   const char *bindir = getenv("KEEL_TEST_PG_BINDIR");
   char cmd[1024];
-  snprintf(cmd, sizeof cmd, "%s%spgbench -n -c 4 -j 2 -T %d -f %s '%s' 2>/dev/null",
+  snprintf(cmd, sizeof cmd, "%s%spgbench -n -c 4 -T %d -f %s '%s' 2>/dev/null",
            bindir ? bindir : "", bindir ? "/" : "", seconds, script, conninfo);
   FILE *p = popen(cmd, "r");
   double tps = 0;
@@ -352,9 +355,9 @@ static double server_ratio(bool use_keel, long long *lost) {
   long long received = atoll(buf);
   *lost = with_processed - received;
   printf(
-      "(c) pgbench NOTIFY alone %.0f tps, with keel listening %.0f tps; sent %lld, received "
+      "(c) pgbench NOTIFY alone %.0f tps, with %s listening %.0f tps; sent %lld, received "
       "%lld\n",
-      alone, with_listener, with_processed, received);
+      alone, use_keel ? "keel" : "the floor", with_listener, with_processed, received);
   return alone > 0 ? with_listener / alone : 0;
 }
 
@@ -366,6 +369,19 @@ int main(void) {
   }
   if (getenv("BENCH_LISTEN_SECONDS") != NULL) seconds = atoi(getenv("BENCH_LISTEN_SECONDS"));
   if (seconds < 1) seconds = 1;
+  /* BENCH_LISTEN_ONLY=c runs only the server-impact comparison, alternating
+   * keel's listener and the floor's, to study it without the rest. */
+  const char *only = getenv("BENCH_LISTEN_ONLY");
+  if (only != NULL && strcmp(only, "c") == 0) {
+    for (int r = 0; r < RUNS; r++) {
+      long long lost_keel = 0, lost_floor = 0;
+      double k = server_ratio(true, &lost_keel);
+      double f = server_ratio(false, &lost_floor);
+      printf("(c) run %d: keel ratio %.2f lost %lld | floor ratio %.2f lost %lld\n", r + 1, k,
+             lost_keel, f, lost_floor);
+    }
+    return 0;
+  }
 
   run_result keel_a[RUNS], floor_a[RUNS], keel_b[RUNS], floor_b[RUNS];
   long long lost = 0;
@@ -384,10 +400,16 @@ int main(void) {
            keel_b[r].per_second, keel_b[r].received, keel_b[r].expected);
     lost += keel_b[r].expected - keel_b[r].received;
   }
-  long long lost_c = 0, floor_lost = 0;
-  double ratio = server_ratio(true, &lost_c);
-  double floor_ratio = server_ratio(false, &floor_lost);
-  lost += lost_c;
+  double keel_c[RUNS], floor_c[RUNS];
+  for (int r = 0; r < RUNS; r++) {
+    long long lost_c = 0, floor_lost = 0;
+    keel_c[r] = server_ratio(true, &lost_c);
+    floor_c[r] = server_ratio(false, &floor_lost);
+    printf("(c) run %d: keel ratio %.2f | floor ratio %.2f\n", r + 1, keel_c[r], floor_c[r]);
+    lost += lost_c;
+  }
+  double ratio = median3(keel_c[0], keel_c[1], keel_c[2]);
+  double floor_ratio = median3(floor_c[0], floor_c[1], floor_c[2]);
 
   double p50 = median3(keel_a[0].p50_us, keel_a[1].p50_us, keel_a[2].p50_us);
   double p99 = median3(keel_a[0].p99_us, keel_a[1].p99_us, keel_a[2].p99_us);

@@ -179,10 +179,12 @@ typedef struct keel_pg_stats {
 KEEL_EXTERN void keel_pg_get_stats(const keel_pg *c, keel_pg_stats *out);
 
 /*
- * Closes the connection: queued and in-flight queries get UV_ECANCELED
- * (their callbacks run during this call), the socket and timers close, and
- * cb (may be NULL; its object argument is the freed c, for identity only)
- * runs on a later loop iteration. Nothing else is called after close.
+ * Closes the connection: the socket and timers close, then, on a later loop
+ * iteration, queued and in-flight queries get UV_ECANCELED (in the order they
+ * were queued; a new keel_pg_query() from those callbacks returns
+ * KEEL_ECLOSING), and last cb (may be NULL; its object argument is the freed
+ * c, for identity only). No callback runs during this call, and nothing else
+ * is called after cb.
  * NULL-safe; a second call does nothing; callable from inside any callback
  * of c (c stays valid until the callback returns).
  */
@@ -292,7 +294,13 @@ KEEL_EXTERN void keel_pg_pool_get_stats(const keel_pg_pool *pool, keel_pg_pool_s
 /* Text of the last error any connection of the pool saw; "" when none. */
 KEEL_EXTERN const char *keel_pg_pool_last_error(const keel_pg_pool *pool);
 
-/* Closes every connection; waiters and queries get UV_ECANCELED. NULL-safe. */
+/*
+ * Closes every connection. On a later loop iteration (never during this
+ * call) waiters, queries and transactions get UV_ECANCELED; then cb (may be
+ * NULL; its object argument is the freed pool, for identity only) runs.
+ * keel_pg_tx_finish() on a cancelled transaction does nothing. NULL-safe; a
+ * second call does nothing.
+ */
 KEEL_EXTERN void keel_pg_pool_close(keel_pg_pool *pool, keel_close_cb cb, void *data);
 
 /* ---- identifiers ------------------------------------------------------ */

@@ -276,10 +276,13 @@ static void on_fetch_done(keel_pg *conn, int status, const keel_pg_result *res, 
   keel_listener *l = f->l;
   queued_change *q = f->q;
   keel__free(f);
+  /* Cancelled only by closing the connection (stop or close), which already
+   * dropped the queued change: q is gone. */
+  if (status == UV_ECANCELED) return;
   on_row_fetched(conn, status, res, q);
-  if (status != 0 && status != UV_ECANCELED)
+  if (status != 0)
     keel__fail(l->last_error, status, "fetching an oversize row: %s", keel_pg_last_error(conn));
-  if (!l->closing && status != UV_ECANCELED) drain_queue(l);
+  if (!l->closing) drain_queue(l);
 }
 
 static void fetch_row(keel_listener *l, queued_change *q) {

@@ -48,6 +48,7 @@ struct keel_pg_pool {
   void *close_data;
   keel_pg_tx *txs;       /* transactions that have a connection */
   keel_pg_tx *cancelled; /* ended by close while their body ran; freed with the pool */
+  bool cancels_delivered; /* close's UV_ECANCELED callbacks have run */
   keel_pg_pool_stats stats;
   char last_error[KEEL__ERRBUF_SIZE];
 };
@@ -534,8 +535,21 @@ static void on_member_closed(void *object, void *data) {
   maybe_free_pool(p);
 }
 
+/* Runs the callbacks a close owes: waiters, then transactions whose body was
+ * still running. Called once the first timer has closed, so never from
+ * inside keel_pg_pool_close() itself. */
+static void deliver_cancels(keel_pg_pool *p) {
+  if (p->cancels_delivered) return;
+  p->cancels_delivered = true;
+  waiter *w;
+  while ((w = pop_waiter(p)) != NULL) fail_waiter(p, w, UV_ECANCELED, "pool closed");
+  for (keel_pg_tx *tx = p->cancelled; tx != NULL; tx = tx->next)
+    tx->done(p, UV_ECANCELED, NULL, tx->data);
+}
+
 static void on_pool_timer_closed(uv_handle_t *handle) {
   keel_pg_pool *p = handle->data;
+  deliver_cancels(p);
   p->open_things--;
   maybe_free_pool(p);
 }
@@ -545,14 +559,13 @@ void keel_pg_pool_close(keel_pg_pool *p, keel_close_cb cb, void *data) {
   p->closing = true;
   p->close_cb = cb;
   p->close_data = data;
-  waiter *w;
-  while ((w = pop_waiter(p)) != NULL) fail_waiter(p, w, UV_ECANCELED, "pool closed");
   for (unsigned i = 0; i < p->size; i++) {
     p->members[i].closed = true;
     keel_pg_close(p->members[i].conn, on_member_closed, p);
   }
-  /* Transactions whose body still runs end now; a later
-   * keel_pg_tx_finish() on them does nothing. */
+  /* Transactions whose body still runs end now (a later keel_pg_tx_finish()
+   * on them does nothing); their done callbacks and the waiters' run once
+   * the timers have closed. */
   while (p->txs != NULL) {
     keel_pg_tx *tx = p->txs;
     tx_unlink(p, tx);
@@ -560,7 +573,6 @@ void keel_pg_pool_close(keel_pg_pool *p, keel_close_cb cb, void *data) {
     tx->cancelled = true;
     tx->next = p->cancelled;
     p->cancelled = tx;
-    tx->done(p, UV_ECANCELED, NULL, tx->data);
   }
   uv_close((uv_handle_t *)&p->wait_timer, on_pool_timer_closed);
   uv_close((uv_handle_t *)&p->dispatch_timer, on_pool_timer_closed);

@@ -234,11 +234,11 @@ Test(pg, close_with_queries_in_flight_cancels_each_once) {
   for (int i = 0; i < 5; i++) keel_pg_query(x.c, "SELECT pg_sleep(1)", 0, NULL, store, &x);
   uv_run(&x.loop, UV_RUN_NOWAIT);
   keel_pg_close(x.c, NULL, NULL);
-  cr_assert_eq(x.results, 6);
-  for (int i = 1; i < 6; i++) cr_assert_eq(x.statuses[i], UV_ECANCELED);
+  cr_assert_eq(x.results, 1, "no callback runs inside close");
   cr_assert_eq(keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x), KEEL_ECLOSING);
   kt_loop_finish(&x.loop);
   cr_assert_eq(x.results, 6);
+  for (int i = 1; i < 6; i++) cr_assert_eq(x.statuses[i], UV_ECANCELED);
 }
 
 static void close_inside(keel_pg *c, int status, const keel_pg_result *res, void *data) {
@@ -671,9 +671,10 @@ Test(pg, close_while_connecting_and_while_waiting_to_reconnect) {
   int closed = 0;
   keel_pg_close(x.c, count_close, &closed);
   cr_assert_eq(closed, 0, "close callback runs later");
+  cr_assert_eq(x.results, 0, "the cancelled query's callback runs later too");
+  uv_run(&x.loop, UV_RUN_DEFAULT);
   cr_assert_eq(x.results, 1);
   cr_assert_eq(x.statuses[0], UV_ECANCELED);
-  uv_run(&x.loop, UV_RUN_DEFAULT);
   cr_assert_eq(closed, 1);
   cr_assert_eq(x.ups, 0);
   cr_assert_eq(uv_loop_close(&x.loop), 0);
@@ -835,14 +836,14 @@ Test(pg, pool_close_ends_a_running_transaction_once) {
   cr_assert_eq(t.step, 1);
   int closed = 0;
   keel_pg_pool_close(p.pool, count_close, &closed);
-  cr_assert_eq(p.tx_done, 2, "both transactions ended");
+  cr_assert_eq(p.tx_done + p.results + closed, 0, "no callback runs inside close");
+  keel_pg_tx_finish(t.tx, 0); /* does nothing now */
+  uv_run(&p.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(p.tx_done, 2, "both transactions ended once");
   cr_assert_eq(p.tx_status[0], UV_ECANCELED);
   cr_assert_eq(p.results, 1);
   cr_assert_eq(p.statuses[0], UV_ECANCELED);
-  keel_pg_tx_finish(t.tx, 0); /* does nothing now */
-  cr_assert_eq(p.tx_done, 2);
   cr_assert_eq(t2.step, 0, "the waiting body never ran");
-  uv_run(&p.loop, UV_RUN_DEFAULT);
   cr_assert_eq(closed, 1);
   cr_assert_eq(uv_loop_close(&p.loop), 0);
 }
