@@ -122,8 +122,8 @@ static void fail_stale_bound(keel_pg *c) {
 static void handle_closed(keel_pg *c) {
   c->handles_open--;
   if (c->state != KEEL__PG_CLOSING || c->handles_open != 0) return;
-  keel__pg_fail_all(c, &c->cancelled_head, &c->cancelled_tail, &c->cancelled_count,
-                    UV_ECANCELED, "connection closed");
+  keel__pg_fail_all(c, &c->cancelled_head, &c->cancelled_tail, &c->cancelled_count, UV_ECANCELED,
+                    "connection closed");
   keel_close_cb cb = c->close_cb;
   void *data = c->close_data;
   for (int i = 0; i < KEEL__PG_PREPARED_MAX; i++) keel__free(c->prepared[i].sql);

@@ -46,8 +46,8 @@ struct keel_pg_pool {
   bool closing;
   keel_close_cb close_cb;
   void *close_data;
-  keel_pg_tx *txs;       /* transactions that have a connection */
-  keel_pg_tx *cancelled; /* ended by close while their body ran; freed with the pool */
+  keel_pg_tx *txs;        /* transactions that have a connection */
+  keel_pg_tx *cancelled;  /* ended by close while their body ran; freed with the pool */
   bool cancels_delivered; /* close's UV_ECANCELED callbacks have run */
   keel_pg_pool_stats stats;
   char last_error[KEEL__ERRBUF_SIZE];
