@@ -81,6 +81,11 @@ void keel__pg_fail_all(keel_pg *c, keel__pg_query **head, keel__pg_query **tail,
  * to a transaction the server already rolled back, and must never run in
  * autocommit on a new session. */
 static void fail_stale_bound(keel_pg *c) {
+  /* Only a new session, a lost one or a stale enqueue can make a statement
+   * stale: walking the queue on every flush would make a long queue
+   * quadratic. */
+  if (!c->stale_possible) return;
+  c->stale_possible = false;
   bool live = c->state == KEEL__PG_CONNECTED;
   keel__pg_query **link = &c->pending_head;
   keel__pg_query *prev = NULL;
@@ -216,6 +221,7 @@ static void disconnect(keel_pg *c, int status, const char *reason) {
   keel__fail(c->last_error, status, "%s", why);
   if (was_up) c->stats.disconnects++;
   c->state = c->opts.reconnect ? KEEL__PG_WAITING : KEEL__PG_STOPPED;
+  c->stale_possible = true;
   /* Sent statements may or may not have run: they fail. Unsent ones wait for
    * the next connection, unless there will be none. */
   keel__pg_fail_all(c, &c->sent_head, &c->sent_tail, &c->sent_count, status, why);
@@ -254,6 +260,7 @@ static void connected(keel_pg *c) {
   c->state = KEEL__PG_CONNECTED;
   c->stats.connects++;
   c->session++;
+  c->stale_possible = true;
   c->reconnect_attempt = 0;
   c->last_backoff_ms = 0;
   c->last_activity_ms = now_ms(c);
@@ -756,6 +763,7 @@ static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *
    * (one write in pipeline mode), and no callback ever runs inside
    * keel_pg_query(). */
   bool stale = q->session != 0 && (c->state != KEEL__PG_CONNECTED || q->session != c->session);
+  if (stale) c->stale_possible = true;
   if ((c->state == KEEL__PG_CONNECTED || stale) && !uv_is_active((uv_handle_t *)&c->flush_timer))
     uv_timer_start(&c->flush_timer, on_flush_timer, 0, 0);
   arm_deadline(c);

@@ -79,6 +79,7 @@ struct keel_pg {
   uint64_t error_generation; /* bumped on every failed statement */
   uint64_t session;          /* bumped on every successful connect */
   uint64_t bound_session;    /* != 0: new statements are bound to it (a transaction) */
+  bool stale_possible;       /* a bound statement may have outlived its session */
   keel__pg_prepared prepared[KEEL__PG_PREPARED_MAX];
   char last_error[KEEL__ERRBUF_SIZE];
 };
