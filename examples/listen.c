@@ -163,7 +163,7 @@ int main(int argc, char **argv) {
   lo.on_gap = on_gap;
   lo.data = &a;
   char why[256];
-  int rc = keel_listener_new2(a.loop, &lo, &a.listener, why, sizeof why);
+  int rc = keel_listener_new_ex(a.loop, &lo, &a.listener, why, sizeof why);
   if (rc != 0) {
     fprintf(stderr, "keel_listener_new: %s\n", why);
     return 1;

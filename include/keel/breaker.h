@@ -129,11 +129,17 @@ KEEL_EXTERN void keel_breaker_opts_init(keel_breaker_opts *opts);
  * Returns 0 and sets *out; UV_EINVAL for a NULL argument or bad options (no
  * trip condition, a rate outside its range, window_size 0 with a count
  * window, window_ms < window_buckets, a factor < 1, ...), with the reason
- * from keel_breaker_validate_opts(); UV_ENOMEM.
+ * from keel_breaker_new_ex() or keel_breaker_validate_opts(); UV_ENOMEM.
  * *out is untouched on failure. Loop thread only.
  */
 KEEL_EXTERN int keel_breaker_new(uv_loop_t *loop, const keel_breaker_opts *opts,
                                  keel_breaker **out);
+
+/* Like keel_breaker_new(), and explains a failure: writes the reason
+ * (NUL-terminated, truncated to why_cap) into why_buf, "" on success.
+ * why_buf may be NULL. */
+KEEL_EXTERN int keel_breaker_new_ex(uv_loop_t *loop, const keel_breaker_opts *opts,
+                                    keel_breaker **out, char *why_buf, size_t why_cap);
 
 /*
  * Checks opts without creating anything. Returns 0 or UV_EINVAL and, when

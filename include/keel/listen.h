@@ -118,15 +118,17 @@ KEEL_EXTERN void keel_listener_opts_init(keel_listener_opts *opts);
  * Creates a listener (not started). Strings are copied; the filter is parsed
  * now. Returns 0 and sets *out; UV_EINVAL for a NULL argument, a missing
  * conninfo, an invalid table name, an events mask outside 1..7 or a malformed
- * filter / unknown operator (keel_listener_new2() writes the reason);
+ * filter / unknown operator (keel_listener_new_ex() writes the reason);
  * UV_ENOMEM. *out is untouched on failure.
  */
 KEEL_EXTERN int keel_listener_new(uv_loop_t *loop, const keel_listener_opts *opts,
                                   keel_listener **out);
 
-/* Like keel_listener_new(); on UV_EINVAL writes the reason into why_buf. */
-KEEL_EXTERN int keel_listener_new2(uv_loop_t *loop, const keel_listener_opts *opts,
-                                   keel_listener **out, char *why_buf, size_t why_cap);
+/* Like keel_listener_new(), and explains a failure: writes the reason
+ * (NUL-terminated, truncated to why_cap) into why_buf, "" on success.
+ * why_buf may be NULL. */
+KEEL_EXTERN int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts,
+                                     keel_listener **out, char *why_buf, size_t why_cap);
 
 /*
  * Adds another table to the same connection: its changes (of `events`,

@@ -101,15 +101,18 @@ KEEL_EXTERN void keel_queue_opts_init(keel_queue_opts *opts);
 /*
  * Creates a queue. process is required; opts is copied.
  * Returns 0 and sets *out; UV_EINVAL (NULL loop/process/opts/out,
- * concurrency 0, bad backoff: keel_queue_new2() says which); UV_ENOMEM.
+ * concurrency 0, bad backoff: keel_queue_new_ex() says which); UV_ENOMEM.
  * *out is untouched on failure.
  */
 KEEL_EXTERN int keel_queue_new(uv_loop_t *loop, keel_queue_process_fn process,
                                const keel_queue_opts *opts, keel_queue **out);
 
-/* Like keel_queue_new(), and explains a UV_EINVAL in *why (static text). */
-KEEL_EXTERN int keel_queue_new2(uv_loop_t *loop, keel_queue_process_fn process,
-                                const keel_queue_opts *opts, keel_queue **out, const char **why);
+/* Like keel_queue_new(), and explains a failure: writes the reason
+ * (NUL-terminated, truncated to why_cap) into why_buf, "" on success.
+ * why_buf may be NULL. */
+KEEL_EXTERN int keel_queue_new_ex(uv_loop_t *loop, keel_queue_process_fn process,
+                                  const keel_queue_opts *opts, keel_queue **out, char *why_buf,
+                                  size_t why_cap);
 
 /*
  * Pushes a job with the given priority (any int; higher runs first, equal

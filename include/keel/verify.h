@@ -178,22 +178,23 @@ KEEL_EXTERN void keel_verify_opts_init(keel_verify_opts *opts);
  * not allowed); too many columns; bad backoff.
  * Thread-safe.
  */
-KEEL_EXTERN int keel_verify_opts_validate(const keel_verify_opts *opts, const char **why);
+KEEL_EXTERN int keel_verify_validate_opts(const keel_verify_opts *opts, const char **why);
 
 /*
  * Creates a verifier (idle until keel_verify_start() or
  * keel_verify_run_now()). Copies every string of opts; identifiers are
  * quoted, never pasted. Opens its connection(s) at once when conninfo is used.
  * Returns 0 and sets *out; UV_EINVAL (NULL loop/opts/out, or invalid opts:
- * keel_verify_opts_validate() gives the reason), UV_ENOMEM, or an error of
+ * keel_verify_validate_opts() gives the reason), UV_ENOMEM, or an error of
  * keel_pg_new(). *out is untouched on failure. Loop thread only.
  */
 KEEL_EXTERN int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out);
 
-/* Like keel_verify_new(), and explains a UV_EINVAL in *why (static text;
- * why may be NULL). Loop thread only. */
+/* Like keel_verify_new(), and explains a failure: writes the reason
+ * (NUL-terminated, truncated to why_cap) into why_buf, "" on success.
+ * why_buf may be NULL. Loop thread only. */
 KEEL_EXTERN int keel_verify_new_ex(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out,
-                                   const char **why);
+                                   char *why_buf, size_t why_cap);
 
 /* ---- verbs ------------------------------------------------------------ */
 

@@ -91,6 +91,17 @@ uint64_t keel__breaker_now(keel_breaker *b) {
   return keel__clock_now(&b->opts.clock, b->loop);
 }
 
+int keel_breaker_new_ex(uv_loop_t *loop, const keel_breaker_opts *opts, keel_breaker **out,
+                        char *why_buf, size_t why_cap) {
+  if (loop == NULL || out == NULL)
+    return keel__why(why_buf, why_cap, UV_EINVAL, "loop and out are required");
+  const char *why = NULL;
+  if (keel_breaker_validate_opts(opts, &why) != 0)
+    return keel__why(why_buf, why_cap, UV_EINVAL, why);
+  int rc = keel_breaker_new(loop, opts, out);
+  return keel__why(why_buf, why_cap, rc, rc == 0 ? "" : keel_strerror(rc));
+}
+
 int keel_breaker_new(uv_loop_t *loop, const keel_breaker_opts *opts, keel_breaker **out) {
   if (loop == NULL || out == NULL) return UV_EINVAL;
   if (keel_breaker_validate_opts(opts, NULL) != 0) return UV_EINVAL;

@@ -37,3 +37,8 @@ int keel__call_later(uv_loop_t *loop, void (*fn)(void *arg), void *arg) {
   uv_close((uv_handle_t *)&call->handle, run_deferred);
   return 0;
 }
+
+int keel__why(char *buf, size_t cap, int err, const char *text) {
+  if (buf != NULL && cap > 0) snprintf(buf, cap, "%s", text != NULL ? text : "");
+  return err;
+}

@@ -24,6 +24,10 @@ int keel__fail(char *errbuf, int err, const char *fmt, ...)
 #endif
     ;
 
+/* Copies text into a caller's explanation buffer (keel_x_new_ex()); does
+ * nothing when buf is NULL or cap is 0. Returns err. */
+int keel__why(char *buf, size_t cap, int err, const char *text);
+
 /* Calls fn(arg) on a later loop iteration (through the close of a
  * short-lived handle): for a close_cb that has nothing left to wait for but
  * must still not run inside the close call. Returns 0 or UV_ENOMEM (fn not

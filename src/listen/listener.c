@@ -379,11 +379,12 @@ static void on_state(keel_pg *conn, bool up, int status, void *data) {
   keel__fail(l->last_error, status, "listener connection down: %s", keel_pg_last_error(conn));
 }
 
-int keel_listener_new2(uv_loop_t *loop, const keel_listener_opts *opts, keel_listener **out,
-                       char *why_buf, size_t why_cap) {
+int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_listener **out,
+                         char *why_buf, size_t why_cap) {
   char why_local[KEEL__ERRBUF_SIZE];
   char *why = why_buf != NULL && why_cap > 0 ? why_buf : why_local;
   size_t cap = why_buf != NULL && why_cap > 0 ? why_cap : sizeof why_local;
+  why[0] = '\0';
   if (loop == NULL || opts == NULL || out == NULL || opts->conninfo == NULL) {
     snprintf(why, cap, "loop, opts, out and opts->conninfo are required");
     return UV_EINVAL;
@@ -393,13 +394,13 @@ int keel_listener_new2(uv_loop_t *loop, const keel_listener_opts *opts, keel_lis
     return UV_EINVAL;
   }
   keel_listener *l = keel__calloc(1, sizeof *l);
-  if (l == NULL) return UV_ENOMEM;
+  if (l == NULL) return keel__why(why, cap, UV_ENOMEM, "out of memory");
   l->loop = loop;
   l->opts = *opts;
   l->conninfo = keel__strdup(opts->conninfo);
   if (l->conninfo == NULL) {
     keel__free(l);
-    return UV_ENOMEM;
+    return keel__why(why, cap, UV_ENOMEM, "out of memory");
   }
   l->opts.conninfo = l->conninfo;
   l->opts.table = l->opts.filter = l->opts.channel = NULL;
@@ -416,7 +417,7 @@ int keel_listener_new2(uv_loop_t *loop, const keel_listener_opts *opts, keel_lis
 }
 
 int keel_listener_new(uv_loop_t *loop, const keel_listener_opts *opts, keel_listener **out) {
-  return keel_listener_new2(loop, opts, out, NULL, 0);
+  return keel_listener_new_ex(loop, opts, out, NULL, 0);
 }
 
 int keel_listener_add_table(keel_listener *l, const char *table, unsigned events,

@@ -418,8 +418,8 @@ unsigned keel_job_attempt(const keel_job *job) {
 
 static void on_async(uv_async_t *async);
 
-int keel_queue_new2(uv_loop_t *loop, keel_queue_process_fn process, const keel_queue_opts *opts,
-                    keel_queue **out, const char **why) {
+static int queue_create(uv_loop_t *loop, keel_queue_process_fn process, const keel_queue_opts *opts,
+                        keel_queue **out, const char **why) {
   const char *problem = NULL;
   const char *backoff_problem = NULL;
   if (loop == NULL || opts == NULL || out == NULL)
@@ -430,11 +430,11 @@ int keel_queue_new2(uv_loop_t *loop, keel_queue_process_fn process, const keel_q
     problem = "concurrency must be >= 1";
   else if (keel_backoff_validate(&opts->retry_backoff, &backoff_problem) != 0)
     problem = backoff_problem;
-  if (why != NULL) *why = problem;
+  *why = problem;
   if (problem != NULL) return UV_EINVAL;
 
   keel_queue *q = keel__calloc(1, sizeof *q);
-  if (q == NULL) return UV_ENOMEM;
+  if (q == NULL) return (*why = "out of memory", UV_ENOMEM);
   q->loop = loop;
   q->process = process;
   q->opts = *opts;
@@ -443,13 +443,13 @@ int keel_queue_new2(uv_loop_t *loop, keel_queue_process_fn process, const keel_q
   keel_rng_seed(&q->rng, opts->seed != 0 ? opts->seed : uv_hrtime());
   if (uv_mutex_init(&q->ts_mutex) != 0) {
     keel__free(q);
-    return UV_ENOMEM;
+    return (*why = "cannot create a mutex", UV_ENOMEM);
   }
   int rc = uv_async_init(loop, &q->async, on_async);
   if (rc != 0) {
     uv_mutex_destroy(&q->ts_mutex);
     keel__free(q);
-    return rc;
+    return (*why = "cannot create the uv_async_t for thread-safe pushes", rc);
   }
   uv_timer_init(loop, &q->kick_timer);
   uv_timer_init(loop, &q->retry_timer);
@@ -468,7 +468,15 @@ int keel_queue_new2(uv_loop_t *loop, keel_queue_process_fn process, const keel_q
 
 int keel_queue_new(uv_loop_t *loop, keel_queue_process_fn process, const keel_queue_opts *opts,
                    keel_queue **out) {
-  return keel_queue_new2(loop, process, opts, out, NULL);
+  const char *why;
+  return queue_create(loop, process, opts, out, &why);
+}
+
+int keel_queue_new_ex(uv_loop_t *loop, keel_queue_process_fn process, const keel_queue_opts *opts,
+                      keel_queue **out, char *why_buf, size_t why_cap) {
+  const char *why = NULL;
+  int rc = queue_create(loop, process, opts, out, &why);
+  return keel__why(why_buf, why_cap, rc, rc == 0 ? "" : why);
 }
 
 static int push_slot(keel_queue *q, void *payload, int priority, keel__job_overrides *overrides,

@@ -305,7 +305,7 @@ void keel_verify_opts_init(keel_verify_opts *o) {
   o->checkpoint_every = 10;
 }
 
-int keel_verify_opts_validate(const keel_verify_opts *o, const char **why) {
+int keel_verify_validate_opts(const keel_verify_opts *o, const char **why) {
   static const char *dummy;
   if (why == NULL) why = &dummy;
   char tmp[140];
@@ -386,7 +386,7 @@ static char *dup_or_null(const char *s, bool *oom) {
 
 int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out) {
   if (loop == NULL || opts == NULL || out == NULL) return UV_EINVAL;
-  int rc = keel_verify_opts_validate(opts, NULL);
+  int rc = keel_verify_validate_opts(opts, NULL);
   if (rc < 0) return rc;
   keel_verify *v = keel__calloc(1, sizeof *v);
   if (v == NULL) return UV_ENOMEM;
@@ -470,16 +470,15 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
 }
 
 int keel_verify_new_ex(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out,
-                       const char **why) {
-  static const char *dummy;
-  if (why == NULL) why = &dummy;
-  *why = NULL;
-  if (loop == NULL || out == NULL) return (*why = "loop and out are required", UV_EINVAL);
-  int rc = keel_verify_opts_validate(opts, why);
-  if (rc < 0) return rc;
+                       char *why_buf, size_t why_cap) {
+  if (loop == NULL || out == NULL)
+    return keel__why(why_buf, why_cap, UV_EINVAL, "loop and out are required");
+  const char *why = NULL;
+  int rc = keel_verify_validate_opts(opts, &why);
+  if (rc < 0) return keel__why(why_buf, why_cap, rc, why);
   rc = keel_verify_new(loop, opts, out);
-  if (rc == UV_ENOMEM) *why = "out of memory";
-  return rc;
+  if (rc == UV_ENOMEM) return keel__why(why_buf, why_cap, rc, "out of memory");
+  return keel__why(why_buf, why_cap, rc, rc == 0 ? "" : keel_strerror(rc));
 }
 
 int keel_verify_start(keel_verify *v) {

@@ -341,11 +341,11 @@ Test(listen, invalid_options) {
   keel_listener_opts_init(&o);
   keel_listener *l = (keel_listener *)0x1;
   char why[128];
-  cr_assert_eq(keel_listener_new2(&loop, &o, &l, why, sizeof why), UV_EINVAL, "no conninfo");
+  cr_assert_eq(keel_listener_new_ex(&loop, &o, &l, why, sizeof why), UV_EINVAL, "no conninfo");
   o.conninfo = kt_pg_conninfo();
   o.table = "t";
   o.filter = "team_id=like.1";
-  cr_assert_eq(keel_listener_new2(&loop, &o, &l, why, sizeof why), UV_EINVAL);
+  cr_assert_eq(keel_listener_new_ex(&loop, &o, &l, why, sizeof why), UV_EINVAL);
   cr_assert(strstr(why, "like") != NULL, "%s", why);
   o.filter = NULL;
   o.events = 0;

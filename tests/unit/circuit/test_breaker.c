@@ -410,14 +410,17 @@ Test(breaker, invalid_options_are_rejected) {
   keel_breaker *b = (keel_breaker *)0x1;
   keel_breaker_opts o;
   const char *why = NULL;
-#define BAD(stmt)                                                         \
-  do {                                                                    \
-    keel_breaker_opts_init(&o);                                           \
-    stmt;                                                                 \
-    cr_assert_eq(keel_breaker_validate_opts(&o, &why), UV_EINVAL, #stmt); \
-    cr_assert_not_null(why);                                              \
-    cr_assert_eq(keel_breaker_new(&loop, &o, &b), UV_EINVAL, #stmt);      \
-    cr_assert_eq(b, (keel_breaker *)0x1, "out untouched");                \
+  char text[256];
+#define BAD(stmt)                                                                          \
+  do {                                                                                     \
+    keel_breaker_opts_init(&o);                                                            \
+    stmt;                                                                                  \
+    cr_assert_eq(keel_breaker_validate_opts(&o, &why), UV_EINVAL, #stmt);                  \
+    cr_assert_not_null(why);                                                               \
+    cr_assert_eq(keel_breaker_new(&loop, &o, &b), UV_EINVAL, #stmt);                       \
+    cr_assert_eq(keel_breaker_new_ex(&loop, &o, &b, text, sizeof text), UV_EINVAL, #stmt); \
+    cr_assert_str_eq(text, why, #stmt);                                                    \
+    cr_assert_eq(b, (keel_breaker *)0x1, "out untouched");                                 \
   } while (0)
   BAD(o.failure_threshold = 0);
   BAD(o.failure_rate_threshold = 1.5);
@@ -434,6 +437,12 @@ Test(breaker, invalid_options_are_rejected) {
 #undef BAD
   cr_assert_eq(keel_breaker_new(&loop, NULL, &b), UV_EINVAL);
   cr_assert_eq(keel_breaker_new(NULL, &o, &b), UV_EINVAL);
+  cr_assert_eq(keel_breaker_new_ex(NULL, &o, &b, text, sizeof text), UV_EINVAL);
+  cr_assert_str_eq(text, "loop and out are required");
+  keel_breaker_opts_init(&o);
+  cr_assert_eq(keel_breaker_new_ex(&loop, &o, &b, text, sizeof text), 0);
+  cr_assert_str_eq(text, "");
+  keel_breaker_close(b, NULL, NULL);
   cr_assert_eq(keel_breaker_acquire(NULL, NULL), UV_EINVAL);
   cr_assert_eq(keel_breaker_release(NULL, 0, 0), UV_EINVAL);
   kt_loop_finish(&loop);

@@ -43,7 +43,7 @@ Test(verify_opts, defaults) {
 Test(verify_opts, valid_base) {
   keel_verify_opts o = base();
   const char *why = NULL;
-  cr_expect_eq(keel_verify_opts_validate(&o, &why), 0);
+  cr_expect_eq(keel_verify_validate_opts(&o, &why), 0);
 }
 
 #define EXPECT_BAD(mutation, text)                                                     \
@@ -51,7 +51,7 @@ Test(verify_opts, valid_base) {
     keel_verify_opts o = base();                                                       \
     mutation;                                                                          \
     const char *why = NULL;                                                            \
-    cr_expect_eq(keel_verify_opts_validate(&o, &why), UV_EINVAL, "%s", #mutation);     \
+    cr_expect_eq(keel_verify_validate_opts(&o, &why), UV_EINVAL, "%s", #mutation);     \
     cr_expect(why != NULL && strstr(why, text) != NULL, "%s: why=%s", #mutation, why); \
   } while (0)
 
@@ -89,8 +89,8 @@ Test(verify_opts, new_rejects_without_touching_out) {
   o.batch_size = 0;
   cr_expect_eq(keel_verify_new(&loop, &o, &v), UV_EINVAL);
   cr_expect_eq(v, (keel_verify *)(uintptr_t)0x1);
-  const char *why = NULL;
-  cr_expect_eq(keel_verify_new_ex(&loop, &o, &v, &why), UV_EINVAL);
+  char why[128] = "";
+  cr_expect_eq(keel_verify_new_ex(&loop, &o, &v, why, sizeof why), UV_EINVAL);
   cr_expect_str_eq(why, "batch_size must be 1..1000000");
   cr_expect_eq(v, (keel_verify *)(uintptr_t)0x1);
   cr_expect_eq(keel_verify_new(NULL, &o, &v), UV_EINVAL);
