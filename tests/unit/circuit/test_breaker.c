@@ -334,7 +334,7 @@ Test(breaker, slow_call_rate_trips) {
   call(&f, 0, 10);
   cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_CLOSED);
   call(&f, 0, 200);
-  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_OPEN, "2 slow of 4 = 50 %");
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_OPEN, "2 slow of 4 = 50 %%");
   keel_breaker_stats s;
   keel_breaker_get_stats(f.b, &s);
   cr_assert_eq(s.calls_slow, 2);
