@@ -15,18 +15,13 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
 #include "keel/integrity.h"
 
 #define ROWS 400000
 
 static const char *conninfo;
 static int seconds = 5;
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-}
 
 typedef struct bench {
   uv_loop_t loop;
@@ -69,7 +64,7 @@ static void on_update(keel_integrity *ig, int status, const char *version, bool 
     b->completed++;
   else
     b->failed++;
-  if (now_s() < b->deadline && b->next_id <= ROWS) issue_update(b);
+  if (bench_now_s() < b->deadline && b->next_id <= ROWS) issue_update(b);
 }
 
 static void issue_update(bench *b) {
@@ -91,38 +86,24 @@ static void issue_update(bench *b) {
 static double occ_rate(bench *b) {
   b->completed = b->failed = 0;
   b->next_id = 1;
-  double start = now_s();
+  double start = bench_now_s();
   b->deadline = start + seconds;
   for (int i = 0; i < 4; i++) issue_update(b);
   while (b->in_flight > 0) uv_run(&b->loop, UV_RUN_ONCE);
-  double elapsed = now_s() - start;
+  double elapsed = bench_now_s() - start;
   if (b->failed)
     fprintf(stderr, "occ: %ld failed: %s\n", b->failed, keel_integrity_last_error(b->ig));
   return (double)b->completed / elapsed;
 }
 
 static double plain_rate(bench *b) {
-  char script[] = "/tmp/keel-bench-update-XXXXXX";
-  int fd = mkstemp(script);
   char text[256];
-  int n = snprintf(text, sizeof text,
-                   "\\set id random(1, %d)\nUPDATE %s SET name = 'updated', version = version + 1 "
-                   "WHERE id = :id;\n",
-                   ROWS, b->table);
-  if (fd < 0 || write(fd, text, (size_t)n) != n) exit(1);
-  close(fd);
-  const char *bindir = getenv("KEEL_TEST_PG_BINDIR");
-  char cmd[1024];
-  snprintf(cmd, sizeof cmd, "%s%spgbench -n -c 4 -j 2 -T %d -f %s '%s' 2>/dev/null",
-           bindir ? bindir : "", bindir ? "/" : "", seconds, script, conninfo);
-  FILE *p = popen(cmd, "r");
-  double tps = 0;
-  char line[512];
-  while (p != NULL && fgets(line, sizeof line, p) != NULL)
-    if (strncmp(line, "tps = ", 6) == 0) tps = atof(line + 6);
-  if (p != NULL) pclose(p);
-  unlink(script);
-  return tps;
+  snprintf(text, sizeof text,
+           "\\set id random(1, %d)\nUPDATE %s SET name = 'updated', version = version + 1 "
+           "WHERE id = :id;\n",
+           ROWS, b->table);
+  /* Two client threads: pgbench at its best, the stricter comparison. */
+  return bench_pgbench(conninfo, text, 4, 2, seconds, NULL);
 }
 
 typedef struct slug_state {
@@ -143,7 +124,7 @@ static void on_slug(keel_integrity *ig, int status, const char *slug, void *data
     s->inserted++;
   else
     s->failed++;
-  if (now_s() < s->b->deadline) issue_slug(s);
+  if (bench_now_s() < s->b->deadline) issue_slug(s);
 }
 
 static void issue_slug(slug_state *s) {
@@ -162,11 +143,11 @@ static void issue_slug(slug_state *s) {
 
 static double slug_rate(bench *b, long *inserted) {
   slug_state s = {b, 0, 0, 0};
-  double start = now_s();
+  double start = bench_now_s();
   b->deadline = start + seconds;
   for (int i = 0; i < 8; i++) issue_slug(&s);
   while (s.running > 0) uv_run(&b->loop, UV_RUN_ONCE);
-  double elapsed = now_s() - start;
+  double elapsed = bench_now_s() - start;
   *inserted = s.inserted;
   if (s.failed)
     fprintf(stderr, "slug: %ld failed: %s\n", s.failed, keel_integrity_last_error(b->ig));

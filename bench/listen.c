@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common.h"
 #include "keel/listen.h"
 
 #define RUNS 3
@@ -34,12 +35,6 @@
 
 static const char *conninfo;
 static int seconds = 10;
-
-static uint64_t mono_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
 
 static PGconn *connect_or_die(void) {
   PGconn *conn = PQconnectdb(conninfo);
@@ -68,7 +63,7 @@ static void send_paced(int count, int per_second) {
   char payload[96];
   for (int seq = 0; seq < count; seq++) {
     snprintf(payload, sizeof payload, "{\"s\":%d,\"t\":\"%llu\"}", seq,
-             (unsigned long long)mono_ns());
+             (unsigned long long)bench_mono_ns());
     const char *params[] = {payload};
     PGresult *res =
         PQexecParams(conn, "SELECT pg_notify('bench', $1)", 1, NULL, params, NULL, NULL, 0);
@@ -86,14 +81,14 @@ static void send_paced(int count, int per_second) {
 
 static void send_batched(int batch_seconds) {
   PGconn *conn = connect_or_die();
-  uint64_t end = mono_ns() + (uint64_t)batch_seconds * 1000000000ull;
+  uint64_t end = bench_mono_ns() + (uint64_t)batch_seconds * 1000000000ull;
   long long base = 0;
   char sql[256];
-  while (mono_ns() < end) {
+  while (bench_mono_ns() < end) {
     snprintf(sql, sizeof sql,
              "SELECT count(pg_notify('bench', '{\"s\":' || (g + %lld) || ',\"t\":\"%llu\"}')) "
              "FROM generate_series(1, 1000) g",
-             base, (unsigned long long)mono_ns());
+             base, (unsigned long long)bench_mono_ns());
     exec_or_die(conn, sql);
     base += 1000;
   }
@@ -134,7 +129,7 @@ typedef struct sink {
 } sink;
 
 static void sink_payload(sink *s, const char *payload) {
-  uint64_t now = mono_ns();
+  uint64_t now = bench_mono_ns();
   if (strncmp(payload, "END", 3) == 0) {
     s->expected = payload[3] == ' ' ? atoll(payload + 4) : s->received;
     s->done = true;
@@ -233,41 +228,11 @@ static run_result keel_run(int batched) {
   return summarize(&k.s);
 }
 
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-static double median3(double a, double b, double c) {
-  double v[3] = {a, b, c};
-  qsort(v, 3, sizeof *v, cmp_double);
-  return v[1];
-}
-
 /* ---- (c) pgbench ------------------------------------------------------------ */
 
 static double pgbench_tps(long long *processed) {
-  char script[] = "/tmp/keel-bench-notify-XXXXXX";
-  int fd = mkstemp(script);
-  const char line[] = "SELECT pg_notify('bench', 'p' || random()::text);\n";
-  if (fd < 0 || write(fd, line, sizeof line - 1) < 0) exit(1);
-  close(fd);
-  const char *bindir = getenv("KEEL_TEST_PG_BINDIR");
-  char cmd[1024];
-  snprintf(cmd, sizeof cmd, "%s%spgbench -n -c 4 -T %d -f %s '%s' 2>/dev/null",
-           bindir ? bindir : "", bindir ? "/" : "", seconds, script, conninfo);
-  FILE *p = popen(cmd, "r");
-  double tps = 0;
-  *processed = 0;
-  char buf[512];
-  while (p != NULL && fgets(buf, sizeof buf, p) != NULL) {
-    if (strncmp(buf, "tps = ", 6) == 0) tps = atof(buf + 6);
-    if (strstr(buf, "actually processed:") != NULL)
-      *processed = atoll(strstr(buf, "processed:") + 10);
-  }
-  if (p != NULL) pclose(p);
-  unlink(script);
-  return tps;
+  return bench_pgbench(conninfo, "SELECT pg_notify('bench', 'p' || random()::text);\n", 4, 0,
+                       seconds, processed);
 }
 
 typedef struct count_ctx {
@@ -408,15 +373,15 @@ int main(void) {
     printf("(c) run %d: keel ratio %.2f | floor ratio %.2f\n", r + 1, keel_c[r], floor_c[r]);
     lost += lost_c;
   }
-  double ratio = median3(keel_c[0], keel_c[1], keel_c[2]);
-  double floor_ratio = median3(floor_c[0], floor_c[1], floor_c[2]);
+  double ratio = bench_median3(keel_c[0], keel_c[1], keel_c[2]);
+  double floor_ratio = bench_median3(floor_c[0], floor_c[1], floor_c[2]);
 
-  double p50 = median3(keel_a[0].p50_us, keel_a[1].p50_us, keel_a[2].p50_us);
-  double p99 = median3(keel_a[0].p99_us, keel_a[1].p99_us, keel_a[2].p99_us);
-  double fp50 = median3(floor_a[0].p50_us, floor_a[1].p50_us, floor_a[2].p50_us);
-  double fp99 = median3(floor_a[0].p99_us, floor_a[1].p99_us, floor_a[2].p99_us);
-  double kb = median3(keel_b[0].per_second, keel_b[1].per_second, keel_b[2].per_second);
-  double fb = median3(floor_b[0].per_second, floor_b[1].per_second, floor_b[2].per_second);
+  double p50 = bench_median3(keel_a[0].p50_us, keel_a[1].p50_us, keel_a[2].p50_us);
+  double p99 = bench_median3(keel_a[0].p99_us, keel_a[1].p99_us, keel_a[2].p99_us);
+  double fp50 = bench_median3(floor_a[0].p50_us, floor_a[1].p50_us, floor_a[2].p50_us);
+  double fp99 = bench_median3(floor_a[0].p99_us, floor_a[1].p99_us, floor_a[2].p99_us);
+  double kb = bench_median3(keel_b[0].per_second, keel_b[1].per_second, keel_b[2].per_second);
+  double fb = bench_median3(floor_b[0].per_second, floor_b[1].per_second, floor_b[2].per_second);
   printf(
       "bars: p50 %.0f <= %.0f (floor + 30 us): %s; p99 %.0f <= %.0f (1.25 x floor): %s; "
       "batched %.0f >= %.0f (0.9 x floor): %s; server ratio %.2f >= 0.85: %s (floor listener: "

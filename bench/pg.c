@@ -13,6 +13,8 @@
  *    floor_pipelined_per_s=<e>
  */
 #include <keel.h>
+
+#include "common.h"
 #include <libpq-fe.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -33,10 +35,6 @@ static void on_result(keel_pg *c, int status, const keel_pg_result *res, void *d
   if (status != 0) r->failed++;
 }
 
-static double now_s(void) {
-  return (double)uv_hrtime() / 1e9;
-}
-
 static double bench_conn(const char *conninfo, bool pipeline) {
   uv_loop_t loop;
   uv_loop_init(&loop);
@@ -51,14 +49,14 @@ static double bench_conn(const char *conninfo, bool pipeline) {
   while (warm.done == 0) uv_run(&loop, UV_RUN_ONCE);
   run r = {0};
   char num[16];
-  double t0 = now_s();
+  double t0 = bench_now_s();
   for (int i = 0; i < N; i++) {
     snprintf(num, sizeof num, "%d", i);
     const char *p[] = {num};
     keel_pg_query(c, "SELECT $1::int", 1, p, on_result, &r);
   }
   while (r.done < N) uv_run(&loop, UV_RUN_ONCE);
-  double dt = now_s() - t0;
+  double dt = bench_now_s() - t0;
   keel_pg_close(c, NULL, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
@@ -84,14 +82,14 @@ static double bench_pool(const char *conninfo) {
   while (warm.done < 4) uv_run(&loop, UV_RUN_ONCE);
   run r = {0};
   char num[16];
-  double t0 = now_s();
+  double t0 = bench_now_s();
   for (int i = 0; i < N; i++) {
     snprintf(num, sizeof num, "%d", i);
     const char *p[] = {num};
     keel_pg_pool_query(pool, "SELECT $1::int", 1, p, on_pool_result, &r);
   }
   while (r.done < N) uv_run(&loop, UV_RUN_ONCE);
-  double dt = now_s() - t0;
+  double dt = bench_now_s() - t0;
   keel_pg_pool_close(pool, NULL, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
@@ -103,13 +101,13 @@ static double floor_serial(const char *conninfo) {
   PGconn *conn = PQconnectdb(conninfo);
   if (PQstatus(conn) != CONNECTION_OK) exit(1);
   char num[16];
-  double t0 = now_s();
+  double t0 = bench_now_s();
   for (int i = 0; i < N; i++) {
     snprintf(num, sizeof num, "%d", i);
     const char *p[] = {num};
     PQclear(PQexecParams(conn, "SELECT $1::int", 1, NULL, p, NULL, NULL, 0));
   }
-  double dt = now_s() - t0;
+  double dt = bench_now_s() - t0;
   PQfinish(conn);
   return N / dt;
 }
@@ -118,7 +116,7 @@ static double floor_pipelined(const char *conninfo) {
   PGconn *conn = PQconnectdb(conninfo);
   if (PQstatus(conn) != CONNECTION_OK) exit(1);
   char num[16];
-  double t0 = now_s();
+  double t0 = bench_now_s();
   PQenterPipelineMode(conn);
   for (int i = 0; i < N; i++) {
     snprintf(num, sizeof num, "%d", i);
@@ -134,20 +132,10 @@ static double floor_pipelined(const char *conninfo) {
     if (PQresultStatus(res) == PGRES_PIPELINE_SYNC) syncs++;
     PQclear(res);
   }
-  double dt = now_s() - t0;
+  double dt = bench_now_s() - t0;
   PQexitPipelineMode(conn);
   PQfinish(conn);
   return N / dt;
-}
-
-static int cmp(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return x < y ? -1 : x > y;
-}
-
-static double median3(double v[3]) {
-  qsort(v, 3, sizeof v[0], cmp);
-  return v[1];
 }
 
 int main(void) {
@@ -172,6 +160,8 @@ int main(void) {
   printf(
       "pg pipelined_per_s=%.0f serial_per_s=%.0f pool4_per_s=%.0f floor_serial_per_s=%.0f "
       "floor_pipelined_per_s=%.0f\n",
-      median3(pipe), median3(serial), median3(pool), median3(fserial), median3(fpipe));
+      bench_median3(pipe[0], pipe[1], pipe[2]), bench_median3(serial[0], serial[1], serial[2]),
+      bench_median3(pool[0], pool[1], pool[2]), bench_median3(fserial[0], fserial[1], fserial[2]),
+      bench_median3(fpipe[0], fpipe[1], fpipe[2]));
   return 0;
 }

@@ -16,6 +16,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "common.h"
 #include "keel/queue.h"
 
 #define JOBS 1000000
@@ -54,12 +55,6 @@ static void *count_calloc(size_t c, size_t n) {
   void *p = count_malloc(c * n);
   if (p != NULL) memset(p, 0, c * n);
   return p;
-}
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 typedef struct bench {
@@ -102,11 +97,11 @@ static double run_stream(void) {
   o.on_complete = refill;
   o.data = &b;
   keel_queue_new(&loop, process, &o, &b.q);
-  double t0 = now_s();
+  double t0 = bench_now_s();
   for (; b.pushed < 100; b.pushed++)
     keel_queue_push(b.q, NULL, (int)(keel_rng_next(&b.rng) % 10), NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
-  double t1 = now_s();
+  double t1 = bench_now_s();
   keel_queue_stats s;
   keel_queue_get_stats(b.q, &s);
   if (s.completed != JOBS)
@@ -127,10 +122,10 @@ static double run_bulk(void) {
   o.concurrency = 100;
   keel_queue *q;
   keel_queue_new(&loop, process, &o, &q);
-  double t0 = now_s();
+  double t0 = bench_now_s();
   for (int i = 0; i < JOBS; i++) keel_queue_push(q, NULL, (int)(keel_rng_next(&rng) % 10), NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
-  double t1 = now_s();
+  double t1 = bench_now_s();
   keel_queue_close(q, NULL, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
