@@ -127,7 +127,11 @@ static void fail_stale_bound(keel_pg *c) {
 static void handle_closed(keel_pg *c) {
   c->handles_open--;
   if (c->state != KEEL__PG_CLOSING || c->handles_open != 0) return;
-  keel__pg_fail_all(c, &c->cancelled_head, &c->cancelled_tail, &c->cancelled_count, UV_ECANCELED,
+  /* What close left queued is cancelled now, on a later iteration than the
+   * close call: in-flight statements first, then unsent ones, as queued. */
+  keel__pg_fail_all(c, &c->sent_head, &c->sent_tail, &c->sent_count, UV_ECANCELED,
+                    "connection closed");
+  keel__pg_fail_all(c, &c->pending_head, &c->pending_tail, &c->pending_count, UV_ECANCELED,
                     "connection closed");
   keel_close_cb cb = c->close_cb;
   void *data = c->close_data;
@@ -843,17 +847,8 @@ void keel_pg_close(keel_pg *c, keel_close_cb cb, void *data) {
     PQfinish(c->conn);
     c->conn = NULL;
   }
-  /* In-flight statements first, then unsent ones: the order they were queued. */
-  c->cancelled_head = c->sent_head;
-  c->cancelled_tail = c->sent_tail;
-  c->cancelled_count = c->sent_count + c->pending_count;
-  if (c->cancelled_tail != NULL)
-    c->cancelled_tail->next = c->pending_head;
-  else
-    c->cancelled_head = c->pending_head;
-  if (c->pending_tail != NULL) c->cancelled_tail = c->pending_tail;
-  c->sent_head = c->sent_tail = c->pending_head = c->pending_tail = NULL;
-  c->sent_count = c->pending_count = 0;
+  /* Queued statements stay where they are (nothing sends them now) and are
+   * cancelled once the handles have closed: see handle_closed(). */
   uv_close((uv_handle_t *)&c->connect_timer, on_timer_closed);
   uv_close((uv_handle_t *)&c->health_timer, on_timer_closed);
   uv_close((uv_handle_t *)&c->deadline_timer, on_timer_closed);

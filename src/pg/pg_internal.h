@@ -59,10 +59,6 @@ struct keel_pg {
   keel__pg_query *pending_head, *pending_tail; /* not sent yet */
   keel__pg_query *sent_head, *sent_tail;       /* sent, in order */
   uint64_t pending_count, sent_count;
-  /* Statements a close cancelled; their callbacks run once the handles have
-   * closed, so that close never calls back from inside itself. */
-  keel__pg_query *cancelled_head, *cancelled_tail;
-  uint64_t cancelled_count;
   uv_timer_t connect_timer; /* connect timeout, then reconnect backoff */
   uv_timer_t health_timer;
   uv_timer_t deadline_timer;
