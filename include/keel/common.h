@@ -33,6 +33,14 @@ extern "C" {
 /*
  * The one list of keel's error codes: XX(name, number, message). A code is
  * never renumbered or reused; new codes are appended with the next number.
+ *
+ * Closing: a call made after keel_x_close() began returns KEEL_ECLOSING;
+ * work that was accepted before and is dropped by the close gets
+ * UV_ECANCELED in its callback. Lost connections: KEEL_ECONN means the
+ * statement certainly did not take effect (never sent, or its transaction
+ * rolled back with the session); KEEL_EINDOUBT means it was sent and its
+ * outcome is unknown (a COMMIT or an autocommit write lost in flight): no
+ * keel helper retries it blindly.
  */
 #define KEEL_ERRNO_MAP(XX)                                                               \
   XX(EOPEN, -30001, "circuit breaker is open")                                           \
@@ -53,7 +61,13 @@ extern "C" {
   XX(ECLOSING, -30016, "object is closing")                                              \
   XX(EEXHAUSTED, -30017, "retries exhausted")                                            \
   XX(ESERIALIZATION, -30018, "serialization failure or deadlock: retry the transaction") \
-  XX(ESTALE, -30019, "stale handle: the object it referred to is gone")
+  XX(ESTALE, -30019, "stale handle: the object it referred to is gone")                 \
+  XX(EINDOUBT, -30020,                                                                   \
+     "outcome unknown: the connection was lost after the statement was sent, it may "    \
+     "or may not have taken effect")                                                      \
+  XX(EAUTH, -30021, "the server refused the credentials")                                \
+  XX(ENODB, -30022, "the database does not exist")                                       \
+  XX(ESEND, -30023, "the client library refused to send the statement")
 
 typedef enum keel_errno {
 #define KEEL_ERRNO_ENUM_(name, value, msg) KEEL_##name = (value),
