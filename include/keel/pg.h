@@ -5,7 +5,8 @@
  * uv_poll_t on its socket. Queries queue in order; each result reaches its
  * callback exactly once. With pipeline mode (libpq >= 14) queued statements
  * go out in one write. A lost connection fails the queries in flight with
- * KEEL_ECONN and reconnects with jittered exponential backoff. A keel_pg_pool
+ * KEEL_ECONN (certainly not applied) or KEEL_EINDOUBT (may have been
+ * applied) and reconnects with jittered exponential backoff. A keel_pg_pool
  * spreads queries over N connections and runs transactions on one of them.
  * The listener, the verifier, the integrity helpers and the durable queue are
  * built on this layer.
@@ -74,13 +75,38 @@ KEEL_EXTERN void *keel_pg_result_raw(const keel_pg_result *res);
 /* ---- one connection ---------------------------------------------------- */
 
 /*
- * Result callback. status: 0; KEEL_EPG for a SQL error (SQLSTATE and message
- * in res and in keel_pg_last_error(c)); KEEL_ECONN when the connection was
- * lost before the result arrived (the statement may or may not have run), or
- * when a statement of a transaction could not run because its session is
- * gone; UV_ETIMEDOUT when opts.query_timeout_ms passed; UV_ECANCELED on
- * close. res is never NULL. c is NULL only for a pool query that failed
- * before it got a connection (UV_ETIMEDOUT waiting, UV_ECANCELED at close).
+ * Result callback, called exactly once per accepted statement, on a later
+ * loop iteration. status:
+ *   0               success; a reply that arrived in full is delivered even
+ *                   when the session dies before the pipeline's sync point
+ *                   (see KEEL_EINDOUBT for the one exception).
+ *   KEEL_EPG        the server reported an error (SQLSTATE and message in res
+ *                   and in keel_pg_last_error(c)); also an error at the
+ *                   statement's commit (a deferred constraint).
+ *   KEEL_EINDOUBT   sent, and the session ended before its outcome was
+ *                   known: it may or may not have taken effect. A COMMIT (or
+ *                   END, PREPARE TRANSACTION) without its reply; a statement
+ *                   sent in autocommit (outside BEGIN ... COMMIT) without its
+ *                   reply, or with its reply but not its sync (autocommit
+ *                   commits at the sync); a statement of a block whose COMMIT
+ *                   was sent after it; SQLSTATE 08007 from the server. Never
+ *                   retry it blindly: read back, or make it idempotent.
+ *   KEEL_ECONN      certainly did not take effect: never sent; or sent inside
+ *                   an open transaction block (or as BEGIN / ROLLBACK) whose
+ *                   session was lost, so the server rolled it back; or a
+ *                   statement of a block whose BEGIN failed or whose session
+ *                   was lost before it could run (it never runs on another).
+ *   KEEL_ESEND      libpq refused to send this statement (its message in
+ *                   keel_pg_last_error(c)); nothing was sent, the connection
+ *                   and the statements behind it go on.
+ *   UV_ETIMEDOUT    opts.query_timeout_ms passed and it certainly did not
+ *                   take effect (not sent yet, or inside a block: the reset
+ *                   rolls it back); a sent statement that may have run gets
+ *                   KEEL_EINDOUBT instead.
+ *   UV_ECANCELED    keel_pg_close() dropped it (a statement already sent
+ *                   when close was called may still have run on the server).
+ * res is never NULL. c is NULL only for a pool query that failed before it
+ * got a connection (UV_ETIMEDOUT waiting, UV_ECANCELED at close).
  */
 typedef void (*keel_pg_result_cb)(keel_pg *c, int status, const keel_pg_result *res, void *data);
 
@@ -126,10 +152,15 @@ KEEL_EXTERN int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg *
  * Queues a parameterised statement ($1..$n, text parameters, NULL value =
  * SQL NULL). sql and values are copied; cb (may be NULL) is called exactly
  * once, on a later loop iteration, with the result.
- * Returns 0, UV_EINVAL (NULL c or sql, nparams < 0, values NULL with
- * nparams > 0), UV_ENOMEM, KEEL_ECONN (disconnected with opts.reconnect
- * false), or KEEL_ECLOSING after close; nothing is queued then.
- * Loop thread only.
+ * Statements between a BEGIN and its COMMIT/ROLLBACK (recognised from their
+ * leading keywords, in queue order) run only in the session their BEGIN ran
+ * in; after that session is lost they fail with KEEL_ECONN until the block
+ * is ended by a COMMIT or ROLLBACK (which fail too: the server rolled the
+ * block back).
+ * Returns 0, UV_EINVAL (NULL c or sql, nparams < 0 or > 65535, values NULL
+ * with nparams > 0; reason in keel_pg_last_error(c)), UV_ENOMEM,
+ * KEEL_ECONN (disconnected with opts.reconnect false), or KEEL_ECLOSING
+ * after close; nothing is queued then. Loop thread only.
  */
 KEEL_EXTERN int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *values,
                               keel_pg_result_cb cb, void *data);
@@ -161,7 +192,8 @@ KEEL_EXTERN void *keel_pg_raw(keel_pg *c);
 KEEL_EXTERN const char *keel_pg_last_error(const keel_pg *c);
 
 /* Forces a reconnect now (e.g. after the caller saw the server restart).
- * In-flight queries fail with KEEL_ECONN. Returns 0 or UV_EINVAL. */
+ * In-flight queries are judged as on a lost connection (KEEL_ECONN or
+ * KEEL_EINDOUBT, replies already in kept). Returns 0 or UV_EINVAL. */
 KEEL_EXTERN int keel_pg_reset(keel_pg *c);
 
 typedef struct keel_pg_stats {

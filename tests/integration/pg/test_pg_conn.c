@@ -1,0 +1,355 @@
+/* One connection's outcomes under faults, against the real server: replies
+ * kept when the session dies before the sync, KEEL_EINDOUBT for statements
+ * whose effect is unknown, transaction blocks never split across sessions,
+ * statements libpq refuses, permanent connect errors, conninfo checks,
+ * bounds, the callback contract and allocation failure. Connections are cut
+ * at exact points of the server's reply stream by a proxy (pgproxy.c). */
+#include <criterion/criterion.h>
+#include <libpq-fe.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "keel/pg.h"
+#include "pgproxy.h"
+#include "support/harness.h"
+
+#define MAXR 64
+
+typedef struct ctx {
+  uv_loop_t loop;
+  keel_pg *c;
+  pgproxy *proxy;
+  char conninfo[256];
+  int results;
+  int statuses[MAXR];
+  char values[MAXR][64];
+  char errors[MAXR][256];
+  int ups, downs, last_state_status;
+  const char *then_sql; /* queued from the callback of result #then_at */
+  int then_at;
+} ctx;
+
+static void on_state(keel_pg *c, bool up, int status, void *data) {
+  (void)c;
+  ctx *x = data;
+  if (up)
+    x->ups++;
+  else
+    x->downs++;
+  x->last_state_status = status;
+}
+
+static void store(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  ctx *x = data;
+  int i = x->results++;
+  cr_assert_lt(i, MAXR);
+  x->statuses[i] = status;
+  const char *v = keel_pg_result_value(res, 0, 0);
+  snprintf(x->values[i], sizeof x->values[i], "%s", v ? v : "(null)");
+  snprintf(x->errors[i], sizeof x->errors[i], "%s", keel_pg_last_error(c));
+  if (x->then_sql != NULL && x->then_at == i) {
+    const char *sql = x->then_sql;
+    x->then_sql = NULL;
+    cr_assert_eq(keel_pg_query(c, sql, 0, NULL, store, x), 0);
+  }
+}
+
+static void open_with(ctx *x, bool through_proxy, bool pipeline) {
+  memset(x, 0, sizeof *x);
+  uv_loop_init(&x->loop);
+  snprintf(x->conninfo, sizeof x->conninfo, "%s", kt_pg_conninfo());
+  if (through_proxy)
+    x->proxy = pgproxy_start(&x->loop, kt_pg_conninfo(), x->conninfo, sizeof x->conninfo);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = x->conninfo;
+  o.on_state = on_state;
+  o.data = x;
+  o.pipeline = pipeline;
+  keel_backoff_fixed(&o.reconnect_backoff, 20);
+  cr_assert_eq(keel_pg_new(&x->loop, &o, &x->c), 0);
+}
+
+static void wait_results(ctx *x, int n) {
+  uint64_t start = uv_now(&x->loop);
+  while (x->results < n && uv_now(&x->loop) - start < 10000) uv_run(&x->loop, UV_RUN_ONCE);
+  cr_assert_eq(x->results, n, "results %d of %d", x->results, n);
+}
+
+static void wait_up(ctx *x, int ups) {
+  uint64_t start = uv_now(&x->loop);
+  while (x->ups < ups && uv_now(&x->loop) - start < 10000) uv_run(&x->loop, UV_RUN_ONCE);
+  cr_assert_geq(x->ups, ups);
+}
+
+static void finish(ctx *x) {
+  keel_pg_close(x->c, NULL, NULL);
+  if (x->proxy != NULL) pgproxy_stop(x->proxy);
+  kt_loop_finish(&x->loop);
+}
+
+static void make_table(char *name, size_t cap) {
+  kt_unique_name(name, cap, "conn");
+  char sql[256];
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (id int PRIMARY KEY)", name);
+  kt_pg_exec(sql);
+}
+
+static long count_rows(const char *table) {
+  char sql[160];
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", table);
+  char *v = kt_pg_scalar(sql);
+  long n = strtol(v, NULL, 10);
+  free(v);
+  return n;
+}
+
+static void query(ctx *x, const char *sql) {
+  cr_assert_eq(keel_pg_query(x->c, sql, 0, NULL, store, x), 0, "%s", sql);
+}
+
+/* ---- issue 14: replies kept, KEEL_EINDOUBT, blocks bound to a session ---- */
+
+/* The drill's double apply: COMMIT's reply arrived, the session died before
+ * the pipeline's sync. The COMMIT succeeded and must be reported so. */
+static void commit_reply_then_cut(bool pipeline) {
+  ctx x;
+  char t[64], sql[160];
+  make_table(t, sizeof t);
+  open_with(&x, true, pipeline);
+  wait_up(&x, 1);
+  pgproxy_cut_at(x.proxy, "COMMIT", true);
+  query(&x, "BEGIN");
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", t);
+  query(&x, sql);
+  query(&x, "COMMIT");
+  wait_results(&x, 3);
+  cr_assert_eq(pgproxy_cuts(x.proxy), 1);
+  cr_assert_eq(x.statuses[0], 0);
+  cr_assert_eq(x.statuses[1], 0);
+  cr_assert_eq(x.statuses[2], 0, "COMMIT whose reply arrived: %s (%s)",
+               keel_err_name(x.statuses[2]), x.errors[2]);
+  cr_assert_eq(count_rows(t), 1);
+  /* The connection comes back and works. */
+  query(&x, "SELECT 5");
+  wait_results(&x, 4);
+  cr_assert_eq(x.statuses[3], 0);
+  cr_assert_geq(x.downs, 1);
+  finish(&x);
+}
+
+Test(pg_conn, commit_reply_kept_when_session_dies_before_sync) {
+  commit_reply_then_cut(true);
+}
+
+Test(pg_conn, commit_reply_kept_without_pipelining) {
+  commit_reply_then_cut(false);
+}
+
+/* COMMIT sent, its reply lost: it did commit on the server, and keel must
+ * say that it cannot know (never KEEL_ECONN, which would invite a retry). */
+Test(pg_conn, commit_lost_in_flight_is_in_doubt) {
+  ctx x;
+  char t[64], sql[160];
+  make_table(t, sizeof t);
+  open_with(&x, true, true);
+  wait_up(&x, 1);
+  pgproxy_cut_at(x.proxy, "COMMIT", false);
+  query(&x, "BEGIN");
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", t);
+  query(&x, sql);
+  query(&x, "COMMIT");
+  wait_results(&x, 3);
+  cr_assert_eq(x.statuses[2], KEEL_EINDOUBT, "%s", keel_err_name(x.statuses[2]));
+  cr_assert(strstr(x.errors[2], "may or may not") != NULL, "%s", x.errors[2]);
+  cr_assert_eq(count_rows(t), 1, "it did commit: in doubt was the truth");
+  finish(&x);
+}
+
+/* An autocommit write whose reply was lost ran anyway: in doubt. */
+Test(pg_conn, autocommit_write_lost_in_flight_is_in_doubt) {
+  ctx x;
+  char t[64], sql[160];
+  make_table(t, sizeof t);
+  open_with(&x, true, true);
+  wait_up(&x, 1);
+  pgproxy_cut_at(x.proxy, "INSERT", false);
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", t);
+  query(&x, sql);
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], KEEL_EINDOUBT, "%s", keel_err_name(x.statuses[0]));
+  cr_assert_eq(count_rows(t), 1);
+  finish(&x);
+}
+
+/* An autocommit statement commits at its sync: its reply without the sync
+ * is not a confirmed commit. */
+Test(pg_conn, autocommit_reply_without_sync_is_in_doubt) {
+  ctx x;
+  char t[64], sql[160];
+  make_table(t, sizeof t);
+  open_with(&x, true, true);
+  wait_up(&x, 1);
+  pgproxy_cut_at(x.proxy, "INSERT", true);
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", t);
+  query(&x, sql);
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], KEEL_EINDOUBT, "%s", keel_err_name(x.statuses[0]));
+  finish(&x);
+}
+
+/* A statement of an open block lost with its session rolled back: KEEL_ECONN.
+ * The COMMIT queued after it never runs alone on the next session. */
+static void block_statement_lost(bool pipeline) {
+  ctx x;
+  char t[64], sql[160];
+  make_table(t, sizeof t);
+  open_with(&x, true, pipeline);
+  wait_up(&x, 1);
+  pgproxy_cut_at(x.proxy, "INSERT", false);
+  query(&x, "BEGIN");
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", t);
+  query(&x, sql);
+  x.then_sql = "COMMIT"; /* queued from the INSERT's callback, after the loss */
+  x.then_at = 1;
+  wait_results(&x, 3);
+  cr_assert_eq(x.statuses[0], 0);
+  cr_assert_eq(x.statuses[1], KEEL_ECONN, "%s", keel_err_name(x.statuses[1]));
+  cr_assert_eq(x.statuses[2], KEEL_ECONN, "COMMIT must not succeed alone: %s",
+               keel_err_name(x.statuses[2]));
+  wait_up(&x, 2);
+  cr_assert_eq(count_rows(t), 0);
+  /* Outside the block, statements run on the new session again. */
+  query(&x, "SELECT 9");
+  wait_results(&x, 4);
+  cr_assert_eq(x.statuses[3], 0);
+  finish(&x);
+}
+
+Test(pg_conn, block_statement_lost_is_econn_and_commit_never_runs_alone) {
+  block_statement_lost(true);
+}
+
+Test(pg_conn, block_statement_lost_without_pipelining) {
+  block_statement_lost(false);
+}
+
+/* Issue 14: with pipelining off, BEGIN lost before its reply, the INSERT and
+ * COMMIT queued behind it (never sent) must fail, not run in autocommit on
+ * the next session. */
+Test(pg_conn, queued_block_never_runs_on_the_next_session) {
+  ctx x;
+  char t[64], sql[160];
+  make_table(t, sizeof t);
+  open_with(&x, true, false);
+  wait_up(&x, 1);
+  pgproxy_cut_at(x.proxy, "BEGIN", false);
+  query(&x, "BEGIN");
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", t);
+  query(&x, sql);
+  query(&x, "COMMIT");
+  wait_results(&x, 3);
+  cr_assert_eq(x.statuses[0], KEEL_ECONN, "BEGIN: %s", keel_err_name(x.statuses[0]));
+  cr_assert_eq(x.statuses[1], KEEL_ECONN, "INSERT: %s", keel_err_name(x.statuses[1]));
+  cr_assert_eq(x.statuses[2], KEEL_ECONN, "COMMIT: %s", keel_err_name(x.statuses[2]));
+  wait_up(&x, 2);
+  query(&x, "SELECT 1");
+  wait_results(&x, 4);
+  cr_assert_eq(count_rows(t), 0, "the INSERT ran alone on the new session");
+  finish(&x);
+}
+
+/* Pipelined BEGIN; INSERT; COMMIT all sent, the INSERT's reply lost: the
+ * COMMIT went out too, so the INSERT's effect is as unknown as the COMMIT's. */
+Test(pg_conn, block_with_commit_in_flight_is_in_doubt) {
+  ctx x;
+  char t[64], sql[160];
+  make_table(t, sizeof t);
+  open_with(&x, true, true);
+  wait_up(&x, 1);
+  pgproxy_cut_at(x.proxy, "INSERT", false);
+  query(&x, "BEGIN");
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", t);
+  query(&x, sql);
+  query(&x, "COMMIT");
+  wait_results(&x, 3);
+  cr_assert_eq(x.statuses[1], KEEL_EINDOUBT, "%s", keel_err_name(x.statuses[1]));
+  cr_assert_eq(x.statuses[2], KEEL_EINDOUBT, "%s", keel_err_name(x.statuses[2]));
+  finish(&x);
+}
+
+/* An autocommit statement whose commit fails at its sync (a deferred
+ * unique constraint) failed: never a success. */
+Test(pg_conn, commit_time_error_of_an_autocommit_statement_is_its_outcome) {
+  ctx x;
+  char t[64], sql[256];
+  kt_unique_name(t, sizeof t, "deferred");
+  snprintf(sql, sizeof sql,
+           "CREATE TABLE %s (id int, CONSTRAINT %s_u UNIQUE (id) DEFERRABLE INITIALLY DEFERRED)", t,
+           t);
+  kt_pg_exec(sql);
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", t);
+  kt_pg_exec(sql);
+  open_with(&x, false, true);
+  query(&x, sql);
+  query(&x, "SELECT 2");
+  wait_results(&x, 2);
+  cr_assert_eq(x.statuses[0], KEEL_EPG, "%s", keel_err_name(x.statuses[0]));
+  cr_assert(strstr(x.errors[0], "23505") != NULL, "%s", x.errors[0]);
+  cr_assert_eq(x.statuses[1], 0);
+  cr_assert_str_eq(x.values[1], "2");
+  cr_assert_eq(count_rows(t), 1);
+  finish(&x);
+}
+
+/* ---- issue 13 #7: statements libpq refuses -------------------------------- */
+
+Test(pg_conn, too_many_parameters_rejected_at_enqueue) {
+  ctx x;
+  open_with(&x, false, true);
+  enum { N = 70000 };
+  const char **values = calloc(N, sizeof *values);
+  for (int i = 0; i < N; i++) values[i] = "1";
+  cr_assert_eq(keel_pg_query(x.c, "SELECT $1", N, values, store, &x), UV_EINVAL);
+  cr_assert(strstr(keel_pg_last_error(x.c), "65535") != NULL, "%s", keel_pg_last_error(x.c));
+  cr_assert_eq(keel_pg_query_cached(x.c, "SELECT $1", N, values, store, &x), UV_EINVAL);
+  cr_assert_eq(keel_pg_query(x.c, "SELECT $1", -1, values, store, &x), UV_EINVAL);
+  free(values);
+  query(&x, "SELECT 3");
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], 0);
+  keel_pg_stats s;
+  keel_pg_get_stats(x.c, &s);
+  cr_assert_eq(s.reconnects, 0);
+  cr_assert_eq(s.disconnects, 0);
+  finish(&x);
+}
+
+/* A sent statement past its deadline: inside a block the reset rolls it
+ * back (UV_ETIMEDOUT); in autocommit it may have run (KEEL_EINDOUBT). */
+Test(pg_conn, timed_out_statement_in_a_block_is_certain) {
+  ctx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = kt_pg_conninfo();
+  o.on_state = on_state;
+  o.data = &x;
+  o.query_timeout_ms = 300;
+  keel_backoff_fixed(&o.reconnect_backoff, 20);
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  query(&x, "BEGIN");
+  query(&x, "SELECT pg_sleep(3)");
+  query(&x, "ROLLBACK");
+  wait_results(&x, 3);
+  cr_assert_eq(x.statuses[0], 0);
+  cr_assert_eq(x.statuses[1], UV_ETIMEDOUT, "%s", keel_err_name(x.statuses[1]));
+  cr_assert_eq(x.statuses[2], KEEL_ECONN, "%s", keel_err_name(x.statuses[2]));
+  query(&x, "SELECT pg_sleep(3)");
+  wait_results(&x, 4);
+  cr_assert_eq(x.statuses[3], KEEL_EINDOUBT, "%s", keel_err_name(x.statuses[3]));
+  cr_assert(strstr(x.errors[3], "timed out") != NULL, "%s", x.errors[3]);
+  finish(&x);
+}
