@@ -110,8 +110,18 @@ KEEL_EXTERN void *keel_pg_result_raw(const keel_pg_result *res);
  */
 typedef void (*keel_pg_result_cb)(keel_pg *c, int status, const keel_pg_result *res, void *data);
 
-/* Called when the connection comes up (up = true, status 0) or goes down
- * (up = false, status KEEL_ECONN or UV_ETIMEDOUT for a failed connect). */
+/*
+ * Called when the connection comes up (up = true, status 0) or goes down
+ * (up = false): status KEEL_ECONN (lost, or a connect attempt failed),
+ * UV_ETIMEDOUT (a connect attempt took longer than connect_timeout_ms),
+ * KEEL_EAUTH (the server refused the credentials: SQLSTATE 28P01 / 28000,
+ * or it asked for a password none was given for), KEEL_ENODB (SQLSTATE
+ * 3D000: the database does not exist) or UV_ENOMEM. The reason is in
+ * keel_pg_last_error(c). After KEEL_EAUTH / KEEL_ENODB the connection stops
+ * retrying (unless opts.retry_permanent_errors) and this is its last call
+ * until keel_pg_reset(). Never called inside a keel call (keel_pg_new,
+ * keel_pg_reset, keel_pg_close): always on a later loop iteration.
+ */
 typedef void (*keel_pg_state_cb)(keel_pg *c, bool up, int status, void *data);
 
 /* Called for each NOTIFY received on this connection (after LISTEN). The
@@ -136,17 +146,40 @@ typedef struct keel_pg_opts {
   keel_pg_state_cb on_state;         /* may be NULL */
   keel_pg_notify_cb on_notify;       /* may be NULL */
   void *data;                        /* passed to on_state and on_notify */
+  uint32_t max_pending;              /* statements waiting to be sent (queued while
+                                        disconnected, or behind the one in flight without
+                                        pipelining): keel_pg_query() returns KEEL_EFULL
+                                        beyond; default 100000 (0 = 100000) */
+  bool retry_permanent_errors;       /* default false: stop reconnecting after KEEL_EAUTH or
+                                        KEEL_ENODB; true: keep retrying with the backoff */
+  uint64_t reserved_[8];             /* ABI room: zero (opts_init does); never set */
 } keel_pg_opts;
 
+/* Zeroes *opts (reserved_ included) and fills the defaults above.
+ * NULL-safe. Thread-safe. */
 KEEL_EXTERN void keel_pg_opts_init(keel_pg_opts *opts);
 
 /*
- * Creates a connection and starts connecting (non-blocking). Queries may be
- * queued at once; they are sent when the connection is up.
- * Returns 0 and sets *out, UV_EINVAL (NULL argument or conninfo, bad
- * backoff) or UV_ENOMEM. *out is untouched on failure. Loop thread only.
+ * Creates a connection and starts connecting (non-blocking) on a later loop
+ * iteration: no callback runs inside this call, and the first on_state
+ * comes after *out is set. Queries may be queued at once; they are sent
+ * when the connection is up. opts and its strings are copied.
+ * conninfo is checked here (PQconninfoParse: unknown keywords, bad syntax).
+ * A host name is resolved with uv_getaddrinfo on libuv's threadpool at
+ * every connect attempt (the loop never blocks on DNS) and handed to libpq
+ * as hostaddr, keeping host for TLS and SNI; numeric addresses, unix socket
+ * directories and a hostaddr you give need no lookup.
+ * Returns 0 and sets *out; UV_EINVAL (NULL argument or conninfo, a conninfo
+ * libpq cannot parse, bad backoff: keel_pg_new_ex() says which) or
+ * UV_ENOMEM. *out is untouched on failure. Loop thread only.
  */
 KEEL_EXTERN int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out);
+
+/* Like keel_pg_new(), and explains a failure: writes the reason
+ * (NUL-terminated, truncated to why_cap; libpq's for a bad conninfo) into
+ * why_buf, "" on success. why_buf may be NULL. Loop thread only. */
+KEEL_EXTERN int keel_pg_new_ex(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out,
+                               char *why_buf, size_t why_cap);
 
 /*
  * Queues a parameterised statement ($1..$n, text parameters, NULL value =
@@ -197,17 +230,21 @@ KEEL_EXTERN const char *keel_pg_last_error(const keel_pg *c);
 KEEL_EXTERN int keel_pg_reset(keel_pg *c);
 
 typedef struct keel_pg_stats {
-  uint64_t queries;     /* counter: statements completed (any status; health probes
-                           not included) */
-  uint64_t errors;      /* counter: statements failed with KEEL_EPG */
-  uint64_t connects;    /* counter: successful connects */
-  uint64_t disconnects; /* counter: connection losses */
-  uint64_t reconnects;  /* counter: reconnect attempts */
-  uint64_t in_flight;   /* gauge: statements sent, result not yet in */
-  uint64_t queued;      /* gauge: statements waiting to be sent */
-  bool connected;       /* gauge */
+  uint64_t queries;      /* counter: statements completed (any status; health probes
+                            not included) */
+  uint64_t errors;       /* counter: statements failed with KEEL_EPG */
+  uint64_t connects;     /* counter: successful connects */
+  uint64_t disconnects;  /* counter: connection losses */
+  uint64_t reconnects;   /* counter: reconnect attempts */
+  uint64_t in_flight;    /* gauge: statements sent, result not yet in */
+  uint64_t queued;       /* gauge: statements waiting to be sent (<= opts.max_pending) */
+  bool connected;        /* gauge */
+  uint64_t in_doubt;     /* counter: statements that got KEEL_EINDOUBT */
+  uint64_t reserved_[8]; /* ABI room: filled with zero */
 } keel_pg_stats;
 
+/* Fills *out (reserved_ with zero). Does nothing when c or out is NULL.
+ * Loop thread only. */
 KEEL_EXTERN void keel_pg_get_stats(const keel_pg *c, keel_pg_stats *out);
 
 /*

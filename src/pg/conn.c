@@ -25,6 +25,7 @@ void keel_pg_opts_init(keel_pg_opts *opts) {
   keel_backoff_full_jitter(&opts->reconnect_backoff, 100, 2.0, 10000);
   opts->reconnect = true;
   opts->pipeline = true;
+  opts->max_pending = 100000;
 }
 
 static uint64_t now_ms(keel_pg *c) {
@@ -147,6 +148,7 @@ void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, 
   if (!q->internal) { /* health checks are not the user's statements */
     c->stats.queries++;
     if (status == KEEL_EPG) c->stats.errors++;
+    if (status == KEEL_EINDOUBT) c->stats.in_doubt++;
   }
   if (status != 0) c->error_generation++;
   if (status == KEEL_EPG && res != NULL) {
@@ -279,6 +281,8 @@ static void deliver_lost(keel_pg *c, keel__pg_query *q, int certain, int unknown
 /* ---- socket watching ---------------------------------------------------- */
 
 /* Frees the connection once it is closing and its last handle is closed. */
+static void free_conn_memory(keel_pg *c);
+
 static void handle_closed(keel_pg *c) {
   c->handles_open--;
   if (c->state != KEEL__PG_CLOSING || c->handles_open != 0) return;
@@ -290,9 +294,7 @@ static void handle_closed(keel_pg *c) {
                     "connection closed");
   keel_close_cb cb = c->close_cb;
   void *data = c->close_data;
-  for (int i = 0; i < KEEL__PG_PREPARED_MAX; i++) keel__free(c->prepared[i].sql);
-  keel__free(c->conninfo);
-  keel__free(c);
+  free_conn_memory(c);
   if (cb != NULL) cb(c, data);
 }
 
@@ -403,7 +405,15 @@ static void disconnect(keel_pg *c, int status, const char *reason) {
   uv_timer_stop(&c->health_timer);
   keel__fail(c->last_error, status, "%s", why);
   if (was_up) c->stats.disconnects++;
-  c->state = c->opts.reconnect ? KEEL__PG_WAITING : KEEL__PG_STOPPED;
+  /* A refused login or a missing database will not fix itself: stop,
+   * unless told to keep trying. */
+  bool permanent =
+      (status == KEEL_EAUTH || status == KEEL_ENODB) && !c->opts.retry_permanent_errors;
+  c->state = c->opts.reconnect && !permanent ? KEEL__PG_WAITING : KEEL__PG_STOPPED;
+  if (c->state == KEEL__PG_STOPPED) {
+    c->stop_status = permanent ? status : KEEL_ECONN;
+    snprintf(c->stop_reason, sizeof c->stop_reason, "%s", why);
+  }
   c->stale_possible = true;
   c->live_block = 0;
   c->send_in_block = false;
@@ -421,8 +431,9 @@ static void disconnect(keel_pg *c, int status, const char *reason) {
   if (c->state == KEEL__PG_CLOSING) return;
   fail_stale_bound(c);
   if (c->state == KEEL__PG_CLOSING) return;
-  if (!c->opts.reconnect)
-    keel__pg_fail_all(c, &c->pending_head, &c->pending_tail, &c->pending_count, status, why);
+  if (c->state == KEEL__PG_STOPPED)
+    keel__pg_fail_all(c, &c->pending_head, &c->pending_tail, &c->pending_count,
+                      c->stop_status == KEEL_ECONN ? KEEL_ECONN : status, why);
   if (c->state == KEEL__PG_CLOSING) return;
   notify_state(c, false, status);
   if (c->state != KEEL__PG_WAITING) return;
@@ -434,10 +445,52 @@ static void disconnect(keel_pg *c, int status, const char *reason) {
   arm_deadline(c);
 }
 
+/* The code of a failed login: libpq keeps no SQLSTATE for it, but with
+ * verbose errors (set while connecting) its message carries one. */
+static int connect_error_code(PGconn *conn) {
+  if (conn == NULL) return KEEL_ECONN;
+  if (PQconnectionNeedsPassword(conn)) return KEEL_EAUTH;
+  const char *message = PQerrorMessage(conn);
+  if (strstr(message, ":  28P01:") != NULL || strstr(message, ":  28000:") != NULL)
+    return KEEL_EAUTH;
+  if (strstr(message, ":  3D000:") != NULL) return KEEL_ENODB;
+  return KEEL_ECONN;
+}
+
+/* libpq's message without the verbose LOCATION lines, on one line. */
+static void connect_message(PGconn *conn, char *out, size_t cap) {
+  const char *m = conn != NULL ? PQerrorMessage(conn) : "";
+  size_t n = 0;
+  while (*m != '\0' && n + 1 < cap) {
+    const char *eol = strchr(m, '\n');
+    size_t len = eol != NULL ? (size_t)(eol - m) : strlen(m);
+    if (strncmp(m, "LOCATION:", 9) != 0 && len > 0) {
+      if (n > 0 && n + 2 < cap) {
+        out[n++] = ';';
+        out[n++] = ' ';
+      }
+      size_t room = cap - 1 - n;
+      size_t take = len < room ? len : room;
+      memcpy(out + n, m, take);
+      n += take;
+    }
+    m += len;
+    if (*m == '\n') m++;
+  }
+  out[n] = '\0';
+}
+
 static void fail_connect(keel_pg *c, int status) {
-  char why[KEEL__ERRBUF_SIZE];
-  const char *message = c->conn != NULL ? PQerrorMessage(c->conn) : "connection failed";
-  snprintf(why, sizeof why, "connection failed: %s", message);
+  char why[2 * KEEL__ERRBUF_SIZE], message[KEEL__ERRBUF_SIZE];
+  connect_message(c->conn, message, sizeof message);
+  if (status == KEEL_ECONN) status = connect_error_code(c->conn);
+  if (status == UV_ETIMEDOUT)
+    snprintf(why, sizeof why, "connect timed out after %u ms%s%s%s", c->opts.connect_timeout_ms,
+             c->lookup != NULL ? " (resolving the host name)" : "", message[0] ? ": " : "",
+             message);
+  else
+    snprintf(why, sizeof why, "connection failed (%s): %s", keel_err_name(status),
+             message[0] ? message : keel_strerror(status));
   disconnect(c, status, why);
 }
 
@@ -450,6 +503,7 @@ static void on_health_timer(uv_timer_t *timer);
 
 static void connected(keel_pg *c) {
   uv_timer_stop(&c->connect_timer);
+  PQsetErrorVerbosity(c->conn, PQERRORS_DEFAULT);
   c->state = KEEL__PG_CONNECTED;
   c->stats.connects++;
   c->session++;
@@ -499,13 +553,48 @@ static void ignore_notice(void *arg, const char *message) {
   (void)message;
 }
 
-static void start_connect(keel_pg *c) {
-  c->state = KEEL__PG_CONNECTING;
-  c->conn = PQconnectStart(c->conninfo);
+/* Opens the libpq connection: with the conninfo as given, or (resolved)
+ * with the host, hostaddr and port lists built by the lookups. */
+static void open_connection(keel_pg *c, bool resolved) {
+  if (!resolved) {
+    c->conn = PQconnectStart(c->conninfo);
+  } else {
+    size_t n = 0;
+    for (PQconninfoOption *o = c->params; o->keyword != NULL; o++) n++;
+    const char **keys = keel__calloc(n + 4, sizeof *keys);
+    const char **values = keel__calloc(n + 4, sizeof *values);
+    if (keys == NULL || values == NULL) {
+      keel__free(keys);
+      keel__free(values);
+      disconnect(c, UV_ENOMEM, "out of memory starting a connection");
+      return;
+    }
+    size_t k = 0;
+    for (PQconninfoOption *o = c->params; o->keyword != NULL; o++) {
+      if (o->val == NULL || strcmp(o->keyword, "hostaddr") == 0 || strcmp(o->keyword, "host") == 0)
+        continue;
+      if (c->ports != NULL && strcmp(o->keyword, "port") == 0) continue;
+      keys[k] = o->keyword;
+      values[k++] = o->val;
+    }
+    keys[k] = "host"; /* kept for TLS (SNI, certificate name) and messages */
+    values[k++] = c->out[0];
+    keys[k] = "hostaddr";
+    values[k++] = c->out[1];
+    if (c->ports != NULL) {
+      keys[k] = "port";
+      values[k++] = c->out[2];
+    }
+    c->conn = PQconnectStartParams(keys, values, 0);
+    keel__free(keys);
+    keel__free(values);
+  }
   if (c->conn == NULL) {
     disconnect(c, UV_ENOMEM, "out of memory starting a connection");
     return;
   }
+  /* The SQLSTATE of a refused login shows only in verbose messages. */
+  PQsetErrorVerbosity(c->conn, PQERRORS_VERBOSE);
   if (PQstatus(c->conn) == CONNECTION_BAD) {
     fail_connect(c, KEEL_ECONN);
     return;
@@ -513,8 +602,155 @@ static void start_connect(keel_pg *c) {
   PQsetnonblocking(c->conn, 1);
   /* libpq prints server notices to stderr by default; a library must not. */
   PQsetNoticeProcessor(c->conn, ignore_notice, NULL);
-  uv_timer_start(&c->connect_timer, on_connect_timeout, c->opts.connect_timeout_ms, 0);
   continue_connect(c);
+}
+
+/* ---- host name resolution (libuv's threadpool, never the loop) --------- */
+
+typedef struct keel__pg_lookup {
+  uv_getaddrinfo_t req;
+  keel_pg *c;
+  uint64_t attempt;
+} keel__pg_lookup;
+
+static bool needs_lookup(const char *host) {
+  if (host[0] == '\0' || host[0] == '/' || host[0] == '@') return false;
+  unsigned char buf[16];
+  return uv_inet_pton(AF_INET, host, buf) != 0 && uv_inet_pton(AF_INET6, host, buf) != 0;
+}
+
+static const char *list_item(const char *list, unsigned index) {
+  const char *h = list;
+  for (unsigned i = 0; i < index; i++) h += strlen(h) + 1;
+  return h;
+}
+
+/* Appends an item to out list k (0 host, 1 hostaddr, 2 port). */
+static bool out_append(keel_pg *c, int k, const char *item) {
+  size_t len = strlen(item);
+  size_t need = c->out_len[k] + len + 2;
+  if (need > c->out_cap[k]) {
+    size_t cap = need * 2;
+    char *grown = keel__realloc(c->out[k], cap);
+    if (grown == NULL) return false;
+    c->out[k] = grown;
+    c->out_cap[k] = cap;
+  }
+  if (c->out_len[k] > 0) c->out[k][c->out_len[k]++] = ',';
+  memcpy(c->out[k] + c->out_len[k], item, len);
+  c->out_len[k] += len;
+  c->out[k][c->out_len[k]] = '\0';
+  return true;
+}
+
+/* One host/hostaddr(/port) entry for libpq; addr "" = use the name. */
+static bool add_target(keel_pg *c, const char *addr) {
+  const char *host = list_item(c->hosts, c->host_index);
+  return out_append(c, 0, host) && out_append(c, 1, addr) &&
+         (c->ports == NULL || out_append(c, 2, list_item(c->ports, c->host_index)));
+}
+
+static void resolve_next(keel_pg *c);
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  keel__pg_lookup *lookup = KEEL__CONTAINER_OF(req, keel__pg_lookup, req);
+  keel_pg *c = lookup->c;
+  bool current = c->lookup == lookup;
+  keel__free(lookup);
+  if (!current) { /* its attempt timed out, was reset or closed */
+    if (res != NULL) uv_freeaddrinfo(res);
+    handle_closed(c);
+    return;
+  }
+  c->lookup = NULL;
+  c->handles_open--;
+  if (c->state != KEEL__PG_CONNECTING) {
+    if (res != NULL) uv_freeaddrinfo(res);
+    return;
+  }
+  /* Every address, in the resolver's order, as libpq itself would try
+   * them: one host entry per address (at most 8 per name). */
+  int added = 0;
+  bool oom = false;
+  for (struct addrinfo *ai = res; status == 0 && ai != NULL && added < 8 && !oom;
+       ai = ai->ai_next) {
+    char addr[64] = "";
+    if (ai->ai_family == AF_INET6)
+      uv_ip6_name((const struct sockaddr_in6 *)ai->ai_addr, addr, sizeof addr);
+    else if (ai->ai_family == AF_INET)
+      uv_ip4_name((const struct sockaddr_in *)ai->ai_addr, addr, sizeof addr);
+    if (addr[0] == '\0') continue;
+    if (!add_target(c, addr))
+      oom = true;
+    else
+      added++;
+  }
+  if (res != NULL) uv_freeaddrinfo(res);
+  if (oom) {
+    disconnect(c, UV_ENOMEM, "out of memory resolving the host name");
+    return;
+  }
+  if (added == 0) {
+    char why[KEEL__ERRBUF_SIZE];
+    snprintf(why, sizeof why, "could not resolve host \"%s\": %s",
+             list_item(c->hosts, c->host_index), status != 0 ? uv_strerror(status) : "no address");
+    disconnect(c, KEEL_ECONN, why);
+    return;
+  }
+  c->host_index++;
+  resolve_next(c);
+}
+
+static void resolve_next(keel_pg *c) {
+  while (c->host_index < c->nhosts) {
+    const char *host = list_item(c->hosts, c->host_index);
+    if (!needs_lookup(host)) {
+      if (!add_target(c, "")) { /* libpq uses the host item itself */
+        disconnect(c, UV_ENOMEM, "out of memory resolving the host name");
+        return;
+      }
+      c->host_index++;
+      continue;
+    }
+    keel__pg_lookup *lookup = keel__malloc(sizeof *lookup);
+    if (lookup == NULL) {
+      disconnect(c, UV_ENOMEM, "out of memory resolving the host name");
+      return;
+    }
+    lookup->c = c;
+    lookup->attempt = c->attempt;
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    int rc = uv_getaddrinfo(c->loop, &lookup->req, on_resolved, host, NULL, &hints);
+    if (rc != 0) {
+      keel__free(lookup);
+      char why[KEEL__ERRBUF_SIZE];
+      snprintf(why, sizeof why, "could not resolve host \"%s\": %s", host, uv_strerror(rc));
+      disconnect(c, rc == UV_ENOMEM ? UV_ENOMEM : KEEL_ECONN, why);
+      return;
+    }
+    c->lookup = lookup;
+    c->handles_open++;
+    return;
+  }
+  open_connection(c, true);
+}
+
+static void start_connect(keel_pg *c) {
+  c->state = KEEL__PG_CONNECTING;
+  c->attempt++;
+  c->lookup = NULL; /* a lookup of an earlier attempt finishes on its own */
+  /* The deadline covers the name lookup too. */
+  uv_timer_start(&c->connect_timer, on_connect_timeout, c->opts.connect_timeout_ms, 0);
+  if (c->hosts == NULL) {
+    open_connection(c, false);
+    return;
+  }
+  c->host_index = 0;
+  c->out_len[0] = c->out_len[1] = c->out_len[2] = 0;
+  resolve_next(c);
 }
 
 /* ---- sending and receiving -------------------------------------------- */
@@ -1002,20 +1238,106 @@ static char *conninfo_with_keepalives(const keel_pg_opts *opts) {
   return out;
 }
 
-int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out) {
-  if (loop == NULL || opts == NULL || out == NULL || opts->conninfo == NULL) return UV_EINVAL;
-  if (keel_backoff_validate(&opts->reconnect_backoff, NULL) != 0) return UV_EINVAL;
+/* Parses the conninfo once: libpq's verdict on it, and the host names that
+ * need a lookup before each connect attempt. */
+static int parse_conninfo(keel_pg *c, char *why, size_t why_cap) {
+  char *err = NULL;
+  c->params = PQconninfoParse(c->conninfo, &err);
+  if (c->params == NULL) {
+    if (err == NULL) return keel__why(why, why_cap, UV_ENOMEM, "out of memory parsing conninfo");
+    char text[KEEL__ERRBUF_SIZE];
+    snprintf(text, sizeof text, "bad conninfo: %s", err);
+    size_t len = strlen(text);
+    while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == ' ')) text[--len] = '\0';
+    PQfreemem(err);
+    return keel__why(why, why_cap, UV_EINVAL, text);
+  }
+  const char *host = NULL, *hostaddr = NULL, *port = NULL;
+  for (PQconninfoOption *o = c->params; o->keyword != NULL; o++) {
+    if (strcmp(o->keyword, "host") == 0) host = o->val;
+    if (strcmp(o->keyword, "hostaddr") == 0) hostaddr = o->val;
+    if (strcmp(o->keyword, "port") == 0) port = o->val;
+  }
+  if (host == NULL || host[0] == '\0' || (hostaddr != NULL && hostaddr[0] != '\0')) return 0;
+  size_t len = strlen(host);
+  char *hosts = keel__malloc(len + 1);
+  if (hosts == NULL) return keel__why(why, why_cap, UV_ENOMEM, "out of memory");
+  memcpy(hosts, host, len + 1);
+  unsigned n = 1;
+  bool lookup = false;
+  for (size_t i = 0; i < len; i++)
+    if (hosts[i] == ',') {
+      hosts[i] = '\0';
+      n++;
+    }
+  const char *item = hosts;
+  for (unsigned i = 0; i < n; i++, item += strlen(item) + 1)
+    if (needs_lookup(item)) lookup = true;
+  if (!lookup) {
+    keel__free(hosts);
+    return 0;
+  }
+  if (port != NULL && strchr(port, ',') != NULL) {
+    /* A port per host: expanded with the hosts' addresses. */
+    size_t plen = strlen(port);
+    unsigned np = 1;
+    for (size_t i = 0; i < plen; i++) np += port[i] == ',';
+    if (np != n) { /* libpq reports the mismatch itself */
+      keel__free(hosts);
+      return 0;
+    }
+    c->ports = keel__malloc(plen + 1);
+    if (c->ports == NULL) {
+      keel__free(hosts);
+      return keel__why(why, why_cap, UV_ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i <= plen; i++) c->ports[i] = port[i] == ',' ? '\0' : port[i];
+  }
+  c->hosts = hosts;
+  c->nhosts = n;
+  return 0;
+}
+
+static void free_conn_memory(keel_pg *c) {
+  for (int i = 0; i < KEEL__PG_PREPARED_MAX; i++) keel__free(c->prepared[i].sql);
+  if (c->params != NULL) PQconninfoFree(c->params);
+  keel__free(c->hosts);
+  keel__free(c->ports);
+  for (int i = 0; i < 3; i++) keel__free(c->out[i]);
+  keel__free(c->conninfo);
+  keel__free(c);
+}
+
+static void on_start_timer(uv_timer_t *timer) {
+  keel_pg *c = timer->data;
+  if (c->state == KEEL__PG_WAITING) start_connect(c);
+}
+
+int keel_pg_new_ex(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out, char *why,
+                   size_t why_cap) {
+  keel__why(why, why_cap, 0, "");
+  if (loop == NULL || opts == NULL || out == NULL)
+    return keel__why(why, why_cap, UV_EINVAL, "loop, opts and out are required");
+  if (opts->conninfo == NULL) return keel__why(why, why_cap, UV_EINVAL, "conninfo is required");
+  if (keel_backoff_validate(&opts->reconnect_backoff, NULL) != 0)
+    return keel__why(why, why_cap, UV_EINVAL, "reconnect_backoff is not valid");
   keel_pg *c = keel__calloc(1, sizeof *c);
-  if (c == NULL) return UV_ENOMEM;
+  if (c == NULL) return keel__why(why, why_cap, UV_ENOMEM, "out of memory");
   c->loop = loop;
   c->opts = *opts;
   if (c->opts.connect_timeout_ms == 0) c->opts.connect_timeout_ms = 5000;
+  if (c->opts.max_pending == 0) c->opts.max_pending = 100000;
   c->conninfo = conninfo_with_keepalives(opts);
   if (c->conninfo == NULL) {
     keel__free(c);
-    return UV_ENOMEM;
+    return keel__why(why, why_cap, UV_ENOMEM, "out of memory");
   }
   c->opts.conninfo = c->conninfo;
+  int rc = parse_conninfo(c, why, why_cap);
+  if (rc != 0) {
+    free_conn_memory(c);
+    return rc;
+  }
   c->poll_fd = -1;
   keel_rng_seed(&c->rng, uv_hrtime() ^ (uint64_t)(uintptr_t)c);
   uv_timer_init(loop, &c->connect_timer);
@@ -1027,14 +1349,37 @@ int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out) {
   /* An idle connection must not keep the loop running by its health check. */
   uv_unref((uv_handle_t *)&c->health_timer);
   c->handles_open = 4;
-  start_connect(c);
+  /* The first attempt starts on the next iteration: nothing (no on_state
+   * for a failed attempt) may run inside this call or before *out is set. */
+  c->state = KEEL__PG_WAITING;
+  uv_timer_start(&c->connect_timer, on_start_timer, 0, 0);
   *out = c;
   return 0;
+}
+
+int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out) {
+  return keel_pg_new_ex(loop, opts, out, NULL, 0);
+}
+
+static void do_reset(keel_pg *c) {
+  if (c->state == KEEL__PG_CONNECTED || c->state == KEEL__PG_CONNECTING) {
+    disconnect(c, KEEL_ECONN, "connection reset by keel_pg_reset()");
+  }
+  if (c->state == KEEL__PG_WAITING || c->state == KEEL__PG_STOPPED) {
+    uv_timer_stop(&c->connect_timer);
+    c->stats.reconnects++;
+    start_connect(c);
+  }
 }
 
 static void on_flush_timer(uv_timer_t *timer) {
   keel_pg *c = timer->data;
   if (c->state == KEEL__PG_CLOSING) return;
+  if (c->reset_pending) {
+    c->reset_pending = false;
+    do_reset(c);
+    if (c->state == KEEL__PG_CLOSING) return;
+  }
   fail_stale_bound(c);
   flush_queries(c);
 }
@@ -1109,6 +1454,19 @@ static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *
   return 0;
 }
 
+/* 0, or why a statement cannot be queued now. */
+static int can_enqueue(keel_pg *c) {
+  if (c->state == KEEL__PG_STOPPED)
+    return keel__fail(c->last_error, c->stop_status != 0 ? c->stop_status : KEEL_ECONN,
+                      "not connected and not retrying (keel_pg_reset() tries again): %s",
+                      c->stop_reason);
+  if (c->pending_count >= c->opts.max_pending)
+    return keel__fail(c->last_error, KEEL_EFULL,
+                      "%u statements already wait to be sent (opts.max_pending)",
+                      c->opts.max_pending);
+  return 0;
+}
+
 int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *values,
                   keel_pg_result_cb cb, void *data) {
   if (c == NULL) return UV_EINVAL;
@@ -1117,8 +1475,8 @@ int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *v
     return keel__fail(c->last_error, UV_EINVAL,
                       "keel_pg_query: sql required, 0 <= nparams <= 65535, values for nparams");
   if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
-  if (c->state == KEEL__PG_STOPPED)
-    return keel__fail(c->last_error, KEEL_ECONN, "not connected and reconnect is off");
+  int rc = can_enqueue(c);
+  if (rc != 0) return rc;
   return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, false);
 }
 
@@ -1131,8 +1489,8 @@ int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams, const char *c
         c->last_error, UV_EINVAL,
         "keel_pg_query_cached: sql required, 0 <= nparams <= 65535, values for nparams");
   if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
-  if (c->state == KEEL__PG_STOPPED)
-    return keel__fail(c->last_error, KEEL_ECONN, "not connected and reconnect is off");
+  int rc = can_enqueue(c);
+  if (rc != 0) return rc;
   return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, true);
 }
 
@@ -1153,21 +1511,19 @@ const char *keel_pg_last_error(const keel_pg *c) {
 }
 
 int keel_pg_reset(keel_pg *c) {
-  if (c == NULL || c->state == KEEL__PG_CLOSING) return UV_EINVAL;
-  if (c->state == KEEL__PG_CONNECTED || c->state == KEEL__PG_CONNECTING) {
-    disconnect(c, KEEL_ECONN, "connection reset by keel_pg_reset()");
-  }
-  if (c->state == KEEL__PG_WAITING || c->state == KEEL__PG_STOPPED) {
-    uv_timer_stop(&c->connect_timer);
-    c->stats.reconnects++;
-    start_connect(c);
-  }
+  if (c == NULL) return UV_EINVAL;
+  if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
+  /* Done on the next iteration: the callbacks it causes (statements in
+   * flight, on_state) never run inside this call. */
+  c->reset_pending = true;
+  schedule_flush(c);
   return 0;
 }
 
 void keel_pg_get_stats(const keel_pg *c, keel_pg_stats *out) {
   if (c == NULL || out == NULL) return;
   *out = c->stats;
+  memset(out->reserved_, 0, sizeof out->reserved_);
   out->in_flight = c->sent_count;
   out->queued = c->pending_count;
   out->connected = c->state == KEEL__PG_CONNECTED;
@@ -1186,6 +1542,12 @@ void keel_pg_close(keel_pg *c, keel_close_cb cb, void *data) {
   if (c->conn != NULL) {
     PQfinish(c->conn);
     c->conn = NULL;
+  }
+  if (c->lookup != NULL) {
+    /* Its callback still runs (UV_EAI_CANCELED when it had not started);
+     * c is freed after it. */
+    uv_cancel((uv_req_t *)&c->lookup->req);
+    c->lookup = NULL;
   }
   /* Queued statements stay where they are (nothing sends them now) and are
    * cancelled once the handles have closed: see handle_closed(). */

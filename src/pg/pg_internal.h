@@ -105,6 +105,19 @@ struct keel_pg {
   uint64_t blocks_begun; /* highest block whose BEGIN left the pending queue */
   uint64_t live_block;   /* block open on the current session (its BEGIN was sent) */
   bool send_in_block;    /* at send order: an explicit block is open on the session */
+  /* Connecting: the parsed conninfo, host names resolved off the loop. */
+  PQconninfoOption *params; /* PQconninfoParse of conninfo */
+  char *hosts;              /* host list, items NUL-separated; NULL: no lookup needed */
+  unsigned nhosts;
+  unsigned host_index; /* item being resolved */
+  char *ports;         /* port list, items NUL-separated, when it has nhosts items */
+  char *out[3];        /* host, hostaddr and port lists being built */
+  size_t out_len[3], out_cap[3];
+  uint64_t attempt;               /* connect attempts started */
+  struct keel__pg_lookup *lookup; /* uv_getaddrinfo in progress (current attempt) */
+  int stop_status;                /* why STOPPED: KEEL_ECONN, KEEL_EAUTH, KEEL_ENODB */
+  char stop_reason[KEEL__ERRBUF_SIZE];
+  bool reset_pending; /* keel_pg_reset() asked; done by the flush timer */
 };
 
 /* Fails every query with status; used on disconnect and close. */

@@ -688,11 +688,13 @@ Test(pg, close_while_connecting_and_while_waiting_to_reconnect) {
   o.conninfo = "host=127.0.0.1 port=1 user=nobody dbname=none";
   o.on_state = on_state;
   o.data = &x;
-  keel_backoff_fixed(&o.reconnect_backoff, 10000);
+  keel_backoff_fixed(&o.reconnect_backoff, 1000);
   cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
   uint64_t start = uv_now(&x.loop);
+  /* The first attempt runs from a timer (never inside keel_pg_new), and
+   * UV_RUN_ONCE may then wait for the backoff timer: one or two downs. */
   while (x.downs == 0 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
-  cr_assert_eq(x.downs, 1);
+  cr_assert_geq(x.downs, 1);
   cr_assert(!keel_pg_is_connected(x.c));
   keel_pg_close(x.c, count_close, &closed);
   uv_run(&x.loop, UV_RUN_DEFAULT);

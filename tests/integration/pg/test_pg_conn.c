@@ -353,3 +353,224 @@ Test(pg_conn, timed_out_statement_in_a_block_is_certain) {
   cr_assert(strstr(x.errors[3], "timed out") != NULL, "%s", x.errors[3]);
   finish(&x);
 }
+
+/* ---- issue 13 #10: permanent connect errors ------------------------------- */
+
+/* conninfo of the test server with one keyword replaced/added. */
+static void conninfo_with(char *out, size_t cap, const char *extra) {
+  snprintf(out, cap, "%s %s", kt_pg_conninfo(), extra);
+}
+
+static void open_opts(ctx *x, const char *conninfo, bool retry_permanent) {
+  memset(x, 0, sizeof *x);
+  uv_loop_init(&x->loop);
+  snprintf(x->conninfo, sizeof x->conninfo, "%s", conninfo);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = x->conninfo;
+  o.on_state = on_state;
+  o.data = x;
+  o.retry_permanent_errors = retry_permanent;
+  keel_backoff_fixed(&o.reconnect_backoff, 10);
+  cr_assert_eq(keel_pg_new(&x->loop, &o, &x->c), 0);
+}
+
+static void tick(uv_timer_t *t) {
+  (void)t;
+}
+
+static void run_for(ctx *x, uint64_t ms) {
+  uv_timer_t t;
+  uv_timer_init(&x->loop, &t);
+  uint64_t start = uv_now(&x->loop);
+  uv_timer_start(&t, tick, 10, 10); /* wakes the loop */
+  while (uv_now(&x->loop) - start < ms) uv_run(&x->loop, UV_RUN_ONCE);
+  uv_close((uv_handle_t *)&t, NULL);
+  uv_run(&x->loop, UV_RUN_NOWAIT);
+}
+
+static void permanent_error(const char *extra, int code, const char *text) {
+  char conninfo[256];
+  conninfo_with(conninfo, sizeof conninfo, extra);
+  ctx x;
+  open_opts(&x, conninfo, false);
+  query(&x, "SELECT 1");
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], code, "queued statement: %s (%s)", keel_err_name(x.statuses[0]),
+               x.errors[0]);
+  cr_assert(strstr(x.errors[0], text) != NULL, "%s", x.errors[0]);
+  run_for(&x, 300);
+  cr_assert_eq(x.downs, 1, "stops retrying: %d attempts", x.downs);
+  cr_assert_eq(x.last_state_status, code);
+  cr_assert_eq(x.ups, 0);
+  cr_assert_eq(keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x), code);
+  cr_assert(strstr(keel_pg_last_error(x.c), text) != NULL, "%s", keel_pg_last_error(x.c));
+  keel_pg_stats s;
+  keel_pg_get_stats(x.c, &s);
+  cr_assert_eq(s.reconnects, 0);
+  finish(&x);
+
+  /* Told to keep trying: it does. */
+  open_opts(&x, conninfo, true);
+  run_for(&x, 300);
+  cr_assert_geq(x.downs, 3, "retries: %d", x.downs);
+  cr_assert_eq(x.last_state_status, code);
+  finish(&x);
+}
+
+Test(pg_conn, missing_database_is_enodb_and_stops_retrying) {
+  permanent_error("dbname=kt_no_such_database", KEEL_ENODB, "3D000");
+}
+
+Test(pg_conn, unknown_role_is_eauth_and_stops_retrying) {
+  permanent_error("user=kt_no_such_role", KEEL_EAUTH, "28000");
+}
+
+static void on_silent_connection(uv_stream_t *server, int status) {
+  (void)server;
+  (void)status; /* never accepted, never answered */
+}
+
+Test(pg_conn, connect_timeout_says_what_happened) {
+  ctx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  uv_tcp_t silent;
+  uv_tcp_init(&x.loop, &silent);
+  struct sockaddr_in addr;
+  uv_ip4_addr("127.0.0.1", 0, &addr);
+  cr_assert_eq(uv_tcp_bind(&silent, (const struct sockaddr *)&addr, 0), 0);
+  cr_assert_eq(uv_listen((uv_stream_t *)&silent, 8, on_silent_connection), 0);
+  struct sockaddr_storage name;
+  int len = sizeof name;
+  uv_tcp_getsockname(&silent, (struct sockaddr *)&name, &len);
+  snprintf(x.conninfo, sizeof x.conninfo,
+           "host=127.0.0.1 port=%d user=u dbname=d sslmode=disable gssencmode=disable",
+           ntohs(((struct sockaddr_in *)&name)->sin_port));
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = x.conninfo;
+  o.on_state = on_state;
+  o.data = &x;
+  o.connect_timeout_ms = 200;
+  keel_backoff_fixed(&o.reconnect_backoff, 5000);
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  uint64_t start = uv_now(&x.loop);
+  while (x.downs == 0 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
+  cr_assert_eq(x.downs, 1);
+  cr_assert_eq(x.last_state_status, UV_ETIMEDOUT);
+  cr_assert(strncmp(keel_pg_last_error(x.c), "connect timed out after 200 ms", 30) == 0, "%s",
+            keel_pg_last_error(x.c));
+  uv_close((uv_handle_t *)&silent, NULL);
+  finish(&x);
+}
+
+/* ---- issue 13 #16: conninfo, no callback inside new, DNS off the loop ----- */
+
+Test(pg_conn, bad_conninfo_is_einval_with_the_reason) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = "hots=localhost dbname=x";
+  keel_pg *c = (keel_pg *)0x1;
+  cr_assert_eq(keel_pg_new(&loop, &o, &c), UV_EINVAL);
+  cr_assert_eq(c, (keel_pg *)0x1, "*out untouched");
+  char why[256];
+  cr_assert_eq(keel_pg_new_ex(&loop, &o, &c, why, sizeof why), UV_EINVAL);
+  cr_assert(strstr(why, "hots") != NULL, "%s", why);
+  o.conninfo = "postgresql://[::1";
+  cr_assert_eq(keel_pg_new_ex(&loop, &o, &c, why, sizeof why), UV_EINVAL);
+  cr_assert_neq(why[0], '\0');
+  cr_assert_eq(c, (keel_pg *)0x1);
+  kt_loop_finish(&loop);
+}
+
+Test(pg_conn, no_callback_inside_new_or_reset) {
+  ctx x;
+  open_opts(&x, "host=127.0.0.1 port=1 user=u dbname=d", false);
+  cr_assert_eq(x.downs, 0, "on_state inside keel_pg_new");
+  uint64_t start = uv_now(&x.loop);
+  while (x.downs == 0 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
+  cr_assert_geq(x.downs, 1);
+  finish(&x);
+
+  /* reset with a statement in flight: nothing runs inside the call. */
+  open_with(&x, false, true);
+  wait_up(&x, 1);
+  query(&x, "SELECT pg_sleep(2)");
+  uv_run(&x.loop, UV_RUN_NOWAIT);
+  int downs = x.downs;
+  cr_assert_eq(keel_pg_reset(x.c), 0);
+  cr_assert_eq(x.results, 0, "result callback inside keel_pg_reset");
+  cr_assert_eq(x.downs, downs, "on_state inside keel_pg_reset");
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], KEEL_EINDOUBT, "%s", keel_err_name(x.statuses[0]));
+  wait_up(&x, 2);
+  query(&x, "SELECT 4");
+  wait_results(&x, 2);
+  cr_assert_eq(x.statuses[1], 0);
+  keel_pg_close(x.c, NULL, NULL);
+  cr_assert_eq(keel_pg_reset(x.c), KEEL_ECLOSING);
+  kt_loop_finish(&x.loop);
+}
+
+Test(pg_conn, host_names_are_resolved_off_the_loop) {
+  char port[16] = "5432";
+  char *err = NULL;
+  PQconninfoOption *opts = PQconninfoParse(kt_pg_conninfo(), &err);
+  cr_assert_not_null(opts);
+  for (PQconninfoOption *o = opts; o->keyword != NULL; o++)
+    if (strcmp(o->keyword, "port") == 0 && o->val != NULL)
+      snprintf(port, sizeof port, "%s", o->val);
+  PQconninfoFree(opts);
+  char conninfo[256];
+  snprintf(conninfo, sizeof conninfo, "host=localhost port=%s user=postgres dbname=postgres", port);
+  ctx x;
+  open_opts(&x, conninfo, false);
+  query(&x, "SELECT 6");
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], 0, "%s", x.errors[0]);
+  cr_assert_str_eq(x.values[0], "6");
+  finish(&x);
+
+  /* A name that does not resolve: keel's lookup says so (libpq's own
+   * blocking lookup would say "could not translate host name"). */
+  open_opts(&x, "host=kt-no-such-host.invalid user=u dbname=d", false);
+  uint64_t start = uv_now(&x.loop);
+  while (x.downs == 0 && uv_now(&x.loop) - start < 8000) uv_run(&x.loop, UV_RUN_ONCE);
+  cr_assert_geq(x.downs, 1);
+  cr_assert(strstr(keel_pg_last_error(x.c), "could not resolve host") != NULL, "%s",
+            keel_pg_last_error(x.c));
+  finish(&x);
+}
+
+/* ---- issue 13: bounds, ABI room ------------------------------------------- */
+
+Test(pg_conn, max_pending_bounds_the_queue_while_disconnected) {
+  keel_pg_opts o;
+  memset(&o, 0x5a, sizeof o);
+  keel_pg_opts_init(&o);
+  cr_assert_eq(o.max_pending, 100000);
+  cr_assert(!o.retry_permanent_errors);
+  for (size_t i = 0; i < sizeof o.reserved_ / sizeof o.reserved_[0]; i++)
+    cr_assert_eq(o.reserved_[i], 0);
+  ctx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  o.conninfo = "host=127.0.0.1 port=1 user=u dbname=d";
+  o.max_pending = 3;
+  cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  for (int i = 0; i < 3; i++) query(&x, "SELECT 1");
+  cr_assert_eq(keel_pg_query(x.c, "SELECT 1", 0, NULL, store, &x), KEEL_EFULL);
+  cr_assert(strstr(keel_pg_last_error(x.c), "max_pending") != NULL, "%s", keel_pg_last_error(x.c));
+  keel_pg_stats s;
+  memset(&s, 0x5a, sizeof s);
+  keel_pg_get_stats(x.c, &s);
+  cr_assert_eq(s.queued, 3);
+  for (size_t i = 0; i < sizeof s.reserved_ / sizeof s.reserved_[0]; i++)
+    cr_assert_eq(s.reserved_[i], 0);
+  finish(&x);
+  cr_assert_eq(x.results, 3);
+  for (int i = 0; i < 3; i++) cr_assert_eq(x.statuses[i], UV_ECANCELED);
+}
