@@ -574,3 +574,98 @@ Test(pg_conn, max_pending_bounds_the_queue_while_disconnected) {
   cr_assert_eq(x.results, 3);
   for (int i = 0; i < 3; i++) cr_assert_eq(x.statuses[i], UV_ECANCELED);
 }
+
+/* ---- allocation failure over the main paths -------------------------------- */
+
+typedef struct fm {
+  uv_loop_t loop;
+  int accepted[8];
+  int called[8];
+  int closed;
+} fm;
+
+static void fm_result(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  (void)status;
+  (void)res;
+  ++*(int *)data;
+}
+
+static void fm_closed(void *object, void *data) {
+  (void)object;
+  ++*(int *)data;
+}
+
+static bool fm_all_called(const fm *f, int upto) {
+  for (int i = 0; i < upto; i++)
+    if (f->accepted[i] && f->called[i] == 0) return false;
+  return true;
+}
+
+static void fm_queue(fm *f, keel_pg *c, int i, const char *sql, bool cached) {
+  const char *params[] = {"7"};
+  int nparams = strchr(sql, '$') != NULL ? 1 : 0;
+  int rc = (cached ? keel_pg_query_cached : keel_pg_query)(c, sql, nparams, params, fm_result,
+                                                           &f->called[i]);
+  if (rc == 0)
+    f->accepted[i] = 1;
+  else
+    cr_assert_eq(rc, UV_ENOMEM, "query %d: %s", i, keel_err_name(rc));
+}
+
+/* Connect, a query, pipelined and cached queries, then close with queries
+ * still queued: every accepted statement's callback runs exactly once, the
+ * close callback once, nothing leaks (kt_failmalloc_run checks), and the
+ * loop closes. */
+static void pg_scenario(void *arg) {
+  fm f;
+  memset(&f, 0, sizeof f);
+  uv_loop_init(&f.loop);
+  keel_pg_opts o;
+  keel_pg_opts_init(&o);
+  o.conninfo = arg;
+  o.health_check_interval_ms = 0;
+  keel_backoff_fixed(&o.reconnect_backoff, 5);
+  keel_pg *c = (keel_pg *)0x1;
+  int rc = keel_pg_new(&f.loop, &o, &c);
+  if (rc != 0) {
+    cr_assert_eq(rc, UV_ENOMEM);
+    cr_assert_eq(c, (keel_pg *)0x1);
+    kt_loop_finish(&f.loop);
+    return;
+  }
+  fm_queue(&f, c, 0, "SELECT 1", false);
+  fm_queue(&f, c, 1, "SELECT 2", false);
+  fm_queue(&f, c, 2, "SELECT $1::int", true);
+  fm_queue(&f, c, 3, "SELECT 3", false);
+  uv_timer_t t;
+  uv_timer_init(&f.loop, &t);
+  uv_timer_start(&t, tick, 5, 5);
+  uint64_t start = uv_now(&f.loop);
+  while (!fm_all_called(&f, 4) && uv_now(&f.loop) - start < 400) uv_run(&f.loop, UV_RUN_ONCE);
+  uv_close((uv_handle_t *)&t, NULL);
+  fm_queue(&f, c, 4, "SELECT $1::int", true);
+  fm_queue(&f, c, 5, "SELECT 5", false);
+  keel_pg_close(c, fm_closed, &f.closed);
+  cr_assert_eq(f.closed, 0, "close callback inside close");
+  kt_loop_finish(&f.loop);
+  cr_assert_eq(f.closed, 1);
+  for (int i = 0; i < 6; i++)
+    cr_assert_eq(f.called[i], f.accepted[i], "statement %d: called %d, accepted %d (run %lld)", i,
+                 f.called[i], f.accepted[i], (long long)kt_failmalloc_index());
+}
+
+Test(pg_conn, allocation_failure_on_every_path, .timeout = 170) {
+  char conninfo[256];
+  snprintf(conninfo, sizeof conninfo, "%s", kt_pg_conninfo());
+  kt_failmalloc_run(pg_scenario, conninfo);
+  cr_assert_gt(kt_failmalloc_count(), 5);
+  cr_log_info("allocations in the scenario: %llu", (unsigned long long)kt_failmalloc_count());
+  /* The same with a host name: the lookup's allocations too. */
+  char *at = strstr(conninfo, "127.0.0.1");
+  cr_assert_not_null(at);
+  char named[256];
+  snprintf(named, sizeof named, "%.*slocalhost%s", (int)(at - conninfo), conninfo, at + 9);
+  kt_failmalloc_run(pg_scenario, named);
+  cr_log_info("with a host name: %llu", (unsigned long long)kt_failmalloc_count());
+}
