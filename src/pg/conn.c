@@ -288,8 +288,14 @@ static void handle_closed(keel_pg *c) {
   if (c->state != KEEL__PG_CLOSING || c->handles_open != 0) return;
   /* What close left queued is cancelled now, on a later iteration than the
    * close call: in-flight statements first, then unsent ones, as queued. */
-  keel__pg_fail_all(c, &c->sent_head, &c->sent_tail, &c->sent_count, UV_ECANCELED,
-                    "connection closed");
+  keel__pg_query *sent = c->sent_head;
+  c->sent_head = c->sent_tail = NULL;
+  c->sent_count = 0;
+  while (sent != NULL) { /* a reply already in is still delivered as it is */
+    keel__pg_query *next = sent->next;
+    deliver_lost(c, sent, UV_ECANCELED, UV_ECANCELED, "connection closed");
+    sent = next;
+  }
   keel__pg_fail_all(c, &c->pending_head, &c->pending_tail, &c->pending_count, UV_ECANCELED,
                     "connection closed");
   keel_close_cb cb = c->close_cb;
