@@ -1083,6 +1083,39 @@ static bool read_results(keel_pg *c) {
       flush_queries(c);
       continue;
     }
+    ExecStatusType st = PQresultStatus(res);
+    if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT) {
+      /* keel has no COPY data API: end a COPY FROM STDIN at once (the
+       * server answers with an error, the statement's outcome), and drain
+       * and drop the data of a COPY TO STDOUT. Otherwise libpq stays in
+       * COPY state and nothing behind the statement could ever run. */
+      PQclear(res);
+      if (st == PGRES_COPY_IN) {
+        int ended = PQputCopyEnd(c->conn, "keel does not support COPY FROM STDIN");
+        if (ended < 0) {
+          disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
+          return false;
+        }
+        if (ended == 0 || PQflush(c->conn) != 0) {
+          /* Not all written yet: the writable event retries. */
+          if (watch(c, UV_READABLE | UV_WRITABLE) != 0) {
+            disconnect(c, KEEL_ECONN, "cannot watch the socket");
+            return false;
+          }
+          if (ended == 0) break;
+        }
+        continue;
+      }
+      char *row = NULL;
+      int got;
+      while ((got = PQgetCopyData(c->conn, &row, 1)) > 0) PQfreemem(row);
+      if (got == -2) {
+        disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
+        return false;
+      }
+      if (got == 0) break; /* more data later */
+      continue;
+    }
     if (!is_reply(c, res)) {
       /* The session ended: what was in flight is judged by
        * deliver_lost(), with the replies already in kept. */

@@ -669,3 +669,29 @@ Test(pg_conn, allocation_failure_on_every_path, .timeout = 170) {
   kt_failmalloc_run(pg_scenario, named);
   cr_log_info("with a host name: %llu", (unsigned long long)kt_failmalloc_count());
 }
+
+/* "Every statement is either sent or failed, never stuck": a COPY that
+ * wants data keel has no API for used to leave libpq in COPY state, and the
+ * loop spun in read_results forever. */
+static void copy_never_hangs(bool pipeline) {
+  ctx x;
+  char t[64], sql[160];
+  make_table(t, sizeof t);
+  open_with(&x, false, pipeline);
+  snprintf(sql, sizeof sql, "COPY %s FROM STDIN", t);
+  query(&x, sql);
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], KEEL_EPG, "%s", keel_err_name(x.statuses[0]));
+  query(&x, "COPY (SELECT 1) TO STDOUT");
+  query(&x, "SELECT 8");
+  wait_results(&x, 3);
+  cr_assert_eq(x.statuses[1], 0, "%s", keel_err_name(x.statuses[1]));
+  cr_assert_eq(x.statuses[2], 0);
+  cr_assert_str_eq(x.values[2], "8");
+  finish(&x);
+}
+
+Test(pg_conn, copy_never_hangs_the_connection) {
+  copy_never_hangs(false);
+  copy_never_hangs(true);
+}
