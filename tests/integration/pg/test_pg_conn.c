@@ -695,3 +695,34 @@ Test(pg_conn, copy_never_hangs_the_connection) {
   copy_never_hangs(false);
   copy_never_hangs(true);
 }
+
+/* Issue 13 #7: a statement libpq refuses (here: libpq is busy with a query
+ * sent behind keel's back through keel_pg_raw) fails alone with KEEL_ESEND
+ * and libpq's reason; the connection is not reset, and the queue goes on.
+ * Before, the refusal was taken for a lost connection: the statement stayed
+ * at the head of the queue and the connection reconnected over and over. */
+Test(pg_conn, statement_libpq_refuses_fails_alone_with_esend) {
+  ctx x;
+  open_with(&x, false, false);
+  wait_up(&x, 1);
+  PGconn *raw = keel_pg_raw(x.c);
+  cr_assert_eq(PQsendQuery(raw, "SELECT 1"), 1);
+  query(&x, "SELECT 2");
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], KEEL_ESEND, "%s", keel_err_name(x.statuses[0]));
+  cr_assert(strstr(x.errors[0], "another command is already in progress") != NULL, "%s",
+            x.errors[0]);
+  /* The stray query's results, read by the test itself. */
+  PGresult *r;
+  while ((r = PQgetResult(raw)) != NULL) PQclear(r);
+  query(&x, "SELECT 3");
+  wait_results(&x, 2);
+  cr_assert_eq(x.statuses[1], 0, "%s", x.errors[1]);
+  cr_assert_str_eq(x.values[1], "3");
+  keel_pg_stats s;
+  keel_pg_get_stats(x.c, &s);
+  cr_assert_eq(s.disconnects, 0);
+  cr_assert_eq(s.reconnects, 0);
+  cr_assert_eq(x.ups, 1);
+  finish(&x);
+}
