@@ -151,7 +151,7 @@ void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, 
     if (status == KEEL_EINDOUBT) c->stats.in_doubt++;
   }
   if (status != 0) c->error_generation++;
-  if (status == KEEL_EPG && res != NULL) {
+  if ((status == KEEL_EPG || status == KEEL_EINDOUBT) && res != NULL) {
     const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
     const char *message = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     keel__fail(c->last_error, status, "SQLSTATE %s: %s", state ? state : "?????",
@@ -554,9 +554,21 @@ static void continue_connect(keel_pg *c) {
   }
 }
 
-static void ignore_notice(void *arg, const char *message) {
-  (void)arg;
-  (void)message;
+/* Server notices are not printed (libpq would write them to stderr). A
+ * FATAL or PANIC that arrives while no statement is in flight comes here
+ * too: the server is ending the session (57P01 after pg_terminate_backend,
+ * an idle-session timeout), so it is lost now, not at the EOF that follows. */
+static void on_notice(void *arg, const PGresult *res) {
+  keel_pg *c = arg;
+  const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+  if (severity == NULL) severity = PQresultErrorField(res, PG_DIAG_SEVERITY);
+  if (severity == NULL || (strcmp(severity, "FATAL") != 0 && strcmp(severity, "PANIC") != 0))
+    return;
+  const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+  const char *message = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+  c->session_ending = true;
+  snprintf(c->ending, sizeof c->ending, "connection lost (SQLSTATE %s: %s)",
+           state ? state : "?????", message ? message : "session ended by the server");
 }
 
 /* Opens the libpq connection: with the conninfo as given, or (resolved)
@@ -607,7 +619,8 @@ static void open_connection(keel_pg *c, bool resolved) {
   }
   PQsetnonblocking(c->conn, 1);
   /* libpq prints server notices to stderr by default; a library must not. */
-  PQsetNoticeProcessor(c->conn, ignore_notice, NULL);
+  c->session_ending = false;
+  PQsetNoticeReceiver(c->conn, on_notice, c);
   continue_connect(c);
 }
 
@@ -1184,6 +1197,12 @@ static void on_poll(uv_poll_t *poll, int status, int events) {
     }
     if (!read_results(c)) return;
     deliver_notifications(c);
+    if (c->state == KEEL__PG_CONNECTED && c->session_ending) {
+      char why[KEEL__ERRBUF_SIZE];
+      snprintf(why, sizeof why, "%s", c->ending);
+      disconnect(c, KEEL_ECONN, why);
+      return;
+    }
     if (c->state == KEEL__PG_CONNECTED && PQstatus(c->conn) == CONNECTION_BAD) {
       disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
       return;
