@@ -53,8 +53,17 @@ struct keel_pg_pool {
   char last_error[KEEL__ERRBUF_SIZE];
 };
 
+/* Where a transaction is; decides who ends it when the pool closes. */
+typedef enum tx_state {
+  TX_BEGIN,    /* BEGIN queued or sent: on_begin() ends it at close */
+  TX_BODY,     /* the body runs: close ends it (cancelled list) */
+  TX_ENDING,   /* COMMIT or ROLLBACK queued or sent: their callback ends it */
+  TX_CANCELLED /* ended by close; freed with the pool */
+} tx_state;
+
 struct keel_pg_tx {
   keel_pg_pool *pool;
+  tx_state state;
   member *m;
   keel_pg_isolation isolation;
   keel_pg_tx_fn body;
@@ -64,7 +73,6 @@ struct keel_pg_tx {
   uint64_t session; /* the connection's session BEGIN ran in */
   keel_pg_tx *prev, *next;
   bool finished;
-  bool cancelled;
 };
 
 static void tx_link(keel_pg_pool *p, keel_pg_tx *tx) {
@@ -405,11 +413,11 @@ typedef struct rollback_ctx {
 
 static void on_rollback(keel_pg *c, int status, const keel_pg_result *res, void *data) {
   (void)c;
-  (void)status;
   (void)res;
   rollback_ctx *ctx = data;
   keel_pg_tx *tx = ctx->tx;
-  int final_status = ctx->status;
+  /* Dropped by close: cancelled like all work close drops. */
+  int final_status = status == UV_ECANCELED ? UV_ECANCELED : ctx->status;
   char sqlstate[6];
   memcpy(sqlstate, ctx->sqlstate, sizeof sqlstate);
   keel__free(ctx);
@@ -417,8 +425,8 @@ static void on_rollback(keel_pg *c, int status, const keel_pg_result *res, void 
 }
 
 static void on_begin(keel_pg *c, int status, const keel_pg_result *res, void *data) {
-  (void)res;
   keel_pg_tx *tx = data;
+  if (status == 0 && tx->pool->closing) status = UV_ECANCELED; /* never starts a body then */
   if (status != 0) {
     snprintf(tx->pool->last_error, sizeof tx->pool->last_error, "%s", keel_pg_last_error(c));
     tx_end(tx, status, keel_pg_result_sqlstate(res));
@@ -430,6 +438,7 @@ static void on_begin(keel_pg *c, int status, const keel_pg_result *res, void *da
    * in autocommit on the new session. */
   tx->session = c->session;
   c->bound_session = c->session;
+  tx->state = TX_BODY;
   tx->body(tx, c, tx->data);
 }
 
@@ -444,6 +453,7 @@ static void on_tx_acquired(keel_pg_pool *p, keel_pg *conn, int status, void *dat
   }
   tx->m = member_of(p, conn);
   tx->m->in_tx = true;
+  tx->state = TX_BEGIN;
   tx_link(p, tx);
   static const char *const begins[] = {"BEGIN ISOLATION LEVEL READ COMMITTED",
                                        "BEGIN ISOLATION LEVEL REPEATABLE READ",
@@ -471,9 +481,9 @@ int keel_pg_pool_transaction(keel_pg_pool *p, keel_pg_isolation isolation, keel_
 }
 
 void keel_pg_tx_finish(keel_pg_tx *tx, int status) {
-  if (tx == NULL || tx->finished) return;
+  if (tx == NULL || tx->finished || tx->state != TX_BODY) return;
   tx->finished = true;
-  if (tx->cancelled) return; /* done already had UV_ECANCELED from close */
+  tx->state = TX_ENDING;
   keel_pg *conn = tx->m->conn;
   /* A reconnect since BEGIN: the server rolled the transaction back. */
   if (status == 0 && conn->session != tx->session) status = KEEL_ECONN;
@@ -565,14 +575,20 @@ void keel_pg_pool_close(keel_pg_pool *p, keel_close_cb cb, void *data) {
   }
   /* Transactions whose body still runs end now (a later keel_pg_tx_finish()
    * on them does nothing); their done callbacks and the waiters' run once
-   * the timers have closed. */
-  while (p->txs != NULL) {
-    keel_pg_tx *tx = p->txs;
-    tx_unlink(p, tx);
-    p->stats.rollbacks++;
-    tx->cancelled = true;
-    tx->next = p->cancelled;
-    p->cancelled = tx;
+   * the timers have closed. A transaction whose BEGIN, COMMIT or ROLLBACK
+   * is queued or sent is ended by that statement's callback instead, when
+   * the closing connection cancels it: exactly one of the two calls done. */
+  keel_pg_tx *tx = p->txs;
+  while (tx != NULL) {
+    keel_pg_tx *next = tx->next;
+    if (tx->state == TX_BODY) {
+      tx_unlink(p, tx);
+      p->stats.rollbacks++;
+      tx->state = TX_CANCELLED;
+      tx->next = p->cancelled;
+      p->cancelled = tx;
+    }
+    tx = next;
   }
   uv_close((uv_handle_t *)&p->wait_timer, on_pool_timer_closed);
   uv_close((uv_handle_t *)&p->dispatch_timer, on_pool_timer_closed);
