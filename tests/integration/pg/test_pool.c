@@ -207,3 +207,93 @@ Test(pool, close_with_begin_queued_or_waiting) {
     cr_assert_eq(uv_loop_close(&p.loop), 0);
   }
 }
+
+/* ---- 4. a transaction reports its first failing statement (issue 14) ------ */
+
+typedef struct three {
+  pctx *p;
+  keel_pg_tx *tx;
+  const char *second; /* the statement that fails */
+  bool finish_with_zero;
+  int statuses[3];
+  char sqlstates[3][8];
+  int n;
+} three;
+
+static void three_step(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  three *t = data;
+  const char *state = keel_pg_result_sqlstate(res);
+  snprintf(t->sqlstates[t->n], sizeof t->sqlstates[t->n], "%s", state ? state : "");
+  t->statuses[t->n++] = status;
+  if (t->n == 3) keel_pg_tx_finish(t->tx, t->finish_with_zero ? 0 : status);
+}
+
+static void three_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  three *t = data;
+  t->tx = tx;
+  /* Queued together: one pipelined write. */
+  cr_assert_eq(keel_pg_query(conn, "SELECT 1", 0, NULL, three_step, t), 0);
+  cr_assert_eq(keel_pg_query(conn, t->second, 0, NULL, three_step, t), 0);
+  cr_assert_eq(keel_pg_query(conn, "SELECT 3", 0, NULL, three_step, t), 0);
+}
+
+static void three_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
+  three *t = data;
+  tx_done(pool, status, sqlstate, t->p);
+}
+
+static void first_error_case(const char *second, const char *want, bool finish_with_zero) {
+  pctx p;
+  open_pool(&p, 1);
+  three t = {.p = &p, .second = second, .finish_with_zero = finish_with_zero};
+  cr_assert_eq(keel_pg_pool_transaction(p.pool, KEEL_PG_SERIALIZABLE, three_body, three_done, &t),
+               0);
+  run_until(&p, &p.done_calls, 1);
+  cr_assert_eq(t.statuses[0], 0);
+  cr_assert_eq(t.statuses[1], KEEL_EPG);
+  cr_assert_str_eq(t.sqlstates[1], want);
+  cr_assert_eq(t.statuses[2], KEEL_EPG);
+  cr_assert_str_eq(t.sqlstates[2], "25P02", "the statement after it only says 'aborted'");
+  cr_assert_eq(p.done_status, KEEL_EPG, "%s", keel_err_name(p.done_status));
+  cr_assert_str_eq(p.done_sqlstate, want, "done reports the first failure, not %s",
+                   p.done_sqlstate);
+  cr_assert(strstr(keel_pg_pool_last_error(p.pool), want) != NULL, "%s",
+            keel_pg_pool_last_error(p.pool));
+  keel_pg_pool_stats s;
+  keel_pg_pool_get_stats(p.pool, &s);
+  cr_assert_eq(s.rollbacks, 1);
+  cr_assert_eq(s.transactions, 0);
+  /* The connection went back clean: no transaction left open on it. */
+  cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 7", 0, NULL, store, &p), 0);
+  run_until(&p, &p.results, 1);
+  cr_assert_eq(p.statuses[0], 0);
+  cr_assert_str_eq(p.values[0], "7");
+  keel_pg_pool_close(p.pool, NULL, NULL);
+  kt_loop_finish(&p.loop);
+}
+
+#define RAISE(code) "DO $$BEGIN RAISE EXCEPTION 'raised' USING ERRCODE = '" code "'; END$$"
+
+Test(pool, first_failure_40001_is_reported) {
+  first_error_case(RAISE("40001"), "40001", false);
+  first_error_case(RAISE("40001"), "40001", true);
+}
+
+Test(pool, first_failure_40P01_is_reported) {
+  first_error_case(RAISE("40P01"), "40P01", false);
+  first_error_case(RAISE("40P01"), "40P01", true);
+}
+
+Test(pool, first_failure_23505_is_reported) {
+  first_error_case(RAISE("23505"), "23505", false);
+  first_error_case(
+      "SELECT * FROM (SELECT 1 AS k UNION ALL SELECT 1) x, "
+      "LATERAL (SELECT 1 / 0) y",
+      "22012", true);
+}
+
+Test(pool, first_failure_42601_is_reported) {
+  first_error_case("SELEC 1", "42601", false);
+  first_error_case("SELEC 1", "42601", true);
+}
