@@ -131,6 +131,9 @@ static void maybe_free_pool(keel_pg_pool *p) {
 static void on_dispatch_timer(uv_timer_t *timer);
 
 static void schedule_dispatch(keel_pg_pool *p) {
+  /* Before keel_pg_pool_new() has set the timers up (a member reporting
+   * its state from inside keel_pg_new()) there is nothing to dispatch. */
+  if (p->open_things == 0) return;
   if (!p->closing && !uv_is_active((uv_handle_t *)&p->dispatch_timer))
     uv_timer_start(&p->dispatch_timer, on_dispatch_timer, 0, 0);
 }
