@@ -75,9 +75,10 @@ struct keel_pg_tx {
   void *data;
   uint64_t session; /* the connection's session BEGIN ran in */
   keel_pg_tx *prev, *next;
-  int status;         /* outcome reported when a ROLLBACK ends it */
-  char sqlstate[6];   /* the first failed statement's SQLSTATE, "" when none */
-  bool reset_session; /* ended without ROLLBACK on a live session: reset it */
+  int status;          /* outcome reported when a ROLLBACK ends it */
+  char sqlstate[6];    /* the first failed statement's SQLSTATE, "" when none */
+  bool reset_session;  /* ended without ROLLBACK on a live session: reset it */
+  bool retry_rollback; /* ROLLBACK could not be queued: try again when ending */
 };
 
 static void dispatch(keel_pg_pool *p);
@@ -465,7 +466,12 @@ static void finish_ended(keel_pg_pool *p, keel_pg_tx *tx) {
   /* Neither COMMIT nor ROLLBACK could be queued on a live session: end the
    * session (the server rolls the transaction back) before the connection
    * serves anyone else. */
-  if (tx->reset_session && !p->closing) keel_pg_reset(tx->m->conn);
+  if (!p->closing) {
+    if (tx->reset_session) keel_pg_reset(tx->m->conn);
+    /* Try once more to end the block (bound to the transaction's session,
+     * so it never runs on a new one); its outcome does not matter. */
+    if (tx->retry_rollback) keel_pg_query(tx->m->conn, "ROLLBACK", 0, NULL, NULL, NULL);
+  }
   tx_complete(tx, tx->status, tx->sqlstate);
 }
 
@@ -601,13 +607,13 @@ void keel_pg_tx_finish(keel_pg_tx *tx, int status) {
     tx->status = rc == KEEL_ECLOSING ? UV_ECANCELED : rc;
     keel__fail(p->last_error, tx->status, "cannot queue COMMIT: %s", keel_pg_last_error(conn));
   }
-  if (!live) {
-    tx_end_later(tx);
-    return;
-  }
+  /* ROLLBACK even when the session is gone (it then fails at once, bound
+   * to that session): it ends the transaction block the connection tracks
+   * from the statements it queues. */
   int rc = keel_pg_query(conn, "ROLLBACK", 0, NULL, on_rollback, tx);
   if (rc != 0) {
-    tx->reset_session = rc != KEEL_ECLOSING;
+    tx->reset_session = live && rc != KEEL_ECLOSING;
+    tx->retry_rollback = rc != KEEL_ECLOSING;
     tx_end_later(tx);
   }
 }
