@@ -793,7 +793,7 @@ Test(pg, health_check_detects_an_unresponsive_server) {
   o.on_state = on_state;
   o.data = &x;
   o.health_check_interval_ms = 100;
-  o.connect_timeout_ms = 300; /* also the health probe's deadline */
+  o.connect_timeout_ms = 1000; /* also the health probe's deadline; room for a loaded machine */
   keel_backoff_fixed(&o.reconnect_backoff, 20);
   cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
   uv_timer_t tick;
@@ -812,7 +812,7 @@ Test(pg, health_check_detects_an_unresponsive_server) {
   free(kt_pg_scalar(sql));
   cr_assert_eq(x.downs, 1, "health check noticed the silent server");
   start = uv_now(&x.loop);
-  while (x.ups < 2 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
+  while (x.ups < 2 && uv_now(&x.loop) - start < 15000) uv_run(&x.loop, UV_RUN_ONCE);
   cr_assert_eq(x.ups, 2);
   cr_assert_neq(keel_pg_backend_pid(x.c), pid);
   keel_pg_stats s;
