@@ -432,3 +432,25 @@ Test(backoff, validate) {
   keel_backoff_decorrelated_jitter(&b, 1, 0);
   cr_assert_eq(keel_backoff_validate(&b, NULL), 0);
 }
+
+/* #15: FIXED (and decorrelated jitter) ignore the factor, as the header
+ * says, so no factor value makes them invalid. */
+Test(backoff, kinds_that_ignore_the_factor_accept_any) {
+  const double factors[] = {0.0, -1.0, 0.5, NAN, INFINITY};
+  for (size_t i = 0; i < sizeof factors / sizeof factors[0]; i++) {
+    keel_backoff b;
+    const char *why = "unset";
+    keel_backoff_fixed(&b, 250);
+    b.factor = factors[i];
+    cr_assert_eq(keel_backoff_validate(&b, &why), 0, "fixed, factor %g: %s", factors[i],
+                 why ? why : "");
+    cr_assert_eq(keel_backoff_delay(&b, 7, 0, NULL), 250);
+    keel_backoff_decorrelated_jitter(&b, 10, 1000);
+    b.factor = factors[i];
+    cr_assert_eq(keel_backoff_validate(&b, &why), 0, "decorrelated, factor %g", factors[i]);
+    keel_backoff_exponential(&b, 10, factors[i], 1000);
+    cr_assert_eq(keel_backoff_validate(&b, &why), UV_EINVAL, "exponential, factor %g", factors[i]);
+    keel_backoff_full_jitter(&b, 10, factors[i], 1000);
+    cr_assert_eq(keel_backoff_validate(&b, &why), UV_EINVAL, "full jitter, factor %g", factors[i]);
+  }
+}
