@@ -232,7 +232,10 @@ static bool rates_trip(keel_breaker *b, uint64_t now) {
 }
 
 static keel_breaker_outcome classify(keel_breaker *b, int status) {
-  if (b->opts.classify != NULL) return b->opts.classify(status, b->opts.classify_data);
+  if (b->opts.classify != NULL) {
+    keel_breaker_outcome outcome = b->opts.classify(status, b->opts.classify_data);
+    return b->closing ? KEEL_BREAKER_IGNORE : outcome; /* closed from inside */
+  }
   if (status >= 0) return KEEL_BREAKER_SUCCESS;
   return status == UV_ECANCELED ? KEEL_BREAKER_IGNORE : KEEL_BREAKER_FAILURE;
 }

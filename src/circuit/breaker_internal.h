@@ -22,8 +22,10 @@ struct keel_breaker_call {
   bool timer_ready; /* uv_timer_init done (kept across reuse) */
   bool op_started;  /* op was called */
   bool op_reported; /* keel_breaker_call_done() came */
-  bool finished;    /* done was called (or is being called) */
-  bool in_use;      /* taken from the free list, not yet given back */
+  bool has_result;  /* reported in time: done(result) is queued */
+  int result;
+  bool finished; /* done was called (or is being called) */
+  bool in_use;   /* taken from the free list, not yet given back */
   keel_breaker_call *next_active, *prev_active;
 };
 
@@ -49,6 +51,7 @@ struct keel_breaker {
   keel_breaker_call *free_calls;
   keel_breaker_call *active_calls; /* in_use calls; handed to the close pump */
   keel_breaker_call *start_queue_head, *start_queue_tail;
+  keel_breaker_call *done_queue_head, *done_queue_tail; /* linked by next_free */
   unsigned calls_allocated;
   unsigned handles_open;
   bool closing;

@@ -1,7 +1,8 @@
 /* keel_breaker_execute(): the libuv adapter around the state machine. Calls
  * come from a free list with their timeout timer already initialised, so a
- * steady stream of calls allocates nothing; every operation is started from
- * one zero-delay timer, never inside keel_breaker_execute(). */
+ * steady stream of calls allocates nothing. One zero-delay timer (the start
+ * timer) starts every operation, never inside keel_breaker_execute(), and
+ * delivers every reported result, never inside keel_breaker_call_done(). */
 #include "circuit/breaker_internal.h"
 #include "core/alloc.h"
 
@@ -62,9 +63,39 @@ static void on_call_timeout(uv_timer_t *timer) {
   /* The memory stays until the operation reports. */
 }
 
+static void queue_append(keel_breaker_call **head, keel_breaker_call **tail,
+                         keel_breaker_call *call) {
+  call->next_free = NULL;
+  if (*tail != NULL)
+    (*tail)->next_free = call;
+  else
+    *head = call;
+  *tail = call;
+}
+
+static void on_start(uv_timer_t *timer);
+
+static void arm_start_timer(keel_breaker *b) {
+  if (!uv_is_active((uv_handle_t *)&b->start_timer))
+    uv_timer_start(&b->start_timer, on_start, 0, 0);
+}
+
 static void on_start(uv_timer_t *timer) {
   keel_breaker *b = timer->data;
-  keel_breaker_call *call = b->start_queue_head;
+  /* Results reported since the last run. They were reported before any
+   * close, so they are delivered even if a done below closes the breaker
+   * (the close pump, a later iteration, finds them finished). */
+  keel_breaker_call *call = b->done_queue_head;
+  b->done_queue_head = b->done_queue_tail = NULL;
+  while (call != NULL) {
+    keel_breaker_call *next = call->next_free;
+    call->next_free = NULL;
+    call->has_result = false;
+    finish(call, call->result);
+    recycle(call);
+    call = next;
+  }
+  call = b->start_queue_head;
   b->start_queue_head = b->start_queue_tail = NULL;
   while (call != NULL) {
     keel_breaker_call *next = call->next_free;
@@ -115,7 +146,7 @@ int keel_breaker_execute(keel_breaker *b, keel_breaker_op_fn op, uint64_t timeou
   call->done = done;
   call->data = data;
   call->timeout_ms = timeout_ms;
-  call->op_started = call->op_reported = call->finished = false;
+  call->op_started = call->op_reported = call->finished = call->has_result = false;
   call->in_use = true;
   call->next_free = NULL;
   if (keel_breaker_acquire(b, &call->permit) != 0) call->permit.generation = 0;
@@ -129,13 +160,8 @@ int keel_breaker_execute(keel_breaker *b, keel_breaker_op_fn op, uint64_t timeou
   call->next_active = b->active_calls;
   if (b->active_calls != NULL) b->active_calls->prev_active = call;
   b->active_calls = call;
-  if (b->start_queue_tail != NULL)
-    b->start_queue_tail->next_free = call;
-  else
-    b->start_queue_head = call;
-  b->start_queue_tail = call;
-  if (!uv_is_active((uv_handle_t *)&b->start_timer))
-    uv_timer_start(&b->start_timer, on_start, 0, 0);
+  queue_append(&b->start_queue_head, &b->start_queue_tail, call);
+  arm_start_timer(b);
   return 0;
 }
 
@@ -150,9 +176,15 @@ int keel_breaker_call_done(keel_breaker_call *call, int status) {
     return KEEL_ESTALE;
   }
   uv_timer_stop(&call->timer);
+  call->has_result = true;
+  call->result = status;
+  /* Recorded now (on_state_change may run, and may close); done comes from
+   * the start timer, or from the close pump if the breaker closed. */
   keel_breaker_release(&call->permit, status, keel__breaker_now(b) - call->started_ms);
-  finish(call, status);
-  recycle(call);
+  if (!b->closing) {
+    queue_append(&b->done_queue_head, &b->done_queue_tail, call);
+    arm_start_timer(b);
+  }
   return 0;
 }
 
@@ -160,6 +192,7 @@ void keel__breaker_stop_calls(keel_breaker *b) {
   for (keel_breaker_call *call = b->active_calls; call != NULL; call = call->next_active)
     uv_timer_stop(&call->timer);
   b->start_queue_head = b->start_queue_tail = NULL;
+  b->done_queue_head = b->done_queue_tail = NULL; /* the pump delivers them */
   keel_breaker_call *call = b->free_calls;
   b->free_calls = NULL;
   while (call != NULL) {
@@ -174,11 +207,15 @@ void keel__breaker_on_close_pump(uv_timer_t *timer) {
   keel_breaker_call *call = b->active_calls;
   b->active_calls = NULL;
   b->calls_detached = true;
-  /* User code below may report other calls of this list: they are given
-   * back without unlinking, and freed only in a later close callback. */
+  /* The list is newest first: walk it from the oldest, so that done calls
+   * come in the order the calls were accepted. User code below may report
+   * other calls of this list: they are given back without unlinking, and
+   * freed only in a later close callback. */
+  while (call != NULL && call->next_active != NULL) call = call->next_active;
   while (call != NULL) {
-    keel_breaker_call *next = call->next_active;
-    if (!call->finished) finish(call, UV_ECANCELED);
+    keel_breaker_call *next = call->prev_active;
+    /* A result reported before the close stands; the rest is dropped. */
+    if (!call->finished) finish(call, call->has_result ? call->result : UV_ECANCELED);
     /* Calls whose operation never started, or has reported, are done; the
      * others wait for their operation's report. */
     if (!call->op_started || call->op_reported) recycle(call);

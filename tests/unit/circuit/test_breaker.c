@@ -613,8 +613,10 @@ typedef struct contract {
   bool close_in_reject;
   bool close_in_done;
   int close_in_op; /* 0 never; 1 before reporting; 2 after a synchronous report */
-  int op_mode;     /* 0 succeed now, 1 fail now, 2 hold */
-  bool in_keel;    /* set around keel calls that must not call back */
+  int op_mode;     /* 0 succeed now, 1 fail now, 2 hold, 3 first succeeds, rest held */
+  int ops_started;
+  bool in_keel;      /* set around keel calls that must not call back */
+  bool in_call_done; /* around keel_breaker_call_done(): done must not come */
   int changes;
   int rejects;
   int done_count;
@@ -654,6 +656,7 @@ static void contract_reject(keel_breaker *b, keel_breaker_state state, void *dat
 static void contract_done(keel_breaker *b, int status, void *data) {
   contract *c = data;
   cr_assert(!c->in_keel, "done inside a call that must not call back");
+  cr_assert(!c->in_call_done, "done inside keel_breaker_call_done()");
   if (c->closed) c->closed_before_done++;
   if (c->done_count < 16) c->statuses[c->done_count] = status;
   c->done_count++;
@@ -663,10 +666,12 @@ static void contract_done(keel_breaker *b, int status, void *data) {
 static void contract_op(keel_breaker_call *call, void *data) {
   contract *c = data;
   if (c->close_in_op == 1) keel_breaker_close(c->b, contract_closed, c);
-  if (c->op_mode == 2) {
+  if (c->op_mode == 2 || (c->op_mode == 3 && c->ops_started++ > 0)) {
     c->held[c->held_count++] = call;
   } else {
-    int rc = keel_breaker_call_done(call, c->op_mode == 0 ? 0 : UV_EIO);
+    c->in_call_done = true;
+    int rc = keel_breaker_call_done(call, c->op_mode == 1 ? UV_EIO : 0);
+    c->in_call_done = false;
     cr_assert_eq(rc, c->close_in_op == 1 ? KEEL_ESTALE : 0);
   }
   if (c->close_in_op == 2) keel_breaker_close(c->b, contract_closed, c);
@@ -718,7 +723,25 @@ Test(breaker_contract, close_inside_done_after_a_synchronous_report) {
   contract_finish(&c);
   cr_assert_eq(c.done_count, 2);
   cr_assert_eq(c.statuses[0], 0);
-  cr_assert_eq(c.statuses[1], UV_ECANCELED, "the second call was dropped by the close");
+  cr_assert_eq(c.statuses[1], 0, "reported before the close: the result stands");
+}
+
+Test(breaker_contract, close_inside_done_drops_what_has_not_reported) {
+  contract c;
+  keel_breaker_opts o;
+  contract_setup(&c, &o);
+  contract_create(&c, &o);
+  c.close_in_done = true;
+  c.op_mode = 3;
+  cr_assert_eq(keel_breaker_execute(c.b, contract_op, 0, contract_done, &c), 0);
+  cr_assert_eq(keel_breaker_execute(c.b, contract_op, 0, contract_done, &c), 0);
+  while (c.done_count == 0) uv_run(&c.loop, UV_RUN_ONCE);
+  cr_assert_eq(c.held_count, 1);
+  for (int i = 0; i < c.held_count; i++) keel_breaker_call_done(c.held[i], 0);
+  contract_finish(&c);
+  cr_assert_eq(c.done_count, 2);
+  cr_assert_eq(c.statuses[0], 0);
+  cr_assert_eq(c.statuses[1], UV_ECANCELED, "dropped by the close");
 }
 
 Test(breaker_contract, close_inside_done_after_a_late_report) {
@@ -731,11 +754,13 @@ Test(breaker_contract, close_inside_done_after_a_late_report) {
   cr_assert_eq(keel_breaker_execute(c.b, contract_op, 50, contract_done, &c), 0);
   uv_run(&c.loop, UV_RUN_NOWAIT);
   cr_assert_eq(c.held_count, 1);
-  c.in_keel = false;
+  c.in_keel = true;
   cr_assert_eq(keel_breaker_call_done(c.held[0], UV_EIO), 0);
+  c.in_keel = false;
+  cr_assert_eq(c.done_count, 0, "done never inside call_done");
+  uv_run(&c.loop, UV_RUN_NOWAIT);
   cr_assert_eq(c.done_count, 1);
   cr_assert_eq(c.statuses[0], UV_EIO);
-  assert_closing(&c);
   contract_finish(&c);
   cr_assert_eq(c.done_count, 1);
 }
@@ -1116,4 +1141,48 @@ Test(breaker_contract, every_allocation_failure_is_clean) {
   kt_failmalloc_run(breaker_oom_scenario, NULL);
   cr_assert_geq(kt_failmalloc_count(), 4, "breaker, window, calls");
   cr_assert_eq(kt_alloc_live_blocks(), 0);
+}
+
+static keel_breaker_outcome closing_classify(int status, void *data) {
+  contract *c = data;
+  keel_breaker_close(c->b, contract_closed, c);
+  return status == 0 ? KEEL_BREAKER_SUCCESS : KEEL_BREAKER_FAILURE;
+}
+
+Test(breaker_contract, close_inside_classify) {
+  contract c;
+  keel_breaker_opts o;
+  contract_setup(&c, &o);
+  o.failure_threshold = 1;
+  o.classify = closing_classify;
+  o.classify_data = &c;
+  contract_create(&c, &o);
+  c.op_mode = 1;
+  cr_assert_eq(keel_breaker_execute(c.b, contract_op, 0, contract_done, &c), 0);
+  contract_finish(&c);
+  cr_assert_eq(c.done_count, 1);
+  cr_assert_eq(c.statuses[0], UV_EIO, "reported before the close: the status stands");
+  cr_assert_eq(c.changes, 0, "not counted once closed: no trip, no event after close");
+}
+
+/* ABI: opts_init zeroes the whole struct (reserved_ included); stats come
+ * with reserved_ zero. */
+Test(breaker_contract, reserved_space_is_zero) {
+  keel_breaker_opts o;
+  memset(&o, 0xAB, sizeof o);
+  keel_breaker_opts_init(&o);
+  for (size_t i = 0; i < sizeof o.reserved_ / sizeof o.reserved_[0]; i++)
+    cr_assert_eq(o.reserved_[i], 0);
+  cr_assert_eq(o.on_state_change, NULL);
+  cr_assert_eq(o.classify, NULL);
+  contract c;
+  contract_setup(&c, &o);
+  contract_create(&c, &o);
+  keel_breaker_stats s;
+  memset(&s, 0xAB, sizeof s);
+  keel_breaker_get_stats(c.b, &s);
+  for (size_t i = 0; i < sizeof s.reserved_ / sizeof s.reserved_[0]; i++)
+    cr_assert_eq(s.reserved_[i], 0);
+  keel_breaker_close(c.b, contract_closed, &c);
+  contract_finish(&c);
 }

@@ -178,6 +178,8 @@ Test(retry, defaults_are_retry_with_backoff) {
   cr_assert_eq(keel_backoff_delay(&o.backoff, 1, 0, NULL), 100);
   cr_assert_eq(keel_backoff_delay(&o.backoff, 2, 0, NULL), 200);
   cr_assert_eq(keel_backoff_delay(&o.backoff, 3, 0, NULL), 400);
+  for (size_t i = 0; i < sizeof o.reserved_ / sizeof o.reserved_[0]; i++)
+    cr_assert_eq(o.reserved_[i], 0, "opts_init zeroes the ABI room");
   keel_retry_opts_init(NULL);
 }
 
