@@ -123,7 +123,12 @@ int keel_breaker_new(uv_loop_t *loop, const keel_breaker_opts *opts, keel_breake
     return rc;
   }
   b->start_timer.data = b;
-  b->handles_open = 1;
+  /* Neither init allocates or fails on a valid loop. */
+  uv_check_init(loop, &b->done_check);
+  uv_idle_init(loop, &b->done_idle);
+  b->done_check.data = b;
+  b->done_idle.data = b;
+  b->handles_open = 3;
   b->state = KEEL_BREAKER_CLOSED;
   b->generation = 1;
   b->open_duration_ms = opts->reset_timeout_ms;
@@ -380,6 +385,7 @@ const char *keel_breaker_last_error(const keel_breaker *b) {
   return b == NULL ? "breaker is NULL" : b->last_error;
 }
 
+/* The close callback of the breaker's own handles. */
 static void on_start_timer_closed(uv_handle_t *handle) {
   keel_breaker *b = handle->data;
   b->handles_open--;
@@ -399,6 +405,11 @@ void keel__breaker_close_start_timer(keel_breaker *b) {
   uv_close((uv_handle_t *)&b->start_timer, on_start_timer_closed);
 }
 
+void keel__breaker_close_done_handles(keel_breaker *b) {
+  uv_close((uv_handle_t *)&b->done_check, on_start_timer_closed);
+  uv_close((uv_handle_t *)&b->done_idle, on_start_timer_closed);
+}
+
 /* Calls no user code: what close owes (done(UV_ECANCELED) for every call
  * without a result) is paid by the start timer on a later iteration, and
  * the close callback comes after that. So close works from inside any of the
@@ -410,6 +421,7 @@ void keel_breaker_close(keel_breaker *b, keel_close_cb cb, void *data) {
   b->close_data = data;
   b->generation++; /* permits out are stale: their release gets KEEL_ECLOSING */
   keel__breaker_stop_calls(b);
+  keel__breaker_close_done_handles(b);
   uv_timer_stop(&b->start_timer);
   uv_timer_start(&b->start_timer, keel__breaker_on_close_pump, 0, 0);
 }

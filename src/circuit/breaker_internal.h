@@ -48,6 +48,10 @@ struct keel_breaker {
 
   /* execute() */
   uv_timer_t start_timer; /* starts queued ops on the next iteration */
+  /* Deliver reported results in the check phase of the same iteration (the
+   * idle handle only keeps poll from blocking meanwhile). */
+  uv_check_t done_check;
+  uv_idle_t done_idle;
   keel_breaker_call *free_calls;
   keel_breaker_call *active_calls; /* in_use calls; handed to the close pump */
   keel_breaker_call *start_queue_head, *start_queue_tail;
@@ -72,5 +76,7 @@ void keel__breaker_stop_calls(keel_breaker *b);
 void keel__breaker_on_close_pump(uv_timer_t *timer);
 /* The pump's last step: closes the start timer. */
 void keel__breaker_close_start_timer(keel_breaker *b);
+/* Called by close: closes the check and idle handles of the done queue. */
+void keel__breaker_close_done_handles(keel_breaker *b);
 
 #endif

@@ -75,18 +75,26 @@ static void queue_append(keel_breaker_call **head, keel_breaker_call **tail,
 
 static void on_start(uv_timer_t *timer);
 
+static void on_done_idle(uv_idle_t *idle) {
+  (void)idle; /* only there so that poll does not block before the check */
+}
+
 static void arm_start_timer(keel_breaker *b) {
   if (!uv_is_active((uv_handle_t *)&b->start_timer))
     uv_timer_start(&b->start_timer, on_start, 0, 0);
 }
 
-static void on_start(uv_timer_t *timer) {
-  keel_breaker *b = timer->data;
-  /* Results reported since the last run. They were reported before any
-   * close, so they are delivered even if a done below closes the breaker
-   * (the close pump, a later iteration, finds them finished). */
+/* Results reported since the last check phase. They were reported before
+ * any close, so they are delivered even if a done below closes the breaker
+ * (the close pump, a later iteration, finds them finished). */
+static void on_done_check(uv_check_t *check) {
+  keel_breaker *b = check->data;
   keel_breaker_call *call = b->done_queue_head;
   b->done_queue_head = b->done_queue_tail = NULL;
+  if (!b->closing) {
+    uv_check_stop(&b->done_check);
+    uv_idle_stop(&b->done_idle);
+  }
   while (call != NULL) {
     keel_breaker_call *next = call->next_free;
     call->next_free = NULL;
@@ -95,7 +103,20 @@ static void on_start(uv_timer_t *timer) {
     recycle(call);
     call = next;
   }
-  call = b->start_queue_head;
+}
+
+/* libuv runs idle handles before poll and check handles after it: with the
+ * idle handle on, poll does not block, and the check handle delivers in the
+ * same loop iteration as the report (a timer would cost one more). */
+static void arm_done_check(keel_breaker *b) {
+  if (uv_is_active((uv_handle_t *)&b->done_check)) return;
+  uv_check_start(&b->done_check, on_done_check);
+  uv_idle_start(&b->done_idle, on_done_idle);
+}
+
+static void on_start(uv_timer_t *timer) {
+  keel_breaker *b = timer->data;
+  keel_breaker_call *call = b->start_queue_head;
   b->start_queue_head = b->start_queue_tail = NULL;
   while (call != NULL) {
     keel_breaker_call *next = call->next_free;
@@ -183,7 +204,7 @@ int keel_breaker_call_done(keel_breaker_call *call, int status) {
   keel_breaker_release(&call->permit, status, keel__breaker_now(b) - call->started_ms);
   if (!b->closing) {
     queue_append(&b->done_queue_head, &b->done_queue_tail, call);
-    arm_start_timer(b);
+    arm_done_check(b);
   }
   return 0;
 }

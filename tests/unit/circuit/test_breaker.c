@@ -1186,3 +1186,43 @@ Test(breaker_contract, reserved_space_is_zero) {
   keel_breaker_close(c.b, contract_closed, &c);
   contract_finish(&c);
 }
+
+/* A report made from a timer callback (before poll) is delivered in the same
+ * loop iteration: the loop must not block in poll until some other event. */
+static void report_from_timer(uv_timer_t *t) {
+  contract *c = t->data;
+  c->in_call_done = true;
+  cr_assert_eq(keel_breaker_call_done(c->held[0], 0), 0);
+  c->in_call_done = false;
+}
+
+static void far_timer(uv_timer_t *t) {
+  *(bool *)t->data = true;
+}
+
+Test(breaker_contract, done_after_a_report_from_a_timer_does_not_wait_for_poll) {
+  contract c;
+  keel_breaker_opts o;
+  contract_setup(&c, &o);
+  contract_create(&c, &o);
+  c.op_mode = 2;
+  cr_assert_eq(keel_breaker_execute(c.b, contract_op, 0, contract_done, &c), 0);
+  uv_run(&c.loop, UV_RUN_NOWAIT);
+  cr_assert_eq(c.held_count, 1);
+  uv_timer_t report, far;
+  bool far_fired = false;
+  uv_timer_init(&c.loop, &report);
+  uv_timer_init(&c.loop, &far);
+  report.data = &c;
+  far.data = &far_fired;
+  uv_timer_start(&report, report_from_timer, 1, 0);
+  uv_timer_start(&far, far_timer, 60000, 0);
+  while (c.done_count == 0 && !far_fired) uv_run(&c.loop, UV_RUN_ONCE);
+  cr_assert(!far_fired, "done waited for an unrelated event");
+  cr_assert_eq(c.done_count, 1);
+  cr_assert_eq(c.statuses[0], 0);
+  uv_close((uv_handle_t *)&report, NULL);
+  uv_close((uv_handle_t *)&far, NULL);
+  keel_breaker_close(c.b, contract_closed, &c);
+  contract_finish(&c);
+}
