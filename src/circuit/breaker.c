@@ -245,9 +245,13 @@ static keel_breaker_outcome classify(keel_breaker *b, int status) {
   return status == UV_ECANCELED ? KEEL_BREAKER_IGNORE : KEEL_BREAKER_FAILURE;
 }
 
-/* Records an outcome that belongs to the current generation. */
-static void record(keel_breaker *b, bool probe, keel_breaker_outcome outcome,
-                   uint64_t duration_ms) {
+/* Records an outcome that belongs to the current generation. Inlined into
+ * release: the closed-state path must stay a few nanoseconds. */
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+static inline void
+record(keel_breaker *b, bool probe, keel_breaker_outcome outcome, uint64_t duration_ms) {
   bool slow = b->opts.slow_call_ms > 0 && duration_ms >= b->opts.slow_call_ms;
   if (outcome == KEEL_BREAKER_IGNORE) {
     b->stats.calls_ignored++;
