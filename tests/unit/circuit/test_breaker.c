@@ -2,6 +2,7 @@
  * permits, execute() with timeouts, operator controls, events, stats and
  * close. Time is an injected clock advanced by the tests. */
 #include <criterion/criterion.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,6 +23,10 @@ typedef struct fixture {
 
 static uint64_t fake_now(void *data) {
   return ((fixture *)data)->now;
+}
+
+static uint64_t fake_now_u64(void *data) {
+  return *(uint64_t *)data;
 }
 
 static void on_change(keel_breaker *b, keel_breaker_state from, keel_breaker_state to, void *data) {
@@ -1225,4 +1230,229 @@ Test(breaker_contract, done_after_a_report_from_a_timer_does_not_wait_for_poll) 
   uv_close((uv_handle_t *)&far, NULL);
   keel_breaker_close(c.b, contract_closed, &c);
   contract_finish(&c);
+}
+
+/* ---- edges: every validation branch, NULL arguments, timeouts in each state */
+
+Test(breaker_edges, every_validation_rule) {
+  keel_breaker_opts o;
+  const char *why;
+  keel_breaker_opts_init(NULL);
+#define BAD(stmt)                                                         \
+  do {                                                                    \
+    keel_breaker_opts_init(&o);                                           \
+    stmt;                                                                 \
+    why = NULL;                                                           \
+    cr_assert_eq(keel_breaker_validate_opts(&o, &why), UV_EINVAL, #stmt); \
+    cr_assert_not_null(why, #stmt);                                       \
+  } while (0)
+#define GOOD(stmt)                                                            \
+  do {                                                                        \
+    keel_breaker_opts_init(&o);                                               \
+    stmt;                                                                     \
+    why = "unset";                                                            \
+    cr_assert_eq(keel_breaker_validate_opts(&o, &why), 0, #stmt ": %s", why); \
+    cr_assert_null(why);                                                      \
+  } while (0)
+  BAD(o.slow_call_rate_threshold = 1.5);
+  BAD(o.slow_call_rate_threshold = NAN);
+  BAD(o.failure_rate_threshold = NAN);
+  BAD((o.failure_threshold = 0, o.window = KEEL_BREAKER_WINDOW_COUNT,
+       o.failure_rate_threshold = 0));
+  BAD((o.window = KEEL_BREAKER_WINDOW_COUNT, o.window_size = (1u << 24) + 1));
+  BAD((o.window = KEEL_BREAKER_WINDOW_TIME, o.window_buckets = 0));
+  BAD((o.window = KEEL_BREAKER_WINDOW_TIME, o.window_buckets = 65537, o.window_ms = 1000000));
+  BAD((o.window = KEEL_BREAKER_WINDOW_COUNT, o.minimum_calls = 0));
+  BAD(o.reset_backoff_factor = INFINITY);
+  BAD(o.reset_backoff_factor = NAN);
+  BAD((o.reset_timeout_ms = 1000, o.reset_timeout_max_ms = 999));
+  GOOD((o.failure_threshold = 0, o.window = KEEL_BREAKER_WINDOW_COUNT, o.failure_rate_threshold = 0,
+        o.slow_call_ms = 10));
+  GOOD((o.failure_threshold = 0, o.window = KEEL_BREAKER_WINDOW_TIME));
+  GOOD((o.window = KEEL_BREAKER_WINDOW_COUNT, o.window_size = 1u << 24));
+  GOOD((o.window = KEEL_BREAKER_WINDOW_TIME, o.window_buckets = 65536, o.window_ms = 65536));
+  GOOD(o.reset_timeout_max_ms = 0);
+  GOOD(o.minimum_calls = 0); /* only checked with a window */
+  cr_assert_eq(keel_breaker_validate_opts(NULL, NULL), UV_EINVAL);
+#undef BAD
+#undef GOOD
+}
+
+Test(breaker_edges, null_arguments) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_breaker_opts o;
+  keel_breaker_opts_init(&o);
+  cr_assert_eq(keel_breaker_new(&loop, &o, NULL), UV_EINVAL);
+  char text[64];
+  cr_assert_eq(keel_breaker_new_ex(&loop, &o, NULL, text, sizeof text), UV_EINVAL);
+  cr_assert_eq(keel_breaker_new_ex(&loop, NULL, NULL, NULL, 0), UV_EINVAL);
+  cr_assert_eq(keel_breaker_get_state(NULL), KEEL_BREAKER_CLOSED);
+  keel_breaker_get_stats(NULL, NULL);
+  cr_assert_str_eq(keel_breaker_last_error(NULL), "breaker is NULL");
+  cr_assert_eq(keel_breaker_disable(NULL), UV_EINVAL);
+  cr_assert_eq(keel_breaker_reset(NULL), UV_EINVAL);
+  cr_assert_eq(keel_breaker_execute(NULL, op, 0, done, NULL), UV_EINVAL);
+  cr_assert_eq(keel_breaker_call_done(NULL, 0), UV_EINVAL);
+  keel_breaker_permit empty = {0};
+  cr_assert_eq(keel_breaker_release(&empty, 0, 0), UV_EINVAL);
+  keel_breaker_close(NULL, NULL, NULL);
+  keel_breaker *b;
+  cr_assert_eq(keel_breaker_new(&loop, &o, &b), 0);
+  cr_assert_str_eq(keel_breaker_last_error(b), "");
+  keel_breaker_get_stats(b, NULL);
+  keel_breaker_permit p;
+  cr_assert_eq(keel_breaker_acquire(b, NULL), UV_EINVAL);
+  cr_assert_eq(keel_breaker_acquire(b, &p), 0);
+  cr_assert_eq(keel_breaker_release(&p, 0, 0), 0);
+  cr_assert_eq(keel_breaker_release(&p, 0, 0), KEEL_ESTALE, "released twice");
+  cr_assert_eq(keel_breaker_execute(b, op, 0, NULL, NULL), UV_EINVAL);
+  keel_breaker_close(b, NULL, NULL);
+  kt_loop_finish(&loop);
+}
+
+Test(breaker_edges, new_ex_explains_out_of_memory) {
+  kt_alloc_install();
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_breaker_opts o;
+  keel_breaker_opts_init(&o);
+  keel_breaker *b = NULL;
+  char text[64];
+  kt_alloc_fail_after(0);
+  cr_assert_eq(keel_breaker_new_ex(&loop, &o, &b, text, sizeof text), UV_ENOMEM);
+  kt_alloc_fail_after(-1);
+  cr_assert_str_eq(text, keel_strerror(UV_ENOMEM));
+  cr_assert_null(b);
+  o.window = KEEL_BREAKER_WINDOW_COUNT;
+  kt_alloc_fail_after(1); /* the breaker, not its ring */
+  cr_assert_eq(keel_breaker_new(&loop, &o, &b), UV_ENOMEM);
+  kt_alloc_fail_after(-1);
+  cr_assert_eq(kt_alloc_live_blocks(), 0);
+  kt_loop_finish(&loop);
+}
+
+Test(breaker_edges, without_callbacks_and_with_an_uncapped_growing_period) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  uint64_t now = 0;
+  keel_breaker_opts o;
+  keel_breaker_opts_init(&o);
+  o.clock.now = fake_now_u64;
+  o.clock.data = &now;
+  o.failure_threshold = 1;
+  o.reset_timeout_ms = 1000;
+  o.reset_backoff_factor = 1e6;
+  o.reset_timeout_max_ms = 0; /* no cap: saturates instead of overflowing */
+  keel_breaker *b;
+  cr_assert_eq(keel_breaker_new(&loop, &o, &b), 0);
+  keel_breaker_permit p;
+  cr_assert_eq(keel_breaker_acquire(b, &p), 0);
+  cr_assert_eq(keel_breaker_release(&p, UV_EIO, 0), 0);
+  keel_breaker_stats s;
+  uint64_t last = 0;
+  for (int i = 0; i < 6; i++) {
+    keel_breaker_get_stats(b, &s);
+    cr_assert_eq(s.state, KEEL_BREAKER_OPEN);
+    cr_assert_geq(s.open_duration_ms, last, "never shrinks (no overflow)");
+    last = s.open_duration_ms;
+    now += s.open_duration_ms;
+    cr_assert_eq(keel_breaker_acquire(b, &p), 0, "probe %d", i);
+    cr_assert_eq(keel_breaker_release(&p, UV_EIO, 0), 0);
+  }
+  cr_assert_lt(last, UINT64_MAX / 2);
+  cr_assert_eq(keel_breaker_force_open(b), 0);
+  cr_assert_eq(keel_breaker_force_open(b), 0, "already forced: nothing");
+  cr_assert_eq(keel_breaker_disable(b), 0);
+  cr_assert_eq(keel_breaker_disable(b), 0);
+  keel_breaker_get_stats(b, &s);
+  cr_assert_eq(s.state_changes, 15);
+  keel_breaker_close(b, NULL, NULL);
+  kt_loop_finish(&loop);
+}
+
+Test(breaker_edges, probe_outcomes_ignored_slow_and_stale) {
+  fixture f;
+  setup(&f);
+  f.opts.failure_threshold = 1;
+  f.opts.window = KEEL_BREAKER_WINDOW_COUNT;
+  f.opts.window_size = 10;
+  f.opts.slow_call_ms = 100;
+  f.opts.half_open_max_calls = 2;
+  f.opts.half_open_successes = 2;
+  create(&f);
+  cr_assert_eq(call(&f, UV_EIO, 1), 0);
+  f.now += 30000;
+  keel_breaker_permit p1, p2, p3;
+  cr_assert_eq(keel_breaker_acquire(f.b, &p1), 0);
+  cr_assert(p1.probe);
+  cr_assert_eq(keel_breaker_acquire(f.b, &p2), 0);
+  cr_assert_eq(keel_breaker_acquire(f.b, &p3), KEEL_EOPEN, "two probe slots");
+  cr_assert_eq(keel_breaker_release(&p1, UV_ECANCELED, 1), 0, "ignored: frees its slot");
+  keel_breaker_stats s;
+  keel_breaker_get_stats(f.b, &s);
+  cr_assert_eq(s.probes_in_flight, 1);
+  cr_assert_eq(s.calls_ignored, 1);
+  cr_assert_eq(keel_breaker_release(&p2, 0, 150), 0, "a slow probe reopens");
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_OPEN);
+  /* two good probes close it */
+  f.now += 60000;
+  cr_assert_eq(keel_breaker_acquire(f.b, &p1), 0);
+  cr_assert_eq(keel_breaker_acquire(f.b, &p2), 0);
+  cr_assert_eq(keel_breaker_release(&p1, 0, 1), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_HALF_OPEN);
+  cr_assert_eq(keel_breaker_release(&p2, 0, 1), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_CLOSED);
+  /* a slow success in CLOSED counts as slow, not as a failure */
+  cr_assert_eq(call(&f, 0, 500), 0);
+  keel_breaker_get_stats(f.b, &s);
+  cr_assert_eq(s.calls_slow, 2);
+  cr_assert_eq(s.consecutive_failures, 0);
+  cr_assert_eq(s.slow_call_rate, -1.0, "below minimum_calls");
+  teardown(&f);
+}
+
+/* execute() timeouts while DISABLED, in HALF_OPEN, and after a state change. */
+Test(breaker_edges, timeouts_in_every_state) {
+  fixture f;
+  setup(&f);
+  f.opts.clock.now = NULL;
+  f.opts.failure_threshold = 1;
+  f.opts.reset_timeout_ms = 1;
+  create(&f);
+  op_ctx ctx = {.f = &f, .mode = 2};
+  keel_breaker_disable(f.b);
+  cr_assert_eq(keel_breaker_execute(f.b, op, 1, done, &ctx), 0);
+  uv_run(&f.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(ctx.statuses[0], UV_ETIMEDOUT);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_DISABLED, "nothing recorded");
+  keel_breaker_stats s;
+  keel_breaker_get_stats(f.b, &s);
+  cr_assert_eq(s.calls_timed_out, 1);
+  cr_assert_eq(s.calls_failed, 0);
+  /* a timeout after a state change is stale */
+  keel_breaker_reset(f.b);
+  cr_assert_eq(keel_breaker_execute(f.b, op, 5, done, &ctx), 0);
+  uv_run(&f.loop, UV_RUN_NOWAIT);
+  keel_breaker_force_open(f.b);
+  uv_run(&f.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(ctx.statuses[1], UV_ETIMEDOUT);
+  keel_breaker_get_stats(f.b, &s);
+  cr_assert_eq(s.calls_stale, 1);
+  /* a probe that times out reopens */
+  keel_breaker_reset(f.b);
+  keel_breaker_permit p;
+  keel_breaker_acquire(f.b, &p);
+  keel_breaker_release(&p, UV_EIO, 0);
+  uv_sleep(3);
+  uv_update_time(&f.loop);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_HALF_OPEN);
+  cr_assert_eq(keel_breaker_execute(f.b, op, 1, done, &ctx), 0);
+  uv_run(&f.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(ctx.statuses[2], UV_ETIMEDOUT);
+  keel_breaker_get_stats(f.b, &s);
+  cr_assert_eq(s.state, KEEL_BREAKER_OPEN);
+  for (int i = 0; i < ctx.held_count; i++)
+    cr_assert_eq(keel_breaker_call_done(ctx.held[i], 0), KEEL_ESTALE);
+  teardown(&f);
 }
