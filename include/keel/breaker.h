@@ -62,7 +62,8 @@ typedef enum keel_breaker_state {
   KEEL_BREAKER_DISABLED     /* operator: every call permitted, nothing recorded */
 } keel_breaker_state;
 
-/* Returns "closed", "open", "half_open", "forced_open", "disabled" or "unknown". */
+/* Returns "closed", "open", "half_open", "forced_open", "disabled" or "unknown"
+ * (a static string). Any thread. */
 KEEL_EXTERN const char *keel_breaker_state_name(keel_breaker_state state);
 
 /* Where outcomes are counted for the rate-based trip conditions. */
