@@ -1,8 +1,10 @@
 /* keel_breaker_execute(): the libuv adapter around the state machine. Calls
  * come from a free list with their timeout timer already initialised, so a
  * steady stream of calls allocates nothing. One zero-delay timer (the start
- * timer) starts every operation, never inside keel_breaker_execute(), and
- * delivers every reported result, never inside keel_breaker_call_done(). */
+ * timer) starts every operation, never inside keel_breaker_execute(); a
+ * check handle delivers every reported result, never inside
+ * keel_breaker_call_done(); after close, the start timer runs once more as
+ * the close pump (done(UV_ECANCELED) for what was dropped). */
 #include "circuit/breaker_internal.h"
 #include "core/alloc.h"
 
@@ -200,7 +202,7 @@ int keel_breaker_call_done(keel_breaker_call *call, int status) {
   call->has_result = true;
   call->result = status;
   /* Recorded now (on_state_change may run, and may close); done comes from
-   * the start timer, or from the close pump if the breaker closed. */
+   * the check handle, or from the close pump if the breaker closed. */
   keel_breaker_release(&call->permit, status, keel__breaker_now(b) - call->started_ms);
   if (!b->closing) {
     queue_append(&b->done_queue_head, &b->done_queue_tail, call);
