@@ -719,9 +719,10 @@ int keel_occ_retry(keel_integrity *ig, const keel_occ_spec *spec, const keel_ret
   keel__sql_add(&b, " = $1");
   add_alive(&b, spec, NULL);
   r->read_sql = b.text;
-  keel__sql u = {0};
+  keel__sql u = {.failed = failed};
   int n = spec->set_count + 2;
-  build_update(&u, &r->spec, spec->version_kind == KEEL_VERSION_UUID ? n + 2 : 0, n + 1);
+  if (!failed)
+    build_update(&u, &r->spec, spec->version_kind == KEEL_VERSION_UUID ? n + 2 : 0, n + 1);
   r->update_sql = u.text;
   keel__sql v = {0};
   keel__sql_add(&v, "SELECT ");

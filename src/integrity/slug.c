@@ -24,8 +24,9 @@ typedef struct slug_job {
   int first_status; /* the attempt's first failure */
   char first_sqlstate[6];
   int commit_status;
-  bool inserted;     /* the INSERT returned its row */
-  bool session_lost; /* a statement ran on a session other than BEGIN's */
+  bool inserted;       /* the INSERT returned its row */
+  bool session_lost;   /* a statement ran on a session other than BEGIN's */
+  bool needs_rollback; /* queueing failed after BEGIN was queued */
   char slug[128];
 } slug_job;
 
@@ -47,10 +48,25 @@ static void finish(slug_job *job, int status) {
 
 static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *data);
 static void send_rest(slug_job *job, keel_pg *conn);
+static void on_end(keel_pg *conn, int status, const keel_pg_result *res, void *data);
+static bool queue(slug_job *job, keel_pg *conn, const char *sql, int n, const char *const *values,
+                  keel_pg_result_cb cb, bool cached);
 
 /* Every statement's callback has run: the attempt's outcome is known. */
 static void settle(slug_job *job) {
   keel_integrity *ig = job->ig;
+  if (job->needs_rollback) {
+    /* A half-queued attempt: never hand the connection back inside an open
+     * transaction. ROLLBACK now, or drop the session when even that cannot
+     * be queued (nothing is in flight on it any more). */
+    job->needs_rollback = false;
+    int err = job->queue_error;
+    job->queue_error = 0;
+    bool queued = queue(job, job->conn, "ROLLBACK", 0, NULL, on_end, false);
+    job->queue_error = err;
+    if (queued) return; /* settle() again after its callback */
+    keel_pg_reset(job->conn);
+  }
   keel_pg_pool_release(ig->pool, job->conn);
   job->conn = NULL;
   int outcome;
@@ -188,12 +204,9 @@ static void send_rest(slug_job *job, keel_pg *conn) {
     if (job->queue_error == 0) return;
   }
   /* Queueing failed half-way (no memory): the statements already queued
-   * still call back into job, so it lives on until they have; never hand
-   * the connection back inside an open transaction. */
-  int err = job->queue_error;
-  job->queue_error = 0;
-  if (!queue(job, conn, "ROLLBACK", 0, NULL, on_end, false)) keel_pg_reset(conn);
-  job->queue_error = err;
+   * still call back into job, so it lives on until they have (settle()
+   * then ends the transaction before the connection goes back). */
+  job->needs_rollback = true;
   (void)inserted_queued;
 }
 
@@ -211,7 +224,7 @@ static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *dat
   job->queue_error = 0;
   job->first_status = job->commit_status = 0;
   job->first_sqlstate[0] = '\0';
-  job->inserted = job->session_lost = false;
+  job->inserted = job->session_lost = job->needs_rollback = false;
   ig->stats.attempts++;
   ig->stats.slug_round_trips++; /* the statements go out in one write */
   int pid = keel_pg_backend_pid(conn);
