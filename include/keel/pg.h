@@ -5,7 +5,8 @@
  * uv_poll_t on its socket. Queries queue in order; each result reaches its
  * callback exactly once. With pipeline mode (libpq >= 14) queued statements
  * go out in one write. A lost connection fails the queries in flight with
- * KEEL_ECONN and reconnects with jittered exponential backoff. A keel_pg_pool
+ * KEEL_ECONN (certainly not applied) or KEEL_EINDOUBT (may have been
+ * applied) and reconnects with jittered exponential backoff. A keel_pg_pool
  * spreads queries over N connections and runs transactions on one of them.
  * The listener, the verifier, the integrity helpers and the durable queue are
  * built on this layer.
@@ -74,18 +75,53 @@ KEEL_EXTERN void *keel_pg_result_raw(const keel_pg_result *res);
 /* ---- one connection ---------------------------------------------------- */
 
 /*
- * Result callback. status: 0; KEEL_EPG for a SQL error (SQLSTATE and message
- * in res and in keel_pg_last_error(c)); KEEL_ECONN when the connection was
- * lost before the result arrived (the statement may or may not have run), or
- * when a statement of a transaction could not run because its session is
- * gone; UV_ETIMEDOUT when opts.query_timeout_ms passed; UV_ECANCELED on
- * close. res is never NULL. c is NULL only for a pool query that failed
- * before it got a connection (UV_ETIMEDOUT waiting, UV_ECANCELED at close).
+ * Result callback, called exactly once per accepted statement, on a later
+ * loop iteration. status:
+ *   0               success; a reply that arrived in full is delivered even
+ *                   when the session dies before the pipeline's sync point
+ *                   (see KEEL_EINDOUBT for the one exception).
+ *   KEEL_EPG        the server reported an error (SQLSTATE and message in res
+ *                   and in keel_pg_last_error(c)); also an error at the
+ *                   statement's commit (a deferred constraint).
+ *   KEEL_EINDOUBT   sent, and the session ended before its outcome was
+ *                   known: it may or may not have taken effect. A COMMIT (or
+ *                   END, PREPARE TRANSACTION) without its reply; a statement
+ *                   sent in autocommit (outside BEGIN ... COMMIT) without its
+ *                   reply, or with its reply but not its sync (autocommit
+ *                   commits at the sync); a statement of a block whose COMMIT
+ *                   was sent after it; SQLSTATE 08007 from the server. Never
+ *                   retry it blindly: read back, or make it idempotent.
+ *   KEEL_ECONN      certainly did not take effect: never sent; or sent inside
+ *                   an open transaction block (or as BEGIN / ROLLBACK) whose
+ *                   session was lost, so the server rolled it back; or a
+ *                   statement of a block whose BEGIN failed or whose session
+ *                   was lost before it could run (it never runs on another).
+ *   KEEL_ESEND      libpq refused to send this statement (its message in
+ *                   keel_pg_last_error(c)); nothing was sent, the connection
+ *                   and the statements behind it go on.
+ *   UV_ETIMEDOUT    opts.query_timeout_ms passed and it certainly did not
+ *                   take effect (not sent yet, or inside a block: the reset
+ *                   rolls it back); a sent statement that may have run gets
+ *                   KEEL_EINDOUBT instead.
+ *   UV_ECANCELED    keel_pg_close() dropped it (a statement already sent
+ *                   when close was called may still have run on the server).
+ * res is never NULL. c is NULL only for a pool query that failed before it
+ * got a connection (UV_ETIMEDOUT waiting, UV_ECANCELED at close).
  */
 typedef void (*keel_pg_result_cb)(keel_pg *c, int status, const keel_pg_result *res, void *data);
 
-/* Called when the connection comes up (up = true, status 0) or goes down
- * (up = false, status KEEL_ECONN or UV_ETIMEDOUT for a failed connect). */
+/*
+ * Called when the connection comes up (up = true, status 0) or goes down
+ * (up = false): status KEEL_ECONN (lost, or a connect attempt failed),
+ * UV_ETIMEDOUT (a connect attempt took longer than connect_timeout_ms),
+ * KEEL_EAUTH (the server refused the credentials: SQLSTATE 28P01 / 28000,
+ * or it asked for a password none was given for), KEEL_ENODB (SQLSTATE
+ * 3D000: the database does not exist) or UV_ENOMEM. The reason is in
+ * keel_pg_last_error(c). After KEEL_EAUTH / KEEL_ENODB the connection stops
+ * retrying (unless opts.retry_permanent_errors) and this is its last call
+ * until keel_pg_reset(). Never called inside a keel call (keel_pg_new,
+ * keel_pg_reset, keel_pg_close): always on a later loop iteration.
+ */
 typedef void (*keel_pg_state_cb)(keel_pg *c, bool up, int status, void *data);
 
 /* Called for each NOTIFY received on this connection (after LISTEN). The
@@ -110,26 +146,54 @@ typedef struct keel_pg_opts {
   keel_pg_state_cb on_state;         /* may be NULL */
   keel_pg_notify_cb on_notify;       /* may be NULL */
   void *data;                        /* passed to on_state and on_notify */
+  uint32_t max_pending;              /* statements waiting to be sent (queued while
+                                        disconnected, or behind the one in flight without
+                                        pipelining): keel_pg_query() returns KEEL_EFULL
+                                        beyond; default 100000 (0 = 100000) */
+  bool retry_permanent_errors;       /* default false: stop reconnecting after KEEL_EAUTH or
+                                        KEEL_ENODB; true: keep retrying with the backoff */
+  uint64_t reserved_[8];             /* ABI room: zero (opts_init does); never set */
 } keel_pg_opts;
 
+/* Zeroes *opts (reserved_ included) and fills the defaults above.
+ * NULL-safe. Thread-safe. */
 KEEL_EXTERN void keel_pg_opts_init(keel_pg_opts *opts);
 
 /*
- * Creates a connection and starts connecting (non-blocking). Queries may be
- * queued at once; they are sent when the connection is up.
- * Returns 0 and sets *out, UV_EINVAL (NULL argument or conninfo, bad
- * backoff) or UV_ENOMEM. *out is untouched on failure. Loop thread only.
+ * Creates a connection and starts connecting (non-blocking) on a later loop
+ * iteration: no callback runs inside this call, and the first on_state
+ * comes after *out is set. Queries may be queued at once; they are sent
+ * when the connection is up. opts and its strings are copied.
+ * conninfo is checked here (PQconninfoParse: unknown keywords, bad syntax).
+ * A host name is resolved with uv_getaddrinfo on libuv's threadpool at
+ * every connect attempt (the loop never blocks on DNS) and handed to libpq
+ * as hostaddr, keeping host for TLS and SNI; numeric addresses, unix socket
+ * directories and a hostaddr you give need no lookup.
+ * Returns 0 and sets *out; UV_EINVAL (NULL argument or conninfo, a conninfo
+ * libpq cannot parse, bad backoff: keel_pg_new_ex() says which) or
+ * UV_ENOMEM. *out is untouched on failure. Loop thread only.
  */
 KEEL_EXTERN int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out);
+
+/* Like keel_pg_new(), and explains a failure: writes the reason
+ * (NUL-terminated, truncated to why_cap; libpq's for a bad conninfo) into
+ * why_buf, "" on success. why_buf may be NULL. Loop thread only. */
+KEEL_EXTERN int keel_pg_new_ex(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out,
+                               char *why_buf, size_t why_cap);
 
 /*
  * Queues a parameterised statement ($1..$n, text parameters, NULL value =
  * SQL NULL). sql and values are copied; cb (may be NULL) is called exactly
  * once, on a later loop iteration, with the result.
- * Returns 0, UV_EINVAL (NULL c or sql, nparams < 0, values NULL with
- * nparams > 0), UV_ENOMEM, KEEL_ECONN (disconnected with opts.reconnect
- * false), or KEEL_ECLOSING after close; nothing is queued then.
- * Loop thread only.
+ * Statements between a BEGIN and its COMMIT/ROLLBACK (recognised from their
+ * leading keywords, in queue order) run only in the session their BEGIN ran
+ * in; after that session is lost they fail with KEEL_ECONN until the block
+ * is ended by a COMMIT or ROLLBACK (which fail too: the server rolled the
+ * block back).
+ * Returns 0, UV_EINVAL (NULL c or sql, nparams < 0 or > 65535, values NULL
+ * with nparams > 0; reason in keel_pg_last_error(c)), UV_ENOMEM,
+ * KEEL_ECONN (disconnected with opts.reconnect false), or KEEL_ECLOSING
+ * after close; nothing is queued then. Loop thread only.
  */
 KEEL_EXTERN int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *values,
                               keel_pg_result_cb cb, void *data);
@@ -161,21 +225,26 @@ KEEL_EXTERN void *keel_pg_raw(keel_pg *c);
 KEEL_EXTERN const char *keel_pg_last_error(const keel_pg *c);
 
 /* Forces a reconnect now (e.g. after the caller saw the server restart).
- * In-flight queries fail with KEEL_ECONN. Returns 0 or UV_EINVAL. */
+ * In-flight queries are judged as on a lost connection (KEEL_ECONN or
+ * KEEL_EINDOUBT, replies already in kept). Returns 0 or UV_EINVAL. */
 KEEL_EXTERN int keel_pg_reset(keel_pg *c);
 
 typedef struct keel_pg_stats {
-  uint64_t queries;     /* counter: statements completed (any status; health probes
-                           not included) */
-  uint64_t errors;      /* counter: statements failed with KEEL_EPG */
-  uint64_t connects;    /* counter: successful connects */
-  uint64_t disconnects; /* counter: connection losses */
-  uint64_t reconnects;  /* counter: reconnect attempts */
-  uint64_t in_flight;   /* gauge: statements sent, result not yet in */
-  uint64_t queued;      /* gauge: statements waiting to be sent */
-  bool connected;       /* gauge */
+  uint64_t queries;      /* counter: statements completed (any status; health probes
+                            not included) */
+  uint64_t errors;       /* counter: statements failed with KEEL_EPG */
+  uint64_t connects;     /* counter: successful connects */
+  uint64_t disconnects;  /* counter: connection losses */
+  uint64_t reconnects;   /* counter: reconnect attempts */
+  uint64_t in_flight;    /* gauge: statements sent, result not yet in */
+  uint64_t queued;       /* gauge: statements waiting to be sent (<= opts.max_pending) */
+  bool connected;        /* gauge */
+  uint64_t in_doubt;     /* counter: statements that got KEEL_EINDOUBT */
+  uint64_t reserved_[8]; /* ABI room: filled with zero */
 } keel_pg_stats;
 
+/* Fills *out (reserved_ with zero). Does nothing when c or out is NULL.
+ * Loop thread only. */
 KEEL_EXTERN void keel_pg_get_stats(const keel_pg *c, keel_pg_stats *out);
 
 /*
