@@ -261,48 +261,87 @@ KEEL_EXTERN void keel_pg_close(keel_pg *c, keel_close_cb cb, void *data);
 
 /* ---- pool ---------------------------------------------------------------- */
 
+/* Default bound on requests waiting for a pool connection (max_waiters). */
+#define KEEL_PG_POOL_MAX_WAITERS_DEFAULT 65536u
+
 typedef struct keel_pg_pool_opts {
   keel_pg_opts conn;           /* per-connection options (conn.conninfo required) */
   unsigned size;               /* connections, default 4, >= 1 */
-  uint32_t acquire_timeout_ms; /* waiters fail with UV_ETIMEDOUT after this; 0 = none
+  uint32_t acquire_timeout_ms; /* waiters fail with UV_ETIMEDOUT after this, also
+                                  while the server is unreachable; 0 = none
                                   (default 30000) */
-  unsigned max_waiters;        /* KEEL_EFULL beyond; 0 = unbounded (default) */
+  unsigned max_waiters;        /* queries, acquires and transactions waiting for a
+                                  connection; KEEL_EFULL beyond; 0 = the default
+                                  KEEL_PG_POOL_MAX_WAITERS_DEFAULT (65536) */
+  uint64_t reserved_[8];       /* ABI room: zero (opts_init does); never set */
 } keel_pg_pool_opts;
 
+/* Zeroes *opts and fills the defaults above. NULL-safe. Thread-safe. */
 KEEL_EXTERN void keel_pg_pool_opts_init(keel_pg_pool_opts *opts);
 
-/* Creates a pool and starts its connections. Errors as keel_pg_new(), and
- * UV_EINVAL for size 0. opts.conn.on_state and on_notify are called for
- * each member connection with opts.conn.data. */
+/*
+ * Creates a pool of opts->size connections and starts connecting them
+ * (non-blocking). Requests may be made at once; they wait until a member is
+ * connected. opts (conninfo included) is copied. opts.conn.on_state and
+ * on_notify are called for each member connection with opts.conn.data.
+ * Returns 0 and sets *out; UV_EINVAL (NULL loop, opts, out or conninfo,
+ * size 0, a bad backoff, or any error keel_pg_new() returns for a member);
+ * UV_ENOMEM. *out is untouched on failure, and nothing is left open.
+ * Loop thread only.
+ */
 KEEL_EXTERN int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts,
                                  keel_pg_pool **out);
 
 /*
- * Runs one statement on whichever connection is free first (FIFO waiters).
- * The callback's keel_pg is the connection that ran it (NULL when it failed
- * before getting one). Errors as keel_pg_query(), plus KEEL_EFULL when
- * max_waiters are already waiting.
+ * Runs one statement on the first member that is connected and free (FIFO
+ * waiters). sql and values are copied. cb (may be NULL) is called exactly
+ * once, on a later loop iteration: its keel_pg is the connection that ran
+ * it, with the statuses of keel_pg_result_cb; or NULL when the request
+ * failed before getting one: UV_ETIMEDOUT after opts.acquire_timeout_ms
+ * (the result's error text and keel_pg_pool_last_error() say why: every
+ * member busy, or the server unreachable with the members' last error),
+ * UV_ECANCELED at close, or the error keel_pg_query() returned for the
+ * member (UV_ENOMEM). A member that is down never gets work.
+ * Returns 0; UV_EINVAL (NULL pool or sql, nparams < 0, values NULL with
+ * nparams > 0); UV_ENOMEM; KEEL_EFULL (max_waiters already wait);
+ * KEEL_ECLOSING after keel_pg_pool_close(). Nothing is queued on error.
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_pg_pool_query(keel_pg_pool *pool, const char *sql, int nparams,
                                    const char *const *values, keel_pg_result_cb cb, void *data);
 
 /* keel_pg_pool_query() for a statement run many times: prepared once per
- * session of each connection (see keel_pg_query_cached). */
+ * session of each connection (see keel_pg_query_cached). Same callback,
+ * errors and thread rule as keel_pg_pool_query(). */
 KEEL_EXTERN int keel_pg_pool_query_cached(keel_pg_pool *pool, const char *sql, int nparams,
                                           const char *const *values, keel_pg_result_cb cb,
                                           void *data);
 
-/* status 0 and a connection for the caller's exclusive use until
- * keel_pg_pool_release(); or UV_ETIMEDOUT / UV_ECANCELED with conn NULL. */
+/* status 0 and a connected member for the caller's exclusive use until
+ * keel_pg_pool_release(); or conn NULL with UV_ETIMEDOUT (no member
+ * connected and free within opts.acquire_timeout_ms; keel_pg_pool_last_error()
+ * says why) or UV_ECANCELED (the pool closed first). */
 typedef void (*keel_pg_acquire_cb)(keel_pg_pool *pool, keel_pg *conn, int status, void *data);
 
-/* Waits (FIFO) for a free connection. Returns 0, UV_EINVAL, UV_ENOMEM,
- * KEEL_EFULL or KEEL_ECLOSING. */
+/*
+ * Waits (FIFO) for a member that is connected and free; cb (required) is
+ * called exactly once, on a later loop iteration. The connection may go
+ * down while you hold it (its statements then fail as keel_pg_query()
+ * says); give it back with keel_pg_pool_release() in any case.
+ * Returns 0; UV_EINVAL (NULL pool or cb); UV_ENOMEM; KEEL_EFULL
+ * (max_waiters already wait); KEEL_ECLOSING after keel_pg_pool_close().
+ * Loop thread only.
+ */
 KEEL_EXTERN int keel_pg_pool_acquire(keel_pg_pool *pool, keel_pg_acquire_cb cb, void *data);
 
-/* Gives an acquired connection back (queries still queued on it finish
- * first). Returns 0 or UV_EINVAL when conn is not an acquired member (a
- * transaction's connection is given back by keel_pg_tx_finish() only). */
+/*
+ * Gives an acquired connection back (queries still queued on it finish
+ * first); no callback runs inside this call. Returns 0; UV_EINVAL (NULL
+ * pool or conn, or conn is not a member acquired by keel_pg_pool_acquire():
+ * a transaction's connection is given back by keel_pg_tx_finish() only);
+ * KEEL_ECLOSING after keel_pg_pool_close() (the connection closes with the
+ * pool). Loop thread only.
+ */
 KEEL_EXTERN int keel_pg_pool_release(keel_pg_pool *pool, keel_pg *conn);
 
 /* Transactions: BEGIN [ISOLATION LEVEL ...], the user's steps, then COMMIT,
@@ -320,55 +359,98 @@ typedef enum keel_pg_isolation {
  */
 typedef void (*keel_pg_tx_fn)(keel_pg_tx *tx, keel_pg *conn, void *data);
 
-/* The transaction's outcome, exactly once: 0 when COMMIT succeeded; the
- * user's error, KEEL_EPG (e.g. a serialization failure at COMMIT, SQLSTATE in
- * sqlstate, may be NULL), KEEL_ECONN, UV_ETIMEDOUT or UV_ECANCELED. */
+/*
+ * The transaction's outcome, exactly once, on a later loop iteration than
+ * any keel call of yours:
+ *   0              COMMIT succeeded.
+ *   KEEL_EPG       a statement failed (sqlstate: the FIRST failing
+ *                  statement's SQLSTATE, e.g. 40001, 40P01, 23505, 42601 —
+ *                  never the 25P02 of the statements after it), or COMMIT
+ *                  failed (e.g. 40001 at COMMIT); rolled back.
+ *   KEEL_EINDOUBT  COMMIT was sent and the connection was lost before its
+ *                  answer: it may have committed. Not rolled back, not
+ *                  committed as far as keel knows; never retry blindly.
+ *   KEEL_ECONN     the connection was lost before COMMIT was sent: rolled
+ *                  back by the server.
+ *   the user's error passed to keel_pg_tx_finish() (sqlstate as for
+ *                  KEEL_EPG when a statement had failed); rolled back.
+ *   UV_ETIMEDOUT   no connection within opts.acquire_timeout_ms.
+ *   UV_ECANCELED   the pool closed first (body never ran, or ran and was
+ *                  ended by the close, or its BEGIN / ROLLBACK / COMMIT
+ *                  was dropped by the close).
+ *   UV_ENOMEM, KEEL_ESEND, ...  BEGIN or COMMIT could not be queued (what
+ *                  keel_pg_query() returned); rolled back.
+ * sqlstate is NULL when there is none; valid during the call only.
+ */
 typedef void (*keel_pg_tx_done_cb)(keel_pg_pool *pool, int status, const char *sqlstate,
                                    void *data);
 
 /*
- * Acquires a connection, runs BEGIN, calls body, and after
- * keel_pg_tx_finish() commits or rolls back, releases the connection and
- * calls done. Statements the body queues are bound to the session BEGIN ran
- * in: if the connection is lost meanwhile they fail with KEEL_ECONN (never
- * run in autocommit on the new session) and done gets KEEL_ECONN. Closing
- * the pool while a body runs calls done with UV_ECANCELED; a later
- * keel_pg_tx_finish() on it does nothing (allowed until the pool's close
- * callback has run). Returns 0, UV_EINVAL (NULL body/done, bad isolation)
- * or the errors of keel_pg_pool_acquire().
+ * Acquires a connected member, runs BEGIN, calls body, and after
+ * keel_pg_tx_finish() commits or rolls back, gives the connection back and
+ * calls done (required) exactly once. Statements the body queues are bound
+ * to the session BEGIN ran in: if the connection is lost meanwhile they
+ * fail with KEEL_ECONN (never run in autocommit on the new session) and
+ * done gets KEEL_ECONN. Closing the pool while a body runs calls done with
+ * UV_ECANCELED; a later keel_pg_tx_finish() on it does nothing (allowed
+ * until the pool's close callback has run).
+ * Returns 0; UV_EINVAL (NULL pool, body or done, bad isolation); UV_ENOMEM;
+ * KEEL_EFULL (max_waiters already wait); KEEL_ECLOSING after
+ * keel_pg_pool_close(). done is not called on error. Loop thread only.
  */
 KEEL_EXTERN int keel_pg_pool_transaction(keel_pg_pool *pool, keel_pg_isolation isolation,
                                          keel_pg_tx_fn body, keel_pg_tx_done_cb done, void *data);
 
-/* Ends the transaction body: status 0 → COMMIT, < 0 → ROLLBACK and done gets
- * status (KEEL_EPG with the failed statement's SQLSTATE when a statement of
- * the body failed, even if status is 0). Call it exactly once per
- * transaction, from the loop thread; further calls do nothing. */
+/*
+ * Ends the transaction body: status 0 → COMMIT, < 0 → ROLLBACK and done
+ * gets status. When a statement of the body failed it rolls back even if
+ * status is 0, and done gets that first failure's status (KEEL_EPG) and
+ * SQLSTATE. Call it exactly once per transaction, from inside or after the
+ * body; further calls, and calls on a transaction close ended, do nothing.
+ * done never runs inside this call. Loop thread only.
+ */
 KEEL_EXTERN void keel_pg_tx_finish(keel_pg_tx *tx, int status);
 
 typedef struct keel_pg_pool_stats {
-  uint64_t queries;      /* counter */
-  uint64_t errors;       /* counter */
-  uint64_t reconnects;   /* counter, summed over connections */
-  uint64_t transactions; /* counter: committed */
-  uint64_t rollbacks;    /* counter */
-  uint64_t in_flight;    /* gauge */
-  uint64_t waiting;      /* gauge: queries/acquires waiting for a connection */
-  unsigned connected;    /* gauge: connections up */
-  unsigned size;         /* configured size */
+  uint64_t queries;          /* counter: pool queries completed (any status) */
+  uint64_t errors;           /* counter: pool queries failed with KEEL_EPG */
+  uint64_t reconnects;       /* counter, summed over connections */
+  uint64_t transactions;     /* counter: committed */
+  uint64_t rollbacks;        /* counter: transactions that got a connection and
+                                ended without committing (in doubt excluded) */
+  uint64_t in_flight;        /* gauge: statements sent, summed over connections */
+  uint64_t waiting;          /* gauge: queries/acquires/transactions waiting */
+  unsigned connected;        /* gauge: connections up */
+  unsigned size;             /* configured size */
+  uint64_t in_doubt;         /* counter: transactions whose COMMIT outcome is unknown */
+  uint64_t acquire_timeouts; /* counter: waiters failed with UV_ETIMEDOUT */
+  uint64_t reserved_[8];     /* ABI room: filled with zero */
 } keel_pg_pool_stats;
 
+/* Fills *out (every field, reserved_ zeroed). NULL-safe (does nothing).
+ * Loop thread only. */
 KEEL_EXTERN void keel_pg_pool_get_stats(const keel_pg_pool *pool, keel_pg_pool_stats *out);
 
-/* Text of the last error any connection of the pool saw; "" when none. */
+/* Text of the last error the pool or any of its connections saw; "" when
+ * none; "pool is NULL" for NULL. Valid until the next call on the pool.
+ * Loop thread only. */
 KEEL_EXTERN const char *keel_pg_pool_last_error(const keel_pg_pool *pool);
 
 /*
- * Closes every connection. On a later loop iteration (never during this
- * call) waiters, queries and transactions get UV_ECANCELED; then cb (may be
- * NULL; its object argument is the freed pool, for identity only) runs.
- * keel_pg_tx_finish() on a cancelled transaction does nothing. NULL-safe; a
- * second call does nothing.
+ * Closes every connection and frees the pool. No callback runs inside this
+ * call. On later loop iterations every request accepted before gets its
+ * callback once: waiting queries, acquires and transactions get
+ * UV_ECANCELED; queries and transaction statements on the connections get
+ * what keel_pg_close() gives them (UV_ECANCELED); a transaction whose body
+ * was running gets UV_ECANCELED (a later keel_pg_tx_finish() on it does
+ * nothing), one whose BEGIN, COMMIT or ROLLBACK was queued or sent gets
+ * that statement's outcome (UV_ECANCELED, or KEEL_EINDOUBT for a COMMIT
+ * the connection reports in doubt). Then cb (may be NULL; its object
+ * argument is the freed pool, for identity only); after it,
+ * uv_loop_close() can return 0. Calls made after this one return
+ * KEEL_ECLOSING. NULL-safe; a second call does nothing; callable from
+ * inside any callback of the pool (query, acquire, body, done, on_state,
+ * on_notify). Loop thread only.
  */
 KEEL_EXTERN void keel_pg_pool_close(keel_pg_pool *pool, keel_close_cb cb, void *data);
 

@@ -159,6 +159,7 @@ void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, 
   } else if (status != 0 && text != NULL) {
     keel__fail(c->last_error, status, "%s", text);
   }
+  keel__pg_note_failure(c, q, status, res);
   if (q->cb != NULL && !q->internal) {
     keel_pg_result result = {res, text};
     c->callback_depth++;
@@ -1555,4 +1556,33 @@ void keel_pg_close(keel_pg *c, keel_close_cb cb, void *data) {
   uv_close((uv_handle_t *)&c->health_timer, on_timer_closed);
   uv_close((uv_handle_t *)&c->deadline_timer, on_timer_closed);
   uv_close((uv_handle_t *)&c->flush_timer, on_timer_closed);
+}
+
+/* ---- for the pool ------------------------------------------------------- */
+
+uint64_t keel__pg_session(const keel_pg *c) {
+  return c->session;
+}
+
+void keel__pg_bind(keel_pg *c, bool on) {
+  c->bound_session = on ? c->session : 0;
+  c->bound_status = 0;
+  c->bound_sqlstate[0] = '\0';
+  c->bound_error[0] = '\0';
+}
+
+int keel__pg_bound_failure(const keel_pg *c, const char **sqlstate, const char **text) {
+  *sqlstate = c->bound_sqlstate;
+  *text = c->bound_error;
+  return c->bound_status;
+}
+
+void keel__pg_note_failure(keel_pg *c, const keel__pg_query *q, int status, const PGresult *res) {
+  if (status == 0 || q->internal || c->bound_status != 0 || c->bound_session == 0 ||
+      q->session != c->bound_session)
+    return;
+  c->bound_status = status;
+  const char *state = res != NULL ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  snprintf(c->bound_sqlstate, sizeof c->bound_sqlstate, "%s", state != NULL ? state : "");
+  snprintf(c->bound_error, sizeof c->bound_error, "%s", c->last_error);
 }

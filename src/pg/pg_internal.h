@@ -95,6 +95,11 @@ struct keel_pg {
   uint64_t session;          /* bumped on every successful connect */
   uint64_t bound_session;    /* != 0: new statements are bound to it (a transaction) */
   bool stale_possible;       /* a bound statement may have outlived its session */
+  /* The first failure among statements bound to bound_session (what a
+   * transaction reports): status 0 while none; cleared by keel__pg_bind(). */
+  int bound_status;
+  char bound_sqlstate[6];
+  char bound_error[KEEL__ERRBUF_SIZE];
   keel__pg_prepared prepared[KEEL__PG_PREPARED_MAX];
   char last_error[KEEL__ERRBUF_SIZE];
   /* Transaction blocks, tracked from the statements' own keywords so that
@@ -127,5 +132,21 @@ void keel__pg_fail_all(keel_pg *c, keel__pg_query **head, keel__pg_query **tail,
 void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, const char *text);
 /* true when the connection has nothing queued or in flight. */
 bool keel__pg_idle(const keel_pg *c);
+
+/* ---- for the pool (pool.c), which never writes these fields itself ---- */
+
+/* The current session: bumped on every successful connect (0 before the
+ * first one). */
+uint64_t keel__pg_session(const keel_pg *c);
+/* on: statements queued from now on are bound to the current session (a
+ * transaction) and the first failure among them is recorded; off: unbound.
+ * Either forgets the recorded failure. */
+void keel__pg_bind(keel_pg *c, bool on);
+/* The first failure of a bound statement since keel__pg_bind(c, true): its
+ * status (0: none), SQLSTATE ("" when it has none) and error text. */
+int keel__pg_bound_failure(const keel_pg *c, const char **sqlstate, const char **text);
+/* Records q's failure when it is the first of the current binding; called
+ * by keel__pg_deliver() once last_error describes it. */
+void keel__pg_note_failure(keel_pg *c, const keel__pg_query *q, int status, const PGresult *res);
 
 #endif
