@@ -67,4 +67,14 @@ size_t keel__utf8_prefix(const char *s, size_t len, size_t max);
 int keel__ig_name(char *out, size_t cap, const char *prefix, const char *part, size_t max_part,
                   uint32_t hash);
 
+/* What became of a transaction whose COMMIT was lost in flight, by its
+ * pg_current_xact_id(): cb (on a later loop iteration) gets 0 (committed),
+ * KEEL_ECONN (aborted: certainly not) or KEEL_EINDOUBT (unknown: too old,
+ * still in progress after ~5 s, closing). Returns 0, KEEL_EINDOUBT (no
+ * xid: cb not called) or UV_ENOMEM (cb not called). */
+typedef void (*keel__xact_cb)(keel_integrity *ig, int outcome, void *data);
+int keel__ig_xact_check(keel_integrity *ig, const char *xid, keel__xact_cb cb, void *data);
+/* The statement that learns a transaction's id (pipelined first). */
+#define KEEL__XID_SQL "SELECT pg_current_xact_id()::text"
+
 #endif

@@ -352,12 +352,6 @@ int keel_occ_upsert(keel_integrity *ig, const keel_occ_spec *spec, keel_occ_cb c
 
 /* ---- optimistic retry ---------------------------------------------------- */
 
-/* After an update lost in flight, keel waits for the backend that ran it to
- * exit (then its outcome is final) before reading the row: polled every
- * OCC_FENCE_POLL_MS, at most OCC_FENCE_POLLS times. */
-#define OCC_FENCE_POLL_MS 20
-#define OCC_FENCE_POLLS 250
-
 typedef struct occ_retry {
   keel_integrity *ig;
   keel_occ_spec spec; /* strings below are copies */
@@ -372,18 +366,17 @@ typedef struct occ_retry {
   void *user_classify_data;
   keel_retry_event_cb user_on_retry;
   keel_retry *runner;
-  keel_pg *conn; /* acquired for the current attempt's read and update */
+  keel_pg_tx *tx; /* the current attempt's transaction */
   char *read_sql;
   char *update_sql;
-  char *version_sql; /* the outcome check after an update lost in flight */
   char version[64];
   bool have_version;
-  char expected[64]; /* the version the attempt read */
-  char mine[40];     /* UUID versions: the new version keel chose */
-  char pid[16];      /* the backend the update was sent to */
-  unsigned polls;
-  uv_timer_t timer; /* fence polling */
-  bool timer_open;
+  char mine[40];    /* UUID versions: the new version keel chose */
+  char xid[32];     /* the attempt's transaction id ("" unknown) */
+  int outcome;      /* keel's verdict on the attempt (0: none) */
+  unsigned pending; /* keel's statements whose callback is still due */
+  bool finished;    /* done has run */
+  bool freeable;    /* and the context is done with r */
 } occ_retry;
 
 static void occ_retry_free(occ_retry *r) {
@@ -398,7 +391,6 @@ static void occ_retry_free(occ_retry *r) {
   for (int i = 0; i < OCC_MAX_SET; i++) keel__free(r->vals[i]);
   keel__free(r->read_sql);
   keel__free(r->update_sql);
-  keel__free(r->version_sql);
   keel__free(r);
 }
 
@@ -417,144 +409,68 @@ int keel_occ_set_value(keel_integrity *ig, int index, const char *value) {
   return 0;
 }
 
-static void release_conn(occ_retry *r) {
-  if (r->conn == NULL) return;
-  keel_pg_pool_release(r->ig->pool, r->conn);
-  r->conn = NULL;
-}
-
-static void occ_report(occ_retry *r, int status) {
-  release_conn(r);
-  keel_retry_report(r->runner, status);
+/* keel's statements call back into r, possibly after the attempt ended (a
+ * pool close): r lives until the last of them. True when r is finished. */
+static bool statement_back(occ_retry *r) {
+  r->pending--;
+  if (!r->finished) return false;
+  if (r->pending == 0 && r->freeable) occ_retry_free(r);
+  return true;
 }
 
 /* A random (version 4) UUID for the new version of a UUID-versioned row. */
-static int make_uuid(char *out, size_t cap) {
+static void make_uuid(char *out, size_t cap) {
   unsigned char b[16];
   if (uv_random(NULL, NULL, b, sizeof b, 0, NULL) != 0) {
-    uint64_t t = uv_hrtime();
     static uint64_t counter;
-    counter++;
-    for (int i = 0; i < 16; i++)
-      b[i] = (unsigned char)((i < 8 ? t >> (8 * i) : counter >> (8 * (i - 8))) ^ (37u * i));
+    uint64_t t = uv_hrtime(), c = ++counter;
+    memcpy(b, &t, 8);
+    memcpy(b + 8, &c, 8);
   }
   b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
   b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
-  int n = snprintf(out, cap, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
-                   b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12],
-                   b[13], b[14], b[15]);
-  return n == 36 ? 0 : UV_EINVAL;
-}
-
-static void fence_poll(occ_retry *r);
-
-static void on_version_read(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
-  (void)conn;
-  occ_retry *r = data;
-  keel_integrity *ig = r->ig;
-  if (status != 0) {
-    if (++r->polls < OCC_FENCE_POLLS && !ig->closing) {
-      fence_poll(r); /* try the read again after a pause */
-      return;
-    }
-  }
-  const char *v =
-      status == 0 && keel_pg_result_nrows(res) > 0 ? keel_pg_result_value(res, 0, 0) : NULL;
-  int outcome = KEEL_EINDOUBT;
-  if (v != NULL && r->mine[0] != '\0' && strcmp(v, r->mine) == 0) {
-    outcome = 0; /* the row carries the version keel chose: the update landed */
-    snprintf(r->version, sizeof r->version, "%s", v);
-    r->have_version = true;
-  } else if (v != NULL && strcmp(v, r->expected) == 0) {
-    outcome = KEEL_ECONN; /* unchanged: the update certainly did not apply */
-  }
-  if (outcome == KEEL_EINDOUBT) {
-    keel__fail(ig->last_error, KEEL_EINDOUBT,
-               "versioned update lost in flight; the row changed since (now %s): it may or may "
-               "not have applied",
-               v ? v : "absent");
-  } else {
-    ig->stats.in_doubt_resolved++;
-    if (outcome == KEEL_ECONN)
-      keel__fail(ig->last_error, KEEL_ECONN,
-                 "versioned update lost in flight and not applied (row still at %s)", v);
-  }
-  keel_retry_report(r->runner, outcome);
-}
-
-static void on_backend_check(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
-  (void)conn;
-  occ_retry *r = data;
-  keel_integrity *ig = r->ig;
-  const char *n = status == 0 ? keel_pg_result_value(res, 0, 0) : NULL;
-  bool gone = n != NULL && strcmp(n, "0") == 0;
-  if (!gone) {
-    if (++r->polls < OCC_FENCE_POLLS && !ig->closing) {
-      fence_poll(r);
-      return;
-    }
-    keel__fail(ig->last_error, KEEL_EINDOUBT,
-               "versioned update lost in flight; its backend %s did not exit in time", r->pid);
-    keel_retry_report(r->runner, KEEL_EINDOUBT);
-    return;
-  }
-  /* The backend has exited: its statement's outcome is final. */
-  const char *values[] = {r->key_value};
-  int rc = keel_pg_pool_query(ig->pool, r->version_sql, 1, values, on_version_read, r);
-  if (rc != 0) keel_retry_report(r->runner, KEEL_EINDOUBT);
-}
-
-static void on_fence_timer(uv_timer_t *t) {
-  occ_retry *r = t->data;
-  static const char sql[] = "SELECT count(*) FROM pg_stat_activity WHERE pid = $1::int";
-  const char *values[] = {r->pid};
-  int rc = r->ig->closing ? KEEL_ECLOSING
-                          : keel_pg_pool_query(r->ig->pool, sql, 1, values, on_backend_check, r);
-  if (rc != 0) {
-    keel__fail(r->ig->last_error, KEEL_EINDOUBT,
-               "versioned update lost in flight; its outcome could not be checked");
-    keel_retry_report(r->runner, KEEL_EINDOUBT);
-  }
-}
-
-static void fence_poll(occ_retry *r) {
-  if (uv_timer_start(&r->timer, on_fence_timer, r->polls == 0 ? 0 : OCC_FENCE_POLL_MS, 0) != 0)
-    keel_retry_report(r->runner, KEEL_EINDOUBT);
+  snprintf(out, cap, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+           b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
+           b[15]);
 }
 
 static void after_update(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   occ_retry *r = data;
-  keel_integrity *ig = r->ig;
+  if (statement_back(r)) return;
   const char *version = NULL;
   bool inserted = false;
-  release_conn(r);
-  occ_outcome(ig, conn, &status, res, &version, &inserted, false);
+  occ_outcome(r->ig, conn, &status, res, &version, &inserted, false);
   r->have_version = version != NULL;
   if (version != NULL) snprintf(r->version, sizeof r->version, "%s", version);
-  if (status == KEEL_EINDOUBT) {
-    /* Sent, connection lost before the reply. Wait until the backend that
-     * got it has exited, then read the row: keel's own UUID → applied;
-     * still the version read → not applied (retry); otherwise unknown. */
-    r->polls = 0;
-    fence_poll(r);
-    return;
-  }
-  keel_retry_report(r->runner, status);
+  r->outcome = status;
+  /* Written: COMMIT. Anything else (a conflict included): ROLLBACK. */
+  keel_pg_tx_finish(r->tx, status);
+}
+
+static void on_xid(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  (void)conn;
+  occ_retry *r = data;
+  if (statement_back(r)) return;
+  const char *xid = status == 0 ? keel_pg_result_value(res, 0, 0) : NULL;
+  if (xid != NULL && strlen(xid) < sizeof r->xid) memcpy(r->xid, xid, strlen(xid) + 1);
 }
 
 static void after_read(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   occ_retry *r = data;
+  if (statement_back(r)) return;
   keel_integrity *ig = r->ig;
   r->have_version = false;
   if (status != 0) {
     keel__ig_record_error(ig, conn, status, res);
-    occ_report(r, keel_sqlstate_map(status, res));
+    r->outcome = keel_sqlstate_map(status, res);
+    keel_pg_tx_finish(r->tx, r->outcome);
     return;
   }
   if (keel_pg_result_nrows(res) == 0) {
     ig->stats.not_found++;
     keel__fail(ig->last_error, KEEL_ENOTFOUND, "no such row");
-    occ_report(r, KEEL_ENOTFOUND);
+    r->outcome = KEEL_ENOTFOUND;
+    keel_pg_tx_finish(r->tx, KEEL_ENOTFOUND);
     return;
   }
   const char *values[OCC_MAX_SET + 4] = {0};
@@ -570,44 +486,90 @@ static void after_read(keel_pg *conn, int status, const keel_pg_result *res, voi
     ig->stats.aborted++;
     rc = rc < 0 ? rc : KEEL_EABORTED;
     keel__fail(ig->last_error, rc, "the mutate callback stopped the retry loop");
-    occ_report(r, rc);
+    r->outcome = rc;
+    keel_pg_tx_finish(r->tx, rc);
     return;
   }
   for (int i = 0; i < r->spec.set_count; i++)
     if (r->is_set[i]) values[i + 2] = r->vals[i];
-  const char *expected = keel_pg_result_get(res, 0, "__keel_version");
-  snprintf(r->expected, sizeof r->expected, "%s", expected ? expected : "");
-  r->mine[0] = '\0';
-  if (r->spec.version_kind == KEEL_VERSION_UUID && make_uuid(r->mine, sizeof r->mine) != 0)
-    r->mine[0] = '\0';
-  snprintf(r->pid, sizeof r->pid, "%d", keel_pg_backend_pid(conn));
   int n = r->spec.set_count + 2;
   values[0] = r->key_value;
-  values[1] = expected;
-  values[n] = r->pid;
-  values[n + 1] = r->mine;
+  values[1] = keel_pg_result_get(res, 0, "__keel_version");
+  if (r->spec.version_kind == KEEL_VERSION_UUID) {
+    make_uuid(r->mine, sizeof r->mine);
+    values[n] = r->mine;
+    n++;
+  }
   rc = ig->closing ? UV_ECANCELED
-                   : keel_pg_query_cached(conn, r->update_sql, n + (r->mine[0] ? 2 : 1), values,
-                                          after_update, r);
+                   : keel_pg_query_cached(conn, r->update_sql, n, values, after_update, r);
   if (rc != 0) {
-    occ_report(r, rc);
+    r->outcome = rc;
+    keel_pg_tx_finish(r->tx, rc);
     return;
   }
+  r->pending++;
   ig->stats.attempts++;
 }
 
-static void on_conn(keel_pg_pool *pool, keel_pg *conn, int status, void *data) {
+/* One attempt is one transaction: its id, the read, then (after mutate) the
+ * versioned update and COMMIT, on one session; a COMMIT lost in flight is
+ * then looked up by the transaction's id. */
+static void occ_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  occ_retry *r = data;
+  r->tx = tx;
+  r->xid[0] = '\0';
+  r->outcome = 0;
+  const char *values[] = {r->key_value};
+  int rc = r->ig->closing ? UV_ECANCELED : keel_pg_query(conn, KEEL__XID_SQL, 0, NULL, on_xid, r);
+  if (rc == 0) {
+    r->pending++;
+    rc = keel_pg_query_cached(conn, r->read_sql, 1, values, after_read, r);
+    if (rc == 0) r->pending++;
+  }
+  if (rc != 0) {
+    r->outcome = rc;
+    keel_pg_tx_finish(tx, rc);
+  }
+}
+
+static void on_commit_resolved(keel_integrity *ig, int outcome, void *data) {
+  occ_retry *r = data;
+  if (outcome == KEEL_ECONN)
+    keel__fail(ig->last_error, KEEL_ECONN,
+               "versioned update: COMMIT lost in flight and not committed");
+  else if (outcome == KEEL_EINDOUBT)
+    keel__fail(ig->last_error, KEEL_EINDOUBT,
+               "versioned update: COMMIT lost in flight, outcome unknown");
+  keel_retry_report(r->runner, outcome);
+}
+
+static void occ_tx_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
   (void)pool;
   occ_retry *r = data;
-  if (status != 0) {
+  keel_integrity *ig = r->ig;
+  if (status == 0) {
+    keel_retry_report(r->runner, 0);
+    return;
+  }
+  if (status == KEEL_EINDOUBT) {
+    /* The update was written and its COMMIT lost: ask what became of it. */
+    if (keel__ig_xact_check(ig, r->xid, on_commit_resolved, r) == 0) return;
+    keel__fail(ig->last_error, KEEL_EINDOUBT,
+               "versioned update: COMMIT lost in flight, outcome unknown");
+    keel_retry_report(r->runner, KEEL_EINDOUBT);
+    return;
+  }
+  /* Our own verdict (conflict, not found, mutate's error) when we gave one;
+   * otherwise the transaction's (its first failing statement). */
+  if (r->outcome != 0 && status == r->outcome) {
     keel_retry_report(r->runner, status);
     return;
   }
-  r->conn = conn;
-  const char *values[] = {r->key_value};
-  int rc = r->ig->closing ? UV_ECANCELED
-                          : keel_pg_query_cached(conn, r->read_sql, 1, values, after_read, r);
-  if (rc != 0) occ_report(r, rc);
+  keel__ig_set_sqlstate(ig, sqlstate);
+  int mapped = sqlstate != NULL ? keel_sqlstate_error(sqlstate) : 0;
+  if (mapped != 0 && (status == KEEL_EPG || mapped != KEEL_EPG)) status = mapped;
+  if (status == KEEL_ECONN) ig->stats.by_class[KEEL_SQLSTATE_CONNECTION]++;
+  keel_retry_report(r->runner, status);
 }
 
 static void occ_attempt(keel_retry *runner, unsigned attempt, void *data) {
@@ -618,7 +580,7 @@ static void occ_attempt(keel_retry *runner, unsigned attempt, void *data) {
     keel_retry_report(runner, UV_ECANCELED);
     return;
   }
-  int rc = keel_pg_pool_acquire(r->ig->pool, on_conn, r);
+  int rc = keel_pg_pool_transaction(r->ig->pool, KEEL_PG_READ_COMMITTED, occ_body, occ_tx_done, r);
   if (rc != 0) keel_retry_report(runner, rc == KEEL_ECLOSING ? UV_ECANCELED : rc);
 }
 
@@ -638,29 +600,18 @@ static void occ_on_retry(keel_retry *runner, unsigned next, int status, uint64_t
   r->user_on_retry(runner, next, status, delay_ms, r->data);
 }
 
-static void occ_timer_closed(uv_handle_t *h) {
-  occ_retry *r = h->data;
-  keel_integrity *ig = r->ig;
-  occ_retry_free(r);
-  keel__ig_end(ig, 1); /* counted as a success already (or not) in occ_done */
-}
-
 static void occ_done(keel_retry *runner, int status, unsigned attempts, void *data) {
   occ_retry *r = data;
   keel_integrity *ig = r->ig;
-  if (status == 0) ig->stats.successes++;
   if (status == KEEL_EINDOUBT) ig->stats.in_doubt++;
+  r->finished = true;
   r->done(ig, status,
-          status == 0 || status == KEEL_ECONFLICT || status == KEEL_EINDOUBT
-              ? (r->have_version ? r->version : NULL)
-              : NULL,
+          status == 0 || status == KEEL_ECONFLICT ? (r->have_version ? r->version : NULL) : NULL,
           attempts, r->data);
   keel_retry_close(runner, NULL, NULL);
-  uv_close((uv_handle_t *)&r->timer, occ_timer_closed);
-}
-
-static void occ_abandoned(uv_handle_t *h) {
-  occ_retry_free(h->data);
+  r->freeable = true;
+  if (r->pending == 0) occ_retry_free(r);
+  keel__ig_end(ig, status);
 }
 
 static char *dup_or_null(const char *s, bool *failed) {
@@ -721,31 +672,15 @@ int keel_occ_retry(keel_integrity *ig, const keel_occ_spec *spec, const keel_ret
   r->read_sql = b.text;
   keel__sql u = {.failed = failed};
   int n = spec->set_count + 2;
-  if (!failed)
-    build_update(&u, &r->spec, spec->version_kind == KEEL_VERSION_UUID ? n + 2 : 0, n + 1);
+  if (!failed) build_update(&u, &r->spec, spec->version_kind == KEEL_VERSION_UUID ? n + 1 : 0, 0);
   r->update_sql = u.text;
-  keel__sql v = {0};
-  keel__sql_add(&v, "SELECT ");
-  keel__sql_ident(&v, spec->version_column, false);
-  keel__sql_add(&v, "::text FROM ");
-  keel__sql_ident(&v, spec->table, true);
-  keel__sql_add(&v, " WHERE ");
-  keel__sql_ident(&v, spec->key_column, false);
-  keel__sql_add(&v, " = $1");
-  r->version_sql = v.text;
-  if (b.failed || u.failed || v.failed || failed) {
+  if (b.failed || u.failed || failed) {
     occ_retry_free(r);
     return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
   }
   ro.classify = occ_classify;
   ro.classify_data = r;
   if (ro.on_retry != NULL) ro.on_retry = occ_on_retry;
-  rc = uv_timer_init(ig->loop, &r->timer);
-  if (rc != 0) {
-    occ_retry_free(r);
-    return keel__fail(ig->last_error, rc, "cannot start the retry loop");
-  }
-  r->timer.data = r;
   rc = keel__ig_begin(ig);
   if (rc == 0) {
     keel_retry *runner;
@@ -753,9 +688,7 @@ int keel_occ_retry(keel_integrity *ig, const keel_occ_spec *spec, const keel_ret
     if (rc != 0) keel__ig_unbegin(ig);
   }
   if (rc != 0) {
-    /* The timer is a libuv handle: freed from its close callback. */
-    r->done = NULL;
-    uv_close((uv_handle_t *)&r->timer, occ_abandoned);
+    occ_retry_free(r);
     return rc == KEEL_ECLOSING ? rc : keel__fail(ig->last_error, rc, "cannot start the retry loop");
   }
   return 0;

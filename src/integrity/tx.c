@@ -21,12 +21,13 @@ typedef struct tx_job {
   keel_retry_classify_fn user_classify;
   void *user_classify_data;
   keel_retry_event_cb user_on_retry;
-  char *key;            /* idempotency key (NULL: none) */
-  char *key_sql;        /* INSERT INTO <table> (key) VALUES ($1) */
-  bool key_exists;      /* this attempt's key insert met the committed row */
-  bool in_doubt;        /* an attempt's COMMIT was lost in flight, unresolved */
-  bool finished;        /* done has run; freed when key_pending drops to 0 */
-  unsigned key_pending; /* key inserts whose callback is still due */
+  char *key;        /* idempotency key (NULL: none) */
+  char *key_sql;    /* INSERT INTO <table> (key) VALUES ($1) */
+  bool key_exists;  /* this attempt's key insert met the committed row */
+  bool in_doubt;    /* an attempt's COMMIT was lost in flight, unresolved */
+  bool finished;    /* done has run; freed when pending drops to 0 */
+  unsigned pending; /* keel's own statements whose callback is still due */
+  char xid[32];     /* the attempt's transaction id ("" unknown) */
 } tx_job;
 
 static void tx_job_free(tx_job *job) {
@@ -35,14 +36,28 @@ static void tx_job_free(tx_job *job) {
   keel__free(job);
 }
 
+/* keel's statements call back into job, possibly after done (a pool
+ * close): job lives until the last of them. Returns true when job is gone
+ * or finished. */
+static bool statement_back(tx_job *job) {
+  job->pending--;
+  if (!job->finished) return false;
+  if (job->pending == 0) tx_job_free(job);
+  return true;
+}
+
+static void on_xid(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  (void)conn;
+  tx_job *job = data;
+  if (statement_back(job)) return;
+  const char *xid = status == 0 ? keel_pg_result_value(res, 0, 0) : NULL;
+  if (xid != NULL && strlen(xid) < sizeof job->xid) memcpy(job->xid, xid, strlen(xid) + 1);
+}
+
 static void on_key(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   (void)conn;
   tx_job *job = data;
-  job->key_pending--;
-  if (job->finished) {
-    if (job->key_pending == 0) tx_job_free(job);
-    return;
-  }
+  if (statement_back(job)) return;
   const char *state = status == KEEL_EPG ? keel_pg_result_sqlstate(res) : NULL;
   if (state != NULL && strcmp(state, "23505") == 0) {
     job->key_exists = true; /* an earlier attempt (or call) committed */
@@ -57,6 +72,15 @@ static void on_key(keel_pg *conn, int status, const keel_pg_result *res, void *d
 static void run_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
   tx_job *job = data;
   job->key_exists = false;
+  job->xid[0] = '\0';
+  /* The transaction's id, so that a COMMIT lost in flight can be looked
+   * up afterwards (pg_xact_status). */
+  int xrc = keel_pg_query(conn, KEEL__XID_SQL, 0, NULL, on_xid, job);
+  if (xrc != 0) {
+    keel_pg_tx_finish(tx, xrc);
+    return;
+  }
+  job->pending++;
   if (job->key != NULL) {
     const char *values[] = {job->key};
     int rc = keel_pg_query_cached(conn, job->key_sql, 1, values, on_key, job);
@@ -64,15 +88,39 @@ static void run_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
       keel_pg_tx_finish(tx, rc);
       return;
     }
-    job->key_pending++;
+    job->pending++;
   }
   job->body(tx, conn, job->data);
+}
+
+static void on_resolved(keel_integrity *ig, int outcome, void *data) {
+  tx_job *job = data;
+  if (outcome == 0) {
+    /* The lost COMMIT did commit. */
+    job->in_doubt = false;
+    keel_retry_report(job->runner, 0);
+    return;
+  }
+  if (outcome == KEEL_ECONN) {
+    /* It did not: as certain as a lost connection before the COMMIT. */
+    ig->stats.by_class[KEEL_SQLSTATE_CONNECTION]++;
+    keel__fail(ig->last_error, KEEL_ECONN, "transaction: COMMIT lost in flight and not committed");
+    keel_retry_report(job->runner, KEEL_ECONN);
+    return;
+  }
+  job->in_doubt = true;
+  ig->stats.by_class[KEEL_SQLSTATE_IN_DOUBT]++;
+  keel__fail(ig->last_error, KEEL_EINDOUBT, "transaction: COMMIT lost in flight, outcome unknown");
+  keel_retry_report(job->runner, KEEL_EINDOUBT);
 }
 
 static void on_tx_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
   (void)pool;
   tx_job *job = data;
   keel_integrity *ig = job->ig;
+  if (status == KEEL_EINDOUBT && !(job->key != NULL && job->key_exists) &&
+      keel__ig_xact_check(ig, job->xid, on_resolved, job) == 0)
+    return; /* on_resolved() reports */
   if (job->key != NULL && job->key_exists) {
     /* The key's row was committed before: by an earlier attempt whose
      * COMMIT was lost in flight, or by an earlier call with the same key.
@@ -142,7 +190,7 @@ static void finished(keel_retry *runner, int status, unsigned attempts, void *da
   job->finished = true;
   job->done(ig, status, attempts, job->data);
   keel_retry_close(runner, NULL, NULL);
-  if (job->key_pending == 0) tx_job_free(job);
+  if (job->pending == 0) tx_job_free(job);
   keel__ig_end(ig, status);
 }
 
