@@ -318,23 +318,22 @@ typedef void (*keel_occ_retry_cb)(keel_integrity *ig, int status, const char *ve
  * retry policy (seed 001 retryOptimisticLock, seed 004
  * withOptimisticRetry: maxRetries = max_attempts - 1, retryDelay /
  * backoffMultiplier / maxDelay = the backoff). The read is
- * `SELECT * FROM table WHERE key = $1 [AND soft_delete IS NULL]`; the read
- * and the update of one attempt run on one pooled connection, the update
- * bound to its backend (it changes nothing if re-sent on another one).
- * KEEL_ENOTFOUND and the mutate callback's errors end the loop at once;
- * other errors are retried when opts->classify says so (NULL:
- * keel_integrity_retryable); KEEL_EINDOUBT never is (whatever classify
- * says) and opts->on_retry gets data, not keel's own state.
+ * `SELECT * FROM table WHERE key = $1 [AND soft_delete IS NULL]`. Each
+ * attempt is one READ COMMITTED transaction on one pooled connection:
+ * its id (pg_current_xact_id()), the read, mutate, the versioned update,
+ * then COMMIT (ROLLBACK on a conflict). With KEEL_VERSION_UUID keel
+ * chooses the new UUID. KEEL_ENOTFOUND and the mutate callback's errors
+ * end the loop at once; other errors are retried when opts->classify says
+ * so (NULL: keel_integrity_retryable; a connection lost before the COMMIT
+ * is KEEL_ECONN); opts->on_retry gets data, not keel's own state.
  *
- * An update lost in flight (sent, connection lost before the reply): keel
- * waits until the backend that got it has exited (polling
- * pg_stat_activity every 20 ms, at most 5 s), so its outcome is final, and
- * reads the row's version. With KEEL_VERSION_UUID keel chose the new UUID
- * itself: the row carries it → the update landed (done gets 0). The row
- * still has the version the attempt read → it did not land: retried like
- * KEEL_ECONN. Anything else (an integer version that someone else moved on
- * meanwhile, a UUID that is neither, a row deleted, the backend still
- * there after 5 s) → done gets KEEL_EINDOUBT: the write may have happened.
+ * A COMMIT lost in flight (sent, connection lost before the reply): keel
+ * asks pg_xact_status() about the attempt's transaction until the answer
+ * is final (every 20 ms, at most about 5 s): committed → done gets 0 (and
+ * the new version); aborted → retried like KEEL_ECONN; no answer (the
+ * transaction id's reply was lost too, still in progress, closing) → done
+ * gets KEEL_EINDOUBT: the write may have happened. KEEL_EINDOUBT is never
+ * retried, whatever classify says.
  *
  * spec   copied; expected_version and set_values are ignored (they come
  *        from the read and from mutate).
@@ -448,10 +447,13 @@ typedef void (*keel_tx_done_cb)(keel_integrity *ig, int status, unsigned attempt
  * the first failing statement's SQLSTATE (a 40001 in the second of three
  * pipelined statements is 40001, not the 25P02 of the third).
  *
- * A COMMIT lost in flight ends the call with KEEL_EINDOUBT: the
- * transaction may or may not have committed; it is never retried,
- * whatever the classifier says (use keel_tx_run_idempotent() to have keel
- * find out and retry safely).
+ * A COMMIT lost in flight: keel pipelines `SELECT pg_current_xact_id()`
+ * in front of the body and asks pg_xact_status() about that transaction
+ * until the answer is final (every 20 ms, at most about 5 s): committed →
+ * done gets 0; aborted → retried like KEEL_ECONN; no answer → done gets
+ * KEEL_EINDOUBT (may or may not have committed), never retried whatever
+ * the classifier says (keel_tx_run_idempotent() retries even that case
+ * safely).
  *
  * opts   NULL: the context's opts.retry; copied. opts->on_retry gets data.
  * body, done   required; data is passed to both.
@@ -476,7 +478,8 @@ KEEL_EXTERN int keel_tx_run(keel_integrity *ig, keel_pg_isolation isolation,
  * idempotency table (opts.idempotency_table, created by
  * keel_tx_idempotency_install() or by you: `key text PRIMARY KEY`). The
  * row exists exactly when an attempt committed, so:
- *   - a COMMIT lost in flight is retried: the next attempt's insert waits
+ *   - a COMMIT lost in flight that keel_tx_run() cannot settle by the
+ *     transaction's id is retried: the next attempt's insert waits
  *     for any transaction still holding the key; if the key is committed,
  *     that attempt rolls back and done gets 0 (the earlier one committed,
  *     counted in stats.already_committed); otherwise it goes on normally;

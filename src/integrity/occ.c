@@ -114,11 +114,7 @@ static void add_current(keel__sql *b, const keel_occ_spec *s, const char *writte
   keel__sql_addf(b, " = $1 AND NOT EXISTS (SELECT 1 FROM %s) FOR SHARE)", written);
 }
 
-/* session_param > 0: the UPDATE changes nothing unless it runs in the
- * backend whose pid is that parameter (a statement keel re-sent on a new
- * session after a lost connection must not apply: keel then knows which
- * backend to wait for before it reads the outcome). */
-static void build_update(keel__sql *b, const keel_occ_spec *s, int new_param, int session_param) {
+static void build_update(keel__sql *b, const keel_occ_spec *s, int new_param) {
   keel__sql_add(b, "WITH upd AS (UPDATE ");
   keel__sql_ident(b, s->table, true);
   keel__sql_add(b, " SET ");
@@ -135,7 +131,6 @@ static void build_update(keel__sql *b, const keel_occ_spec *s, int new_param, in
   keel__sql_ident(b, s->version_column, false);
   keel__sql_addf(b, " = $2::%s", version_type(s->version_kind));
   add_alive(b, s, NULL);
-  if (session_param > 0) keel__sql_addf(b, " AND pg_backend_pid() = $%d::int", session_param);
   keel__sql_add(b, " RETURNING ");
   keel__sql_ident(b, s->version_column, false);
   keel__sql_add(b, "::text AS v)");
@@ -291,7 +286,7 @@ static int occ_send(keel_integrity *ig, const keel_occ_spec *s, bool upsert, kee
   if (upsert)
     build_upsert(&b, s);
   else
-    build_update(&b, s, 0, 0);
+    build_update(&b, s, 0);
   const char *values[OCC_MAX_SET + 2];
   values[0] = s->key_value;
   values[1] = s->expected_version;
@@ -672,7 +667,7 @@ int keel_occ_retry(keel_integrity *ig, const keel_occ_spec *spec, const keel_ret
   r->read_sql = b.text;
   keel__sql u = {.failed = failed};
   int n = spec->set_count + 2;
-  if (!failed) build_update(&u, &r->spec, spec->version_kind == KEEL_VERSION_UUID ? n + 1 : 0, 0);
+  if (!failed) build_update(&u, &r->spec, spec->version_kind == KEEL_VERSION_UUID ? n + 1 : 0);
   r->update_sql = u.text;
   if (b.failed || u.failed || failed) {
     occ_retry_free(r);
