@@ -862,3 +862,260 @@ Test(faults, every_allocation_failure_on_the_main_paths_is_clean, .timeout = 600
   snprintf(sql, sizeof sql, "DROP TABLE %s", o.table);
   kt_pg_exec(sql);
 }
+
+/* ---- invalid input: every rejected argument, with a reason ------------------- */
+
+static void noop_occ(keel_integrity *ig, int status, const char *version, bool inserted,
+                     void *data) {
+  (void)ig;
+  (void)status;
+  (void)version;
+  (void)inserted;
+  (void)data;
+}
+
+static void noop_retry(keel_integrity *ig, int status, const char *version, unsigned attempts,
+                       void *data) {
+  (void)ig;
+  (void)status;
+  (void)version;
+  (void)attempts;
+  (void)data;
+}
+
+static void noop_slug(keel_integrity *ig, int status, const char *slug, void *data) {
+  (void)ig;
+  (void)status;
+  (void)slug;
+  (void)data;
+}
+
+static void noop_tx(keel_integrity *ig, int status, unsigned attempts, void *data) {
+  (void)ig;
+  (void)status;
+  (void)attempts;
+  (void)data;
+}
+
+#define REJECTS(call)                                                                   \
+  do {                                                                                  \
+    cr_assert_eq((call), UV_EINVAL, "%s", #call);                                       \
+    cr_assert_str_neq(keel_integrity_last_error(f.ig), "", "%s gives a reason", #call); \
+  } while (0)
+
+Test(faults, invalid_arguments_are_rejected_with_a_reason) {
+  fx f;
+  setup(&f, 1, NULL);
+  keel_integrity *ig = f.ig;
+  /* The context. */
+  keel_integrity_opts o;
+  keel_integrity *out = (keel_integrity *)&o;
+  keel_integrity_opts_init(&o);
+  cr_assert_eq(keel_integrity_new(NULL, f.pool, &o, &out), UV_EINVAL);
+  cr_assert_eq(keel_integrity_new(&f.loop, NULL, &o, &out), UV_EINVAL);
+  cr_assert_eq(keel_integrity_new(&f.loop, f.pool, &o, NULL), UV_EINVAL);
+  o.retry.max_attempts = 0;
+  cr_assert_eq(keel_integrity_new(&f.loop, f.pool, &o, &out), UV_EINVAL);
+  keel_integrity_opts_init(&o);
+  o.slug_max_attempts = 0;
+  cr_assert_eq(keel_integrity_new(&f.loop, f.pool, &o, &out), UV_EINVAL);
+  keel_integrity_opts_init(&o);
+  o.retry.backoff.base_ms = 0;
+  o.retry.backoff.factor = -1;
+  cr_assert_eq(keel_integrity_new(&f.loop, f.pool, &o, &out), UV_EINVAL);
+  keel_integrity_opts_init(&o);
+  o.idempotency_table = "a.b.c";
+  cr_assert_eq(keel_integrity_new(&f.loop, f.pool, &o, &out), UV_EINVAL);
+  cr_assert_eq(out, (keel_integrity *)&o, "*out untouched on failure");
+  keel_integrity_opts_init(NULL);
+  keel_integrity_get_stats(NULL, NULL);
+  keel_integrity_get_stats(ig, NULL);
+  keel_integrity_close(NULL, NULL, NULL);
+  cr_assert_str_neq(keel_integrity_last_error(NULL), "");
+  cr_assert_str_eq(keel_integrity_last_sqlstate(NULL), "");
+
+  /* Versioned updates. */
+  const char *cols[] = {"a", "b"};
+  const char *vals[] = {"1", "2"};
+  const char *null_col[] = {NULL};
+  const char *key_col[] = {"id"};
+  const char *ver_col[] = {"version"};
+  const char *dup[] = {"a", "a"};
+  const char *bad_col[] = {"a\"b.c.d"};
+  keel_occ_spec good = {.table = "t",
+                        .key_column = "id",
+                        .key_value = "1",
+                        .version_column = "version",
+                        .expected_version = "1",
+                        .set_columns = cols,
+                        .set_values = vals,
+                        .set_count = 2};
+  keel_occ_spec s;
+  cr_assert_eq(keel_occ_update(NULL, &good, noop_occ, NULL), UV_EINVAL);
+  REJECTS(keel_occ_update(ig, NULL, noop_occ, NULL));
+  REJECTS(keel_occ_update(ig, &good, NULL, NULL));
+  s = good, s.table = NULL;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.key_column = NULL;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.key_value = NULL;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.version_column = NULL;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.version_kind = (keel_version_kind)7;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.expected_version = NULL;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.set_count = -1;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.set_count = 61;
+  REJECTS(keel_occ_upsert(ig, &s, noop_occ, NULL));
+  s = good, s.set_columns = NULL;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.set_values = NULL;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.set_columns = null_col, s.set_count = 1;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.set_columns = key_col, s.set_count = 1;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.set_columns = ver_col, s.set_count = 1;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.set_columns = dup;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.set_columns = bad_col, s.set_count = 1;
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.key_column = "a.b";
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.version_column = "a.b";
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.soft_delete_column = "a.b";
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.soft_delete_column = "id";
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+  s = good, s.soft_delete_column = "version";
+  REJECTS(keel_occ_update(ig, &s, noop_occ, NULL));
+
+  /* The retry loop. */
+  keel_retry_opts ro;
+  keel_retry_opts_init(&ro);
+  ro.max_attempts = 0;
+  cr_assert_eq(keel_occ_retry(NULL, &good, NULL, plus_one, noop_retry, NULL), UV_EINVAL);
+  REJECTS(keel_occ_retry(ig, &good, NULL, NULL, noop_retry, NULL));
+  REJECTS(keel_occ_retry(ig, &good, NULL, plus_one, NULL, NULL));
+  REJECTS(keel_occ_retry(ig, &good, &ro, plus_one, noop_retry, NULL));
+  keel_retry_opts_init(&ro);
+  ro.backoff.factor = -3;
+  ro.backoff.kind = KEEL_BACKOFF_EXPONENTIAL;
+  REJECTS(keel_occ_retry(ig, &good, &ro, plus_one, noop_retry, NULL));
+  s = good, s.table = NULL;
+  REJECTS(keel_occ_retry(ig, &s, NULL, plus_one, noop_retry, NULL));
+  cr_assert_eq(keel_occ_set_value(NULL, 0, "x"), UV_EINVAL);
+  REJECTS(keel_occ_set_value(ig, 0, "x"));
+
+  /* The installer. */
+  cr_assert_eq(keel_occ_install(NULL, "t", "v", KEEL_VERSION_INTEGER, NULL, NULL), UV_EINVAL);
+  REJECTS(keel_occ_install(ig, NULL, "v", KEEL_VERSION_INTEGER, NULL, NULL));
+  REJECTS(keel_occ_install(ig, "t", NULL, KEEL_VERSION_INTEGER, NULL, NULL));
+  REJECTS(keel_occ_install(ig, "a.b.c", "v", KEEL_VERSION_INTEGER, NULL, NULL));
+  REJECTS(keel_occ_install(ig, "t", "a.b", KEEL_VERSION_INTEGER, NULL, NULL));
+  REJECTS(keel_occ_install(ig, "t", "v", (keel_version_kind)9, NULL, NULL));
+
+  /* Slugs. */
+  const char *other[] = {"owner"};
+  const char *other_vals[] = {"1"};
+  const char *slug_col[] = {"slug"};
+  keel_slug_spec sg = {.table = "t",
+                       .slug_column = "slug",
+                       .name = "x",
+                       .columns = other,
+                       .values = other_vals,
+                       .count = 1};
+  keel_slug_spec ss;
+  cr_assert_eq(keel_slug_insert(NULL, &sg, noop_slug, NULL), UV_EINVAL);
+  REJECTS(keel_slug_insert(ig, NULL, noop_slug, NULL));
+  REJECTS(keel_slug_insert(ig, &sg, NULL, NULL));
+  ss = sg, ss.table = NULL;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.slug_column = NULL;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.name = NULL;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.count = -1;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.count = 61;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.columns = NULL;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.values = NULL;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.max_len = 7;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.max_len = 101;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.table = "a.b.c";
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.slug_column = "a.b";
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.columns = slug_col;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+  ss = sg, ss.columns = null_col;
+  REJECTS(keel_slug_insert(ig, &ss, noop_slug, NULL));
+
+  /* Transactions. */
+  char long_key[260];
+  memset(long_key, 'k', sizeof long_key - 1);
+  long_key[sizeof long_key - 1] = '\0';
+  keel_retry_opts_init(&ro);
+  ro.max_attempts = 0;
+  cr_assert_eq(keel_tx_run(NULL, KEEL_PG_READ_COMMITTED, NULL, tx_commit_body, noop_tx, NULL),
+               UV_EINVAL);
+  REJECTS(keel_tx_run(ig, KEEL_PG_READ_COMMITTED, NULL, NULL, noop_tx, NULL));
+  REJECTS(keel_tx_run(ig, KEEL_PG_READ_COMMITTED, NULL, tx_commit_body, NULL, NULL));
+  REJECTS(keel_tx_run(ig, (keel_pg_isolation)-1, NULL, tx_commit_body, noop_tx, NULL));
+  REJECTS(keel_tx_run(ig, (keel_pg_isolation)3, NULL, tx_commit_body, noop_tx, NULL));
+  REJECTS(keel_tx_run(ig, KEEL_PG_READ_COMMITTED, &ro, tx_commit_body, noop_tx, NULL));
+  REJECTS(
+      keel_tx_run_idempotent(ig, KEEL_PG_READ_COMMITTED, NULL, "", tx_commit_body, noop_tx, NULL));
+  REJECTS(keel_tx_run_idempotent(ig, KEEL_PG_READ_COMMITTED, NULL, long_key, tx_commit_body,
+                                 noop_tx, NULL));
+  cr_assert_eq(keel_tx_idempotency_install(NULL, NULL, NULL), UV_EINVAL);
+
+  /* Names. */
+  char name[64];
+  cr_assert_eq(keel__ig_name(name, 10, "p_", "x", 5, 1), UV_EINVAL, "cap must exceed 63");
+  cr_assert_eq(
+      keel__ig_name(name, sizeof name,
+                    "a_prefix_far_too_long_for_any_identifier_at_all_more_than_55", "x", 5, 1),
+      UV_EINVAL);
+  keel_integrity_stats st;
+  keel_integrity_get_stats(ig, &st);
+  cr_assert_eq(st.operations, 0, "nothing rejected counts as an operation");
+  teardown(&f);
+}
+
+/* A schema-qualified table: the function lives in the table's schema. */
+Test(faults, installer_on_a_schema_qualified_table) {
+  fx f;
+  setup(&f, 2, NULL);
+  char schema[64], table[160], sql[512];
+  kt_unique_name(schema, sizeof schema, "sch");
+  snprintf(sql, sizeof sql,
+           "CREATE SCHEMA %s; CREATE TABLE %s.cards (id int PRIMARY KEY, name text); INSERT INTO "
+           "%s.cards VALUES (1, 'a')",
+           schema, schema, schema);
+  kt_pg_exec(sql);
+  snprintf(table, sizeof table, "%s.cards", schema);
+  cr_assert_eq(keel_occ_install(f.ig, table, "version", KEEL_VERSION_UUID, installed, &f), 0);
+  wait_done(&f, 1);
+  cr_assert_eq(f.statuses[0], 0, "%s", keel_integrity_last_error(f.ig));
+  snprintf(sql, sizeof sql,
+           "SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE "
+           "n.nspname = '%s' AND p.proname LIKE 'keel_occ_bump_cards_%%'",
+           schema);
+  char *n = kt_pg_scalar(sql);
+  cr_assert_str_eq(n, "1");
+  free(n);
+  teardown(&f);
+  snprintf(sql, sizeof sql, "DROP SCHEMA %s CASCADE", schema);
+  kt_pg_exec(sql);
+}
