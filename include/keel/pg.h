@@ -46,8 +46,11 @@ typedef struct keel_pg_tx keel_pg_tx;
 
 /*
  * A query's result, valid only during the result callback (copy what you
- * keep). On a SQL error it carries the SQLSTATE and message; on KEEL_ECONN or
- * UV_ECANCELED it has no rows.
+ * keep). On a SQL error it carries the SQLSTATE and message; on KEEL_ECONN,
+ * KEEL_EINDOUBT, KEEL_ESEND, UV_ETIMEDOUT or UV_ECANCELED it has no rows
+ * (keel_pg_result_error() gives keel's reason). Every accessor is NULL-safe,
+ * returns the "nothing" value stated for out-of-range arguments and never
+ * fails otherwise. Call them from the result callback (loop thread).
  */
 KEEL_EXTERN int keel_pg_result_nrows(const keel_pg_result *res);
 KEEL_EXTERN int keel_pg_result_ncols(const keel_pg_result *res);
@@ -190,10 +193,17 @@ KEEL_EXTERN int keel_pg_new_ex(uv_loop_t *loop, const keel_pg_opts *opts, keel_p
  * in; after that session is lost they fail with KEEL_ECONN until the block
  * is ended by a COMMIT or ROLLBACK (which fail too: the server rolled the
  * block back).
- * Returns 0, UV_EINVAL (NULL c or sql, nparams < 0 or > 65535, values NULL
- * with nparams > 0; reason in keel_pg_last_error(c)), UV_ENOMEM,
- * KEEL_ECONN (disconnected with opts.reconnect false), or KEEL_ECLOSING
- * after close; nothing is queued then. Loop thread only.
+ * Returns 0; or, with nothing queued, cb never called and the reason in
+ * keel_pg_last_error(c) (except for a NULL c):
+ *   UV_EINVAL     NULL c or sql, nparams < 0 or > 65535 (the protocol's
+ *                 limit), values NULL with nparams > 0;
+ *   UV_ENOMEM;
+ *   KEEL_EFULL    opts.max_pending statements already wait to be sent;
+ *   KEEL_ECONN    disconnected and not reconnecting (opts.reconnect false);
+ *   KEEL_EAUTH / KEEL_ENODB  connecting stopped on that permanent error
+ *                 (keel_pg_reset() tries again);
+ *   KEEL_ECLOSING after keel_pg_close().
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *values,
                               keel_pg_result_cb cb, void *data);
@@ -204,29 +214,41 @@ KEEL_EXTERN int keel_pg_query(keel_pg *c, const char *sql, int nparams, const ch
  * executed by name afterwards, which saves the server parsing and planning
  * it each time. Up to 64 distinct statements are cached per connection;
  * beyond that, and without pipeline mode, it behaves as keel_pg_query().
- * A failing PREPARE is reported as the statement's own error. Errors as
- * keel_pg_query().
+ * A failing PREPARE is reported as the statement's own error. Returns the
+ * errors of keel_pg_query(). Loop thread only.
  */
 KEEL_EXTERN int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams,
                                      const char *const *values, keel_pg_result_cb cb, void *data);
 
-/* true when connected and usable now. */
+/* true when connected and usable now; false for NULL. Never fails.
+ * Loop thread only. */
 KEEL_EXTERN bool keel_pg_is_connected(const keel_pg *c);
 
-/* The backend process id of the current session, 0 when not connected. */
+/* The backend process id of the current session, 0 when not connected or
+ * c is NULL. Never fails. Loop thread only. */
 KEEL_EXTERN int keel_pg_backend_pid(const keel_pg *c);
 
-/* The underlying PGconn (a `PGconn *`) or NULL; for escaping functions only:
- * never run blocking calls on it. */
+/* The underlying PGconn (a `PGconn *`, owned by keel, replaced at every
+ * reconnect) or NULL between connect attempts or for a NULL c; for escaping
+ * functions only: never run blocking calls on it. Loop thread only. */
 KEEL_EXTERN void *keel_pg_raw(keel_pg *c);
 
 /* Text of the last error this connection saw ("SQLSTATE 23505: duplicate
- * key..." or a connection error); "" when none. Valid until the next call. */
+ * key...", a connection error, the reason a call was refused); "" when
+ * none; "connection is NULL" for NULL. Owned by c, valid until the next
+ * keel call on c. Loop thread only. */
 KEEL_EXTERN const char *keel_pg_last_error(const keel_pg *c);
 
-/* Forces a reconnect now (e.g. after the caller saw the server restart).
- * In-flight queries are judged as on a lost connection (KEEL_ECONN or
- * KEEL_EINDOUBT, replies already in kept). Returns 0 or UV_EINVAL. */
+/*
+ * Forces a reconnect (e.g. after the caller saw the server restart), also
+ * out of the stopped state a permanent error (KEEL_EAUTH, KEEL_ENODB) or
+ * opts.reconnect = false left. The work is done on a later loop iteration:
+ * no callback runs inside this call. Statements in flight are then judged
+ * as on a lost connection (replies already in kept, else KEEL_EINDOUBT or
+ * KEEL_ECONN); queued ones go out on the new session.
+ * Returns 0, UV_EINVAL (NULL c) or KEEL_ECLOSING after keel_pg_close().
+ * Loop thread only.
+ */
 KEEL_EXTERN int keel_pg_reset(keel_pg *c);
 
 typedef struct keel_pg_stats {
@@ -248,14 +270,17 @@ typedef struct keel_pg_stats {
 KEEL_EXTERN void keel_pg_get_stats(const keel_pg *c, keel_pg_stats *out);
 
 /*
- * Closes the connection: the socket and timers close, then, on a later loop
- * iteration, queued and in-flight queries get UV_ECANCELED (in the order they
- * were queued; a new keel_pg_query() from those callbacks returns
- * KEEL_ECLOSING), and last cb (may be NULL; its object argument is the freed
- * c, for identity only). No callback runs during this call, and nothing else
- * is called after cb.
- * NULL-safe; a second call does nothing; callable from inside any callback
- * of c (c stays valid until the callback returns).
+ * Closes the connection: the socket, timers and any host name lookup close,
+ * then, on a later loop iteration, queued and in-flight queries get
+ * UV_ECANCELED (in-flight ones first, in the order they were queued; one
+ * whose reply had arrived in full gets that reply; a statement already sent
+ * may still have run on the server), a new keel_pg_query() from those
+ * callbacks returns KEEL_ECLOSING, and last cb (may be NULL; its object
+ * argument is the freed c, for identity only). No callback runs during this
+ * call, and nothing else is called after cb; after it uv_loop_close()
+ * succeeds. Never fails. NULL-safe; a second call does nothing; callable
+ * from inside any callback of c (c stays valid until the callback
+ * returns). Loop thread only.
  */
 KEEL_EXTERN void keel_pg_close(keel_pg *c, keel_close_cb cb, void *data);
 

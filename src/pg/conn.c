@@ -151,7 +151,7 @@ void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, 
     if (status == KEEL_EINDOUBT) c->stats.in_doubt++;
   }
   if (status != 0) c->error_generation++;
-  if (status == KEEL_EPG && res != NULL) {
+  if ((status == KEEL_EPG || status == KEEL_EINDOUBT) && res != NULL) {
     const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
     const char *message = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     keel__fail(c->last_error, status, "SQLSTATE %s: %s", state ? state : "?????",
@@ -289,8 +289,14 @@ static void handle_closed(keel_pg *c) {
   if (c->state != KEEL__PG_CLOSING || c->handles_open != 0) return;
   /* What close left queued is cancelled now, on a later iteration than the
    * close call: in-flight statements first, then unsent ones, as queued. */
-  keel__pg_fail_all(c, &c->sent_head, &c->sent_tail, &c->sent_count, UV_ECANCELED,
-                    "connection closed");
+  keel__pg_query *sent = c->sent_head;
+  c->sent_head = c->sent_tail = NULL;
+  c->sent_count = 0;
+  while (sent != NULL) { /* a reply already in is still delivered as it is */
+    keel__pg_query *next = sent->next;
+    deliver_lost(c, sent, UV_ECANCELED, UV_ECANCELED, "connection closed");
+    sent = next;
+  }
   keel__pg_fail_all(c, &c->pending_head, &c->pending_tail, &c->pending_count, UV_ECANCELED,
                     "connection closed");
   keel_close_cb cb = c->close_cb;
@@ -549,9 +555,21 @@ static void continue_connect(keel_pg *c) {
   }
 }
 
-static void ignore_notice(void *arg, const char *message) {
-  (void)arg;
-  (void)message;
+/* Server notices are not printed (libpq would write them to stderr). A
+ * FATAL or PANIC that arrives while no statement is in flight comes here
+ * too: the server is ending the session (57P01 after pg_terminate_backend,
+ * an idle-session timeout), so it is lost now, not at the EOF that follows. */
+static void on_notice(void *arg, const PGresult *res) {
+  keel_pg *c = arg;
+  const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+  if (severity == NULL) severity = PQresultErrorField(res, PG_DIAG_SEVERITY);
+  if (severity == NULL || (strcmp(severity, "FATAL") != 0 && strcmp(severity, "PANIC") != 0))
+    return;
+  const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+  const char *message = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+  c->session_ending = true;
+  snprintf(c->ending, sizeof c->ending, "connection lost (SQLSTATE %s: %s)",
+           state ? state : "?????", message ? message : "session ended by the server");
 }
 
 /* Opens the libpq connection: with the conninfo as given, or (resolved)
@@ -602,7 +620,8 @@ static void open_connection(keel_pg *c, bool resolved) {
   }
   PQsetnonblocking(c->conn, 1);
   /* libpq prints server notices to stderr by default; a library must not. */
-  PQsetNoticeProcessor(c->conn, ignore_notice, NULL);
+  c->session_ending = false;
+  PQsetNoticeReceiver(c->conn, on_notice, c);
   continue_connect(c);
 }
 
@@ -1078,6 +1097,39 @@ static bool read_results(keel_pg *c) {
       flush_queries(c);
       continue;
     }
+    ExecStatusType st = PQresultStatus(res);
+    if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT) {
+      /* keel has no COPY data API: end a COPY FROM STDIN at once (the
+       * server answers with an error, the statement's outcome), and drain
+       * and drop the data of a COPY TO STDOUT. Otherwise libpq stays in
+       * COPY state and nothing behind the statement could ever run. */
+      PQclear(res);
+      if (st == PGRES_COPY_IN) {
+        int ended = PQputCopyEnd(c->conn, "keel does not support COPY FROM STDIN");
+        if (ended < 0) {
+          disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
+          return false;
+        }
+        if (ended == 0 || PQflush(c->conn) != 0) {
+          /* Not all written yet: the writable event retries. */
+          if (watch(c, UV_READABLE | UV_WRITABLE) != 0) {
+            disconnect(c, KEEL_ECONN, "cannot watch the socket");
+            return false;
+          }
+          if (ended == 0) break;
+        }
+        continue;
+      }
+      char *row = NULL;
+      int got;
+      while ((got = PQgetCopyData(c->conn, &row, 1)) > 0) PQfreemem(row);
+      if (got == -2) {
+        disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
+        return false;
+      }
+      if (got == 0) break; /* more data later */
+      continue;
+    }
     if (!is_reply(c, res)) {
       /* The session ended: what was in flight is judged by
        * deliver_lost(), with the replies already in kept. */
@@ -1146,6 +1198,12 @@ static void on_poll(uv_poll_t *poll, int status, int events) {
     }
     if (!read_results(c)) return;
     deliver_notifications(c);
+    if (c->state == KEEL__PG_CONNECTED && c->session_ending) {
+      char why[KEEL__ERRBUF_SIZE];
+      snprintf(why, sizeof why, "%s", c->ending);
+      disconnect(c, KEEL_ECONN, why);
+      return;
+    }
     if (c->state == KEEL__PG_CONNECTED && PQstatus(c->conn) == CONNECTION_BAD) {
       disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
       return;

@@ -122,7 +122,9 @@ struct keel_pg {
   struct keel__pg_lookup *lookup; /* uv_getaddrinfo in progress (current attempt) */
   int stop_status;                /* why STOPPED: KEEL_ECONN, KEEL_EAUTH, KEEL_ENODB */
   char stop_reason[KEEL__ERRBUF_SIZE];
-  bool reset_pending; /* keel_pg_reset() asked; done by the flush timer */
+  bool reset_pending;             /* keel_pg_reset() asked; done by the flush timer */
+  bool session_ending;            /* a FATAL/PANIC arrived while idle: the session is over */
+  char ending[KEEL__ERRBUF_SIZE]; /* its text */
 };
 
 /* Fails every query with status; used on disconnect and close. */

@@ -763,6 +763,10 @@ Test(pg, query_timeout_resets_the_connection) {
   o.query_timeout_ms = 200;
   keel_backoff_fixed(&o.reconnect_backoff, 20);
   cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  /* Connected first: the statement must be sent when its deadline passes. */
+  uint64_t start = uv_now(&x.loop);
+  while (x.ups == 0 && uv_now(&x.loop) - start < 10000) uv_run(&x.loop, UV_RUN_ONCE);
+  cr_assert_eq(x.ups, 1);
   keel_pg_query(x.c, "SELECT pg_sleep(3)", 0, NULL, store, &x);
   wait_results(&x, 1);
   /* Sent in autocommit, reset before its reply: it may have run. */
