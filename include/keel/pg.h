@@ -310,9 +310,10 @@ KEEL_EXTERN void keel_pg_pool_opts_init(keel_pg_pool_opts *opts);
  * connected. opts (conninfo included) is copied. opts.conn.on_state and
  * on_notify are called for each member connection with opts.conn.data.
  * Returns 0 and sets *out; UV_EINVAL (NULL loop, opts, out or conninfo,
- * size 0, a bad backoff, or any error keel_pg_new() returns for a member);
- * UV_ENOMEM. *out is untouched on failure, and nothing is left open.
- * Loop thread only.
+ * size 0, a bad backoff); UV_ENOMEM; or any other error keel_pg_new()
+ * returns for a member connection. *out is untouched on failure; members
+ * already started are closed (their handles finish closing when the loop
+ * runs). Loop thread only.
  */
 KEEL_EXTERN int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts,
                                  keel_pg_pool **out);

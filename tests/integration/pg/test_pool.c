@@ -945,3 +945,96 @@ Test(pool, allocation_failure_on_every_path, .timeout = 280) {
   fprintf(stderr, "pool failmalloc: %llu allocations, each failed alone and from there on\n",
           (unsigned long long)kt_failmalloc_count());
 }
+
+/* ---- 4b. a COMMIT lost in flight is in doubt, never a rollback --------------- */
+
+typedef struct doubt {
+  pctx p;
+  char table[64];
+  bool finished;
+} doubt;
+
+static void doubt_inserted(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c;
+  (void)res;
+  doubt *d = data;
+  cr_assert_eq(status, 0, "%s", keel_pg_last_error(c));
+  keel_pg_tx_finish(d->p.tx, 0);
+  d->finished = true;
+}
+
+static void doubt_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  doubt *d = data;
+  d->p.tx = tx;
+  char sql[128];
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (1)", d->table);
+  cr_assert_eq(keel_pg_query(conn, sql, 0, NULL, doubt_inserted, d), 0);
+}
+
+static void doubt_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
+  doubt *d = data;
+  tx_done(pool, status, sqlstate, &d->p);
+}
+
+Test(pool, commit_lost_in_flight_is_passed_through_never_counted_as_rollback) {
+  static proxy x;
+  proxy_start(&x);
+  static doubt d;
+  memset(&d, 0, sizeof d);
+  kt_unique_name(d.table, sizeof d.table, "doubt");
+  char sql[600];
+  /* COMMIT runs a deferred trigger that sleeps: it stays in flight. */
+  snprintf(sql, sizeof sql,
+           "CREATE TABLE %s (id int);"
+           "CREATE FUNCTION %s_slow() RETURNS trigger LANGUAGE plpgsql AS "
+           "$$BEGIN PERFORM pg_sleep(1); RETURN NULL; END$$;"
+           "CREATE CONSTRAINT TRIGGER %s_slow AFTER INSERT ON %s DEFERRABLE INITIALLY DEFERRED "
+           "FOR EACH ROW EXECUTE FUNCTION %s_slow()",
+           d.table, d.table, d.table, d.table, d.table);
+  kt_pg_exec(sql);
+  char conninfo[160];
+  snprintf(conninfo, sizeof conninfo, "host=127.0.0.1 port=%d user=postgres dbname=postgres",
+           x.port);
+  open_pool_with(&d.p, 1, conninfo, 5000);
+  cr_assert_eq(
+      keel_pg_pool_transaction(d.p.pool, KEEL_PG_READ_COMMITTED, doubt_body, doubt_done, &d), 0);
+  uint64_t start = uv_now(&d.p.loop);
+  while ((!d.finished || in_flight(&d.p) == 0) && uv_now(&d.p.loop) - start < 5000)
+    uv_run(&d.p.loop, UV_RUN_ONCE);
+  cr_assert(d.finished);
+  cr_assert_eq(in_flight(&d.p), 1, "COMMIT sent, no answer yet");
+  x.down = 1; /* the connection is cut: no answer will come */
+  run_until(&d.p, &d.p.done_calls, 1);
+  keel_pg_pool_stats s;
+  keel_pg_pool_get_stats(d.p.pool, &s);
+  /* The COMMIT may well have committed (the backend did not notice the cut
+   * before it committed): only "in doubt" is true. The pool passes on what
+   * the connection reports for the lost COMMIT: KEEL_EINDOUBT (counted in
+   * in_doubt, never as a rollback), or KEEL_ECONN from a connection layer
+   * that does not tell in-doubt yet. */
+  cr_assert(d.p.done_status == KEEL_EINDOUBT || d.p.done_status == KEEL_ECONN, "%s",
+            keel_err_name(d.p.done_status));
+  if (d.p.done_status == KEEL_EINDOUBT) {
+    cr_assert_eq(s.in_doubt, 1);
+    cr_assert_eq(s.rollbacks, 0, "an in-doubt COMMIT is not a rollback");
+    cr_assert(strstr(keel_pg_pool_last_error(d.p.pool), "COMMIT outcome unknown") != NULL, "%s",
+              keel_pg_pool_last_error(d.p.pool));
+  }
+  cr_assert_eq(s.transactions, 0);
+  keel_pg_pool_close(d.p.pool, NULL, NULL);
+  kt_loop_finish(&d.p.loop);
+  proxy_stop(&x);
+  /* And it did commit: what KEEL_ECONN ("certainly not") would deny. */
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM %s", d.table);
+  char *count = NULL;
+  for (int i = 0; i < 50; i++) {
+    free(count);
+    count = kt_pg_scalar(sql);
+    if (count != NULL && strcmp(count, "1") == 0) break;
+    usleep(100 * 1000);
+  }
+  cr_assert_str_eq(count, "1", "the lost COMMIT committed");
+  free(count);
+  snprintf(sql, sizeof sql, "DROP TABLE %s; DROP FUNCTION %s_slow()", d.table, d.table);
+  kt_pg_exec(sql);
+}
