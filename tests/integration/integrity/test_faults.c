@@ -1119,3 +1119,135 @@ Test(faults, installer_on_a_schema_qualified_table) {
   snprintf(sql, sizeof sql, "DROP SCHEMA %s CASCADE", schema);
   kt_pg_exec(sql);
 }
+
+/* ---- lost in flight, exactly: a proxy cuts right before a reply ------------ */
+
+#include "../pg/pgproxy.h"
+
+typedef struct cutfx {
+  fx f;
+  pgproxy *proxy;
+  char via[512];
+} cutfx;
+
+static void setup_cut(cutfx *c) {
+  memset(c, 0, sizeof *c);
+  fx *f = &c->f;
+  uv_loop_init(&f->loop);
+  kt_unique_name(f->table, sizeof f->table, "igcut");
+  char sql[512];
+  snprintf(sql, sizeof sql,
+           "CREATE TABLE %s (id int PRIMARY KEY, n int NOT NULL DEFAULT 0, slug text UNIQUE, "
+           "version bigint NOT NULL DEFAULT 1); INSERT INTO %s (id) VALUES (1); "
+           "CREATE TABLE IF NOT EXISTS keel_tx_idempotency (key text PRIMARY KEY, "
+           "committed_at timestamptz NOT NULL DEFAULT now())",
+           f->table, f->table);
+  kt_pg_exec(sql);
+  c->proxy = pgproxy_start(&f->loop, kt_pg_conninfo(), c->via, sizeof c->via);
+  cr_assert_not_null(c->proxy);
+  keel_pg_pool_opts po;
+  keel_pg_pool_opts_init(&po);
+  po.conn.conninfo = c->via;
+  po.size = 1;
+  cr_assert_eq(keel_pg_pool_new(&f->loop, &po, &f->pool), 0);
+  cr_assert_eq(keel_integrity_new(&f->loop, f->pool, NULL, &f->ig), 0);
+  warm_up(f, 1);
+}
+
+static void teardown_cut(cutfx *c) {
+  pgproxy_stop(c->proxy);
+  teardown(&c->f);
+}
+
+static void inc_tx_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  inc *x = data;
+  x->tx = tx;
+  char sql[256];
+  snprintf(sql, sizeof sql, "UPDATE %s SET n = n + 1 WHERE id = 1", x->f->table);
+  if (keel_pg_query(conn, sql, 0, NULL, after_inc, x) != 0) keel_pg_tx_finish(tx, UV_ENOMEM);
+}
+
+Test(faults, a_commit_lost_in_flight_is_looked_up_not_retried_blindly) {
+  for (int variant = 0; variant < 3; variant++) {
+    cutfx c;
+    setup_cut(&c);
+    fx *f = &c.f;
+    inc x = {f, NULL};
+    /* The server commits; the client never hears of it. */
+    pgproxy_cut_at(c.proxy, "COMMIT", false);
+    int rc;
+    if (variant == 0) {
+      rc = keel_tx_run(f->ig, KEEL_PG_READ_COMMITTED, NULL, inc_tx_body, on_inc_done, &x);
+    } else if (variant == 1) {
+      rc = keel_tx_run_idempotent(f->ig, KEEL_PG_READ_COMMITTED, NULL, NULL, inc_tx_body,
+                                  on_inc_done, &x);
+    } else {
+      const char *cols[] = {"n"};
+      keel_occ_spec s = {.table = f->table,
+                         .key_column = "id",
+                         .key_value = "1",
+                         .version_column = "version",
+                         .set_columns = cols,
+                         .set_count = 1};
+      rc = keel_occ_retry(f->ig, &s, NULL, plus_one, on_retried, f);
+    }
+    cr_assert_eq(rc, 0);
+    wait_done(f, 1);
+    cr_assert_eq(pgproxy_cuts(c.proxy), 1, "the COMMIT's reply was cut");
+    cr_assert_eq(f->statuses[0], 0, "variant %d: committed, found out: %s (%s)", variant,
+                 keel_err_name(f->statuses[0]), keel_integrity_last_error(f->ig));
+    cr_assert_eq(f->attempts[0], 1, "not run again");
+    char *n = scalar(f, "SELECT n FROM %s");
+    cr_assert_str_eq(n, "1", "applied exactly once");
+    free(n);
+    keel_integrity_stats st;
+    keel_integrity_get_stats(f->ig, &st);
+    cr_assert_eq(st.in_doubt_resolved, 1);
+    cr_assert_eq(st.in_doubt, 0);
+    teardown_cut(&c);
+  }
+}
+
+Test(faults, single_statements_lost_in_flight_are_reported_in_doubt) {
+  cutfx c;
+  setup_cut(&c);
+  fx *f = &c.f;
+  /* A versioned update's reply (tag SELECT: it is a WITH ... SELECT). */
+  const char *cols[] = {"n"};
+  const char *vals[] = {"5"};
+  keel_occ_spec s = {.table = f->table,
+                     .key_column = "id",
+                     .key_value = "1",
+                     .version_column = "version",
+                     .expected_version = "1",
+                     .set_columns = cols,
+                     .set_values = vals,
+                     .set_count = 1};
+  pgproxy_cut_at(c.proxy, "SELECT", false);
+  cr_assert_eq(keel_occ_update(f->ig, &s, on_occ, f), 0);
+  wait_done(f, 1);
+  cr_assert_eq(f->statuses[0], KEEL_EINDOUBT, "%s: %s", keel_err_name(f->statuses[0]),
+               keel_integrity_last_error(f->ig));
+  warm_up(f, 1);
+  /* A slug whose COMMIT reply is lost. */
+  static slugs seen;
+  memset(&seen, 0, sizeof seen);
+  seen.f = f;
+  const char *id_col[] = {"id"};
+  const char *id_val[] = {"2"};
+  keel_slug_spec ss = {.table = f->table,
+                       .slug_column = "slug",
+                       .name = "Lost Reply",
+                       .columns = id_col,
+                       .values = id_val,
+                       .count = 1};
+  pgproxy_cut_at(c.proxy, "COMMIT", false);
+  cr_assert_eq(keel_slug_insert(f->ig, &ss, on_slug, &seen), 0);
+  wait_done(f, 2);
+  cr_assert_eq(f->statuses[1], KEEL_EINDOUBT, "%s: %s", keel_err_name(f->statuses[1]),
+               keel_integrity_last_error(f->ig));
+  keel_integrity_stats st;
+  keel_integrity_get_stats(f->ig, &st);
+  cr_assert_eq(st.in_doubt, 2);
+  teardown_cut(&c);
+}
