@@ -307,8 +307,9 @@ KEEL_EXTERN int keel_occ_set_value(keel_integrity *ig, int index, const char *va
 /*
  * The end of an optimistic retry: status as keel_occ_cb (KEEL_ECONFLICT
  * after the last attempt, with the current version), or the mutate
- * callback's error; version as keel_occ_cb (KEEL_EINDOUBT: the current
- * version when keel read it); attempts counts the attempts started.
+ * callback's error; version as keel_occ_cb (the new version after 0, the
+ * current one with KEEL_ECONFLICT, NULL otherwise, KEEL_EINDOUBT
+ * included); attempts counts the attempts started.
  */
 typedef void (*keel_occ_retry_cb)(keel_integrity *ig, int status, const char *version,
                                   unsigned attempts, void *data);
