@@ -22,22 +22,33 @@ uint32_t keel__sched_alloc(keel__sched *s) {
   uint32_t index = s->free_head;
   if (index != KEEL__NIL) {
     keel__job_slot *slot = keel__slot(s, index);
-    s->free_head = slot->next;
+    s->free_head = slot->link.next;
     slot->generation++;
     return index;
   }
-  if (s->slot_count == KEEL__NIL - 1) return KEEL__NIL;
+  /* The last chunk ends below KEEL__NIL - 1, so ids never collide with NIL. */
+  if (s->slot_count >= KEEL__NIL - KEEL__SLAB_CHUNK) return KEEL__NIL;
   if ((s->slot_count & (KEEL__SLAB_CHUNK - 1)) == 0) {
-    /* A new chunk; slots never move, so pointers to them stay valid. */
+    /* A new chunk; slots never move, so pointers to them stay valid. The
+     * retry heap grows with it so that a retry never needs memory. */
+    uint32_t cap = (s->chunk_count + 1) * KEEL__SLAB_CHUNK;
+    if (s->heap_cap < cap) {
+      uint32_t *heap = keel__realloc(s->heap, (size_t)cap * sizeof *heap);
+      if (heap == NULL) return KEEL__NIL;
+      s->heap = heap;
+      s->heap_cap = cap;
+    }
     keel__job_slot **chunks = keel__realloc(s->chunks, (s->chunk_count + 1) * sizeof *chunks);
     if (chunks == NULL) return KEEL__NIL;
     s->chunks = chunks;
-    keel__job_slot *chunk = keel__calloc(KEEL__SLAB_CHUNK, sizeof *chunk);
+    /* Not zeroed: a slot's fields are set when it is first handed out. */
+    keel__job_slot *chunk = keel__malloc(KEEL__SLAB_CHUNK * sizeof *chunk);
     if (chunk == NULL) return KEEL__NIL;
     s->chunks[s->chunk_count++] = chunk;
   }
   index = s->slot_count++;
   keel__job_slot *slot = keel__slot(s, index);
+  memset(slot, 0, sizeof *slot);
   slot->generation = 1;
   return index;
 }
@@ -50,7 +61,7 @@ void keel__sched_release(keel__sched *s, uint32_t index) {
   slot->state = KEEL__JOB_FREE;
   slot->attempts = 0;
   slot->last_delay_ms = 0;
-  slot->next = s->free_head;
+  slot->link.next = s->free_head;
   s->free_head = index;
 }
 
@@ -101,12 +112,12 @@ int keel__sched_enqueue(keel__sched *s, uint32_t index) {
     s->level_count++;
   }
   keel__level *level = &s->levels[at];
-  slot->next = KEEL__NIL;
+  slot->link.next = KEEL__NIL;
   slot->state = KEEL__JOB_PENDING;
   if (level->tail == KEEL__NIL)
     level->head = index;
   else
-    keel__slot(s, level->tail)->next = index;
+    keel__slot(s, level->tail)->link.next = index;
   level->tail = index;
   s->pending++;
   return 0;
@@ -117,9 +128,13 @@ uint32_t keel__sched_pop(keel__sched *s) {
     keel__level *level = &s->levels[s->level_count - 1];
     uint32_t index = level->head;
     keel__job_slot *slot = keel__slot(s, index);
-    level->head = slot->next;
-    if (level->head == KEEL__NIL) s->level_count--;
+    level->head = slot->link.next;
+    if (level->head == KEEL__NIL)
+      s->level_count--;
+    else
+      __builtin_prefetch(keel__slot(s, level->head), 1); /* the next pop's slot */
     if (slot->state == KEEL__JOB_CANCELLED) {
+      s->cancelled--;
       keel__sched_release(s, index);
       continue;
     }
@@ -134,6 +149,7 @@ void keel__sched_cancel_pending(keel__sched *s, uint32_t index) {
   slot->state = KEEL__JOB_CANCELLED;
   slot->payload = NULL;
   s->pending--;
+  s->cancelled++;
 }
 
 /* ---- retry heap ------------------------------------------------------- */
@@ -144,7 +160,7 @@ static bool due_before(const keel__sched *s, uint32_t a, uint32_t b) {
 
 static void heap_set(keel__sched *s, uint32_t pos, uint32_t index) {
   s->heap[pos] = index;
-  keel__slot(s, index)->heap_pos = pos;
+  keel__slot(s, index)->link.heap_pos = pos;
 }
 
 static void sift_up(keel__sched *s, uint32_t pos) {
@@ -171,24 +187,17 @@ static void sift_down(keel__sched *s, uint32_t pos) {
   heap_set(s, pos, index);
 }
 
-int keel__sched_wait(keel__sched *s, uint32_t index, uint64_t due_ms) {
-  if (s->heap_count == s->heap_cap) {
-    uint32_t cap = s->heap_cap ? s->heap_cap * 2 : 16;
-    uint32_t *heap = keel__realloc(s->heap, cap * sizeof *heap);
-    if (heap == NULL) return UV_ENOMEM;
-    s->heap = heap;
-    s->heap_cap = cap;
-  }
+void keel__sched_wait(keel__sched *s, uint32_t index, uint64_t due_ms) {
+  /* heap_cap covers every slot ever created (see keel__sched_alloc). */
   keel__job_slot *slot = keel__slot(s, index);
   slot->state = KEEL__JOB_WAITING;
   slot->at.due_ms = due_ms;
   heap_set(s, s->heap_count++, index);
   sift_up(s, s->heap_count - 1);
-  return 0;
 }
 
 void keel__sched_unwait(keel__sched *s, uint32_t index) {
-  uint32_t pos = keel__slot(s, index)->heap_pos;
+  uint32_t pos = keel__slot(s, index)->link.heap_pos;
   uint32_t last = s->heap[--s->heap_count];
   if (pos == s->heap_count) return;
   heap_set(s, pos, last);

@@ -40,10 +40,12 @@ typedef struct keel__job_slot {
   } at;
   int32_t priority;
   uint32_t generation;
-  uint32_t next;          /* FIFO link, or free-list link */
-  uint32_t heap_pos;      /* WAITING: index in the retry heap */
+  union {
+    uint32_t next;     /* PENDING/CANCELLED: FIFO link; FREE: free-list link */
+    uint32_t heap_pos; /* WAITING: index in the retry heap */
+  } link;
   uint32_t last_delay_ms; /* previous retry delay (decorrelated jitter) */
-  uint16_t attempts;
+  uint32_t attempts;      /* attempts started; max_retries < UINT32_MAX keeps it exact */
   uint8_t state;
 } keel__job_slot;
 
@@ -60,8 +62,10 @@ typedef struct keel__sched {
   /* levels sorted by ascending priority (highest last); empty ones removed */
   keel__level *levels;
   uint32_t level_count, level_cap;
-  uint64_t pending; /* live pending jobs (cancelled ones excluded) */
-  /* retry heap of slot indices */
+  uint64_t pending;   /* live pending jobs (cancelled ones excluded) */
+  uint64_t cancelled; /* cancelled jobs still linked in a FIFO (slot not yet reclaimed) */
+  /* retry heap of slot indices; its capacity always covers every slot, so
+   * keel__sched_wait() never allocates */
   uint32_t *heap;
   uint32_t heap_count, heap_cap;
 } keel__sched;
@@ -77,7 +81,8 @@ static inline uint64_t keel__job_id(uint32_t index, uint32_t generation) {
 void keel__sched_init(keel__sched *s);
 void keel__sched_free(keel__sched *s);
 /* Takes a free slot (state FREE, generation bumped); KEEL__NIL when out of
- * memory. */
+ * memory (a new chunk of slots and the retry heap's room for it are
+ * allocated together, or neither). */
 uint32_t keel__sched_alloc(keel__sched *s);
 /* Returns a slot to the free list (its overrides are freed). */
 void keel__sched_release(keel__sched *s, uint32_t index);
@@ -90,8 +95,8 @@ int keel__sched_enqueue(keel__sched *s, uint32_t index);
 uint32_t keel__sched_pop(keel__sched *s);
 /* Marks a pending slot cancelled (it is freed when pop meets it). */
 void keel__sched_cancel_pending(keel__sched *s, uint32_t index);
-/* Retry heap. */
-int keel__sched_wait(keel__sched *s, uint32_t index, uint64_t due_ms);
+/* Retry heap. keel__sched_wait cannot fail (room was reserved with the slot). */
+void keel__sched_wait(keel__sched *s, uint32_t index, uint64_t due_ms);
 void keel__sched_unwait(keel__sched *s, uint32_t index);
 /* The slot with the earliest due time, KEEL__NIL when none. */
 uint32_t keel__sched_next_due(const keel__sched *s);

@@ -323,12 +323,19 @@ Test(queue, cancel_in_each_state) {
 
   cr_assert_eq(keel_queue_cancel(h->q, running_id), KEEL_ENOTFOUND, "running");
   cr_assert_eq(keel_queue_cancel(h->q, pending_id), 0, "pending");
-  cr_assert_eq(h->released[3], 1);
-  cr_assert_eq(h->release_status[3], UV_ECANCELED);
+  cr_assert_eq(h->released[3], 0, "nothing is called inside cancel");
+  cr_assert_eq(h->errors, 1);
   cr_assert_eq(keel_queue_cancel(h->q, pending_id), KEEL_ENOTFOUND, "gone");
   cr_assert_eq(keel_queue_cancel(h->q, waiting_id), 0, "waiting for retry");
-  cr_assert_eq(h->released[1], 1);
+  cr_assert_eq(h->released[1], 0, "nothing is called inside cancel");
   cr_assert_eq(keel_queue_cancel(h->q, 12345678), KEEL_ENOTFOUND, "unknown");
+  uv_run(&h->loop, UV_RUN_NOWAIT);
+  cr_assert_eq(h->released[3], 1);
+  cr_assert_eq(h->release_status[3], UV_ECANCELED);
+  cr_assert_eq(h->released[1], 1);
+  cr_assert_eq(h->release_status[1], UV_ECANCELED);
+  cr_assert_eq(h->errors, 3, "on_error for both cancellations");
+  cr_assert_eq(h->finals, 2);
   keel_queue_get_stats(h->q, &s);
   cr_assert_eq(s.cancelled, 2);
   cr_assert_eq(s.waiting, 0);
@@ -473,58 +480,113 @@ Test(queue, threadsafe_push_from_four_threads, .timeout = 120) {
   free(st.seen);
 }
 
-typedef struct race_state {
+/* Issue 13 #4: pushers that keep pushing while the loop closes the queue
+ * (not joined before close). Every accepted push runs or is released with
+ * UV_ECANCELED, every thread sees KEEL_ECLOSING, and the memory stays valid
+ * for the pushers until the close callback returned (ASan checks). */
+enum { RACE_THREADS = 3, RACE_ROUNDS = 25 };
+
+typedef struct race_pusher {
   keel_queue *q;
-  int accepted;
-  int refused;
+  long accepted;
+  long full;
+  bool saw_closing;
+  uv_thread_t thread;
+} race_pusher;
+
+typedef struct race_state {
+  race_pusher pushers[RACE_THREADS];
+  long ran, cancelled, other_release;
+  int close_after; /* close from inside process after this many jobs; < 0: from a timer */
+  bool closed;
+  uv_timer_t timer;
 } race_state;
 
 static void race_thread(void *arg) {
-  race_state *r = arg;
-  for (int i = 0; i < 20000; i++) {
-    int rc = keel_queue_push_threadsafe(r->q, (void *)(intptr_t)i, 0);
-    if (rc == 0)
-      r->accepted++;
-    else {
-      cr_assert_eq(rc, UV_ECANCELED);
-      r->refused++;
+  race_pusher *p = arg;
+  for (;;) {
+    int rc = keel_queue_push_threadsafe(p->q, (void *)(intptr_t)1, 0);
+    if (rc == 0) {
+      p->accepted++;
+    } else if (rc == KEEL_ECLOSING) {
+      p->saw_closing = true;
+      return;
+    } else {
+      cr_assert_eq(rc, KEEL_EFULL, "unexpected %d", rc);
+      p->full++;
     }
   }
 }
 
-static int race_outcomes;
-static void race_process(keel_queue *q, keel_job *job, void *payload, void *data) {
-  (void)q;
-  (void)payload;
-  (void)data;
-  race_outcomes++;
-  keel_job_done(job, 0);
+static void race_closed(void *object, void *data) {
+  race_state *r = data;
+  /* The documented place to stop pushing threads: q is still valid. */
+  cr_assert_eq(keel_queue_push_threadsafe(object, NULL, 0), KEEL_ECLOSING);
+  for (int t = 0; t < RACE_THREADS; t++) uv_thread_join(&r->pushers[t].thread);
+  r->closed = true;
 }
+
+static void race_process(keel_queue *q, keel_job *job, void *payload, void *data) {
+  (void)payload;
+  race_state *r = data;
+  r->ran++;
+  keel_job_done(job, 0);
+  if (r->close_after >= 0 && r->ran == r->close_after) keel_queue_close(q, race_closed, r);
+}
+
 static void race_release(keel_queue *q, void *payload, int status, void *data) {
   (void)q;
   (void)payload;
-  (void)data;
-  if (status == UV_ECANCELED) race_outcomes++;
+  race_state *r = data;
+  if (status == UV_ECANCELED)
+    r->cancelled++;
+  else if (status != 0)
+    r->other_release++;
 }
 
-Test(queue, threadsafe_push_racing_with_close_loses_nothing) {
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  keel_queue_opts o;
-  keel_queue_opts_init(&o);
-  o.release = race_release;
-  keel_queue *q;
-  cr_assert_eq(keel_queue_new(&loop, race_process, &o, &q), 0);
-  race_state r = {q, 0, 0};
-  race_outcomes = 0;
-  uv_thread_t thread;
-  uv_thread_create(&thread, race_thread, &r);
-  for (int i = 0; i < 5; i++) uv_run(&loop, UV_RUN_NOWAIT);
-  keel_queue_close(q, NULL, NULL);
-  uv_thread_join(&thread); /* the thread finishes before the close callback runs */
-  kt_loop_finish(&loop);
-  cr_assert_eq(r.accepted + r.refused, 20000);
-  cr_assert_eq(race_outcomes, r.accepted, "every accepted push ran or was released");
+static void race_timer(uv_timer_t *timer) {
+  race_state *r = timer->data;
+  keel_queue_close(r->pushers[0].q, race_closed, r);
+  uv_close((uv_handle_t *)timer, NULL);
+}
+
+Test(queue, threadsafe_push_racing_with_close_loses_nothing, .timeout = 120) {
+  for (int round = 0; round < RACE_ROUNDS; round++) {
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    race_state *r = calloc(1, sizeof *r);
+    r->close_after = round % 2 ? 1 + round * 37 : -1;
+    keel_queue_opts o;
+    keel_queue_opts_init(&o);
+    o.concurrency = 4;
+    o.release = race_release;
+    o.data = r;
+    keel_queue *q;
+    cr_assert_eq(keel_queue_new(&loop, race_process, &o, &q), 0);
+    uv_timer_init(&loop, &r->timer);
+    r->timer.data = r;
+    for (int t = 0; t < RACE_THREADS; t++) {
+      r->pushers[t].q = q;
+      uv_thread_create(&r->pushers[t].thread, race_thread, &r->pushers[t]);
+    }
+    if (r->close_after < 0)
+      uv_timer_start(&r->timer, race_timer, (uint64_t)(round % 5), 0);
+    else
+      uv_timer_start(&r->timer, race_timer, 2000, 0); /* fallback */
+    while (!r->closed) uv_run(&loop, UV_RUN_ONCE);
+    if (!uv_is_closing((uv_handle_t *)&r->timer)) uv_close((uv_handle_t *)&r->timer, NULL);
+    kt_loop_finish(&loop);
+    long accepted = 0;
+    for (int t = 0; t < RACE_THREADS; t++) {
+      accepted += r->pushers[t].accepted;
+      cr_assert(r->pushers[t].saw_closing, "round %d: every pusher saw KEEL_ECLOSING", round);
+    }
+    cr_assert_eq(r->other_release, 0);
+    cr_assert_eq(r->ran + r->cancelled, accepted,
+                 "round %d: every accepted push ran or was cancelled (%ld + %ld vs %ld)", round,
+                 r->ran, r->cancelled, accepted);
+    free(r);
+  }
 }
 
 /* ---- close, stats, invalid input, allocation failure -------------------- */
@@ -552,12 +614,14 @@ Test(queue, close_with_work_in_every_state) {
   keel_queue_push(h->q, (void *)(intptr_t)4, 0, NULL); /* pending */
   cr_assert_eq(h->held_count, 3);
   keel_queue_close(h->q, NULL, NULL);
-  cr_assert_eq(h->released[1], 1, "waiting job released at close");
-  cr_assert_eq(h->released[4], 1, "pending job released at close");
+  cr_assert_eq(h->released[1] + h->released[4], 0, "nothing is released inside close");
+  cr_assert_eq(keel_queue_push(h->q, (void *)(intptr_t)5, 0, NULL), KEEL_ECLOSING);
+  uv_run(&h->loop, UV_RUN_NOWAIT);
+  cr_assert_eq(h->released[1], 1, "waiting job released after close");
+  cr_assert_eq(h->release_status[1], UV_ECANCELED);
+  cr_assert_eq(h->released[4], 1, "pending job released after close");
   cr_assert_eq(h->release_status[4], UV_ECANCELED);
   cr_assert_eq(h->released[2], 0, "running jobs are released when they report");
-  cr_assert_eq(keel_queue_push(h->q, (void *)(intptr_t)5, 0, NULL), UV_ECANCELED);
-  uv_run(&h->loop, UV_RUN_NOWAIT);
   keel_job_done(h->held[0], 0); /* the timed-out attempt of job 1 */
   keel_job_done(h->held[1], 0);
   keel_job_done(h->held[2], UV_EIO);
