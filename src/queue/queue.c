@@ -53,6 +53,13 @@ struct keel_queue {
   unsigned timed_out_outstanding; /* attempts that timed out, done not yet called */
   bool paused;
   bool in_dispatch;
+  /* Clock reads are the largest cost per job, so dispatch shares them: the
+   * time read to start an attempt also ends the previous synchronous one
+   * (completed inside process) and stamps pushes made from its callbacks. */
+  bool sync_end_pending; /* a synchronous attempt's end awaits the next read */
+  keel_job *current;     /* the attempt whose process() is running */
+  uint64_t sync_start_ns;
+  uint64_t now_ns; /* the dispatcher's last clock read */
   bool closing;
   bool drop_done; /* close: dropped jobs released, only the idle handle is left */
   bool idle_closing;
@@ -316,16 +323,22 @@ int keel_job_done(keel_job *run, int status) {
   }
   if (run->state != RUN_ACTIVE) return UV_EINVAL;
   if (status > 0) status = 0;
-  uint64_t now_ns = uv_hrtime();
-  keel__histogram_record(&q->run_hist, now_ns - run->started_ns);
-  timeout_remove(q, run);
   int rc = 0;
-  if (run->deadline_ns != 0 && now_ns >= run->deadline_ns) {
-    /* The deadline passed before the timer could fire (the loop was busy):
-     * a timeout all the same, whatever the status says. */
-    q->stats.timed_out++;
-    status = UV_ETIMEDOUT;
-    rc = KEEL_ESTALE;
+  if (run == q->current && run->deadline_ns == 0) {
+    /* Done inside its process(): timed by the dispatcher's next read. */
+    q->sync_start_ns = run->started_ns;
+    q->sync_end_pending = true;
+  } else {
+    uint64_t now_ns = uv_hrtime();
+    keel__histogram_record(&q->run_hist, now_ns - run->started_ns);
+    timeout_remove(q, run);
+    if (run->deadline_ns != 0 && now_ns >= run->deadline_ns) {
+      /* The deadline passed before the timer could fire (the loop was busy):
+       * a timeout all the same, whatever the status says. */
+      q->stats.timed_out++;
+      status = UV_ETIMEDOUT;
+      rc = KEEL_ESTALE;
+    }
   }
   attempt_ended(q, run, status);
   run_put(q, run);
@@ -368,6 +381,11 @@ static void check_drain(keel_queue *q) {
 static uint64_t start_run(keel_queue *q, uint32_t index) {
   keel__job_slot *slot = keel__slot(&q->sched, index);
   uint64_t now_ns = uv_hrtime();
+  q->now_ns = now_ns;
+  if (q->sync_end_pending) {
+    keel__histogram_record(&q->run_hist, now_ns - q->sync_start_ns);
+    q->sync_end_pending = false;
+  }
   keel__histogram_record(&q->wait_hist, now_ns - slot->at.ready_ns);
   slot->state = KEEL__JOB_RUNNING;
   slot->attempts++;
@@ -398,7 +416,9 @@ static uint64_t start_run(keel_queue *q, uint32_t index) {
                            : now_ns + timeout_ms * 1000000u;
     timeout_add(q, run);
   }
+  q->current = run;
   q->process(q, run, run->payload, q->opts.data);
+  q->current = NULL;
   return now_ns;
 }
 
@@ -423,6 +443,10 @@ static void dispatch(keel_queue *q) {
     } else if (now_ns >= end_ns) {
       break;
     }
+  }
+  if (q->sync_end_pending) {
+    keel__histogram_record(&q->run_hist, uv_hrtime() - q->sync_start_ns);
+    q->sync_end_pending = false;
   }
   q->in_dispatch = false;
 }
@@ -593,7 +617,8 @@ static int push_slot(keel_queue *q, void *payload, int priority, keel__job_overr
   slot->priority = priority;
   slot->overrides = overrides;
   slot->attempts = 0;
-  slot->at.ready_ns = uv_hrtime();
+  /* Inside dispatch (a push from a callback), its last read is fresh. */
+  slot->at.ready_ns = q->in_dispatch ? q->now_ns : uv_hrtime();
   if (keel__sched_enqueue(&q->sched, index) != 0) {
     slot->overrides = NULL; /* the caller still owns it */
     keel__sched_release(&q->sched, index);

@@ -31,8 +31,11 @@ uint32_t keel__sched_alloc(keel__sched *s) {
   if ((s->slot_count & (KEEL__SLAB_CHUNK - 1)) == 0) {
     /* A new chunk; slots never move, so pointers to them stay valid. The
      * retry heap grows with it so that a retry never needs memory. */
-    uint32_t cap = (s->chunk_count + 1) * KEEL__SLAB_CHUNK;
-    if (s->heap_cap < cap) {
+    uint32_t need = (s->chunk_count + 1) * KEEL__SLAB_CHUNK;
+    if (s->heap_cap < need) {
+      /* Doubling: a million pushes copy the heap a few times, not 250. */
+      uint32_t cap =
+          s->heap_cap >= need / 2 && s->heap_cap <= UINT32_MAX / 2 ? s->heap_cap * 2 : need;
       uint32_t *heap = keel__realloc(s->heap, (size_t)cap * sizeof *heap);
       if (heap == NULL) return KEEL__NIL;
       s->heap = heap;
