@@ -13,6 +13,7 @@ void keel__sched_free(keel__sched *s) {
   for (uint32_t i = 0; i < s->slot_count; i++) keel__free(keel__slot(s, i)->overrides);
   for (uint32_t c = 0; c < s->chunk_count; c++) keel__free(s->chunks[c]);
   keel__free(s->chunks);
+  for (uint32_t l = 0; l < s->level_cap; l++) keel__free(s->levels[l].ring);
   keel__free(s->levels);
   keel__free(s->heap);
   keel__sched_init(s);
@@ -97,6 +98,21 @@ static uint32_t level_search(const keel__sched *s, int32_t priority, bool *found
   return low;
 }
 
+static int ring_grow(keel__level *level) {
+  uint32_t cap = level->mask ? (level->mask + 1) * 2 : 16;
+  if (cap == 0) return UV_ENOMEM;
+  uint32_t *ring = keel__malloc((size_t)cap * sizeof *ring);
+  if (ring == NULL) return UV_ENOMEM;
+  /* Unwrap the old ring into the new one, oldest first. */
+  for (uint32_t i = 0; i < level->count; i++)
+    ring[i] = level->ring[(level->head + i) & level->mask];
+  keel__free(level->ring);
+  level->ring = ring;
+  level->head = 0;
+  level->mask = cap - 1;
+  return 0;
+}
+
 int keel__sched_enqueue(keel__sched *s, uint32_t index) {
   keel__job_slot *slot = keel__slot(s, index);
   bool found;
@@ -106,36 +122,51 @@ int keel__sched_enqueue(keel__sched *s, uint32_t index) {
       uint32_t cap = s->level_cap ? s->level_cap * 2 : 8;
       keel__level *levels = keel__realloc(s->levels, cap * sizeof *levels);
       if (levels == NULL) return UV_ENOMEM;
+      memset(&levels[s->level_cap], 0, (cap - s->level_cap) * sizeof *levels);
       s->levels = levels;
       s->level_cap = cap;
     }
+    /* The entry past the last level is a spare (maybe with a ring): it
+     * becomes the new level, the others move up by one. */
+    keel__level spare = s->levels[s->level_count];
+    if (spare.mask == 0 && ring_grow(&spare) != 0) return UV_ENOMEM;
     memmove(&s->levels[at + 1], &s->levels[at], (s->level_count - at) * sizeof *s->levels);
-    s->levels[at].priority = slot->priority;
-    s->levels[at].head = s->levels[at].tail = KEEL__NIL;
+    spare.priority = slot->priority;
+    spare.head = spare.count = 0;
+    s->levels[at] = spare;
     s->level_count++;
   }
   keel__level *level = &s->levels[at];
-  slot->link.next = KEEL__NIL;
+  if (level->count > level->mask && ring_grow(level) != 0) {
+    if (level->count == 0) { /* just created: remove it again, keeping its ring */
+      keel__level empty = *level;
+      memmove(&s->levels[at], &s->levels[at + 1], (s->level_count - at - 1) * sizeof *s->levels);
+      s->level_count--;
+      s->levels[s->level_count] = empty;
+    }
+    return UV_ENOMEM;
+  }
+  level->ring[(level->head + level->count) & level->mask] = index;
+  level->count++;
   slot->state = KEEL__JOB_PENDING;
-  if (level->tail == KEEL__NIL)
-    level->head = index;
-  else
-    keel__slot(s, level->tail)->link.next = index;
-  level->tail = index;
   s->pending++;
   return 0;
 }
 
+/* How many pops ahead the slot is prefetched. */
+#define KEEL__PREFETCH_AHEAD 8
+
 uint32_t keel__sched_pop(keel__sched *s) {
   while (s->level_count > 0) {
     keel__level *level = &s->levels[s->level_count - 1];
-    uint32_t index = level->head;
+    uint32_t index = level->ring[level->head];
+    level->head = (level->head + 1) & level->mask;
+    if (--level->count == 0)
+      s->level_count--; /* the entry stays as a spare, with its ring */
+    else if (level->count > KEEL__PREFETCH_AHEAD)
+      __builtin_prefetch(
+          keel__slot(s, level->ring[(level->head + KEEL__PREFETCH_AHEAD) & level->mask]), 1);
     keel__job_slot *slot = keel__slot(s, index);
-    level->head = slot->link.next;
-    if (level->head == KEEL__NIL)
-      s->level_count--;
-    else
-      __builtin_prefetch(keel__slot(s, level->head), 1); /* the next pop's slot */
     if (slot->state == KEEL__JOB_CANCELLED) {
       s->cancelled--;
       keel__sched_release(s, index);

@@ -1,6 +1,7 @@
 /* The job queue's scheduler core, without I/O: a chunked slab of job slots
- * (ids encode slot + generation, so cancel needs no hash map), one FIFO per
- * distinct priority level with the levels in a sorted array (push and pop
+ * (ids encode slot + generation, so cancel needs no hash map), one FIFO (a
+ * ring of slot indices) per distinct priority level with the levels in a
+ * sorted array (push and pop
  * O(1) for the few levels real workloads use, stable within a level), and
  * a min-heap of jobs waiting for a retry, ordered by due time. */
 #ifndef KEEL_QUEUE_SCHED_H
@@ -41,7 +42,7 @@ typedef struct keel__job_slot {
   int32_t priority;
   uint32_t generation;
   union {
-    uint32_t next;     /* PENDING/CANCELLED: FIFO link; FREE: free-list link */
+    uint32_t next;     /* FREE: free-list link */
     uint32_t heap_pos; /* WAITING: index in the retry heap */
   } link;
   uint32_t last_delay_ms; /* previous retry delay (decorrelated jitter) */
@@ -49,9 +50,13 @@ typedef struct keel__job_slot {
   uint8_t state;
 } keel__job_slot;
 
+/* One priority level: a ring of slot indices in push order. Reading the
+ * indices in order lets pop prefetch the slots a few jobs ahead (a list
+ * linked through the slots would miss the cache on every pop). */
 typedef struct keel__level {
   int32_t priority;
-  uint32_t head, tail;
+  uint32_t head, count, mask; /* ring capacity mask + 1, a power of two; 0 when none */
+  uint32_t *ring;
 } keel__level;
 
 typedef struct keel__sched {
@@ -59,7 +64,8 @@ typedef struct keel__sched {
   uint32_t chunk_count;
   uint32_t slot_count; /* slots ever created */
   uint32_t free_head;
-  /* levels sorted by ascending priority (highest last); empty ones removed */
+  /* levels sorted by ascending priority (highest last); empty ones removed.
+   * Entries from level_count to level_cap keep their rings for reuse. */
   keel__level *levels;
   uint32_t level_count, level_cap;
   uint64_t pending;   /* live pending jobs (cancelled ones excluded) */
@@ -88,7 +94,8 @@ uint32_t keel__sched_alloc(keel__sched *s);
 void keel__sched_release(keel__sched *s, uint32_t index);
 /* Finds the slot of an id; KEEL__NIL when unknown or stale. */
 uint32_t keel__sched_lookup(const keel__sched *s, uint64_t id);
-/* Appends a slot to its priority's FIFO (state PENDING). 0 or UV_ENOMEM. */
+/* Appends a slot to its priority's FIFO (state PENDING). 0 or UV_ENOMEM
+ * (a new level or a larger ring was needed). */
 int keel__sched_enqueue(keel__sched *s, uint32_t index);
 /* Removes and returns the first live pending slot, freeing cancelled ones
  * met on the way; KEEL__NIL when none. */
