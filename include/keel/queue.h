@@ -99,7 +99,7 @@ typedef void (*keel_queue_drain_cb)(keel_queue *q, void *data);
 /* Returns nonzero when a failure with this status may be retried. */
 typedef int (*keel_queue_classify_fn)(int status, void *data);
 
-/* Default of keel_queue_opts.max_pending: 1,048,576 jobs (about 48 MB of
+/* Default of keel_queue_opts.max_pending: 1,048,576 jobs (about 50 MB of
  * job slots). */
 #define KEEL_QUEUE_DEFAULT_MAX_PENDING ((size_t)1 << 20)
 /* Defaults of the dispatch slice: at most this many attempts started, and

@@ -246,7 +246,7 @@ static void release_payload(keel_queue *q, void *payload, int status) {
 }
 
 static const keel__job_overrides *overrides_of(keel_queue *q, uint32_t slot) {
-  return keel__slot(&q->sched, slot)->overrides;
+  return keel__sched_overrides(&q->sched, slot);
 }
 
 static uint64_t timeout_of(keel_queue *q, uint32_t slot) {
@@ -271,7 +271,7 @@ static void finish_job(keel_queue *q, uint32_t index, int status) {
  * attempt handle could be allocated (status UV_ENOMEM). */
 static void attempt_failed(keel_queue *q, keel_job *run, uint32_t index, int status) {
   keel__job_slot *slot = keel__slot(&q->sched, index);
-  const keel__job_overrides *ov = slot->overrides;
+  const keel__job_overrides *ov = keel__sched_overrides(&q->sched, index);
   unsigned max_retries =
       ov != NULL && ov->max_retries >= 0 ? (unsigned)ov->max_retries : q->opts.max_retries;
   keel_queue_classify_fn classify = q->opts.classify ? q->opts.classify : default_classify;
@@ -615,12 +615,15 @@ static int push_slot(keel_queue *q, void *payload, int priority, keel__job_overr
   keel__job_slot *slot = keel__slot(&q->sched, index);
   slot->payload = payload;
   slot->priority = priority;
-  slot->overrides = overrides;
+  if (overrides != NULL && keel__sched_set_overrides(&q->sched, index, overrides) != 0) {
+    keel__sched_release(&q->sched, index);
+    return keel__fail(q->last_error, UV_ENOMEM, "out of memory");
+  }
   slot->attempts = 0;
   /* Inside dispatch (a push from a callback), its last read is fresh. */
   slot->at.ready_ns = q->in_dispatch ? q->now_ns : uv_hrtime();
   if (keel__sched_enqueue(&q->sched, index) != 0) {
-    slot->overrides = NULL; /* the caller still owns it */
+    keel__sched_set_overrides(&q->sched, index, NULL); /* the caller still owns it */
     keel__sched_release(&q->sched, index);
     return keel__fail(q->last_error, UV_ENOMEM, "out of memory");
   }

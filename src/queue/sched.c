@@ -10,8 +10,13 @@ void keel__sched_init(keel__sched *s) {
 }
 
 void keel__sched_free(keel__sched *s) {
-  for (uint32_t i = 0; i < s->slot_count; i++) keel__free(keel__slot(s, i)->overrides);
-  for (uint32_t c = 0; c < s->chunk_count; c++) keel__free(s->chunks[c]);
+  for (uint32_t c = 0; c < s->chunk_count; c++) {
+    if (s->overrides[c] != NULL)
+      for (uint32_t i = 0; i < KEEL__SLAB_CHUNK; i++) keel__free(s->overrides[c][i]);
+    keel__free(s->overrides[c]);
+    keel__free(s->chunks[c]);
+  }
+  keel__free(s->overrides);
   keel__free(s->chunks);
   for (uint32_t l = 0; l < s->level_cap; l++) keel__free(s->levels[l].ring);
   keel__free(s->levels);
@@ -45,9 +50,13 @@ uint32_t keel__sched_alloc(keel__sched *s) {
     keel__job_slot **chunks = keel__realloc(s->chunks, (s->chunk_count + 1) * sizeof *chunks);
     if (chunks == NULL) return KEEL__NIL;
     s->chunks = chunks;
+    keel__job_overrides ***ov = keel__realloc(s->overrides, (s->chunk_count + 1) * sizeof *ov);
+    if (ov == NULL) return KEEL__NIL;
+    s->overrides = ov;
     /* Not zeroed: a slot's fields are set when it is first handed out. */
     keel__job_slot *chunk = keel__malloc(KEEL__SLAB_CHUNK * sizeof *chunk);
     if (chunk == NULL) return KEEL__NIL;
+    s->overrides[s->chunk_count] = NULL;
     s->chunks[s->chunk_count++] = chunk;
   }
   index = s->slot_count++;
@@ -59,14 +68,31 @@ uint32_t keel__sched_alloc(keel__sched *s) {
 
 void keel__sched_release(keel__sched *s, uint32_t index) {
   keel__job_slot *slot = keel__slot(s, index);
-  keel__free(slot->overrides);
-  slot->overrides = NULL;
+  if (slot->has_overrides) {
+    keel__job_overrides **entry =
+        &s->overrides[index >> KEEL__SLAB_CHUNK_BITS][index & (KEEL__SLAB_CHUNK - 1)];
+    keel__free(*entry);
+    *entry = NULL;
+    slot->has_overrides = 0;
+  }
   slot->payload = NULL;
   slot->state = KEEL__JOB_FREE;
   slot->attempts = 0;
   slot->last_delay_ms = 0;
   slot->link.next = s->free_head;
   s->free_head = index;
+}
+
+int keel__sched_set_overrides(keel__sched *s, uint32_t index, keel__job_overrides *ov) {
+  keel__job_overrides ***table = &s->overrides[index >> KEEL__SLAB_CHUNK_BITS];
+  if (*table == NULL) {
+    if (ov == NULL) return 0;
+    *table = keel__calloc(KEEL__SLAB_CHUNK, sizeof **table);
+    if (*table == NULL) return UV_ENOMEM;
+  }
+  (*table)[index & (KEEL__SLAB_CHUNK - 1)] = ov;
+  keel__slot(s, index)->has_overrides = ov != NULL;
+  return 0;
 }
 
 uint32_t keel__sched_lookup(const keel__sched *s, uint64_t id) {

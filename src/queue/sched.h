@@ -32,9 +32,10 @@ typedef struct keel__job_overrides {
   uint64_t timeout_ms;
 } keel__job_overrides;
 
+/* 40 bytes: the slab is most of the queue's memory per job, and the first
+ * write into it most of the cost of a burst of pushes. */
 typedef struct keel__job_slot {
   void *payload;
-  keel__job_overrides *overrides;
   union {
     uint64_t ready_ns; /* PENDING: when it became pending (wait time) */
     uint64_t due_ms;   /* WAITING: when the retry is due */
@@ -48,6 +49,7 @@ typedef struct keel__job_slot {
   uint32_t last_delay_ms; /* previous retry delay (decorrelated jitter) */
   uint32_t attempts;      /* attempts started; max_retries < UINT32_MAX keeps it exact */
   uint8_t state;
+  uint8_t has_overrides; /* its overrides are in the chunk's side table */
 } keel__job_slot;
 
 /* One priority level: a ring of slot indices in push order. Reading the
@@ -61,6 +63,9 @@ typedef struct keel__level {
 
 typedef struct keel__sched {
   keel__job_slot **chunks;
+  /* per chunk, NULL until a job of the chunk has overrides: a table of
+   * KEEL__SLAB_CHUNK pointers, so plain jobs carry no pointer for them */
+  keel__job_overrides ***overrides;
   uint32_t chunk_count;
   uint32_t slot_count; /* slots ever created */
   uint32_t free_head;
@@ -90,6 +95,14 @@ void keel__sched_free(keel__sched *s);
  * memory (a new chunk of slots and the retry heap's room for it are
  * allocated together, or neither). */
 uint32_t keel__sched_alloc(keel__sched *s);
+/* Attaches per-job overrides to a slot (the slot owns them from then on;
+ * NULL detaches without freeing). 0, or UV_ENOMEM (nothing attached). */
+int keel__sched_set_overrides(keel__sched *s, uint32_t index, keel__job_overrides *ov);
+/* The slot's overrides, NULL when none. */
+static inline keel__job_overrides *keel__sched_overrides(const keel__sched *s, uint32_t index) {
+  if (!keel__slot(s, index)->has_overrides) return NULL;
+  return s->overrides[index >> KEEL__SLAB_CHUNK_BITS][index & (KEEL__SLAB_CHUNK - 1)];
+}
 /* Returns a slot to the free list (its overrides are freed). */
 void keel__sched_release(keel__sched *s, uint32_t index);
 /* Finds the slot of an id; KEEL__NIL when unknown or stale. */
