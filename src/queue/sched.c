@@ -83,6 +83,8 @@ void keel__sched_release(keel__sched *s, uint32_t index) {
   s->free_head = index;
 }
 
+_Static_assert(sizeof(keel__job_slot) == 40, "a job slot stays 40 bytes");
+
 int keel__sched_set_overrides(keel__sched *s, uint32_t index, keel__job_overrides *ov) {
   keel__job_overrides ***table = &s->overrides[index >> KEEL__SLAB_CHUNK_BITS];
   if (*table == NULL) {
