@@ -20,7 +20,9 @@
  *     uint64_t id;
  *     keel_queue_push(q, user, 10, &id);      // priority 10 before priority 0
  *
- * Everything is loop-thread only except keel_queue_push_threadsafe().
+ * Everything is loop-thread only except keel_queue_push_threadsafe() and
+ * the two opts_init functions. Memory is bounded: at most max_pending jobs
+ * held besides the running ones (default KEEL_QUEUE_DEFAULT_MAX_PENDING).
  */
 #ifndef KEEL_QUEUE_H
 #define KEEL_QUEUE_H
@@ -39,51 +41,84 @@ extern "C" {
 
 typedef struct keel_queue keel_queue;
 
-/* One attempt of a job, handed to the process function. Valid until
- * keel_job_done() is called for it (and, after a timeout, until that late
- * call). */
+/*
+ * One attempt of a job, handed to the process function (and to on_complete
+ * and on_error for that attempt). The handle is valid from the process call
+ * until keel_job_done() returns for it; if the attempt times out first, it
+ * stays valid (for keel_job_done() only) until that late call. After
+ * keel_job_done() returned, the handle is recycled for later attempts: do
+ * not use it again.
+ */
 typedef struct keel_job keel_job;
 
 /*
  * Runs one attempt of a job. payload is the pointer given to push. The
  * attempt ends with keel_job_done(job, status), called exactly once, now or
- * later from the loop thread.
+ * later from the loop thread. Called from the loop, never inside a keel
+ * call of yours; keel_queue_close() may be called from here.
  */
 typedef void (*keel_queue_process_fn)(keel_queue *q, keel_job *job, void *payload, void *data);
 
-/* A successful job (status 0). */
+/* A successful attempt (status 0). Called inside keel_job_done() (that call
+ * reports the outcome), before release. */
 typedef void (*keel_queue_complete_cb)(keel_queue *q, keel_job *job, void *payload, void *data);
 
 /*
  * A failed attempt (the seed's onError). final is true when the job will not
- * be retried (retries exhausted, or the classifier said the error is not
- * retryable, or it was cancelled); attempts counts the attempts so far.
+ * be retried (retries exhausted, the classifier said the error is not
+ * retryable, the queue is closing, or it was cancelled); attempts counts the
+ * attempts so far.
+ *
+ * job is the attempt's handle, or NULL when there is no attempt: the job was
+ * cancelled (status UV_ECANCELED, final), no memory could be found to start
+ * an attempt (status UV_ENOMEM; it counts as an attempt and is retried like
+ * any failure), or no memory to put a due retry back in its priority level
+ * (status UV_ENOMEM, final).
+ *
+ * Called inside keel_job_done() for a failure it reports, and from the loop
+ * for timeouts, cancellations and the UV_ENOMEM cases; never inside
+ * keel_queue_cancel() or keel_queue_close().
  */
 typedef void (*keel_queue_error_cb)(keel_queue *q, keel_job *job, void *payload, int status,
                                     unsigned attempts, bool final, void *data);
 
 /*
  * The queue is done with a payload: called exactly once for every job that
- * push accepted, after on_complete / on_error: status 0 (completed), the
- * final failure, or UV_ECANCELED (cancelled, or still queued at close).
- * Free the payload here.
+ * a push accepted, after on_complete / on_error: status 0 (completed), the
+ * final failure, UV_ECANCELED (cancelled, or dropped by close), or
+ * UV_ENOMEM (a thread-safe push the loop had no memory to queue). Free the
+ * payload here. Never called inside a push, keel_queue_cancel() or
+ * keel_queue_close().
  */
 typedef void (*keel_queue_release_fn)(keel_queue *q, void *payload, int status, void *data);
 
-/* Nothing is pending, waiting for a retry or running. */
+/* Nothing is pending, waiting for a retry or running (called from the loop,
+ * once per time the queue empties; never while closing). */
 typedef void (*keel_queue_drain_cb)(keel_queue *q, void *data);
 
 /* Returns nonzero when a failure with this status may be retried. */
 typedef int (*keel_queue_classify_fn)(int status, void *data);
 
+/* Default of keel_queue_opts.max_pending: 1,048,576 jobs (about 50 MB of
+ * job slots). */
+#define KEEL_QUEUE_DEFAULT_MAX_PENDING ((size_t)1 << 20)
+/* Defaults of the dispatch slice: at most this many attempts started, and
+ * for at most this long, per loop iteration. */
+#define KEEL_QUEUE_DEFAULT_SLICE_JOBS 4096u
+#define KEEL_QUEUE_DEFAULT_SLICE_US 1000u
+
 typedef struct keel_queue_opts {
   unsigned concurrency;               /* jobs running at once; default 1 (the seed's), >= 1 */
-  unsigned max_retries;               /* retries after the first attempt; default 3 */
+  unsigned max_retries;               /* retries after the first attempt; default 3;
+                                         < UINT32_MAX */
   keel_backoff retry_backoff;         /* default fixed 1000 ms (the seed's retryDelay) */
   uint64_t timeout_ms;                /* per attempt; 0 = none (default). A timed-out attempt
                                          fails with UV_ETIMEDOUT. */
-  size_t max_pending;                 /* pushes beyond this many pending jobs get KEEL_EFULL;
-                                         0 = unbounded (default) */
+  size_t max_pending;                 /* bound on the jobs the queue holds that are not
+                                         running: pending, waiting for a retry, and cancelled
+                                         ones whose slot is not reclaimed yet. Pushes beyond
+                                         it get KEEL_EFULL. Default
+                                         KEEL_QUEUE_DEFAULT_MAX_PENDING; 0 = unbounded */
   keel_queue_complete_cb on_complete; /* may be NULL */
   keel_queue_error_cb on_error;       /* may be NULL */
   keel_queue_release_fn release;      /* may be NULL */
@@ -93,23 +128,33 @@ typedef struct keel_queue_opts {
   void *data;                         /* passed to every callback above */
   uint64_t seed;                      /* jitter seed; 0 = from uv_hrtime() */
   uint32_t rate_interval_ms;          /* jobs/s is measured over this interval; default 1000 */
+  uint32_t slice_jobs;                /* attempts started per loop iteration at most; then the
+                                         loop runs its timers and I/O before the next slice.
+                                         Default (and 0) KEEL_QUEUE_DEFAULT_SLICE_JOBS */
+  uint32_t slice_us;                  /* and a slice ends once it has run this long (checked
+                                         between attempts). Default (and 0)
+                                         KEEL_QUEUE_DEFAULT_SLICE_US */
+  uint64_t reserved_[8];              /* ABI room: zero (opts_init does); never set */
 } keel_queue_opts;
 
-/* Fills opts with the defaults above. */
+/* Zeroes *opts, then fills the defaults above. NULL-safe. Any thread. */
 KEEL_EXTERN void keel_queue_opts_init(keel_queue_opts *opts);
 
 /*
- * Creates a queue. process is required; opts is copied.
- * Returns 0 and sets *out; UV_EINVAL (NULL loop/process/opts/out,
- * concurrency 0, bad backoff: keel_queue_new_ex() says which); UV_ENOMEM.
- * *out is untouched on failure.
+ * Creates a queue. process is required; opts is copied (nothing is kept of
+ * it). No callback runs inside this call.
+ *
+ * Returns 0 and sets *out; UV_EINVAL for a NULL loop, process, opts or out,
+ * concurrency 0, max_retries >= UINT32_MAX or a bad backoff
+ * (keel_queue_new_ex() says which); UV_ENOMEM; or an error of
+ * uv_async_init(). *out is untouched on failure. Loop thread only.
  */
 KEEL_EXTERN int keel_queue_new(uv_loop_t *loop, keel_queue_process_fn process,
                                const keel_queue_opts *opts, keel_queue **out);
 
 /* Like keel_queue_new(), and explains a failure: writes the reason
  * (NUL-terminated, truncated to why_cap) into why_buf, "" on success.
- * why_buf may be NULL. */
+ * why_buf may be NULL. Same errors. Loop thread only. */
 KEEL_EXTERN int keel_queue_new_ex(uv_loop_t *loop, keel_queue_process_fn process,
                                   const keel_queue_opts *opts, keel_queue **out, char *why_buf,
                                   size_t why_cap);
@@ -117,15 +162,17 @@ KEEL_EXTERN int keel_queue_new_ex(uv_loop_t *loop, keel_queue_process_fn process
 /*
  * Pushes a job with the given priority (any int; higher runs first, equal
  * priorities in push order). Jobs start on a later loop iteration, never
- * inside this call.
+ * inside this call, and no callback runs inside it.
  *
  * payload  owned by the caller until opts.release is called for it (never
- *          freed by keel).
- * id_out   may be NULL; receives an id for keel_queue_cancel().
+ *          freed by keel); on an error it stays the caller's.
+ * id_out   may be NULL; receives an id for keel_queue_cancel(); untouched on
+ *          failure.
  *
- * Returns 0; KEEL_EFULL when max_pending jobs are already pending (nothing
- * taken); UV_EINVAL for a NULL queue; UV_ENOMEM; UV_ECANCELED while closing.
- * Loop thread only.
+ * Returns 0; KEEL_EFULL when max_pending jobs are already held (pending,
+ * waiting for a retry or cancelled, see keel_queue_opts); KEEL_ECLOSING once
+ * keel_queue_close() has begun; UV_EINVAL for a NULL queue; UV_ENOMEM.
+ * Nothing is taken on an error. Loop thread only.
  */
 KEEL_EXTERN int keel_queue_push(keel_queue *q, void *payload, int priority, uint64_t *id_out);
 
@@ -135,53 +182,89 @@ typedef struct keel_queue_push_opts {
   int max_retries;             /* < 0: the queue's (default) */
   const keel_backoff *backoff; /* NULL: the queue's; copied */
   uint64_t timeout_ms;         /* 0: the queue's; UINT64_MAX: none */
+  uint64_t reserved_[8];       /* ABI room: zero (opts_init does); never set */
 } keel_queue_push_opts;
 
+/* Zeroes *opts, then sets max_retries = -1 (the queue's). NULL-safe. Any
+ * thread. */
 KEEL_EXTERN void keel_queue_push_opts_init(keel_queue_push_opts *opts);
 
-/* Pushes with per-job retry/timeout overrides. Errors as keel_queue_push(),
- * plus UV_EINVAL for a bad backoff (message in keel_queue_last_error()). */
+/* Pushes with per-job retry/timeout overrides (opts is copied). Errors as
+ * keel_queue_push(), plus UV_EINVAL for NULL opts or a bad backoff (message
+ * in keel_queue_last_error()). Loop thread only. */
 KEEL_EXTERN int keel_queue_push_ex(keel_queue *q, void *payload, const keel_queue_push_opts *opts,
                                    uint64_t *id_out);
 
 /*
- * Thread-safe push: callable from any thread. The job is handed to the loop
- * through one uv_async_t (many pushes per wake-up) and pushed there.
+ * Thread-safe push: callable from any thread, including while the loop
+ * closes the queue. The job is handed to the loop through one uv_async_t
+ * (many pushes per wake-up) and pushed there.
+ *
  * Returns 0 (the job will run, or be released with UV_ECANCELED if the queue
- * closes first), UV_ECANCELED when close has begun (nothing taken), UV_EINVAL
- * or UV_ENOMEM. max_pending is not applied to these pushes. Must not be
- * called after the close callback has run.
+ * closes first, or with UV_ENOMEM if the loop has no memory to queue it);
+ * KEEL_ECLOSING once keel_queue_close() has begun (nothing taken: a pusher
+ * should stop pushing to this queue); KEEL_EFULL when max_pending jobs are
+ * held or handed over (nothing taken); UV_EINVAL for a NULL queue;
+ * UV_ENOMEM.
+ *
+ * Threads: calls may run concurrently with each other and with the loop,
+ * and keep returning KEEL_ECLOSING until the close callback returns. The
+ * queue's memory is freed after the close callback returns and once no call
+ * is inside this function any more; no call may start after the close
+ * callback returned. So pass a close callback and stop (join) the pushing
+ * threads there, or stop them before keel_queue_close().
  */
 KEEL_EXTERN int keel_queue_push_threadsafe(keel_queue *q, void *payload, int priority);
 
 /*
- * Ends the attempt: status 0 for success or a negative error. Returns 0;
- * KEEL_ESTALE when the attempt had already timed out (the call is ignored
- * and the attempt's handle is freed); UV_EINVAL for NULL or a handle that
- * already reported. Loop thread only.
+ * Ends the attempt: status 0 for success or a negative error (a positive
+ * status counts as 0). The attempt's on_complete or on_error, and release
+ * when the job ends, run inside this call, before it returns.
+ *
+ * Returns 0; KEEL_ESTALE when the attempt's timeout had passed: either the
+ * timeout was already reported (the call only frees the handle), or the
+ * deadline passed before the loop could fire it, in which case this call
+ * reports the attempt as timed out (UV_ETIMEDOUT, retried per the policy,
+ * counted in stats.timed_out), whatever status says; UV_EINVAL for NULL or a
+ * handle that is not running (calling it twice for one attempt is a bug:
+ * the handle may already serve another attempt). Also allowed after
+ * keel_queue_close() began, for attempts still running. Loop thread only.
  */
 KEEL_EXTERN int keel_job_done(keel_job *job, int status);
 
-/* The job's id, payload, priority and attempt number (1 for the first). */
+/* The job's id, payload, priority and attempt number (1 for the first).
+ * 0 / NULL for a NULL job. Valid while the handle is (see keel_job). Loop
+ * thread only. */
 KEEL_EXTERN uint64_t keel_job_id(const keel_job *job);
 KEEL_EXTERN void *keel_job_payload(const keel_job *job);
 KEEL_EXTERN int keel_job_priority(const keel_job *job);
 KEEL_EXTERN unsigned keel_job_attempt(const keel_job *job);
 
 /*
- * Cancels a job that is pending or waiting for a retry: on_error is called
- * with UV_ECANCELED and final = true, then release, both before this returns.
- * Returns 0; KEEL_ENOTFOUND when the job is running, finished or unknown;
- * UV_EINVAL for NULL.
+ * Cancels a job that is pending or waiting for a retry. Nothing is called
+ * inside this call: on a later loop iteration on_error gets (job NULL,
+ * UV_ECANCELED, final = true), then release gets UV_ECANCELED. A cancelled
+ * pending job keeps its slot (counted against max_pending) until the
+ * dispatcher passes it or the queue closes.
+ *
+ * Returns 0; KEEL_ENOTFOUND when the job is running, finished, already
+ * cancelled or unknown; KEEL_ECLOSING once keel_queue_close() has begun;
+ * UV_EINVAL for a NULL queue; UV_ENOMEM (nothing cancelled). Loop thread
+ * only.
  */
 KEEL_EXTERN int keel_queue_cancel(keel_queue *q, uint64_t id);
 
-/* Stops starting jobs (running ones finish; retries still become pending). */
+/* Stops starting jobs (running ones finish; retries still become pending).
+ * Returns 0, UV_EINVAL for NULL, KEEL_ECLOSING once close has begun. Loop
+ * thread only. */
 KEEL_EXTERN int keel_queue_pause(keel_queue *q);
-/* Starts jobs again. */
+/* Starts jobs again (on a later iteration). Errors as keel_queue_pause().
+ * Loop thread only. */
 KEEL_EXTERN int keel_queue_resume(keel_queue *q);
-/* Changes the concurrency now (more jobs start at once when raised; when
- * lowered, running jobs finish first). Returns 0 or UV_EINVAL for 0. */
+/* Changes the concurrency (more jobs start on a later iteration when raised;
+ * when lowered, running jobs finish first). Returns 0; UV_EINVAL for a NULL
+ * queue or 0 (queue unchanged); KEEL_ECLOSING once close has begun. Loop
+ * thread only. */
 KEEL_EXTERN int keel_queue_set_concurrency(keel_queue *q, unsigned concurrency);
 
 /* Latency summary from a fixed log-bucket histogram, in microseconds. */
@@ -201,28 +284,40 @@ typedef struct keel_queue_stats {
   uint64_t failed;         /* counter: final failures */
   uint64_t retried;        /* counter: retries scheduled */
   uint64_t timed_out;      /* counter: attempts that timed out */
-  uint64_t cancelled;      /* counter */
+  uint64_t cancelled;      /* counter: cancelled, or dropped by close */
   bool paused;             /* gauge */
   unsigned concurrency;    /* gauge */
   keel_queue_latency wait; /* push (or retry due) → start */
   keel_queue_latency run;  /* start → done */
   double jobs_per_second;  /* completions over the last full rate interval */
+  uint64_t reserved_[8];   /* ABI room: filled with zero */
 } keel_queue_stats;
 
-/* Fills *out. */
+/* Fills *out (NULL-safe: does nothing for a NULL q or out). Loop thread
+ * only. */
 KEEL_EXTERN void keel_queue_get_stats(const keel_queue *q, keel_queue_stats *out);
 
-/* Text of the last error; "" when none. */
+/* Text of the last error; "" when none; "queue is NULL" for NULL. The
+ * string lives as long as the queue. Loop thread only. */
 KEEL_EXTERN const char *keel_queue_last_error(const keel_queue *q);
 
 /*
- * Closes the queue. NULL-safe. Pending and waiting jobs are released now
- * with UV_ECANCELED (on_error is not called for them). Running attempts
- * (and timed-out ones) must still call keel_job_done(); their jobs are then
- * released with the status they report, without retries. cb (may be NULL)
- * runs on a later loop iteration once every attempt has reported and every
- * handle is closed. Thread-safe pushes racing with close either ran or were
- * released with UV_ECANCELED.
+ * Closes the queue. NULL-safe; a second call does nothing. May be called
+ * from inside any of the queue's callbacks (process, on_complete, on_error,
+ * release, on_drain). No callback runs inside this call.
+ *
+ * From the call on, pushes, cancel, pause, resume and set_concurrency
+ * return KEEL_ECLOSING. On a later loop iteration: cancellations not yet
+ * reported get their on_error and release, then every job still pending or
+ * waiting for a retry (and every thread-safe push not yet queued) is
+ * released with UV_ECANCELED (on_error is not called for them). Running
+ * attempts, and timed-out ones, must still call keel_job_done(); their jobs
+ * are released with the status they report, without retries. cb (may be
+ * NULL) runs last, on a later loop iteration, once every attempt has
+ * reported and every handle is closed; q is still valid inside cb (only
+ * keel_queue_get_stats, keel_queue_last_error and keel_queue_push_threadsafe,
+ * which returns KEEL_ECLOSING, may be used) and freed when it returns.
+ * Afterwards uv_loop_close() returns 0. Loop thread only.
  */
 KEEL_EXTERN void keel_queue_close(keel_queue *q, keel_close_cb cb, void *data);
 

@@ -10,6 +10,8 @@
 #include "keel/queue.h"
 #include "queue/sched.h"
 
+#include <stdatomic.h>
+
 typedef enum run_state { RUN_FREE = 0, RUN_ACTIVE, RUN_TIMED_OUT } run_state;
 
 /* One attempt. Its address is the keel_job handle users hold; it is never
@@ -20,11 +22,12 @@ struct keel_job {
   void *payload;
   uint64_t id;
   uint64_t started_ns;
-  uint64_t deadline_ms;
+  uint64_t deadline_ns; /* hrtime by which done must come; 0 = no timeout */
+  uint64_t deadline_ms; /* the same in loop time, for the timeout timer */
   uint32_t slot;
   uint32_t timeout_pos; /* index in the timeout heap, KEEL__NIL when none */
   int priority;
-  unsigned attempt;
+  uint32_t attempt;
   uint8_t state;
 };
 
@@ -32,6 +35,13 @@ typedef struct threadsafe_push {
   void *payload;
   int priority;
 } threadsafe_push;
+
+/* A cancelled job whose on_error/release are still to be called (on the
+ * next loop iteration, never inside keel_queue_cancel()). */
+typedef struct cancel_note {
+  void *payload;
+  uint32_t attempts;
+} cancel_note;
 
 struct keel_queue {
   uv_loop_t *loop;
@@ -43,23 +53,43 @@ struct keel_queue {
   unsigned timed_out_outstanding; /* attempts that timed out, done not yet called */
   bool paused;
   bool in_dispatch;
+  /* Clock reads are the largest cost per job, so dispatch shares them: the
+   * time read to start an attempt also ends the previous synchronous one
+   * (completed inside process) and stamps pushes made from its callbacks. */
+  bool sync_end_pending; /* a synchronous attempt's end awaits the next read */
+  keel_job *current;     /* the attempt whose process() is running */
+  uint64_t sync_start_ns;
+  uint64_t now_ns; /* the dispatcher's last clock read */
   bool closing;
+  bool drop_done; /* close: dropped jobs released, only the idle handle is left */
+  bool idle_closing;
   bool drained_reported;
 
-  uv_timer_t kick_timer;    /* runs dispatch on the next loop iteration */
+  uv_idle_t idle;           /* dispatches a slice per loop iteration while there is work */
   uv_timer_t retry_timer;   /* fires when the earliest retry is due */
   uv_timer_t timeout_timer; /* fires when the earliest attempt deadline passes */
   uv_async_t async;         /* thread-safe pushes */
   unsigned handles_open;
 
   keel_job *free_runs;
-  keel_job **timeouts; /* min-heap by deadline_ms */
+  uint32_t runs_allocated;
+  keel_job **timeouts; /* min-heap by deadline_ms; capacity >= runs_allocated */
   uint32_t timeout_count, timeout_cap;
 
+  cancel_note *notes;
+  size_t note_count, note_cap;
+
+  /* Thread-safe pushes. ts_mutex guards ts_items, ts_count, ts_cap and
+   * ts_closed, and is held across uv_async_send(). ts_inside counts callers
+   * inside keel_queue_push_threadsafe(): the memory is freed only once it is
+   * 0 and ts_closed is set. ts_held publishes the loop's held count for the
+   * max_pending check of those pushes. */
   uv_mutex_t ts_mutex;
   threadsafe_push *ts_items;
   size_t ts_count, ts_cap;
   bool ts_closed;
+  atomic_uint ts_inside;
+  atomic_size_t ts_held;
 
   keel_queue_stats stats;
   keel__histogram wait_hist;
@@ -73,6 +103,7 @@ struct keel_queue {
 };
 
 static void kick(keel_queue *q);
+static void maybe_close_idle(keel_queue *q);
 
 void keel_queue_opts_init(keel_queue_opts *opts) {
   if (opts == NULL) return;
@@ -80,7 +111,10 @@ void keel_queue_opts_init(keel_queue_opts *opts) {
   opts->concurrency = 1;
   opts->max_retries = 3;
   keel_backoff_fixed(&opts->retry_backoff, 1000);
+  opts->max_pending = KEEL_QUEUE_DEFAULT_MAX_PENDING;
   opts->rate_interval_ms = 1000;
+  opts->slice_jobs = KEEL_QUEUE_DEFAULT_SLICE_JOBS;
+  opts->slice_us = KEEL_QUEUE_DEFAULT_SLICE_US;
 }
 
 void keel_queue_push_opts_init(keel_queue_push_opts *opts) {
@@ -92,6 +126,15 @@ void keel_queue_push_opts_init(keel_queue_push_opts *opts) {
 static int default_classify(int status, void *data) {
   (void)data;
   return status != UV_ECANCELED && status != UV_EINVAL && status != KEEL_EABORTED;
+}
+
+/* Jobs the queue holds that are not running: bounded by max_pending. */
+static uint64_t held(const keel_queue *q) {
+  return q->sched.pending + q->sched.cancelled + q->sched.heap_count;
+}
+
+static void publish_held(keel_queue *q) {
+  atomic_store_explicit(&q->ts_held, (size_t)held(q), memory_order_relaxed);
 }
 
 /* ---- timeout heap ------------------------------------------------------- */
@@ -176,8 +219,19 @@ static keel_job *run_take(keel_queue *q) {
     q->free_runs = run->next_free;
     return run;
   }
+  /* A new handle: first make room for it in the timeout heap, so that arming
+   * its timeout never needs memory. */
+  if (q->timeout_cap <= q->runs_allocated) {
+    uint32_t cap = q->timeout_cap ? q->timeout_cap * 2 : 16;
+    keel_job **heap = keel__realloc(q->timeouts, cap * sizeof *heap);
+    if (heap == NULL) return NULL;
+    q->timeouts = heap;
+    q->timeout_cap = cap;
+  }
   run = keel__calloc(1, sizeof *run);
-  if (run != NULL) run->queue = q;
+  if (run == NULL) return NULL;
+  run->queue = q;
+  q->runs_allocated++;
   return run;
 }
 
@@ -187,14 +241,12 @@ static void run_put(keel_queue *q, keel_job *run) {
   q->free_runs = run;
 }
 
-static void maybe_free_queue(keel_queue *q);
-
 static void release_payload(keel_queue *q, void *payload, int status) {
   if (q->opts.release != NULL) q->opts.release(q, payload, status, q->opts.data);
 }
 
 static const keel__job_overrides *overrides_of(keel_queue *q, uint32_t slot) {
-  return keel__slot(&q->sched, slot)->overrides;
+  return keel__sched_overrides(&q->sched, slot);
 }
 
 static uint64_t timeout_of(keel_queue *q, uint32_t slot) {
@@ -203,101 +255,8 @@ static uint64_t timeout_of(keel_queue *q, uint32_t slot) {
   return q->opts.timeout_ms;
 }
 
-static void check_drain(keel_queue *q) {
-  if (q->sched.pending != 0 || q->sched.heap_count != 0 || q->running != 0) {
-    q->drained_reported = false;
-    return;
-  }
-  if (q->drained_reported || q->closing) return;
-  q->drained_reported = true;
-  if (q->opts.on_drain != NULL) q->opts.on_drain(q, q->opts.data);
-}
-
-static int start_run(keel_queue *q, uint32_t index) {
-  keel_job *run = run_take(q);
-  if (run == NULL) {
-    /* Not enough memory to start it now: back into its level (the level array
-     * keeps its capacity, so this cannot fail) and try again on the next
-     * push or completion. */
-    keel__sched_enqueue(&q->sched, index);
-    return keel__fail(q->last_error, UV_ENOMEM, "out of memory starting a job; will retry");
-  }
-  keel__job_slot *slot = keel__slot(&q->sched, index);
-  uint64_t now_ns = uv_hrtime();
-  keel__histogram_record(&q->wait_hist, now_ns - slot->at.ready_ns);
-  slot->state = KEEL__JOB_RUNNING;
-  slot->attempts++;
-  run->state = RUN_ACTIVE;
-  run->slot = index;
-  run->id = keel__job_id(index, slot->generation);
-  run->payload = slot->payload;
-  run->priority = slot->priority;
-  run->attempt = slot->attempts;
-  run->started_ns = now_ns;
-  run->timeout_pos = KEEL__NIL;
-  q->running++;
-  uint64_t timeout_ms = timeout_of(q, index);
-  if (timeout_ms != 0) {
-    run->deadline_ms = uv_now(q->loop) + timeout_ms;
-    if (timeout_add(q, run) != 0)
-      keel__fail(q->last_error, UV_ENOMEM, "out of memory arming a job timeout; runs without");
-  }
-  q->process(q, run, run->payload, q->opts.data);
-  return 0;
-}
-
-static void dispatch(keel_queue *q) {
-  if (q->in_dispatch) return;
-  q->in_dispatch = true;
-  /* The trampoline: jobs completed inside process() just free their slot and
-   * this loop starts the next one; nothing recurses. */
-  while (!q->paused && !q->closing && q->running < q->opts.concurrency) {
-    uint32_t index = keel__sched_pop(&q->sched);
-    if (index == KEEL__NIL) break;
-    if (start_run(q, index) != 0) break;
-  }
-  q->in_dispatch = false;
-  check_drain(q);
-}
-
-static void on_kick(uv_timer_t *timer) {
-  dispatch(timer->data);
-}
-
-static void kick(keel_queue *q) {
-  if (q->in_dispatch || q->closing || uv_is_active((uv_handle_t *)&q->kick_timer)) return;
-  uv_timer_start(&q->kick_timer, on_kick, 0, 0);
-}
-
-/* ---- retries ------------------------------------------------------------ */
-
+static void arm_retry_timer(keel_queue *q);
 static void on_retry_timer(uv_timer_t *timer);
-
-static void arm_retry_timer(keel_queue *q) {
-  uint32_t index = keel__sched_next_due(&q->sched);
-  if (index == KEEL__NIL) {
-    uv_timer_stop(&q->retry_timer);
-    return;
-  }
-  uint64_t now = uv_now(q->loop);
-  uint64_t due = keel__slot(&q->sched, index)->at.due_ms;
-  uv_timer_start(&q->retry_timer, on_retry_timer, due > now ? due - now : 0, 0);
-}
-
-static void on_retry_timer(uv_timer_t *timer) {
-  keel_queue *q = timer->data;
-  uint64_t now = uv_now(q->loop);
-  uint64_t now_ns = uv_hrtime();
-  for (;;) {
-    uint32_t index = keel__sched_next_due(&q->sched);
-    if (index == KEEL__NIL || keel__slot(&q->sched, index)->at.due_ms > now) break;
-    keel__sched_unwait(&q->sched, index);
-    keel__slot(&q->sched, index)->at.ready_ns = now_ns;
-    keel__sched_enqueue(&q->sched, index);
-  }
-  arm_retry_timer(q);
-  dispatch(q);
-}
 
 /* ---- outcome of an attempt ----------------------------------------------- */
 
@@ -308,11 +267,11 @@ static void finish_job(keel_queue *q, uint32_t index, int status) {
   release_payload(q, payload, status);
 }
 
-/* Decides what happens to a job after a failed attempt. */
-static void attempt_failed(keel_queue *q, keel_job *run, int status) {
-  uint32_t index = run->slot;
+/* Decides what happens to a job after a failed attempt. run is NULL when no
+ * attempt handle could be allocated (status UV_ENOMEM). */
+static void attempt_failed(keel_queue *q, keel_job *run, uint32_t index, int status) {
   keel__job_slot *slot = keel__slot(&q->sched, index);
-  const keel__job_overrides *ov = slot->overrides;
+  const keel__job_overrides *ov = keel__sched_overrides(&q->sched, index);
   unsigned max_retries =
       ov != NULL && ov->max_retries >= 0 ? (unsigned)ov->max_retries : q->opts.max_retries;
   keel_queue_classify_fn classify = q->opts.classify ? q->opts.classify : default_classify;
@@ -329,13 +288,7 @@ static void attempt_failed(keel_queue *q, keel_job *run, int status) {
   uint64_t delay = keel_backoff_delay(backoff, slot->attempts, slot->last_delay_ms, &q->rng);
   slot->last_delay_ms = delay > UINT32_MAX ? UINT32_MAX : (uint32_t)delay;
   q->stats.retried++;
-  if (keel__sched_wait(&q->sched, index, uv_now(q->loop) + delay) != 0) {
-    /* No room in the retry heap: retry now rather than lose the job. */
-    keel__slot(&q->sched, index)->at.ready_ns = uv_hrtime();
-    keel__sched_enqueue(&q->sched, index);
-    keel__fail(q->last_error, UV_ENOMEM, "out of memory scheduling a retry; retrying at once");
-    return;
-  }
+  keel__sched_wait(&q->sched, index, uv_now(q->loop) + delay);
   if (keel__sched_next_due(&q->sched) == index) arm_retry_timer(q);
 }
 
@@ -355,7 +308,7 @@ static void attempt_ended(keel_queue *q, keel_job *run, int status) {
     if (q->opts.on_complete != NULL) q->opts.on_complete(q, run, slot->payload, q->opts.data);
     finish_job(q, run->slot, 0);
   } else {
-    attempt_failed(q, run, status);
+    attempt_failed(q, run, run->slot, status);
   }
 }
 
@@ -365,27 +318,41 @@ int keel_job_done(keel_job *run, int status) {
   if (run->state == RUN_TIMED_OUT) {
     q->timed_out_outstanding--;
     run_put(q, run);
-    if (q->closing) maybe_free_queue(q);
+    if (q->closing) maybe_close_idle(q);
     return KEEL_ESTALE;
   }
   if (run->state != RUN_ACTIVE) return UV_EINVAL;
   if (status > 0) status = 0;
-  keel__histogram_record(&q->run_hist, uv_hrtime() - run->started_ns);
-  timeout_remove(q, run);
+  int rc = 0;
+  if (run == q->current && run->deadline_ns == 0) {
+    /* Done inside its process(): timed by the dispatcher's next read. */
+    q->sync_start_ns = run->started_ns;
+    q->sync_end_pending = true;
+  } else {
+    uint64_t now_ns = uv_hrtime();
+    keel__histogram_record(&q->run_hist, now_ns - run->started_ns);
+    timeout_remove(q, run);
+    if (run->deadline_ns != 0 && now_ns >= run->deadline_ns) {
+      /* The deadline passed before the timer could fire (the loop was busy):
+       * a timeout all the same, whatever the status says. */
+      q->stats.timed_out++;
+      status = UV_ETIMEDOUT;
+      rc = KEEL_ESTALE;
+    }
+  }
   attempt_ended(q, run, status);
   run_put(q, run);
-  if (q->closing) {
-    maybe_free_queue(q);
-  } else if (!q->in_dispatch) {
+  if (q->closing)
+    maybe_close_idle(q);
+  else if (!q->in_dispatch)
     kick(q);
-  }
-  return 0;
+  return rc;
 }
 
 static void on_timeout_timer(uv_timer_t *timer) {
   keel_queue *q = timer->data;
   uint64_t now = uv_now(q->loop);
-  while (q->timeout_count > 0 && q->timeouts[0]->deadline_ms <= now) {
+  while (!q->closing && q->timeout_count > 0 && q->timeouts[0]->deadline_ms <= now) {
     keel_job *run = q->timeouts[0];
     timeout_remove(q, run);
     run->state = RUN_TIMED_OUT; /* the late keel_job_done() frees it */
@@ -395,7 +362,162 @@ static void on_timeout_timer(uv_timer_t *timer) {
     attempt_ended(q, run, UV_ETIMEDOUT);
   }
   arm_timeout_timer(q);
+  kick(q);
+}
+
+/* ---- dispatch ----------------------------------------------------------- */
+
+static void check_drain(keel_queue *q) {
+  if (q->sched.pending != 0 || q->sched.heap_count != 0 || q->running != 0 || q->note_count != 0) {
+    q->drained_reported = false;
+    return;
+  }
+  if (q->drained_reported || q->closing) return;
+  q->drained_reported = true;
+  if (q->opts.on_drain != NULL) q->opts.on_drain(q, q->opts.data);
+}
+
+/* Starts one attempt of the job in slot index; returns the time it read. */
+static uint64_t start_run(keel_queue *q, uint32_t index) {
+  keel__job_slot *slot = keel__slot(&q->sched, index);
+  uint64_t now_ns = uv_hrtime();
+  q->now_ns = now_ns;
+  if (q->sync_end_pending) {
+    keel__histogram_record(&q->run_hist, now_ns - q->sync_start_ns);
+    q->sync_end_pending = false;
+  }
+  keel__histogram_record(&q->wait_hist, now_ns - slot->at.ready_ns);
+  slot->state = KEEL__JOB_RUNNING;
+  slot->attempts++;
+  keel_job *run = run_take(q);
+  if (run == NULL) {
+    /* No memory for the attempt: it fails with UV_ENOMEM like any attempt
+     * (retried with backoff while retries remain), so the queue never
+     * stalls waiting for a completion that will not come. */
+    keel__fail(q->last_error, UV_ENOMEM, "out of memory starting an attempt");
+    attempt_failed(q, NULL, index, UV_ENOMEM);
+    return now_ns;
+  }
+  run->state = RUN_ACTIVE;
+  run->slot = index;
+  run->id = keel__job_id(index, slot->generation);
+  run->payload = slot->payload;
+  run->priority = slot->priority;
+  run->attempt = slot->attempts;
+  run->started_ns = now_ns;
+  run->timeout_pos = KEEL__NIL;
+  run->deadline_ns = 0;
+  q->running++;
+  uint64_t timeout_ms = timeout_of(q, index);
+  if (timeout_ms != 0) {
+    run->deadline_ms = uv_now(q->loop) + timeout_ms;
+    run->deadline_ns = timeout_ms >= (UINT64_MAX - now_ns) / 1000000u
+                           ? UINT64_MAX
+                           : now_ns + timeout_ms * 1000000u;
+    timeout_add(q, run);
+  }
+  q->current = run;
+  q->process(q, run, run->payload, q->opts.data);
+  q->current = NULL;
+  return now_ns;
+}
+
+/* Starts jobs while slots are free, at most slice_jobs of them and for at
+ * most slice_us: the rest waits for the next loop iteration so that timers
+ * and I/O run in between. Synchronous completions inside process() only free
+ * their slot; this loop starts the next job (a trampoline, no recursion). */
+static void dispatch(keel_queue *q) {
+  if (q->in_dispatch) return;
+  q->in_dispatch = true;
+  uint32_t budget = q->opts.slice_jobs;
+  uint64_t end_ns = 0;
+  bool first = true;
+  while (!q->paused && !q->closing && q->running < q->opts.concurrency && budget > 0) {
+    uint32_t index = keel__sched_pop(&q->sched);
+    if (index == KEEL__NIL) break;
+    budget--;
+    uint64_t now_ns = start_run(q, index);
+    if (first) {
+      end_ns = now_ns + (uint64_t)q->opts.slice_us * 1000u;
+      first = false;
+    } else if (now_ns >= end_ns) {
+      break;
+    }
+  }
+  if (q->sync_end_pending) {
+    keel__histogram_record(&q->run_hist, uv_hrtime() - q->sync_start_ns);
+    q->sync_end_pending = false;
+  }
+  q->in_dispatch = false;
+}
+
+/* Calls on_error/release for jobs cancelled since the last iteration. */
+static void deliver_notes(keel_queue *q) {
+  /* Callbacks may cancel more jobs (appending notes): index, not pointer. */
+  for (size_t i = 0; i < q->note_count; i++) {
+    cancel_note note = q->notes[i];
+    if (q->opts.on_error != NULL)
+      q->opts.on_error(q, NULL, note.payload, UV_ECANCELED, note.attempts, true, q->opts.data);
+    release_payload(q, note.payload, UV_ECANCELED);
+  }
+  q->note_count = 0;
+}
+
+static bool startable(const keel_queue *q) {
+  return !q->paused && !q->closing && q->sched.pending != 0 && q->running < q->opts.concurrency;
+}
+
+static void on_idle(uv_idle_t *idle) {
+  keel_queue *q = idle->data;
+  if (q->note_count != 0 && !q->closing) deliver_notes(q);
   dispatch(q);
+  check_drain(q);
+  publish_held(q);
+  if (q->closing) return; /* close owns the handle now */
+  if (!startable(q) && q->note_count == 0) uv_idle_stop(&q->idle);
+}
+
+static void kick(keel_queue *q) {
+  if (q->closing || uv_is_active((uv_handle_t *)&q->idle)) return;
+  uv_idle_start(&q->idle, on_idle);
+}
+
+/* ---- retries ------------------------------------------------------------ */
+
+static void arm_retry_timer(keel_queue *q) {
+  if (q->closing) return;
+  uint32_t index = keel__sched_next_due(&q->sched);
+  if (index == KEEL__NIL) {
+    uv_timer_stop(&q->retry_timer);
+    return;
+  }
+  uint64_t now = uv_now(q->loop);
+  uint64_t due = keel__slot(&q->sched, index)->at.due_ms;
+  uv_timer_start(&q->retry_timer, on_retry_timer, due > now ? due - now : 0, 0);
+}
+
+static void on_retry_timer(uv_timer_t *timer) {
+  keel_queue *q = timer->data;
+  uint64_t now = uv_now(q->loop);
+  uint64_t now_ns = uv_hrtime();
+  while (!q->closing) {
+    uint32_t index = keel__sched_next_due(&q->sched);
+    if (index == KEEL__NIL || keel__slot(&q->sched, index)->at.due_ms > now) break;
+    keel__sched_unwait(&q->sched, index);
+    keel__job_slot *slot = keel__slot(&q->sched, index);
+    slot->at.ready_ns = now_ns;
+    if (keel__sched_enqueue(&q->sched, index) != 0) {
+      /* No memory for a new priority level: the job ends here rather than
+       * wait forever. */
+      keel__fail(q->last_error, UV_ENOMEM, "out of memory re-queueing a retry");
+      if (q->opts.on_error != NULL)
+        q->opts.on_error(q, NULL, slot->payload, UV_ENOMEM, slot->attempts, true, q->opts.data);
+      q->stats.failed++;
+      finish_job(q, index, UV_ENOMEM);
+    }
+  }
+  arm_retry_timer(q);
+  kick(q);
 }
 
 uint64_t keel_job_id(const keel_job *job) {
@@ -428,6 +550,8 @@ static int queue_create(uv_loop_t *loop, keel_queue_process_fn process, const ke
     problem = "a process function is required";
   else if (opts->concurrency == 0)
     problem = "concurrency must be >= 1";
+  else if (opts->max_retries >= UINT32_MAX)
+    problem = "max_retries must be below 4294967295 (attempts are counted in 32 bits)";
   else if (keel_backoff_validate(&opts->retry_backoff, &backoff_problem) != 0)
     problem = backoff_problem;
   *why = problem;
@@ -438,9 +562,14 @@ static int queue_create(uv_loop_t *loop, keel_queue_process_fn process, const ke
   q->loop = loop;
   q->process = process;
   q->opts = *opts;
+  memset(q->opts.reserved_, 0, sizeof q->opts.reserved_);
   if (q->opts.rate_interval_ms == 0) q->opts.rate_interval_ms = 1000;
+  if (q->opts.slice_jobs == 0) q->opts.slice_jobs = KEEL_QUEUE_DEFAULT_SLICE_JOBS;
+  if (q->opts.slice_us == 0) q->opts.slice_us = KEEL_QUEUE_DEFAULT_SLICE_US;
   keel__sched_init(&q->sched);
   keel_rng_seed(&q->rng, opts->seed != 0 ? opts->seed : uv_hrtime());
+  atomic_init(&q->ts_inside, 0);
+  atomic_init(&q->ts_held, 0);
   if (uv_mutex_init(&q->ts_mutex) != 0) {
     keel__free(q);
     return (*why = "cannot create a mutex", UV_ENOMEM);
@@ -451,13 +580,13 @@ static int queue_create(uv_loop_t *loop, keel_queue_process_fn process, const ke
     keel__free(q);
     return (*why = "cannot create the uv_async_t for thread-safe pushes", rc);
   }
-  uv_timer_init(loop, &q->kick_timer);
+  uv_idle_init(loop, &q->idle);
   uv_timer_init(loop, &q->retry_timer);
   uv_timer_init(loop, &q->timeout_timer);
-  q->async.data = q->kick_timer.data = q->retry_timer.data = q->timeout_timer.data = q;
+  q->async.data = q->idle.data = q->retry_timer.data = q->timeout_timer.data = q;
   q->handles_open = 4;
   /* An idle queue must not keep the loop running: only work that is due
-   * (a kick, a retry, a timeout) holds a reference. */
+   * (a dispatch, a retry, a timeout) holds a reference. */
   uv_unref((uv_handle_t *)&q->async);
   q->rate_mark_ms = uv_now(loop);
   q->stats.concurrency = opts->concurrency;
@@ -486,25 +615,31 @@ static int push_slot(keel_queue *q, void *payload, int priority, keel__job_overr
   keel__job_slot *slot = keel__slot(&q->sched, index);
   slot->payload = payload;
   slot->priority = priority;
-  slot->overrides = overrides;
+  if (overrides != NULL && keel__sched_set_overrides(&q->sched, index, overrides) != 0) {
+    keel__sched_release(&q->sched, index);
+    return keel__fail(q->last_error, UV_ENOMEM, "out of memory");
+  }
   slot->attempts = 0;
-  slot->at.ready_ns = uv_hrtime();
+  /* Inside dispatch (a push from a callback), its last read is fresh. */
+  slot->at.ready_ns = q->in_dispatch ? q->now_ns : uv_hrtime();
   if (keel__sched_enqueue(&q->sched, index) != 0) {
-    slot->overrides = NULL; /* the caller still owns it */
+    keel__sched_set_overrides(&q->sched, index, NULL); /* the caller still owns it */
     keel__sched_release(&q->sched, index);
     return keel__fail(q->last_error, UV_ENOMEM, "out of memory");
   }
   q->stats.pushed++;
   q->drained_reported = false;
+  publish_held(q);
   if (id_out != NULL) *id_out = keel__job_id(index, slot->generation);
   kick(q);
   return 0;
 }
 
 static int check_push(keel_queue *q) {
-  if (q->closing) return keel__fail(q->last_error, UV_ECANCELED, "queue is closing");
-  if (q->opts.max_pending != 0 && q->sched.pending >= q->opts.max_pending)
-    return keel__fail(q->last_error, KEEL_EFULL, "queue is full: %zu jobs pending",
+  if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
+  if (q->opts.max_pending != 0 && held(q) >= q->opts.max_pending)
+    return keel__fail(q->last_error, KEEL_EFULL,
+                      "queue is full: %zu jobs pending, waiting for a retry or cancelled",
                       q->opts.max_pending);
   return 0;
 }
@@ -520,11 +655,11 @@ int keel_queue_push_ex(keel_queue *q, void *payload, const keel_queue_push_opts 
                        uint64_t *id_out) {
   if (q == NULL) return UV_EINVAL;
   if (opts == NULL) return keel__fail(q->last_error, UV_EINVAL, "push options are NULL");
+  int rc = check_push(q);
+  if (rc != 0) return rc;
   const char *why = NULL;
   if (opts->backoff != NULL && keel_backoff_validate(opts->backoff, &why) != 0)
     return keel__fail(q->last_error, UV_EINVAL, "bad backoff: %s", why);
-  int rc = check_push(q);
-  if (rc != 0) return rc;
   keel__job_overrides *ov = NULL;
   if (opts->backoff != NULL || opts->max_retries >= 0 || opts->timeout_ms != 0) {
     ov = keel__calloc(1, sizeof *ov);
@@ -543,28 +678,38 @@ int keel_queue_push_ex(keel_queue *q, void *payload, const keel_queue_push_opts 
 
 int keel_queue_push_threadsafe(keel_queue *q, void *payload, int priority) {
   if (q == NULL) return UV_EINVAL;
+  /* Announce the caller first: close frees the queue only once no caller is
+   * inside, and this counter is the last thing a caller touches. */
+  atomic_fetch_add(&q->ts_inside, 1);
+  int rc = 0;
   uv_mutex_lock(&q->ts_mutex);
+  size_t held_now = atomic_load_explicit(&q->ts_held, memory_order_relaxed);
   if (q->ts_closed) {
-    uv_mutex_unlock(&q->ts_mutex);
-    return UV_ECANCELED;
-  }
-  if (q->ts_count == q->ts_cap) {
-    size_t cap = q->ts_cap ? q->ts_cap * 2 : 256;
-    threadsafe_push *items = keel__realloc(q->ts_items, cap * sizeof *items);
-    if (items == NULL) {
-      uv_mutex_unlock(&q->ts_mutex);
-      return UV_ENOMEM;
+    rc = KEEL_ECLOSING;
+  } else if (q->opts.max_pending != 0 && held_now + q->ts_count >= q->opts.max_pending) {
+    rc = KEEL_EFULL;
+  } else {
+    if (q->ts_count == q->ts_cap) {
+      size_t cap = q->ts_cap ? q->ts_cap * 2 : 256;
+      threadsafe_push *items = keel__realloc(q->ts_items, cap * sizeof *items);
+      if (items == NULL) {
+        rc = UV_ENOMEM;
+      } else {
+        q->ts_items = items;
+        q->ts_cap = cap;
+      }
     }
-    q->ts_items = items;
-    q->ts_cap = cap;
+    if (rc == 0) {
+      q->ts_items[q->ts_count].payload = payload;
+      q->ts_items[q->ts_count].priority = priority;
+      /* One wake-up per batch; sent under the lock, so close (which sets
+       * ts_closed under it) never races with a send on a closing handle. */
+      if (q->ts_count++ == 0) uv_async_send(&q->async);
+    }
   }
-  q->ts_items[q->ts_count].payload = payload;
-  q->ts_items[q->ts_count].priority = priority;
-  bool first = q->ts_count++ == 0;
   uv_mutex_unlock(&q->ts_mutex);
-  /* One wake-up per batch: later pushes find the loop already woken. */
-  if (first) uv_async_send(&q->async);
-  return 0;
+  atomic_fetch_sub(&q->ts_inside, 1);
+  return rc;
 }
 
 /* Takes every thread-safe push collected so far. */
@@ -585,10 +730,12 @@ static void on_async(uv_async_t *async) {
   size_t count, cap;
   take_threadsafe_batch(q, &items, &count, &cap);
   for (size_t i = 0; i < count; i++) {
+    /* A release callback may close the queue: the rest is dropped too. */
     int rc =
         q->closing ? UV_ECANCELED : push_slot(q, items[i].payload, items[i].priority, NULL, NULL);
-    if (rc != 0) release_payload(q, items[i].payload, rc == UV_ENOMEM ? UV_ENOMEM : UV_ECANCELED);
+    if (rc != 0) release_payload(q, items[i].payload, rc);
   }
+  publish_held(q);
   /* Reuse the buffer for the next batch when none was started meanwhile. */
   uv_mutex_lock(&q->ts_mutex);
   if (q->ts_items == NULL && !q->ts_closed) {
@@ -604,37 +751,46 @@ static void on_async(uv_async_t *async) {
 
 int keel_queue_cancel(keel_queue *q, uint64_t id) {
   if (q == NULL) return UV_EINVAL;
+  if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
   uint32_t index = keel__sched_lookup(&q->sched, id);
   if (index == KEEL__NIL) return KEEL_ENOTFOUND;
   keel__job_slot *slot = keel__slot(&q->sched, index);
-  void *payload = slot->payload;
-  unsigned attempts = slot->attempts;
+  if (slot->state != KEEL__JOB_PENDING && slot->state != KEEL__JOB_WAITING) return KEEL_ENOTFOUND;
+  /* Room for the note first: a cancel either happens whole or not at all. */
+  if (q->note_count == q->note_cap) {
+    size_t cap = q->note_cap ? q->note_cap * 2 : 16;
+    cancel_note *notes = keel__realloc(q->notes, cap * sizeof *notes);
+    if (notes == NULL) return keel__fail(q->last_error, UV_ENOMEM, "out of memory cancelling");
+    q->notes = notes;
+    q->note_cap = cap;
+  }
+  q->notes[q->note_count].payload = slot->payload;
+  q->notes[q->note_count].attempts = slot->attempts;
+  q->note_count++;
   if (slot->state == KEEL__JOB_PENDING) {
     keel__sched_cancel_pending(&q->sched, index);
-  } else if (slot->state == KEEL__JOB_WAITING) {
+  } else {
     bool was_first = keel__sched_next_due(&q->sched) == index;
     keel__sched_unwait(&q->sched, index);
     keel__sched_release(&q->sched, index);
     if (was_first) arm_retry_timer(q);
-  } else {
-    return KEEL_ENOTFOUND;
   }
   q->stats.cancelled++;
-  if (q->opts.on_error != NULL)
-    q->opts.on_error(q, NULL, payload, UV_ECANCELED, attempts, true, q->opts.data);
-  release_payload(q, payload, UV_ECANCELED);
-  if (!q->in_dispatch) check_drain(q);
+  publish_held(q);
+  kick(q); /* on_error and release run on the next iteration */
   return 0;
 }
 
 int keel_queue_pause(keel_queue *q) {
   if (q == NULL) return UV_EINVAL;
+  if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
   q->paused = true;
   return 0;
 }
 
 int keel_queue_resume(keel_queue *q) {
   if (q == NULL) return UV_EINVAL;
+  if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
   q->paused = false;
   kick(q);
   return 0;
@@ -642,6 +798,7 @@ int keel_queue_resume(keel_queue *q) {
 
 int keel_queue_set_concurrency(keel_queue *q, unsigned concurrency) {
   if (q == NULL) return UV_EINVAL;
+  if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
   if (concurrency == 0) return keel__fail(q->last_error, UV_EINVAL, "concurrency must be >= 1");
   q->opts.concurrency = concurrency;
   kick(q);
@@ -665,6 +822,7 @@ void keel_queue_get_stats(const keel_queue *q, keel_queue_stats *out) {
   out->concurrency = q->opts.concurrency;
   latency_of(&q->wait_hist, &out->wait);
   latency_of(&q->run_hist, &out->run);
+  memset(out->reserved_, 0, sizeof out->reserved_);
 }
 
 const char *keel_queue_last_error(const keel_queue *q) {
@@ -673,11 +831,23 @@ const char *keel_queue_last_error(const keel_queue *q) {
 
 /* ---- close --------------------------------------------------------------- */
 
-static void maybe_free_queue(keel_queue *q) {
-  if (!q->closing || q->handles_open != 0 || q->running != 0 || q->timed_out_outstanding != 0)
-    return;
-  keel_close_cb cb = q->close_cb;
-  void *data = q->close_data;
+/*
+ * Close runs in three steps, none of them inside keel_queue_close():
+ *  1. keel_queue_close() refuses new work (KEEL_ECLOSING, also for
+ *     thread-safe pushes, under ts_mutex), stops the idle handle and closes
+ *     the timers and the async handle.
+ *  2. When those have closed (a later iteration), cancellations not yet
+ *     reported are reported, and every job still queued (thread-safe
+ *     batch, pending, waiting for a retry) is released with UV_ECANCELED.
+ *  3. Once no attempt is outstanding, the idle handle is closed; its close
+ *     callback calls the user's close callback, waits for thread-safe
+ *     callers still inside the push, and frees the queue.
+ */
+static void free_queue(keel_queue *q) {
+  if (q->close_cb != NULL) q->close_cb(q, q->close_data);
+  /* Pushers that entered before the callback returned may still be inside
+   * keel_queue_push_threadsafe() (they only see ts_closed and leave). */
+  while (atomic_load(&q->ts_inside) != 0) uv_sleep(0);
   keel_job *run = q->free_runs;
   while (run != NULL) {
     keel_job *next = run->next_free;
@@ -686,39 +856,28 @@ static void maybe_free_queue(keel_queue *q) {
   }
   keel__sched_free(&q->sched);
   keel__free(q->timeouts);
+  keel__free(q->notes);
   keel__free(q->ts_items);
   uv_mutex_destroy(&q->ts_mutex);
   keel__free(q);
-  if (cb != NULL) cb(q, data);
 }
 
-static void on_handle_closed(uv_handle_t *handle) {
-  keel_queue *q = handle->data;
-  if (--q->handles_open == 0) {
-    /* A pusher that saw ts_closed == false may still be inside
-     * keel_queue_push_threadsafe(): taking the lock waits it out. */
-    uv_mutex_lock(&q->ts_mutex);
-    uv_mutex_unlock(&q->ts_mutex);
-  }
-  maybe_free_queue(q);
+static void on_handle_closed(uv_handle_t *handle);
+
+static void maybe_close_idle(keel_queue *q) {
+  if (!q->drop_done || q->idle_closing || q->running != 0 || q->timed_out_outstanding != 0) return;
+  q->idle_closing = true;
+  uv_close((uv_handle_t *)&q->idle, on_handle_closed);
 }
 
-void keel_queue_close(keel_queue *q, keel_close_cb cb, void *data) {
-  if (q == NULL || q->closing) return;
-  q->closing = true;
-  q->close_cb = cb;
-  q->close_data = data;
-
-  uv_mutex_lock(&q->ts_mutex);
-  q->ts_closed = true;
-  uv_mutex_unlock(&q->ts_mutex);
-  /* Thread-safe pushes accepted before the flag: released, never lost. */
+static void drop_queued(keel_queue *q) {
+  q->drop_done = true;
+  deliver_notes(q);
   threadsafe_push *items;
   size_t count, cap;
   take_threadsafe_batch(q, &items, &count, &cap);
   for (size_t i = 0; i < count; i++) release_payload(q, items[i].payload, UV_ECANCELED);
   keel__free(items);
-
   uint32_t index;
   while ((index = keel__sched_pop(&q->sched)) != KEEL__NIL) {
     q->stats.cancelled++;
@@ -729,7 +888,27 @@ void keel_queue_close(keel_queue *q, keel_close_cb cb, void *data) {
     q->stats.cancelled++;
     finish_job(q, index, UV_ECANCELED);
   }
-  uv_close((uv_handle_t *)&q->kick_timer, on_handle_closed);
+  maybe_close_idle(q);
+}
+
+static void on_handle_closed(uv_handle_t *handle) {
+  keel_queue *q = handle->data;
+  q->handles_open--;
+  if (q->handles_open == 1 && !q->drop_done)
+    drop_queued(q);
+  else if (q->handles_open == 0)
+    free_queue(q);
+}
+
+void keel_queue_close(keel_queue *q, keel_close_cb cb, void *data) {
+  if (q == NULL || q->closing) return;
+  q->closing = true;
+  q->close_cb = cb;
+  q->close_data = data;
+  uv_mutex_lock(&q->ts_mutex);
+  q->ts_closed = true;
+  uv_mutex_unlock(&q->ts_mutex);
+  uv_idle_stop(&q->idle);
   uv_close((uv_handle_t *)&q->retry_timer, on_handle_closed);
   uv_close((uv_handle_t *)&q->timeout_timer, on_handle_closed);
   uv_close((uv_handle_t *)&q->async, on_handle_closed);

@@ -10,9 +10,15 @@ void keel__sched_init(keel__sched *s) {
 }
 
 void keel__sched_free(keel__sched *s) {
-  for (uint32_t i = 0; i < s->slot_count; i++) keel__free(keel__slot(s, i)->overrides);
-  for (uint32_t c = 0; c < s->chunk_count; c++) keel__free(s->chunks[c]);
+  for (uint32_t c = 0; c < s->chunk_count; c++) {
+    if (s->overrides[c] != NULL)
+      for (uint32_t i = 0; i < KEEL__SLAB_CHUNK; i++) keel__free(s->overrides[c][i]);
+    keel__free(s->overrides[c]);
+    keel__free(s->chunks[c]);
+  }
+  keel__free(s->overrides);
   keel__free(s->chunks);
+  for (uint32_t l = 0; l < s->level_cap; l++) keel__free(s->levels[l].ring);
   keel__free(s->levels);
   keel__free(s->heap);
   keel__sched_init(s);
@@ -22,36 +28,73 @@ uint32_t keel__sched_alloc(keel__sched *s) {
   uint32_t index = s->free_head;
   if (index != KEEL__NIL) {
     keel__job_slot *slot = keel__slot(s, index);
-    s->free_head = slot->next;
+    s->free_head = slot->link.next;
     slot->generation++;
     return index;
   }
-  if (s->slot_count == KEEL__NIL - 1) return KEEL__NIL;
+  /* The last chunk ends below KEEL__NIL - 1, so ids never collide with NIL. */
+  if (s->slot_count >= KEEL__NIL - KEEL__SLAB_CHUNK) return KEEL__NIL;
   if ((s->slot_count & (KEEL__SLAB_CHUNK - 1)) == 0) {
-    /* A new chunk; slots never move, so pointers to them stay valid. */
+    /* A new chunk; slots never move, so pointers to them stay valid. The
+     * retry heap grows with it so that a retry never needs memory. */
+    uint32_t need = (s->chunk_count + 1) * KEEL__SLAB_CHUNK;
+    if (s->heap_cap < need) {
+      /* Doubling: a million pushes copy the heap a few times, not 250. */
+      uint32_t cap =
+          s->heap_cap >= need / 2 && s->heap_cap <= UINT32_MAX / 2 ? s->heap_cap * 2 : need;
+      uint32_t *heap = keel__realloc(s->heap, (size_t)cap * sizeof *heap);
+      if (heap == NULL) return KEEL__NIL;
+      s->heap = heap;
+      s->heap_cap = cap;
+    }
     keel__job_slot **chunks = keel__realloc(s->chunks, (s->chunk_count + 1) * sizeof *chunks);
     if (chunks == NULL) return KEEL__NIL;
     s->chunks = chunks;
-    keel__job_slot *chunk = keel__calloc(KEEL__SLAB_CHUNK, sizeof *chunk);
+    keel__job_overrides ***ov = keel__realloc(s->overrides, (s->chunk_count + 1) * sizeof *ov);
+    if (ov == NULL) return KEEL__NIL;
+    s->overrides = ov;
+    /* Not zeroed: a slot's fields are set when it is first handed out. */
+    keel__job_slot *chunk = keel__malloc(KEEL__SLAB_CHUNK * sizeof *chunk);
     if (chunk == NULL) return KEEL__NIL;
+    s->overrides[s->chunk_count] = NULL;
     s->chunks[s->chunk_count++] = chunk;
   }
   index = s->slot_count++;
   keel__job_slot *slot = keel__slot(s, index);
+  memset(slot, 0, sizeof *slot);
   slot->generation = 1;
   return index;
 }
 
 void keel__sched_release(keel__sched *s, uint32_t index) {
   keel__job_slot *slot = keel__slot(s, index);
-  keel__free(slot->overrides);
-  slot->overrides = NULL;
+  if (slot->has_overrides) {
+    keel__job_overrides **entry =
+        &s->overrides[index >> KEEL__SLAB_CHUNK_BITS][index & (KEEL__SLAB_CHUNK - 1)];
+    keel__free(*entry);
+    *entry = NULL;
+    slot->has_overrides = 0;
+  }
   slot->payload = NULL;
   slot->state = KEEL__JOB_FREE;
   slot->attempts = 0;
   slot->last_delay_ms = 0;
-  slot->next = s->free_head;
+  slot->link.next = s->free_head;
   s->free_head = index;
+}
+
+_Static_assert(sizeof(keel__job_slot) == 40, "a job slot stays 40 bytes");
+
+int keel__sched_set_overrides(keel__sched *s, uint32_t index, keel__job_overrides *ov) {
+  keel__job_overrides ***table = &s->overrides[index >> KEEL__SLAB_CHUNK_BITS];
+  if (*table == NULL) {
+    if (ov == NULL) return 0;
+    *table = keel__calloc(KEEL__SLAB_CHUNK, sizeof **table);
+    if (*table == NULL) return UV_ENOMEM;
+  }
+  (*table)[index & (KEEL__SLAB_CHUNK - 1)] = ov;
+  keel__slot(s, index)->has_overrides = ov != NULL;
+  return 0;
 }
 
 uint32_t keel__sched_lookup(const keel__sched *s, uint64_t id) {
@@ -83,6 +126,21 @@ static uint32_t level_search(const keel__sched *s, int32_t priority, bool *found
   return low;
 }
 
+static int ring_grow(keel__level *level) {
+  uint32_t cap = level->mask ? (level->mask + 1) * 2 : 16;
+  if (cap == 0) return UV_ENOMEM;
+  uint32_t *ring = keel__malloc((size_t)cap * sizeof *ring);
+  if (ring == NULL) return UV_ENOMEM;
+  /* Unwrap the old ring into the new one, oldest first. */
+  for (uint32_t i = 0; i < level->count; i++)
+    ring[i] = level->ring[(level->head + i) & level->mask];
+  keel__free(level->ring);
+  level->ring = ring;
+  level->head = 0;
+  level->mask = cap - 1;
+  return 0;
+}
+
 int keel__sched_enqueue(keel__sched *s, uint32_t index) {
   keel__job_slot *slot = keel__slot(s, index);
   bool found;
@@ -92,34 +150,53 @@ int keel__sched_enqueue(keel__sched *s, uint32_t index) {
       uint32_t cap = s->level_cap ? s->level_cap * 2 : 8;
       keel__level *levels = keel__realloc(s->levels, cap * sizeof *levels);
       if (levels == NULL) return UV_ENOMEM;
+      memset(&levels[s->level_cap], 0, (cap - s->level_cap) * sizeof *levels);
       s->levels = levels;
       s->level_cap = cap;
     }
+    /* The entry past the last level is a spare (maybe with a ring): it
+     * becomes the new level, the others move up by one. */
+    keel__level spare = s->levels[s->level_count];
+    if (spare.mask == 0 && ring_grow(&spare) != 0) return UV_ENOMEM;
     memmove(&s->levels[at + 1], &s->levels[at], (s->level_count - at) * sizeof *s->levels);
-    s->levels[at].priority = slot->priority;
-    s->levels[at].head = s->levels[at].tail = KEEL__NIL;
+    spare.priority = slot->priority;
+    spare.head = spare.count = 0;
+    s->levels[at] = spare;
     s->level_count++;
   }
   keel__level *level = &s->levels[at];
-  slot->next = KEEL__NIL;
+  if (level->count > level->mask && ring_grow(level) != 0) {
+    if (level->count == 0) { /* just created: remove it again, keeping its ring */
+      keel__level empty = *level;
+      memmove(&s->levels[at], &s->levels[at + 1], (s->level_count - at - 1) * sizeof *s->levels);
+      s->level_count--;
+      s->levels[s->level_count] = empty;
+    }
+    return UV_ENOMEM;
+  }
+  level->ring[(level->head + level->count) & level->mask] = index;
+  level->count++;
   slot->state = KEEL__JOB_PENDING;
-  if (level->tail == KEEL__NIL)
-    level->head = index;
-  else
-    keel__slot(s, level->tail)->next = index;
-  level->tail = index;
   s->pending++;
   return 0;
 }
 
+/* How many pops ahead the slot is prefetched. */
+#define KEEL__PREFETCH_AHEAD 8
+
 uint32_t keel__sched_pop(keel__sched *s) {
   while (s->level_count > 0) {
     keel__level *level = &s->levels[s->level_count - 1];
-    uint32_t index = level->head;
+    uint32_t index = level->ring[level->head];
+    level->head = (level->head + 1) & level->mask;
+    if (--level->count == 0)
+      s->level_count--; /* the entry stays as a spare, with its ring */
+    else if (level->count > KEEL__PREFETCH_AHEAD)
+      __builtin_prefetch(
+          keel__slot(s, level->ring[(level->head + KEEL__PREFETCH_AHEAD) & level->mask]), 1);
     keel__job_slot *slot = keel__slot(s, index);
-    level->head = slot->next;
-    if (level->head == KEEL__NIL) s->level_count--;
     if (slot->state == KEEL__JOB_CANCELLED) {
+      s->cancelled--;
       keel__sched_release(s, index);
       continue;
     }
@@ -134,6 +211,7 @@ void keel__sched_cancel_pending(keel__sched *s, uint32_t index) {
   slot->state = KEEL__JOB_CANCELLED;
   slot->payload = NULL;
   s->pending--;
+  s->cancelled++;
 }
 
 /* ---- retry heap ------------------------------------------------------- */
@@ -144,7 +222,7 @@ static bool due_before(const keel__sched *s, uint32_t a, uint32_t b) {
 
 static void heap_set(keel__sched *s, uint32_t pos, uint32_t index) {
   s->heap[pos] = index;
-  keel__slot(s, index)->heap_pos = pos;
+  keel__slot(s, index)->link.heap_pos = pos;
 }
 
 static void sift_up(keel__sched *s, uint32_t pos) {
@@ -171,24 +249,17 @@ static void sift_down(keel__sched *s, uint32_t pos) {
   heap_set(s, pos, index);
 }
 
-int keel__sched_wait(keel__sched *s, uint32_t index, uint64_t due_ms) {
-  if (s->heap_count == s->heap_cap) {
-    uint32_t cap = s->heap_cap ? s->heap_cap * 2 : 16;
-    uint32_t *heap = keel__realloc(s->heap, cap * sizeof *heap);
-    if (heap == NULL) return UV_ENOMEM;
-    s->heap = heap;
-    s->heap_cap = cap;
-  }
+void keel__sched_wait(keel__sched *s, uint32_t index, uint64_t due_ms) {
+  /* heap_cap covers every slot ever created (see keel__sched_alloc). */
   keel__job_slot *slot = keel__slot(s, index);
   slot->state = KEEL__JOB_WAITING;
   slot->at.due_ms = due_ms;
   heap_set(s, s->heap_count++, index);
   sift_up(s, s->heap_count - 1);
-  return 0;
 }
 
 void keel__sched_unwait(keel__sched *s, uint32_t index) {
-  uint32_t pos = keel__slot(s, index)->heap_pos;
+  uint32_t pos = keel__slot(s, index)->link.heap_pos;
   uint32_t last = s->heap[--s->heap_count];
   if (pos == s->heap_count) return;
   heap_set(s, pos, last);
