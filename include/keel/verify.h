@@ -165,6 +165,14 @@ typedef struct keel_verify_opts {
   keel_verify_run_cb on_run_done; /* may be NULL */
   keel_clock clock;               /* durations and times; default uv_now */
   void *data;                     /* passed to validate, fix, on_run_done */
+
+  uint64_t run_timeout_ms;  /* bound on one run, from its start (the leader lock
+                               request included) to on_run_done; default 3600000
+                               (1 h); 0 = the default. See docs/verify.md */
+  unsigned fix_max_waiting; /* fix-ups waiting for a retry, default 10000; 0 = the
+                               default. A failed fix-up beyond it is not retried:
+                               counted in fixes_failed and fixes_dropped */
+  uint64_t reserved_[8];    /* ABI room: zero (opts_init does); never set */
 } keel_verify_opts;
 
 /* Fills opts with the defaults above. Loop-free; thread-safe. */
@@ -275,6 +283,12 @@ typedef struct keel_verify_stats {
   char last_error[256];          /* text of the last error ("" = none) */
   unsigned ncodes;               /* entries used in top_codes */
   keel_verify_code_count top_codes[KEEL_VERIFY_TOP_CODES]; /* by total, descending */
+  uint64_t runs_timed_out; /* counter: runs ended by run_timeout_ms (also in runs_failed) */
+  uint64_t fixes_dropped;  /* counter: fix-ups given up without a final outcome: not
+                              retried because fix_max_waiting were already waiting,
+                              or dropped by a run that timed out or lost its
+                              connection */
+  uint64_t reserved_[8];   /* ABI room: filled with zero */
 } keel_verify_stats;
 
 /* Fills *out. NULL-safe (does nothing). Loop thread only. */

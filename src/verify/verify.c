@@ -20,6 +20,7 @@ struct keel_verify_fix {
   fixq *list;
   unsigned attempt;
   uint64_t due; /* loop time: deadline (running) or retry time (waiting) */
+  uint64_t seq; /* order of equal due times in the retry heap */
   uint64_t prev_delay;
   keel_verify_row row;
   int keycols[KEEL_VERIFY_MAX_KEYS];
@@ -43,7 +44,7 @@ struct keel_verify {
   bool lock_from_pool, lock_acquiring, lock_cancel;
   int lock_pid; /* backend holding our lock, to notice a new session */
   int conns_open;
-  uv_timer_t tick, kick, fixt;
+  uv_timer_t tick, kick, fixt, runt;
   int handles_open;
   unsigned queries_out;
   bool closing;
@@ -51,6 +52,11 @@ struct keel_verify {
   void *close_data;
 
   bool started, stopping, run_requested, lock_inflight, leader, in_pump, ckpt_ready;
+  bool ready;            /* keel_verify_new() has returned it */
+  bool cancel_req;       /* stop dropped a requested run: report UV_ECANCELED */
+  bool close_cancel_run; /* close dropped a run: UV_ECANCELED before close_cb */
+  bool runq_out;         /* the run's statement (checkpoint, bound, batch) is out */
+  uint64_t run_id;       /* bumped when a run ends: tells a late statement */
   /* the run */
   bool running, fetch_inflight, scan_done, have_last, have_bound;
   enum phase phase;
@@ -62,7 +68,11 @@ struct keel_verify {
   char **colnames;
   int ncolnames;
   int keycols[KEEL_VERIFY_MAX_KEYS];
-  fixq pending, active, waiting;
+  fixq pending, active;
+  /* fix-ups waiting for a retry: a min-heap on (due, seq) */
+  keel_verify_fix **wheap;
+  unsigned wn, wcap;
+  uint64_t wseq;
 
   keel__vcodes codes;
   keel_verify_stats st;
@@ -99,6 +109,56 @@ static void q_remove(keel_verify_fix *f) {
   f->list = NULL;
 }
 
+/* ---- the retry heap: fix-ups waiting for a retry, earliest first ---------- */
+
+static bool w_before(const keel_verify_fix *a, const keel_verify_fix *b) {
+  return a->due < b->due || (a->due == b->due && a->seq < b->seq);
+}
+
+static unsigned max_waiting(const keel_verify *v) {
+  return v->o.fix_max_waiting ? v->o.fix_max_waiting : 10000;
+}
+
+/* Returns 0, UV_ENOBUFS when fix_max_waiting wait already, or UV_ENOMEM. */
+static int w_push(keel_verify *v, keel_verify_fix *f) {
+  if (v->wn >= max_waiting(v)) return UV_ENOBUFS;
+  if (v->wn == v->wcap) {
+    unsigned cap = v->wcap ? v->wcap * 2 : 16;
+    if (cap > max_waiting(v)) cap = max_waiting(v);
+    keel_verify_fix **h = keel__realloc(v->wheap, (size_t)cap * sizeof *h);
+    if (h == NULL) return UV_ENOMEM;
+    v->wheap = h;
+    v->wcap = cap;
+  }
+  f->seq = v->wseq++;
+  unsigned i = v->wn++;
+  while (i > 0) {
+    unsigned parent = (i - 1) / 2;
+    if (!w_before(f, v->wheap[parent])) break;
+    v->wheap[i] = v->wheap[parent];
+    i = parent;
+  }
+  v->wheap[i] = f;
+  return 0;
+}
+
+static keel_verify_fix *w_pop(keel_verify *v) {
+  if (v->wn == 0) return NULL;
+  keel_verify_fix *top = v->wheap[0];
+  keel_verify_fix *last = v->wheap[--v->wn];
+  unsigned i = 0, n = v->wn;
+  for (;;) {
+    unsigned c = 2 * i + 1;
+    if (c >= n) break;
+    if (c + 1 < n && w_before(v->wheap[c + 1], v->wheap[c])) c++;
+    if (!w_before(v->wheap[c], last)) break;
+    v->wheap[i] = v->wheap[c];
+    i = c;
+  }
+  if (n > 0) v->wheap[i] = last;
+  return top;
+}
+
 static uint64_t now_ms(const keel_verify *v) {
   return keel__clock_now(&v->o.clock, v->loop);
 }
@@ -124,11 +184,17 @@ static void send_lock_query(keel_verify *v);
 static void batch_cb(keel_pg *c, int status, const keel_pg_result *res, void *data);
 
 static void kick(keel_verify *v) {
-  if (!v->closing) uv_timer_start(&v->kick, kick_cb, 0, 0);
+  if (!v->closing && v->ready) uv_timer_start(&v->kick, kick_cb, 0, 0);
 }
+
+static void report_run(keel_verify *v, int status);
 
 static void maybe_free(keel_verify *v) {
   if (!v->closing || v->handles_open > 0 || v->conns_open > 0 || v->queries_out > 0) return;
+  if (v->close_cancel_run) { /* the run close dropped: before close_cb */
+    v->close_cancel_run = false;
+    report_run(v, UV_ECANCELED);
+  }
   keel_close_cb cb = v->close_cb;
   void *data = v->close_data;
   keel__vsql_free(&v->sql);
@@ -150,6 +216,7 @@ static void maybe_free(keel_verify *v) {
   keel__free(v->s_conninfo);
   keel__free(v->s_job);
   keel__free(v->s_ckpt);
+  keel__free(v->wheap);
   keel__free(v);
   if (cb) cb(v, data);
 }
@@ -172,6 +239,49 @@ static bool query_returned(keel_verify *v) {
     return true;
   }
   return false;
+}
+
+/* The run's own statements (checkpoint load, largest key, batch,
+ * end-of-run checkpoint) carry the run they belong to: one that comes back
+ * after its run ended (timed out, connection lost) is dropped. */
+typedef struct vticket {
+  keel_verify *v;
+  uint64_t run;
+} vticket;
+
+/* vquery() for the run's own statement: one at a time. */
+static int runq(keel_verify *v, const char *sql, int n, const char *const *params,
+                keel_pg_result_cb cb) {
+  vticket *t = keel__malloc(sizeof *t);
+  if (t == NULL) return UV_ENOMEM;
+  t->v = v;
+  t->run = v->run_id;
+  int rc = v->pool ? keel_pg_pool_query(v->pool, sql, n, params, cb, t)
+                   : keel_pg_query(v->conn, sql, n, params, cb, t);
+  if (rc < 0) {
+    keel__free(t);
+    return rc;
+  }
+  v->queries_out++;
+  v->runq_out = true;
+  return 0;
+}
+
+/* In the run statement's callback: frees the ticket; returns v, or NULL
+ * when the callback must return at once (closing, or its run is over). */
+static keel_verify *runq_back(void *data) {
+  vticket *t = data;
+  keel_verify *v = t->v;
+  uint64_t run = t->run;
+  keel__free(t);
+  if (query_returned(v)) return NULL;
+  if (run != v->run_id) return NULL;
+  v->runq_out = false;
+  return v;
+}
+
+static uint64_t run_timeout(const keel_verify *v) {
+  return v->o.run_timeout_ms ? v->o.run_timeout_ms : 3600000;
 }
 
 static const char *pg_error_text(keel_verify *v, keel_pg *c, const keel_pg_result *res) {
@@ -303,6 +413,8 @@ void keel_verify_opts_init(keel_verify_opts *o) {
   keel_backoff_exponential(&o->fix_backoff, 100, 2.0, 10000);
   o->fix_timeout_ms = 30000;
   o->checkpoint_every = 10;
+  o->run_timeout_ms = 3600000;
+  o->fix_max_waiting = 10000;
 }
 
 int keel_verify_validate_opts(const keel_verify_opts *o, const char **why) {
@@ -366,16 +478,35 @@ static void on_conn_closed(void *obj, void *data) {
 }
 
 static void on_lock_state(keel_pg *c, bool up, int status, void *data) {
-  (void)c;
   keel_verify *v = data;
-  if (!up) {
-    if (v->leader) set_error(v, status, "leader lock connection lost: %s", keel_pg_last_error(c));
-    v->leader = false;
+  if (up || v->closing) return;
+  if (v->leader) set_error(v, status, "leader lock connection lost: %s", keel_pg_last_error(c));
+  v->leader = false;
+  if (v->lock_inflight && !v->lock_cancel && !v->running) {
+    /* waiting for the lock: the run ends now (the lock query is dropped when
+     * it comes back) */
+    v->lock_cancel = true;
+    set_error(v, KEEL_ECONN, "leader lock: database unreachable (%s)", keel_pg_last_error(c));
+    report_run(v, KEEL_ECONN);
   }
+  kick(v);
+}
+
+static void abort_run(keel_verify *v, int status);
+
+/* The owned connection: its loss ends the run in progress at once. */
+static void on_conn_state(keel_pg *c, bool up, int status, void *data) {
+  (void)status;
+  keel_verify *v = data;
+  if (up || v->closing || !v->running) return;
+  set_error(v, KEEL_ECONN, "run failed: database unreachable (%s)", keel_pg_last_error(c));
+  abort_run(v, KEEL_ECONN);
+  kick(v);
 }
 
 static void tick_cb(uv_timer_t *t);
 static void fixt_cb(uv_timer_t *t);
+static void runt_cb(uv_timer_t *t);
 
 static char *dup_or_null(const char *s, bool *oom) {
   if (s == NULL) return NULL;
@@ -432,6 +563,8 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
     keel_pg_opts po;
     keel_pg_opts_init(&po);
     po.conninfo = v->s_conninfo;
+    po.on_state = on_conn_state;
+    po.data = v;
     rc = keel_pg_new(loop, &po, &v->conn);
   }
   v->lock_from_pool = v->o.leader_lock && v->s_conninfo == NULL;
@@ -463,8 +596,10 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
   uv_timer_init(loop, &v->tick);
   uv_timer_init(loop, &v->kick);
   uv_timer_init(loop, &v->fixt);
-  v->tick.data = v->kick.data = v->fixt.data = v;
-  v->handles_open = 3;
+  uv_timer_init(loop, &v->runt);
+  v->tick.data = v->kick.data = v->fixt.data = v->runt.data = v;
+  v->handles_open = 4;
+  v->ready = true;
   *out = v;
   return 0;
 }
@@ -492,10 +627,19 @@ int keel_verify_start(keel_verify *v) {
 
 int keel_verify_stop(keel_verify *v) {
   if (v == NULL) return UV_EINVAL;
+  if (v->closing) return KEEL_ECLOSING;
   v->started = false;
-  if (!v->closing) uv_timer_stop(&v->tick);
-  v->run_requested = false;
-  if (v->lock_inflight) v->lock_cancel = true;
+  uv_timer_stop(&v->tick);
+  if (v->run_requested) { /* requested, not begun: ends with UV_ECANCELED */
+    v->run_requested = false;
+    v->cancel_req = true;
+    kick(v);
+  }
+  if (v->lock_inflight && !v->lock_cancel && !v->running) {
+    v->lock_cancel = true;
+    v->cancel_req = true;
+    kick(v);
+  }
   if (v->running) {
     v->stopping = true;
     kick(v);
@@ -504,7 +648,7 @@ int keel_verify_stop(keel_verify *v) {
 }
 
 static int request_run(keel_verify *v) {
-  if (v->running || v->run_requested || v->lock_inflight) {
+  if (v->running || v->run_requested || (v->lock_inflight && !v->lock_cancel)) {
     v->st.runs_skipped++;
     return KEEL_EINPROGRESS;
   }
@@ -550,6 +694,15 @@ static void update_last_key_text(keel_verify *v) {
 
 static void report_run(keel_verify *v, int status) {
   uint64_t now = now_ms(v);
+  if (!v->running) { /* ended before it began (leader lock, stop, close) */
+    v->st.runs_started++;
+    v->run_start = now;
+    v->st.last_run_started_ms = now;
+    v->run_rows = v->run_problems = 0;
+  }
+  uv_timer_stop(&v->runt);
+  v->run_id++; /* statements of this run still out are dropped when they return */
+  v->runq_out = false;
   uint64_t dur = now >= v->run_start ? now - v->run_start : 0;
   v->running = false;
   v->phase = PH_IDLE;
@@ -569,8 +722,8 @@ static void report_run(keel_verify *v, int status) {
 }
 
 static void ckpt_end_cb(keel_pg *c, int status, const keel_pg_result *res, void *data) {
-  keel_verify *v = data;
-  if (query_returned(v)) return;
+  keel_verify *v = runq_back(data);
+  if (v == NULL) return;
   if (status < 0) set_error(v, status, "checkpoint: %s", pg_error_text(v, c, res));
   report_run(v, v->run_status);
   kick(v);
@@ -585,10 +738,10 @@ static void end_run(keel_verify *v) {
     const char *p[1 + KEEL_VERIFY_MAX_KEYS] = {v->s_job};
     int rc = 1;
     if (v->run_status == 0) {
-      rc = vquery(v, v->sql.ckpt_clear, 1, p, ckpt_end_cb);
+      rc = runq(v, v->sql.ckpt_clear, 1, p, ckpt_end_cb);
     } else if (v->have_last) {
       for (int k = 0; k < v->nkeys; k++) p[1 + k] = v->last[k];
-      rc = vquery(v, v->sql.ckpt_save, 1 + v->nkeys, p, ckpt_end_cb);
+      rc = runq(v, v->sql.ckpt_save, 1 + v->nkeys, p, ckpt_end_cb);
     }
     if (rc == 0) return;
   }
@@ -614,7 +767,7 @@ static void fetch(keel_verify *v) {
     for (int k = 0; k < v->nkeys; k++) p[n++] = v->last[k];
   if (v->sql.bounded)
     for (int k = 0; k < v->nkeys; k++) p[n++] = v->bound[k];
-  int rc = vquery(v, v->have_last ? v->sql.batch_next : v->sql.batch_first, n, p, batch_cb);
+  int rc = runq(v, v->have_last ? v->sql.batch_next : v->sql.batch_first, n, p, batch_cb);
   if (rc < 0) {
     set_error(v, rc, "batch query: %s", keel_strerror(rc));
     fail_run(v, rc);
@@ -644,8 +797,8 @@ static int copy_keys(char **dst, const keel_pg_result *res, int row, const int *
 }
 
 static void bound_cb(keel_pg *c, int status, const keel_pg_result *res, void *data) {
-  keel_verify *v = data;
-  if (query_returned(v)) return;
+  keel_verify *v = runq_back(data);
+  if (v == NULL) return;
   if (status < 0) {
     set_error(v, status, "largest key: %s", pg_error_text(v, c, res));
     fail_run(v, status);
@@ -669,7 +822,7 @@ static void bound_cb(keel_pg *c, int status, const keel_pg_result *res, void *da
 static void after_checkpoint(keel_verify *v) {
   if (v->sql.bounded) {
     v->phase = PH_BOUND;
-    int rc = vquery(v, v->sql.max_key, 0, NULL, bound_cb);
+    int rc = runq(v, v->sql.max_key, 0, NULL, bound_cb);
     if (rc < 0) {
       set_error(v, rc, "largest key: %s", keel_strerror(rc));
       fail_run(v, rc);
@@ -681,8 +834,8 @@ static void after_checkpoint(keel_verify *v) {
 }
 
 static void ckpt_load_cb(keel_pg *c, int status, const keel_pg_result *res, void *data) {
-  keel_verify *v = data;
-  if (query_returned(v)) return;
+  keel_verify *v = runq_back(data);
+  if (v == NULL) return;
   if (status < 0) {
     set_error(v, status, "checkpoint load: %s", pg_error_text(v, c, res));
     fail_run(v, status);
@@ -703,7 +856,7 @@ static void ckpt_load_cb(keel_pg *c, int status, const keel_pg_result *res, void
 static void load_checkpoint(keel_verify *v) {
   v->phase = PH_CKPT_LOAD;
   const char *p[1] = {v->s_job};
-  int rc = vquery(v, v->sql.ckpt_load, 1, p, ckpt_load_cb);
+  int rc = runq(v, v->sql.ckpt_load, 1, p, ckpt_load_cb);
   if (rc < 0) {
     set_error(v, rc, "checkpoint load: %s", keel_strerror(rc));
     fail_run(v, rc);
@@ -711,8 +864,8 @@ static void load_checkpoint(keel_verify *v) {
 }
 
 static void ckpt_create_cb(keel_pg *c, int status, const keel_pg_result *res, void *data) {
-  keel_verify *v = data;
-  if (query_returned(v)) return;
+  keel_verify *v = runq_back(data);
+  if (v == NULL) return;
   const char *ss = res ? keel_pg_result_sqlstate(res) : NULL;
   /* concurrent CREATE TABLE IF NOT EXISTS may race: already there is fine */
   if (status < 0 && !(ss && (strcmp(ss, "23505") == 0 || strcmp(ss, "42P07") == 0))) {
@@ -747,7 +900,7 @@ static void begin_run(keel_verify *v) {
   if (v->sql.ckpt_create != NULL) {
     if (!v->ckpt_ready) {
       v->phase = PH_CKPT_CREATE;
-      int rc = vquery(v, v->sql.ckpt_create, 0, NULL, ckpt_create_cb);
+      int rc = runq(v, v->sql.ckpt_create, 0, NULL, ckpt_create_cb);
       if (rc < 0) {
         set_error(v, rc, "checkpoint table: %s", keel_strerror(rc));
         fail_run(v, rc);
@@ -765,21 +918,28 @@ static void lock_cb(keel_pg *c, int status, const keel_pg_result *res, void *dat
   v->lock_inflight = false;
   if (query_returned(v)) return;
   if (status < 0) {
-    v->lock_cancel = false;
     v->leader = false;
+    if (v->lock_cancel) { /* the run already ended (stop, timeout, lost connection) */
+      v->lock_cancel = false;
+      kick(v);
+      return;
+    }
     set_error(v, status, "leader lock: %s", pg_error_text(v, c, res));
-    v->st.runs_not_leader++;
+    report_run(v, status);
+    kick(v);
     return;
   }
   const char *val = keel_pg_result_value(res, 0, 0);
   v->leader = val != NULL && val[0] == 't';
   v->lock_pid = v->leader ? keel_pg_backend_pid(v->lock_conn) : 0;
-  if (!v->leader) {
-    v->st.runs_not_leader++;
+  if (v->lock_cancel) { /* the run already ended meanwhile */
+    v->lock_cancel = false;
+    kick(v);
     return;
   }
-  if (v->lock_cancel) { /* stopped meanwhile */
-    v->lock_cancel = false;
+  if (!v->leader) {
+    uv_timer_stop(&v->runt);
+    v->st.runs_not_leader++;
     return;
   }
   begin_run(v);
@@ -810,9 +970,9 @@ static int build_colnames(keel_verify *v, const keel_pg_result *res) {
 }
 
 static void batch_cb(keel_pg *c, int status, const keel_pg_result *res, void *data) {
-  keel_verify *v = data;
+  keel_verify *v = runq_back(data);
+  if (v == NULL) return;
   v->fetch_inflight = false;
-  if (query_returned(v)) return;
   if (!v->running) return;
   if (status < 0) {
     set_error(v, status, "batch query: %s", pg_error_text(v, c, res));
@@ -846,7 +1006,8 @@ static void batch_cb(keel_pg *c, int status, const keel_pg_result *res, void *da
   }
   if ((uint32_t)nrows < v->o.batch_size) v->scan_done = true;
   /* Prefetch: the next batch travels while this one is validated. */
-  else if (!v->stopping && v->pending.n < v->o.batch_size && v->leader && v->run_status == 0)
+  else if (!v->stopping && v->pending.n < v->o.batch_size && v->leader && v->run_status == 0 &&
+           !v->closing)
     fetch(v);
 
   keel_verify_row row = {.v = v,
@@ -909,8 +1070,20 @@ static void fix_failed(keel_verify *v, keel_verify_fix *f, int status) {
     f->attempt++;
     f->due = uv_now(v->loop) + d;
     f->v = v;
-    q_push(&v->waiting, f);
-    set_error(v, status, "fix-up of row %s failed (%s), retrying", key, keel_err_name(status));
+    int rc = w_push(v, f);
+    if (rc == 0) {
+      set_error(v, status, "fix-up of row %s failed (%s), retrying", key, keel_err_name(status));
+      return;
+    }
+    v->st.fixes_failed++;
+    v->st.fixes_dropped++;
+    if (rc == UV_ENOBUFS)
+      set_error(v, status, "fix-up of row %s failed (%s), not retried: %u fix-ups already wait",
+                key, keel_err_name(status), max_waiting(v));
+    else
+      set_error(v, rc, "fix-up of row %s failed (%s), not retried: out of memory", key,
+                keel_err_name(status));
+    keel__free(f);
   } else {
     v->st.fixes_failed++;
     set_error(v, status, "fix-up of row %s failed for good (%s)", key, keel_err_name(status));
@@ -940,14 +1113,15 @@ unsigned keel_verify_fix_attempt(const keel_verify_fix *f) {
   return f ? f->attempt : 0;
 }
 
+/* Arms the fix-up timer for the earliest retry or attempt deadline: the top
+ * of the retry heap, and the head of the active list (attempts start in
+ * order and share one timeout, so their deadlines are in list order). */
 static void arm_fix_timer(keel_verify *v) {
   if (v->closing) return;
   uint64_t min = UINT64_MAX;
-  for (keel_verify_fix *f = v->waiting.head; f; f = f->next)
-    if (f->due < min) min = f->due;
-  if (v->o.fix_timeout_ms > 0)
-    for (keel_verify_fix *f = v->active.head; f; f = f->next)
-      if (f->due < min) min = f->due;
+  if (v->wn > 0) min = v->wheap[0]->due;
+  if (v->o.fix_timeout_ms > 0 && v->active.head && v->active.head->due < min)
+    min = v->active.head->due;
   if (min == UINT64_MAX) {
     uv_timer_stop(&v->fixt);
     return;
@@ -959,18 +1133,12 @@ static void arm_fix_timer(keel_verify *v) {
 static void fixt_cb(uv_timer_t *t) {
   keel_verify *v = t->data;
   uint64_t now = uv_now(v->loop);
-  keel_verify_fix *next;
-  for (keel_verify_fix *f = v->waiting.head; f; f = next) {
-    next = f->next;
-    if (f->due <= now) {
-      q_remove(f);
-      q_push(&v->pending, f);
-    }
-  }
+  while (v->wn > 0 && v->wheap[0]->due <= now) q_push(&v->pending, w_pop(v));
   if (v->o.fix_timeout_ms > 0) {
+    keel_verify_fix *next;
     for (keel_verify_fix *f = v->active.head; f; f = next) {
       next = f->next;
-      if (f->due > now) continue;
+      if (f->due > now) break;
       q_remove(f);
       v->st.fixes_timed_out++;
       /* The user still holds f: detach it (fix_done frees it) and go on with
@@ -1002,16 +1170,19 @@ static void lock_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *d
     maybe_free(v);
     return;
   }
+  if (v->lock_cancel) { /* the run already ended meanwhile */
+    v->lock_cancel = false;
+    if (status == 0) v->lock_conn = conn;
+    kick(v);
+    return;
+  }
   if (status < 0) {
     set_error(v, status, "leader lock: no pool connection (%s)", keel_err_name(status));
-    v->st.runs_not_leader++;
+    report_run(v, status);
+    kick(v);
     return;
   }
   v->lock_conn = conn;
-  if (v->lock_cancel) {
-    v->lock_cancel = false;
-    return;
-  }
   send_lock_query(v);
 }
 
@@ -1023,6 +1194,7 @@ static void send_lock_query(keel_verify *v) {
     int rc = keel_pg_pool_acquire(v->pool, lock_acquired, v);
     if (rc < 0) {
       set_error(v, rc, "leader lock: %s", keel_strerror(rc));
+      report_run(v, rc);
       return;
     }
     v->queries_out++;
@@ -1039,7 +1211,90 @@ static void send_lock_query(keel_verify *v) {
     v->lock_inflight = true;
   } else {
     set_error(v, rc, "leader lock: %s", keel_strerror(rc));
+    report_run(v, rc);
   }
+}
+
+/* ---- the run's bound ------------------------------------------------------ */
+
+/* Ends the run now (timed out, connection lost): its statement still out is
+ * dropped when it comes back (its ticket names an older run), fix-ups waiting are
+ * dropped and running ones detached (their keel_verify_fix_done() returns
+ * KEEL_ESTALE), the checkpoint is saved without waiting for it. */
+static void abort_run(keel_verify *v, int status) {
+  if (!v->running) return;
+  v->fetch_inflight = false;
+  uint64_t dropped = 0;
+  for (keel_verify_fix *f; (f = v->pending.head) != NULL; dropped++) {
+    q_remove(f);
+    keel__free(f);
+  }
+  for (keel_verify_fix *f; (f = w_pop(v)) != NULL; dropped++) keel__free(f);
+  for (keel_verify_fix *f; (f = v->active.head) != NULL; dropped++) {
+    q_remove(f);
+    f->v = NULL;
+  }
+  v->st.fixes_dropped += dropped;
+  if (v->sql.ckpt_save != NULL && v->ckpt_ready && v->have_last) {
+    const char *p[1 + KEEL_VERIFY_MAX_KEYS] = {v->s_job};
+    for (int k = 0; k < v->nkeys; k++) p[1 + k] = v->last[k];
+    (void)vquery(v, v->sql.ckpt_save, 1 + v->nkeys, p, ckpt_cb);
+  }
+  v->run_status = status;
+  report_run(v, status);
+}
+
+/* ": database unreachable (why)" when the connection c (NULL: the pool) is
+ * down, else what the run waits for. */
+static void wait_text(keel_verify *v, keel_pg *c, char *buf, size_t cap) {
+  bool down = false;
+  const char *err = "";
+  if (c != NULL) {
+    down = !keel_pg_is_connected(c);
+    err = keel_pg_last_error(c);
+  } else if (v->pool != NULL) {
+    keel_pg_pool_stats ps;
+    keel_pg_pool_get_stats(v->pool, &ps);
+    down = ps.connected == 0;
+    err = keel_pg_pool_last_error(v->pool);
+  }
+  if (down) {
+    snprintf(buf, cap, ": database unreachable (%s)", err && *err ? err : "not connected");
+  } else if (!v->running) {
+    snprintf(buf, cap, " waiting for the leader lock");
+  } else if (v->runq_out) {
+    snprintf(buf, cap, " waiting for the database's answer (%s)",
+             v->phase == PH_CKPT_CREATE || v->phase == PH_CKPT_LOAD ? "checkpoint"
+             : v->phase == PH_BOUND                                 ? "largest key"
+             : v->fetch_inflight                                    ? "batch"
+                                                                    : "end-of-run checkpoint");
+  } else if (v->active.n > 0 || v->pending.n > 0 || v->wn > 0) {
+    snprintf(buf, cap, " with %u fix-ups running and %u waiting", v->active.n,
+             v->pending.n + v->wn);
+  } else {
+    buf[0] = '\0';
+  }
+}
+
+static void runt_cb(uv_timer_t *t) {
+  keel_verify *v = t->data;
+  if (v->closing) return;
+  char why[KEEL__ERRBUF_SIZE];
+  unsigned long long ms = (unsigned long long)run_timeout(v);
+  if (!v->running) {
+    if (!v->lock_inflight || v->lock_cancel) return;
+    wait_text(v, v->lock_conn, why, sizeof why);
+    v->lock_cancel = true;
+    set_error(v, UV_ETIMEDOUT, "run timed out after %llu ms%s", ms, why);
+    v->st.runs_timed_out++;
+    report_run(v, UV_ETIMEDOUT);
+  } else {
+    wait_text(v, v->conn, why, sizeof why);
+    set_error(v, UV_ETIMEDOUT, "run timed out after %llu ms%s", ms, why);
+    v->st.runs_timed_out++;
+    abort_run(v, UV_ETIMEDOUT);
+  }
+  pump(v);
 }
 
 /* ---- the pump: whatever can move, moves ------------------------------------ */
@@ -1049,10 +1304,20 @@ static void pump(keel_verify *v) {
   v->in_pump = true;
   for (;;) {
     if (v->closing) break;
-    if (v->run_requested && !v->running && !v->lock_inflight) {
+    if (v->cancel_req) { /* stop dropped a requested run */
+      v->cancel_req = false;
+      set_error(v, UV_ECANCELED, "run cancelled by keel_verify_stop() before it began");
+      report_run(v, UV_ECANCELED);
+      continue;
+    }
+    if (v->run_requested && !v->running && (!v->lock_inflight || v->lock_cancel)) {
       v->run_requested = false;
+      uv_timer_start(&v->runt, runt_cb, run_timeout(v), 0);
       if (v->o.leader_lock) {
-        send_lock_query(v);
+        if (v->lock_inflight) /* a dropped run's request is still out: this run takes it over */
+          v->lock_cancel = false;
+        else
+          send_lock_query(v);
       } else {
         begin_run(v);
       }
@@ -1083,7 +1348,7 @@ static void pump(keel_verify *v) {
       continue;
     }
     if ((v->scan_done || v->stopping) && !v->fetch_inflight && v->active.n == 0 &&
-        v->pending.n == 0 && v->waiting.n == 0) {
+        v->pending.n == 0 && v->wn == 0) {
       end_run(v);
       continue;
     }
@@ -1101,7 +1366,7 @@ void keel_verify_get_stats(const keel_verify *v, keel_verify_stats *out) {
   out->running = v->running;
   out->leader = v->o.leader_lock ? v->leader : true;
   out->fixes_running = v->active.n;
-  out->fixes_pending = v->pending.n + v->waiting.n;
+  out->fixes_pending = v->pending.n + v->wn;
   out->next_run_ms = 0;
   if (v->started && !v->closing) out->next_run_ms = now_ms(v) + uv_timer_get_due_in(&v->tick);
   memcpy(out->last_error, v->last_error,
@@ -1128,10 +1393,13 @@ void keel_verify_close(keel_verify *v, keel_close_cb cb, void *data) {
   v->closing = true;
   v->close_cb = cb;
   v->close_data = data;
-  v->running = false;
+  /* a run going or requested ends with UV_ECANCELED, before cb */
+  v->close_cancel_run =
+      v->running || v->run_requested || v->cancel_req || (v->lock_inflight && !v->lock_cancel);
+  v->run_requested = v->cancel_req = false;
   v->started = false;
   free_list(&v->pending);
-  free_list(&v->waiting);
+  for (keel_verify_fix *f; (f = w_pop(v)) != NULL;) keel__free(f);
   while (v->active.head) {
     keel_verify_fix *f = v->active.head;
     q_remove(f);
@@ -1140,6 +1408,7 @@ void keel_verify_close(keel_verify *v, keel_close_cb cb, void *data) {
   uv_close((uv_handle_t *)&v->tick, on_handle_closed);
   uv_close((uv_handle_t *)&v->kick, on_handle_closed);
   uv_close((uv_handle_t *)&v->fixt, on_handle_closed);
+  uv_close((uv_handle_t *)&v->runt, on_handle_closed);
   if (v->conn) keel_pg_close(v->conn, on_conn_closed, v);
   if (v->lock_conn && !v->lock_from_pool) keel_pg_close(v->lock_conn, on_conn_closed, v);
   if (v->lock_conn && v->lock_from_pool) {

@@ -38,6 +38,22 @@ Test(verify_opts, defaults) {
   cr_expect_not(o.leader_lock);
   cr_expect_eq(o.checkpoint_every, 10);
   cr_expect_null(o.columns);
+  cr_expect_eq(o.run_timeout_ms, 3600000);
+  cr_expect_eq(o.fix_max_waiting, 10000);
+}
+
+Test(verify_opts, opts_init_zeroes_the_whole_struct) {
+  keel_verify_opts o;
+  memset(&o, 0xa5, sizeof o);
+  keel_verify_opts_init(&o);
+  for (size_t i = 0; i < sizeof o.reserved_ / sizeof o.reserved_[0]; i++)
+    cr_expect_eq(o.reserved_[i], 0);
+  cr_expect_null(o.pool);
+  cr_expect_null(o.on_run_done);
+  cr_expect_null(o.data);
+  cr_expect_eq(sizeof o.reserved_, 64);
+  keel_verify_stats st;
+  cr_expect_eq(sizeof st.reserved_, 64);
 }
 
 Test(verify_opts, valid_base) {
