@@ -486,21 +486,29 @@ static void on_lock_state(keel_pg *c, bool up, int status, void *data) {
     /* waiting for the lock: the run ends now (the lock query is dropped when
      * it comes back) */
     v->lock_cancel = true;
-    set_error(v, KEEL_ECONN, "leader lock: database unreachable (%s)", keel_pg_last_error(c));
-    report_run(v, KEEL_ECONN);
+    status = status == KEEL_EAUTH || status == KEEL_ENODB ? status : KEEL_ECONN;
+    set_error(v, status, "leader lock: database unreachable (%s)", keel_pg_last_error(c));
+    report_run(v, status);
   }
   kick(v);
 }
 
 static void abort_run(keel_verify *v, int status);
 
-/* The owned connection: its loss ends the run in progress at once. */
+/* The status a run ends with when its connection goes down: the permanent
+ * causes keep their code, every other loss is KEEL_ECONN. */
+static int down_status(int status) {
+  return status == KEEL_EAUTH || status == KEEL_ENODB ? status : KEEL_ECONN;
+}
+
+/* The owned connection: its loss (or a failed connect attempt) ends the run
+ * in progress at once. */
 static void on_conn_state(keel_pg *c, bool up, int status, void *data) {
-  (void)status;
   keel_verify *v = data;
   if (up || v->closing || !v->running) return;
-  set_error(v, KEEL_ECONN, "run failed: database unreachable (%s)", keel_pg_last_error(c));
-  abort_run(v, KEEL_ECONN);
+  status = down_status(status);
+  set_error(v, status, "run failed: database unreachable (%s)", keel_pg_last_error(c));
+  abort_run(v, status);
   kick(v);
 }
 
