@@ -222,7 +222,8 @@ KEEL_EXTERN int keel_verify_validate_opts(const keel_verify_opts *opts, const ch
  * Returns 0 and sets *out; UV_EINVAL (NULL loop/opts/out, or invalid opts:
  * keel_verify_validate_opts() gives the reason), UV_ENOMEM, or an error of
  * keel_pg_new() (UV_EINVAL for a conninfo it refuses). *out is untouched on
- * failure and nothing is left on the loop. Loop thread only.
+ * failure (a connection already opened finishes closing on a later loop
+ * iteration, so run the loop before uv_loop_close()). Loop thread only.
  */
 KEEL_EXTERN int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out);
 
