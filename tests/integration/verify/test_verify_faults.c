@@ -343,7 +343,7 @@ Test(verify_faults, backend_killed_mid_run) {
   f.o.validate = validator;
   f.o.fix = fixup;
   f.o.fix_concurrency = 2;
-  f.fix_delay_ms = 400; /* the run is still going when the loss is seen */
+  f.fix_delay_ms = 3000; /* the run is still going when the loss is seen */
   f.kill_backend = true;
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
@@ -359,7 +359,7 @@ Test(verify_faults, backend_killed_mid_run) {
   cr_expect_eq(st.fixes_pending, 0);
   cr_expect_eq(st.fixes_dropped, 20, "dropped %" PRIu64, st.fixes_dropped);
   /* the fix-ups' late reports are stale */
-  cr_assert(wait_for(&f.loop, delayed_none, &f, 5000));
+  cr_assert(wait_for(&f.loop, delayed_none, &f, 10000));
   cr_expect_eq(f.fix_done_rc, KEEL_ESTALE);
   /* next run: new session, whole table */
   f.kill_backend = false;
