@@ -49,8 +49,9 @@ static unsigned max_waiting(const keel_verify *v) {
 static int w_push(keel_verify *v, keel_verify_fix *f) {
   if (v->wn >= max_waiting(v)) return UV_ENOBUFS;
   if (v->wn == v->wcap) {
-    unsigned cap = v->wcap ? v->wcap * 2 : 16;
-    if (cap > max_waiting(v)) cap = max_waiting(v);
+    unsigned max = max_waiting(v);
+    unsigned cap = v->wcap == 0 ? 16 : v->wcap > max / 2 ? max : v->wcap * 2;
+    if (cap > max) cap = max;
     keel_verify_fix **h = keel__realloc(v->wheap, (size_t)cap * sizeof *h);
     if (h == NULL) return UV_ENOMEM;
     v->wheap = h;
