@@ -12,6 +12,10 @@
  * table lets a long run resume after a restart. Statistics are kept for
  * dashboards.
  *
+ * Every run is bounded (run_timeout_ms) and ends in exactly one
+ * on_run_done, on a later loop iteration than the call that caused it.
+ * All functions are loop-thread only unless a block says otherwise.
+ *
  *     static bool check(keel_verify *v, const keel_verify_row *row, void *data) {
  *       if (keel_verify_row_is_null(row, "status")) keel_verify_row_problem(row, "missing_status");
  *       return true;  // invalid as soon as a problem was named
@@ -104,7 +108,8 @@ KEEL_EXTERN int keel_verify_row_problem(const keel_verify_row *row, const char *
  * The validator: synchronous, called once per scanned row. Returns true for
  * a valid row, false for an invalid one (naming problems with
  * keel_verify_row_problem() is optional; a row returned false without one
- * counts under the code "invalid"). It must not close the verifier.
+ * counts under the code "invalid"). It may call keel_verify_close(): no
+ * further row of the batch is validated.
  */
 typedef bool (*keel_verify_validate_fn)(keel_verify *v, const keel_verify_row *row, void *data);
 
@@ -112,15 +117,34 @@ typedef bool (*keel_verify_validate_fn)(keel_verify *v, const keel_verify_row *r
  * The fix-up: asynchronous, called for each invalid row (again for every
  * retry). It owns `fix` until it calls keel_verify_fix_done(fix, status),
  * once, from this call or later; `row` stays valid until then. It may run
- * its own queries (e.g. on a keel_pg_pool) or anything else.
+ * its own queries (e.g. on a keel_pg_pool) or anything else, and may call
+ * keel_verify_close().
  */
 typedef void (*keel_verify_fix_fn)(keel_verify *v, keel_verify_fix *fix, const keel_verify_row *row,
                                    void *data);
 
-/* Called at the end of every run: status 0 when the whole table was
- * walked (fix-ups included, whatever their outcome), or the error that
- * ended it (KEEL_EPG, KEEL_ECONN, KEEL_ENOTLEADER, UV_ECANCELED on
- * stop/close...). Runs skipped because another process leads do not call it. */
+/*
+ * Called once for every run, on a later loop iteration than the call or
+ * tick that requested it. status:
+ *   0               the whole table was walked (fix-ups included, whatever
+ *                   their outcome);
+ *   KEEL_EPG        a statement failed (message in last_error);
+ *   KEEL_ECONN      the database could not be reached, or the connection
+ *                   was lost during the run (also a failed leader lock
+ *                   request);
+ *   KEEL_EINDOUBT, UV_ETIMEDOUT, UV_ENOBUFS, KEEL_ESEND, KEEL_EAUTH,
+ *   KEEL_ENODB      passed on from a statement of the run;
+ *   UV_ETIMEDOUT    also when run_timeout_ms passed (runs_timed_out counts
+ *                   those);
+ *   KEEL_ENOTLEADER the leader lock was lost during the run;
+ *   UV_ENOMEM       out of memory;
+ *   UV_EINVAL       an id column is missing from the result or NULL;
+ *   UV_ECANCELED    keel_verify_stop() (the run ended early) or
+ *                   keel_verify_close() (before the close callback).
+ * A run request that finds the leader lock held by another process does
+ * not call it (runs_not_leader counts those). It may call
+ * keel_verify_run_now() or keel_verify_close().
+ */
 typedef void (*keel_verify_run_cb)(keel_verify *v, int status, void *data);
 
 /* ---- options ---------------------------------------------------------- */
@@ -165,9 +189,18 @@ typedef struct keel_verify_opts {
   keel_verify_run_cb on_run_done; /* may be NULL */
   keel_clock clock;               /* durations and times; default uv_now */
   void *data;                     /* passed to validate, fix, on_run_done */
+
+  uint64_t run_timeout_ms;  /* bound on one run, from its start (the leader lock
+                               request included) to on_run_done; default 3600000
+                               (1 h); 0 = the default. See docs/verify.md */
+  unsigned fix_max_waiting; /* fix-ups waiting for a retry, default 10000; 0 = the
+                               default. A failed fix-up beyond it is not retried:
+                               counted in fixes_failed and fixes_dropped */
+  uint64_t reserved_[8];    /* ABI room: zero (opts_init does); never set */
 } keel_verify_opts;
 
-/* Fills opts with the defaults above. Loop-free; thread-safe. */
+/* Zeroes the whole struct (reserved_ included), then fills the defaults
+ * above. Thread-safe. */
 KEEL_EXTERN void keel_verify_opts_init(keel_verify_opts *opts);
 
 /*
@@ -175,60 +208,73 @@ KEEL_EXTERN void keel_verify_opts_init(keel_verify_opts *opts);
  * static explanation in *why (when not NULL): missing table, validator or
  * connection; batch_size 0 or too large; interval 0; fix_concurrency 0;
  * an identifier that cannot be quoted (empty, > 63 bytes, qualified where
- * not allowed); too many columns; bad backoff.
- * Thread-safe.
+ * not allowed); too many columns; bad backoff. *why is untouched on
+ * success. Thread-safe.
  */
 KEEL_EXTERN int keel_verify_validate_opts(const keel_verify_opts *opts, const char **why);
 
 /*
  * Creates a verifier (idle until keel_verify_start() or
- * keel_verify_run_now()). Copies every string of opts; identifiers are
- * quoted, never pasted. Opens its connection(s) at once when conninfo is used.
+ * keel_verify_run_now()). Copies every string of opts (opts itself may go
+ * after the call); identifiers are quoted, never pasted. A pool in opts is
+ * borrowed. Opens its connection(s) at once when conninfo is used. No
+ * callback runs inside this call.
  * Returns 0 and sets *out; UV_EINVAL (NULL loop/opts/out, or invalid opts:
  * keel_verify_validate_opts() gives the reason), UV_ENOMEM, or an error of
- * keel_pg_new(). *out is untouched on failure. Loop thread only.
+ * keel_pg_new() (UV_EINVAL for a conninfo it refuses). *out is untouched on
+ * failure (a connection already opened finishes closing on a later loop
+ * iteration, so run the loop before uv_loop_close()). Loop thread only.
  */
 KEEL_EXTERN int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out);
 
-/* Like keel_verify_new(), and explains a failure: writes the reason
- * (NUL-terminated, truncated to why_cap) into why_buf, "" on success.
- * why_buf may be NULL. Loop thread only. */
+/* Like keel_verify_new() (same errors), and explains a failure: writes the
+ * reason (NUL-terminated, truncated to why_cap) into why_buf, "" on
+ * success. why_buf may be NULL. Loop thread only. */
 KEEL_EXTERN int keel_verify_new_ex(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify **out,
                                    char *why_buf, size_t why_cap);
 
 /* ---- verbs ------------------------------------------------------------ */
 
 /*
- * Starts the interval timer (first run on the next loop iteration when
+ * Starts the interval timer (first run on a later loop iteration when
  * run_on_start, else after interval_ms). Runs report through
- * opts.on_run_done. Returns 0 (also when already started), UV_EINVAL (NULL)
- * or KEEL_ECLOSING. Loop thread only.
+ * opts.on_run_done; a tick while a run is going is skipped (runs_skipped).
+ * Returns 0 (also when already started), UV_EINVAL (NULL) or KEEL_ECLOSING
+ * (after keel_verify_close()). Loop thread only.
  */
 KEEL_EXTERN int keel_verify_start(keel_verify *v);
 
 /*
  * Stops the timer; a run in progress fetches no further batch, lets its
- * fix-ups finish and ends with UV_ECANCELED (its checkpoint is saved).
- * keel_verify_start() may be called again later. Returns 0 or UV_EINVAL.
- * Loop thread only.
+ * fix-ups finish and ends with UV_ECANCELED (its checkpoint is saved); a
+ * run requested but not begun yet ends with UV_ECANCELED too. Either way
+ * on_run_done comes on a later loop iteration, never inside this call.
+ * keel_verify_start() may be called again later. Returns 0, UV_EINVAL
+ * (NULL) or KEEL_ECLOSING (after keel_verify_close()). Loop thread only.
  */
 KEEL_EXTERN int keel_verify_stop(keel_verify *v);
 
 /*
- * Starts a run on the next loop iteration, whether started or not (with
- * leader_lock, only if the lock is obtained). Returns 0; KEEL_EINPROGRESS
- * when a run is going or about to (counted in runs_skipped, nothing else
- * happens); UV_EINVAL; KEEL_ECLOSING. Loop thread only.
+ * Starts a run on a later loop iteration, whether started or not (with
+ * leader_lock, only if the lock is obtained). On 0, on_run_done is called
+ * exactly once for it (unless another process holds the leader lock).
+ * Returns 0; KEEL_EINPROGRESS when a run is going or about to (counted in
+ * runs_skipped, nothing else happens); UV_EINVAL (NULL); KEEL_ECLOSING
+ * (after keel_verify_close()). Loop thread only.
  */
 KEEL_EXTERN int keel_verify_run_now(keel_verify *v);
 
 /*
  * Reports the outcome of a fix-up: status 0 for fixed, < 0 for failed (it
- * is retried up to fix_max_retries times with fix_backoff, then counted as
- * failed). Exactly once per fix handle; the handle is invalid afterwards.
- * Returns 0; KEEL_ESTALE when the attempt had already timed out (or the
- * verifier was closed: the status is ignored, the handle is freed); UV_EINVAL
- * for NULL. May be called from inside the fix-up callback. Loop thread only.
+ * is retried up to fix_max_retries times with fix_backoff while fewer than
+ * fix_max_waiting fix-ups wait for a retry, then counted as failed).
+ * Exactly once per fix handle; the handle is freed by this call and invalid
+ * afterwards, whatever it returns. No callback runs inside this call.
+ * Returns 0; KEEL_ESTALE when the attempt no longer counts: it had timed
+ * out (fix_timeout_ms), its run ended without it (run_timeout_ms, lost
+ * connection) or the verifier was closed (the status is ignored; the
+ * verifier may already be freed); UV_EINVAL for NULL. May be called from
+ * inside the fix-up callback. Loop thread only.
  */
 KEEL_EXTERN int keel_verify_fix_done(keel_verify_fix *fix, int status);
 
@@ -269,30 +315,43 @@ typedef struct keel_verify_stats {
   bool running;                  /* gauge */
   bool leader;                   /* gauge: holds the leader lock (true without leader_lock) */
   unsigned fixes_running;        /* gauge */
-  unsigned fixes_pending;        /* gauge: invalid rows waiting for a fix-up slot */
+  unsigned fixes_pending;        /* gauge: fix-ups waiting for a slot or a retry */
   int last_status;               /* status of the last finished run */
   char last_key[128];            /* key of the last row scanned ("" = none) */
   char last_error[256];          /* text of the last error ("" = none) */
   unsigned ncodes;               /* entries used in top_codes */
   keel_verify_code_count top_codes[KEEL_VERIFY_TOP_CODES]; /* by total, descending */
+  uint64_t runs_timed_out; /* counter: runs ended by run_timeout_ms (also in runs_failed) */
+  uint64_t fixes_dropped;  /* counter: fix-ups given up without a final outcome: not
+                              retried because fix_max_waiting were already waiting,
+                              or dropped by a run that timed out or lost its
+                              connection */
+  uint64_t reserved_[8];   /* ABI room: filled with zero */
 } keel_verify_stats;
 
-/* Fills *out. NULL-safe (does nothing). Loop thread only. */
+/* Fills *out (reserved_ with zero). Does nothing when v or out is NULL.
+ * Loop thread only. */
 KEEL_EXTERN void keel_verify_get_stats(const keel_verify *v, keel_verify_stats *out);
 
 /* Text of the last error ("" when none, or for NULL): a PostgreSQL message,
- * a fix-up failure, a lost lock. Valid until the next call into v. Loop
- * thread only. */
+ * a fix-up failure, a lost lock, why a run timed out ("run timed out after
+ * N ms: database unreachable (...)"). Owned by v; valid until the next call
+ * into v. Loop thread only. */
 KEEL_EXTERN const char *keel_verify_last_error(const keel_verify *v);
 
 /*
- * Stops everything: the run in progress is abandoned (on_run_done is not
- * called for it), fix-ups waiting for a slot are dropped, owned connections
- * close, and cb (may be NULL) runs on a later loop iteration once every
- * handle is closed and every query of v has returned. Fix handles still
- * held by fix-ups stay valid: keel_verify_fix_done() on them returns
- * KEEL_ESTALE and frees them (a handle never reported leaks).
- * NULL-safe; callable from any callback of v.
+ * Stops everything: a run in progress or requested is dropped and reported
+ * with on_run_done(UV_ECANCELED) on a later loop iteration, before cb;
+ * fix-ups waiting for a slot or a retry are dropped, owned connections
+ * close, and cb (may be NULL; its object argument is the freed v, for
+ * identity only) runs on a later loop iteration once every handle is
+ * closed and every query of v has returned; after it uv_loop_close() can
+ * succeed. No callback runs inside this call. Afterwards every call on v
+ * returns KEEL_ECLOSING (keel_verify_fix_done(): KEEL_ESTALE) until cb.
+ * Fix handles still held by fix-ups stay valid: keel_verify_fix_done() on
+ * them returns KEEL_ESTALE and frees them (a handle never reported leaks).
+ * NULL-safe; a second call does nothing; callable from any callback of v
+ * (validator, fix-up, on_run_done). Loop thread only.
  */
 KEEL_EXTERN void keel_verify_close(keel_verify *v, keel_close_cb cb, void *data);
 

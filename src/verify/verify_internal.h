@@ -6,6 +6,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "core/util.h"
 #include "keel/verify.h"
 
 /* ---- SQL text (sql.c): built once at keel_verify_new ------------------- */
@@ -68,5 +69,182 @@ struct keel_verify_row {
 
 /* Column index of name in row, or -1. */
 int keel__vrow_find(const keel_verify_row *row, const char *name);
+
+/* ---- the verifier object, shared by the files of src/verify ------------- */
+
+typedef struct keel__vfixq {
+  keel_verify_fix *head, *tail;
+  unsigned n;
+} keel__vfixq;
+
+struct keel_verify_fix {
+  keel_verify *v; /* NULL once detached (timed out, or verifier closed) */
+  keel_verify_fix *next, *prev;
+  keel__vfixq *list;
+  unsigned attempt;
+  uint64_t due; /* loop time: deadline (running) or retry time (waiting) */
+  uint64_t seq; /* order of equal due times in the retry heap */
+  uint64_t prev_delay;
+  keel_verify_row row;
+  int keycols[KEEL_VERIFY_MAX_KEYS];
+  /* followed by names[ncols], values[ncols] and the strings */
+};
+
+enum keel__vphase {
+  KEEL__VPH_IDLE = 0,
+  KEEL__VPH_CKPT_CREATE,
+  KEEL__VPH_CKPT_LOAD,
+  KEEL__VPH_BOUND,
+  KEEL__VPH_SCAN
+};
+
+struct keel_verify {
+  uv_loop_t *loop;
+  keel_verify_opts o;
+  char *s_table, *s_where, *s_conninfo, *s_job, *s_ckpt;
+  char *s_keys[KEEL_VERIFY_MAX_KEYS];
+  char **s_cols;
+  int ncols_opt;
+  int nkeys;
+  keel__vsql sql;
+  keel_pg_pool *pool;
+  keel_pg *conn;      /* owned, when no pool */
+  keel_pg *lock_conn; /* with leader_lock: owned, or held from the pool */
+  bool lock_from_pool, lock_acquiring, lock_cancel;
+  int lock_pid; /* backend holding our lock, to notice a new session */
+  int conns_open;
+  uv_timer_t tick, kick, fixt, runt;
+  int handles_open;
+  unsigned queries_out;
+  bool closing;
+  keel_close_cb close_cb;
+  void *close_data;
+
+  bool started, stopping, run_requested, lock_inflight, leader, in_pump, ckpt_ready;
+  bool ready;            /* keel_verify_new() has returned it */
+  bool cancel_req;       /* stop dropped a requested run: report UV_ECANCELED */
+  bool close_cancel_run; /* close dropped a run: UV_ECANCELED before close_cb */
+  bool runq_out;         /* the run's statement (checkpoint, bound, batch) is out */
+  uint64_t run_id;       /* bumped when a run ends: tells a late statement */
+  /* the run */
+  bool running, fetch_inflight, scan_done, have_last, have_bound;
+  enum keel__vphase phase;
+  int run_status;
+  char *last[KEEL_VERIFY_MAX_KEYS];
+  char *bound[KEEL_VERIFY_MAX_KEYS];
+  uint64_t run_start, run_rows, run_problems;
+  unsigned since_ckpt;
+  char **colnames;
+  int ncolnames;
+  int keycols[KEEL_VERIFY_MAX_KEYS];
+  keel__vfixq pending, active;
+  /* fix-ups waiting for a retry: a min-heap on (due, seq) */
+  keel_verify_fix **wheap;
+  unsigned wn, wcap;
+  uint64_t wseq;
+
+  keel__vcodes codes;
+  keel_verify_stats st;
+  char last_error[KEEL__ERRBUF_SIZE];
+};
+
+/* ---- verify.c: statements, errors, life cycle -------------------------- */
+
+uint64_t keel__vnow(const keel_verify *v);
+void keel__vset_error(keel_verify *v, int err, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+/* Frees v once closing and nothing of it is left (calls the close cb). */
+void keel__vmaybe_free(keel_verify *v);
+/* Sends a statement on the pool or the owned connection; the callback gets
+ * v as data and must start with keel__vquery_returned(). */
+int keel__vquery(keel_verify *v, const char *sql, int n, const char *const *params,
+                 keel_pg_result_cb cb);
+/* true when the callback must return at once (closing). */
+bool keel__vquery_returned(keel_verify *v);
+/* keel__vquery() for the run's own statement (one at a time); its
+ * callback starts with keel__vrunq_back(data), which returns v or NULL when
+ * the callback must return (closing, or the statement's run is over). */
+int keel__vrunq(keel_verify *v, const char *sql, int n, const char *const *params,
+                keel_pg_result_cb cb);
+keel_verify *keel__vrunq_back(void *data);
+uint64_t keel__vrun_timeout(const keel_verify *v);
+const char *keel__vpg_error(keel_verify *v, keel_pg *c, const keel_pg_result *res);
+
+/* ---- run.c: the run's state machine, free of I/O ------------------------ */
+
+typedef struct keel__vview {
+  bool closing, cancel_req, run_requested, running, lock_inflight, lock_cancel;
+  bool has_fix;  /* opts.fix set */
+  bool scanning; /* the run reached its batches (phase SCAN) */
+  bool leader_lock, leader, lock_session_changed;
+  bool scan_done, stopping, fetch_inflight;
+  unsigned fixes_active;  /* running */
+  unsigned fixes_pending; /* waiting for a slot */
+  unsigned fixes_waiting; /* waiting for a retry */
+  unsigned fix_concurrency;
+  uint32_t batch_size;
+} keel__vview;
+
+typedef enum keel__vaction {
+  KEEL__VA_NONE = 0,        /* nothing can move now */
+  KEEL__VA_REPORT_CANCELED, /* stop dropped a requested run: report UV_ECANCELED */
+  KEEL__VA_TAKE_REQUEST,    /* a requested run begins (or asks for the lock) */
+  KEEL__VA_START_FIX,       /* the first fix-up waiting for a slot starts */
+  KEEL__VA_LOSE_LEADER,     /* the lock's session is gone: no longer leader */
+  KEEL__VA_FAIL_NOT_LEADER, /* not leader any more: the run fails */
+  KEEL__VA_FETCH,           /* fetch the next batch */
+  KEEL__VA_END_RUN          /* scan and fix-ups done: end the run */
+} keel__vaction;
+
+keel__vaction keel__vrun_next(const keel__vview *s);
+
+/* ---- sched.c: scheduling, start and end of a run, its bound ------------- */
+
+void keel__vkick(keel_verify *v); /* a pump on a later loop iteration */
+void keel__vpump(keel_verify *v); /* carries out run.c's steps */
+void keel__vbegin_run(keel_verify *v);
+void keel__vfail_run(keel_verify *v, int status); /* the scan stops; the run ends later */
+void keel__vend_run(keel_verify *v);
+void keel__vreport_run(keel_verify *v, int status); /* stats and on_run_done */
+void keel__vabort_run(keel_verify *v, int status);  /* ends the run now */
+
+/* ---- scan.c: keyset batches ---------------------------------------------- */
+
+void keel__vclear_keys(char **keys);
+int keel__vcopy_keys(char **dst, const keel_pg_result *res, int row, const int *cols, int nkeys);
+void keel__vupdate_last_key(keel_verify *v);
+void keel__vafter_checkpoint(keel_verify *v); /* the largest key, then the batches */
+void keel__vfetch(keel_verify *v);
+
+/* ---- fix.c: fix-ups ------------------------------------------------------ */
+
+void keel__vq_push(keel__vfixq *q, keel_verify_fix *f);
+void keel__vq_remove(keel_verify_fix *f);
+keel_verify_fix *keel__vfix_new(const keel_verify_row *row);
+void keel__vfix_start(keel_verify *v);
+/* Drops every fix-up: waiting ones are freed, running ones detached (their
+ * keel_verify_fix_done() returns KEEL_ESTALE). Returns how many. */
+uint64_t keel__vfix_drop_all(keel_verify *v);
+void keel__varm_fix_timer(keel_verify *v);
+
+/* ---- leader.c: leader lock ----------------------------------------------- */
+
+void keel__von_lock_state(keel_pg *c, bool up, int status, void *data);
+void keel__vlock_request(keel_verify *v);
+void keel__vlock_release(keel_verify *v); /* at close, for a pooled lock session */
+
+/* ---- checkpoint.c -------------------------------------------------------- */
+
+void keel__vckpt_begin(keel_verify *v);      /* create/load, then keel__vafter_checkpoint */
+void keel__vckpt_batch_done(keel_verify *v); /* every checkpoint_every batches */
+bool keel__vckpt_end(keel_verify *v);        /* true when the end-of-run write was sent */
+void keel__vckpt_save_nowait(keel_verify *v);
+
+/* ---- row.c ---------------------------------------------------------------- */
+
+const char *keel__vrow_val(const keel_verify_row *row, int i);
 
 #endif

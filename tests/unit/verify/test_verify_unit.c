@@ -38,6 +38,22 @@ Test(verify_opts, defaults) {
   cr_expect_not(o.leader_lock);
   cr_expect_eq(o.checkpoint_every, 10);
   cr_expect_null(o.columns);
+  cr_expect_eq(o.run_timeout_ms, 3600000);
+  cr_expect_eq(o.fix_max_waiting, 10000);
+}
+
+Test(verify_opts, opts_init_zeroes_the_whole_struct) {
+  keel_verify_opts o;
+  memset(&o, 0xa5, sizeof o);
+  keel_verify_opts_init(&o);
+  for (size_t i = 0; i < sizeof o.reserved_ / sizeof o.reserved_[0]; i++)
+    cr_expect_eq(o.reserved_[i], 0);
+  cr_expect_null(o.pool);
+  cr_expect_null(o.on_run_done);
+  cr_expect_null(o.data);
+  cr_expect_eq(sizeof o.reserved_, 64);
+  keel_verify_stats st;
+  cr_expect_eq(sizeof st.reserved_, 64);
 }
 
 Test(verify_opts, valid_base) {
@@ -322,4 +338,76 @@ Test(verify_rows, composite_key_text_truncates) {
   keel_verify_row_key(&r, big, sizeof big);
   cr_expect_str_eq(big, "acme,1234567");
   cr_expect_eq(keel_verify_row_key(&r, NULL, 0), 12);
+}
+
+/* ---- the run's state machine (run.c), without I/O ------------------------- */
+
+static keel__vview scanning(void) {
+  keel__vview s = {.running = true,
+                   .scanning = true,
+                   .has_fix = true,
+                   .leader = true,
+                   .fix_concurrency = 2,
+                   .batch_size = 10};
+  return s;
+}
+
+Test(verify_run, idle_and_requests) {
+  keel__vview s = {0};
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_NONE);
+  s.run_requested = true;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_TAKE_REQUEST);
+  s.lock_inflight = true; /* a lock request still out */
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_NONE);
+  s.lock_cancel = true; /* ... from a dropped run: taken over */
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_TAKE_REQUEST);
+  s.cancel_req = true; /* stop's report comes first */
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_REPORT_CANCELED);
+  s.closing = true;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_NONE);
+}
+
+Test(verify_run, fixes_before_fetches_and_bounds) {
+  keel__vview s = scanning();
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_FETCH);
+  s.fixes_pending = 3;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_START_FIX);
+  s.fixes_active = 2; /* fix_concurrency reached */
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_FETCH);
+  s.fixes_pending = 10; /* batch_size rows wait for a slot: the scan pauses */
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_NONE);
+  s.has_fix = false;
+  s.fixes_pending = 0;
+  s.fixes_active = 0;
+  s.fetch_inflight = true;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_NONE);
+  s.scanning = false; /* checkpoint or largest key on its way */
+  s.fetch_inflight = false;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_NONE);
+}
+
+Test(verify_run, end_only_when_everything_finished) {
+  keel__vview s = scanning();
+  s.scan_done = true;
+  s.fixes_waiting = 1; /* a retry is due later */
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_NONE);
+  s.fixes_waiting = 0;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_END_RUN);
+  s.scan_done = false;
+  s.stopping = true;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_END_RUN);
+  s.fetch_inflight = true; /* stopping waits for the batch on its way */
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_NONE);
+}
+
+Test(verify_run, leader_lost) {
+  keel__vview s = scanning();
+  s.leader_lock = true;
+  s.lock_session_changed = true;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_LOSE_LEADER);
+  s.leader = false;
+  s.lock_session_changed = false;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_FAIL_NOT_LEADER);
+  s.scan_done = true;
+  cr_expect_eq(keel__vrun_next(&s), KEEL__VA_END_RUN);
 }
