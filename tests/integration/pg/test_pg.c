@@ -760,14 +760,14 @@ Test(pg, query_timeout_resets_the_connection) {
   o.conninfo = kt_pg_conninfo();
   o.on_state = on_state;
   o.data = &x;
-  o.query_timeout_ms = 200;
+  o.query_timeout_ms = 1000; /* room for a loaded machine: SELECT 5 below must fit */
   keel_backoff_fixed(&o.reconnect_backoff, 20);
   cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
   /* Connected first: the statement must be sent when its deadline passes. */
   uint64_t start = uv_now(&x.loop);
   while (x.ups == 0 && uv_now(&x.loop) - start < 10000) uv_run(&x.loop, UV_RUN_ONCE);
   cr_assert_eq(x.ups, 1);
-  keel_pg_query(x.c, "SELECT pg_sleep(3)", 0, NULL, store, &x);
+  keel_pg_query(x.c, "SELECT pg_sleep(10)", 0, NULL, store, &x);
   wait_results(&x, 1);
   /* Sent in autocommit, reset before its reply: it may have run. */
   cr_assert_eq(x.statuses[0], KEEL_EINDOUBT, "%s", keel_err_name(x.statuses[0]));
