@@ -187,3 +187,10 @@ void keel_integrity_close(keel_integrity *ig, keel_close_cb cb, void *data) {
   if (ig->outstanding > 0) return; /* freed when the last operation ends */
   free_context(ig);
 }
+
+void keel__ig_random16(keel_integrity *ig, unsigned char out[16]) {
+  if (uv_random(NULL, NULL, out, 16, 0, NULL) == 0) return;
+  uint64_t t = uv_hrtime(), n = ++ig->random_fallback;
+  memcpy(out, &t, 8);
+  memcpy(out + 8, &n, 8);
+}

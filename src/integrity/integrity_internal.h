@@ -23,7 +23,8 @@ struct keel_integrity {
   struct occ_retry *mutating; /* the retry loop whose mutate runs now */
   uv_timer_t close_timer;     /* its close ends the context's close */
   char last_sqlstate[6];
-  char *idempotency_table; /* copy of opts.idempotency_table (or the default) */
+  uint64_t random_fallback; /* counter used when the system's random source fails */
+  char *idempotency_table;  /* copy of opts.idempotency_table (or the default) */
   char last_error[KEEL__ERRBUF_SIZE];
 };
 
@@ -33,6 +34,10 @@ typedef struct keel__sql {
   size_t len, cap;
   bool failed;
 } keel__sql;
+
+/* 16 bytes from the system's random source; when it fails, the time and a
+ * per-context counter, so that two calls never return the same bytes. */
+void keel__ig_random16(keel_integrity *ig, unsigned char out[16]);
 
 void keel__sql_add(keel__sql *b, const char *text);
 /* Appends a quoted identifier; marks the builder failed when invalid. */

@@ -414,14 +414,9 @@ static bool statement_back(occ_retry *r) {
 }
 
 /* A random (version 4) UUID for the new version of a UUID-versioned row. */
-static void make_uuid(char *out, size_t cap) {
+static void make_uuid(keel_integrity *ig, char *out, size_t cap) {
   unsigned char b[16];
-  if (uv_random(NULL, NULL, b, sizeof b, 0, NULL) != 0) {
-    static uint64_t counter;
-    uint64_t t = uv_hrtime(), c = ++counter;
-    memcpy(b, &t, 8);
-    memcpy(b + 8, &c, 8);
-  }
+  keel__ig_random16(ig, b);
   b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
   b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
   snprintf(out, cap, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
@@ -491,7 +486,7 @@ static void after_read(keel_pg *conn, int status, const keel_pg_result *res, voi
   values[0] = r->key_value;
   values[1] = keel_pg_result_get(res, 0, "__keel_version");
   if (r->spec.version_kind == KEEL_VERSION_UUID) {
-    make_uuid(r->mine, sizeof r->mine);
+    make_uuid(ig, r->mine, sizeof r->mine);
     values[n] = r->mine;
     n++;
   }

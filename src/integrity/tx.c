@@ -195,14 +195,9 @@ static void finished(keel_retry *runner, int status, unsigned attempts, void *da
 }
 
 /* 32 hex digits from the system's random source. */
-static void make_key(char *out, size_t cap) {
+static void make_key(keel_integrity *ig, char *out, size_t cap) {
   unsigned char b[16];
-  if (uv_random(NULL, NULL, b, sizeof b, 0, NULL) != 0) {
-    static uint64_t counter;
-    uint64_t t = uv_hrtime(), c = ++counter;
-    memcpy(b, &t, 8);
-    memcpy(b + 8, &c, 8);
-  }
+  keel__ig_random16(ig, b);
   size_t n = 0;
   for (int i = 0; i < 16 && n + 3 <= cap; i++)
     n += (size_t)snprintf(out + n, cap - n, "%02x", b[i]);
@@ -234,7 +229,7 @@ static int start_tx(keel_integrity *ig, keel_pg_isolation isolation, const keel_
   bool failed = false;
   if (idempotent) {
     char made[40];
-    if (key == NULL) make_key(made, sizeof made);
+    if (key == NULL) make_key(ig, made, sizeof made);
     job->key = keel__strdup(key != NULL ? key : made);
     keel__sql b = {0};
     keel__sql_add(&b, "INSERT INTO ");
