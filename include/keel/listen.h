@@ -12,6 +12,11 @@
  * into the trigger (a WHEN condition), so that unwanted changes are never
  * sent.
  *
+ * Callbacks (handlers, on_gap, on_error, raw channel callbacks, the close
+ * callback) never run inside a keel call: always on a later loop iteration.
+ * keel_listener_close() may be called from inside any of them. After close
+ * began, every other call on the listener returns KEEL_ECLOSING.
+ *
  *     keel_listener_opts o;
  *     keel_listener_opts_init(&o);
  *     o.conninfo = "host=... dbname=...";
@@ -56,6 +61,11 @@ typedef enum keel_change_op {
 
 /* ---- the change handed to handlers (valid during the call only) ------- */
 
+/* Accessors of the change a handler receives. The change and every string
+ * they return belong to keel and are valid until the handler returns (copy
+ * what you keep). A NULL change gives 0 / NULL / false. Loop thread only
+ * (inside the handler). */
+
 KEEL_EXTERN keel_change_op keel_change_operation(const keel_change *c);
 /* "INSERT", "UPDATE" or "DELETE". */
 KEEL_EXTERN const char *keel_change_operation_name(const keel_change *c);
@@ -96,73 +106,115 @@ typedef void (*keel_listener_gap_cb)(keel_listener *l, uint64_t disconnected_ms,
 typedef void (*keel_listener_channel_cb)(keel_listener *l, const char *channel, const char *payload,
                                          void *data);
 
+/* Something the listener cannot do right now, with the reason (also in
+ * keel_listener_last_error()): a LISTEN that failed (the listener is
+ * inactive and retries with reconnect_backoff), a change dropped because
+ * memory ran out. Called on a later loop iteration than any keel call,
+ * never after close. */
+typedef void (*keel_listener_error_cb)(keel_listener *l, int err, const char *message, void *data);
+
 typedef struct keel_listener_opts {
-  const char *conninfo;           /* required */
-  const char *table;              /* "schema.table" or "table" (schema public); may be
-                                     NULL for a listener of raw channels only */
-  unsigned events;                /* keel_change_op mask; default KEEL_CHANGE_ALL */
-  const char *filter;             /* PostgREST filter, e.g. "team_id=eq.123&status=in.(a,b)";
-                                     NULL = every row */
-  const char *channel;            /* default KEEL_LISTEN_DEFAULT_CHANNEL */
-  uint32_t heartbeat_ms;          /* a dead connection is noticed within this plus
-                                     connect_timeout_ms; default 5000 */
-  uint32_t connect_timeout_ms;    /* default 5000 */
-  keel_backoff reconnect_backoff; /* default full jitter 100 ms x2, cap 5000 ms */
-  keel_listener_gap_cb on_gap;    /* may be NULL */
-  void *data;                     /* passed to on_gap */
+  const char *conninfo;            /* required */
+  const char *table;               /* "schema.table" or "table" (schema public); may be
+                                      NULL for a listener of raw channels only */
+  unsigned events;                 /* keel_change_op mask; default KEEL_CHANGE_ALL */
+  const char *filter;              /* PostgREST filter, e.g. "team_id=eq.123&status=in.(a,b)";
+                                      NULL = every row */
+  const char *channel;             /* default KEEL_LISTEN_DEFAULT_CHANNEL */
+  uint32_t heartbeat_ms;           /* a dead connection is noticed within this plus
+                                      connect_timeout_ms; default 5000 */
+  uint32_t connect_timeout_ms;     /* default 5000 */
+  keel_backoff reconnect_backoff;  /* default full jitter 100 ms x2, cap 5000 ms */
+  keel_listener_gap_cb on_gap;     /* may be NULL */
+  void *data;                      /* passed to on_gap and on_error */
+  keel_listener_error_cb on_error; /* may be NULL */
+  uint64_t reserved_[8];           /* ABI room: zero (opts_init does); never set */
 } keel_listener_opts;
 
+/* Zeroes *opts and fills the defaults (NULL-safe). Thread-safe. */
 KEEL_EXTERN void keel_listener_opts_init(keel_listener_opts *opts);
 
 /*
- * Creates a listener (not started). Strings are copied; the filter is parsed
- * now. Returns 0 and sets *out; UV_EINVAL for a NULL argument, a missing
- * conninfo, an invalid table name, an events mask outside 1..7 or a malformed
- * filter / unknown operator (keel_listener_new_ex() writes the reason);
- * UV_ENOMEM. *out is untouched on failure.
+ * Creates a listener (not started: nothing connects and no callback runs
+ * until keel_listener_start()). Strings of opts are copied; the filter is
+ * parsed now. opts.table may be NULL (raw channels only).
+ * Returns 0 and sets *out; UV_EINVAL for a NULL loop, opts or out, a missing
+ * conninfo, an invalid reconnect_backoff, an invalid table name (empty part,
+ * part over 63 bytes, more than one '.'), an invalid channel (see
+ * keel_listener_validate_channel), an events mask outside 1..7, or a
+ * malformed filter / unknown operator (keel_listener_new_ex() writes the
+ * reason); UV_ENOMEM. *out is untouched on failure, and nothing needs
+ * freeing. Loop thread only.
  */
 KEEL_EXTERN int keel_listener_new(uv_loop_t *loop, const keel_listener_opts *opts,
                                   keel_listener **out);
 
 /* Like keel_listener_new(), and explains a failure: writes the reason
  * (NUL-terminated, truncated to why_cap) into why_buf, "" on success.
- * why_buf may be NULL. */
+ * why_buf may be NULL. Errors as keel_listener_new(). Loop thread only. */
 KEEL_EXTERN int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts,
                                      keel_listener **out, char *why_buf, size_t why_cap);
 
 /*
  * Adds another table to the same connection: its changes (of `events`,
  * matching `filter`) go to the same handlers. channel NULL = the default.
- * Returns 0, UV_EINVAL (bad table or filter, reason in last_error) or
- * UV_ENOMEM. Takes effect at once when started.
+ * Strings are copied. Safe inside a handler. When started and the channel
+ * is new, the listener LISTENs on it at once and is inactive until that
+ * LISTEN is done.
+ * Returns 0; UV_EINVAL (NULL l, bad table, channel, events or filter; the
+ * reason in keel_listener_last_error()), UV_ENOMEM (nothing added), or
+ * KEEL_ECLOSING after close began. Loop thread only.
  */
 KEEL_EXTERN int keel_listener_add_table(keel_listener *l, const char *table, unsigned events,
                                         const char *filter, const char *channel);
 
-/* LISTENs on a raw channel; each NOTIFY's payload goes to cb as is. */
+/*
+ * LISTENs on a raw channel; each NOTIFY's payload goes to cb as is (strings
+ * valid during the call). channel is copied and validated as
+ * keel_listener_validate_channel() does. Returns 0; UV_EINVAL (NULL l or cb,
+ * bad channel; reason in keel_listener_last_error()), UV_ENOMEM, or
+ * KEEL_ECLOSING after close began. Loop thread only.
+ */
 KEEL_EXTERN int keel_listener_listen_channel(keel_listener *l, const char *channel,
                                              keel_listener_channel_cb cb, void *data);
 
 /*
  * Registers a handler under an id (the seed's onChange(id, handler)); the
  * same id replaces the previous handler. id is copied. Safe inside a handler
- * (the new handler sees the next change). Returns 0, UV_EINVAL, UV_ENOMEM.
+ * (the new handler sees the next change). Returns 0; UV_EINVAL (NULL l, id
+ * or handler); UV_ENOMEM (nothing registered); KEEL_ECLOSING after close
+ * began. Loop thread only.
  */
 KEEL_EXTERN int keel_listener_on(keel_listener *l, const char *id, keel_listener_handler handler,
                                  void *data);
 
-/* Removes a handler (the seed's removeListener(id)); safe inside a handler.
- * Returns 0 or KEEL_ENOTFOUND. */
+/* Removes a handler (the seed's removeListener(id)); safe inside a handler
+ * (it is not called again, not even for the change being delivered).
+ * Returns 0; KEEL_ENOTFOUND (no such id); UV_EINVAL (NULL l or id);
+ * KEEL_ECLOSING after close began. Loop thread only. */
 KEEL_EXTERN int keel_listener_off(keel_listener *l, const char *id);
 
-/* Connects and LISTENs (the seed's start()). Returns 0, UV_EINVAL, UV_ENOMEM,
- * or KEEL_ECLOSING. Starting a started listener is a no-op. */
+/*
+ * Connects and LISTENs (the seed's start()) in the background: the
+ * listener is active once every LISTEN is done (keel_listener_is_active).
+ * No callback runs inside this call. Starting a started listener is a
+ * no-op. Returns 0; UV_EINVAL (NULL l, or a conninfo keel_pg_new refuses;
+ * reason in keel_listener_last_error()); UV_ENOMEM; KEEL_ECLOSING after
+ * close began. Loop thread only.
+ */
 KEEL_EXTERN int keel_listener_start(keel_listener *l);
 
-/* Disconnects (the seed's stop()); handlers stay registered. */
+/*
+ * Disconnects (the seed's stop()); handlers and subscriptions stay for a
+ * later keel_listener_start(). Changes received but not yet delivered
+ * (waiting for a row fetch) are dropped; no callback runs inside the call.
+ * Safe inside a handler. Returns 0 (also when not started), UV_EINVAL for
+ * NULL, KEEL_ECLOSING after close began. Loop thread only.
+ */
 KEEL_EXTERN int keel_listener_stop(keel_listener *l);
 
-/* true while connected with every LISTEN in place (the seed's isActive()). */
+/* true while connected with every LISTEN in place (the seed's isActive());
+ * false for NULL. Loop thread only. */
 KEEL_EXTERN bool keel_listener_is_active(const keel_listener *l);
 
 typedef struct keel_listener_stats {
@@ -177,16 +229,38 @@ typedef struct keel_listener_stats {
   double latency_p50_us; /* change time → handler */
   double latency_p99_us;
   double latency_max_us;
-  bool active; /* gauge */
+  bool active;           /* gauge */
+  uint64_t reserved_[8]; /* ABI room: filled with zero */
 } keel_listener_stats;
 
+/* Fills *out (does nothing when l or out is NULL). Loop thread only. */
 KEEL_EXTERN void keel_listener_get_stats(const keel_listener *l, keel_listener_stats *out);
 
-/* Text of the last error (malformed payload, connection error, ...). */
+/* Text of the last error (malformed payload, connection error, failed
+ * LISTEN, refused argument, ...); "" when none. Valid until the next call
+ * on l. Loop thread only. */
 KEEL_EXTERN const char *keel_listener_last_error(const keel_listener *l);
 
-/* Closes the listener (NULL-safe; callable from a handler); cb runs later. */
+/*
+ * Closes the listener: disconnects, drops changes not yet delivered, and
+ * calls cb (may be NULL; its object argument is the freed listener, for
+ * identity only) on a later loop iteration, after which nothing else is
+ * called and uv_loop_close() can succeed. No callback runs inside this
+ * call. NULL-safe; a second call does nothing; callable from inside any of
+ * the listener's callbacks (handler, on_gap, on_error, raw channel
+ * callback). Loop thread only.
+ */
 KEEL_EXTERN void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data);
+
+/*
+ * Checks a channel name the way every listener and installer function does:
+ * 1..63 bytes (PostgreSQL's NAMEDATALEN - 1), valid UTF-8, a letter, '_' or
+ * a non-ASCII character first, then also digits and '$' (so no '.', blank
+ * or quote). Case is kept: "Jobs" and "jobs" are two channels.
+ * Returns 0 or UV_EINVAL with the reason written into why_buf (truncated to
+ * why_cap; "" on success; why_buf may be NULL). Thread-safe.
+ */
+KEEL_EXTERN int keel_listener_validate_channel(const char *channel, char *why_buf, size_t why_cap);
 
 /* ---- the trigger -------------------------------------------------------- */
 
@@ -195,7 +269,12 @@ KEEL_EXTERN void keel_listener_close(keel_listener *l, keel_close_cb cb, void *d
  * database) and the trigger on `table` that notifies on `channel` (NULL =
  * default) with the primary-key columns `key_columns` (comma-separated,
  * e.g. "id" or "tenant_id,id"). Idempotent: running it twice is fine.
- * Returns the length, UV_EINVAL (bad identifiers) or UV_ENOBUFS.
+ * The triggers are named keel_notify_<table> and keel_notify_<table>_del;
+ * when that would exceed 63 bytes the table part is cut on a character
+ * boundary and followed by '_' and 8 hex digits of a hash of the name.
+ * Returns the length; UV_EINVAL (NULL buf, bad table, channel or key
+ * columns); UV_ENOMEM; UV_ENOBUFS (buf too small; its content is then
+ * unspecified). Thread-safe.
  */
 KEEL_EXTERN int keel_listener_install_sql(char *buf, size_t cap, const char *table,
                                           const char *key_columns, const char *channel);
@@ -204,9 +283,13 @@ typedef void (*keel_listener_install_cb)(keel_pg *conn, int status, void *data);
 
 /*
  * Installs the trigger on `table` through conn (see keel_listener_install_sql).
- * key_columns NULL = the table's primary key, looked up first. cb gets 0 or
- * the error (KEEL_EPG with the message in keel_pg_last_error(conn)).
- * Returns 0, UV_EINVAL or UV_ENOMEM.
+ * key_columns NULL = the table's primary key, looked up first. cb (may be
+ * NULL) is called once, on a later loop iteration, with 0 or the error
+ * (KEEL_EPG with the message in keel_pg_last_error(conn), KEEL_ENOTFOUND
+ * when the table has no primary key, or a status of keel_pg_query's
+ * callback). Returns 0; UV_EINVAL (NULL conn or table, bad table or
+ * channel) or UV_ENOMEM, or an error of keel_pg_query(); cb is called only
+ * after 0. Loop thread only.
  */
 KEEL_EXTERN int keel_listener_install(keel_pg *conn, const char *table, const char *key_columns,
                                       const char *channel, keel_listener_install_cb cb, void *data);
@@ -224,8 +307,8 @@ KEEL_EXTERN int keel_listener_install(keel_pg *conn, const char *table, const ch
  * listener's own filter still decides. The filter applies to everything the
  * table sends on that channel: installing again replaces the table's
  * triggers (one set per table).
- * Returns the length, UV_EINVAL (bad identifiers, events outside 1..7, a
- * malformed filter), UV_ENOMEM or UV_ENOBUFS.
+ * Returns the length, UV_EINVAL (bad identifiers or channel, events
+ * outside 1..7, a malformed filter), UV_ENOMEM or UV_ENOBUFS. Thread-safe.
  */
 KEEL_EXTERN int keel_listener_install_filtered_sql(char *buf, size_t cap, const char *table,
                                                    const char *key_columns, const char *channel,
@@ -234,7 +317,8 @@ KEEL_EXTERN int keel_listener_install_filtered_sql(char *buf, size_t cap, const 
 /*
  * Installs the trigger of keel_listener_install_filtered_sql() through conn,
  * like keel_listener_install(). Returns 0, UV_EINVAL (also for a malformed
- * filter or events outside 1..7) or UV_ENOMEM; cb is called only after 0.
+ * filter or events outside 1..7), UV_ENOMEM or an error of keel_pg_query();
+ * cb is called only after 0. Loop thread only.
  */
 KEEL_EXTERN int keel_listener_install_filtered(keel_pg *conn, const char *table,
                                                const char *key_columns, const char *channel,

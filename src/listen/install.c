@@ -1,5 +1,6 @@
 /* The trigger that turns row changes into keel's JSON notifications, and its
  * installer. */
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -85,6 +86,26 @@ static bool append_events(char *buf, size_t cap, size_t *at, unsigned events) {
   return true;
 }
 
+/* The trigger names of a table: "keel_notify_<table>" and the same with
+ * "_del". When they would not fit in 63 bytes (NAMEDATALEN - 1), the table
+ * part is cut on a UTF-8 character boundary and followed by "_" and 8 hex
+ * digits of the FNV-1a hash of the whole table name, so that long names
+ * stay valid, distinct and stable. name_cap must be at least 64. */
+static void trigger_names(const char *bare, char *name, char *del, size_t cap) {
+  static const char prefix[] = "keel_notify_";
+  size_t len = strlen(bare);
+  if (sizeof prefix - 1 + len + 4 <= 63) {
+    snprintf(name, cap, "%s%s", prefix, bare);
+  } else {
+    uint32_t hash = 2166136261u;
+    for (size_t i = 0; i < len; i++) hash = (hash ^ (unsigned char)bare[i]) * 16777619u;
+    size_t keep = 63 - 4 - 9 - (sizeof prefix - 1);
+    while (keep > 0 && ((unsigned char)bare[keep] & 0xC0) == 0x80) keep--; /* char boundary */
+    snprintf(name, cap, "%s%.*s_%08x", prefix, (int)keep, bare, (unsigned)hash);
+  }
+  snprintf(del, cap, "%s_del", name);
+}
+
 /* Ends the statement at *at with a NUL and starts the next one after it. */
 static bool next_statement(char *buf, size_t cap, size_t *at, int *count) {
   if (*at + 1 >= cap) return false;
@@ -137,14 +158,15 @@ static int create_trigger(char *buf, size_t cap, size_t *at, const char *quoted_
  * Returns the number of statements. */
 static int trigger_sql(char *buf, size_t cap, const char *table, const char *key_columns,
                        const char *channel, unsigned events, const keel__filter *filter) {
-  char quoted_table[160], name[80], quoted_trigger[180], quoted_delete[180];
+  char quoted_table[160], name[80], del[80], quoted_trigger[180], quoted_delete[180];
   if (keel_pg_quote_ident(quoted_table, sizeof quoted_table, table, true) < 0) return UV_EINVAL;
   if (events == 0 || events > KEEL_CHANGE_ALL) return UV_EINVAL;
+  if (keel_listener_validate_channel(channel, NULL, 0) != 0) return UV_EINVAL;
   const char *bare = strchr(table, '.') ? strchr(table, '.') + 1 : table;
-  snprintf(name, sizeof name, "keel_notify_%.50s", bare);
-  if (keel_pg_quote_ident(quoted_trigger, sizeof quoted_trigger, name, false) < 0) return UV_EINVAL;
-  snprintf(name, sizeof name, "keel_notify_%.50s_del", bare);
-  if (keel_pg_quote_ident(quoted_delete, sizeof quoted_delete, name, false) < 0) return UV_EINVAL;
+  trigger_names(bare, name, del, sizeof name);
+  if (keel_pg_quote_ident(quoted_trigger, sizeof quoted_trigger, name, false) < 0 ||
+      keel_pg_quote_ident(quoted_delete, sizeof quoted_delete, del, false) < 0)
+    return UV_EINVAL;
   if (key_columns == NULL || key_columns[0] == '\0') return UV_EINVAL;
   size_t at = 0;
   int count = 0, rc;
@@ -311,7 +333,9 @@ int keel_listener_install_filtered(keel_pg *conn, const char *table, const char 
   char quoted[160];
   if (conn == NULL || table == NULL ||
       keel_pg_quote_ident(quoted, sizeof quoted, table, true) < 0 || events == 0 ||
-      events > KEEL_CHANGE_ALL)
+      events > KEEL_CHANGE_ALL ||
+      keel_listener_validate_channel(channel != NULL ? channel : KEEL_LISTEN_DEFAULT_CHANNEL, NULL,
+                                     0) != 0)
     return UV_EINVAL;
   keel__filter check;
   int rc = keel__filter_parse(&check, filter, NULL, 0);

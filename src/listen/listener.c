@@ -34,14 +34,27 @@ typedef struct raw_channel {
   void *data;
 } raw_channel;
 
-/* A change waiting for its turn (behind a row fetch) or for its row. */
+struct fetch_ctx;
+
+/* A change waiting for its turn (behind a row fetch) or for its row. sub
+ * points to a subscription, which is allocated on its own and lives as long
+ * as the listener: add_table may grow the array of pointers, never move a
+ * subscription. */
 typedef struct queued_change {
   struct queued_change *next;
   keel_change change;
   subscription *sub;
+  struct fetch_ctx *fetch; /* the row fetch in flight for it, or NULL */
   bool ready;
   char payload[];
 } queued_change;
+
+/* A row fetch in flight. q is cleared when the change is dropped (stop,
+ * close) before the fetch's callback runs, whatever status it then gets. */
+typedef struct fetch_ctx {
+  struct keel_listener *l;
+  queued_change *q;
+} fetch_ctx;
 
 struct keel_listener {
   uv_loop_t *loop;
@@ -53,8 +66,14 @@ struct keel_listener {
   bool ever_active;
   uint64_t down_since_ms;
   unsigned listens_outstanding;
+  uint64_t listen_round; /* LISTENs of other rounds are ignored */
+  uint32_t listen_attempt;
+  uint64_t listen_last_delay;
+  keel_rng rng;
+  uv_timer_t *retry_timer; /* retries a failed LISTEN */
   unsigned conns_open;
-  subscription *subs;
+  unsigned handles_open; /* connections and the timer still closing */
+  subscription **subs;   /* each allocated on its own: queued changes point to them */
   size_t sub_count;
   handler_entry *handlers;
   size_t handler_count;
@@ -95,6 +114,46 @@ static void subscription_free(subscription *s) {
   keel__filter_free(&s->filter);
 }
 
+/* Identifier rules: a letter, '_' or a non-ASCII character first, then
+ * also digits and '$'; valid UTF-8; 1..63 bytes (NAMEDATALEN - 1). */
+int keel_listener_validate_channel(const char *channel, char *why, size_t cap) {
+  char local[8];
+  if (why == NULL || cap == 0) why = local, cap = sizeof local;
+  why[0] = '\0';
+  if (channel == NULL) return keel__why(why, cap, UV_EINVAL, "channel: NULL");
+  size_t len = strlen(channel);
+  if (len == 0) return keel__why(why, cap, UV_EINVAL, "channel: empty");
+  if (len > 63) {
+    snprintf(why, cap, "channel \"%.63s...\": longer than 63 bytes (%zu)", channel, len);
+    return UV_EINVAL;
+  }
+  const unsigned char *p = (const unsigned char *)channel;
+  for (size_t i = 0; i < len;) {
+    unsigned char ch = p[i];
+    if (ch >= 0x80) {
+      size_t n = ch >= 0xF0 && ch <= 0xF4 ? 4 : ch >= 0xE0 ? 3 : ch >= 0xC2 && ch < 0xE0 ? 2 : 0;
+      if (n == 0 || i + n > len) goto bad_utf8;
+      for (size_t k = 1; k < n; k++)
+        if ((p[i + k] & 0xC0) != 0x80) goto bad_utf8;
+      i += n;
+      continue;
+    }
+    bool letter = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_';
+    bool later = (ch >= '0' && ch <= '9') || ch == '$';
+    if (!letter && !(later && i > 0)) {
+      snprintf(why, cap,
+               "channel \"%s\": must start with a letter or '_' and contain only letters, "
+               "digits, '_' and '$' (byte %zu is '%c')",
+               channel, i, ch >= 0x20 && ch < 0x7f ? ch : '?');
+      return UV_EINVAL;
+    }
+    i++;
+  }
+  return 0;
+bad_utf8:
+  return keel__why(why, cap, UV_EINVAL, "channel: not valid UTF-8");
+}
+
 static int subscription_init(subscription *s, const char *table, unsigned events,
                              const char *filter, const char *channel, char *why, size_t cap) {
   memset(s, 0, sizeof *s);
@@ -103,6 +162,7 @@ static int subscription_init(subscription *s, const char *table, unsigned events
     snprintf(why, cap, "invalid table name");
     return UV_EINVAL;
   }
+  if (channel != NULL && keel_listener_validate_channel(channel, why, cap) != 0) return UV_EINVAL;
   if (events == 0 || events > KEEL_CHANGE_ALL) {
     snprintf(why, cap, "events must be a mask of KEEL_CHANGE_INSERT/UPDATE/DELETE");
     return UV_EINVAL;
@@ -125,13 +185,18 @@ static int subscription_init(subscription *s, const char *table, unsigned events
 
 static int add_subscription(keel_listener *l, const char *table, unsigned events,
                             const char *filter, const char *channel, char *why, size_t cap) {
-  subscription s;
-  int rc = subscription_init(&s, table, events, filter, channel, why, cap);
-  if (rc != 0) return rc;
-  subscription *subs = keel__realloc(l->subs, (l->sub_count + 1) * sizeof *subs);
+  subscription *s = keel__malloc(sizeof *s);
+  if (s == NULL) return keel__why(why, cap, UV_ENOMEM, "out of memory");
+  int rc = subscription_init(s, table, events, filter, channel, why, cap);
+  if (rc != 0) {
+    keel__free(s);
+    return rc;
+  }
+  subscription **subs = keel__realloc(l->subs, (l->sub_count + 1) * sizeof *subs);
   if (subs == NULL) {
-    subscription_free(&s);
-    return UV_ENOMEM;
+    subscription_free(s);
+    keel__free(s);
+    return keel__why(why, cap, UV_ENOMEM, "out of memory");
   }
   l->subs = subs;
   l->subs[l->sub_count++] = s;
@@ -177,14 +242,20 @@ static void deliver(keel_listener *l, keel_change *c, subscription *sub) {
   if (l->dispatch_depth == 0) compact_handlers(l);
 }
 
+/* Frees a queued change; a fetch still in flight for it forgets it. */
+static void queued_free(queued_change *q) {
+  if (q->fetch != NULL) q->fetch->q = NULL;
+  keel__change_free(&q->change);
+  keel__free(q);
+}
+
 static void drain_queue(keel_listener *l) {
   while (l->queue_head != NULL && l->queue_head->ready && !l->closing) {
     queued_change *q = l->queue_head;
     l->queue_head = q->next;
     if (l->queue_head == NULL) l->queue_tail = NULL;
     deliver(l, &q->change, q->sub);
-    keel__change_free(&q->change);
-    keel__free(q);
+    queued_free(q);
   }
 }
 
@@ -213,12 +284,17 @@ static void on_row_fetched(keel_pg *conn, int status, const keel_pg_result *res,
 }
 
 static void fetch_row(keel_listener *l, queued_change *q);
+static void on_listen_retry(uv_timer_t *timer);
+static void become_active(keel_listener *l);
+static void listen_added(keel_listener *l, const char *channel);
 
 static void on_notify(keel_pg *conn, const char *channel, const char *payload, int pid,
                       void *data) {
-  (void)conn;
   (void)pid;
   keel_listener *l = data;
+  /* Nothing reaches handlers after close, or from a connection stopped
+   * earlier. */
+  if (l->closing || conn != l->conn) return;
   l->stats.received++;
   for (size_t i = 0; i < l->raw_count; i++) {
     if (strcmp(l->raws[i].channel, channel) == 0) {
@@ -237,10 +313,11 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
   q->next = NULL;
   q->ready = true;
   q->sub = NULL;
+  q->fetch = NULL;
   int rc = keel__change_parse(&q->change, q->payload, l->last_error, sizeof l->last_error);
   if (rc == 0) {
     for (size_t i = 0; i < l->sub_count; i++) {
-      subscription *s = &l->subs[i];
+      subscription *s = l->subs[i];
       if (strcmp(s->channel, channel) == 0 && strcmp(s->table, q->change.table) == 0 &&
           strcmp(s->schema, q->change.schema) == 0 && (s->events & q->change.op)) {
         q->sub = s;
@@ -253,8 +330,7 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
       l->stats.malformed++;
     else
       l->stats.filtered++;
-    keel__change_free(&q->change);
-    keel__free(q);
+    queued_free(q);
     return;
   }
   if (l->queue_tail != NULL)
@@ -266,19 +342,16 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
   drain_queue(l);
 }
 
-typedef struct fetch_ctx {
-  keel_listener *l;
-  queued_change *q;
-} fetch_ctx;
-
 static void on_fetch_done(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   fetch_ctx *f = data;
   keel_listener *l = f->l;
   queued_change *q = f->q;
   keel__free(f);
-  /* Cancelled only by closing the connection (stop or close), which already
-   * dropped the queued change: q is gone. */
-  if (status == UV_ECANCELED) return;
+  /* The change was dropped (stop or close) while its fetch was in flight:
+   * whatever the status (UV_ECANCELED, a lost connection's KEEL_ECONN or
+   * KEEL_EINDOUBT, ...), there is nothing left to fill in. */
+  if (q == NULL) return;
+  q->fetch = NULL;
   on_row_fetched(conn, status, res, q);
   if (status != 0)
     keel__fail(l->last_error, status, "fetching an oversize row: %s", keel_pg_last_error(conn));
@@ -309,74 +382,144 @@ static void fetch_row(keel_listener *l, queued_change *q) {
   }
   f->l = l;
   f->q = q;
-  q->ready = false;
-  l->stats.fetched++;
   if (keel_pg_query(l->conn, sql, params, values, on_fetch_done, f) != 0) {
     keel__free(f);
-    q->ready = true;
+    return; /* delivered with the key only */
   }
+  q->fetch = f;
+  q->ready = false;
+  l->stats.fetched++;
 }
 
 /* ---- connection ----------------------------------------------------------- */
 
+static void report_error(keel_listener *l, int err) {
+  if (l->opts.on_error == NULL || l->closing) return;
+  l->opts.on_error(l, err, l->last_error, l->opts.data);
+}
+
+/* One LISTEN in flight; round tells a LISTEN of an earlier session (or of an
+ * earlier round on this one) from the current ones. */
+typedef struct listen_ctx {
+  keel_listener *l;
+  uint64_t round;
+} listen_ctx;
+
+static void listen_retry_later(keel_listener *l) {
+  l->listen_attempt++;
+  uint64_t delay = keel_backoff_delay(&l->opts.reconnect_backoff, l->listen_attempt,
+                                      l->listen_last_delay, &l->rng);
+  l->listen_last_delay = delay;
+  uv_timer_start(l->retry_timer, on_listen_retry, delay, 0);
+}
+
 static void on_listen_done(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   (void)res;
-  keel_listener *l = data;
+  listen_ctx *ctx = data;
+  keel_listener *l = ctx->l;
+  uint64_t round = ctx->round;
+  keel__free(ctx);
+  if (l->closing || conn != l->conn || round != l->listen_round) return;
   if (status != 0) {
-    if (status != UV_ECANCELED && status != KEEL_ECONN)
-      keel__fail(l->last_error, status, "LISTEN failed: %s", keel_pg_last_error(conn));
+    /* A lost connection reconnects and LISTENs again by itself; anything
+     * else (a server error, a statement that could not be sent) leaves the
+     * listener inactive, says why, and tries again after a backoff. */
+    if (!keel_pg_is_connected(conn)) return;
+    l->listen_round++; /* the rest of this round no longer counts */
+    l->active = false;
+    keel__fail(l->last_error, status, "LISTEN failed (retrying): %s", keel_pg_last_error(conn));
+    listen_retry_later(l);
+    report_error(l, status);
     return;
   }
   if (l->listens_outstanding == 0 || --l->listens_outstanding > 0) return;
+  become_active(l);
+}
+
+static void become_active(keel_listener *l) {
   l->active = true;
+  l->ever_active = true;
+  l->listen_attempt = 0;
+  l->listen_last_delay = 0;
   if (l->down_since_ms != 0) {
     uint64_t gap = uv_now(l->loop) - l->down_since_ms;
     l->down_since_ms = 0;
     l->stats.gaps++;
     if (l->opts.on_gap != NULL) l->opts.on_gap(l, gap, l->opts.data);
   }
-  l->ever_active = true;
 }
 
 static int send_listen(keel_listener *l, const char *channel) {
   char sql[200], quoted[160];
   if (keel_pg_quote_ident(quoted, sizeof quoted, channel, false) < 0) return UV_EINVAL;
   snprintf(sql, sizeof sql, "LISTEN %s", quoted);
-  int rc = keel_pg_query(l->conn, sql, 0, NULL, on_listen_done, l);
-  if (rc == 0) l->listens_outstanding++;
-  return rc;
+  listen_ctx *ctx = keel__malloc(sizeof *ctx);
+  if (ctx == NULL) return UV_ENOMEM;
+  ctx->l = l;
+  ctx->round = l->listen_round;
+  int rc = keel_pg_query(l->conn, sql, 0, NULL, on_listen_done, ctx);
+  if (rc != 0) {
+    keel__free(ctx);
+    return rc;
+  }
+  l->listens_outstanding++;
+  return 0;
 }
 
 static bool channel_seen(keel_listener *l, size_t sub_index, const char *channel) {
   for (size_t i = 0; i < sub_index; i++)
-    if (strcmp(l->subs[i].channel, channel) == 0) return true;
+    if (strcmp(l->subs[i]->channel, channel) == 0) return true;
   return false;
 }
 
+/* Sends a LISTEN for every channel; active once all have succeeded. */
 static void listen_everything(keel_listener *l) {
+  l->listen_round++;
   l->listens_outstanding = 0;
-  for (size_t i = 0; i < l->sub_count; i++)
-    if (!channel_seen(l, i, l->subs[i].channel)) send_listen(l, l->subs[i].channel);
-  for (size_t i = 0; i < l->raw_count; i++) send_listen(l, l->raws[i].channel);
-  if (l->listens_outstanding == 0) {
-    l->active = true;
-    l->ever_active = true;
+  int rc = 0;
+  for (size_t i = 0; i < l->sub_count && rc == 0; i++)
+    if (!channel_seen(l, i, l->subs[i]->channel)) rc = send_listen(l, l->subs[i]->channel);
+  for (size_t i = 0; i < l->raw_count && rc == 0; i++) rc = send_listen(l, l->raws[i].channel);
+  if (rc != 0) {
+    l->listen_round++; /* what was sent of this round no longer counts */
+    l->active = false;
+    keel__fail(l->last_error, rc, "LISTEN could not be sent (retrying): %s", keel_strerror(rc));
+    listen_retry_later(l);
+    report_error(l, rc);
+    return;
   }
+  if (l->listens_outstanding == 0) become_active(l);
+}
+
+static void on_listen_retry(uv_timer_t *timer) {
+  keel_listener *l = timer->data;
+  if (l->closing || l->conn == NULL || !keel_pg_is_connected(l->conn)) return;
+  listen_everything(l);
 }
 
 static void on_state(keel_pg *conn, bool up, int status, void *data) {
-  (void)conn;
   keel_listener *l = data;
+  /* l->conn is still NULL while keel_pg_new() runs; a connection stopped
+   * earlier may still report. */
+  if (l->closing || (l->conn != NULL && conn != l->conn)) return;
   if (up) {
     if (l->ever_active) l->stats.reconnects++;
     listen_everything(l);
     return;
   }
-  if (l->active || (l->ever_active && l->down_since_ms == 0)) {
-    if (l->down_since_ms == 0) l->down_since_ms = uv_now(l->loop);
-  }
+  uv_timer_stop(l->retry_timer);
+  if (l->ever_active && l->down_since_ms == 0) l->down_since_ms = uv_now(l->loop);
   l->active = false;
+  l->listen_round++;
   keel__fail(l->last_error, status, "listener connection down: %s", keel_pg_last_error(conn));
+}
+
+static void free_listener(keel_listener *l);
+
+static void on_handle_closed(uv_handle_t *handle) {
+  keel_listener *l = handle->data;
+  keel__free(handle);
+  if (--l->handles_open == 0 && l->closing) free_listener(l);
 }
 
 int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_listener **out,
@@ -397,8 +540,12 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
   if (l == NULL) return keel__why(why, cap, UV_ENOMEM, "out of memory");
   l->loop = loop;
   l->opts = *opts;
+  keel_rng_seed(&l->rng, (uint64_t)(uintptr_t)l ^ uv_hrtime());
   l->conninfo = keel__strdup(opts->conninfo);
-  if (l->conninfo == NULL) {
+  l->retry_timer = keel__malloc(sizeof *l->retry_timer);
+  if (l->conninfo == NULL || l->retry_timer == NULL) {
+    keel__free(l->retry_timer);
+    keel__free(l->conninfo);
     keel__free(l);
     return keel__why(why, cap, UV_ENOMEM, "out of memory");
   }
@@ -407,11 +554,15 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
   if (opts->table != NULL) {
     int rc = add_subscription(l, opts->table, opts->events, opts->filter, opts->channel, why, cap);
     if (rc != 0) {
+      keel__free(l->retry_timer);
       keel__free(l->conninfo);
       keel__free(l);
       return rc;
     }
   }
+  uv_timer_init(loop, l->retry_timer);
+  l->retry_timer->data = l;
+  l->handles_open = 1;
   *out = l;
   return 0;
 }
@@ -425,31 +576,48 @@ int keel_listener_add_table(keel_listener *l, const char *table, unsigned events
   if (l == NULL) return UV_EINVAL;
   if (l->closing) return KEEL_ECLOSING;
   int rc = add_subscription(l, table, events, filter, channel, l->last_error, sizeof l->last_error);
-  if (rc == 0 && l->conn != NULL && keel_pg_is_connected(l->conn) &&
-      !channel_seen(l, l->sub_count - 1, l->subs[l->sub_count - 1].channel))
-    send_listen(l, l->subs[l->sub_count - 1].channel);
-  return rc;
+  if (rc != 0 || l->conn == NULL || !keel_pg_is_connected(l->conn)) return rc;
+  const char *added = l->subs[l->sub_count - 1]->channel;
+  if (!channel_seen(l, l->sub_count - 1, added)) listen_added(l, added);
+  return 0;
+}
+
+/* A channel added while connected: LISTEN now, inactive until it is done. */
+static void listen_added(keel_listener *l, const char *channel) {
+  if (l->listens_outstanding == 0 && !l->active) return; /* a retry or reconnect will do it */
+  int rc = send_listen(l, channel);
+  if (rc == 0) {
+    l->active = false;
+    return;
+  }
+  l->listen_round++;
+  l->active = false;
+  keel__fail(l->last_error, rc, "LISTEN could not be sent (retrying): %s", keel_strerror(rc));
+  listen_retry_later(l);
 }
 
 int keel_listener_listen_channel(keel_listener *l, const char *channel, keel_listener_channel_cb cb,
                                  void *data) {
-  char quoted[160];
   if (l == NULL) return UV_EINVAL;
-  if (channel == NULL || cb == NULL ||
-      keel_pg_quote_ident(quoted, sizeof quoted, channel, false) < 0)
-    return keel__fail(l->last_error, UV_EINVAL, "a valid channel name and a callback are required");
+  if (l->closing) return KEEL_ECLOSING;
+  if (cb == NULL)
+    return keel__fail(l->last_error, UV_EINVAL, "keel_listener_listen_channel: cb is required");
+  char why[KEEL__ERRBUF_SIZE];
+  if (keel_listener_validate_channel(channel, why, sizeof why) != 0)
+    return keel__fail(l->last_error, UV_EINVAL, "%s", why);
   raw_channel *raws = keel__realloc(l->raws, (l->raw_count + 1) * sizeof *raws);
   if (raws == NULL) return keel__fail(l->last_error, UV_ENOMEM, "out of memory");
   l->raws = raws;
   char *copy = keel__strdup(channel);
   if (copy == NULL) return keel__fail(l->last_error, UV_ENOMEM, "out of memory");
   l->raws[l->raw_count++] = (raw_channel){copy, cb, data};
-  if (l->conn != NULL && keel_pg_is_connected(l->conn)) send_listen(l, channel);
+  if (l->conn != NULL && keel_pg_is_connected(l->conn)) listen_added(l, copy);
   return 0;
 }
 
 int keel_listener_on(keel_listener *l, const char *id, keel_listener_handler handler, void *data) {
   if (l == NULL) return UV_EINVAL;
+  if (l->closing) return KEEL_ECLOSING;
   if (id == NULL || handler == NULL)
     return keel__fail(l->last_error, UV_EINVAL, "keel_listener_on: id and handler are required");
   for (size_t i = 0; i < l->handler_count; i++) {
@@ -471,6 +639,7 @@ int keel_listener_on(keel_listener *l, const char *id, keel_listener_handler han
 
 int keel_listener_off(keel_listener *l, const char *id) {
   if (l == NULL || id == NULL) return UV_EINVAL;
+  if (l->closing) return KEEL_ECLOSING;
   for (size_t i = 0; i < l->handler_count; i++) {
     handler_entry *h = &l->handlers[i];
     if (!h->removed && strcmp(h->id, id) == 0) {
@@ -495,9 +664,12 @@ int keel_listener_start(keel_listener *l) {
   o.on_state = on_state;
   o.on_notify = on_notify;
   o.data = l;
-  int rc = keel_pg_new(l->loop, &o, &l->conn);
+  keel_pg *conn = NULL;
+  int rc = keel_pg_new(l->loop, &o, &conn);
   if (rc != 0) return keel__fail(l->last_error, rc, "cannot create the connection");
+  l->conn = conn;
   l->conns_open++;
+  l->handles_open++;
   l->started = true;
   return 0;
 }
@@ -506,8 +678,7 @@ static void free_queue(keel_listener *l) {
   queued_change *q = l->queue_head;
   while (q != NULL) {
     queued_change *next = q->next;
-    keel__change_free(&q->change);
-    keel__free(q);
+    queued_free(q);
     q = next;
   }
   l->queue_head = l->queue_tail = NULL;
@@ -517,7 +688,10 @@ static void free_listener(keel_listener *l) {
   keel_close_cb cb = l->close_cb;
   void *data = l->close_data;
   free_queue(l);
-  for (size_t i = 0; i < l->sub_count; i++) subscription_free(&l->subs[i]);
+  for (size_t i = 0; i < l->sub_count; i++) {
+    subscription_free(l->subs[i]);
+    keel__free(l->subs[i]);
+  }
   for (size_t i = 0; i < l->handler_count; i++) keel__free(l->handlers[i].id);
   for (size_t i = 0; i < l->raw_count; i++) keel__free(l->raws[i].channel);
   keel__free(l->subs);
@@ -532,7 +706,7 @@ static void on_conn_closed(void *object, void *data) {
   (void)object;
   keel_listener *l = data;
   l->conns_open--;
-  if (l->closing && l->conns_open == 0) free_listener(l);
+  if (--l->handles_open == 0 && l->closing) free_listener(l);
 }
 
 static void disconnect(keel_listener *l) {
@@ -542,13 +716,17 @@ static void disconnect(keel_listener *l) {
   l->active = false;
   l->ever_active = false;
   l->down_since_ms = 0;
+  l->listen_round++;
+  l->listens_outstanding = 0;
+  uv_timer_stop(l->retry_timer);
   keel_pg_close(conn, on_conn_closed, l);
-  /* Changes waiting for a row fetch were cancelled by the close: drop them. */
+  /* Changes waiting for a row fetch are dropped; their fetches forget them. */
   free_queue(l);
 }
 
 int keel_listener_stop(keel_listener *l) {
   if (l == NULL) return UV_EINVAL;
+  if (l->closing) return KEEL_ECLOSING;
   if (l->started) disconnect(l);
   return 0;
 }
@@ -570,17 +748,14 @@ const char *keel_listener_last_error(const keel_listener *l) {
   return l == NULL ? "listener is NULL" : l->last_error;
 }
 
-static void free_listener_later(void *arg) {
-  free_listener(arg);
-}
-
 void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
   if (l == NULL || l->closing) return;
   l->closing = true;
   l->close_cb = cb;
   l->close_data = data;
   if (l->started) disconnect(l);
-  /* Nothing to wait for, but cb must still come on a later iteration. */
-  if (l->conns_open == 0 && keel__call_later(l->loop, free_listener_later, l) != 0)
-    free_listener(l);
+  uv_timer_stop(l->retry_timer);
+  /* Frees the listener from the timer's close callback (a later iteration)
+   * or when the last connection is closed, whichever comes last. */
+  uv_close((uv_handle_t *)l->retry_timer, on_handle_closed);
 }
