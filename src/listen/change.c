@@ -34,7 +34,12 @@ int keel__change_parse(keel_change *c, const char *payload, char *why, size_t ca
   if (c->schema == NULL || c->table == NULL) return proto(why, cap, "no \"schema\" or \"table\"");
   json_t *ts = json_object_get(c->root, "ts_us");
   if (!json_is_integer(ts)) return proto(why, cap, "no integer \"ts_us\"");
-  c->time_us = (int64_t)json_integer_value(ts);
+  /* Anyone may NOTIFY on the channel: a time outside 1970..9999 is not
+   * keel's, and would overflow the latency arithmetic. */
+  json_int_t ts_value = json_integer_value(ts);
+  if (ts_value < 0 || ts_value > KEEL__CHANGE_MAX_TIME_US)
+    return proto(why, cap, "\"ts_us\" out of range");
+  c->time_us = (int64_t)ts_value;
   json_t *key = json_object_get(c->root, "pk");
   if (key != NULL && !json_is_object(key)) return proto(why, cap, "\"pk\" is not an object");
   c->key = key;

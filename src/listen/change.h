@@ -31,6 +31,10 @@ struct keel_change {
   keel__text *texts; /* column texts formatted on demand, freed with the change */
 };
 
+/* The latest change time accepted in a payload: 9999-12-31T23:59:59Z in µs
+ * since the epoch. Earlier than the epoch is refused too. */
+#define KEEL__CHANGE_MAX_TIME_US INT64_C(253402300799999999)
+
 /* Parses payload into c (which keeps references into the parsed tree; raw
  * must outlive c). Returns 0, KEEL_EPROTO with the reason in why, or
  * UV_ENOMEM. */

@@ -66,6 +66,8 @@ static int parse_list(keel__filter_term *t, const char *s, size_t len, char *why
       i++; /* closing quote */
       if (i < end && s[i] != ',') return fail(why, cap, "in.(): text after a quoted value%s", "");
     } else {
+      if (i == end || s[i] == ',')
+        return fail(why, cap, "in.(): an empty value (quote it: \"\")%s", "");
       while (i < end && s[i] != ',') {
         if (s[i] == '"' || s[i] == '(' || s[i] == ')')
           return fail(why, cap, "in.(): unexpected quote or parenthesis%s", "");
@@ -77,7 +79,7 @@ static int parse_list(keel__filter_term *t, const char *s, size_t len, char *why
     if (rc != 0) return rc;
     if (i == end) break;
     i++; /* comma */
-    if (i == end) return fail(why, cap, "in.(): empty value after a comma%s", "");
+    if (i == end) return fail(why, cap, "in.(): an empty value after a comma%s", "");
   }
   return 0;
 }

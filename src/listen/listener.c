@@ -98,6 +98,8 @@ void keel_listener_opts_init(keel_listener_opts *opts) {
   keel_backoff_full_jitter(&opts->reconnect_backoff, 100, 2.0, 5000);
 }
 
+#define KEEL__DAY_US INT64_C(86400000000)
+
 static int64_t wall_us(void) {
   struct timeval tv;
   gettimeofday(&tv, NULL);
@@ -229,8 +231,13 @@ static void deliver(keel_listener *l, keel_change *c, subscription *sub) {
     l->stats.filtered++;
     return;
   }
+  /* time_us is within 0..KEEL__CHANGE_MAX_TIME_US (checked by the parser):
+   * no overflow here; a latency over a day is recorded as a day. */
   c->latency_us = wall_us() - c->time_us;
-  keel__histogram_record(&l->latency, c->latency_us > 0 ? (uint64_t)c->latency_us * 1000 : 0);
+  int64_t recorded = c->latency_us < 0              ? 0
+                     : c->latency_us > KEEL__DAY_US ? KEEL__DAY_US
+                                                    : c->latency_us;
+  keel__histogram_record(&l->latency, (uint64_t)recorded * 1000);
   l->stats.delivered++;
   size_t count = l->handler_count; /* handlers added now see the next change */
   l->dispatch_depth++;

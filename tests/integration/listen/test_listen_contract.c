@@ -491,6 +491,8 @@ static void alloc_scenario(void *arg) {
     uint64_t t0 = uv_now(&f->loop);
     while (!keel_listener_is_active(l) && uv_now(&f->loop) - t0 < wait_ms)
       uv_run(&f->loop, UV_RUN_ONCE);
+    /* an inactive listener says why */
+    if (!keel_listener_is_active(l)) cr_assert_str_neq(keel_listener_last_error(l), "");
     if (keel_listener_is_active(l)) {
       char sql[256];
       snprintf(sql, sizeof sql,

@@ -61,11 +61,18 @@ Test(filter, every_operator) {
   cr_assert(matches("status=gt.abc", &r), "text compares as text");
 }
 
+Test(filter, quoted_empty_values_are_values) {
+  row r = {{"s", NULL}, {"", NULL}};
+  cr_assert(matches("s=in.(\"\",x)", &r));
+  cr_assert(!matches("s=in.(x,\"y\")", &r));
+}
+
 Test(filter, malformed_filters_are_rejected) {
-  const char *bad[] = {"team_id",        "team_id=123",  "team_id=like.1", "=eq.1",
-                       "a=eq.1&",        "a=in.(1,2",    "a=in.()",        "a=is.maybe",
-                       "a=in.(\"x)",     "a=in.(1,)",    "a=eq.1&&b=eq.2", "a=.1",
-                       "a=verylongop.1", "a=in.(\"x\"y)"};
+  const char *bad[] = {"team_id",        "team_id=123",   "team_id=like.1", "=eq.1",
+                       "a=eq.1&",        "a=in.(1,2",     "a=in.()",        "a=is.maybe",
+                       "a=in.(\"x)",     "a=in.(1,)",     "a=eq.1&&b=eq.2", "a=.1",
+                       "a=verylongop.1", "a=in.(\"x\"y)", "a=in.(a,,b)",    "a=in.(,a)",
+                       "a=in.(a,b,)",    "a=in.(,)"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     keel__filter f;
     char why[128] = "";
@@ -102,16 +109,18 @@ Test(payload, parses_keel_format) {
 
 Test(payload, malformed_payloads_are_reported) {
   const char *bad[] = {
-      "",
-      "not json",
-      "[]",
-      "{}",
+      "", "not json", "[]", "{}",
       "{\"op\":\"TRUNCATE\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}",
       "{\"op\":\"INSERT\",\"table\":\"t\",\"ts_us\":1}",
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\"}",
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":5}",
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"key_only\":true}",
-      "{\"op\":1,\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}"};
+      "{\"op\":1,\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}",
+      /* issue 12 #9: forged times (any database user can NOTIFY) */
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":-9223372036854775808}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":-1}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":9223372036854775807}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":253402300800000000}"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     keel_change c;
     char why[128] = "";

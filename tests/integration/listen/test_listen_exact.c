@@ -1,0 +1,222 @@
+/* The listener, exact (issue 12), against the real PostgreSQL: channels
+ * validated everywhere, forged notifications, filter literals and generated
+ * SQL under both settings of standard_conforming_strings, filters checked
+ * against the table's columns and types when the listener starts. */
+#include <criterion/criterion.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "keel/listen.h"
+#include "support/harness.h"
+
+typedef struct fixture {
+  uv_loop_t loop;
+  keel_listener *l;
+  char table[64];
+  char channel[80];
+  int delivered;
+  int errors;
+  int last_err;
+  char names[16][64];
+} fixture;
+
+static void handler(keel_listener *l, const keel_change *c, void *data) {
+  (void)l;
+  fixture *f = data;
+  const char *name = keel_change_new(c, "name");
+  if (name == NULL) name = keel_change_old(c, "name");
+  if (f->delivered < 16) snprintf(f->names[f->delivered], 64, "%s", name ? name : "(null)");
+  f->delivered++;
+}
+
+static void on_error(keel_listener *l, int err, const char *message, void *data) {
+  (void)l;
+  (void)message;
+  fixture *f = data;
+  f->errors++;
+  f->last_err = err;
+}
+
+static void exec_fmt(const char *fmt, const char *a) {
+  char sql[1024];
+  snprintf(sql, sizeof sql, fmt, a, a, a);
+  kt_pg_exec(sql);
+}
+
+static int scalar_int(const char *sql) {
+  char *v = kt_pg_scalar(sql);
+  int n = v != NULL ? (int)strtol(v, NULL, 10) : -1;
+  free(v);
+  return n;
+}
+
+static int trigger_count(const char *table) {
+  char sql[256];
+  snprintf(sql, sizeof sql, "SELECT count(*) FROM pg_trigger WHERE tgrelid = '%s'::regclass",
+           table);
+  return scalar_int(sql);
+}
+
+static void new_listener(fixture *f, const char *filter) {
+  keel_listener_opts o;
+  keel_listener_opts_init(&o);
+  o.conninfo = kt_pg_conninfo();
+  o.table = f->table;
+  o.channel = f->channel;
+  o.filter = filter;
+  o.heartbeat_ms = 500;
+  o.connect_timeout_ms = 1000;
+  keel_backoff_fixed(&o.reconnect_backoff, 50);
+  o.on_error = on_error;
+  o.data = f;
+  char why[256];
+  cr_assert_eq(keel_listener_new_ex(&f->loop, &o, &f->l, why, sizeof why), 0, "%s", why);
+  cr_assert_eq(keel_listener_on(f->l, "h", handler, f), 0);
+}
+
+static bool run_until_active(fixture *f, uint64_t ms) {
+  uint64_t start = uv_now(&f->loop);
+  while (!keel_listener_is_active(f->l) && uv_now(&f->loop) - start < ms)
+    uv_run(&f->loop, UV_RUN_ONCE);
+  return keel_listener_is_active(f->l);
+}
+
+static void run_until_delivered(fixture *f, int n) {
+  uint64_t start = uv_now(&f->loop);
+  while (f->delivered < n && uv_now(&f->loop) - start < 10000) uv_run(&f->loop, UV_RUN_ONCE);
+  cr_assert_eq(f->delivered, n, "delivered %d, expected %d", f->delivered, n);
+}
+
+static void setup(fixture *f, const char *columns) {
+  memset(f, 0, sizeof *f);
+  uv_loop_init(&f->loop);
+  kt_unique_name(f->table, sizeof f->table, "lx");
+  kt_unique_name(f->channel, sizeof f->channel, "lxc");
+  char sql[1024];
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (%s)", f->table, columns);
+  kt_pg_exec(sql);
+}
+
+static void teardown(fixture *f) {
+  keel_listener_close(f->l, NULL, NULL);
+  kt_loop_finish(&f->loop);
+  exec_fmt("DROP TABLE %s", f->table);
+}
+
+static void install_plain(fixture *f) {
+  char sql[8192];
+  cr_assert_gt(keel_listener_install_sql(sql, sizeof sql, f->table, "id", f->channel), 0);
+  kt_pg_exec(sql);
+}
+
+/* ---- item 4: channels ------------------------------------------------------- */
+
+static void on_raw(keel_listener *l, const char *channel, const char *payload, void *data) {
+  (void)l;
+  (void)channel;
+  (void)payload;
+  (void)data;
+}
+
+static void installed_flag(keel_pg *conn, int status, void *data) {
+  (void)conn;
+  (void)status;
+  *(bool *)data = true;
+}
+
+Test(listen_exact, bad_channels_are_refused_everywhere_and_install_nothing) {
+  fixture f;
+  setup(&f, "id serial PRIMARY KEY, name text");
+  char longest[80];
+  memset(longest, 'c', 64);
+  longest[64] = '\0';
+  const char *bad[] = {"", longest, "a.b", "a b", "9abc", "a'b", "a\"b", "a-b", "\xC3", "a\xC3("};
+  keel_pg_opts po;
+  keel_pg_opts_init(&po);
+  po.conninfo = kt_pg_conninfo();
+  keel_pg *conn;
+  cr_assert_eq(keel_pg_new(&f.loop, &po, &conn), 0);
+  keel_listener_opts o;
+  keel_listener_opts_init(&o);
+  o.conninfo = kt_pg_conninfo();
+  keel_listener *raw_only;
+  cr_assert_eq(keel_listener_new(&f.loop, &o, &raw_only), 0);
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    char why[256] = "";
+    cr_assert_eq(keel_listener_validate_channel(bad[i], why, sizeof why), UV_EINVAL, "%s", bad[i]);
+    cr_assert_str_neq(why, "", "a reason for \"%s\"", bad[i]);
+    o.table = f.table;
+    o.channel = bad[i];
+    keel_listener *l = (keel_listener *)0x1;
+    why[0] = '\0';
+    cr_assert_eq(keel_listener_new_ex(&f.loop, &o, &l, why, sizeof why), UV_EINVAL, "%s", bad[i]);
+    cr_assert_eq(l, (keel_listener *)0x1);
+    cr_assert(strstr(why, "channel") != NULL, "%s", why);
+    cr_assert_eq(keel_listener_add_table(raw_only, f.table, KEEL_CHANGE_ALL, NULL, bad[i]),
+                 UV_EINVAL);
+    cr_assert(strstr(keel_listener_last_error(raw_only), "channel") != NULL);
+    cr_assert_eq(keel_listener_listen_channel(raw_only, bad[i], on_raw, NULL), UV_EINVAL);
+    char sql[8192];
+    cr_assert_eq(keel_listener_install_sql(sql, sizeof sql, f.table, "id", bad[i]), UV_EINVAL);
+    cr_assert_eq(keel_listener_install_filtered_sql(sql, sizeof sql, f.table, "id", bad[i],
+                                                    KEEL_CHANGE_ALL, "name=eq.x"),
+                 UV_EINVAL);
+    bool done = false;
+    cr_assert_eq(keel_listener_install(conn, f.table, NULL, bad[i], installed_flag, &done),
+                 UV_EINVAL);
+    cr_assert_eq(keel_listener_install_filtered(conn, f.table, "id", bad[i], KEEL_CHANGE_ALL, NULL,
+                                                installed_flag, &done),
+                 UV_EINVAL);
+    cr_assert(!done);
+  }
+  cr_assert_eq(keel_listener_validate_channel(NULL, NULL, 0), UV_EINVAL);
+  keel_listener_close(raw_only, NULL, NULL);
+  keel_pg_close(conn, NULL, NULL);
+  uv_run(&f.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(trigger_count(f.table), 0, "nothing was installed");
+
+  /* The longest valid channel, mixed case and non-ASCII, end to end. */
+  int n = snprintf(f.channel, sizeof f.channel, "Ch_\xC3\xA9$9_%d_", (int)getpid() % 100000);
+  while (n < 63) f.channel[n++] = 'Z';
+  f.channel[n] = '\0';
+  cr_assert_eq(keel_listener_validate_channel(f.channel, NULL, 0), 0);
+  install_plain(&f);
+  new_listener(&f, NULL);
+  keel_listener_start(f.l);
+  cr_assert(run_until_active(&f, 10000));
+  exec_fmt("INSERT INTO %s (name) VALUES ('ok')", f.table);
+  run_until_delivered(&f, 1);
+  cr_assert_str_eq(f.names[0], "ok");
+  teardown(&f);
+}
+
+/* ---- item 9: forged notifications ---------------------------------------- */
+
+Test(listen_exact, forged_notify_with_extreme_times_is_malformed_not_undefined) {
+  fixture f;
+  setup(&f, "id serial PRIMARY KEY, name text");
+  install_plain(&f);
+  new_listener(&f, NULL);
+  keel_listener_start(f.l);
+  cr_assert(run_until_active(&f, 10000));
+  const char *times[] = {"-9223372036854775808", "9223372036854775807", "-1", "253402300800000000"};
+  for (size_t i = 0; i < sizeof times / sizeof times[0]; i++) {
+    char sql[512];
+    snprintf(sql, sizeof sql,
+             "SELECT pg_notify('%s', '{\"op\":\"INSERT\",\"schema\":\"public\",\"table\":\"%s\","
+             "\"ts_us\":%s,\"pk\":{\"id\":1},\"new\":{\"id\":1,\"name\":\"forged\"}}')",
+             f.channel, f.table, times[i]);
+    free(kt_pg_scalar(sql));
+  }
+  exec_fmt("INSERT INTO %s (name) VALUES ('real')", f.table);
+  run_until_delivered(&f, 1);
+  cr_assert_str_eq(f.names[0], "real");
+  keel_listener_stats s;
+  keel_listener_get_stats(f.l, &s);
+  cr_assert_eq(s.malformed, 4);
+  cr_assert(strstr(keel_listener_last_error(f.l), "ts_us") != NULL, "%s",
+            keel_listener_last_error(f.l));
+  teardown(&f);
+}
