@@ -246,11 +246,13 @@ static void put(sqlbuf *b, const char *text) {
   put_n(b, text, strlen(text));
 }
 
-/* A SQL string literal: quotes doubled (standard_conforming_strings). */
+/* A SQL string literal that reads the same whatever
+ * standard_conforming_strings says: an escape string E'...' with both '\'
+ * and '\'' escaped. */
 static void put_literal(sqlbuf *b, const char *text) {
-  put(b, "'");
+  put(b, "E'");
   for (const char *p = text; *p != '\0'; p++) {
-    if (*p == '\'') put(b, "'");
+    if (*p == '\'' || *p == '\\') put_n(b, p, 1);
     put_n(b, p, 1);
   }
   put(b, "'");

@@ -47,13 +47,16 @@ static const char locked_function_sql[] =
     "DO $do$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('keel_notify_change')); "
     "EXECUTE $fn$" KEEL_NOTIFY_FUNCTION_SQL "$fn$; END $do$";
 
-/* Appends a SQL string literal ('it''s'). Returns false when out of room. */
+/* Appends a SQL string literal that reads the same whatever
+ * standard_conforming_strings says (E'it''s \\ ok'). Returns false when out
+ * of room. */
 static bool append_literal(char *buf, size_t cap, size_t *at, const char *text, size_t len) {
-  if (*at + 2 >= cap) return false;
+  if (*at + 3 >= cap) return false;
+  buf[(*at)++] = 'E';
   buf[(*at)++] = '\'';
   for (size_t i = 0; i < len; i++) {
     if (*at + 3 >= cap) return false;
-    if (text[i] == '\'') buf[(*at)++] = '\'';
+    if (text[i] == '\'' || text[i] == '\\') buf[(*at)++] = text[i];
     buf[(*at)++] = text[i];
   }
   buf[(*at)++] = '\'';

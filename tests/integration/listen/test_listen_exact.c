@@ -220,3 +220,77 @@ Test(listen_exact, forged_notify_with_extreme_times_is_malformed_not_undefined) 
             keel_listener_last_error(f.l));
   teardown(&f);
 }
+
+/* ---- item 8: literals under both settings of standard_conforming_strings -- */
+
+static void hostile_filter_case(bool conforming) {
+  fixture f;
+  setup(&f, "id serial PRIMARY KEY, name text");
+  char pwned[64], value[256], filter[300];
+  kt_unique_name(pwned, sizeof pwned, "pwned");
+  snprintf(value, sizeof value, "a\\'); CREATE TABLE %s (x int); --", pwned);
+  snprintf(filter, sizeof filter, "name=eq.%s", value);
+  static char sql[32768];
+  int at = snprintf(sql, sizeof sql, "SET standard_conforming_strings = %s;\n",
+                    conforming ? "on" : "off");
+  int n = keel_listener_install_filtered_sql(sql + at, sizeof sql - (size_t)at, f.table, "id",
+                                             f.channel, KEEL_CHANGE_ALL, filter);
+  cr_assert_gt(n, 0);
+  kt_pg_exec(sql); /* as one string, as a migration tool would */
+  char check[256];
+  snprintf(check, sizeof check, "SELECT to_regclass('%s') IS NULL", pwned);
+  char *absent = kt_pg_scalar(check);
+  cr_assert_str_eq(absent, "t", "the filter's value ran as SQL");
+  free(absent);
+  cr_assert_eq(trigger_count(f.table), 2);
+
+  /* The same through keel's installer on a session with the setting. */
+  char conninfo[512];
+  snprintf(conninfo, sizeof conninfo, "%s options='-c standard_conforming_strings=%s'",
+           kt_pg_conninfo(), conforming ? "on" : "off");
+  keel_pg_opts po;
+  keel_pg_opts_init(&po);
+  po.conninfo = conninfo;
+  keel_pg *conn;
+  cr_assert_eq(keel_pg_new(&f.loop, &po, &conn), 0);
+  bool done = false;
+  cr_assert_eq(keel_listener_install_filtered(conn, f.table, NULL, f.channel, KEEL_CHANGE_ALL,
+                                              filter, installed_flag, &done),
+               0);
+  while (!done) uv_run(&f.loop, UV_RUN_ONCE);
+  keel_pg_close(conn, NULL, NULL);
+  snprintf(check, sizeof check,
+           "SELECT count(*) FROM pg_trigger WHERE tgrelid = '%s'::regclass AND "
+           "pg_get_triggerdef(oid) LIKE '%%%s%%'",
+           f.table, f.channel);
+  cr_assert_eq(scalar_int(check), 2, "both triggers notify on our channel");
+
+  /* The trigger lets exactly the hostile value through, as the listener's
+   * filter does. */
+  new_listener(&f, filter);
+  keel_listener_start(f.l);
+  cr_assert(run_until_active(&f, 10000));
+  char insert[512];
+  snprintf(insert, sizeof insert,
+           "INSERT INTO %s (name) VALUES ($v$a$v$), ($v$%s$v$), ($v$a\\$v$), ($v$a'$v$)", f.table,
+           value);
+  kt_pg_exec(insert);
+  exec_fmt("INSERT INTO %s (name) VALUES ('last')", f.table);
+  run_until_delivered(&f, 1);
+  uv_sleep(200);
+  uv_run(&f.loop, UV_RUN_NOWAIT);
+  cr_assert_eq(f.delivered, 1);
+  cr_assert_str_eq(f.names[0], value);
+  keel_listener_stats s;
+  keel_listener_get_stats(f.l, &s);
+  cr_assert_eq(s.received, 1, "the trigger sent only the matching row");
+  teardown(&f);
+}
+
+Test(listen_exact, filter_literals_safe_with_standard_conforming_strings_off) {
+  hostile_filter_case(false);
+}
+
+Test(listen_exact, filter_literals_safe_with_standard_conforming_strings_on) {
+  hostile_filter_case(true);
+}

@@ -139,19 +139,27 @@ Test(filter, translates_into_a_when_condition) {
   cr_assert_gt(n, 0);
   cr_assert_eq((size_t)n, strlen(sql));
   cr_assert_str_eq(sql,
-                   "((to_jsonb(NEW) ->> 'na''me') COLLATE \"C\" = 'it''s') AND "
-                   "((to_jsonb(NEW) ->> 'flag') = 'true') AND "
-                   "((to_jsonb(NEW) ->> 'gone') IS NULL)");
+                   "((to_jsonb(NEW) ->> E'na''me') COLLATE \"C\" = E'it''s') AND "
+                   "((to_jsonb(NEW) ->> E'flag') = 'true') AND "
+                   "((to_jsonb(NEW) ->> E'gone') IS NULL)");
   cr_assert_eq(keel__filter_to_sql(&f, "NEW", sql, 20), UV_ENOBUFS);
   keel__filter_free(&f);
 
   cr_assert_eq(keel__filter_parse(&f, "team_id=gt.12&s=in.(a,\"b)\",0x1A)", why, sizeof why), 0);
   n = keel__filter_to_sql(&f, "OLD", sql, sizeof sql);
   cr_assert_gt(n, 0);
-  cr_assert(strstr(sql, "::float8 > '12'::float8") != NULL, "%s", sql);
-  cr_assert(strstr(sql, "(to_jsonb(OLD) ->> 's') COLLATE \"C\" = 'b)'") != NULL, "%s", sql);
-  cr_assert(strstr(sql, "((to_jsonb(OLD) ->> 's') IS NOT NULL)") != NULL,
+  cr_assert(strstr(sql, "::float8 > E'12'::float8") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "(to_jsonb(OLD) ->> E's') COLLATE \"C\" = E'b)'") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "((to_jsonb(OLD) ->> E's') IS NOT NULL)") != NULL,
             "a hex number is left to the listener: %s", sql);
+  keel__filter_free(&f);
+
+  /* issue 12 #8: a backslash cannot end the literal early when the server
+   * runs with standard_conforming_strings = off */
+  cr_assert_eq(keel__filter_parse(&f, "n=eq.a\\');DROP TABLE x;--", why, sizeof why), 0);
+  n = keel__filter_to_sql(&f, "NEW", sql, sizeof sql);
+  cr_assert_gt(n, 0);
+  cr_assert(strstr(sql, "= E'a\\\\'');DROP TABLE x;--')") != NULL, "%s", sql);
   keel__filter_free(&f);
 
   cr_assert_eq(keel__filter_parse(&f, NULL, why, sizeof why), 0);
