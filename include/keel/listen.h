@@ -108,8 +108,11 @@ typedef void (*keel_listener_channel_cb)(keel_listener *l, const char *channel, 
 
 /* Something the listener cannot do right now, with the reason (also in
  * keel_listener_last_error()): a LISTEN that failed (the listener is
- * inactive and retries with reconnect_backoff), a change dropped because
- * memory ran out. Called on a later loop iteration than any keel call,
+ * inactive and retries with reconnect_backoff); err UV_EINVAL: a filter the
+ * table cannot answer (no such table or column, a value the column's type
+ * cannot read, is.true/is.false on a non-boolean column; checked at every
+ * connect, the listener stays inactive until the next connect or
+ * stop/start). Called on a later loop iteration than any keel call,
  * never after close. */
 typedef void (*keel_listener_error_cb)(keel_listener *l, int err, const char *message, void *data);
 

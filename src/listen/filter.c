@@ -19,6 +19,7 @@ static const struct {
 
 static void term_free(keel__filter_term *t) {
   keel__free(t->column);
+  keel__free(t->type);
   for (size_t i = 0; i < t->value_count; i++) keel__free(t->values[i]);
   keel__free(t->values);
 }

@@ -24,6 +24,7 @@ typedef struct keel__filter_term {
   keel__filter_op op;
   char **values; /* one, or the list of in.() */
   size_t value_count;
+  char *type; /* the column's SQL type (format_type) once checked, else NULL */
 } keel__filter_term;
 
 typedef struct keel__filter {

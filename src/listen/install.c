@@ -229,7 +229,12 @@ int keel_listener_install_filtered_sql(char *buf, size_t cap, const char *table,
     keel__free(trigger);
     return count;
   }
-  int n = snprintf(buf, cap, "%s;\n", notify_function_sql);
+  /* Run as one string (one implicit transaction) or inside a migration's
+   * transaction, the lock makes concurrent installs take turns, as
+   * keel_listener_install() does: CREATE OR REPLACE FUNCTION run at once by
+   * two sessions fails with "tuple concurrently updated". */
+  int n = snprintf(buf, cap, "SELECT pg_advisory_xact_lock(hashtext('keel_notify_change'));\n%s;\n",
+                   notify_function_sql);
   size_t at = n < 0 ? cap : (size_t)n;
   const char *stmt = trigger;
   for (int i = 0; i < count && at < cap; i++) {

@@ -66,7 +66,8 @@ struct keel_listener {
   bool ever_active;
   uint64_t down_since_ms;
   unsigned listens_outstanding;
-  uint64_t listen_round; /* LISTENs of other rounds are ignored */
+  unsigned checks_outstanding; /* filters being checked against the catalog */
+  uint64_t listen_round;       /* LISTENs of other rounds are ignored */
   uint32_t listen_attempt;
   uint64_t listen_last_delay;
   keel_rng rng;
@@ -293,6 +294,7 @@ static void on_row_fetched(keel_pg *conn, int status, const keel_pg_result *res,
 static void fetch_row(keel_listener *l, queued_change *q);
 static void on_listen_retry(uv_timer_t *timer);
 static void become_active(keel_listener *l);
+static void begin_session(keel_listener *l);
 static void listen_added(keel_listener *l, const char *channel);
 
 static void on_notify(keel_pg *conn, const char *channel, const char *payload, int pid,
@@ -498,10 +500,187 @@ static void listen_everything(keel_listener *l) {
   if (l->listens_outstanding == 0) become_active(l);
 }
 
+/* ---- filters checked against the catalog at every connect --------------- */
+
+/* One subscription's check in flight (columns, then its literals). */
+typedef struct check_ctx {
+  keel_listener *l;
+  uint64_t round;
+  subscription *sub;
+} check_ctx;
+
+static const char catalog_sql[] =
+    "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
+    "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped";
+
+/* A filter the table cannot answer: the listener stays inactive and says
+ * why; the next connect (or stop/start) checks again. */
+static void refuse(keel_listener *l, const char *fmt, const char *a, const char *b) {
+  l->listen_round++;
+  l->checks_outstanding = 0;
+  l->active = false;
+  keel__fail(l->last_error, UV_EINVAL, fmt, a, b);
+  report_error(l, UV_EINVAL);
+}
+
+static bool check_current(keel_listener *l, keel_pg *conn, check_ctx *ctx) {
+  return !l->closing && conn == l->conn && ctx->round == l->listen_round;
+}
+
+static void check_passed(keel_listener *l) {
+  if (l->checks_outstanding > 0 && --l->checks_outstanding == 0) listen_everything(l);
+}
+
+/* Lost connection: the next connect checks again. Anything else that is not
+ * an answer (no memory, a timeout) is retried like a failed LISTEN. */
+static void check_failed(keel_listener *l, keel_pg *conn, int status, const char *what) {
+  if (!keel_pg_is_connected(conn)) return;
+  l->listen_round++;
+  l->checks_outstanding = 0;
+  l->active = false;
+  keel__fail(l->last_error, status, "checking the filter (%s, retrying): %s", what,
+             keel_strerror(status));
+  listen_retry_later(l);
+  report_error(l, status);
+}
+
+static void on_literals_checked(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  (void)res;
+  check_ctx *ctx = data;
+  keel_listener *l = ctx->l;
+  if (!check_current(l, conn, ctx)) {
+    keel__free(ctx);
+    return;
+  }
+  if (status == KEEL_EPG)
+    refuse(l, "filter on %s: a value does not fit its column: %s", ctx->sub->quoted,
+           keel_pg_last_error(conn));
+  else if (status != 0)
+    check_failed(l, conn, status, ctx->sub->quoted);
+  else
+    check_passed(l);
+  keel__free(ctx);
+}
+
+/* SELECT $1::type1, $2::type2, ... over every literal of the filter: the
+ * server's own input functions judge them. Returns 1 when sent, 0 when
+ * there is nothing to check, or an error. */
+static int check_literals(keel_listener *l, check_ctx *ctx) {
+  keel__filter *f = &ctx->sub->filter;
+  size_t count = 0, len = 16;
+  for (size_t i = 0; i < f->count; i++) {
+    count += f->terms[i].value_count;
+    len += f->terms[i].value_count * (strlen(f->terms[i].type) + 16);
+  }
+  if (count == 0) return 0;
+  if (count > 4096) count = 4096;
+  char *sql = keel__malloc(len);
+  const char **values = keel__calloc(count, sizeof *values);
+  if (sql == NULL || values == NULL) {
+    keel__free(sql);
+    keel__free(values);
+    return UV_ENOMEM;
+  }
+  size_t at = (size_t)snprintf(sql, len, "SELECT ");
+  size_t n = 0;
+  for (size_t i = 0; i < f->count; i++) {
+    for (size_t v = 0; v < f->terms[i].value_count && n < count; v++) {
+      values[n] = f->terms[i].values[v];
+      at += (size_t)snprintf(sql + at, len - at, "%s$%zu::%s", n > 0 ? ", " : "", n + 1,
+                             f->terms[i].type);
+      n++;
+    }
+  }
+  int rc = keel_pg_query(l->conn, sql, (int)n, values, on_literals_checked, ctx);
+  keel__free(sql);
+  keel__free(values);
+  return rc == 0 ? 1 : rc;
+}
+
+static void on_columns(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  check_ctx *ctx = data;
+  keel_listener *l = ctx->l;
+  if (!check_current(l, conn, ctx)) {
+    keel__free(ctx);
+    return;
+  }
+  subscription *s = ctx->sub;
+  if (status != 0) {
+    if (status == KEEL_EPG)
+      refuse(l, "table %s: %s", s->quoted, keel_pg_last_error(conn));
+    else
+      check_failed(l, conn, status, s->quoted);
+    keel__free(ctx);
+    return;
+  }
+  int rows = keel_pg_result_nrows(res);
+  for (size_t i = 0; i < s->filter.count; i++) {
+    keel__filter_term *t = &s->filter.terms[i];
+    const char *type = NULL;
+    for (int r = 0; r < rows && type == NULL; r++)
+      if (strcmp(keel_pg_result_value(res, r, 0), t->column) == 0)
+        type = keel_pg_result_value(res, r, 1);
+    if (type == NULL) {
+      refuse(l, "filter on %s: no column \"%s\"", s->quoted, t->column);
+      keel__free(ctx);
+      return;
+    }
+    if ((t->op == KEEL__F_IS_TRUE || t->op == KEEL__F_IS_FALSE) && strcmp(type, "boolean") != 0) {
+      refuse(l, "filter on %s: is.true / is.false need a boolean column, \"%s\" is not", s->quoted,
+             t->column);
+      keel__free(ctx);
+      return;
+    }
+    char *copy = keel__strdup(type);
+    if (copy == NULL) {
+      check_failed(l, conn, UV_ENOMEM, s->quoted);
+      keel__free(ctx);
+      return;
+    }
+    keel__free(t->type);
+    t->type = copy;
+  }
+  int rc = check_literals(l, ctx);
+  if (rc == 1) return; /* ctx goes on to on_literals_checked */
+  if (rc < 0)
+    check_failed(l, conn, rc, s->quoted);
+  else
+    check_passed(l);
+  keel__free(ctx);
+}
+
+/* Sends the catalog check of one subscription. Returns 0 or an error. */
+static int check_subscription(keel_listener *l, subscription *s) {
+  check_ctx *ctx = keel__malloc(sizeof *ctx);
+  if (ctx == NULL) return UV_ENOMEM;
+  *ctx = (check_ctx){l, l->listen_round, s};
+  const char *params[] = {s->quoted};
+  int rc = keel_pg_query(l->conn, catalog_sql, 1, params, on_columns, ctx);
+  if (rc != 0) keel__free(ctx);
+  return rc;
+}
+
+/* After each connect: check every filtered subscription against the
+ * catalog, then LISTEN. */
+static void begin_session(keel_listener *l) {
+  l->listen_round++;
+  l->checks_outstanding = 0;
+  for (size_t i = 0; i < l->sub_count; i++) {
+    if (l->subs[i]->filter.count == 0) continue;
+    int rc = check_subscription(l, l->subs[i]);
+    if (rc != 0) {
+      check_failed(l, l->conn, rc, l->subs[i]->quoted);
+      return;
+    }
+    l->checks_outstanding++;
+  }
+  if (l->checks_outstanding == 0) listen_everything(l);
+}
+
 static void on_listen_retry(uv_timer_t *timer) {
   keel_listener *l = timer->data;
   if (l->closing || l->conn == NULL || !keel_pg_is_connected(l->conn)) return;
-  listen_everything(l);
+  begin_session(l);
 }
 
 static void on_state(keel_pg *conn, bool up, int status, void *data) {
@@ -511,7 +690,7 @@ static void on_state(keel_pg *conn, bool up, int status, void *data) {
   if (l->closing || (l->conn != NULL && conn != l->conn)) return;
   if (up) {
     if (l->ever_active) l->stats.reconnects++;
-    listen_everything(l);
+    begin_session(l);
     return;
   }
   uv_timer_stop(l->retry_timer);
@@ -584,8 +763,16 @@ int keel_listener_add_table(keel_listener *l, const char *table, unsigned events
   if (l->closing) return KEEL_ECLOSING;
   int rc = add_subscription(l, table, events, filter, channel, l->last_error, sizeof l->last_error);
   if (rc != 0 || l->conn == NULL || !keel_pg_is_connected(l->conn)) return rc;
-  const char *added = l->subs[l->sub_count - 1]->channel;
-  if (!channel_seen(l, l->sub_count - 1, added)) listen_added(l, added);
+  subscription *added = l->subs[l->sub_count - 1];
+  if (added->filter.count > 0) {
+    /* Check every filter and LISTEN again (LISTEN twice is harmless);
+     * inactive until done. */
+    l->active = false;
+    uv_timer_stop(l->retry_timer);
+    begin_session(l);
+    return 0;
+  }
+  if (!channel_seen(l, l->sub_count - 1, added->channel)) listen_added(l, added->channel);
   return 0;
 }
 

@@ -294,3 +294,85 @@ Test(listen_exact, filter_literals_safe_with_standard_conforming_strings_off) {
 Test(listen_exact, filter_literals_safe_with_standard_conforming_strings_on) {
   hostile_filter_case(true);
 }
+
+/* ---- item 5: filters checked against the table when the listener starts -- */
+
+static void refused_case(const char *filter, const char *expect) {
+  fixture f;
+  setup(&f, "id serial PRIMARY KEY, team_id int, name text, flag boolean, at timestamptz");
+  install_plain(&f);
+  new_listener(&f, filter);
+  cr_assert_eq(keel_listener_start(f.l), 0);
+  uint64_t start = uv_now(&f.loop);
+  while (f.errors == 0 && uv_now(&f.loop) - start < 10000) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(f.errors, 1, "%s: refused once", filter);
+  cr_assert_eq(f.last_err, UV_EINVAL);
+  cr_assert(!keel_listener_is_active(f.l));
+  const char *why = keel_listener_last_error(f.l);
+  cr_assert(strstr(why, expect) != NULL, "%s: %s", filter, why);
+  /* nothing is delivered while refused: it never LISTENed */
+  exec_fmt("INSERT INTO %s (team_id, name) VALUES (1, 'x')", f.table);
+  uv_sleep(100);
+  for (int i = 0; i < 10; i++) uv_run(&f.loop, UV_RUN_NOWAIT);
+  cr_assert_eq(f.delivered, 0);
+  cr_assert(!keel_listener_is_active(f.l));
+  teardown(&f);
+}
+
+Test(listen_exact, unknown_columns_and_values_of_the_wrong_type_are_refused_at_start) {
+  refused_case("nope=eq.1", "no column \"nope\"");
+  refused_case("team_id=eq.abc", "integer");
+  refused_case("team_id=in.(1,2,x)", "integer");
+  refused_case("team_id=gt.1.5", "integer");
+  refused_case("at=lt.yesterday-ish", "timestamp");
+  refused_case("name=is.true", "boolean");
+  refused_case("flag=eq.maybe", "boolean");
+}
+
+Test(listen_exact, a_valid_typed_filter_is_accepted_and_delivers) {
+  fixture f;
+  setup(&f, "id serial PRIMARY KEY, team_id int, name text, flag boolean, at timestamptz");
+  install_plain(&f);
+  new_listener(&f, "team_id=in.(1,2)&name=neq.skip&flag=is.true&at=gt.2020-01-01 00:00:00+00");
+  keel_listener_start(f.l);
+  cr_assert(run_until_active(&f, 10000));
+  cr_assert_eq(f.errors, 0, "%s", keel_listener_last_error(f.l));
+  exec_fmt(
+      "INSERT INTO %s (team_id, name, flag, at) VALUES (1, 'skip', true, now()), "
+      "(3, 'no', true, now()), (2, 'yes', true, now())",
+      f.table);
+  run_until_delivered(&f, 1);
+  cr_assert_str_eq(f.names[0], "yes");
+
+  /* a table added later with a bad filter: refused, inactive, says why */
+  char other[64], sql[256];
+  kt_unique_name(other, sizeof other, "lxo");
+  snprintf(sql, sizeof sql, "CREATE TABLE %s (id int PRIMARY KEY, n int)", other);
+  kt_pg_exec(sql);
+  cr_assert_eq(keel_listener_add_table(f.l, other, KEEL_CHANGE_ALL, "n=eq.zz", f.channel), 0);
+  uint64_t start = uv_now(&f.loop);
+  while (f.errors == 0 && uv_now(&f.loop) - start < 10000) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(f.errors, 1);
+  cr_assert(!keel_listener_is_active(f.l));
+  cr_assert(strstr(keel_listener_last_error(f.l), "integer") != NULL, "%s",
+            keel_listener_last_error(f.l));
+  teardown(&f);
+  snprintf(sql, sizeof sql, "DROP TABLE %s", other);
+  kt_pg_exec(sql);
+}
+
+Test(listen_exact, a_missing_table_is_refused_at_start) {
+  fixture f;
+  setup(&f, "id int PRIMARY KEY");
+  exec_fmt("DROP TABLE %s", f.table);
+  snprintf(f.table, sizeof f.table, "%s", "lx_no_such_table");
+  new_listener(&f, "id=eq.1");
+  keel_listener_start(f.l);
+  uint64_t start = uv_now(&f.loop);
+  while (f.errors == 0 && uv_now(&f.loop) - start < 10000) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(f.errors, 1);
+  cr_assert(strstr(keel_listener_last_error(f.l), "does not exist") != NULL, "%s",
+            keel_listener_last_error(f.l));
+  keel_listener_close(f.l, NULL, NULL);
+  kt_loop_finish(&f.loop);
+}
