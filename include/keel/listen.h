@@ -73,9 +73,16 @@ KEEL_EXTERN const char *keel_change_schema(const keel_change *c);
 KEEL_EXTERN const char *keel_change_table(const keel_change *c);
 /*
  * A column of the new row (INSERT, UPDATE) or the old row (UPDATE, DELETE)
- * as text: strings as they are, numbers and booleans as PostgreSQL prints
- * them in JSON, objects and arrays as JSON. NULL when the column is SQL
- * NULL, absent, or the row is absent.
+ * as text, exactly as the column's type prints it (what `SELECT col`
+ * returns in text format, DateStyle ISO, in the writer's TimeZone):
+ * numeric 19.90 is "19.90", 30-digit numerics, NaN and Infinity are whole,
+ * floats as float8out prints them ("1e-30"), timestamps "2024-01-01
+ * 10:00:00+00", arrays "{1,2,NULL}", jsonb as jsonb prints it, bytea
+ * "\x00ff"; booleans are "true" / "false". Nothing goes through a double.
+ * Known limits of the to_jsonb() the trigger uses: a float -0 arrives as
+ * "0", a json (not jsonb) value as jsonb would print it, a jsonb 'null' as
+ * NULL, an array with lower bounds other than 1 without its "[2:3]=".
+ * NULL when the column is SQL NULL, absent, or the row is absent.
  */
 KEEL_EXTERN const char *keel_change_new(const keel_change *c, const char *column);
 KEEL_EXTERN const char *keel_change_old(const keel_change *c, const char *column);

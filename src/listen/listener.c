@@ -2,6 +2,7 @@
  * connect, gap reports after a reconnect, parse → route → filter →
  * handlers, fetching rows whose payload was too large, in arrival order. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
 
@@ -19,6 +20,7 @@ typedef struct subscription {
   char *channel;
   unsigned events;
   keel__filter filter;
+  keel__columns columns; /* from the catalog at the last connect */
 } subscription;
 
 typedef struct handler_entry {
@@ -115,6 +117,7 @@ static void subscription_free(subscription *s) {
   keel__free(s->quoted);
   keel__free(s->channel);
   keel__filter_free(&s->filter);
+  keel__columns_free(&s->columns);
 }
 
 /* Identifier rules: a letter, '_' or a non-ASCII character first, then
@@ -210,9 +213,9 @@ static int add_subscription(keel_listener *l, const char *table, unsigned events
 
 static const char *row_lookup(void *row, const char *column, bool *present) {
   keel_change *c = row;
-  json_t *object = c->op == KEEL_CHANGE_DELETE ? c->old_row : c->new_row;
-  if (object == NULL) object = c->key; /* key-only change whose row is gone */
-  return keel__change_column(c, object, column, present);
+  const keel__row *r = c->op == KEEL_CHANGE_DELETE ? &c->old_row : &c->new_row;
+  if (!r->present) r = &c->key; /* key-only change whose row is gone */
+  return keel__change_column(c, r, column, present);
 }
 
 static void compact_handlers(keel_listener *l) {
@@ -228,6 +231,7 @@ static void compact_handlers(keel_listener *l) {
 }
 
 static void deliver(keel_listener *l, keel_change *c, subscription *sub) {
+  c->columns = sub->columns.count > 0 ? &sub->columns : NULL;
   if (!keel__filter_match(&sub->filter, row_lookup, c)) {
     l->stats.filtered++;
     return;
@@ -273,21 +277,10 @@ static void on_row_fetched(keel_pg *conn, int status, const keel_pg_result *res,
   q->ready = true;
   if (status == 0) {
     const char *row = keel_pg_result_value(res, 0, 0);
-    if (row != NULL) {
-      json_t *parsed = json_loads(row, 0, NULL);
-      if (json_is_object(parsed)) {
-        /* Keep the fetched row inside the change's tree so it is freed with it. */
-        json_object_set_new(q->change.root, "new", parsed);
-        json_t *fetched = json_object_get(q->change.root, "new");
-        if (q->change.op == KEEL_CHANGE_DELETE)
-          q->change.old_row = fetched;
-        else
-          q->change.new_row = fetched;
-        q->change.fetched = true;
-      } else if (parsed != NULL) {
-        json_decref(parsed);
-      }
-    }
+    char *copy = row != NULL ? keel__strdup(row) : NULL;
+    /* kept by the change, freed with it; a row that cannot be read leaves
+     * the change with its key only */
+    if (copy != NULL) keel__change_set_fetched(&q->change, copy);
   }
 }
 
@@ -313,7 +306,8 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
     }
   }
   size_t payload_len = strlen(payload);
-  queued_change *q = keel__malloc(sizeof *q + payload_len + 1);
+  /* the payload as received, then a working copy the parser writes into */
+  queued_change *q = keel__malloc(sizeof *q + 2 * (payload_len + 1));
   if (q == NULL) {
     keel__fail(l->last_error, UV_ENOMEM, "out of memory: a change was dropped");
     return;
@@ -323,7 +317,9 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
   q->ready = true;
   q->sub = NULL;
   q->fetch = NULL;
-  int rc = keel__change_parse(&q->change, q->payload, l->last_error, sizeof l->last_error);
+  char *work = q->payload + payload_len + 1;
+  memcpy(work, payload, payload_len + 1);
+  int rc = keel__change_parse_in(&q->change, q->payload, work, l->last_error, sizeof l->last_error);
   if (rc == 0) {
     for (size_t i = 0; i < l->sub_count; i++) {
       subscription *s = l->subs[i];
@@ -373,12 +369,13 @@ static void fetch_row(keel_listener *l, queued_change *q) {
   const char *values[8];
   int n = snprintf(sql, sizeof sql, "SELECT row_to_json(t)::text FROM %s t WHERE ", q->sub->quoted);
   int params = 0;
-  const char *column;
-  json_t *value;
-  json_object_foreach(q->change.key, column, value) {
+  q->change.columns = q->sub->columns.count > 0 ? &q->sub->columns : NULL;
+  for (uint32_t k = 0; k < q->change.key.count; k++) {
+    const char *column = q->change.fields[q->change.key.first + k].name;
     char quoted[160];
     if (params == 8 || keel_pg_quote_ident(quoted, sizeof quoted, column, false) < 0) break;
-    values[params] = keel__change_text(&q->change, value);
+    /* the key's text form, as t.col::text prints it */
+    values[params] = keel__change_column(&q->change, &q->change.key, column, NULL);
     n += snprintf(sql + n, sizeof sql - (size_t)n, "%s t.%s::text IS NOT DISTINCT FROM $%d",
                   params ? " AND" : "", quoted, params + 1);
     params++;
@@ -509,9 +506,73 @@ typedef struct check_ctx {
   subscription *sub;
 } check_ctx;
 
+/* name, type, base type oid, array element's base type oid (0 when not an
+ * array), the element type's delimiter */
 static const char catalog_sql[] =
-    "SELECT a.attname, format_type(a.atttypid, a.atttypmod) FROM pg_attribute a "
-    "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped";
+    "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
+    "(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END)::int8, "
+    "(CASE WHEN b.typcategory = 'A' THEN b.typelem ELSE 0 END)::int8, "
+    "coalesce((SELECT e.typdelim FROM pg_type e WHERE e.oid = b.typelem), ',') "
+    "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+    "JOIN pg_type b ON b.oid = (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END) "
+    "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped "
+    "ORDER BY a.attnum";
+
+enum {
+  OID_BOOL = 16,
+  OID_JSON = 114,
+  OID_FLOAT4 = 700,
+  OID_FLOAT8 = 701,
+  OID_JSONB = 3802,
+  OID_TIMESTAMP = 1114,
+  OID_TIMESTAMPTZ = 1184
+};
+
+static keel__form form_of(unsigned oid) {
+  switch (oid) {
+    case OID_TIMESTAMP:
+      return KEEL__FORM_TIMESTAMP;
+    case OID_TIMESTAMPTZ:
+      return KEEL__FORM_TIMESTAMPTZ;
+    case OID_FLOAT4:
+      return KEEL__FORM_FLOAT4;
+    case OID_FLOAT8:
+      return KEEL__FORM_FLOAT8;
+    case OID_JSON:
+    case OID_JSONB:
+      return KEEL__FORM_JSON;
+    default:
+      return KEEL__FORM_AS_IS;
+  }
+}
+
+/* Reads the catalog's rows into cols. Returns 0 or UV_ENOMEM. */
+static int read_columns(const keel_pg_result *res, keel__columns *cols) {
+  int rows = keel_pg_result_nrows(res);
+  cols->items = rows > 0 ? keel__calloc((size_t)rows, sizeof *cols->items) : NULL;
+  cols->count = 0;
+  if (rows > 0 && cols->items == NULL) return UV_ENOMEM;
+  for (int r = 0; r < rows; r++) {
+    keel__column *col = &cols->items[cols->count];
+    col->name = keel__strdup(keel_pg_result_value(res, r, 0));
+    col->type = keel__strdup(keel_pg_result_value(res, r, 1));
+    cols->count++;
+    if (col->name == NULL || col->type == NULL) {
+      keel__columns_free(cols);
+      return UV_ENOMEM;
+    }
+    unsigned oid = (unsigned)strtoul(keel_pg_result_value(res, r, 2), NULL, 10);
+    unsigned element = (unsigned)strtoul(keel_pg_result_value(res, r, 3), NULL, 10);
+    const char *delim = keel_pg_result_value(res, r, 4);
+    col->type_oid = oid;
+    col->form = element != 0 ? KEEL__FORM_ARRAY : form_of(oid);
+    col->element = form_of(element) == KEEL__FORM_JSON ? KEEL__FORM_AS_IS : form_of(element);
+    col->element_bool = element == OID_BOOL;
+    col->element_json = element == OID_JSON || element == OID_JSONB;
+    col->delim = delim != NULL && delim[0] != '\0' ? delim[0] : ',';
+  }
+  return 0;
+}
 
 /* A filter the table cannot answer: the listener stays inactive and says
  * why; the next connect (or stop/start) checks again. */
@@ -605,6 +666,14 @@ static void on_columns(keel_pg *conn, int status, const keel_pg_result *res, voi
     return;
   }
   subscription *s = ctx->sub;
+  if (status == KEEL_EPG && s->filter.count == 0) {
+    /* no such table (yet): without a filter there is nothing to refuse;
+     * its values are delivered as sent */
+    keel__columns_free(&s->columns);
+    check_passed(l);
+    keel__free(ctx);
+    return;
+  }
   if (status != 0) {
     if (status == KEEL_EPG)
       refuse(l, "table %s: %s", s->quoted, keel_pg_last_error(conn));
@@ -613,6 +682,14 @@ static void on_columns(keel_pg *conn, int status, const keel_pg_result *res, voi
     keel__free(ctx);
     return;
   }
+  keel__columns columns;
+  if (read_columns(res, &columns) != 0) {
+    check_failed(l, conn, UV_ENOMEM, s->quoted);
+    keel__free(ctx);
+    return;
+  }
+  keel__columns_free(&s->columns);
+  s->columns = columns;
   int rows = keel_pg_result_nrows(res);
   for (size_t i = 0; i < s->filter.count; i++) {
     keel__filter_term *t = &s->filter.terms[i];
@@ -666,7 +743,6 @@ static void begin_session(keel_listener *l) {
   l->listen_round++;
   l->checks_outstanding = 0;
   for (size_t i = 0; i < l->sub_count; i++) {
-    if (l->subs[i]->filter.count == 0) continue;
     int rc = check_subscription(l, l->subs[i]);
     if (rc != 0) {
       check_failed(l, l->conn, rc, l->subs[i]->quoted);
@@ -764,7 +840,7 @@ int keel_listener_add_table(keel_listener *l, const char *table, unsigned events
   int rc = add_subscription(l, table, events, filter, channel, l->last_error, sizeof l->last_error);
   if (rc != 0 || l->conn == NULL || !keel_pg_is_connected(l->conn)) return rc;
   subscription *added = l->subs[l->sub_count - 1];
-  if (added->filter.count > 0) {
+  {
     /* Check every filter and LISTEN again (LISTEN twice is harmless);
      * inactive until done. */
     l->active = false;

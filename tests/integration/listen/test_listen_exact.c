@@ -376,3 +376,93 @@ Test(listen_exact, a_missing_table_is_refused_at_start) {
   keel_listener_close(f.l, NULL, NULL);
   kt_loop_finish(&f.loop);
 }
+
+/* ---- item 1: values exactly as PostgreSQL prints them ---------------------- */
+
+#define TYPE_COLUMNS 28
+static const char *type_columns[TYPE_COLUMNS] = {
+    "i2",  "i4", "i8",   "num", "num2", "f4", "f8", "b",  "t",  "vc",  "ch", "u",  "d",  "tm",
+    "ttz", "ts", "tstz", "iv",  "by",   "jb", "ai", "at", "ab", "atz", "an", "ip", "af", "nul"};
+
+static const char type_table_sql[] =
+    "id int PRIMARY KEY, i2 smallint, i4 int, i8 bigint, num numeric, num2 numeric(10,2), "
+    "f4 real, f8 double precision, b boolean, t text, vc varchar(20), ch char(5), u uuid, d date, "
+    "tm time, ttz timetz, ts timestamp, tstz timestamptz, iv interval, by bytea, jb jsonb, "
+    "ai int[], at text[], ab boolean[], atz timestamptz[], an numeric[], ip inet, af float8[], "
+    "nul text";
+
+typedef struct typed_seen {
+  int count;
+  int ids[8];
+  char *values[8][TYPE_COLUMNS];
+} typed_seen;
+
+static void typed_handler(keel_listener *l, const keel_change *c, void *data) {
+  (void)l;
+  typed_seen *s = data;
+  if (s->count >= 8) return;
+  s->ids[s->count] = atoi(keel_change_new(c, "id"));
+  for (int i = 0; i < TYPE_COLUMNS; i++) {
+    const char *v = keel_change_new(c, type_columns[i]);
+    s->values[s->count][i] = v != NULL ? strdup(v) : NULL;
+  }
+  s->count++;
+}
+
+Test(listen_exact, every_common_type_arrives_as_postgresql_prints_it) {
+  fixture f;
+  setup(&f, type_table_sql);
+  install_plain(&f);
+  new_listener(&f, NULL);
+  typed_seen seen = {0};
+  keel_listener_on(f.l, "h", typed_handler, &seen);
+  keel_listener_start(f.l);
+  cr_assert(run_until_active(&f, 10000));
+  const char *rows[] = {
+      "1, 1, 2, 9007199254740993, 0.1, 19.90, 0.1, 0.1, true, 'caf\u00e9 \"q\" \\ ''s', 'x y', "
+      "'ab', 'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11', '2024-02-29', '10:00:00.5', '10:00:00+05:30', "
+      "'2024-01-01 10:00:00.123456', '2024-01-01 10:00:00+00', '1 day 02:00:00', '\\x00ff', "
+      "'{\"a\": [1, 2.50], \"b\": null}', '{1,2,NULL}', '{\"a b\",\"NULL\",\"\",NULL,\"x\\\"y\"}', "
+      "'{{t,f},{t,NULL}}', '{\"2024-01-01 10:00:00+00\",\"2024-06-01 10:00:00+05:30\"}', "
+      "'{1.50,NaN}', '10.0.0.1/8', '{1e-30,0.1,1e+20,-2.5}', NULL",
+      "2, -32768, -2147483648, -9223372036854775808, 123456789012345678901234567890.000001, "
+      "-0.00, 'NaN', '-Infinity', false, '', '', '', '00000000-0000-0000-0000-000000000000', "
+      "'infinity', '00:00', '23:59:59.999999-12', '-infinity', '1900-01-01 00:00:00+05:53:28', "
+      "'-1 year', '\\x', '[]', '{}', '{}', '{}', '{}', '{}', '::1', '{}', NULL",
+      "3, 0, 0, 0, 'NaN', 0, 1e-30, 1e-300, NULL, 'line\nbreak\ttab', NULL, NULL, NULL, "
+      "'0044-03-15 BC', NULL, NULL, '0044-03-15 10:00 BC', '0044-03-15 10:00 BC', NULL, NULL, "
+      "'\"just a string\"', '{{1,2},{3,4}}', '{\"{braces}\",\"a,b\"}', NULL, NULL, "
+      "'{-0.00,1e-30}', NULL, '{Infinity,NaN,123456789012345}', NULL"};
+  for (size_t r = 0; r < sizeof rows / sizeof rows[0]; r++) {
+    char sql[2048];
+    snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (%s)", f.table, rows[r]);
+    kt_pg_exec(sql);
+  }
+  uint64_t start = uv_now(&f.loop);
+  while (seen.count < 3 && uv_now(&f.loop) - start < 10000) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(seen.count, 3);
+  keel_listener_stats st;
+  keel_listener_get_stats(f.l, &st);
+  cr_assert_eq(st.malformed, 0, "no change dropped because of a value");
+  for (int r = 0; r < seen.count; r++) {
+    for (int i = 0; i < TYPE_COLUMNS; i++) {
+      char sql[256];
+      /* the type's text output (what SELECT col returns in text format);
+       * booleans as true / false (col::text) */
+      snprintf(sql, sizeof sql, "SELECT %s%s FROM %s WHERE id = %d", type_columns[i],
+               strcmp(type_columns[i], "b") == 0 ? "::text" : "", f.table, seen.ids[r]);
+      char *expected = kt_pg_scalar(sql);
+      const char *got = seen.values[r][i];
+      if (expected == NULL)
+        cr_expect_null(got, "row %d column %s: got %s, expected NULL", seen.ids[r], type_columns[i],
+                       got);
+      else
+        cr_expect(got != NULL && strcmp(got, expected) == 0,
+                  "row %d column %s: got [%s], expected [%s]", seen.ids[r], type_columns[i],
+                  got ? got : "(null)", expected);
+      free(expected);
+      free(seen.values[r][i]);
+    }
+  }
+  teardown(&f);
+}

@@ -107,6 +107,41 @@ Test(payload, parses_keel_format) {
   keel__change_free(&c);
 }
 
+/* Issue 12 #1: values keep the text they were sent with; nothing goes
+ * through a double, and no value makes a change malformed. */
+Test(payload, values_are_exact) {
+  const char *json =
+      "{\"op\":\"INSERT\",\"schema\":\"public\",\"table\":\"t\",\"ts_us\":1,\"pk\":{\"id\":"
+      "123456789012345678901234567890},\"new\":{\"a\": 0.1, \"b\": 19.90, \"c\": "
+      "123456789012345678901234567890, \"d\": -0, \"e\": 1e-30, \"f\": \"NaN\", \"g\": "
+      "9007199254740993, \"h\": \"caf\\u00e9 \\ud83d\\ude00 \\\"q\\\" \\\\ \\/\", \"i\": {\"k\": "
+      "[1, "
+      "2.50, {\"x\": \"\\u0041\"}]}, \"j\": [], \"k\": {}, \"l\": false, \"m\": null, \"n\": "
+      "\"\", \"o\": -1.5E+300}}";
+  keel_change c;
+  char why[128];
+  cr_assert_eq(keel__change_parse(&c, json, why, sizeof why), 0, "%s", why);
+  cr_assert_str_eq(keel_change_key(&c, "id"), "123456789012345678901234567890");
+  cr_assert_str_eq(keel_change_new(&c, "a"), "0.1");
+  cr_assert_str_eq(keel_change_new(&c, "b"), "19.90");
+  cr_assert_str_eq(keel_change_new(&c, "c"), "123456789012345678901234567890");
+  cr_assert_str_eq(keel_change_new(&c, "d"), "-0");
+  cr_assert_str_eq(keel_change_new(&c, "e"), "1e-30");
+  cr_assert_str_eq(keel_change_new(&c, "f"), "NaN");
+  cr_assert_str_eq(keel_change_new(&c, "g"), "9007199254740993");
+  cr_assert_str_eq(keel_change_new(&c, "h"), "caf\xc3\xa9 \xf0\x9f\x98\x80 \"q\" \\ /");
+  cr_assert_str_eq(keel_change_new(&c, "i"), "{\"k\": [1, 2.50, {\"x\": \"\\u0041\"}]}",
+                   "nested JSON as sent");
+  cr_assert_str_eq(keel_change_new(&c, "j"), "[]");
+  cr_assert_str_eq(keel_change_new(&c, "k"), "{}");
+  cr_assert_str_eq(keel_change_new(&c, "l"), "false");
+  cr_assert_null(keel_change_new(&c, "m"));
+  cr_assert_str_eq(keel_change_new(&c, "n"), "");
+  cr_assert_str_eq(keel_change_new(&c, "o"), "-1.5E+300");
+  cr_assert_str_eq(keel_change_json(&c), json, "the raw payload is untouched");
+  keel__change_free(&c);
+}
+
 Test(payload, malformed_payloads_are_reported) {
   const char *bad[] = {
       "", "not json", "[]", "{}",
@@ -116,6 +151,15 @@ Test(payload, malformed_payloads_are_reported) {
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":5}",
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"key_only\":true}",
       "{\"op\":1,\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1.5}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":{\"a\":01}}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":{\"a\":\"\\u0000\"}"
+      "}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":{\"a\":\"\\ud800\"}"
+      "}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":{\"a\":[1,}}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1} x",
+      "{\"op\":\"INSERT\",\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}",
       /* issue 12 #9: forged times (any database user can NOTIFY) */
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":-9223372036854775808}",
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":-1}",
