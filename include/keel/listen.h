@@ -59,6 +59,15 @@ typedef enum keel_change_op {
 /* The channel keel's trigger notifies on unless told otherwise. */
 #define KEEL_LISTEN_DEFAULT_CHANNEL "keel_changes"
 
+/* How an UPDATE crossed the subscription's filter (keel_change_filter_transition). */
+typedef enum keel_change_transition {
+  KEEL_CHANGE_INSIDE = 0, /* matches after the change (and before, for an UPDATE); also every
+                             INSERT and DELETE delivered, and every change without a filter */
+  KEEL_CHANGE_ENTER = 1,  /* UPDATE: the old row did not match, the new row does */
+  KEEL_CHANGE_LEAVE = 2   /* UPDATE: the old row matched, the new row does not (or the old
+                             row is unknown, an oversize change, and the new does not match) */
+} keel_change_transition;
+
 /* ---- the change handed to handlers (valid during the call only) ------- */
 
 /* Accessors of the change a handler receives. The change and every string
@@ -96,6 +105,11 @@ KEEL_EXTERN const char *keel_change_key(const keel_change *c, const char *column
 KEEL_EXTERN const char *keel_change_json(const keel_change *c);
 /* true when the row was too large for NOTIFY and was fetched by key. */
 KEEL_EXTERN bool keel_change_was_fetched(const keel_change *c);
+/* How an UPDATE crossed the filter: a filtered mirror inserts/updates the
+ * row on KEEL_CHANGE_INSIDE and KEEL_CHANGE_ENTER, and removes it on
+ * KEEL_CHANGE_LEAVE (keel_change_new() then gives the row as it is now,
+ * outside the filter). */
+KEEL_EXTERN keel_change_transition keel_change_filter_transition(const keel_change *c);
 /* Wall-clock time of the change in the trigger (µs since the epoch). */
 KEEL_EXTERN int64_t keel_change_time_us(const keel_change *c);
 /* Receive latency: time of receipt minus the change's time, µs. */
@@ -236,6 +250,8 @@ typedef struct keel_listener_stats {
   uint64_t reconnects;   /* counter */
   uint64_t gaps;         /* counter: on_gap reports */
   uint64_t raw;          /* counter: raw channel notifications */
+  uint64_t entered;      /* counter: UPDATEs delivered as KEEL_CHANGE_ENTER */
+  uint64_t left;         /* counter: UPDATEs delivered as KEEL_CHANGE_LEAVE */
   double latency_p50_us; /* change time → handler */
   double latency_p99_us;
   double latency_max_us;
@@ -309,8 +325,9 @@ KEEL_EXTERN int keel_listener_install(keel_pg *conn, const char *table, const ch
  * the trigger so that unwanted changes are never sent: only the operations
  * in `events` (a keel_change_op mask) fire it, and a `filter` (PostgREST
  * syntax, NULL = none) becomes its WHEN condition: with a filter, one trigger
- * for INSERT/UPDATE tests the new row and one for DELETE tests the old row,
- * as the listener does. Column values are read as the listener sees them
+ * per operation: INSERT tests the new row, DELETE the old row, UPDATE
+ * either (so rows leaving or entering the filter are sent), as the listener
+ * does (keel_change_filter_transition). Column values are read as the listener sees them
  * (to_jsonb(NEW) ->> 'column'), values are quoted literals, text compares
  * bytewise, plain decimal numbers compare as numbers; a value the trigger
  * cannot judge exactly (e.g. a hex number) lets the row through, and the

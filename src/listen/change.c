@@ -974,6 +974,10 @@ int64_t keel_change_time_us(const keel_change *c) {
   return c == NULL ? 0 : c->time_us;
 }
 
+keel_change_transition keel_change_filter_transition(const keel_change *c) {
+  return c == NULL ? KEEL_CHANGE_INSIDE : c->transition;
+}
+
 int64_t keel_change_latency_us(const keel_change *c) {
   return c == NULL ? 0 : c->latency_us;
 }

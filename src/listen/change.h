@@ -99,7 +99,8 @@ struct keel_change {
   int64_t latency_us;
   bool key_only;
   bool fetched;
-  keel__row new_row; /* present false when absent or null */
+  keel_change_transition transition; /* set at delivery */
+  keel__row new_row;                 /* present false when absent or null */
   keel__row old_row;
   keel__row key;
   keel__field *fields; /* inline_fields, or allocated when more are needed */

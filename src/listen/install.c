@@ -129,10 +129,19 @@ static int create_trigger(char *buf, size_t cap, size_t *at, const char *quoted_
       !append(buf, cap, at, " FOR EACH ROW"))
     return UV_ENOBUFS;
   if (filter->count > 0) {
-    if (!append(buf, cap, at, " WHEN (")) return UV_ENOBUFS;
-    int n = keel__filter_to_sql(filter, row, buf + *at, cap - *at);
+    /* row NULL: an UPDATE, sent when the old or the new row matches, so that
+     * rows entering and leaving the filter are seen */
+    if (!append(buf, cap, at, row != NULL ? " WHEN (" : " WHEN ((")) return UV_ENOBUFS;
+    int n = keel__filter_to_sql(filter, row != NULL ? row : "NEW", buf + *at, cap - *at);
     if (n < 0) return n;
     *at += (size_t)n;
+    if (row == NULL) {
+      if (!append(buf, cap, at, ") OR (")) return UV_ENOBUFS;
+      n = keel__filter_to_sql(filter, "OLD", buf + *at, cap - *at);
+      if (n < 0) return n;
+      *at += (size_t)n;
+      if (!append(buf, cap, at, ")")) return UV_ENOBUFS;
+    }
     if (!append(buf, cap, at, ")")) return UV_ENOBUFS;
   }
   if (!append(buf, cap, at, " EXECUTE FUNCTION keel_notify_change(") ||
@@ -161,14 +170,17 @@ static int create_trigger(char *buf, size_t cap, size_t *at, const char *quoted_
  * Returns the number of statements. */
 static int trigger_sql(char *buf, size_t cap, const char *table, const char *key_columns,
                        const char *channel, unsigned events, const keel__filter *filter) {
-  char quoted_table[160], name[80], del[80], quoted_trigger[180], quoted_delete[180];
+  char quoted_table[160], name[80], del[80], upd[96], quoted_trigger[180], quoted_delete[180],
+      quoted_update[180];
   if (keel_pg_quote_ident(quoted_table, sizeof quoted_table, table, true) < 0) return UV_EINVAL;
   if (events == 0 || events > KEEL_CHANGE_ALL) return UV_EINVAL;
   if (keel_listener_validate_channel(channel, NULL, 0) != 0) return UV_EINVAL;
   const char *bare = strchr(table, '.') ? strchr(table, '.') + 1 : table;
   trigger_names(bare, name, del, sizeof name);
+  snprintf(upd, sizeof upd, "%s_upd", name);
   if (keel_pg_quote_ident(quoted_trigger, sizeof quoted_trigger, name, false) < 0 ||
-      keel_pg_quote_ident(quoted_delete, sizeof quoted_delete, del, false) < 0)
+      keel_pg_quote_ident(quoted_delete, sizeof quoted_delete, del, false) < 0 ||
+      keel_pg_quote_ident(quoted_update, sizeof quoted_update, upd, false) < 0)
     return UV_EINVAL;
   if (key_columns == NULL || key_columns[0] == '\0') return UV_EINVAL;
   size_t at = 0;
@@ -177,7 +189,10 @@ static int trigger_sql(char *buf, size_t cap, const char *table, const char *key
       !append(buf, cap, &at, " ON ") || !append(buf, cap, &at, quoted_table) ||
       !next_statement(buf, cap, &at, &count) || !append(buf, cap, &at, "DROP TRIGGER IF EXISTS ") ||
       !append(buf, cap, &at, quoted_delete) || !append(buf, cap, &at, " ON ") ||
-      !append(buf, cap, &at, quoted_table) || !next_statement(buf, cap, &at, &count))
+      !append(buf, cap, &at, quoted_table) || !next_statement(buf, cap, &at, &count) ||
+      !append(buf, cap, &at, "DROP TRIGGER IF EXISTS ") || !append(buf, cap, &at, quoted_update) ||
+      !append(buf, cap, &at, " ON ") || !append(buf, cap, &at, quoted_table) ||
+      !next_statement(buf, cap, &at, &count))
     return UV_ENOBUFS;
   if (filter->count == 0) {
     rc = create_trigger(buf, cap, &at, quoted_trigger, quoted_table, events, filter, "NEW", channel,
@@ -186,10 +201,15 @@ static int trigger_sql(char *buf, size_t cap, const char *table, const char *key
     if (!next_statement(buf, cap, &at, &count)) return UV_ENOBUFS;
     return count;
   }
-  unsigned row_events = events & (KEEL_CHANGE_INSERT | KEEL_CHANGE_UPDATE);
-  if (row_events != 0) {
-    rc = create_trigger(buf, cap, &at, quoted_trigger, quoted_table, row_events, filter, "NEW",
-                        channel, key_columns);
+  if (events & KEEL_CHANGE_INSERT) {
+    rc = create_trigger(buf, cap, &at, quoted_trigger, quoted_table, KEEL_CHANGE_INSERT, filter,
+                        "NEW", channel, key_columns);
+    if (rc != 0) return rc;
+    if (!next_statement(buf, cap, &at, &count)) return UV_ENOBUFS;
+  }
+  if (events & KEEL_CHANGE_UPDATE) {
+    rc = create_trigger(buf, cap, &at, quoted_update, quoted_table, KEEL_CHANGE_UPDATE, filter,
+                        NULL, channel, key_columns);
     if (rc != 0) return rc;
     if (!next_statement(buf, cap, &at, &count)) return UV_ENOBUFS;
   }
@@ -206,7 +226,7 @@ static int trigger_sql(char *buf, size_t cap, const char *table, const char *key
 static size_t trigger_sql_cap(const char *filter, const char *key_columns) {
   size_t f = filter != NULL ? strlen(filter) : 0;
   size_t k = key_columns != NULL ? strlen(key_columns) : 0;
-  return 2048 + 4 * k + 2 * (600 + 40 * f);
+  return 2560 + 6 * k + 4 * (600 + 40 * f);
 }
 
 int keel_listener_install_filtered_sql(char *buf, size_t cap, const char *table,

@@ -211,11 +211,22 @@ static int add_subscription(keel_listener *l, const char *table, unsigned events
 
 /* ---- delivery ------------------------------------------------------------ */
 
-static const char *row_lookup(void *row, const char *column, bool *present) {
-  keel_change *c = row;
-  const keel__row *r = c->op == KEEL_CHANGE_DELETE ? &c->old_row : &c->new_row;
-  if (!r->present) r = &c->key; /* key-only change whose row is gone */
-  return keel__change_column(c, r, column, present);
+/* A row the filter reads: one of the change's rows, or its key when the
+ * row is gone (a key-only change). */
+typedef struct lookup_row {
+  keel_change *c;
+  const keel__row *row;
+} lookup_row;
+
+static const char *row_lookup(void *data, const char *column, bool *present) {
+  lookup_row *r = data;
+  return keel__change_column(r->c, r->row, column, present);
+}
+
+static bool row_matches(const keel__filter *f, keel_change *c, const keel__row *row) {
+  if (f->count == 0) return true;
+  lookup_row r = {c, row->present ? row : &c->key};
+  return keel__filter_match(f, row_lookup, &r);
 }
 
 static void compact_handlers(keel_listener *l) {
@@ -232,7 +243,27 @@ static void compact_handlers(keel_listener *l) {
 
 static void deliver(keel_listener *l, keel_change *c, subscription *sub) {
   c->columns = sub->columns.count > 0 ? &sub->columns : NULL;
-  if (!keel__filter_match(&sub->filter, row_lookup, c)) {
+  c->transition = KEEL_CHANGE_INSIDE;
+  if (c->op == KEEL_CHANGE_UPDATE && sub->filter.count > 0) {
+    /* Both rows decide: a row that moves out of the filter is delivered as
+     * leaving it, one that moves in as entering. Without the old row (an
+     * oversize change) a new row outside the filter may have left it. */
+    bool in_new = row_matches(&sub->filter, c, &c->new_row);
+    /* unknown old row: inside when the new row matches, leaving when not */
+    bool in_old = c->old_row.present ? row_matches(&sub->filter, c, &c->old_row) : true;
+    if (!in_new && !in_old) {
+      l->stats.filtered++;
+      return;
+    }
+    if (in_new && !in_old) {
+      c->transition = KEEL_CHANGE_ENTER;
+      l->stats.entered++;
+    } else if (!in_new) {
+      c->transition = KEEL_CHANGE_LEAVE;
+      l->stats.left++;
+    }
+  } else if (!row_matches(&sub->filter, c,
+                          c->op == KEEL_CHANGE_DELETE ? &c->old_row : &c->new_row)) {
     l->stats.filtered++;
     return;
   }

@@ -242,7 +242,7 @@ static void hostile_filter_case(bool conforming) {
   char *absent = kt_pg_scalar(check);
   cr_assert_str_eq(absent, "t", "the filter's value ran as SQL");
   free(absent);
-  cr_assert_eq(trigger_count(f.table), 2);
+  cr_assert_eq(trigger_count(f.table), 3);
 
   /* The same through keel's installer on a session with the setting. */
   char conninfo[512];
@@ -263,7 +263,7 @@ static void hostile_filter_case(bool conforming) {
            "SELECT count(*) FROM pg_trigger WHERE tgrelid = '%s'::regclass AND "
            "pg_get_triggerdef(oid) LIKE '%%%s%%'",
            f.table, f.channel);
-  cr_assert_eq(scalar_int(check), 2, "both triggers notify on our channel");
+  cr_assert_eq(scalar_int(check), 3, "every trigger notifies on our channel");
 
   /* The trigger lets exactly the hostile value through, as the listener's
    * filter does. */
@@ -465,4 +465,82 @@ Test(listen_exact, every_common_type_arrives_as_postgresql_prints_it) {
     }
   }
   teardown(&f);
+}
+
+/* ---- item 6: rows entering and leaving a filter ---------------------------- */
+
+typedef struct moves {
+  int count;
+  keel_change_op ops[16];
+  keel_change_transition how[16];
+  char names[16][32];
+} moves;
+
+static void move_handler(keel_listener *l, const keel_change *c, void *data) {
+  (void)l;
+  moves *m = data;
+  if (m->count >= 16) return;
+  m->ops[m->count] = keel_change_operation(c);
+  m->how[m->count] = keel_change_filter_transition(c);
+  const char *name = keel_change_new(c, "name");
+  if (name == NULL) name = keel_change_old(c, "name");
+  snprintf(m->names[m->count], 32, "%s", name ? name : "(null)");
+  m->count++;
+}
+
+static void leave_enter_case(bool pushed) {
+  fixture f;
+  setup(&f, "id int PRIMARY KEY, team_id int, name text");
+  const char *filter = "team_id=eq.1";
+  if (pushed) {
+    char sql[16384];
+    cr_assert_gt(keel_listener_install_filtered_sql(sql, sizeof sql, f.table, "id", f.channel,
+                                                    KEEL_CHANGE_ALL, filter),
+                 0);
+    kt_pg_exec(sql);
+  } else {
+    install_plain(&f);
+  }
+  new_listener(&f, filter);
+  moves m = {0};
+  keel_listener_on(f.l, "h", move_handler, &m);
+  keel_listener_start(f.l);
+  cr_assert(run_until_active(&f, 10000));
+  exec_fmt("INSERT INTO %s VALUES (1, 1, 'a'), (2, 2, 'b')", f.table);
+  exec_fmt("UPDATE %s SET name = 'a2' WHERE id = 1", f.table); /* stays in */
+  exec_fmt("UPDATE %s SET team_id = 2 WHERE id = 1", f.table); /* leaves */
+  exec_fmt("UPDATE %s SET name = 'a3' WHERE id = 1", f.table); /* stays out */
+  exec_fmt("UPDATE %s SET team_id = 1 WHERE id = 2", f.table); /* enters */
+  exec_fmt("DELETE FROM %s WHERE id = 2", f.table);            /* deleted inside */
+  exec_fmt("INSERT INTO %s VALUES (9, 1, 'last')", f.table);
+  uint64_t start = uv_now(&f.loop);
+  while (m.count < 6 && uv_now(&f.loop) - start < 10000) uv_run(&f.loop, UV_RUN_ONCE);
+  uv_sleep(100);
+  for (int i = 0; i < 5; i++) uv_run(&f.loop, UV_RUN_NOWAIT);
+  cr_assert_eq(m.count, 6);
+  cr_assert(m.ops[0] == KEEL_CHANGE_INSERT && m.how[0] == KEEL_CHANGE_INSIDE);
+  cr_assert_str_eq(m.names[0], "a");
+  cr_assert(m.ops[1] == KEEL_CHANGE_UPDATE && m.how[1] == KEEL_CHANGE_INSIDE);
+  cr_assert_str_eq(m.names[1], "a2");
+  cr_assert(m.ops[2] == KEEL_CHANGE_UPDATE && m.how[2] == KEEL_CHANGE_LEAVE, "leaves");
+  cr_assert_str_eq(m.names[2], "a2");
+  cr_assert(m.ops[3] == KEEL_CHANGE_UPDATE && m.how[3] == KEEL_CHANGE_ENTER, "enters");
+  cr_assert_str_eq(m.names[3], "b");
+  cr_assert(m.ops[4] == KEEL_CHANGE_DELETE && m.how[4] == KEEL_CHANGE_INSIDE);
+  cr_assert(m.ops[5] == KEEL_CHANGE_INSERT);
+  cr_assert_str_eq(m.names[5], "last");
+  keel_listener_stats s;
+  keel_listener_get_stats(f.l, &s);
+  cr_assert_eq(s.left, 1);
+  cr_assert_eq(s.entered, 1);
+  if (pushed) cr_assert_eq(s.received, 6, "the trigger sent only what crosses or stays inside");
+  teardown(&f);
+}
+
+Test(listen_exact, updates_leaving_and_entering_the_filter_in_the_listener) {
+  leave_enter_case(false);
+}
+
+Test(listen_exact, updates_leaving_and_entering_the_filter_pushed_into_the_trigger) {
+  leave_enter_case(true);
 }
