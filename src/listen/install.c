@@ -330,8 +330,43 @@ static int prepare_statements(install_job *job, const char *key_columns) {
                           &parsed);
   keel__filter_free(&parsed);
   if (count < 0) return count;
+  /* One DO block, so that the drops and creates take effect together: a
+   * CREATE that fails (a column the table lacks, a literal its type cannot
+   * read) leaves the table's old triggers in place. Its dollar-quote tag
+   * is one that occurs nowhere in the statements. */
+  size_t total = 0;
+  const char *stmt = job->statements;
+  for (int i = 0; i < count; i++) {
+    total += strlen(stmt) + 2;
+    stmt += strlen(stmt) + 1;
+  }
+  char tag[32];
+  unsigned n = 0;
+  for (;;) {
+    snprintf(tag, sizeof tag, "$keel_install_%u$", n++);
+    bool used = false;
+    stmt = job->statements;
+    for (int i = 0; i < count && !used; i++) {
+      used = strstr(stmt, tag) != NULL;
+      stmt += strlen(stmt) + 1;
+    }
+    if (!used) break;
+  }
+  size_t block_cap = total + 2 * strlen(tag) + 64;
+  char *block = keel__malloc(block_cap + 1);
+  if (block == NULL) return UV_ENOMEM;
+  size_t at = (size_t)snprintf(block, block_cap, "DO %s BEGIN\n", tag);
+  stmt = job->statements;
+  for (int i = 0; i < count; i++) {
+    at += (size_t)snprintf(block + at, block_cap - at, "%s;\n", stmt);
+    stmt += strlen(stmt) + 1;
+  }
+  at += (size_t)snprintf(block + at, block_cap - at, "END %s", tag);
+  block[at + 1] = '\0'; /* a second NUL: the list of statements ends */
+  keel__free(job->statements);
+  job->statements = block;
   job->next = job->statements;
-  job->remaining = count;
+  job->remaining = 1;
   return 0;
 }
 

@@ -644,13 +644,37 @@ static void on_literals_checked(keel_pg *conn, int status, const keel_pg_result 
     keel__free(ctx);
     return;
   }
-  if (status == KEEL_EPG)
+  if (status == KEEL_EPG) {
     refuse(l, "filter on %s: a value does not fit its column: %s", ctx->sub->quoted,
            keel_pg_last_error(conn));
-  else if (status != 0)
+  } else if (status != 0) {
     check_failed(l, conn, status, ctx->sub->quoted);
-  else
+  } else {
+    /* each literal's canonical text, in the order they were sent: the
+     * evaluator compares column values with these, typed */
+    keel__filter *f = &ctx->sub->filter;
+    int column = 0, ncols = keel_pg_result_ncols(res);
+    for (size_t i = 0; i < f->count; i++) {
+      keel__filter_term *t = &f->terms[i];
+      if (t->value_count == 0) continue;
+      const char *small[16];
+      const char **canon =
+          t->value_count <= 16 ? small : keel__calloc(t->value_count, sizeof *canon);
+      int rc = canon != NULL ? 0 : UV_ENOMEM;
+      for (size_t v = 0; rc == 0 && v < t->value_count; v++, column++)
+        canon[v] = column < ncols ? keel_pg_result_value(res, 0, column) : NULL;
+      const keel__column *col = keel__columns_find(&ctx->sub->columns, t->column);
+      if (rc == 0)
+        rc = keel__filter_set_typed(t, keel__filter_cmp_of(col != NULL ? col->type_oid : 0), canon);
+      if (canon != small) keel__free(canon);
+      if (rc != 0) {
+        check_failed(l, conn, rc, ctx->sub->quoted);
+        keel__free(ctx);
+        return;
+      }
+    }
     check_passed(l);
+  }
   keel__free(ctx);
 }
 
@@ -733,9 +757,27 @@ static void on_columns(keel_pg *conn, int status, const keel_pg_result *res, voi
       keel__free(ctx);
       return;
     }
-    if ((t->op == KEEL__F_IS_TRUE || t->op == KEEL__F_IS_FALSE) && strcmp(type, "boolean") != 0) {
-      refuse(l, "filter on %s: is.true / is.false need a boolean column, \"%s\" is not", s->quoted,
-             t->column);
+    if ((t->op == KEEL__F_IS_TRUE || t->op == KEEL__F_IS_FALSE || t->op == KEEL__F_IS_UNKNOWN) &&
+        strcmp(type, "boolean") != 0) {
+      refuse(l,
+             "filter on %s: is.true / is.false / is.unknown need a boolean column, \"%s\" is not",
+             s->quoted, t->column);
+      keel__free(ctx);
+      return;
+    }
+    const keel__column *col = keel__columns_find(&s->columns, t->column);
+    keel__cmp cmp = keel__filter_cmp_of(col != NULL ? col->type_oid : 0);
+    if (!keel__filter_op_supported(t->op, cmp)) {
+      refuse(l,
+             "filter on %s: lt/lte/gt/gte are not supported on column \"%s\" (keel knows no "
+             "order for its type)",
+             s->quoted, t->column);
+      keel__free(ctx);
+      return;
+    }
+    /* typed once the literals' canonical texts are in */
+    if (t->value_count == 0 && keel__filter_set_typed(t, cmp, NULL) != 0) {
+      check_failed(l, conn, UV_ENOMEM, s->quoted);
       keel__free(ctx);
       return;
     }

@@ -544,3 +544,97 @@ Test(listen_exact, updates_leaving_and_entering_the_filter_in_the_listener) {
 Test(listen_exact, updates_leaving_and_entering_the_filter_pushed_into_the_trigger) {
   leave_enter_case(true);
 }
+
+/* ---- item 2: typed filters in a running listener ---------------------------- */
+
+static int typed_case(const char *filter, const char *values_sql) {
+  fixture f;
+  setup(&f, "id serial PRIMARY KEY, name text, big bigint, u uuid, n int, amount numeric");
+  install_plain(&f);
+  new_listener(&f, filter);
+  keel_listener_start(f.l);
+  cr_assert(run_until_active(&f, 10000), "%s: %s", filter, keel_listener_last_error(f.l));
+  char sql[512];
+  snprintf(sql, sizeof sql, "INSERT INTO %s (name, big, u, n, amount) VALUES %s", f.table,
+           values_sql);
+  kt_pg_exec(sql);
+  exec_fmt("INSERT INTO %s (name) VALUES ('0')", f.table); /* matches none of the filters */
+  /* the marker row passes only filters on other columns; wait for the
+   * listener to have read everything by waiting on received */
+  keel_listener_stats s;
+  uint64_t start = uv_now(&f.loop);
+  int expected_received = 0;
+  for (const char *p = values_sql; *p; p++) expected_received += *p == '(';
+  do {
+    uv_run(&f.loop, UV_RUN_NOWAIT);
+    keel_listener_get_stats(f.l, &s);
+  } while (s.received < (uint64_t)expected_received + 1 && uv_now(&f.loop) - start < 10000);
+  int delivered = f.delivered;
+  teardown(&f);
+  return delivered;
+}
+
+Test(listen_exact, filters_compare_the_way_postgresql_does) {
+  /* text '10' is not greater than '9' (bytes), '1' is not '1.0' */
+  cr_assert_eq(typed_case("name=gt.9", "('10', 0, NULL, 0, 0)"), 0);
+  cr_assert_eq(typed_case("name=eq.1.0", "('1', 0, NULL, 0, 0)"), 0);
+  /* bigint beyond 2^53 */
+  cr_assert_eq(typed_case("big=eq.9007199254740993", "('a', 9007199254740992, NULL, 0, 0)"), 0);
+  cr_assert_eq(typed_case("big=eq.9007199254740993", "('a', 9007199254740993, NULL, 0, 0)"), 1);
+  /* uuid in any case */
+  cr_assert_eq(typed_case("u=eq.A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11",
+                          "('a', 0, 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', 0, 0)"),
+               1);
+  /* blanks around integers in a list */
+  cr_assert_eq(typed_case("n=in.( 1, 2, 3 )", "('a', 0, NULL, 3, 0)"), 1);
+  /* exact decimals: 0.1 + 0.2 is 0.3, 19.90 = 19.9 */
+  cr_assert_eq(typed_case("amount=eq.19.9", "('a', 0, NULL, 0, 19.90)"), 1);
+  cr_assert_eq(typed_case("amount=gt.0.30000000000000001", "('a', 0, NULL, 0, 0.1 + 0.2)"), 0);
+}
+
+typedef struct install_result {
+  bool done;
+  int status;
+} install_result;
+
+static void installed_status(keel_pg *conn, int status, void *data) {
+  (void)conn;
+  install_result *r = data;
+  r->done = true;
+  r->status = status;
+}
+
+/* A filtered install the table cannot answer fails as a whole: the table's
+ * triggers stay as they were. */
+Test(listen_exact, a_failed_filtered_install_changes_nothing) {
+  fixture f;
+  setup(&f, "id serial PRIMARY KEY, n int, name text");
+  keel_pg_opts po;
+  keel_pg_opts_init(&po);
+  po.conninfo = kt_pg_conninfo();
+  keel_pg *conn;
+  cr_assert_eq(keel_pg_new(&f.loop, &po, &conn), 0);
+  install_result r = {0};
+  cr_assert_eq(keel_listener_install(conn, f.table, NULL, f.channel, installed_status, &r), 0);
+  while (!r.done) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(r.status, 0, "%s", keel_pg_last_error(conn));
+  cr_assert_eq(trigger_count(f.table), 1);
+  const char *bad[] = {"nope=eq.1", "n=eq.abc", "name=is.true", "n=in.(1,x)"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    r.done = false;
+    cr_assert_eq(keel_listener_install_filtered(conn, f.table, NULL, f.channel, KEEL_CHANGE_ALL,
+                                                bad[i], installed_status, &r),
+                 0);
+    while (!r.done) uv_run(&f.loop, UV_RUN_ONCE);
+    cr_assert_eq(r.status, KEEL_EPG, "%s", bad[i]);
+    cr_assert_eq(trigger_count(f.table), 1, "%s: the old trigger stays", bad[i]);
+  }
+  keel_pg_close(conn, NULL, NULL);
+  new_listener(&f, NULL);
+  keel_listener_start(f.l);
+  cr_assert(run_until_active(&f, 10000));
+  exec_fmt("INSERT INTO %s (n, name) VALUES (1, 'still sent')", f.table);
+  run_until_delivered(&f, 1);
+  cr_assert_str_eq(f.names[0], "still sent");
+  teardown(&f);
+}

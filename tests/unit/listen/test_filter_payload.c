@@ -69,7 +69,7 @@ Test(filter, quoted_empty_values_are_values) {
 
 Test(filter, malformed_filters_are_rejected) {
   const char *bad[] = {"team_id",        "team_id=123",   "team_id=like.1", "=eq.1",
-                       "a=eq.1&",        "a=in.(1,2",     "a=in.()",        "a=is.maybe",
+                       "a=eq.1&",        "a=in.(1,2",     "a=not.in",       "a=is.maybe",
                        "a=in.(\"x)",     "a=in.(1,)",     "a=eq.1&&b=eq.2", "a=.1",
                        "a=verylongop.1", "a=in.(\"x\"y)", "a=in.(a,,b)",    "a=in.(,a)",
                        "a=in.(a,b,)",    "a=in.(,)"};
@@ -176,26 +176,28 @@ Test(payload, malformed_payloads_are_reported) {
 
 Test(filter, translates_into_a_when_condition) {
   keel__filter f;
-  char why[128], sql[4096];
+  char why[128], sql[8192];
   cr_assert_eq(keel__filter_parse(&f, "na'me=eq.it's&flag=is.true&gone=is.null", why, sizeof why),
                0);
   int n = keel__filter_to_sql(&f, "NEW", sql, sizeof sql);
   cr_assert_gt(n, 0);
   cr_assert_eq((size_t)n, strlen(sql));
   cr_assert_str_eq(sql,
-                   "((to_jsonb(NEW) ->> E'na''me') COLLATE \"C\" = E'it''s') AND "
-                   "((to_jsonb(NEW) ->> E'flag') = 'true') AND "
-                   "((to_jsonb(NEW) ->> E'gone') IS NULL)");
+                   "((NEW.\"na'me\" = E'it''s')) AND ((NEW.\"flag\" IS TRUE)) AND "
+                   "((NEW.\"gone\" IS NULL))");
   cr_assert_eq(keel__filter_to_sql(&f, "NEW", sql, 20), UV_ENOBUFS);
   keel__filter_free(&f);
 
-  cr_assert_eq(keel__filter_parse(&f, "team_id=gt.12&s=in.(a,\"b)\",0x1A)", why, sizeof why), 0);
+  cr_assert_eq(
+      keel__filter_parse(&f, "team_id=gt.12&s=in.(a,\"b)\")&qx=not.eq.1&e=in.()", why, sizeof why),
+      0);
   n = keel__filter_to_sql(&f, "OLD", sql, sizeof sql);
   cr_assert_gt(n, 0);
-  cr_assert(strstr(sql, "::float8 > E'12'::float8") != NULL, "%s", sql);
-  cr_assert(strstr(sql, "(to_jsonb(OLD) ->> E's') COLLATE \"C\" = E'b)'") != NULL, "%s", sql);
-  cr_assert(strstr(sql, "((to_jsonb(OLD) ->> E's') IS NOT NULL)") != NULL,
-            "a hex number is left to the listener: %s", sql);
+  cr_assert(strstr(sql, "ELSE OLD.\"team_id\" > E'12' END") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "OLD.\"team_id\"::text COLLATE \"C\" > E'12'") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "OLD.\"s\" IN (E'a', E'b)')") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "(NOT (OLD.\"qx\" = E'1'))") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "((FALSE))") != NULL, "in.() matches nothing: %s", sql);
   keel__filter_free(&f);
 
   /* issue 12 #8: a backslash cannot end the literal early when the server
@@ -203,12 +205,31 @@ Test(filter, translates_into_a_when_condition) {
   cr_assert_eq(keel__filter_parse(&f, "n=eq.a\\');DROP TABLE x;--", why, sizeof why), 0);
   n = keel__filter_to_sql(&f, "NEW", sql, sizeof sql);
   cr_assert_gt(n, 0);
-  cr_assert(strstr(sql, "= E'a\\\\'');DROP TABLE x;--')") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "= E'a\\\\'');DROP TABLE x;--'") != NULL, "%s", sql);
   keel__filter_free(&f);
 
   cr_assert_eq(keel__filter_parse(&f, NULL, why, sizeof why), 0);
   cr_assert_eq(keel__filter_to_sql(&f, "NEW", sql, sizeof sql), 0);
   cr_assert_str_eq(sql, "");
+}
+
+/* PostgREST forms: not., is.not_null, is.unknown, isdistinct, in.(),
+ * case-insensitive is. values. */
+Test(filter, postgrest_forms) {
+  row r = {{"a", "n", "b", NULL}, {"5", NULL, "true", NULL}};
+  cr_assert(matches("a=not.eq.4", &r));
+  cr_assert(!matches("a=not.eq.5", &r));
+  cr_assert(!matches("n=not.eq.5", &r), "NOT (NULL = 5) is not true");
+  cr_assert(matches("n=not.is.not_null", &r));
+  cr_assert(matches("a=is.not_null", &r));
+  cr_assert(matches("n=is.NULL", &r));
+  cr_assert(matches("b=is.TRUE", &r));
+  cr_assert(matches("n=is.unknown", &r));
+  cr_assert(matches("n=isdistinct.5", &r), "NULL is distinct from 5");
+  cr_assert(!matches("a=isdistinct.5", &r));
+  cr_assert(!matches("a=in.()", &r));
+  cr_assert(!matches("n=in.()", &r));
+  cr_assert(matches("a=not.in.()", &r));
 }
 
 /* Allocation failure is an input: fail the i-th allocation for every i of
