@@ -327,11 +327,13 @@ KEEL_EXTERN int keel_listener_install(keel_pg *conn, const char *table, const ch
  * syntax, NULL = none) becomes its WHEN condition: with a filter, one trigger
  * per operation: INSERT tests the new row, DELETE the old row, UPDATE
  * either (so rows leaving or entering the filter are sent), as the listener
- * does (keel_change_filter_transition). Column values are read as the listener sees them
- * (to_jsonb(NEW) ->> 'column'), values are quoted literals, text compares
- * bytewise, plain decimal numbers compare as numbers; a value the trigger
- * cannot judge exactly (e.g. a hex number) lets the row through, and the
- * listener's own filter still decides. The filter applies to everything the
+ * does (keel_change_filter_transition). The condition compares the row's
+ * columns (NEW."col") with escape-string literals PostgreSQL reads as each
+ * column's type, so the server's semantics decide, and text-like columns
+ * order bytewise (COLLATE "C") like the listener's typed evaluator. A
+ * column the table lacks or a literal its type cannot read makes the
+ * install fail (keel_listener_install_filtered runs it as one DO block:
+ * the table keeps its old triggers). The filter applies to everything the
  * table sends on that channel: installing again replaces the table's
  * triggers (one set per table).
  * Returns the length, UV_EINVAL (bad identifiers or channel, events
