@@ -237,6 +237,21 @@ KEEL_EXTERN int keel_listener_start(keel_listener *l);
  */
 KEEL_EXTERN int keel_listener_stop(keel_listener *l);
 
+/*
+ * The window of the last gap reported (call it from on_gap): every change
+ * whose transaction committed after *from_us and before *to_us (server
+ * clock, µs since the epoch) may have been missed; changes committed after
+ * *to_us are delivered, after the gap event. *from_us is the last moment
+ * the listener knew it was caught up (the server's time at the last
+ * answered heartbeat, or when the previous session's LISTENs were in
+ * place), not the moment it noticed the loss. A change's keel_change_time_us()
+ * is taken inside its transaction, so it is at or before its commit: resync
+ * rows changed at or after *from_us minus your longest write transaction.
+ * Returns 0; KEEL_ENOTFOUND before the first gap; UV_EINVAL for NULL l
+ * (out-params untouched on failure; either may be NULL). Loop thread only.
+ */
+KEEL_EXTERN int keel_listener_gap_window(const keel_listener *l, int64_t *from_us, int64_t *to_us);
+
 /* true while connected with every LISTEN in place (the seed's isActive());
  * false for NULL. Loop thread only. */
 KEEL_EXTERN bool keel_listener_is_active(const keel_listener *l);

@@ -47,6 +47,7 @@ typedef struct queued_change {
   keel_change change;
   subscription *sub;
   struct fetch_ctx *fetch; /* the row fetch in flight for it, or NULL */
+  long raw_index;          /* >= 0: a raw channel's notification held back */
   bool ready;
   char payload[];
 } queued_change;
@@ -74,6 +75,13 @@ struct keel_listener {
   uint64_t listen_last_delay;
   keel_rng rng;
   uv_timer_t *retry_timer; /* retries a failed LISTEN */
+  uv_timer_t *beat_timer;  /* asks the server's time while active */
+  bool beat_in_flight;
+  bool holding;                   /* a session is starting: deliver nothing before its gap event */
+  int64_t caught_up_us;           /* server time at which every earlier commit had reached us */
+  int64_t pending_from_us;        /* the caught-up time when the connection was lost */
+  int64_t gap_from_us, gap_to_us; /* the window of the last gap reported */
+  bool gap_known;
   unsigned conns_open;
   unsigned handles_open; /* connections and the timer still closing */
   subscription **subs;   /* each allocated on its own: queued changes point to them */
@@ -293,13 +301,27 @@ static void queued_free(queued_change *q) {
 }
 
 static void drain_queue(keel_listener *l) {
-  while (l->queue_head != NULL && l->queue_head->ready && !l->closing) {
+  while (l->queue_head != NULL && l->queue_head->ready && !l->closing && !l->holding) {
     queued_change *q = l->queue_head;
     l->queue_head = q->next;
     if (l->queue_head == NULL) l->queue_tail = NULL;
-    deliver(l, &q->change, q->sub);
+    if (q->raw_index >= 0) {
+      raw_channel *r = &l->raws[q->raw_index];
+      l->stats.raw++;
+      r->cb(l, r->channel, q->payload, r->data);
+    } else {
+      deliver(l, &q->change, q->sub);
+    }
     queued_free(q);
   }
+}
+
+static void enqueue(keel_listener *l, queued_change *q) {
+  if (l->queue_tail != NULL)
+    l->queue_tail->next = q;
+  else
+    l->queue_head = q;
+  l->queue_tail = q;
 }
 
 static void on_row_fetched(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
@@ -318,6 +340,7 @@ static void on_row_fetched(keel_pg *conn, int status, const keel_pg_result *res,
 static void fetch_row(keel_listener *l, queued_change *q);
 static void on_listen_retry(uv_timer_t *timer);
 static void become_active(keel_listener *l);
+static void on_beat(uv_timer_t *timer);
 static void begin_session(keel_listener *l);
 static void listen_added(keel_listener *l, const char *channel);
 
@@ -329,14 +352,28 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
    * earlier. */
   if (l->closing || conn != l->conn) return;
   l->stats.received++;
+  size_t payload_len = strlen(payload);
   for (size_t i = 0; i < l->raw_count; i++) {
-    if (strcmp(l->raws[i].channel, channel) == 0) {
+    if (strcmp(l->raws[i].channel, channel) != 0) continue;
+    if (!l->holding && l->queue_head == NULL) {
       l->stats.raw++;
       l->raws[i].cb(l, channel, payload, l->raws[i].data);
       return;
     }
+    /* held back until the session's gap event (or behind a row fetch) */
+    queued_change *q = keel__calloc(1, sizeof *q + payload_len + 1);
+    if (q == NULL) {
+      keel__fail(l->last_error, UV_ENOMEM, "out of memory: a notification was dropped");
+      return;
+    }
+    memcpy(q->payload, payload, payload_len + 1);
+    q->ready = true;
+    q->raw_index = (long)i;
+    q->change.fields = q->change.inline_fields;
+    enqueue(l, q);
+    drain_queue(l);
+    return;
   }
-  size_t payload_len = strlen(payload);
   /* the payload as received, then a working copy the parser writes into */
   queued_change *q = keel__malloc(sizeof *q + 2 * (payload_len + 1));
   if (q == NULL) {
@@ -348,6 +385,7 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
   q->ready = true;
   q->sub = NULL;
   q->fetch = NULL;
+  q->raw_index = -1;
   char *work = q->payload + payload_len + 1;
   memcpy(work, payload, payload_len + 1);
   int rc = keel__change_parse_in(&q->change, q->payload, work, l->last_error, sizeof l->last_error);
@@ -369,11 +407,7 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
     queued_free(q);
     return;
   }
-  if (l->queue_tail != NULL)
-    l->queue_tail->next = q;
-  else
-    l->queue_head = q;
-  l->queue_tail = q;
+  enqueue(l, q);
   if (q->change.key_only && q->change.op != KEEL_CHANGE_DELETE) fetch_row(l, q);
   drain_queue(l);
 }
@@ -440,6 +474,7 @@ static void report_error(keel_listener *l, int err) {
 typedef struct listen_ctx {
   keel_listener *l;
   uint64_t round;
+  bool beat; /* a heartbeat's time query */
 } listen_ctx;
 
 static void listen_retry_later(keel_listener *l) {
@@ -473,17 +508,78 @@ static void on_listen_done(keel_pg *conn, int status, const keel_pg_result *res,
   become_active(l);
 }
 
-static void become_active(keel_listener *l) {
+/* Every LISTEN is in place and the server's time `now_us` was read after
+ * them: report the gap (its window ends at now_us), then deliver what was
+ * held back. */
+static void become_active_at(keel_listener *l, int64_t now_us) {
   l->active = true;
   l->ever_active = true;
   l->listen_attempt = 0;
   l->listen_last_delay = 0;
+  l->caught_up_us = now_us;
   if (l->down_since_ms != 0) {
     uint64_t gap = uv_now(l->loop) - l->down_since_ms;
     l->down_since_ms = 0;
+    l->gap_from_us = l->pending_from_us;
+    l->gap_to_us = now_us;
+    l->gap_known = true;
     l->stats.gaps++;
     if (l->opts.on_gap != NULL) l->opts.on_gap(l, gap, l->opts.data);
+    if (l->closing) return;
   }
+  l->holding = false;
+  uv_timer_start(l->beat_timer, on_beat, l->opts.heartbeat_ms > 0 ? l->opts.heartbeat_ms : 5000,
+                 l->opts.heartbeat_ms > 0 ? l->opts.heartbeat_ms : 5000);
+  drain_queue(l);
+}
+
+/* The server's clock, µs since the epoch. */
+static const char server_time_sql[] =
+    "SELECT (extract(epoch from clock_timestamp()) * 1000000)::int8";
+
+static void on_server_time(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  listen_ctx *ctx = data;
+  keel_listener *l = ctx->l;
+  uint64_t round = ctx->round;
+  bool beat = ctx->beat;
+  keel__free(ctx);
+  if (beat) l->beat_in_flight = false;
+  if (l->closing || conn != l->conn || round != l->listen_round) return;
+  const char *text = status == 0 ? keel_pg_result_value(res, 0, 0) : NULL;
+  int64_t now_us = text != NULL ? (int64_t)strtoll(text, NULL, 10) : 0;
+  if (beat) {
+    /* every notification committed before this moment has reached us */
+    if (now_us > l->caught_up_us) l->caught_up_us = now_us;
+    return;
+  }
+  if (status != 0 || now_us <= 0) {
+    if (!keel_pg_is_connected(conn)) return; /* the next connect starts over */
+    now_us = wall_us();                      /* the best this side knows */
+  }
+  become_active_at(l, now_us);
+}
+
+static int ask_server_time(keel_listener *l, bool beat) {
+  listen_ctx *ctx = keel__malloc(sizeof *ctx);
+  if (ctx == NULL) return UV_ENOMEM;
+  ctx->l = l;
+  ctx->round = l->listen_round;
+  ctx->beat = beat;
+  int rc = keel_pg_query(l->conn, server_time_sql, 0, NULL, on_server_time, ctx);
+  if (rc != 0) keel__free(ctx);
+  return rc;
+}
+
+static void on_beat(uv_timer_t *timer) {
+  keel_listener *l = timer->data;
+  if (l->closing || !l->active || l->beat_in_flight || l->conn == NULL) return;
+  if (ask_server_time(l, true) == 0) l->beat_in_flight = true;
+}
+
+static void become_active(keel_listener *l) {
+  /* the server's time after the LISTENs: where the new session's coverage
+   * begins (the gap window's end) */
+  if (ask_server_time(l, false) != 0) become_active_at(l, wall_us());
 }
 
 static int send_listen(keel_listener *l, const char *channel) {
@@ -494,6 +590,7 @@ static int send_listen(keel_listener *l, const char *channel) {
   if (ctx == NULL) return UV_ENOMEM;
   ctx->l = l;
   ctx->round = l->listen_round;
+  ctx->beat = false;
   int rc = keel_pg_query(l->conn, sql, 0, NULL, on_listen_done, ctx);
   if (rc != 0) {
     keel__free(ctx);
@@ -611,6 +708,7 @@ static void refuse(keel_listener *l, const char *fmt, const char *a, const char 
   l->listen_round++;
   l->checks_outstanding = 0;
   l->active = false;
+  l->holding = false; /* nothing waits for a session that will not start */
   keel__fail(l->last_error, UV_EINVAL, fmt, a, b);
   report_error(l, UV_EINVAL);
 }
@@ -814,6 +912,7 @@ static int check_subscription(keel_listener *l, subscription *s) {
  * catalog, then LISTEN. */
 static void begin_session(keel_listener *l) {
   l->listen_round++;
+  l->holding = true;
   l->checks_outstanding = 0;
   for (size_t i = 0; i < l->sub_count; i++) {
     int rc = check_subscription(l, l->subs[i]);
@@ -843,7 +942,13 @@ static void on_state(keel_pg *conn, bool up, int status, void *data) {
     return;
   }
   uv_timer_stop(l->retry_timer);
-  if (l->ever_active && l->down_since_ms == 0) l->down_since_ms = uv_now(l->loop);
+  uv_timer_stop(l->beat_timer);
+  if (l->ever_active && l->down_since_ms == 0) {
+    l->down_since_ms = uv_now(l->loop);
+    /* changes committed after the last moment we knew we were caught up
+     * may be lost */
+    l->pending_from_us = l->caught_up_us;
+  }
   l->active = false;
   l->listen_round++;
   keel__fail(l->last_error, status, "listener connection down: %s", keel_pg_last_error(conn));
@@ -878,8 +983,10 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
   keel_rng_seed(&l->rng, (uint64_t)(uintptr_t)l ^ uv_hrtime());
   l->conninfo = keel__strdup(opts->conninfo);
   l->retry_timer = keel__malloc(sizeof *l->retry_timer);
-  if (l->conninfo == NULL || l->retry_timer == NULL) {
+  l->beat_timer = keel__malloc(sizeof *l->beat_timer);
+  if (l->conninfo == NULL || l->retry_timer == NULL || l->beat_timer == NULL) {
     keel__free(l->retry_timer);
+    keel__free(l->beat_timer);
     keel__free(l->conninfo);
     keel__free(l);
     return keel__why(why, cap, UV_ENOMEM, "out of memory");
@@ -890,6 +997,7 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
     int rc = add_subscription(l, opts->table, opts->events, opts->filter, opts->channel, why, cap);
     if (rc != 0) {
       keel__free(l->retry_timer);
+      keel__free(l->beat_timer);
       keel__free(l->conninfo);
       keel__free(l);
       return rc;
@@ -897,7 +1005,9 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
   }
   uv_timer_init(loop, l->retry_timer);
   l->retry_timer->data = l;
-  l->handles_open = 1;
+  uv_timer_init(loop, l->beat_timer);
+  l->beat_timer->data = l;
+  l->handles_open = 2;
   *out = l;
   return 0;
 }
@@ -1061,7 +1171,10 @@ static void disconnect(keel_listener *l) {
   l->down_since_ms = 0;
   l->listen_round++;
   l->listens_outstanding = 0;
+  l->holding = false;
+  l->beat_in_flight = false;
   uv_timer_stop(l->retry_timer);
+  uv_timer_stop(l->beat_timer);
   keel_pg_close(conn, on_conn_closed, l);
   /* Changes waiting for a row fetch are dropped; their fetches forget them. */
   free_queue(l);
@@ -1087,6 +1200,14 @@ void keel_listener_get_stats(const keel_listener *l, keel_listener_stats *out) {
   out->active = l->active;
 }
 
+int keel_listener_gap_window(const keel_listener *l, int64_t *from_us, int64_t *to_us) {
+  if (l == NULL) return UV_EINVAL;
+  if (!l->gap_known) return KEEL_ENOTFOUND;
+  if (from_us != NULL) *from_us = l->gap_from_us;
+  if (to_us != NULL) *to_us = l->gap_to_us;
+  return 0;
+}
+
 const char *keel_listener_last_error(const keel_listener *l) {
   return l == NULL ? "listener is NULL" : l->last_error;
 }
@@ -1098,7 +1219,8 @@ void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
   l->close_data = data;
   if (l->started) disconnect(l);
   uv_timer_stop(l->retry_timer);
-  /* Frees the listener from the timer's close callback (a later iteration)
+  /* Frees the listener from the timers' close callbacks (a later iteration)
    * or when the last connection is closed, whichever comes last. */
   uv_close((uv_handle_t *)l->retry_timer, on_handle_closed);
+  uv_close((uv_handle_t *)l->beat_timer, on_handle_closed);
 }
