@@ -711,6 +711,7 @@ static void refuse(keel_listener *l, const char *fmt, const char *a, const char 
   l->holding = false; /* nothing waits for a session that will not start */
   keel__fail(l->last_error, UV_EINVAL, fmt, a, b);
   report_error(l, UV_EINVAL);
+  drain_queue(l); /* what the LISTENs already in place brought */
 }
 
 static bool check_current(keel_listener *l, keel_pg *conn, check_ctx *ctx) {

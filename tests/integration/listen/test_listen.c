@@ -30,6 +30,7 @@ typedef struct fixture {
   int raw;
   char raw_payload[64];
   bool installed;
+  char conninfo[512]; /* with application_name = the channel, to find its backend */
 } fixture;
 
 static void record(seen *s, const keel_change *c) {
@@ -93,7 +94,8 @@ static void setup(fixture *f, unsigned events, const char *filter) {
 
   keel_listener_opts o;
   keel_listener_opts_init(&o);
-  o.conninfo = kt_pg_conninfo();
+  snprintf(f->conninfo, sizeof f->conninfo, "%s application_name=%s", kt_pg_conninfo(), f->channel);
+  o.conninfo = f->conninfo;
   o.table = f->table;
   o.events = events;
   o.filter = filter;
@@ -264,7 +266,7 @@ Test(listen, handlers_changed_inside_a_handler) {
 static int backend_pid_of_listener(const char *channel) {
   char sql[256];
   snprintf(sql, sizeof sql,
-           "SELECT pid FROM pg_stat_activity WHERE query ILIKE 'LISTEN%%%s%%' LIMIT 1", channel);
+           "SELECT pid FROM pg_stat_activity WHERE application_name = '%s' LIMIT 1", channel);
   char *pid = kt_pg_scalar(sql);
   int value = pid ? atoi(pid) : 0;
   free(pid);
