@@ -103,7 +103,9 @@ KEEL_EXTERN bool keel_change_has_old(const keel_change *c);
 KEEL_EXTERN const char *keel_change_key(const keel_change *c, const char *column);
 /* The NOTIFY payload as received (JSON). */
 KEEL_EXTERN const char *keel_change_json(const keel_change *c);
-/* true when the row was too large for NOTIFY and was fetched by key. */
+/* true when the change was too large for NOTIFY and was read from keel's
+ * overflow table (as it was when it changed; both rows where the table
+ * gives them). */
 KEEL_EXTERN bool keel_change_was_fetched(const keel_change *c);
 /* How an UPDATE crossed the filter: a filtered mirror inserts/updates the
  * row on KEEL_CHANGE_INSIDE and KEEL_CHANGE_ENTER, and removes it on

@@ -343,6 +343,7 @@ static size_t max_values(const char *s) {
 }
 
 enum {
+  SEEN_OVERFLOW = 256,
   SEEN_OP = 1,
   SEEN_SCHEMA = 2,
   SEEN_TABLE = 4,
@@ -363,6 +364,7 @@ static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
   unsigned seen = 0;
   const char *op = NULL;
   char *ts_start = NULL;
+  char *overflow_start = NULL;
   size_t ts_len = 0;
   bool ts_integer = false;
   skip_ws(&r);
@@ -398,6 +400,7 @@ static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
                      : strcmp(name, "new") == 0      ? SEEN_NEW
                      : strcmp(name, "old") == 0      ? SEEN_OLD
                      : strcmp(name, "key_only") == 0 ? SEEN_KEY_ONLY
+                     : strcmp(name, "overflow") == 0 ? SEEN_OVERFLOW
                                                      : 0;
       if (bit & seen) {
         fail(&r, "a member appears twice");
@@ -439,6 +442,12 @@ static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
                        memchr(v.start, 'E', v.len) == NULL;
         } else if (bit == SEEN_KEY_ONLY) {
           c->key_only = v.kind == KEEL__JSON_TRUE;
+        } else if (bit == SEEN_OVERFLOW) {
+          if (v.kind != KEEL__JSON_NUMBER) {
+            fail(&r, "\"overflow\" is not an id");
+            goto done;
+          }
+          overflow_start = v.start;
         }
       }
       skip_ws(&r);
@@ -490,7 +499,23 @@ done:
     return proto(why, cap, "\"ts_us\" out of range");
   c->time_us = (int64_t)ts;
   if (c->key_only && !c->key.present) return proto(why, cap, "a key-only change without \"pk\"");
+  if (overflow_start != NULL) {
+    errno = 0;
+    long long id = strtoll(overflow_start, &end, 10);
+    if (errno == ERANGE || end == overflow_start || *end != '\0' || id <= 0)
+      return proto(why, cap, "\"overflow\" out of range");
+    c->overflow_id = (int64_t)id;
+  }
   return 0;
+}
+
+int keel__change_set_overflow(keel_change *c, char *payload, char *why, size_t cap) {
+  keel__change_free(c);
+  int rc = keel__change_parse(c, payload, why, cap);
+  c->fetched_row = payload; /* the raw text the change points to */
+  if (rc == 0 && c->overflow_id != 0) rc = proto(why, cap, "an overflow row points to another");
+  c->fetched = rc == 0;
+  return rc;
 }
 
 int keel__change_parse_in(keel_change *c, const char *payload, char *work, char *why, size_t cap) {

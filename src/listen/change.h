@@ -99,6 +99,7 @@ struct keel_change {
   int64_t latency_us;
   bool key_only;
   bool fetched;
+  int64_t overflow_id;               /* > 0: the change waits in keel_overflow under this id */
   keel_change_transition transition; /* set at delivery */
   keel__row new_row;                 /* present false when absent or null */
   keel__row old_row;
@@ -128,6 +129,11 @@ int keel__change_parse_in(keel_change *c, const char *payload, char *work, char 
  * failure). Returns 0, KEEL_EPROTO (not a JSON object; nothing changed) or
  * UV_ENOMEM. */
 int keel__change_set_fetched(keel_change *c, char *row);
+
+/* Replaces c by the full change read from the overflow table: `payload`
+ * (allocated, taken over by c, freed with it also on failure). Returns 0,
+ * KEEL_EPROTO or UV_ENOMEM; c stays valid (freeable) in every case. */
+int keel__change_set_overflow(keel_change *c, char *payload, char *why, size_t why_cap);
 
 void keel__change_free(keel_change *c);
 

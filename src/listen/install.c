@@ -21,6 +21,7 @@
   "  key jsonb := '{}';\n"                                                                        \
   "  ts bigint := (extract(epoch from clock_timestamp()) * 1000000)::bigint;\n"                   \
   "  payload text;\n"                                                                             \
+  "  overflow_id bigint;\n"                                                                       \
   "BEGIN\n"                                                                                       \
   "  IF TG_OP <> 'DELETE' THEN new_row := to_jsonb(NEW); END IF;\n"                               \
   "  IF TG_OP <> 'INSERT' THEN old_row := to_jsonb(OLD); END IF;\n"                               \
@@ -30,21 +31,35 @@
   "  payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"            \
   "    TG_TABLE_NAME, 'ts_us', ts, 'pk', key, 'new', new_row, 'old', old_row)::text;\n"           \
   "  IF octet_length(payload) > 7999 THEN\n"                                                      \
+  "    INSERT INTO public.keel_overflow (payload) VALUES (payload) RETURNING id INTO "            \
+  "overflow_id;\n"                                                                                \
   "    payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"          \
-  "      TG_TABLE_NAME, 'ts_us', ts, 'pk', key, 'key_only', true)::text;\n"                       \
+  "      TG_TABLE_NAME, 'ts_us', ts, 'overflow', overflow_id, 'pk', key)::text;\n"                \
+  "    IF octet_length(payload) > 7999 THEN\n"                                                    \
+  "      payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"        \
+  "        TG_TABLE_NAME, 'ts_us', ts, 'overflow', overflow_id)::text;\n"                         \
+  "    END IF;\n"                                                                                 \
   "  END IF;\n"                                                                                   \
   "  PERFORM pg_notify(TG_ARGV[0], payload);\n"                                                   \
   "  RETURN NULL;\n"                                                                              \
   "END\n"                                                                                         \
   "$keel$"
 
-static const char notify_function_sql[] = KEEL_NOTIFY_FUNCTION_SQL;
+/* Where a change too large for NOTIFY waits, read by primary key; the
+ * listener sweeps rows older than ten minutes. */
+#define KEEL_OVERFLOW_TABLE_SQL                                                 \
+  "CREATE TABLE IF NOT EXISTS public.keel_overflow (id bigserial PRIMARY KEY, " \
+  "created timestamptz NOT NULL DEFAULT now(), payload text NOT NULL)"
+
+static const char notify_function_sql[] = KEEL_OVERFLOW_TABLE_SQL ";\n" KEEL_NOTIFY_FUNCTION_SQL;
 
 /* What install() runs: CREATE OR REPLACE of one function by concurrent
  * installers fails with "tuple concurrently updated", so they take turns
  * on an advisory lock held for the DO block's transaction. */
 static const char locked_function_sql[] =
     "DO $do$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('keel_notify_change')); "
+    "EXECUTE $tb$" KEEL_OVERFLOW_TABLE_SQL
+    "$tb$; "
     "EXECUTE $fn$" KEEL_NOTIFY_FUNCTION_SQL "$fn$; END $do$";
 
 /* Appends a SQL string literal that reads the same whatever

@@ -48,6 +48,7 @@ typedef struct queued_change {
   subscription *sub;
   struct fetch_ctx *fetch; /* the row fetch in flight for it, or NULL */
   long raw_index;          /* >= 0: a raw channel's notification held back */
+  bool dropped;            /* its overflow row could not be read: not delivered */
   bool ready;
   char payload[];
 } queued_change;
@@ -77,6 +78,7 @@ struct keel_listener {
   uv_timer_t *retry_timer; /* retries a failed LISTEN */
   uv_timer_t *beat_timer;  /* asks the server's time while active */
   bool beat_in_flight;
+  uint64_t beats;
   bool holding;                   /* a session is starting: deliver nothing before its gap event */
   int64_t caught_up_us;           /* server time at which every earlier commit had reached us */
   int64_t pending_from_us;        /* the caught-up time when the connection was lost */
@@ -305,7 +307,9 @@ static void drain_queue(keel_listener *l) {
     queued_change *q = l->queue_head;
     l->queue_head = q->next;
     if (l->queue_head == NULL) l->queue_tail = NULL;
-    if (q->raw_index >= 0) {
+    if (q->dropped) {
+      /* counted and reported when its overflow row could not be read */
+    } else if (q->raw_index >= 0) {
       raw_channel *r = &l->raws[q->raw_index];
       l->stats.raw++;
       r->cb(l, r->channel, q->payload, r->data);
@@ -338,6 +342,9 @@ static void on_row_fetched(keel_pg *conn, int status, const keel_pg_result *res,
 }
 
 static void fetch_row(keel_listener *l, queued_change *q);
+static void fetch_overflow(keel_listener *l, queued_change *q);
+static void sweep_overflow(keel_listener *l);
+static void report_error(keel_listener *l, int err);
 static void on_listen_retry(uv_timer_t *timer);
 static void become_active(keel_listener *l);
 static void on_beat(uv_timer_t *timer);
@@ -386,6 +393,7 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
   q->sub = NULL;
   q->fetch = NULL;
   q->raw_index = -1;
+  q->dropped = false;
   char *work = q->payload + payload_len + 1;
   memcpy(work, payload, payload_len + 1);
   int rc = keel__change_parse_in(&q->change, q->payload, work, l->last_error, sizeof l->last_error);
@@ -408,7 +416,10 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
     return;
   }
   enqueue(l, q);
-  if (q->change.key_only && q->change.op != KEEL_CHANGE_DELETE) fetch_row(l, q);
+  if (q->change.overflow_id > 0)
+    fetch_overflow(l, q);
+  else if (q->change.key_only && q->change.op != KEEL_CHANGE_DELETE)
+    fetch_row(l, q); /* a trigger installed before the overflow table */
   drain_queue(l);
 }
 
@@ -426,6 +437,61 @@ static void on_fetch_done(keel_pg *conn, int status, const keel_pg_result *res, 
   if (status != 0)
     keel__fail(l->last_error, status, "fetching an oversize row: %s", keel_pg_last_error(conn));
   if (!l->closing) drain_queue(l);
+}
+
+/* A change too large for NOTIFY, as it was when it changed: read by primary
+ * key from keel_overflow (the trigger wrote it in the same transaction). */
+static void on_overflow_done(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  fetch_ctx *f = data;
+  keel_listener *l = f->l;
+  queued_change *q = f->q;
+  keel__free(f);
+  if (q == NULL) return; /* dropped by stop / close meanwhile */
+  q->fetch = NULL;
+  q->ready = true;
+  const char *payload = status == 0 ? keel_pg_result_value(res, 0, 0) : NULL;
+  char *copy = payload != NULL ? keel__strdup(payload) : NULL;
+  int rc = copy != NULL
+               ? keel__change_set_overflow(&q->change, copy, l->last_error, sizeof l->last_error)
+               : (status != 0       ? status
+                  : payload == NULL ? KEEL_ENOTFOUND
+                                    : UV_ENOMEM);
+  if (rc != 0) {
+    /* Delivered as notified (operation, table, time, the key when it fit):
+     * handlers learn that the row changed, not how (has_new and has_old are
+     * false). A parse failure has left the change empty: dropped. */
+    if (copy != NULL) {
+      q->dropped = true;
+      l->stats.malformed++;
+    } else {
+      keel__fail(l->last_error, rc, "an oversize change could not be read from keel_overflow: %s",
+                 status != 0 ? keel_pg_last_error(conn) : "no such row (swept?)");
+    }
+    report_error(l, rc);
+  }
+  if (!l->closing) drain_queue(l);
+}
+
+static void fetch_overflow(keel_listener *l, queued_change *q) {
+  char id[32];
+  snprintf(id, sizeof id, "%lld", (long long)q->change.overflow_id);
+  const char *values[] = {id};
+  fetch_ctx *f = keel__malloc(sizeof *f);
+  if (f != NULL) {
+    f->l = l;
+    f->q = q;
+    if (keel_pg_query_cached(l->conn, "SELECT payload FROM public.keel_overflow WHERE id = $1", 1,
+                             values, on_overflow_done, f) == 0) {
+      q->fetch = f;
+      q->ready = false;
+      l->stats.fetched++;
+      return;
+    }
+    keel__free(f);
+  }
+  q->dropped = true;
+  l->stats.malformed++;
+  keel__fail(l->last_error, UV_ENOMEM, "out of memory: an oversize change was dropped");
 }
 
 static void fetch_row(keel_listener *l, queued_change *q) {
@@ -574,6 +640,7 @@ static void on_beat(uv_timer_t *timer) {
   keel_listener *l = timer->data;
   if (l->closing || !l->active || l->beat_in_flight || l->conn == NULL) return;
   if (ask_server_time(l, true) == 0) l->beat_in_flight = true;
+  if (l->sub_count > 0 && ++l->beats % 120 == 0) sweep_overflow(l);
 }
 
 static void become_active(keel_listener *l) {
@@ -911,9 +978,19 @@ static int check_subscription(keel_listener *l, subscription *s) {
 
 /* After each connect: check every filtered subscription against the
  * catalog, then LISTEN. */
+/* Overflow rows every listener has had time to read (ten minutes: a
+ * listener away longer is inside a gap anyway). Errors are ignored (no
+ * overflow table: a trigger from before it; no DELETE right). */
+static void sweep_overflow(keel_listener *l) {
+  keel_pg_query(l->conn,
+                "DELETE FROM public.keel_overflow WHERE created < now() - interval '10 minutes'", 0,
+                NULL, NULL, NULL);
+}
+
 static void begin_session(keel_listener *l) {
   l->listen_round++;
   l->holding = true;
+  if (l->sub_count > 0) sweep_overflow(l);
   l->checks_outstanding = 0;
   for (size_t i = 0; i < l->sub_count; i++) {
     int rc = check_subscription(l, l->subs[i]);

@@ -150,8 +150,8 @@ static void finish(fixture *f) {
   exec_fmt("DROP TABLE %s", f->table);
 }
 
-/* A session of its own that holds ACCESS EXCLUSIVE on the table, so that the
- * listener's row fetches wait. */
+/* A session of its own that holds ACCESS EXCLUSIVE on a table (keel's
+ * overflow table), so that the listener's reads of oversize changes wait. */
 static PGconn *lock_table(const char *table) {
   PGconn *conn = PQconnectdb(kt_pg_conninfo());
   cr_assert_eq(PQstatus(conn), CONNECTION_OK);
@@ -163,14 +163,14 @@ static PGconn *lock_table(const char *table) {
   return conn;
 }
 
-/* The listener's backend waiting on the lock (its row fetch). */
-static void kill_waiting_fetcher(const char *table) {
+/* The listener's backend (application_name = its channel) waiting on the
+ * lock (its overflow read). */
+static void kill_waiting_fetcher(const char *app) {
   char sql[512];
-  snprintf(
-      sql, sizeof sql,
-      "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE pid <> "
-      "pg_backend_pid() AND wait_event_type = 'Lock' AND query LIKE 'SELECT row_to_json%%%s%%'",
-      table);
+  snprintf(sql, sizeof sql,
+           "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '%s' "
+           "AND wait_event_type = 'Lock'",
+           app);
   char *r = kt_pg_scalar(sql);
   cr_assert_not_null(r, "no fetch was waiting");
   free(r);
@@ -191,7 +191,7 @@ Test(listen_contract, add_table_while_a_change_waits_behind_a_fetch) {
   PGconn *lock = NULL;
   exec_fmt("INSERT INTO %s (name, big) VALUES ('huge', repeat('x', 20000))", f.table);
   exec_fmt("INSERT INTO %s (name) VALUES ('small')", f.table);
-  lock = lock_table(f.table);
+  lock = lock_table("public.keel_overflow");
   run_until_fetched(&f, 1);
   for (int i = 0; i < 4; i++) {
     char other[64];
@@ -220,14 +220,14 @@ static void stop_or_close_with_fetches_in_flight(bool close) {
   exec_fmt("INSERT INTO %s (name, big) VALUES ('h1', repeat('x', 20000))", f.table);
   exec_fmt("INSERT INTO %s (name, big) VALUES ('h2', repeat('x', 20000))", f.table);
   exec_fmt("INSERT INTO %s (name, big) VALUES ('h3', repeat('x', 20000))", f.table);
-  PGconn *lock = lock_table(f.table);
+  PGconn *lock = lock_table("public.keel_overflow");
   run_until_fetched(&f, 3);
   for (int i = 0; i < 20; i++) uv_run(&f.loop, UV_RUN_NOWAIT); /* fetches sent */
   if (close)
     f.close_in_handler = true;
   else
     f.stop_in_handler = true;
-  kill_waiting_fetcher(f.table);
+  kill_waiting_fetcher(f.channel);
   PQfinish(lock);
   uint64_t t0 = uv_now(&f.loop);
   while (f.delivered == 0 && uv_now(&f.loop) - t0 < 10000) uv_run(&f.loop, UV_RUN_ONCE);

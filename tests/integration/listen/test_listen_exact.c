@@ -638,3 +638,84 @@ Test(listen_exact, a_failed_filtered_install_changes_nothing) {
   cr_assert_str_eq(f.names[0], "still sent");
   teardown(&f);
 }
+
+/* ---- item 3: oversize changes as they changed ------------------------------- */
+
+typedef struct big_seen {
+  int count;
+  keel_change_op ops[8];
+  char team[8][16], old_team[8][16];
+  bool has_old[8], fetched[8];
+  size_t big_len[8];
+} big_seen;
+
+static void big_handler(keel_listener *l, const keel_change *c, void *data) {
+  (void)l;
+  big_seen *b = data;
+  if (b->count >= 8) return;
+  int i = b->count++;
+  b->ops[i] = keel_change_operation(c);
+  const char *t = keel_change_new(c, "team");
+  const char *o = keel_change_old(c, "team");
+  snprintf(b->team[i], 16, "%s", t ? t : "(null)");
+  snprintf(b->old_team[i], 16, "%s", o ? o : "(null)");
+  b->has_old[i] = keel_change_has_old(c);
+  b->fetched[i] = keel_change_was_fetched(c);
+  const char *big = keel_change_new(c, "big");
+  if (big == NULL) big = keel_change_old(c, "big");
+  b->big_len[i] = big ? strlen(big) : 0;
+}
+
+Test(listen_exact, oversize_changes_arrive_as_they_changed_in_order) {
+  fixture f;
+  setup(&f, "id text PRIMARY KEY, team int, big text");
+  install_plain(&f);
+  new_listener(&f, "team=eq.2");
+  big_seen b = {0};
+  keel_listener_on(f.l, "h", big_handler, &b);
+  keel_listener_start(f.l);
+  cr_assert(run_until_active(&f, 10000));
+  /* a 20 KB key: the writer's INSERT must not fail */
+  char sql[512];
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES (repeat('k', 20000), 1, repeat('a', 20000))",
+           f.table);
+  kt_pg_exec(sql);
+  /* back-to-back oversize updates of one row: each with its own values */
+  snprintf(sql, sizeof sql,
+           "UPDATE %s SET team = 2, big = repeat('b', 20001) WHERE team = 1; "
+           "UPDATE %s SET team = 3, big = repeat('c', 20002) WHERE team = 2",
+           f.table, f.table);
+  kt_pg_exec(sql);
+  /* a small change after them stays after them */
+  snprintf(sql, sizeof sql, "INSERT INTO %s VALUES ('small', 2, 'x')", f.table);
+  kt_pg_exec(sql);
+  /* an oversize DELETE filtered on a non-key column */
+  snprintf(
+      sql, sizeof sql,
+      "UPDATE %s SET team = 2 WHERE id <> 'small'; DELETE FROM %s WHERE team = 2 AND id <> 'small'",
+      f.table, f.table);
+  kt_pg_exec(sql);
+  uint64_t start = uv_now(&f.loop);
+  while (b.count < 5 && uv_now(&f.loop) - start < 10000) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(b.count, 5, "got %d", b.count);
+  /* 1: team 1 → 2 enters, with both rows as they were */
+  cr_assert_eq(b.ops[0], KEEL_CHANGE_UPDATE);
+  cr_assert_str_eq(b.team[0], "2");
+  cr_assert_str_eq(b.old_team[0], "1");
+  cr_assert(b.has_old[0] && b.fetched[0]);
+  cr_assert_eq(b.big_len[0], 20001);
+  /* 2: team 2 → 3 leaves, with its own values (not the later ones) */
+  cr_assert_eq(b.ops[1], KEEL_CHANGE_UPDATE);
+  cr_assert_str_eq(b.team[1], "3");
+  cr_assert_str_eq(b.old_team[1], "2");
+  cr_assert_eq(b.big_len[1], 20002);
+  /* 3: the small insert, in order */
+  cr_assert_eq(b.ops[2], KEEL_CHANGE_INSERT);
+  cr_assert(!b.fetched[2]);
+  /* 4, 5: back into team 2, then deleted: the DELETE carries its old row */
+  cr_assert_eq(b.ops[3], KEEL_CHANGE_UPDATE);
+  cr_assert_eq(b.ops[4], KEEL_CHANGE_DELETE);
+  cr_assert_str_eq(b.old_team[4], "2");
+  cr_assert(b.has_old[4] && b.fetched[4]);
+  teardown(&f);
+}
