@@ -21,6 +21,22 @@
  * Transitions out of OPEN (to HALF_OPEN, when reset_timeout_ms has passed)
  * and out of a stuck HALF_OPEN happen when the breaker is next used
  * (acquire, execute, get_state, get_stats): the breaker owns no timer.
+ *
+ * Callbacks. done (execute) and the operation itself never run inside the
+ * keel call that caused them: always on a later loop iteration. The two
+ * events, on_state_change and on_rejected, are notifications: they run
+ * synchronously inside the call that made the change or the rejection
+ * (acquire, release, execute, call_done, get_state, get_stats, force_open,
+ * disable, reset), after the breaker's state is fully updated. The breaker
+ * may be used and closed from inside every callback: done, the operation,
+ * on_state_change, on_rejected and classify.
+ *
+ * Closing. After keel_breaker_close() began, acquire, release, execute,
+ * force_open, disable and reset return KEEL_ECLOSING and take nothing;
+ * get_state, get_stats and last_error still answer until the close
+ * callback. execute() calls accepted before and not finished get
+ * done(UV_ECANCELED) on a later iteration, before the close callback.
+ *
  * Everything is loop-thread only.
  */
 #ifndef KEEL_BREAKER_H
@@ -46,7 +62,8 @@ typedef enum keel_breaker_state {
   KEEL_BREAKER_DISABLED     /* operator: every call permitted, nothing recorded */
 } keel_breaker_state;
 
-/* Returns "closed", "open", "half_open", "forced_open", "disabled" or "unknown". */
+/* Returns "closed", "open", "half_open", "forced_open", "disabled" or "unknown"
+ * (a static string). Any thread. */
 KEEL_EXTERN const char *keel_breaker_state_name(keel_breaker_state state);
 
 /* Where outcomes are counted for the rate-based trip conditions. */
@@ -67,15 +84,22 @@ typedef enum keel_breaker_outcome {
  * Decides how a call's status counts. The default: 0 and positive statuses
  * are successes, UV_ECANCELED is ignored, every other negative status is a
  * failure. Use it so that e.g. KEEL_ENOTFOUND does not trip the breaker.
+ * Called inside keel_breaker_release() / keel_breaker_call_done(); it may
+ * close the breaker (the outcome is then not counted).
  */
 typedef keel_breaker_outcome (*keel_breaker_classify_fn)(int status, void *data);
 
-/* Called on every state change (the seed's onOpen: to == OPEN; onClose:
- * to == CLOSED). The breaker may be used from inside, but not closed. */
+/* Called on every state change, only when the state really changes (from !=
+ * to; the seed's onOpen: to == OPEN; onClose: to == CLOSED). Runs inside the
+ * call that made the change (see the top of this file); the breaker may be
+ * used and closed from inside. */
 typedef void (*keel_breaker_state_cb)(keel_breaker *b, keel_breaker_state from,
                                       keel_breaker_state to, void *data);
 
-/* Called for every rejected call (KEEL_EOPEN). */
+/* Called for every rejected call (KEEL_EOPEN), inside keel_breaker_acquire()
+ * or keel_breaker_execute(); the breaker may be used and closed from
+ * inside (an execute() whose rejection closed the breaker returns
+ * KEEL_ECLOSING and calls nothing). */
 typedef void (*keel_breaker_reject_cb)(keel_breaker *b, keel_breaker_state state, void *data);
 
 typedef struct keel_breaker_opts {
@@ -95,6 +119,10 @@ typedef struct keel_breaker_opts {
                                       0 = off (default) */
   double slow_call_rate_threshold; /* trip when slow/calls >= this; in (0, 1];
                                       default 1.0 */
+  /* Both rates compare exactly: a threshold written with up to 9 decimals
+   * is taken as that decimal (0.55 means 55/100: 55 failures in 100 calls
+   * trip, 54 do not), whatever the double's binary rounding. Any other
+   * double (1.0 / 3) is compared as failures/calls >= the double's value. */
 
   /* OPEN lasts reset_timeout_ms (default 30000, the seed's resetTimeout),
    * multiplied by reset_backoff_factor (default 1: constant, >= 1) after each
@@ -119,31 +147,37 @@ typedef struct keel_breaker_opts {
   keel_breaker_reject_cb on_rejected;    /* may be NULL */
   void *data;                            /* passed to the two callbacks */
   keel_clock clock;                      /* default: uv_now(loop) */
+  uint64_t reserved_[8];                 /* ABI room: zero (opts_init does); never set */
 } keel_breaker_opts;
 
-/* Fills opts with the defaults documented above. */
+/* Zeroes the whole struct, then fills the defaults documented above.
+ * NULL: no-op. Any thread. */
 KEEL_EXTERN void keel_breaker_opts_init(keel_breaker_opts *opts);
 
 /*
- * Creates a breaker in the CLOSED state. opts is copied.
- * Returns 0 and sets *out; UV_EINVAL for a NULL argument or bad options (no
- * trip condition, a rate outside its range, window_size 0 with a count
- * window, window_ms < window_buckets, a factor < 1, ...), with the reason
- * from keel_breaker_new_ex() or keel_breaker_validate_opts(); UV_ENOMEM.
- * *out is untouched on failure. Loop thread only.
+ * Creates a breaker in the CLOSED state. opts is copied (not needed after
+ * the call); the breaker is the caller's until keel_breaker_close(). Calls
+ * no callback.
+ * Returns 0 and sets *out; UV_EINVAL for a NULL loop, opts or out or bad
+ * options (no trip condition, a rate outside its range, window_size 0 with
+ * a count window, window_ms < window_buckets, a factor < 1, ...), with the
+ * reason from keel_breaker_new_ex() or keel_breaker_validate_opts();
+ * UV_ENOMEM; or an error of uv_timer_init(). *out is untouched on failure
+ * and nothing is allocated. Loop thread only.
  */
 KEEL_EXTERN int keel_breaker_new(uv_loop_t *loop, const keel_breaker_opts *opts,
                                  keel_breaker **out);
 
-/* Like keel_breaker_new(), and explains a failure: writes the reason
- * (NUL-terminated, truncated to why_cap) into why_buf, "" on success.
- * why_buf may be NULL. */
+/* Like keel_breaker_new() (same errors), and explains a failure: writes the
+ * reason (NUL-terminated, truncated to why_cap) into why_buf, "" on success.
+ * why_buf may be NULL. Loop thread only. */
 KEEL_EXTERN int keel_breaker_new_ex(uv_loop_t *loop, const keel_breaker_opts *opts,
                                     keel_breaker **out, char *why_buf, size_t why_cap);
 
 /*
- * Checks opts without creating anything. Returns 0 or UV_EINVAL and, when
- * why is not NULL, a static explanation in *why.
+ * Checks opts without creating anything. Returns 0 (and sets *why to NULL)
+ * or UV_EINVAL (NULL opts or a bad field) and, when why is not NULL, a
+ * static explanation in *why. Any thread.
  */
 KEEL_EXTERN int keel_breaker_validate_opts(const keel_breaker_opts *opts, const char **why);
 
@@ -158,8 +192,12 @@ typedef struct keel_breaker_permit {
 /*
  * Asks to make a call. Returns 0 and fills *permit; KEEL_EOPEN when the
  * breaker is OPEN, FORCED_OPEN or HALF_OPEN with every probe slot taken
- * (on_rejected is called, *permit is untouched); UV_EINVAL for NULL.
- * In DISABLED every call is permitted and nothing is recorded.
+ * (on_rejected is called first); UV_EINVAL for a NULL b or permit;
+ * KEEL_ECLOSING after keel_breaker_close() began (also when on_state_change
+ * closed the breaker during this call). *permit is untouched on failure.
+ * In DISABLED every call is permitted and nothing is recorded. May call
+ * on_state_change (a due OPEN -> HALF_OPEN) and on_rejected. Allocates
+ * nothing. Loop thread only.
  */
 KEEL_EXTERN int keel_breaker_acquire(keel_breaker *b, keel_breaker_permit *permit);
 
@@ -170,7 +208,10 @@ KEEL_EXTERN int keel_breaker_acquire(keel_breaker *b, keel_breaker_permit *permi
  * not read a clock here).
  * Returns 0 when recorded; KEEL_ESTALE when the permit is from before a state
  * change or was already released (ignored, counted in stats.calls_stale);
- * UV_EINVAL for NULL.
+ * KEEL_ECLOSING when the breaker is closing (ignored; a permit must not be
+ * released after the close callback: the breaker is gone); UV_EINVAL for a
+ * NULL or never-filled permit. May call on_state_change. Allocates nothing.
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_breaker_release(keel_breaker_permit *permit, int status, uint64_t duration_ms);
 
@@ -179,51 +220,79 @@ KEEL_EXTERN int keel_breaker_release(keel_breaker_permit *permit, int status, ui
 typedef struct keel_breaker_call keel_breaker_call;
 
 /*
- * Starts the guarded operation. It must report exactly once with
+ * Starts the guarded operation, on a later loop iteration than the
+ * keel_breaker_execute() that queued it. It must report exactly once with
  * keel_breaker_call_done(call, status), now or later from the loop thread,
- * even after a timeout or close (the report is then ignored).
+ * even after a timeout or close (the report is then ignored); the close
+ * callback waits for that report. It may close the breaker.
  */
 typedef void (*keel_breaker_op_fn)(keel_breaker_call *call, void *data);
 
 /*
- * The result of keel_breaker_execute(), exactly once: the operation's
- * status; KEEL_EOPEN when rejected (the operation was not started);
- * UV_ETIMEDOUT when it did not report within timeout_ms (counted as a
- * failure); UV_ECANCELED when the breaker was closed first.
+ * The result of keel_breaker_execute(), exactly once, never inside a keel
+ * call (from the breaker's start timer or the timeout): the operation's
+ * status, reported with keel_breaker_call_done();
+ * KEEL_EOPEN when rejected (the operation was not started); UV_ETIMEDOUT
+ * when it did not report within timeout_ms (counted as a failure);
+ * UV_ECANCELED when keel_breaker_close() came before the operation
+ * reported (on a later iteration than the close, before its callback). It
+ * may close the breaker.
  */
 typedef void (*keel_breaker_done_cb)(keel_breaker *b, int status, void *data);
 
 /*
  * Acquires a permit and, if granted, runs op on a later loop iteration; op's
  * report (or the timeout) is recorded with its duration and done is called.
- * timeout_ms 0 means no timeout. The call's memory comes from a free list on
- * the breaker, so a steady stream of calls does not allocate.
- * Returns 0 (done will be called exactly once, also for KEEL_EOPEN), UV_EINVAL
- * (NULL b, op or done), UV_ENOMEM or KEEL_ECLOSING. Loop thread only.
+ * timeout_ms 0 means no timeout. data is the caller's, passed to op and
+ * done. The call's memory comes from a free list on the breaker, so a
+ * steady stream of calls does not allocate.
+ * Returns 0 (done will be called exactly once, also for KEEL_EOPEN);
+ * UV_EINVAL (NULL b, op or done; reason in keel_breaker_last_error());
+ * UV_ENOMEM; KEEL_ECLOSING after close began, or when on_state_change /
+ * on_rejected closed the breaker during this call. On an error nothing is
+ * called back. May call on_state_change and on_rejected (see the top).
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_breaker_execute(keel_breaker *b, keel_breaker_op_fn op, uint64_t timeout_ms,
                                      keel_breaker_done_cb done, void *data);
 
 /*
  * Reports the outcome of an operation started by keel_breaker_execute().
- * Returns 0, or KEEL_ESTALE when the call had already ended (timed out or
- * cancelled: ignored) — the call's memory is recycled by this report.
+ * Records it now; done gets this status on a later loop iteration, never
+ * inside this call (also when the breaker is closed in between: a result
+ * reported before the close stands). call must not be used after this
+ * report.
+ * Returns 0; KEEL_ESTALE when the call had already ended (timed out, or
+ * cancelled by keel_breaker_close(): ignored, done has or will have its
+ * UV_ETIMEDOUT / UV_ECANCELED); UV_EINVAL for NULL or a second report. The
+ * call's memory is recycled by this report. May call on_state_change.
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_breaker_call_done(keel_breaker_call *call, int status);
 
 /* ---- operator controls ------------------------------------------------- */
 
-/* Rejects every call until keel_breaker_reset(). Returns 0 or UV_EINVAL. */
+/* The three operator controls return 0, UV_EINVAL for a NULL b or
+ * KEEL_ECLOSING after close began, call on_state_change when (and only
+ * when) the state changes, and are loop-thread only. */
+
+/* Rejects every call until keel_breaker_reset() (no effect when already
+ * FORCED_OPEN). */
 KEEL_EXTERN int keel_breaker_force_open(keel_breaker *b);
 
-/* Permits every call and records nothing until keel_breaker_reset(). */
+/* Permits every call and records nothing until keel_breaker_reset() (no
+ * effect when already DISABLED). */
 KEEL_EXTERN int keel_breaker_disable(keel_breaker *b);
 
-/* Back to CLOSED with empty windows and the base open duration. */
+/* Back to CLOSED with empty windows, no consecutive failures and the base
+ * open duration; permits acquired before are stale. From CLOSED this is no
+ * state change: on_state_change is not called and stats.state_changes does
+ * not move. */
 KEEL_EXTERN int keel_breaker_reset(keel_breaker *b);
 
 /* The current state (the seed's getState), after any due time-based
- * transition. */
+ * transition (which calls on_state_change). KEEL_BREAKER_CLOSED for NULL.
+ * Loop thread only. */
 KEEL_EXTERN keel_breaker_state keel_breaker_get_state(keel_breaker *b);
 
 typedef struct keel_breaker_stats {
@@ -245,19 +314,27 @@ typedef struct keel_breaker_stats {
   uint32_t probes_in_flight;     /* gauge: HALF_OPEN permits not yet released */
   uint64_t open_duration_ms;     /* gauge: length of the current/next open period */
   uint64_t state_entered_ms;     /* gauge: clock time the current state began */
+  uint64_t reserved_[8];         /* ABI room: filled with zero; never read */
 } keel_breaker_stats;
 
-/* Fills *out. NULL-safe (does nothing). */
+/* Fills *out, after any due time-based transition (which calls
+ * on_state_change). Does nothing when b or out is NULL. Loop thread only. */
 KEEL_EXTERN void keel_breaker_get_stats(keel_breaker *b, keel_breaker_stats *out);
 
-/* Text of the last error (bad input to a verb); "" when none. */
+/* Text of the last error (bad input to a verb); "" when none; "breaker is
+ * NULL" for NULL. Valid until the next call on b. Loop thread only. */
 KEEL_EXTERN const char *keel_breaker_last_error(const keel_breaker *b);
 
 /*
- * Closes the breaker. NULL-safe; not from inside its own callbacks.
- * Pending execute() calls get done(UV_ECANCELED) now; their operations must
- * still report (ignored). cb (may be NULL) runs on a later loop iteration
- * once every timer is closed and every operation has reported.
+ * Closes the breaker. NULL-safe; idempotent (a second call does nothing);
+ * may be called from inside any of the breaker's callbacks. Calls nothing
+ * back inside this call. From now on the verbs return KEEL_ECLOSING.
+ * execute() calls not finished get done(UV_ECANCELED) on a later loop
+ * iteration; their operations, if started, must still report with
+ * keel_breaker_call_done() (it returns KEEL_ESTALE). cb (may be NULL) runs
+ * with (b, data) on a later loop iteration, after those done calls, once
+ * every timer is closed and every operation has reported; b is freed then
+ * and uv_loop_close() can return 0. Loop thread only.
  */
 KEEL_EXTERN void keel_breaker_close(keel_breaker *b, keel_close_cb cb, void *data);
 

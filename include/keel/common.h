@@ -61,10 +61,10 @@ extern "C" {
   XX(ECLOSING, -30016, "object is closing")                                              \
   XX(EEXHAUSTED, -30017, "retries exhausted")                                            \
   XX(ESERIALIZATION, -30018, "serialization failure or deadlock: retry the transaction") \
-  XX(ESTALE, -30019, "stale handle: the object it referred to is gone")                 \
+  XX(ESTALE, -30019, "stale handle: the object it referred to is gone")                  \
   XX(EINDOUBT, -30020,                                                                   \
      "outcome unknown: the connection was lost after the statement was sent, it may "    \
-     "or may not have taken effect")                                                      \
+     "or may not have taken effect")                                                     \
   XX(EAUTH, -30021, "the server refused the credentials")                                \
   XX(ENODB, -30022, "the database does not exist")                                       \
   XX(ESEND, -30023, "the client library refused to send the statement")

@@ -27,8 +27,10 @@
  *
  * Every user callback of a runner (attempt, classify, on_retry, done) runs
  * from the runner's own timer callback, never from inside
- * keel_retry_start() or keel_retry_report(); the one exception is
- * keel_retry_close(), which delivers UV_ECANCELED to done before it returns.
+ * keel_retry_start(), keel_retry_report() or keel_retry_close(): the done
+ * that a close owes (UV_ECANCELED) comes on a later loop iteration, before
+ * the close callback. keel_retry_close() may be called from inside every
+ * callback of the runner.
  */
 #ifndef KEEL_RETRY_H
 #define KEEL_RETRY_H
@@ -51,14 +53,17 @@ typedef struct keel_rng {
 } keel_rng;
 
 /* Seeds rng deterministically from seed (any value, 0 included): the same
- * seed gives the same sequence on every platform. NULL rng: no-op. */
+ * seed gives the same sequence on every platform. NULL rng: no-op. Any
+ * thread (one rng per thread). */
 KEEL_EXTERN void keel_rng_seed(keel_rng *rng, uint64_t seed);
 
-/* Returns the next 64 random bits (0 for a NULL rng). */
+/* Returns the next 64 random bits (0 for a NULL rng). Any thread (one rng
+ * per thread). */
 KEEL_EXTERN uint64_t keel_rng_next(keel_rng *rng);
 
 /* Returns a uniform, unbiased integer in [low, high] (both inclusive; the
- * whole uint64_t range works); low when high <= low or rng is NULL. */
+ * whole uint64_t range works); low when high <= low or rng is NULL. Any
+ * thread (one rng per thread). */
 KEEL_EXTERN uint64_t keel_rng_between(keel_rng *rng, uint64_t low, uint64_t high);
 
 /* ---- backoff policies ------------------------------------------------- */
@@ -76,9 +81,14 @@ typedef struct keel_backoff {
   keel_backoff_kind kind;
   uint64_t base_ms; /* first delay (and the floor of decorrelated jitter) */
   double factor;    /* growth per retry for EXPONENTIAL and FULL_JITTER,
-                       >= 1; FIXED and DECORRELATED_JITTER ignore it */
+                       >= 1; FIXED and DECORRELATED_JITTER ignore it (any
+                       value, 0 included, is accepted for them) */
   uint64_t max_ms;  /* cap on any delay; 0 means no cap */
 } keel_backoff;
+
+/* The four fillers below set every field of b (it needs no other
+ * initialisation), validate nothing (see keel_backoff_validate()) and work
+ * on any thread. */
 
 /* Fills b with a fixed delay of delay_ms (no cap). NULL b: no-op. */
 KEEL_EXTERN void keel_backoff_fixed(keel_backoff *b, uint64_t delay_ms);
@@ -103,7 +113,8 @@ KEEL_EXTERN void keel_backoff_decorrelated_jitter(keel_backoff *b, uint64_t base
 /*
  * Checks a policy. Returns 0 (and sets *why to NULL), or UV_EINVAL with a
  * static explanation in *why (when why is not NULL): NULL policy, unknown
- * kind, factor < 1 or not finite, max_ms < base_ms (when max_ms != 0),
+ * kind, factor < 1 or not finite for EXPONENTIAL and FULL_JITTER (the other
+ * kinds ignore the factor), max_ms < base_ms (when max_ms != 0),
  * decorrelated jitter with base_ms 0. Thread-safe.
  */
 KEEL_EXTERN int keel_backoff_validate(const keel_backoff *b, const char **why);
@@ -150,7 +161,8 @@ typedef void (*keel_retry_event_cb)(keel_retry *r, unsigned next_attempt, int st
                                     uint64_t delay_ms, void *data);
 
 /*
- * The final result, called exactly once:
+ * The final result, called exactly once, from the runner's timer (never
+ * inside a keel call):
  *   0             an attempt succeeded;
  *   the last failure's status
  *                 when it was not retryable, when max_attempts ran out, or
@@ -180,10 +192,12 @@ typedef struct keel_retry_opts {
   uint64_t seed;                /* jitter seed; 0 (default) = from uv_hrtime() */
   keel_clock clock;             /* deadline clock; default: uv_now(loop) */
   keel_retry_event_cb on_retry; /* NULL (default): no hook */
+  uint64_t reserved_[8];        /* ABI room: zero (opts_init does); never set */
 } keel_retry_opts;
 
-/* Fills opts with the defaults above: the seeds' retryWithBackoff (up to 4
- * attempts, waiting 100, 200 and 400 ms between them). NULL: no-op. */
+/* Zeroes the whole struct, then fills the defaults above: the seeds'
+ * retryWithBackoff (up to 4 attempts, waiting 100, 200 and 400 ms between
+ * them). NULL: no-op. Any thread. */
 KEEL_EXTERN void keel_retry_opts_init(keel_retry_opts *opts);
 
 /*
@@ -191,6 +205,7 @@ KEEL_EXTERN void keel_retry_opts_init(keel_retry_opts *opts);
  * UV_ECANCELED, UV_EINVAL, UV_ENOMEM, KEEL_EABORTED and KEEL_ECLOSING (and
  * for status >= 0), nonzero for every other error. classify_data is unused.
  * Handy to extend: `return status != MY_FATAL && keel_retry_default_classify(status, NULL);`
+ * Any thread.
  */
 KEEL_EXTERN int keel_retry_default_classify(int status, void *classify_data);
 
@@ -202,10 +217,12 @@ KEEL_EXTERN int keel_retry_default_classify(int status, void *classify_data);
  * done     required; receives the result exactly once.
  * data     passed to attempt, on_retry and done; owned by the caller.
  *
- * Returns 0 and sets *out, or UV_EINVAL (NULL loop, opts, attempt, done or
- * out; max_attempts 0; a backoff that keel_backoff_validate() rejects) or
- * UV_ENOMEM; *out is untouched on failure and nothing is called.
- * Loop thread only.
+ * Returns 0 and sets *out (the runner is the caller's until
+ * keel_retry_close(), which must be called at some point), or UV_EINVAL
+ * (NULL loop, opts, attempt, done or out; max_attempts 0; a backoff that
+ * keel_backoff_validate() rejects), UV_ENOMEM, or an error of
+ * uv_timer_init(); *out is untouched on failure, nothing is allocated and
+ * nothing is called. Loop thread only.
  */
 KEEL_EXTERN int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts,
                                  keel_retry_attempt_fn attempt, keel_retry_done_cb done, void *data,
@@ -219,13 +236,17 @@ KEEL_EXTERN int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts,
  * (synchronously) is fine and 100 000 immediate failures do not grow the
  * stack.
  *
- * Returns 0, or UV_EINVAL for a NULL runner or when no attempt is in
- * flight (a second report for the same attempt; nothing changes). After
+ * Returns 0; UV_EINVAL for a NULL runner or when no attempt is in flight
+ * (a second report for the same attempt; nothing changes); KEEL_ECLOSING
+ * when no attempt is in flight and the runner is closing. After
  * keel_retry_close(), the report of the attempt that was in flight returns
  * 0, is ignored and lets the runner finish closing; the runner must not be
- * used after that. Loop thread only.
+ * used after its close callback. Loop thread only.
  */
 KEEL_EXTERN int keel_retry_report(keel_retry *r, int status);
+
+/* The three getters below never fail, answer until the close callback (0
+ * for NULL) and are loop-thread only. */
 
 /* Returns the number of attempts started so far (0 for NULL). */
 KEEL_EXTERN unsigned keel_retry_attempts(const keel_retry *r);
@@ -237,19 +258,21 @@ KEEL_EXTERN uint64_t keel_retry_last_delay_ms(const keel_retry *r);
 KEEL_EXTERN int keel_retry_last_status(const keel_retry *r);
 
 /*
- * Closes the runner; NULL-safe; idempotent; may be called from inside any
- * callback of the runner.
+ * Closes the runner; NULL-safe; idempotent (a second call does nothing);
+ * may be called from inside any callback of the runner. Calls nothing back
+ * inside this call.
  *
- * If done has not been called yet, it is called before close returns: with
- * 0 when the attempt had already reported success (the outcome was only
- * waiting for the timer), with UV_ECANCELED otherwise (a pending retry is
- * cancelled, an attempt in flight is abandoned).
+ * If done has not been called yet, it is called once on a later loop
+ * iteration, before close_cb: with 0 when the attempt had already reported
+ * success (the outcome was only waiting for the timer), with UV_ECANCELED
+ * otherwise (a pending retry is cancelled, an attempt in flight is
+ * abandoned). No attempt, classify or on_retry runs after the close.
  *
  * close_cb (may be NULL) is called with r and data on a later loop
- * iteration, once the timer is closed and, when an attempt was in flight,
- * after that attempt has reported (keel_retry_report): until then the
- * memory stays valid so a late report is safe. After close_cb, r is freed.
- * Loop thread only.
+ * iteration, after done, once the timer is closed and, when an attempt was
+ * in flight, after that attempt has reported (keel_retry_report): until
+ * then the memory stays valid so a late report is safe. After close_cb, r
+ * is freed and uv_loop_close() can return 0. Loop thread only.
  */
 KEEL_EXTERN void keel_retry_close(keel_retry *r, keel_close_cb close_cb, void *data);
 

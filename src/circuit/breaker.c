@@ -123,11 +123,18 @@ int keel_breaker_new(uv_loop_t *loop, const keel_breaker_opts *opts, keel_breake
     return rc;
   }
   b->start_timer.data = b;
-  b->handles_open = 1;
+  /* Neither init allocates or fails on a valid loop. */
+  uv_check_init(loop, &b->done_check);
+  uv_idle_init(loop, &b->done_idle);
+  b->done_check.data = b;
+  b->done_idle.data = b;
+  b->handles_open = 3;
   b->state = KEEL_BREAKER_CLOSED;
   b->generation = 1;
   b->open_duration_ms = opts->reset_timeout_ms;
   b->state_entered_ms = keel__breaker_now(b);
+  keel__rate_init(&b->failure_rate, opts->failure_rate_threshold);
+  keel__rate_init(&b->slow_rate, opts->slow_call_rate_threshold);
   *out = b;
   return 0;
 }
@@ -181,6 +188,8 @@ static void advance_time(keel_breaker *b, uint64_t now) {
   }
 }
 
+/* on_state_change and on_rejected may close the breaker: nothing is freed
+ * before the close callback, so the code around them just carries on. */
 static int reject(keel_breaker *b) {
   b->stats.calls_rejected++;
   if (b->opts.on_rejected != NULL) b->opts.on_rejected(b, b->state, b->opts.data);
@@ -189,6 +198,7 @@ static int reject(keel_breaker *b) {
 
 int keel_breaker_acquire(keel_breaker *b, keel_breaker_permit *permit) {
   if (b == NULL || permit == NULL) return UV_EINVAL;
+  if (b->closing) return KEEL_ECLOSING;
   switch (b->state) {
     case KEEL_BREAKER_CLOSED:
     case KEEL_BREAKER_DISABLED:
@@ -198,6 +208,7 @@ int keel_breaker_acquire(keel_breaker *b, keel_breaker_permit *permit) {
     case KEEL_BREAKER_OPEN:
     case KEEL_BREAKER_HALF_OPEN: {
       advance_time(b, keel__breaker_now(b));
+      if (b->closing) return KEEL_ECLOSING; /* closed by on_state_change */
       if (b->state == KEEL_BREAKER_OPEN) return reject(b);
       if (b->probes_in_flight >= b->opts.half_open_max_calls) return reject(b);
       b->probes_in_flight++;
@@ -219,22 +230,28 @@ static bool rates_trip(keel_breaker *b, uint64_t now) {
   keel__window *w = &b->window;
   if (w->kind == KEEL_BREAKER_WINDOW_TIME) keel__window_expire(w, now);
   if (w->calls < b->opts.minimum_calls) return false;
-  double calls = (double)w->calls;
   if (b->opts.failure_rate_threshold > 0.0 &&
-      (double)w->failures >= b->opts.failure_rate_threshold * calls)
+      keel__rate_reached(&b->failure_rate, w->failures, w->calls))
     return true;
-  return b->opts.slow_call_ms > 0 && (double)w->slow >= b->opts.slow_call_rate_threshold * calls;
+  return b->opts.slow_call_ms > 0 && keel__rate_reached(&b->slow_rate, w->slow, w->calls);
 }
 
 static keel_breaker_outcome classify(keel_breaker *b, int status) {
-  if (b->opts.classify != NULL) return b->opts.classify(status, b->opts.classify_data);
+  if (b->opts.classify != NULL) {
+    keel_breaker_outcome outcome = b->opts.classify(status, b->opts.classify_data);
+    return b->closing ? KEEL_BREAKER_IGNORE : outcome; /* closed from inside */
+  }
   if (status >= 0) return KEEL_BREAKER_SUCCESS;
   return status == UV_ECANCELED ? KEEL_BREAKER_IGNORE : KEEL_BREAKER_FAILURE;
 }
 
-/* Records an outcome that belongs to the current generation. */
-static void record(keel_breaker *b, bool probe, keel_breaker_outcome outcome,
-                   uint64_t duration_ms) {
+/* Records an outcome that belongs to the current generation. Inlined into
+ * release: the closed-state path must stay a few nanoseconds. */
+#if defined(__GNUC__)
+__attribute__((always_inline))
+#endif
+static inline void
+record(keel_breaker *b, bool probe, keel_breaker_outcome outcome, uint64_t duration_ms) {
   bool slow = b->opts.slow_call_ms > 0 && duration_ms >= b->opts.slow_call_ms;
   if (outcome == KEEL_BREAKER_IGNORE) {
     b->stats.calls_ignored++;
@@ -277,7 +294,10 @@ static void record(keel_breaker *b, bool probe, keel_breaker_outcome outcome,
 int keel_breaker_release(keel_breaker_permit *permit, int status, uint64_t duration_ms) {
   if (permit == NULL || permit->breaker == NULL) return UV_EINVAL;
   keel_breaker *b = permit->breaker;
+  /* close bumps the generation: every permit out is then stale, and this
+   * branch tells the two apart off the fast path. */
   if (permit->generation != b->generation) {
+    if (b->closing) return KEEL_ECLOSING;
     b->stats.calls_stale++;
     permit->generation = 0;
     return KEEL_ESTALE;
@@ -307,6 +327,7 @@ int keel__breaker_release_timeout(keel_breaker_permit *permit, uint64_t duration
 
 int keel_breaker_force_open(keel_breaker *b) {
   if (b == NULL) return UV_EINVAL;
+  if (b->closing) return KEEL_ECLOSING;
   if (b->state != KEEL_BREAKER_FORCED_OPEN)
     transition(b, KEEL_BREAKER_FORCED_OPEN, keel__breaker_now(b));
   return 0;
@@ -314,15 +335,25 @@ int keel_breaker_force_open(keel_breaker *b) {
 
 int keel_breaker_disable(keel_breaker *b) {
   if (b == NULL) return UV_EINVAL;
+  if (b->closing) return KEEL_ECLOSING;
   if (b->state != KEEL_BREAKER_DISABLED) transition(b, KEEL_BREAKER_DISABLED, keel__breaker_now(b));
   return 0;
 }
 
 int keel_breaker_reset(keel_breaker *b) {
   if (b == NULL) return UV_EINVAL;
-  /* Even CLOSED → CLOSED is a reset: windows and counters start over, and
-   * permits from before are stale. */
-  transition(b, KEEL_BREAKER_CLOSED, keel__breaker_now(b));
+  if (b->closing) return KEEL_ECLOSING;
+  if (b->state != KEEL_BREAKER_CLOSED) {
+    transition(b, KEEL_BREAKER_CLOSED, keel__breaker_now(b));
+    return 0;
+  }
+  /* Already CLOSED: no state change (no event, not counted), but the
+   * windows and counters still start over and permits from before are
+   * stale, as after any reset. */
+  b->generation++;
+  b->consecutive_failures = 0;
+  b->open_duration_ms = b->opts.reset_timeout_ms;
+  keel__window_clear(&b->window);
   return 0;
 }
 
@@ -358,6 +389,7 @@ const char *keel_breaker_last_error(const keel_breaker *b) {
   return b == NULL ? "breaker is NULL" : b->last_error;
 }
 
+/* The close callback of the breaker's own handles. */
 static void on_start_timer_closed(uv_handle_t *handle) {
   keel_breaker *b = handle->data;
   b->handles_open--;
@@ -373,12 +405,27 @@ void keel__breaker_maybe_free(keel_breaker *b) {
   if (cb != NULL) cb(b, data);
 }
 
+void keel__breaker_close_start_timer(keel_breaker *b) {
+  uv_close((uv_handle_t *)&b->start_timer, on_start_timer_closed);
+}
+
+void keel__breaker_close_done_handles(keel_breaker *b) {
+  uv_close((uv_handle_t *)&b->done_check, on_start_timer_closed);
+  uv_close((uv_handle_t *)&b->done_idle, on_start_timer_closed);
+}
+
+/* Calls no user code: what close owes (done(UV_ECANCELED) for every call
+ * without a result) is paid by the start timer on a later iteration, and
+ * the close callback comes after that. So close works from inside any of the
+ * breaker's callbacks. */
 void keel_breaker_close(keel_breaker *b, keel_close_cb cb, void *data) {
   if (b == NULL || b->closing) return;
   b->closing = true;
   b->close_cb = cb;
   b->close_data = data;
-  keel__breaker_cancel_calls(b);
-  keel__breaker_close_call_handles(b);
-  uv_close((uv_handle_t *)&b->start_timer, on_start_timer_closed);
+  b->generation++; /* permits out are stale: their release gets KEEL_ECLOSING */
+  keel__breaker_stop_calls(b);
+  keel__breaker_close_done_handles(b);
+  uv_timer_stop(&b->start_timer);
+  uv_timer_start(&b->start_timer, keel__breaker_on_close_pump, 0, 0);
 }

@@ -22,8 +22,10 @@ struct keel_breaker_call {
   bool timer_ready; /* uv_timer_init done (kept across reuse) */
   bool op_started;  /* op was called */
   bool op_reported; /* keel_breaker_call_done() came */
-  bool finished;    /* done was called */
-  bool in_use;
+  bool has_result;  /* reported in time: done(result) is queued */
+  int result;
+  bool finished; /* done was called (or is being called) */
+  bool in_use;   /* taken from the free list, not yet given back */
   keel_breaker_call *next_active, *prev_active;
 };
 
@@ -39,17 +41,25 @@ struct keel_breaker {
   uint32_t probes_in_flight;
   uint32_t probe_successes;
   keel__window window;
+  keel__rate failure_rate; /* opts.failure_rate_threshold, exact */
+  keel__rate slow_rate;    /* opts.slow_call_rate_threshold, exact */
   keel_breaker_stats stats;
   char last_error[KEEL__ERRBUF_SIZE];
 
   /* execute() */
   uv_timer_t start_timer; /* starts queued ops on the next iteration */
+  /* Deliver reported results in the check phase of the same iteration (the
+   * idle handle only keeps poll from blocking meanwhile). */
+  uv_check_t done_check;
+  uv_idle_t done_idle;
   keel_breaker_call *free_calls;
-  keel_breaker_call *active_calls;
+  keel_breaker_call *active_calls; /* in_use calls; handed to the close pump */
   keel_breaker_call *start_queue_head, *start_queue_tail;
+  keel_breaker_call *done_queue_head, *done_queue_tail; /* linked by next_free */
   unsigned calls_allocated;
   unsigned handles_open;
   bool closing;
+  bool calls_detached; /* the close pump took active_calls: no more unlinking */
   keel_close_cb close_cb;
   void *close_data;
 };
@@ -57,9 +67,16 @@ struct keel_breaker {
 uint64_t keel__breaker_now(keel_breaker *b);
 /* Frees the breaker once closing and nothing is outstanding. */
 void keel__breaker_maybe_free(keel_breaker *b);
-/* Called by close: cancels every execute() call. */
-void keel__breaker_cancel_calls(keel_breaker *b);
-/* Frees the execute() free list (close). */
-void keel__breaker_close_call_handles(keel_breaker *b);
+/* Called by close (no user callback): stops every call's timeout, drops the
+ * queue of operations not started and closes the free list's timers. */
+void keel__breaker_stop_calls(keel_breaker *b);
+/* The start timer's callback after close, on a later loop iteration: every
+ * execute() call without a result gets done(UV_ECANCELED), then the start
+ * timer is closed. */
+void keel__breaker_on_close_pump(uv_timer_t *timer);
+/* The pump's last step: closes the start timer. */
+void keel__breaker_close_start_timer(keel_breaker *b);
+/* Called by close: closes the check and idle handles of the done queue. */
+void keel__breaker_close_done_handles(keel_breaker *b);
 
 #endif

@@ -1,5 +1,7 @@
 #include "circuit/window.h"
 
+#include <math.h>
+
 #include "core/alloc.h"
 #include "keel/breaker.h"
 
@@ -91,4 +93,25 @@ void keel__window_record(keel__window *w, unsigned outcome, uint64_t now_ms) {
   w->calls++;
   w->failures += (outcome & KEEL__OUTCOME_FAILED) ? 1 : 0;
   w->slow += (outcome & KEEL__OUTCOME_SLOW) ? 1 : 0;
+}
+
+void keel__rate_init(keel__rate *rate, double threshold) {
+  static const uint64_t pow10[] = {1,      10,      100,      1000,      10000,
+                                   100000, 1000000, 10000000, 100000000, 1000000000};
+  rate->value = threshold;
+  rate->num = 0;
+  rate->den = 0;
+  if (!(threshold >= 0.0 && threshold <= 1.0)) return;
+  for (unsigned m = 0; m < sizeof pow10 / sizeof pow10[0]; m++) {
+    double scale = (double)pow10[m];
+    /* threshold * scale is within a few ulps of k: rounding finds k, and
+     * k / scale (one correctly rounded division) tells whether it is the
+     * decimal the threshold was rounded from. */
+    double k = floor(threshold * scale + 0.5);
+    if (k / scale == threshold) {
+      rate->num = (uint64_t)k;
+      rate->den = pow10[m];
+      return;
+    }
+  }
 }

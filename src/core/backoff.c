@@ -79,8 +79,9 @@ int keel_backoff_validate(const keel_backoff *b, const char **why) {
     problem = "backoff policy is NULL";
   else if (b->kind < KEEL_BACKOFF_FIXED || b->kind > KEEL_BACKOFF_DECORRELATED_JITTER)
     problem = "unknown backoff kind";
-  else if (!isfinite(b->factor) || b->factor < 1.0)
-    problem = "backoff factor must be a finite number >= 1";
+  else if ((b->kind == KEEL_BACKOFF_EXPONENTIAL || b->kind == KEEL_BACKOFF_FULL_JITTER) &&
+           (!isfinite(b->factor) || b->factor < 1.0))
+    problem = "backoff factor must be a finite number >= 1 (exponential and full jitter)";
   else if (b->max_ms != 0 && b->max_ms < b->base_ms)
     problem = "backoff max_ms must be 0 (no cap) or >= base_ms";
   else if (b->kind == KEEL_BACKOFF_DECORRELATED_JITTER && b->base_ms == 0)

@@ -36,6 +36,7 @@ struct keel_retry {
   bool pending;        /* outcome reported, not yet handled */
   bool done_called;    /* done delivered (or being delivered) */
   bool closing;        /* keel_retry_close() was called */
+  int owed_status;     /* closing: what done gets on the timer's next run */
   bool timer_closing;  /* uv_close() issued on the timer */
   keel_close_cb close_cb;
   void *close_data;
@@ -95,6 +96,15 @@ static void finish(keel_retry *r, int status) {
 }
 
 static void on_timer(uv_timer_t *timer);
+
+/* After close: the timer's last run delivers what close owes to done (a
+ * later iteration, never inside keel_retry_close()), then closes the timer
+ * unless an abandoned attempt has yet to report. */
+static void on_close_timer(uv_timer_t *timer) {
+  keel_retry *r = timer->data;
+  finish(r, r->owed_status); /* done may report the attempt in flight */
+  if (!r->in_flight) close_timer(r);
+}
 
 /* Handles the outcome of the attempt that just ended (from on_timer). */
 static void decide(keel_retry *r, int status) {
@@ -180,11 +190,13 @@ int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts, keel_retry_at
 }
 
 int keel_retry_report(keel_retry *r, int status) {
-  if (r == NULL || !r->in_flight) return UV_EINVAL;
+  if (r == NULL) return UV_EINVAL;
+  if (!r->in_flight) return r->closing ? KEEL_ECLOSING : UV_EINVAL;
   r->in_flight = false;
   if (r->closing) {
-    /* The late report of an abandoned attempt: the runner can go now. */
-    close_timer(r);
+    /* The report of an abandoned attempt: the runner can go once done has
+     * had its UV_ECANCELED (else on_close_timer closes the timer). */
+    if (r->done_called) close_timer(r);
     return 0;
   }
   r->pending = true;
@@ -212,12 +224,13 @@ void keel_retry_close(keel_retry *r, keel_close_cb close_cb, void *data) {
   r->close_data = data;
   uv_timer_stop(&r->timer);
   if (!r->done_called) {
-    /* A success already reported only waited for the timer: it stands. */
-    int status = r->pending && r->reported_status == 0 ? 0 : UV_ECANCELED;
+    /* A success already reported only waited for the timer: it stands.
+     * done gets its result from the timer on a later iteration, before
+     * close_cb, never inside this call. */
+    r->owed_status = r->pending && r->reported_status == 0 ? 0 : UV_ECANCELED;
     r->pending = false;
-    finish(r, status);
+    uv_timer_start(&r->timer, on_close_timer, 0, 0);
+    return;
   }
-  /* done may have received the late report already (then in_flight is
-   * false and close_timer ran or runs now; it is idempotent). */
   if (!r->in_flight) close_timer(r);
 }

@@ -89,6 +89,21 @@ int keel_integrity_new(uv_loop_t *loop, keel_pg_pool *pool, const keel_integrity
   ig->loop = loop;
   ig->pool = pool;
   ig->opts = *opts;
+  memset(ig->opts.reserved_, 0, sizeof ig->opts.reserved_);
+  ig->opts.idempotency_table = NULL;
+  const char *table = opts->idempotency_table ? opts->idempotency_table : KEEL_TX_IDEMPOTENCY_TABLE;
+  char probe[160];
+  if (keel_pg_quote_ident(probe, sizeof probe, table, true) < 0) {
+    keel__free(ig);
+    return UV_EINVAL;
+  }
+  ig->idempotency_table = keel__strdup(table);
+  if (ig->idempotency_table == NULL) {
+    keel__free(ig);
+    return UV_ENOMEM;
+  }
+  uv_timer_init(loop, &ig->close_timer);
+  ig->close_timer.data = ig;
   *out = ig;
   return 0;
 }
@@ -105,11 +120,19 @@ void keel__ig_unbegin(keel_integrity *ig) {
   ig->stats.operations--;
 }
 
-static void free_context(keel_integrity *ig) {
+static void on_close_timer_closed(uv_handle_t *h) {
+  keel_integrity *ig = h->data;
   keel_close_cb cb = ig->close_cb;
   void *data = ig->close_data;
+  keel__free(ig->idempotency_table);
   keel__free(ig);
   if (cb != NULL) cb(ig, data);
+}
+
+/* The close callback runs from the handle's close: always on a later loop
+ * iteration than keel_integrity_close(), and with no allocation. */
+static void free_context(keel_integrity *ig) {
+  uv_close((uv_handle_t *)&ig->close_timer, on_close_timer_closed);
 }
 
 void keel__ig_end(keel_integrity *ig, int status) {
@@ -121,29 +144,39 @@ void keel__ig_record_error(keel_integrity *ig, keel_pg *conn, int status,
                            const keel_pg_result *res) {
   if (status == 0) return;
   const char *sqlstate = res != NULL ? keel_pg_result_sqlstate(res) : NULL;
-  keel_sqlstate_class cls =
-      status == KEEL_ECONN ? KEEL_SQLSTATE_CONNECTION : keel_sqlstate_classify(sqlstate);
+  keel__ig_set_sqlstate(ig, sqlstate);
+  keel_sqlstate_class cls = status == KEEL_ECONN      ? KEEL_SQLSTATE_CONNECTION
+                            : status == KEEL_EINDOUBT ? KEEL_SQLSTATE_IN_DOUBT
+                                                      : keel_sqlstate_classify(sqlstate);
   if (cls != KEEL_SQLSTATE_NONE) ig->stats.by_class[cls]++;
   const char *message = res != NULL ? keel_pg_result_error(res) : NULL;
   if (status == KEEL_EPG && sqlstate != NULL && message != NULL)
     keel__fail(ig->last_error, status, "SQLSTATE %s: %s", sqlstate, message);
-  else if (conn != NULL && status == KEEL_ECONN)
+  else if (conn != NULL && (status == KEEL_ECONN || status == KEEL_EINDOUBT))
     keel__fail(ig->last_error, status, "%s", keel_pg_last_error(conn));
   else
     keel__fail(ig->last_error, status, "%s", keel_strerror(status));
 }
 
+void keel__ig_set_sqlstate(keel_integrity *ig, const char *sqlstate) {
+  if (sqlstate != NULL && strlen(sqlstate) == 5)
+    memcpy(ig->last_sqlstate, sqlstate, 6);
+  else
+    ig->last_sqlstate[0] = '\0';
+}
+
 void keel_integrity_get_stats(const keel_integrity *ig, keel_integrity_stats *out) {
   if (ig == NULL || out == NULL) return;
   *out = ig->stats;
+  memset(out->reserved_, 0, sizeof out->reserved_);
+}
+
+const char *keel_integrity_last_sqlstate(const keel_integrity *ig) {
+  return ig == NULL ? "" : ig->last_sqlstate;
 }
 
 const char *keel_integrity_last_error(const keel_integrity *ig) {
   return ig == NULL ? "context is NULL" : ig->last_error;
-}
-
-static void free_context_later(void *arg) {
-  free_context(arg);
 }
 
 void keel_integrity_close(keel_integrity *ig, keel_close_cb cb, void *data) {
@@ -152,6 +185,5 @@ void keel_integrity_close(keel_integrity *ig, keel_close_cb cb, void *data) {
   ig->close_cb = cb;
   ig->close_data = data;
   if (ig->outstanding > 0) return; /* freed when the last operation ends */
-  /* cb must still come on a later loop iteration. */
-  if (keel__call_later(ig->loop, free_context_later, ig) != 0) free_context(ig);
+  free_context(ig);
 }

@@ -4,9 +4,12 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "core/util.h"
 #include "keel/integrity.h"
+
+struct occ_retry;
 
 struct keel_integrity {
   uv_loop_t *loop;
@@ -17,6 +20,10 @@ struct keel_integrity {
   bool closing;
   keel_close_cb close_cb;
   void *close_data;
+  struct occ_retry *mutating; /* the retry loop whose mutate runs now */
+  uv_timer_t close_timer;     /* its close ends the context's close */
+  char last_sqlstate[6];
+  char *idempotency_table; /* copy of opts.idempotency_table (or the default) */
   char last_error[KEEL__ERRBUF_SIZE];
 };
 
@@ -43,10 +50,31 @@ void keel__sql_free(keel__sql *b);
 int keel__ig_begin(keel_integrity *ig);
 void keel__ig_unbegin(keel_integrity *ig);
 void keel__ig_end(keel_integrity *ig, int status);
+/* Remembers the SQLSTATE of the last failure ("" for NULL). */
+void keel__ig_set_sqlstate(keel_integrity *ig, const char *sqlstate);
 /* Checks a retry policy; UV_EINVAL with text in last_error. */
 int keel__ig_check_retry(keel_integrity *ig, const keel_retry_opts *ro);
 /* Records an error result (by SQLSTATE class) and its text. */
 void keel__ig_record_error(keel_integrity *ig, keel_pg *conn, int status,
                            const keel_pg_result *res);
+
+/* Length of the longest prefix of s[0..len) of at most max bytes that ends
+ * on a UTF-8 character boundary. */
+size_t keel__utf8_prefix(const char *s, size_t len, size_t max);
+/* A generated identifier of at most 63 bytes: prefix, at most max_part
+ * bytes of part cut on a character boundary, "_" and the hash in hex.
+ * 0 or UV_EINVAL (cap must exceed 63). */
+int keel__ig_name(char *out, size_t cap, const char *prefix, const char *part, size_t max_part,
+                  uint32_t hash);
+
+/* What became of a transaction whose COMMIT was lost in flight, by its
+ * pg_current_xact_id(): cb (on a later loop iteration) gets 0 (committed),
+ * KEEL_ECONN (aborted: certainly not) or KEEL_EINDOUBT (unknown: too old,
+ * still in progress after ~5 s, closing). Returns 0, KEEL_EINDOUBT (no
+ * xid: cb not called) or UV_ENOMEM (cb not called). */
+typedef void (*keel__xact_cb)(keel_integrity *ig, int outcome, void *data);
+int keel__ig_xact_check(keel_integrity *ig, const char *xid, keel__xact_cb cb, void *data);
+/* The statement that learns a transaction's id (pipelined first). */
+#define KEEL__XID_SQL "SELECT pg_current_xact_id()::text"
 
 #endif

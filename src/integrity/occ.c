@@ -11,7 +11,17 @@ typedef struct occ_call {
   keel_occ_cb cb;
   void *data;
   bool operation; /* a public call: ends the operation after cb */
+  bool upsert;
+  int reruns;    /* upserts re-sent because their snapshot missed the row */
+  char *sql;     /* owned: re-sent by an upsert that saw nothing */
+  char **values; /* owned copies of the parameters */
+  int nvalues;
 } occ_call;
+
+/* An upsert whose statement returned no row at all met a row inserted by a
+ * concurrent first writer after its snapshot: re-sent (a new statement sees
+ * it) at most this often. */
+#define OCC_UPSERT_RERUNS 3
 
 static const char *version_type(keel_version_kind kind) {
   return kind == KEEL_VERSION_UUID ? "uuid" : "bigint";
@@ -61,9 +71,14 @@ static int check_spec(keel_integrity *ig, const keel_occ_spec *s, bool need_valu
   return 0;
 }
 
-static void add_bump(keel__sql *b, const keel_occ_spec *s, const char *alias) {
+/* The new version: the column + 1, a server-made UUID, or (new_param > 0) a
+ * UUID keel chose, so that keel can tell afterwards whether it landed. */
+static void add_bump(keel__sql *b, const keel_occ_spec *s, const char *alias, int new_param) {
   if (s->version_kind == KEEL_VERSION_UUID) {
-    keel__sql_add(b, "gen_random_uuid()");
+    if (new_param > 0)
+      keel__sql_addf(b, "$%d::uuid", new_param);
+    else
+      keel__sql_add(b, "gen_random_uuid()");
     return;
   }
   if (alias != NULL) keel__sql_addf(b, "%s.", alias);
@@ -80,20 +95,26 @@ static void add_alive(keel__sql *b, const keel_occ_spec *s, const char *alias) {
 }
 
 /* cur: the current version, read with FOR SHARE so that under READ
- * COMMITTED it is the newest committed one, not the statement's snapshot. */
+ * COMMITTED it is the newest committed one, not the statement's snapshot.
+ * `alive` is false for a soft-deleted row (reported as not found). */
 static void add_current(keel__sql *b, const keel_occ_spec *s, const char *written) {
   keel__sql_add(b, ", cur AS (SELECT ");
   keel__sql_ident(b, s->version_column, false);
-  keel__sql_add(b, "::text AS v FROM ");
+  keel__sql_add(b, "::text AS v, ");
+  if (s->soft_delete_column == NULL || s->include_deleted) {
+    keel__sql_add(b, "true");
+  } else {
+    keel__sql_ident(b, s->soft_delete_column, false);
+    keel__sql_add(b, " IS NULL");
+  }
+  keel__sql_add(b, " AS alive FROM ");
   keel__sql_ident(b, s->table, true);
   keel__sql_add(b, " WHERE ");
   keel__sql_ident(b, s->key_column, false);
-  keel__sql_add(b, " = $1");
-  add_alive(b, s, NULL);
-  keel__sql_addf(b, " AND NOT EXISTS (SELECT 1 FROM %s) FOR SHARE)", written);
+  keel__sql_addf(b, " = $1 AND NOT EXISTS (SELECT 1 FROM %s) FOR SHARE)", written);
 }
 
-static void build_update(keel__sql *b, const keel_occ_spec *s) {
+static void build_update(keel__sql *b, const keel_occ_spec *s, int new_param) {
   keel__sql_add(b, "WITH upd AS (UPDATE ");
   keel__sql_ident(b, s->table, true);
   keel__sql_add(b, " SET ");
@@ -103,7 +124,7 @@ static void build_update(keel__sql *b, const keel_occ_spec *s) {
   }
   keel__sql_ident(b, s->version_column, false);
   keel__sql_add(b, " = ");
-  add_bump(b, s, NULL);
+  add_bump(b, s, NULL, new_param);
   keel__sql_add(b, " WHERE ");
   keel__sql_ident(b, s->key_column, false);
   keel__sql_add(b, " = $1 AND ");
@@ -116,7 +137,7 @@ static void build_update(keel__sql *b, const keel_occ_spec *s) {
   add_current(b, s, "upd");
   keel__sql_add(b,
                 " SELECT 'u' AS o, v, false AS inserted FROM upd"
-                " UNION ALL SELECT 'c', v, false FROM cur");
+                " UNION ALL SELECT CASE WHEN alive THEN 'c' ELSE 'd' END, v, false FROM cur");
 }
 
 static void build_upsert(keel__sql *b, const keel_occ_spec *s) {
@@ -144,7 +165,7 @@ static void build_upsert(keel__sql *b, const keel_occ_spec *s) {
   }
   keel__sql_ident(b, s->version_column, false);
   keel__sql_add(b, " = ");
-  add_bump(b, s, "t0");
+  add_bump(b, s, "t0", 0);
   keel__sql_add(b, " WHERE t0.");
   keel__sql_ident(b, s->version_column, false);
   keel__sql_addf(b, " = $2::%s", version_type(s->version_kind));
@@ -155,7 +176,61 @@ static void build_upsert(keel__sql *b, const keel_occ_spec *s) {
   add_current(b, s, "ins");
   keel__sql_add(b,
                 " SELECT 'u' AS o, v, inserted FROM ins"
-                " UNION ALL SELECT 'c', v, false FROM cur");
+                " UNION ALL SELECT CASE WHEN alive THEN 'c' ELSE 'd' END, v, false FROM cur");
+}
+
+static void free_values(char **values, int n) {
+  if (values == NULL) return;
+  for (int i = 0; i < n; i++) keel__free(values[i]);
+  keel__free(values);
+}
+
+static void occ_call_free(occ_call *call) {
+  keel__free(call->sql);
+  free_values(call->values, call->nvalues);
+  keel__free(call);
+}
+
+/* Reads the outcome of a versioned write (update, upsert or the retry
+ * loop's update): the status, and *version / *inserted valid while res is.
+ * Returns 1 when an upsert saw no row at all (a concurrent first insert
+ * committed after its snapshot: send it again). */
+static int occ_outcome(keel_integrity *ig, keel_pg *conn, int *status, const keel_pg_result *res,
+                       const char **version, bool *inserted, bool upsert) {
+  *version = NULL;
+  *inserted = false;
+  if (*status != 0) {
+    keel__ig_record_error(ig, conn, *status, res);
+    *status = keel_sqlstate_map(*status, res);
+    return 0;
+  }
+  if (keel_pg_result_nrows(res) == 0) {
+    if (upsert) return 1;
+    *status = KEEL_ENOTFOUND;
+    ig->stats.not_found++;
+    keel__fail(ig->last_error, KEEL_ENOTFOUND, "no such row");
+    return 0;
+  }
+  const char *outcome = keel_pg_result_value(res, 0, 0);
+  const char *v = keel_pg_result_value(res, 0, 1);
+  const char *ins = keel_pg_result_value(res, 0, 2);
+  if (outcome != NULL && outcome[0] == 'd') {
+    *status = KEEL_ENOTFOUND;
+    ig->stats.not_found++;
+    keel__fail(ig->last_error, KEEL_ENOTFOUND, "no such row (soft-deleted)");
+    return 0;
+  }
+  *version = v;
+  if (outcome != NULL && outcome[0] == 'c') {
+    *status = KEEL_ECONFLICT;
+    ig->stats.conflicts++;
+    keel__fail(ig->last_error, KEEL_ECONFLICT, "version conflict: current version is %s",
+               v ? v : "?");
+    return 0;
+  }
+  *inserted = ins != NULL && ins[0] == 't';
+  if (*inserted) ig->stats.inserted++;
+  return 0;
 }
 
 static void on_occ_result(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
@@ -163,64 +238,86 @@ static void on_occ_result(keel_pg *conn, int status, const keel_pg_result *res, 
   keel_integrity *ig = call->ig;
   const char *version = NULL;
   bool inserted = false;
-  if (status == 0) {
-    if (keel_pg_result_nrows(res) == 0) {
-      status = KEEL_ENOTFOUND;
-      ig->stats.not_found++;
-      keel__fail(ig->last_error, KEEL_ENOTFOUND, "no such row");
-    } else {
-      const char *outcome = keel_pg_result_value(res, 0, 0);
-      version = keel_pg_result_value(res, 0, 1);
-      const char *ins = keel_pg_result_value(res, 0, 2);
-      inserted = ins != NULL && ins[0] == 't';
-      if (outcome != NULL && outcome[0] == 'c') {
-        status = KEEL_ECONFLICT;
-        inserted = false;
-        ig->stats.conflicts++;
-        keel__fail(ig->last_error, KEEL_ECONFLICT, "version conflict: current version is %s",
-                   version ? version : "?");
-      } else if (inserted) {
-        ig->stats.inserted++;
+  if (occ_outcome(ig, conn, &status, res, &version, &inserted, call->upsert)) {
+    /* The row a concurrent writer inserted is invisible to this statement's
+     * snapshot; the same upsert sent again sees it (conflict with its
+     * version, or the update when the version matches). */
+    int rc = UV_EAGAIN;
+    if (call->reruns < OCC_UPSERT_RERUNS && !ig->closing) {
+      call->reruns++;
+      rc = keel_pg_pool_query_cached(ig->pool, call->sql, call->nvalues,
+                                     (const char *const *)call->values, on_occ_result, call);
+      if (rc == 0) {
+        ig->stats.attempts++;
+        return;
       }
     }
-  } else {
-    keel__ig_record_error(ig, conn, status, res);
-    status = keel_sqlstate_map(status, res);
+    status = rc == UV_EAGAIN ? KEEL_ECONFLICT : rc;
+    if (status == KEEL_ECONFLICT) ig->stats.conflicts++;
+    keel__fail(ig->last_error, status, "upsert: the row changed under every attempt");
   }
-  occ_call copy = *call;
-  keel__free(call);
-  copy.cb(ig, status, version, inserted, copy.data);
-  if (copy.operation) keel__ig_end(ig, status);
+  keel_occ_cb cb = call->cb;
+  void *cb_data = call->data;
+  bool operation = call->operation;
+  occ_call_free(call);
+  if (status == KEEL_EINDOUBT) ig->stats.in_doubt++;
+  cb(ig, status, version, inserted, cb_data);
+  if (operation) keel__ig_end(ig, status);
 }
 
-/* Builds and sends one versioned write; counts an attempt. */
+static char **copy_values(const char *const *values, int n, bool *failed) {
+  char **copy = keel__calloc((size_t)n + 1, sizeof *copy);
+  if (copy == NULL) {
+    *failed = true;
+    return NULL;
+  }
+  for (int i = 0; i < n; i++) {
+    if (values[i] == NULL) continue;
+    copy[i] = keel__strdup(values[i]);
+    if (copy[i] == NULL) *failed = true;
+  }
+  return copy;
+}
+
+/* Builds and sends one versioned write through the pool; counts an attempt. */
 static int occ_send(keel_integrity *ig, const keel_occ_spec *s, bool upsert, keel_occ_cb cb,
-                    void *data, bool operation) {
+                    void *data) {
   keel__sql b = {0};
   if (upsert)
     build_upsert(&b, s);
   else
-    build_update(&b, s);
-  if (b.failed) {
-    keel__sql_free(&b);
-    return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
-  }
+    build_update(&b, s, 0);
   const char *values[OCC_MAX_SET + 2];
   values[0] = s->key_value;
   values[1] = s->expected_version;
   for (int i = 0; i < s->set_count; i++) values[i + 2] = s->set_values[i];
-  occ_call *call = keel__malloc(sizeof *call);
+  occ_call *call = b.failed ? NULL : keel__calloc(1, sizeof *call);
   if (call == NULL) {
     keel__sql_free(&b);
     return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
   }
-  *call = (occ_call){ig, cb, data, operation};
-  int rc =
-      keel_pg_pool_query_cached(ig->pool, b.text, s->set_count + 2, values, on_occ_result, call);
+  *call = (occ_call){.ig = ig, .cb = cb, .data = data, .operation = true, .upsert = upsert};
+  if (upsert) {
+    /* Kept for a re-send (see on_occ_result). */
+    bool failed = false;
+    call->nvalues = s->set_count + 2;
+    call->values = copy_values(values, call->nvalues, &failed);
+    call->sql = b.text;
+    b.text = NULL;
+    if (failed) {
+      occ_call_free(call);
+      keel__sql_free(&b);
+      return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
+    }
+  }
+  int rc = keel_pg_pool_query_cached(ig->pool, upsert ? call->sql : b.text, s->set_count + 2,
+                                     values, on_occ_result, call);
   keel__sql_free(&b);
   if (rc != 0) {
-    keel__free(call);
-    return keel__fail(ig->last_error, rc, "%s", keel_pg_pool_last_error(ig->pool));
+    occ_call_free(call);
+    return rc == KEEL_ECLOSING
+               ? rc
+               : keel__fail(ig->last_error, rc, "%s", keel_pg_pool_last_error(ig->pool));
   }
   ig->stats.attempts++;
   return 0;
@@ -229,12 +326,13 @@ static int occ_send(keel_integrity *ig, const keel_occ_spec *s, bool upsert, kee
 static int run_occ(keel_integrity *ig, const keel_occ_spec *s, keel_occ_cb cb, void *data,
                    bool upsert) {
   if (ig == NULL) return UV_EINVAL;
+  if (ig->closing) return keel__fail(ig->last_error, KEEL_ECLOSING, "the context is closing");
   int rc = check_spec(ig, s, true, !upsert);
   if (rc != 0) return rc;
   if (cb == NULL) return keel__fail(ig->last_error, UV_EINVAL, "a callback is required");
   rc = keel__ig_begin(ig);
   if (rc != 0) return rc;
-  rc = occ_send(ig, s, upsert, cb, data, true);
+  rc = occ_send(ig, s, upsert, cb, data);
   if (rc != 0) keel__ig_unbegin(ig);
   return rc;
 }
@@ -254,15 +352,26 @@ typedef struct occ_retry {
   keel_occ_spec spec; /* strings below are copies */
   char *table, *key_column, *key_value, *version_column, *soft_delete_column;
   char **set_columns;
+  char *vals[OCC_MAX_SET]; /* values set with keel_occ_set_value() */
+  bool is_set[OCC_MAX_SET];
   keel_occ_mutate_fn mutate;
   keel_occ_retry_cb done;
   void *data;
   keel_retry_classify_fn user_classify; /* NULL: keel_integrity_retryable */
   void *user_classify_data;
+  keel_retry_event_cb user_on_retry;
   keel_retry *runner;
+  keel_pg_tx *tx; /* the current attempt's transaction */
   char *read_sql;
+  char *update_sql;
   char version[64];
   bool have_version;
+  char mine[40];    /* UUID versions: the new version keel chose */
+  char xid[32];     /* the attempt's transaction id ("" unknown) */
+  int outcome;      /* keel's verdict on the attempt (0: none) */
+  unsigned pending; /* keel's statements whose callback is still due */
+  bool finished;    /* done has run */
+  bool freeable;    /* and the context is done with r */
 } occ_retry;
 
 static void occ_retry_free(occ_retry *r) {
@@ -274,49 +383,188 @@ static void occ_retry_free(occ_retry *r) {
   if (r->set_columns != NULL)
     for (int i = 0; i < r->spec.set_count; i++) keel__free(r->set_columns[i]);
   keel__free(r->set_columns);
+  for (int i = 0; i < OCC_MAX_SET; i++) keel__free(r->vals[i]);
   keel__free(r->read_sql);
+  keel__free(r->update_sql);
   keel__free(r);
 }
 
-static void after_versioned_update(keel_integrity *ig, int status, const char *version,
-                                   bool inserted, void *data) {
-  (void)ig;
-  (void)inserted;
+int keel_occ_set_value(keel_integrity *ig, int index, const char *value) {
+  if (ig == NULL) return UV_EINVAL;
+  occ_retry *r = ig->mutating;
+  if (r == NULL || index < 0 || index >= r->spec.set_count)
+    return keel__fail(ig->last_error, UV_EINVAL,
+                      "keel_occ_set_value: only inside mutate, index within set_count");
+  char *copy = NULL;
+  if (value != NULL && (copy = keel__strdup(value)) == NULL)
+    return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
+  keel__free(r->vals[index]);
+  r->vals[index] = copy;
+  r->is_set[index] = true;
+  return 0;
+}
+
+/* keel's statements call back into r, possibly after the attempt ended (a
+ * pool close): r lives until the last of them. True when r is finished. */
+static bool statement_back(occ_retry *r) {
+  r->pending--;
+  if (!r->finished) return false;
+  if (r->pending == 0 && r->freeable) occ_retry_free(r);
+  return true;
+}
+
+/* A random (version 4) UUID for the new version of a UUID-versioned row. */
+static void make_uuid(char *out, size_t cap) {
+  unsigned char b[16];
+  if (uv_random(NULL, NULL, b, sizeof b, 0, NULL) != 0) {
+    static uint64_t counter;
+    uint64_t t = uv_hrtime(), c = ++counter;
+    memcpy(b, &t, 8);
+    memcpy(b + 8, &c, 8);
+  }
+  b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
+  b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
+  snprintf(out, cap, "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0],
+           b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
+           b[15]);
+}
+
+static void after_update(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   occ_retry *r = data;
+  if (statement_back(r)) return;
+  const char *version = NULL;
+  bool inserted = false;
+  occ_outcome(r->ig, conn, &status, res, &version, &inserted, false);
   r->have_version = version != NULL;
   if (version != NULL) snprintf(r->version, sizeof r->version, "%s", version);
-  keel_retry_report(r->runner, status);
+  r->outcome = status;
+  /* Written: COMMIT. Anything else (a conflict included): ROLLBACK. */
+  keel_pg_tx_finish(r->tx, status);
+}
+
+static void on_xid(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  (void)conn;
+  occ_retry *r = data;
+  if (statement_back(r)) return;
+  const char *xid = status == 0 ? keel_pg_result_value(res, 0, 0) : NULL;
+  if (xid != NULL && strlen(xid) < sizeof r->xid) memcpy(r->xid, xid, strlen(xid) + 1);
 }
 
 static void after_read(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   occ_retry *r = data;
+  if (statement_back(r)) return;
   keel_integrity *ig = r->ig;
   r->have_version = false;
   if (status != 0) {
     keel__ig_record_error(ig, conn, status, res);
-    keel_retry_report(r->runner, keel_sqlstate_map(status, res));
+    r->outcome = keel_sqlstate_map(status, res);
+    keel_pg_tx_finish(r->tx, r->outcome);
     return;
   }
   if (keel_pg_result_nrows(res) == 0) {
     ig->stats.not_found++;
     keel__fail(ig->last_error, KEEL_ENOTFOUND, "no such row");
-    keel_retry_report(r->runner, KEEL_ENOTFOUND);
+    r->outcome = KEEL_ENOTFOUND;
+    keel_pg_tx_finish(r->tx, KEEL_ENOTFOUND);
     return;
   }
-  const char *values[OCC_MAX_SET + 1] = {0};
-  int rc = r->mutate(ig, res, values, r->data);
+  const char *values[OCC_MAX_SET + 4] = {0};
+  for (int i = 0; i < OCC_MAX_SET; i++) {
+    keel__free(r->vals[i]);
+    r->vals[i] = NULL;
+    r->is_set[i] = false;
+  }
+  ig->mutating = r;
+  int rc = r->mutate(ig, res, values + 2, r->data);
+  ig->mutating = NULL;
   if (rc != 0) {
     ig->stats.aborted++;
     rc = rc < 0 ? rc : KEEL_EABORTED;
     keel__fail(ig->last_error, rc, "the mutate callback stopped the retry loop");
-    keel_retry_report(r->runner, rc);
+    r->outcome = rc;
+    keel_pg_tx_finish(r->tx, rc);
     return;
   }
-  keel_occ_spec spec = r->spec;
-  spec.expected_version = keel_pg_result_get(res, 0, "__keel_version");
-  spec.set_values = values;
-  rc = ig->closing ? UV_ECANCELED : occ_send(ig, &spec, false, after_versioned_update, r, false);
-  if (rc != 0) keel_retry_report(r->runner, rc);
+  for (int i = 0; i < r->spec.set_count; i++)
+    if (r->is_set[i]) values[i + 2] = r->vals[i];
+  int n = r->spec.set_count + 2;
+  values[0] = r->key_value;
+  values[1] = keel_pg_result_get(res, 0, "__keel_version");
+  if (r->spec.version_kind == KEEL_VERSION_UUID) {
+    make_uuid(r->mine, sizeof r->mine);
+    values[n] = r->mine;
+    n++;
+  }
+  rc = ig->closing ? UV_ECANCELED
+                   : keel_pg_query_cached(conn, r->update_sql, n, values, after_update, r);
+  if (rc != 0) {
+    r->outcome = rc;
+    keel_pg_tx_finish(r->tx, rc);
+    return;
+  }
+  r->pending++;
+  ig->stats.attempts++;
+}
+
+/* One attempt is one transaction: its id, the read, then (after mutate) the
+ * versioned update and COMMIT, on one session; a COMMIT lost in flight is
+ * then looked up by the transaction's id. */
+static void occ_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
+  occ_retry *r = data;
+  r->tx = tx;
+  r->xid[0] = '\0';
+  r->outcome = 0;
+  const char *values[] = {r->key_value};
+  int rc = r->ig->closing ? UV_ECANCELED : keel_pg_query(conn, KEEL__XID_SQL, 0, NULL, on_xid, r);
+  if (rc == 0) {
+    r->pending++;
+    rc = keel_pg_query_cached(conn, r->read_sql, 1, values, after_read, r);
+    if (rc == 0) r->pending++;
+  }
+  if (rc != 0) {
+    r->outcome = rc;
+    keel_pg_tx_finish(tx, rc);
+  }
+}
+
+static void on_commit_resolved(keel_integrity *ig, int outcome, void *data) {
+  occ_retry *r = data;
+  if (outcome == KEEL_ECONN)
+    keel__fail(ig->last_error, KEEL_ECONN,
+               "versioned update: COMMIT lost in flight and not committed");
+  else if (outcome == KEEL_EINDOUBT)
+    keel__fail(ig->last_error, KEEL_EINDOUBT,
+               "versioned update: COMMIT lost in flight, outcome unknown");
+  keel_retry_report(r->runner, outcome);
+}
+
+static void occ_tx_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
+  (void)pool;
+  occ_retry *r = data;
+  keel_integrity *ig = r->ig;
+  if (status == 0) {
+    keel_retry_report(r->runner, 0);
+    return;
+  }
+  if (status == KEEL_EINDOUBT) {
+    /* The update was written and its COMMIT lost: ask what became of it. */
+    if (keel__ig_xact_check(ig, r->xid, on_commit_resolved, r) == 0) return;
+    keel__fail(ig->last_error, KEEL_EINDOUBT,
+               "versioned update: COMMIT lost in flight, outcome unknown");
+    keel_retry_report(r->runner, KEEL_EINDOUBT);
+    return;
+  }
+  /* Our own verdict (conflict, not found, mutate's error) when we gave one;
+   * otherwise the transaction's (its first failing statement). */
+  if (r->outcome != 0 && status == r->outcome) {
+    keel_retry_report(r->runner, status);
+    return;
+  }
+  keel__ig_set_sqlstate(ig, sqlstate);
+  int mapped = sqlstate != NULL ? keel_sqlstate_error(sqlstate) : 0;
+  if (mapped != 0 && (status == KEEL_EPG || mapped != KEEL_EPG)) status = mapped;
+  if (status == KEEL_ECONN) ig->stats.by_class[KEEL_SQLSTATE_CONNECTION]++;
+  keel_retry_report(r->runner, status);
 }
 
 static void occ_attempt(keel_retry *runner, unsigned attempt, void *data) {
@@ -327,27 +575,37 @@ static void occ_attempt(keel_retry *runner, unsigned attempt, void *data) {
     keel_retry_report(runner, UV_ECANCELED);
     return;
   }
-  const char *values[] = {r->key_value};
-  int rc = keel_pg_pool_query_cached(r->ig->pool, r->read_sql, 1, values, after_read, r);
-  if (rc != 0) keel_retry_report(runner, rc);
+  int rc = keel_pg_pool_transaction(r->ig->pool, KEEL_PG_READ_COMMITTED, occ_body, occ_tx_done, r);
+  if (rc != 0) keel_retry_report(runner, rc == KEEL_ECLOSING ? UV_ECANCELED : rc);
 }
 
 static int occ_classify(int status, void *data) {
   occ_retry *r = data;
   if (status == KEEL_ECONFLICT) return 1;
   if (status == KEEL_ENOTFOUND || status == KEEL_EABORTED || status == UV_ECANCELED ||
-      status == KEEL_ECLOSING)
+      status == KEEL_ECLOSING || status == KEEL_EINDOUBT)
     return 0;
   return r->user_classify != NULL ? r->user_classify(status, r->user_classify_data)
                                   : keel_integrity_retryable(status, NULL);
 }
 
+static void occ_on_retry(keel_retry *runner, unsigned next, int status, uint64_t delay_ms,
+                         void *data) {
+  occ_retry *r = data;
+  r->user_on_retry(runner, next, status, delay_ms, r->data);
+}
+
 static void occ_done(keel_retry *runner, int status, unsigned attempts, void *data) {
   occ_retry *r = data;
   keel_integrity *ig = r->ig;
-  r->done(ig, status, r->have_version ? r->version : NULL, attempts, r->data);
+  if (status == KEEL_EINDOUBT) ig->stats.in_doubt++;
+  r->finished = true;
+  r->done(ig, status,
+          status == 0 || status == KEEL_ECONFLICT ? (r->have_version ? r->version : NULL) : NULL,
+          attempts, r->data);
   keel_retry_close(runner, NULL, NULL);
-  occ_retry_free(r);
+  r->freeable = true;
+  if (r->pending == 0) occ_retry_free(r);
   keel__ig_end(ig, status);
 }
 
@@ -361,6 +619,7 @@ static char *dup_or_null(const char *s, bool *failed) {
 int keel_occ_retry(keel_integrity *ig, const keel_occ_spec *spec, const keel_retry_opts *opts,
                    keel_occ_mutate_fn mutate, keel_occ_retry_cb done, void *data) {
   if (ig == NULL) return UV_EINVAL;
+  if (ig->closing) return keel__fail(ig->last_error, KEEL_ECLOSING, "the context is closing");
   int rc = check_spec(ig, spec, false, false);
   if (rc != 0) return rc;
   if (mutate == NULL || done == NULL)
@@ -380,6 +639,7 @@ int keel_occ_retry(keel_integrity *ig, const keel_occ_spec *spec, const keel_ret
   r->spec.set_values = NULL;
   r->user_classify = ro.classify;
   r->user_classify_data = ro.classify_data;
+  r->user_on_retry = ro.on_retry;
   r->table = dup_or_null(spec->table, &failed);
   r->key_column = dup_or_null(spec->key_column, &failed);
   r->key_value = dup_or_null(spec->key_value, &failed);
@@ -405,12 +665,17 @@ int keel_occ_retry(keel_integrity *ig, const keel_occ_spec *spec, const keel_ret
   keel__sql_add(&b, " = $1");
   add_alive(&b, spec, NULL);
   r->read_sql = b.text;
-  if (b.failed || failed) {
+  keel__sql u = {.failed = failed};
+  int n = spec->set_count + 2;
+  if (!failed) build_update(&u, &r->spec, spec->version_kind == KEEL_VERSION_UUID ? n + 1 : 0);
+  r->update_sql = u.text;
+  if (b.failed || u.failed || failed) {
     occ_retry_free(r);
     return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
   }
   ro.classify = occ_classify;
   ro.classify_data = r;
+  if (ro.on_retry != NULL) ro.on_retry = occ_on_retry;
   rc = keel__ig_begin(ig);
   if (rc == 0) {
     keel_retry *runner;
@@ -483,9 +748,31 @@ static uint32_t name_hash(const char *a, const char *b) {
   return h;
 }
 
+/* PostgreSQL keeps at most 63 bytes of an identifier. */
+#define PG_NAME_MAX 63
+
+size_t keel__utf8_prefix(const char *s, size_t len, size_t max) {
+  if (len <= max) return len;
+  size_t n = max;
+  /* Back up over continuation bytes (10xxxxxx) to a character's start. */
+  while (n > 0 && ((unsigned char)s[n] & 0xc0) == 0x80) n--;
+  return n;
+}
+
+int keel__ig_name(char *out, size_t cap, const char *prefix, const char *part, size_t max_part,
+                  uint32_t hash) {
+  size_t fixed = strlen(prefix) + 9; /* "_" and eight hex digits */
+  if (fixed > PG_NAME_MAX || cap <= PG_NAME_MAX) return UV_EINVAL;
+  if (max_part > PG_NAME_MAX - fixed) max_part = PG_NAME_MAX - fixed;
+  size_t keep = keel__utf8_prefix(part, strlen(part), max_part);
+  int n = snprintf(out, cap, "%s%.*s_%08x", prefix, (int)keep, part, (unsigned)hash);
+  return n > 0 && (size_t)n <= PG_NAME_MAX ? 0 : UV_EINVAL;
+}
+
 int keel_occ_install(keel_integrity *ig, const char *table, const char *column,
                      keel_version_kind kind, keel_integrity_done_cb cb, void *data) {
   if (ig == NULL) return UV_EINVAL;
+  if (ig->closing) return keel__fail(ig->last_error, KEEL_ECLOSING, "the context is closing");
   char probe[160];
   if (table == NULL || column == NULL ||
       keel_pg_quote_ident(probe, sizeof probe, table, true) < 0 ||
@@ -495,16 +782,20 @@ int keel_occ_install(keel_integrity *ig, const char *table, const char *column,
     return keel__fail(ig->last_error, UV_EINVAL, "keel_occ_install: unknown kind %d", (int)kind);
   const char *dot = strchr(table, '.');
   const char *bare = dot != NULL ? dot + 1 : table;
-  uint32_t h = name_hash(table, column);
+  /* Names of at most 63 bytes: a readable prefix of the table (24 bytes)
+   * or column (32 bytes) cut on a UTF-8 character boundary, then a hash of
+   * the full names (the same names earlier releases gave ASCII tables). */
+  char fn_bare[PG_NAME_MAX + 1], trigger_name[PG_NAME_MAX + 1], fn_name[2 * PG_NAME_MAX + 2];
+  if (keel__ig_name(fn_bare, sizeof fn_bare, "keel_occ_bump_", bare, 24,
+                    name_hash(table, column)) != 0 ||
+      keel__ig_name(trigger_name, sizeof trigger_name, "keel_occ_", column, 32,
+                    name_hash(column, "")) != 0)
+    return keel__fail(ig->last_error, UV_EINVAL, "keel_occ_install: cannot name the trigger");
   /* The function lives in the table's schema (when one is named). */
-  char fn_name[160], trigger_name[64];
   if (dot != NULL)
-    snprintf(fn_name, sizeof fn_name, "%.*s.keel_occ_bump_%.24s_%08x", (int)(dot - table), table,
-             bare, (unsigned)h);
+    snprintf(fn_name, sizeof fn_name, "%.*s.%s", (int)(dot - table), table, fn_bare);
   else
-    snprintf(fn_name, sizeof fn_name, "keel_occ_bump_%.24s_%08x", bare, (unsigned)h);
-  snprintf(trigger_name, sizeof trigger_name, "keel_occ_%.32s_%08x", column,
-           (unsigned)name_hash(column, ""));
+    snprintf(fn_name, sizeof fn_name, "%s", fn_bare);
   keel__sql s[INSTALL_STEPS] = {{0}};
   /* Concurrent installers (of any table) take turns: CREATE OR REPLACE
    * FUNCTION and the trigger swap race otherwise. */

@@ -13,13 +13,20 @@ typedef struct slug_job {
   keel_slug_cb cb;
   void *data;
   char *insert_sql;
-  char **values; /* $1 base, $2 max length, then the other columns */
-  int nvalues;
+  char **values; /* $1 base, $2 max length, the other columns, then the pid */
+  int nvalues;   /* including the pid slot */
   char lock_key[512];
+  char pid[16]; /* the backend the statements are bound to */
   keel_pg *conn;
   int attempts;
-  int insert_status;
-  char insert_sqlstate[6];
+  int pending;      /* statements queued whose callback is still due */
+  int queue_error;  /* queueing a statement failed (no memory) */
+  int first_status; /* the attempt's first failure */
+  char first_sqlstate[6];
+  int commit_status;
+  bool inserted;       /* the INSERT returned its row */
+  bool session_lost;   /* a statement ran on a session other than BEGIN's */
+  bool needs_rollback; /* queueing failed after BEGIN was queued */
   char slug[128];
 } slug_job;
 
@@ -33,60 +40,174 @@ static void slug_job_free(slug_job *job) {
 static void finish(slug_job *job, int status) {
   keel_integrity *ig = job->ig;
   if (status == 0) ig->stats.slug_inserts++;
+  if (status == KEEL_EINDOUBT) ig->stats.in_doubt++;
   job->cb(ig, status, status == 0 ? job->slug : NULL, job->data);
   slug_job_free(job);
   keel__ig_end(ig, status);
 }
 
 static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *data);
+static void send_rest(slug_job *job, keel_pg *conn);
+static void on_end(keel_pg *conn, int status, const keel_pg_result *res, void *data);
+static bool queue(slug_job *job, keel_pg *conn, const char *sql, int n, const char *const *values,
+                  keel_pg_result_cb cb, bool cached);
 
-static void ignore_result(keel_pg *c, int status, const keel_pg_result *res, void *data) {
-  (void)c;
-  (void)status;
-  (void)res;
-  (void)data;
-}
-
-static void on_insert(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
-  (void)conn;
-  slug_job *job = data;
-  job->insert_status = status;
-  job->insert_sqlstate[0] = '\0';
-  if (status == 0) {
-    const char *slug = keel_pg_result_value(res, 0, 0);
-    snprintf(job->slug, sizeof job->slug, "%s", slug ? slug : "");
-  } else {
-    const char *state = keel_pg_result_sqlstate(res);
-    if (state != NULL) snprintf(job->insert_sqlstate, sizeof job->insert_sqlstate, "%s", state);
-    keel__ig_record_error(job->ig, conn, status, res);
-  }
-}
-
-static void on_commit(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
-  slug_job *job = data;
+/* Every statement's callback has run: the attempt's outcome is known. */
+static void settle(slug_job *job) {
   keel_integrity *ig = job->ig;
-  keel_pg_pool_release(ig->pool, conn);
+  if (job->needs_rollback) {
+    /* A half-queued attempt: never hand the connection back inside an open
+     * transaction. ROLLBACK now, or drop the session when even that cannot
+     * be queued (nothing is in flight on it any more). */
+    job->needs_rollback = false;
+    int err = job->queue_error;
+    job->queue_error = 0;
+    bool queued = queue(job, job->conn, "ROLLBACK", 0, NULL, on_end, false);
+    job->queue_error = err;
+    if (queued) return; /* settle() again after its callback */
+    keel_pg_reset(job->conn);
+  }
+  keel_pg_pool_release(ig->pool, job->conn);
   job->conn = NULL;
-  if (status != 0 && job->insert_status == 0) keel__ig_record_error(ig, conn, status, res);
-  int outcome = job->insert_status != 0 ? job->insert_status : status;
-  if (outcome == KEEL_EPG) {
-    int mapped = keel_sqlstate_error(job->insert_sqlstate);
-    if (mapped != 0) outcome = mapped;
+  int outcome;
+  if (job->queue_error != 0) {
+    outcome = job->queue_error; /* rolled back (or the session reset) */
+  } else if (job->session_lost) {
+    /* A statement ran on a new session: the transaction of BEGIN died with
+     * the old one, and nothing ran alone on the new one. */
+    outcome = KEEL_ECONN;
+    keel__fail(ig->last_error, KEEL_ECONN, "slug insert: the session was lost (rolled back)");
+  } else if (job->inserted && job->commit_status == 0) {
+    outcome = 0;
+  } else if (job->inserted && job->commit_status == KEEL_EINDOUBT) {
+    outcome = KEEL_EINDOUBT; /* COMMIT sent, connection lost: unknown */
+  } else if (job->first_status != 0) {
+    /* The first failure tells why (later statements only say 25P02). */
+    outcome = job->first_status;
+    if (outcome == KEEL_EPG) {
+      int mapped = keel_sqlstate_error(job->first_sqlstate);
+      if (mapped != 0) outcome = mapped;
+    }
+    if (outcome == KEEL_EINDOUBT) outcome = KEEL_ECONN; /* before the COMMIT: rolled back */
+  } else {
+    outcome = KEEL_ECONN; /* no row and no error: nothing was inserted */
   }
   if (outcome == KEEL_EUNIQUE) ig->stats.slug_collisions++;
-  /* A unique violation (another base's suffix, a writer outside keel) or a
-   * serialization failure rolled the insert back: try again. A lost
-   * connection is not retried: the pipelined COMMIT may have run. */
-  bool retry =
-      (outcome == KEEL_EUNIQUE || outcome == KEEL_ESERIALIZATION || outcome == KEEL_ERETRYABLE) &&
-      job->attempts < (int)ig->opts.slug_max_attempts && !ig->closing;
+  /* Retried: a unique violation (another base's suffix, a writer outside
+   * keel), a serialization failure, a lock not available, and a lost
+   * connection that certainly rolled the insert back (KEEL_ECONN). Never a
+   * COMMIT lost in flight (KEEL_EINDOUBT). */
+  bool retry = (outcome == KEEL_EUNIQUE || outcome == KEEL_ESERIALIZATION ||
+                outcome == KEEL_ERETRYABLE || outcome == KEEL_ECONN) &&
+               job->attempts < (int)ig->opts.slug_max_attempts && !ig->closing;
   if (retry) {
     ig->stats.retries++;
     int rc = keel_pg_pool_acquire(ig->pool, on_acquired, job);
     if (rc == 0) return;
-    outcome = rc;
+    outcome = rc == KEEL_ECLOSING ? UV_ECANCELED : rc;
   }
   finish(job, outcome);
+}
+
+static void stmt_done(slug_job *job) {
+  if (--job->pending == 0) settle(job);
+}
+
+/* Keeps the first failure of the attempt, with its SQLSTATE. */
+static void record(slug_job *job, keel_pg *conn, int status, const keel_pg_result *res) {
+  if (status == 0) return;
+  const char *state = keel_pg_result_sqlstate(res);
+  const char *message = keel_pg_result_error(res);
+  if (message != NULL && strstr(message, "keel_slug_session_lost") != NULL)
+    job->session_lost = true;
+  if (state != NULL && strcmp(state, "25P01") == 0) job->session_lost = true;
+  if (job->first_status != 0) return;
+  job->first_status = status;
+  snprintf(job->first_sqlstate, sizeof job->first_sqlstate, "%s", state != NULL ? state : "");
+  keel__ig_record_error(job->ig, conn, status, res);
+}
+
+static void on_begin(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  slug_job *job = data;
+  record(job, conn, status, res);
+  if (status == 0 && job->pid[0] == '\0') {
+    /* Connected only now: bind the rest to this session and send it. */
+    snprintf(job->pid, sizeof job->pid, "%d", keel_pg_backend_pid(conn));
+    send_rest(job, conn);
+  }
+  stmt_done(job);
+}
+
+static void on_lock(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  record(data, conn, status, res);
+  stmt_done(data);
+}
+
+static void on_insert(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  slug_job *job = data;
+  if (status == 0 && keel_pg_result_nrows(res) > 0) {
+    const char *slug = keel_pg_result_value(res, 0, 0);
+    snprintf(job->slug, sizeof job->slug, "%s", slug ? slug : "");
+    job->inserted = true;
+  }
+  record(job, conn, status, res);
+  stmt_done(job);
+}
+
+static void on_commit(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  slug_job *job = data;
+  job->commit_status = status;
+  record(job, conn, status, res);
+  stmt_done(job);
+}
+
+static void on_end(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  (void)conn;
+  (void)status;
+  (void)res;
+  stmt_done(data);
+}
+
+/* Queues one statement of the attempt; a failure (no memory) is recorded. */
+static bool queue(slug_job *job, keel_pg *conn, const char *sql, int n, const char *const *values,
+                  keel_pg_result_cb cb, bool cached) {
+  if (job->queue_error != 0) return false;
+  int rc = cached ? keel_pg_query_cached(conn, sql, n, values, cb, job)
+                  : keel_pg_query(conn, sql, n, values, cb, job);
+  if (rc != 0) {
+    job->queue_error = rc == KEEL_ECLOSING ? UV_ECANCELED : rc;
+    keel__fail(job->ig->last_error, job->queue_error, "cannot queue the slug insert");
+    return false;
+  }
+  job->pending++;
+  return true;
+}
+
+/* The lock, the INSERT, COMMIT AND CHAIN and ROLLBACK, after BEGIN. Each is
+ * bound to the session BEGIN ran in: the INSERT inserts nothing on another
+ * backend, and COMMIT AND CHAIN fails (25P01) outside a transaction block,
+ * so none of them takes effect alone on a new session. The ROLLBACK ends
+ * the chained transaction (a no-op elsewhere). */
+static void send_rest(slug_job *job, keel_pg *conn) {
+  const char *lock_params[] = {job->lock_key};
+  job->values[job->nvalues - 1] = job->pid;
+  /* The two-key form: its own lock space, apart from the user's
+   * single-key advisory locks. */
+  queue(job, conn, "SELECT pg_advisory_xact_lock(hashtext('keel_slug'), hashtext($1))", 1,
+        lock_params, on_lock, true);
+  bool inserted_queued = queue(job, conn, job->insert_sql, job->nvalues,
+                               (const char *const *)job->values, on_insert, true);
+  job->values[job->nvalues - 1] = NULL; /* job->pid is not owned by values */
+  queue(job, conn, "COMMIT AND CHAIN", 0, NULL, on_commit, false);
+  if (job->queue_error == 0) {
+    queue(job, conn, "ROLLBACK", 0, NULL, on_end, false);
+    if (job->queue_error == 0) return;
+  }
+  /* Queueing failed half-way (no memory): the statements already queued
+   * still call back into job, so it lives on until they have (settle()
+   * then ends the transaction before the connection goes back). */
+  job->needs_rollback = true;
+  (void)inserted_queued;
 }
 
 static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *data) {
@@ -99,35 +220,24 @@ static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *dat
   }
   job->conn = conn;
   job->attempts++;
-  job->insert_status = 0;
+  job->pending = 0;
+  job->queue_error = 0;
+  job->first_status = job->commit_status = 0;
+  job->first_sqlstate[0] = '\0';
+  job->inserted = job->session_lost = job->needs_rollback = false;
   ig->stats.attempts++;
-  ig->stats.slug_round_trips++; /* the four statements go out in one write */
-  const char *lock_params[] = {job->lock_key};
-  int queued = 0;
-  int rc = keel_pg_query(conn, "BEGIN", 0, NULL, ignore_result, NULL);
-  if (rc == 0) {
-    queued++;
-    /* The two-key form: its own lock space, apart from the user's
-     * single-key advisory locks. */
-    rc = keel_pg_query_cached(conn,
-                              "SELECT pg_advisory_xact_lock(hashtext('keel_slug'), hashtext($1))",
-                              1, lock_params, ignore_result, NULL);
-  }
-  if (rc == 0)
-    rc = keel_pg_query_cached(conn, job->insert_sql, job->nvalues, (const char *const *)job->values,
-                              on_insert, job);
-  /* After a failed INSERT, COMMIT answers ROLLBACK: either way the
-   * transaction and its lock end here. */
-  if (rc == 0) rc = keel_pg_query(conn, "COMMIT", 0, NULL, on_commit, job);
-  if (rc == 0) return;
-  /* Queueing failed half-way (no memory): never hand back a connection
-   * inside an open transaction. */
-  if (queued > 0 && keel_pg_query(conn, "ROLLBACK", 0, NULL, ignore_result, NULL) != 0)
-    keel_pg_reset(conn);
-  job->conn = NULL;
-  keel_pg_pool_release(ig->pool, conn);
-  keel__fail(ig->last_error, rc, "cannot queue the slug insert");
-  finish(job, rc);
+  ig->stats.slug_round_trips++; /* the statements go out in one write */
+  int pid = keel_pg_backend_pid(conn);
+  if (pid > 0)
+    snprintf(job->pid, sizeof job->pid, "%d", pid);
+  else
+    job->pid[0] = '\0'; /* not connected yet: the rest follows BEGIN */
+  /* One extra count keeps settle() from running before this returns. */
+  job->pending = 1;
+  if (queue(job, conn, "BEGIN", 0, NULL, on_begin, false) && job->pid[0] != '\0')
+    send_rest(job, conn);
+  job->pending--;
+  if (job->pending == 0) settle(job); /* nothing was queued */
 }
 
 /* The slug for suffix number `n` (an SQL expression): the base for 1,
@@ -188,8 +298,9 @@ int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_c
     keel__sql_add(&b, ", ");
     keel__sql_ident(&b, spec->columns[i], false);
   }
+  keel__sql_addf(&b, ") VALUES ((CASE WHEN pg_backend_pid() = $%d::int THEN ", spec->count + 3);
   keel__sql_add(&b,
-                ") VALUES ((WITH RECURSIVE gallop(n) AS (SELECT 1 UNION ALL SELECT n * 2 "
+                "(WITH RECURSIVE gallop(n) AS (SELECT 1 UNION ALL SELECT n * 2 "
                 "FROM gallop WHERE n < 1048576 AND ");
   add_taken(&b, spec, "n");
   keel__sql_add(&b,
@@ -201,6 +312,9 @@ int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_c
   keel__sql_add(&b, " THEN hi ELSE (lo + hi) / 2 END FROM bisect WHERE hi - lo > 1) SELECT ");
   add_candidate(&b, "min(hi)");
   keel__sql_add(&b, " FROM bisect)");
+  /* Bound to the session of its BEGIN: on another backend it fails and
+   * inserts nothing (and keel knows the transaction is gone). */
+  keel__sql_add(&b, " ELSE ('keel_slug_session_lost ' || pg_backend_pid())::int::text END)");
   for (int i = 0; i < spec->count; i++) keel__sql_addf(&b, ", $%d", i + 3);
   keel__sql_add(&b, ") RETURNING ");
   keel__sql_ident(&b, spec->slug_column, false);
@@ -218,7 +332,7 @@ int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_c
   job->cb = cb;
   job->data = data;
   job->insert_sql = b.text;
-  job->nvalues = spec->count + 2;
+  job->nvalues = spec->count + 3;
   job->values = keel__calloc((size_t)job->nvalues, sizeof(char *));
   bool failed = job->values == NULL;
   char max_text[16];

@@ -11,6 +11,7 @@
 #include "pg/pg_internal.h"
 
 static void on_poll(uv_poll_t *poll, int status, int events);
+static void disconnect(keel_pg *c, int status, const char *reason);
 static void start_connect(keel_pg *c);
 static void flush_queries(keel_pg *c);
 static void arm_deadline(keel_pg *c);
@@ -24,6 +25,7 @@ void keel_pg_opts_init(keel_pg_opts *opts) {
   keel_backoff_full_jitter(&opts->reconnect_backoff, 100, 2.0, 10000);
   opts->reconnect = true;
   opts->pipeline = true;
+  opts->max_pending = 100000;
 }
 
 static uint64_t now_ms(keel_pg *c) {
@@ -34,15 +36,122 @@ bool keel__pg_idle(const keel_pg *c) {
   return c->pending_head == NULL && c->sent_head == NULL;
 }
 
+/* ---- transaction control ------------------------------------------------ */
+
+static bool is_space(char ch) {
+  return ch == ' ' || ch == '\t' || ch == '\n' || ch == '\r' || ch == '\f' || ch == '\v';
+}
+
+static bool is_letter(char ch) {
+  return (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_';
+}
+
+/* Reads the next keyword of sql from *at (after blanks and comments), lower
+ * case, into word; "" when the next token is not a word. */
+static void next_word(const char *sql, size_t *at, char *word, size_t cap) {
+  size_t i = *at;
+  for (;;) {
+    while (is_space(sql[i])) i++;
+    if (sql[i] == '-' && sql[i + 1] == '-') {
+      while (sql[i] != '\0' && sql[i] != '\n') i++;
+      continue;
+    }
+    if (sql[i] == '/' && sql[i + 1] == '*') {
+      i += 2;
+      while (sql[i] != '\0' && !(sql[i] == '*' && sql[i + 1] == '/')) i++;
+      if (sql[i] != '\0') i += 2;
+      continue;
+    }
+    break;
+  }
+  size_t n = 0;
+  while (is_letter(sql[i])) {
+    char ch = sql[i++];
+    if (ch >= 'A' && ch <= 'Z') ch = (char)(ch - 'A' + 'a');
+    if (n + 1 < cap) word[n++] = ch;
+  }
+  word[n] = '\0';
+  *at = i;
+}
+
+/* What the statement does to the session's transaction block, from its
+ * leading keywords (one statement per query in the extended protocol). */
+static unsigned char classify_statement(const char *sql, bool *chain) {
+  char words[6][16];
+  size_t at = 0;
+  int n = 0;
+  for (; n < 6; n++) {
+    next_word(sql, &at, words[n], sizeof words[n]);
+    if (words[n][0] == '\0') break;
+  }
+  *chain = false;
+  if (n == 0) return KEEL__PG_KIND_OTHER;
+  const char *w = words[0];
+  bool second_prepared = n > 1 && strcmp(words[1], "prepared") == 0;
+  unsigned char kind = KEEL__PG_KIND_OTHER;
+  if (strcmp(w, "begin") == 0)
+    kind = KEEL__PG_KIND_BEGIN;
+  else if (strcmp(w, "start") == 0 && n > 1 && strcmp(words[1], "transaction") == 0)
+    kind = KEEL__PG_KIND_BEGIN;
+  else if ((strcmp(w, "commit") == 0 || strcmp(w, "end") == 0) && !second_prepared)
+    kind = KEEL__PG_KIND_COMMIT;
+  else if (strcmp(w, "prepare") == 0 && n > 1 && strcmp(words[1], "transaction") == 0)
+    kind = KEEL__PG_KIND_COMMIT;
+  else if ((strcmp(w, "rollback") == 0 || strcmp(w, "abort") == 0) && !second_prepared &&
+           !(n > 1 && strcmp(words[1], "to") == 0))
+    kind = KEEL__PG_KIND_ROLLBACK;
+  if (kind == KEEL__PG_KIND_COMMIT || kind == KEEL__PG_KIND_ROLLBACK)
+    for (int i = 1; i + 1 < n; i++)
+      if (strcmp(words[i], "and") == 0 && strcmp(words[i + 1], "chain") == 0) *chain = true;
+  return kind;
+}
+
+/* true when q must not run now: it is bound to a session that is gone, or
+ * it belongs to a transaction block whose BEGIN failed or whose session was
+ * lost (the server rolled the block back; running it in autocommit on a new
+ * session would apply half a transaction). */
+static bool unrunnable(const keel_pg *c, const keel__pg_query *q) {
+  bool live = c->state == KEEL__PG_CONNECTED;
+  if (q->session != 0 && (!live || q->session != c->session)) return true;
+  if (q->block != 0 && !q->begins_block && q->block <= c->blocks_begun &&
+      !(live && c->live_block == q->block))
+    return true;
+  return false;
+}
+
+static void on_flush_timer(uv_timer_t *timer);
+
+static void schedule_flush(keel_pg *c) {
+  if (c->state != KEEL__PG_CLOSING && !uv_is_active((uv_handle_t *)&c->flush_timer))
+    uv_timer_start(&c->flush_timer, on_flush_timer, 0, 0);
+}
+
 /* ---- delivering results ------------------------------------------------ */
 
 void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, const char *text) {
+  if (q->begins_block) {
+    /* The BEGIN has left the queue: the block's other statements may now be
+     * judged. A failed BEGIN opened no block: the statements queued in it
+     * fail, later ones are not bound to it (but a COMMIT/ROLLBACK that
+     * follows at once still is: it must not run alone). */
+    if (q->block > c->blocks_begun) c->blocks_begun = q->block;
+    if (status != 0) {
+      if (c->live_block == q->block) c->live_block = 0;
+      if (c->enq_block == q->block) {
+        c->enq_block = 0;
+        c->failed_block = q->block;
+      }
+      c->stale_possible = true;
+      schedule_flush(c);
+    }
+  }
   if (!q->internal) { /* health checks are not the user's statements */
     c->stats.queries++;
     if (status == KEEL_EPG) c->stats.errors++;
+    if (status == KEEL_EINDOUBT) c->stats.in_doubt++;
   }
   if (status != 0) c->error_generation++;
-  if (status == KEEL_EPG && res != NULL) {
+  if ((status == KEEL_EPG || status == KEEL_EINDOUBT) && res != NULL) {
     const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
     const char *message = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
     keel__fail(c->last_error, status, "SQLSTATE %s: %s", state ? state : "?????",
@@ -50,6 +159,7 @@ void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, 
   } else if (status != 0 && text != NULL) {
     keel__fail(c->last_error, status, "%s", text);
   }
+  keel__pg_note_failure(c, q, status, res);
   if (q->cb != NULL && !q->internal) {
     keel_pg_result result = {res, text};
     c->callback_depth++;
@@ -77,22 +187,21 @@ void keel__pg_fail_all(keel_pg *c, keel__pg_query **head, keel__pg_query **tail,
   }
 }
 
-/* Fails the unsent statements bound to a session that is gone: they belong
- * to a transaction the server already rolled back, and must never run in
- * autocommit on a new session. */
+/* Fails the unsent statements that must not run (see unrunnable()): they
+ * belong to a transaction the server already rolled back, or whose BEGIN
+ * failed, and must never run in autocommit on a new session. */
 static void fail_stale_bound(keel_pg *c) {
-  /* Only a new session, a lost one or a stale enqueue can make a statement
-   * stale: walking the queue on every flush would make a long queue
-   * quadratic. */
+  /* Only a new session, a lost one, a failed BEGIN or a stale enqueue can
+   * make a statement stale: walking the queue on every flush would make a
+   * long queue quadratic. */
   if (!c->stale_possible) return;
   c->stale_possible = false;
-  bool live = c->state == KEEL__PG_CONNECTED;
   keel__pg_query **link = &c->pending_head;
   keel__pg_query *prev = NULL;
   keel__pg_query *stale = NULL, *stale_tail = NULL;
   while (*link != NULL) {
     keel__pg_query *q = *link;
-    if (q->session != 0 && (!live || q->session != c->session)) {
+    if (unrunnable(c, q)) {
       *link = q->next;
       c->pending_count--;
       q->next = NULL;
@@ -110,7 +219,8 @@ static void fail_stale_bound(keel_pg *c) {
   while (stale != NULL && c->state != KEEL__PG_CLOSING) {
     keel__pg_query *next = stale->next;
     keel__pg_deliver(c, stale, KEEL_ECONN, NULL,
-                     "connection lost during the transaction (rolled back by the server)");
+                     "not run: its transaction block was rolled back with a lost session, "
+                     "or its BEGIN failed");
     stale = next;
   }
   /* Closed meanwhile: the rest are cancelled like every other statement. */
@@ -121,23 +231,77 @@ static void fail_stale_bound(keel_pg *c) {
   }
 }
 
+static bool reply_ok(const PGresult *res) {
+  ExecStatusType st = PQresultStatus(res);
+  return st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK || st == PGRES_EMPTY_QUERY;
+}
+
+/*
+ * Delivers a sent statement whose session ended (lost, reset, timed out or
+ * closed) before its sync point. A reply that arrived in full is kept: an
+ * error, or a success of a statement whose effect the reply itself settles
+ * (transaction control; a statement inside a transaction block). An
+ * autocommit statement commits only at its sync: with the reply in but not
+ * the sync, and with no reply at all, it may or may not have taken effect
+ * (`unknown`). A COMMIT without its reply is unknown too. Everything else
+ * rolled back with the session: `certain`.
+ */
+static void deliver_lost(keel_pg *c, keel__pg_query *q, int certain, int unknown, const char *why) {
+  PGresult *res = q->result;
+  q->result = NULL;
+  if (res != NULL && q->inherited != NULL) { /* a failed PREPARE's error is its reply */
+    PQclear(res);
+    res = q->inherited;
+    q->inherited = NULL;
+  }
+  if (res != NULL) {
+    if (!reply_ok(res)) {
+      keel__pg_deliver(c, q, KEEL_EPG, res, NULL);
+      return;
+    }
+    if (q->kind != KEEL__PG_KIND_OTHER || q->in_block) {
+      keel__pg_deliver(c, q, 0, res, NULL);
+      return;
+    }
+  }
+  if (res != NULL) PQclear(res);
+  bool doubt = q->kind == KEEL__PG_KIND_COMMIT || q->commit_after ||
+               (q->kind == KEEL__PG_KIND_OTHER && !q->in_block);
+  int status = doubt ? unknown : certain;
+  char text[KEEL__ERRBUF_SIZE];
+  if (status == KEEL_EINDOUBT)
+    snprintf(text, sizeof text,
+             "%s before the statement's outcome was known: it was sent and may or may not have "
+             "taken effect",
+             why);
+  else
+    snprintf(text, sizeof text, "%s", why);
+  keel__pg_deliver(c, q, status, NULL, text);
+}
+
 /* ---- socket watching ---------------------------------------------------- */
 
 /* Frees the connection once it is closing and its last handle is closed. */
+static void free_conn_memory(keel_pg *c);
+
 static void handle_closed(keel_pg *c) {
   c->handles_open--;
   if (c->state != KEEL__PG_CLOSING || c->handles_open != 0) return;
   /* What close left queued is cancelled now, on a later iteration than the
    * close call: in-flight statements first, then unsent ones, as queued. */
-  keel__pg_fail_all(c, &c->sent_head, &c->sent_tail, &c->sent_count, UV_ECANCELED,
-                    "connection closed");
+  keel__pg_query *sent = c->sent_head;
+  c->sent_head = c->sent_tail = NULL;
+  c->sent_count = 0;
+  while (sent != NULL) { /* a reply already in is still delivered as it is */
+    keel__pg_query *next = sent->next;
+    deliver_lost(c, sent, UV_ECANCELED, UV_ECANCELED, "connection closed");
+    sent = next;
+  }
   keel__pg_fail_all(c, &c->pending_head, &c->pending_tail, &c->pending_count, UV_ECANCELED,
                     "connection closed");
   keel_close_cb cb = c->close_cb;
   void *data = c->close_data;
-  for (int i = 0; i < KEEL__PG_PREPARED_MAX; i++) keel__free(c->prepared[i].sql);
-  keel__free(c->conninfo);
-  keel__free(c);
+  free_conn_memory(c);
   if (cb != NULL) cb(c, data);
 }
 
@@ -206,6 +370,30 @@ static void on_reconnect_timer(uv_timer_t *timer) {
   start_connect(c);
 }
 
+/* Marks the statements of a block whose COMMIT was sent after them (the
+ * COMMIT's fate is theirs). Blocks are contiguous in send order: one walk
+ * over the reversed list, reversed back. */
+static keel__pg_query *reverse(keel__pg_query *q) {
+  keel__pg_query *prev = NULL;
+  while (q != NULL) {
+    keel__pg_query *next = q->next;
+    q->next = prev;
+    prev = q;
+    q = next;
+  }
+  return prev;
+}
+
+static void mark_commit_after(keel__pg_query *head) {
+  keel__pg_query *tail = reverse(head);
+  uint64_t committing = 0;
+  for (keel__pg_query *q = tail; q != NULL; q = q->next) {
+    if (q->block != 0 && q->block == committing) q->commit_after = true;
+    if (q->kind == KEEL__PG_KIND_COMMIT && q->block != 0) committing = q->block;
+  }
+  reverse(tail);
+}
+
 /* Tears the connection down; the queries it had sent fail with status. */
 static void disconnect(keel_pg *c, int status, const char *reason) {
   /* reason may point into the PGconn that is about to be freed. */
@@ -224,16 +412,35 @@ static void disconnect(keel_pg *c, int status, const char *reason) {
   uv_timer_stop(&c->health_timer);
   keel__fail(c->last_error, status, "%s", why);
   if (was_up) c->stats.disconnects++;
-  c->state = c->opts.reconnect ? KEEL__PG_WAITING : KEEL__PG_STOPPED;
+  /* A refused login or a missing database will not fix itself: stop,
+   * unless told to keep trying. */
+  bool permanent =
+      (status == KEEL_EAUTH || status == KEEL_ENODB) && !c->opts.retry_permanent_errors;
+  c->state = c->opts.reconnect && !permanent ? KEEL__PG_WAITING : KEEL__PG_STOPPED;
+  if (c->state == KEEL__PG_STOPPED) {
+    c->stop_status = permanent ? status : KEEL_ECONN;
+    snprintf(c->stop_reason, sizeof c->stop_reason, "%s", why);
+  }
   c->stale_possible = true;
-  /* Sent statements may or may not have run: they fail. Unsent ones wait for
-   * the next connection, unless there will be none. */
-  keel__pg_fail_all(c, &c->sent_head, &c->sent_tail, &c->sent_count, status, why);
+  c->live_block = 0;
+  c->send_in_block = false;
+  /* Sent statements: kept, in doubt or failed (deliver_lost()). Unsent ones
+   * wait for the next connection, unless there will be none. */
+  keel__pg_query *sent = c->sent_head;
+  c->sent_head = c->sent_tail = NULL;
+  c->sent_count = 0;
+  mark_commit_after(sent);
+  while (sent != NULL) {
+    keel__pg_query *next = sent->next;
+    deliver_lost(c, sent, KEEL_ECONN, KEEL_EINDOUBT, why);
+    sent = next;
+  }
   if (c->state == KEEL__PG_CLOSING) return;
   fail_stale_bound(c);
   if (c->state == KEEL__PG_CLOSING) return;
-  if (!c->opts.reconnect)
-    keel__pg_fail_all(c, &c->pending_head, &c->pending_tail, &c->pending_count, status, why);
+  if (c->state == KEEL__PG_STOPPED)
+    keel__pg_fail_all(c, &c->pending_head, &c->pending_tail, &c->pending_count,
+                      c->stop_status == KEEL_ECONN ? KEEL_ECONN : status, why);
   if (c->state == KEEL__PG_CLOSING) return;
   notify_state(c, false, status);
   if (c->state != KEEL__PG_WAITING) return;
@@ -245,10 +452,52 @@ static void disconnect(keel_pg *c, int status, const char *reason) {
   arm_deadline(c);
 }
 
+/* The code of a failed login: libpq keeps no SQLSTATE for it, but with
+ * verbose errors (set while connecting) its message carries one. */
+static int connect_error_code(PGconn *conn) {
+  if (conn == NULL) return KEEL_ECONN;
+  if (PQconnectionNeedsPassword(conn)) return KEEL_EAUTH;
+  const char *message = PQerrorMessage(conn);
+  if (strstr(message, ":  28P01:") != NULL || strstr(message, ":  28000:") != NULL)
+    return KEEL_EAUTH;
+  if (strstr(message, ":  3D000:") != NULL) return KEEL_ENODB;
+  return KEEL_ECONN;
+}
+
+/* libpq's message without the verbose LOCATION lines, on one line. */
+static void connect_message(PGconn *conn, char *out, size_t cap) {
+  const char *m = conn != NULL ? PQerrorMessage(conn) : "";
+  size_t n = 0;
+  while (*m != '\0' && n + 1 < cap) {
+    const char *eol = strchr(m, '\n');
+    size_t len = eol != NULL ? (size_t)(eol - m) : strlen(m);
+    if (strncmp(m, "LOCATION:", 9) != 0 && len > 0) {
+      if (n > 0 && n + 2 < cap) {
+        out[n++] = ';';
+        out[n++] = ' ';
+      }
+      size_t room = cap - 1 - n;
+      size_t take = len < room ? len : room;
+      memcpy(out + n, m, take);
+      n += take;
+    }
+    m += len;
+    if (*m == '\n') m++;
+  }
+  out[n] = '\0';
+}
+
 static void fail_connect(keel_pg *c, int status) {
-  char why[KEEL__ERRBUF_SIZE];
-  const char *message = c->conn != NULL ? PQerrorMessage(c->conn) : "connection failed";
-  snprintf(why, sizeof why, "connection failed: %s", message);
+  char why[2 * KEEL__ERRBUF_SIZE], message[KEEL__ERRBUF_SIZE];
+  connect_message(c->conn, message, sizeof message);
+  if (status == KEEL_ECONN) status = connect_error_code(c->conn);
+  if (status == UV_ETIMEDOUT)
+    snprintf(why, sizeof why, "connect timed out after %u ms%s%s%s", c->opts.connect_timeout_ms,
+             c->lookup != NULL ? " (resolving the host name)" : "", message[0] ? ": " : "",
+             message);
+  else
+    snprintf(why, sizeof why, "connection failed (%s): %s", keel_err_name(status),
+             message[0] ? message : keel_strerror(status));
   disconnect(c, status, why);
 }
 
@@ -261,6 +510,7 @@ static void on_health_timer(uv_timer_t *timer);
 
 static void connected(keel_pg *c) {
   uv_timer_stop(&c->connect_timer);
+  PQsetErrorVerbosity(c->conn, PQERRORS_DEFAULT);
   c->state = KEEL__PG_CONNECTED;
   c->stats.connects++;
   c->session++;
@@ -305,27 +555,222 @@ static void continue_connect(keel_pg *c) {
   }
 }
 
-static void ignore_notice(void *arg, const char *message) {
-  (void)arg;
-  (void)message;
+/* Server notices are not printed (libpq would write them to stderr). A
+ * FATAL or PANIC that arrives while no statement is in flight comes here
+ * too: the server is ending the session (57P01 after pg_terminate_backend,
+ * an idle-session timeout), so it is lost now, not at the EOF that follows. */
+static void on_notice(void *arg, const PGresult *res) {
+  keel_pg *c = arg;
+  const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+  if (severity == NULL) severity = PQresultErrorField(res, PG_DIAG_SEVERITY);
+  if (severity == NULL || (strcmp(severity, "FATAL") != 0 && strcmp(severity, "PANIC") != 0))
+    return;
+  const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+  const char *message = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+  c->session_ending = true;
+  snprintf(c->ending, sizeof c->ending, "connection lost (SQLSTATE %s: %s)",
+           state ? state : "?????", message ? message : "session ended by the server");
 }
 
-static void start_connect(keel_pg *c) {
-  c->state = KEEL__PG_CONNECTING;
-  c->conn = PQconnectStart(c->conninfo);
+/* Opens the libpq connection: with the conninfo as given, or (resolved)
+ * with the host, hostaddr and port lists built by the lookups. */
+static void open_connection(keel_pg *c, bool resolved) {
+  if (!resolved) {
+    c->conn = PQconnectStart(c->conninfo);
+  } else {
+    size_t n = 0;
+    for (PQconninfoOption *o = c->params; o->keyword != NULL; o++) n++;
+    const char **keys = keel__calloc(n + 4, sizeof *keys);
+    const char **values = keel__calloc(n + 4, sizeof *values);
+    if (keys == NULL || values == NULL) {
+      keel__free(keys);
+      keel__free(values);
+      disconnect(c, UV_ENOMEM, "out of memory starting a connection");
+      return;
+    }
+    size_t k = 0;
+    for (PQconninfoOption *o = c->params; o->keyword != NULL; o++) {
+      if (o->val == NULL || strcmp(o->keyword, "hostaddr") == 0 || strcmp(o->keyword, "host") == 0)
+        continue;
+      if (c->ports != NULL && strcmp(o->keyword, "port") == 0) continue;
+      keys[k] = o->keyword;
+      values[k++] = o->val;
+    }
+    keys[k] = "host"; /* kept for TLS (SNI, certificate name) and messages */
+    values[k++] = c->out[0];
+    keys[k] = "hostaddr";
+    values[k++] = c->out[1];
+    if (c->ports != NULL) {
+      keys[k] = "port";
+      values[k++] = c->out[2];
+    }
+    c->conn = PQconnectStartParams(keys, values, 0);
+    keel__free(keys);
+    keel__free(values);
+  }
   if (c->conn == NULL) {
     disconnect(c, UV_ENOMEM, "out of memory starting a connection");
     return;
   }
+  /* The SQLSTATE of a refused login shows only in verbose messages. */
+  PQsetErrorVerbosity(c->conn, PQERRORS_VERBOSE);
   if (PQstatus(c->conn) == CONNECTION_BAD) {
     fail_connect(c, KEEL_ECONN);
     return;
   }
   PQsetnonblocking(c->conn, 1);
   /* libpq prints server notices to stderr by default; a library must not. */
-  PQsetNoticeProcessor(c->conn, ignore_notice, NULL);
-  uv_timer_start(&c->connect_timer, on_connect_timeout, c->opts.connect_timeout_ms, 0);
+  c->session_ending = false;
+  PQsetNoticeReceiver(c->conn, on_notice, c);
   continue_connect(c);
+}
+
+/* ---- host name resolution (libuv's threadpool, never the loop) --------- */
+
+typedef struct keel__pg_lookup {
+  uv_getaddrinfo_t req;
+  keel_pg *c;
+  uint64_t attempt;
+} keel__pg_lookup;
+
+static bool needs_lookup(const char *host) {
+  if (host[0] == '\0' || host[0] == '/' || host[0] == '@') return false;
+  unsigned char buf[16];
+  return uv_inet_pton(AF_INET, host, buf) != 0 && uv_inet_pton(AF_INET6, host, buf) != 0;
+}
+
+static const char *list_item(const char *list, unsigned index) {
+  const char *h = list;
+  for (unsigned i = 0; i < index; i++) h += strlen(h) + 1;
+  return h;
+}
+
+/* Appends an item to out list k (0 host, 1 hostaddr, 2 port). */
+static bool out_append(keel_pg *c, int k, const char *item) {
+  size_t len = strlen(item);
+  size_t need = c->out_len[k] + len + 2;
+  if (need > c->out_cap[k]) {
+    size_t cap = need * 2;
+    char *grown = keel__realloc(c->out[k], cap);
+    if (grown == NULL) return false;
+    c->out[k] = grown;
+    c->out_cap[k] = cap;
+  }
+  if (c->out_len[k] > 0) c->out[k][c->out_len[k]++] = ',';
+  memcpy(c->out[k] + c->out_len[k], item, len);
+  c->out_len[k] += len;
+  c->out[k][c->out_len[k]] = '\0';
+  return true;
+}
+
+/* One host/hostaddr(/port) entry for libpq; addr "" = use the name. */
+static bool add_target(keel_pg *c, const char *addr) {
+  const char *host = list_item(c->hosts, c->host_index);
+  return out_append(c, 0, host) && out_append(c, 1, addr) &&
+         (c->ports == NULL || out_append(c, 2, list_item(c->ports, c->host_index)));
+}
+
+static void resolve_next(keel_pg *c);
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  keel__pg_lookup *lookup = KEEL__CONTAINER_OF(req, keel__pg_lookup, req);
+  keel_pg *c = lookup->c;
+  bool current = c->lookup == lookup;
+  keel__free(lookup);
+  if (!current) { /* its attempt timed out, was reset or closed */
+    if (res != NULL) uv_freeaddrinfo(res);
+    handle_closed(c);
+    return;
+  }
+  c->lookup = NULL;
+  c->handles_open--;
+  if (c->state != KEEL__PG_CONNECTING) {
+    if (res != NULL) uv_freeaddrinfo(res);
+    return;
+  }
+  /* Every address, in the resolver's order, as libpq itself would try
+   * them: one host entry per address (at most 8 per name). */
+  int added = 0;
+  bool oom = false;
+  for (struct addrinfo *ai = res; status == 0 && ai != NULL && added < 8 && !oom;
+       ai = ai->ai_next) {
+    char addr[64] = "";
+    if (ai->ai_family == AF_INET6)
+      uv_ip6_name((const struct sockaddr_in6 *)ai->ai_addr, addr, sizeof addr);
+    else if (ai->ai_family == AF_INET)
+      uv_ip4_name((const struct sockaddr_in *)ai->ai_addr, addr, sizeof addr);
+    if (addr[0] == '\0') continue;
+    if (!add_target(c, addr))
+      oom = true;
+    else
+      added++;
+  }
+  if (res != NULL) uv_freeaddrinfo(res);
+  if (oom) {
+    disconnect(c, UV_ENOMEM, "out of memory resolving the host name");
+    return;
+  }
+  if (added == 0) {
+    char why[KEEL__ERRBUF_SIZE];
+    snprintf(why, sizeof why, "could not resolve host \"%s\": %s",
+             list_item(c->hosts, c->host_index), status != 0 ? uv_strerror(status) : "no address");
+    disconnect(c, KEEL_ECONN, why);
+    return;
+  }
+  c->host_index++;
+  resolve_next(c);
+}
+
+static void resolve_next(keel_pg *c) {
+  while (c->host_index < c->nhosts) {
+    const char *host = list_item(c->hosts, c->host_index);
+    if (!needs_lookup(host)) {
+      if (!add_target(c, "")) { /* libpq uses the host item itself */
+        disconnect(c, UV_ENOMEM, "out of memory resolving the host name");
+        return;
+      }
+      c->host_index++;
+      continue;
+    }
+    keel__pg_lookup *lookup = keel__malloc(sizeof *lookup);
+    if (lookup == NULL) {
+      disconnect(c, UV_ENOMEM, "out of memory resolving the host name");
+      return;
+    }
+    lookup->c = c;
+    lookup->attempt = c->attempt;
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    int rc = uv_getaddrinfo(c->loop, &lookup->req, on_resolved, host, NULL, &hints);
+    if (rc != 0) {
+      keel__free(lookup);
+      char why[KEEL__ERRBUF_SIZE];
+      snprintf(why, sizeof why, "could not resolve host \"%s\": %s", host, uv_strerror(rc));
+      disconnect(c, rc == UV_ENOMEM ? UV_ENOMEM : KEEL_ECONN, why);
+      return;
+    }
+    c->lookup = lookup;
+    c->handles_open++;
+    return;
+  }
+  open_connection(c, true);
+}
+
+static void start_connect(keel_pg *c) {
+  c->state = KEEL__PG_CONNECTING;
+  c->attempt++;
+  c->lookup = NULL; /* a lookup of an earlier attempt finishes on its own */
+  /* The deadline covers the name lookup too. */
+  uv_timer_start(&c->connect_timer, on_connect_timeout, c->opts.connect_timeout_ms, 0);
+  if (c->hosts == NULL) {
+    open_connection(c, false);
+    return;
+  }
+  c->host_index = 0;
+  c->out_len[0] = c->out_len[1] = c->out_len[2] = 0;
+  resolve_next(c);
 }
 
 /* ---- sending and receiving -------------------------------------------- */
@@ -373,9 +818,17 @@ static void drop_prepared(keel_pg *c, int slot) {
   c->prepared[slot].sql = NULL;
 }
 
+/* What a failed libpq send call means: the session is gone (KEEL_ECONN), or
+ * libpq refused this statement and the connection is fine (KEEL_ESEND). */
+static int send_failure(keel_pg *c) {
+  return PQstatus(c->conn) == CONNECTION_BAD ? KEEL_ECONN : KEEL_ESEND;
+}
+
 /* Sends one statement: by name when it is cached (preparing it first, in
- * the same pipeline, the first time in a session), otherwise with its text. */
-static bool send_statement(keel_pg *c, keel__pg_query *q) {
+ * the same pipeline, the first time in a session), otherwise with its text.
+ * Returns 0, KEEL_ESEND (libpq refused it; nothing of it was queued) or
+ * KEEL_ECONN (the connection is unusable). */
+static int send_statement(keel_pg *c, keel__pg_query *q) {
 #if defined(LIBPQ_HAS_PIPELINING)
   if (q->cached && c->pipeline_on) {
     bool fresh = false;
@@ -383,19 +836,28 @@ static bool send_statement(keel_pg *c, keel__pg_query *q) {
     if (slot >= 0) {
       char name[24];
       snprintf(name, sizeof name, "keel_s%d", slot);
+      keel__pg_query *prepare = NULL;
       if (fresh) {
-        keel__pg_query *prepare = keel__calloc(1, sizeof *prepare);
+        prepare = keel__calloc(1, sizeof *prepare);
         if (prepare == NULL) {
           drop_prepared(c, slot);
-          return PQsendQueryParams(c->conn, q->sql, q->nparams, NULL, q->values, NULL, NULL, 0);
+          return PQsendQueryParams(c->conn, q->sql, q->nparams, NULL, q->values, NULL, NULL, 0)
+                     ? 0
+                     : send_failure(c);
         }
         prepare->internal = true;
         prepare->prepare_slot = slot;
         /* It heads the sent list before q: q's deadline must apply to it. */
         prepare->deadline_ms = q->deadline_ms;
-        if (!PQsendPrepare(c->conn, name, q->sql, q->nparams, NULL) || !PQpipelineSync(c->conn)) {
+        if (!PQsendPrepare(c->conn, name, q->sql, q->nparams, NULL)) {
           keel__free(prepare);
-          return false;
+          drop_prepared(c, slot);
+          return send_failure(c);
+        }
+        if (!PQpipelineSync(c->conn)) {
+          keel__free(prepare);
+          drop_prepared(c, slot);
+          return KEEL_ECONN; /* a PREPARE without its sync: start over */
         }
         /* Its result comes first: it goes into the sent list ahead of q. */
         if (c->sent_tail != NULL)
@@ -405,11 +867,38 @@ static bool send_statement(keel_pg *c, keel__pg_query *q) {
         c->sent_tail = prepare;
         c->sent_count++;
       }
-      return PQsendQueryPrepared(c->conn, name, q->nparams, q->values, NULL, NULL, 0);
+      if (PQsendQueryPrepared(c->conn, name, q->nparams, q->values, NULL, NULL, 0)) return 0;
+      /* Its PREPARE went out alone: its result must not be handed to the
+       * statement that follows. */
+      if (prepare != NULL) prepare->orphan = true;
+      drop_prepared(c, slot);
+      return send_failure(c);
     }
   }
 #endif
-  return PQsendQueryParams(c->conn, q->sql, q->nparams, NULL, q->values, NULL, NULL, 0);
+  return PQsendQueryParams(c->conn, q->sql, q->nparams, NULL, q->values, NULL, NULL, 0)
+             ? 0
+             : send_failure(c);
+}
+
+/* Notes, in send order, whether q runs inside an explicit transaction
+ * block: libpq knows exactly when nothing is in flight; statements
+ * pipelined behind others are judged by the keywords sent before them. */
+static void track_send(keel_pg *c, keel__pg_query *q, PGTransactionStatusType ts) {
+  {
+    if (ts == PQTRANS_IDLE)
+      c->send_in_block = false;
+    else if (ts == PQTRANS_INTRANS || ts == PQTRANS_INERROR)
+      c->send_in_block = true;
+  }
+  q->in_block = c->send_in_block;
+  if (q->kind == KEEL__PG_KIND_BEGIN) c->send_in_block = true;
+  if ((q->kind == KEEL__PG_KIND_COMMIT || q->kind == KEEL__PG_KIND_ROLLBACK) && !q->chain)
+    c->send_in_block = false;
+  if (q->begins_block) {
+    if (q->block > c->blocks_begun) c->blocks_begun = q->block;
+    c->live_block = q->block;
+  }
 }
 
 static void flush_queries(keel_pg *c) {
@@ -420,9 +909,33 @@ static void flush_queries(keel_pg *c) {
     /* Without pipelining, one statement at a time. */
     if (!c->pipeline_on && c->sent_head != NULL) break;
     keel__pg_query *q = c->pending_head;
-    /* Queued by a callback of fail_stale_bound(): the flush timer fails it. */
-    if (q->session != 0 && q->session != c->session) break;
-    if (!send_statement(c, q)) {
+    /* Made stale after the walk above (by a callback): the flush timer
+     * fails it. */
+    if (unrunnable(c, q)) {
+      c->stale_possible = true;
+      schedule_flush(c);
+      break;
+    }
+    /* Read before sending: with a statement in flight libpq says ACTIVE. */
+    PGTransactionStatusType ts =
+        c->sent_head == NULL ? PQtransactionStatus(c->conn) : PQTRANS_UNKNOWN;
+    int rc = send_statement(c, q);
+    if (rc == KEEL_ESEND) {
+      /* libpq refused this statement (the connection is fine): it alone
+       * fails, the queue goes on. */
+      char why[KEEL__ERRBUF_SIZE];
+      snprintf(why, sizeof why, "libpq refused to send the statement: %s", PQerrorMessage(c->conn));
+      size_t len = strlen(why);
+      while (len > 0 && (why[len - 1] == '\n' || why[len - 1] == ' ')) why[--len] = '\0';
+      c->pending_head = q->next;
+      if (c->pending_head == NULL) c->pending_tail = NULL;
+      c->pending_count--;
+      q->next = NULL;
+      keel__pg_deliver(c, q, KEEL_ESEND, NULL, why);
+      if (c->state != KEEL__PG_CONNECTED) return;
+      continue;
+    }
+    if (rc != 0) {
       disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
       return;
     }
@@ -432,6 +945,7 @@ static void flush_queries(keel_pg *c) {
       return;
     }
 #endif
+    track_send(c, q, ts);
     move_to_sent(c, q);
   }
   int flushed = PQflush(c->conn);
@@ -466,7 +980,7 @@ static void complete_head(keel_pg *c) {
      * the statement does not exist). */
     if (res == NULL || PQresultStatus(res) != PGRES_COMMAND_OK) {
       drop_prepared(c, q->prepare_slot);
-      if (c->sent_head != NULL && res != NULL) {
+      if (c->sent_head != NULL && res != NULL && !q->orphan) {
         c->sent_head->inherited = res;
         res = NULL;
       }
@@ -497,18 +1011,45 @@ static void complete_head(keel_pg *c) {
         text = "statement skipped: an earlier statement of its pipeline failed";
         break;
 #endif
-      default:
+      default: {
         status = KEEL_EPG;
+        /* 08007: the server itself cannot tell whether the transaction
+         * committed. */
+        const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+        if (state != NULL && strcmp(state, "08007") == 0) status = KEEL_EINDOUBT;
         break;
-    }
-    /* The server ended the session (e.g. 57P01 after pg_terminate_backend):
-     * report the loss, not a SQL error. */
-    if (status == KEEL_EPG && PQstatus(c->conn) == CONNECTION_BAD) {
-      status = KEEL_ECONN;
-      text = "connection lost";
+      }
     }
   }
   keel__pg_deliver(c, q, status, res, text);
+}
+
+/* true when res is the server's answer to the statement; false when it
+ * only says that the session ended (a FATAL or PANIC error such as 57P01
+ * after pg_terminate_backend, an error libpq made up for a lost
+ * connection, a pipeline aborted by the loss). */
+static bool is_reply(keel_pg *c, const PGresult *res) {
+  switch (PQresultStatus(res)) {
+    case PGRES_TUPLES_OK:
+    case PGRES_COMMAND_OK:
+    case PGRES_EMPTY_QUERY:
+      return true;
+#if defined(LIBPQ_HAS_PIPELINING)
+    case PGRES_PIPELINE_ABORTED:
+      return PQstatus(c->conn) != CONNECTION_BAD;
+#endif
+    case PGRES_FATAL_ERROR:
+    case PGRES_NONFATAL_ERROR: {
+      if (PQresultErrorField(res, PG_DIAG_SQLSTATE) == NULL) return false;
+      const char *severity = PQresultErrorField(res, PG_DIAG_SEVERITY_NONLOCALIZED);
+      if (severity == NULL) severity = PQresultErrorField(res, PG_DIAG_SEVERITY);
+      if (severity != NULL && (strcmp(severity, "FATAL") == 0 || strcmp(severity, "PANIC") == 0))
+        return false;
+      return true;
+    }
+    default:
+      return PQstatus(c->conn) != CONNECTION_BAD;
+  }
 }
 
 static void deliver_notifications(keel_pg *c) {
@@ -550,14 +1091,72 @@ static bool read_results(keel_pg *c) {
       }
 #endif
     } else if (res == NULL) {
+      /* Without pipelining NULL follows the statement's sync. */
+      if (PQstatus(c->conn) == CONNECTION_BAD) break;
       complete_head(c);
       flush_queries(c);
       continue;
     }
-    if (head->result == NULL)
+    ExecStatusType st = PQresultStatus(res);
+    if (st == PGRES_COPY_IN || st == PGRES_COPY_OUT) {
+      /* keel has no COPY data API: end a COPY FROM STDIN at once (the
+       * server answers with an error, the statement's outcome), and drain
+       * and drop the data of a COPY TO STDOUT. Otherwise libpq stays in
+       * COPY state and nothing behind the statement could ever run. */
+      PQclear(res);
+      if (st == PGRES_COPY_IN) {
+        int ended = PQputCopyEnd(c->conn, "keel does not support COPY FROM STDIN");
+        if (ended < 0) {
+          disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
+          return false;
+        }
+        if (ended == 0 || PQflush(c->conn) != 0) {
+          /* Not all written yet: the writable event retries. */
+          if (watch(c, UV_READABLE | UV_WRITABLE) != 0) {
+            disconnect(c, KEEL_ECONN, "cannot watch the socket");
+            return false;
+          }
+          if (ended == 0) break;
+        }
+        continue;
+      }
+      char *row = NULL;
+      int got;
+      while ((got = PQgetCopyData(c->conn, &row, 1)) > 0) PQfreemem(row);
+      if (got == -2) {
+        disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
+        return false;
+      }
+      if (got == 0) break; /* more data later */
+      continue;
+    }
+    if (!is_reply(c, res)) {
+      /* The session ended: what was in flight is judged by
+       * deliver_lost(), with the replies already in kept. */
+      char why[KEEL__ERRBUF_SIZE];
+      const char *message = PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY);
+      const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+      if (message == NULL) message = PQresultErrorMessage(res);
+      if (message == NULL || message[0] == '\0') message = "connection lost";
+      if (state != NULL)
+        snprintf(why, sizeof why, "connection lost (SQLSTATE %s: %s)", state, message);
+      else
+        snprintf(why, sizeof why, "connection lost (%s)", message);
+      PQclear(res);
+      disconnect(c, KEEL_ECONN, why);
+      return false;
+    }
+    if (head->result == NULL) {
       head->result = res;
-    else
+    } else if (reply_ok(head->result) && !reply_ok(res)) {
+      /* An error after the statement's own reply, before its sync: the
+       * implicit transaction failed to commit (a deferred constraint, a
+       * serialization failure at commit). That is its outcome. */
+      PQclear(head->result);
+      head->result = res;
+    } else {
       PQclear(res); /* only the first result of a statement is kept */
+    }
   }
   return c->state == KEEL__PG_CONNECTED;
 }
@@ -588,11 +1187,23 @@ static void on_poll(uv_poll_t *poll, int status, int events) {
   }
   if (events & UV_READABLE) {
     if (!PQconsumeInput(c->conn)) {
-      disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
+      /* The socket is gone, but replies that arrived before the end are in
+       * libpq's buffer: they are delivered, not thrown away. */
+      char why[KEEL__ERRBUF_SIZE];
+      snprintf(why, sizeof why, "%s", PQerrorMessage(c->conn));
+      if (!read_results(c)) return;
+      deliver_notifications(c);
+      if (c->state == KEEL__PG_CONNECTED) disconnect(c, KEEL_ECONN, why);
       return;
     }
     if (!read_results(c)) return;
     deliver_notifications(c);
+    if (c->state == KEEL__PG_CONNECTED && c->session_ending) {
+      char why[KEEL__ERRBUF_SIZE];
+      snprintf(why, sizeof why, "%s", c->ending);
+      disconnect(c, KEEL_ECONN, why);
+      return;
+    }
     if (c->state == KEEL__PG_CONNECTED && PQstatus(c->conn) == CONNECTION_BAD) {
       disconnect(c, KEEL_ECONN, PQerrorMessage(c->conn));
       return;
@@ -610,9 +1221,9 @@ static void on_deadline(uv_timer_t *timer) {
    * is not answering: reset the connection. */
   if (c->sent_head != NULL && c->sent_head->deadline_ms != 0 && c->sent_head->deadline_ms <= now) {
     keel__pg_query *late = pop_sent(c);
-    if (late->result != NULL) PQclear(late->result);
-    late->result = NULL;
-    keel__pg_deliver(c, late, UV_ETIMEDOUT, NULL, "statement timed out");
+    /* Reset below: it fails like a lost statement, with UV_ETIMEDOUT where
+     * the loss is certain. */
+    deliver_lost(c, late, UV_ETIMEDOUT, KEEL_EINDOUBT, "statement timed out");
     if (c->state == KEEL__PG_CLOSING) return;
     if (c->state == KEEL__PG_CONNECTED)
       disconnect(c, KEEL_ECONN, "connection reset after a timeout");
@@ -686,20 +1297,106 @@ static char *conninfo_with_keepalives(const keel_pg_opts *opts) {
   return out;
 }
 
-int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out) {
-  if (loop == NULL || opts == NULL || out == NULL || opts->conninfo == NULL) return UV_EINVAL;
-  if (keel_backoff_validate(&opts->reconnect_backoff, NULL) != 0) return UV_EINVAL;
+/* Parses the conninfo once: libpq's verdict on it, and the host names that
+ * need a lookup before each connect attempt. */
+static int parse_conninfo(keel_pg *c, char *why, size_t why_cap) {
+  char *err = NULL;
+  c->params = PQconninfoParse(c->conninfo, &err);
+  if (c->params == NULL) {
+    if (err == NULL) return keel__why(why, why_cap, UV_ENOMEM, "out of memory parsing conninfo");
+    char text[KEEL__ERRBUF_SIZE];
+    snprintf(text, sizeof text, "bad conninfo: %s", err);
+    size_t len = strlen(text);
+    while (len > 0 && (text[len - 1] == '\n' || text[len - 1] == ' ')) text[--len] = '\0';
+    PQfreemem(err);
+    return keel__why(why, why_cap, UV_EINVAL, text);
+  }
+  const char *host = NULL, *hostaddr = NULL, *port = NULL;
+  for (PQconninfoOption *o = c->params; o->keyword != NULL; o++) {
+    if (strcmp(o->keyword, "host") == 0) host = o->val;
+    if (strcmp(o->keyword, "hostaddr") == 0) hostaddr = o->val;
+    if (strcmp(o->keyword, "port") == 0) port = o->val;
+  }
+  if (host == NULL || host[0] == '\0' || (hostaddr != NULL && hostaddr[0] != '\0')) return 0;
+  size_t len = strlen(host);
+  char *hosts = keel__malloc(len + 1);
+  if (hosts == NULL) return keel__why(why, why_cap, UV_ENOMEM, "out of memory");
+  memcpy(hosts, host, len + 1);
+  unsigned n = 1;
+  bool lookup = false;
+  for (size_t i = 0; i < len; i++)
+    if (hosts[i] == ',') {
+      hosts[i] = '\0';
+      n++;
+    }
+  const char *item = hosts;
+  for (unsigned i = 0; i < n; i++, item += strlen(item) + 1)
+    if (needs_lookup(item)) lookup = true;
+  if (!lookup) {
+    keel__free(hosts);
+    return 0;
+  }
+  if (port != NULL && strchr(port, ',') != NULL) {
+    /* A port per host: expanded with the hosts' addresses. */
+    size_t plen = strlen(port);
+    unsigned np = 1;
+    for (size_t i = 0; i < plen; i++) np += port[i] == ',';
+    if (np != n) { /* libpq reports the mismatch itself */
+      keel__free(hosts);
+      return 0;
+    }
+    c->ports = keel__malloc(plen + 1);
+    if (c->ports == NULL) {
+      keel__free(hosts);
+      return keel__why(why, why_cap, UV_ENOMEM, "out of memory");
+    }
+    for (size_t i = 0; i <= plen; i++) c->ports[i] = port[i] == ',' ? '\0' : port[i];
+  }
+  c->hosts = hosts;
+  c->nhosts = n;
+  return 0;
+}
+
+static void free_conn_memory(keel_pg *c) {
+  for (int i = 0; i < KEEL__PG_PREPARED_MAX; i++) keel__free(c->prepared[i].sql);
+  if (c->params != NULL) PQconninfoFree(c->params);
+  keel__free(c->hosts);
+  keel__free(c->ports);
+  for (int i = 0; i < 3; i++) keel__free(c->out[i]);
+  keel__free(c->conninfo);
+  keel__free(c);
+}
+
+static void on_start_timer(uv_timer_t *timer) {
+  keel_pg *c = timer->data;
+  if (c->state == KEEL__PG_WAITING) start_connect(c);
+}
+
+int keel_pg_new_ex(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out, char *why,
+                   size_t why_cap) {
+  keel__why(why, why_cap, 0, "");
+  if (loop == NULL || opts == NULL || out == NULL)
+    return keel__why(why, why_cap, UV_EINVAL, "loop, opts and out are required");
+  if (opts->conninfo == NULL) return keel__why(why, why_cap, UV_EINVAL, "conninfo is required");
+  if (keel_backoff_validate(&opts->reconnect_backoff, NULL) != 0)
+    return keel__why(why, why_cap, UV_EINVAL, "reconnect_backoff is not valid");
   keel_pg *c = keel__calloc(1, sizeof *c);
-  if (c == NULL) return UV_ENOMEM;
+  if (c == NULL) return keel__why(why, why_cap, UV_ENOMEM, "out of memory");
   c->loop = loop;
   c->opts = *opts;
   if (c->opts.connect_timeout_ms == 0) c->opts.connect_timeout_ms = 5000;
+  if (c->opts.max_pending == 0) c->opts.max_pending = 100000;
   c->conninfo = conninfo_with_keepalives(opts);
   if (c->conninfo == NULL) {
     keel__free(c);
-    return UV_ENOMEM;
+    return keel__why(why, why_cap, UV_ENOMEM, "out of memory");
   }
   c->opts.conninfo = c->conninfo;
+  int rc = parse_conninfo(c, why, why_cap);
+  if (rc != 0) {
+    free_conn_memory(c);
+    return rc;
+  }
   c->poll_fd = -1;
   keel_rng_seed(&c->rng, uv_hrtime() ^ (uint64_t)(uintptr_t)c);
   uv_timer_init(loop, &c->connect_timer);
@@ -711,13 +1408,37 @@ int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out) {
   /* An idle connection must not keep the loop running by its health check. */
   uv_unref((uv_handle_t *)&c->health_timer);
   c->handles_open = 4;
-  start_connect(c);
+  /* The first attempt starts on the next iteration: nothing (no on_state
+   * for a failed attempt) may run inside this call or before *out is set. */
+  c->state = KEEL__PG_WAITING;
+  uv_timer_start(&c->connect_timer, on_start_timer, 0, 0);
   *out = c;
   return 0;
 }
 
+int keel_pg_new(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out) {
+  return keel_pg_new_ex(loop, opts, out, NULL, 0);
+}
+
+static void do_reset(keel_pg *c) {
+  if (c->state == KEEL__PG_CONNECTED || c->state == KEEL__PG_CONNECTING) {
+    disconnect(c, KEEL_ECONN, "connection reset by keel_pg_reset()");
+  }
+  if (c->state == KEEL__PG_WAITING || c->state == KEEL__PG_STOPPED) {
+    uv_timer_stop(&c->connect_timer);
+    c->stats.reconnects++;
+    start_connect(c);
+  }
+}
+
 static void on_flush_timer(uv_timer_t *timer) {
   keel_pg *c = timer->data;
+  if (c->state == KEEL__PG_CLOSING) return;
+  if (c->reset_pending) {
+    c->reset_pending = false;
+    do_reset(c);
+    if (c->state == KEEL__PG_CLOSING) return;
+  }
   fail_stale_bound(c);
   flush_queries(c);
 }
@@ -756,6 +1477,25 @@ static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *
   q->cached = cached;
   q->prepare_slot = -1;
   q->session = internal ? 0 : c->bound_session;
+  if (!internal) {
+    /* Transaction blocks in queue order: the statements after a BEGIN, up to
+     * its COMMIT/ROLLBACK, run only in the session that BEGIN ran in. */
+    q->kind = classify_statement(q->sql, &q->chain);
+    bool ends = (q->kind == KEEL__PG_KIND_COMMIT || q->kind == KEEL__PG_KIND_ROLLBACK) && !q->chain;
+    if (q->kind == KEEL__PG_KIND_BEGIN && c->enq_block == 0) {
+      q->block = c->enq_block = ++c->block_seq;
+      q->begins_block = true;
+      c->failed_block = 0;
+    } else if (c->enq_block != 0) {
+      q->block = c->enq_block;
+      if (ends) c->enq_block = 0;
+    } else if (c->failed_block != 0) {
+      /* Right after a failed BEGIN a COMMIT/ROLLBACK still belongs to it
+       * (it must fail, not succeed alone); anything else runs on its own. */
+      if (ends) q->block = c->failed_block;
+      c->failed_block = 0;
+    }
+  }
   q->deadline_ms = timeout_ms != 0 ? now_ms(c) + timeout_ms : 0;
   if (c->pending_tail != NULL)
     c->pending_tail->next = q;
@@ -766,33 +1506,50 @@ static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *
   /* Statements queued during one loop iteration go out together on the next
    * (one write in pipeline mode), and no callback ever runs inside
    * keel_pg_query(). */
-  bool stale = q->session != 0 && (c->state != KEEL__PG_CONNECTED || q->session != c->session);
+  bool stale = unrunnable(c, q);
   if (stale) c->stale_possible = true;
-  if ((c->state == KEEL__PG_CONNECTED || stale) && !uv_is_active((uv_handle_t *)&c->flush_timer))
-    uv_timer_start(&c->flush_timer, on_flush_timer, 0, 0);
+  if (c->state == KEEL__PG_CONNECTED || stale) schedule_flush(c);
   arm_deadline(c);
+  return 0;
+}
+
+/* 0, or why a statement cannot be queued now. */
+static int can_enqueue(keel_pg *c) {
+  if (c->state == KEEL__PG_STOPPED)
+    return keel__fail(c->last_error, c->stop_status != 0 ? c->stop_status : KEEL_ECONN,
+                      "not connected and not retrying (keel_pg_reset() tries again): %s",
+                      c->stop_reason);
+  if (c->pending_count >= c->opts.max_pending)
+    return keel__fail(c->last_error, KEEL_EFULL,
+                      "%u statements already wait to be sent (opts.max_pending)",
+                      c->opts.max_pending);
   return 0;
 }
 
 int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *values,
                   keel_pg_result_cb cb, void *data) {
   if (c == NULL) return UV_EINVAL;
-  if (sql == NULL || nparams < 0 || (nparams > 0 && values == NULL))
-    return keel__fail(c->last_error, UV_EINVAL, "keel_pg_query: sql required, nparams >= 0");
+  if (sql == NULL || nparams < 0 || nparams > KEEL__PG_MAX_PARAMS ||
+      (nparams > 0 && values == NULL))
+    return keel__fail(c->last_error, UV_EINVAL,
+                      "keel_pg_query: sql required, 0 <= nparams <= 65535, values for nparams");
   if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
-  if (c->state == KEEL__PG_STOPPED)
-    return keel__fail(c->last_error, KEEL_ECONN, "not connected and reconnect is off");
+  int rc = can_enqueue(c);
+  if (rc != 0) return rc;
   return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, false);
 }
 
 int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams, const char *const *values,
                          keel_pg_result_cb cb, void *data) {
   if (c == NULL) return UV_EINVAL;
-  if (sql == NULL || nparams < 0 || (nparams > 0 && values == NULL))
-    return keel__fail(c->last_error, UV_EINVAL, "keel_pg_query_cached: sql required");
+  if (sql == NULL || nparams < 0 || nparams > KEEL__PG_MAX_PARAMS ||
+      (nparams > 0 && values == NULL))
+    return keel__fail(
+        c->last_error, UV_EINVAL,
+        "keel_pg_query_cached: sql required, 0 <= nparams <= 65535, values for nparams");
   if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
-  if (c->state == KEEL__PG_STOPPED)
-    return keel__fail(c->last_error, KEEL_ECONN, "not connected and reconnect is off");
+  int rc = can_enqueue(c);
+  if (rc != 0) return rc;
   return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, true);
 }
 
@@ -813,21 +1570,19 @@ const char *keel_pg_last_error(const keel_pg *c) {
 }
 
 int keel_pg_reset(keel_pg *c) {
-  if (c == NULL || c->state == KEEL__PG_CLOSING) return UV_EINVAL;
-  if (c->state == KEEL__PG_CONNECTED || c->state == KEEL__PG_CONNECTING) {
-    disconnect(c, KEEL_ECONN, "connection reset by keel_pg_reset()");
-  }
-  if (c->state == KEEL__PG_WAITING || c->state == KEEL__PG_STOPPED) {
-    uv_timer_stop(&c->connect_timer);
-    c->stats.reconnects++;
-    start_connect(c);
-  }
+  if (c == NULL) return UV_EINVAL;
+  if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
+  /* Done on the next iteration: the callbacks it causes (statements in
+   * flight, on_state) never run inside this call. */
+  c->reset_pending = true;
+  schedule_flush(c);
   return 0;
 }
 
 void keel_pg_get_stats(const keel_pg *c, keel_pg_stats *out) {
   if (c == NULL || out == NULL) return;
   *out = c->stats;
+  memset(out->reserved_, 0, sizeof out->reserved_);
   out->in_flight = c->sent_count;
   out->queued = c->pending_count;
   out->connected = c->state == KEEL__PG_CONNECTED;
@@ -847,10 +1602,45 @@ void keel_pg_close(keel_pg *c, keel_close_cb cb, void *data) {
     PQfinish(c->conn);
     c->conn = NULL;
   }
+  if (c->lookup != NULL) {
+    /* Its callback still runs (UV_EAI_CANCELED when it had not started);
+     * c is freed after it. */
+    uv_cancel((uv_req_t *)&c->lookup->req);
+    c->lookup = NULL;
+  }
   /* Queued statements stay where they are (nothing sends them now) and are
    * cancelled once the handles have closed: see handle_closed(). */
   uv_close((uv_handle_t *)&c->connect_timer, on_timer_closed);
   uv_close((uv_handle_t *)&c->health_timer, on_timer_closed);
   uv_close((uv_handle_t *)&c->deadline_timer, on_timer_closed);
   uv_close((uv_handle_t *)&c->flush_timer, on_timer_closed);
+}
+
+/* ---- for the pool ------------------------------------------------------- */
+
+uint64_t keel__pg_session(const keel_pg *c) {
+  return c->session;
+}
+
+void keel__pg_bind(keel_pg *c, bool on) {
+  c->bound_session = on ? c->session : 0;
+  c->bound_status = 0;
+  c->bound_sqlstate[0] = '\0';
+  c->bound_error[0] = '\0';
+}
+
+int keel__pg_bound_failure(const keel_pg *c, const char **sqlstate, const char **text) {
+  *sqlstate = c->bound_sqlstate;
+  *text = c->bound_error;
+  return c->bound_status;
+}
+
+void keel__pg_note_failure(keel_pg *c, const keel__pg_query *q, int status, const PGresult *res) {
+  if (status == 0 || q->internal || c->bound_status != 0 || c->bound_session == 0 ||
+      q->session != c->bound_session)
+    return;
+  c->bound_status = status;
+  const char *state = res != NULL ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  snprintf(c->bound_sqlstate, sizeof c->bound_sqlstate, "%s", state != NULL ? state : "");
+  snprintf(c->bound_error, sizeof c->bound_error, "%s", c->last_error);
 }

@@ -28,8 +28,19 @@ typedef struct keel__pg_query {
   bool cached;          /* prepare once per session, then execute by name */
   int prepare_slot;     /* internal PREPARE of this cache slot; -1 otherwise */
   PGresult *inherited;  /* a failed PREPARE's error, reported by its EXECUTE */
+  /* Transaction control (see classify_statement in conn.c). */
+  unsigned char kind; /* KEEL__PG_KIND_* of the statement's first keywords */
+  bool chain;         /* COMMIT/ROLLBACK AND CHAIN: the block goes on */
+  bool in_block;      /* sent while an explicit transaction block was open */
+  bool begins_block;  /* the BEGIN that opened `block` */
+  bool orphan;        /* internal PREPARE whose EXECUTE was never sent */
+  bool commit_after;  /* at a loss: a COMMIT of its block was sent after it */
+  uint64_t block;     /* != 0: member of this transaction block (enqueue order) */
   /* sql, the value pointers and the values follow in the same block */
 } keel__pg_query;
+
+/* The protocol's limit on parameters of one statement. */
+#define KEEL__PG_MAX_PARAMS 65535
 
 /* Statements prepared on the current session (keel_pg_query_cached). */
 #define KEEL__PG_PREPARED_MAX 64
@@ -37,6 +48,14 @@ typedef struct keel__pg_prepared {
   char *sql;        /* NULL: free slot */
   uint64_t session; /* prepared in this session */
 } keel__pg_prepared;
+
+/* What a statement does to the session's transaction block. */
+enum {
+  KEEL__PG_KIND_OTHER = 0,
+  KEEL__PG_KIND_BEGIN,    /* BEGIN, START TRANSACTION */
+  KEEL__PG_KIND_COMMIT,   /* COMMIT, END, PREPARE TRANSACTION: may commit */
+  KEEL__PG_KIND_ROLLBACK, /* ROLLBACK, ABORT */
+};
 
 typedef enum keel__pg_state {
   KEEL__PG_CONNECTING = 0,
@@ -76,8 +95,36 @@ struct keel_pg {
   uint64_t session;          /* bumped on every successful connect */
   uint64_t bound_session;    /* != 0: new statements are bound to it (a transaction) */
   bool stale_possible;       /* a bound statement may have outlived its session */
+  /* The first failure among statements bound to bound_session (what a
+   * transaction reports): status 0 while none; cleared by keel__pg_bind(). */
+  int bound_status;
+  char bound_sqlstate[6];
+  char bound_error[KEEL__ERRBUF_SIZE];
   keel__pg_prepared prepared[KEEL__PG_PREPARED_MAX];
   char last_error[KEEL__ERRBUF_SIZE];
+  /* Transaction blocks, tracked from the statements' own keywords so that
+   * the statements of one block never run on another session. */
+  uint64_t block_seq;    /* last block id handed out */
+  uint64_t enq_block;    /* block new statements join (0: none) */
+  uint64_t failed_block; /* block whose BEGIN failed: a COMMIT/ROLLBACK right after joins it */
+  uint64_t blocks_begun; /* highest block whose BEGIN left the pending queue */
+  uint64_t live_block;   /* block open on the current session (its BEGIN was sent) */
+  bool send_in_block;    /* at send order: an explicit block is open on the session */
+  /* Connecting: the parsed conninfo, host names resolved off the loop. */
+  PQconninfoOption *params; /* PQconninfoParse of conninfo */
+  char *hosts;              /* host list, items NUL-separated; NULL: no lookup needed */
+  unsigned nhosts;
+  unsigned host_index; /* item being resolved */
+  char *ports;         /* port list, items NUL-separated, when it has nhosts items */
+  char *out[3];        /* host, hostaddr and port lists being built */
+  size_t out_len[3], out_cap[3];
+  uint64_t attempt;               /* connect attempts started */
+  struct keel__pg_lookup *lookup; /* uv_getaddrinfo in progress (current attempt) */
+  int stop_status;                /* why STOPPED: KEEL_ECONN, KEEL_EAUTH, KEEL_ENODB */
+  char stop_reason[KEEL__ERRBUF_SIZE];
+  bool reset_pending;             /* keel_pg_reset() asked; done by the flush timer */
+  bool session_ending;            /* a FATAL/PANIC arrived while idle: the session is over */
+  char ending[KEEL__ERRBUF_SIZE]; /* its text */
 };
 
 /* Fails every query with status; used on disconnect and close. */
@@ -87,5 +134,21 @@ void keel__pg_fail_all(keel_pg *c, keel__pg_query **head, keel__pg_query **tail,
 void keel__pg_deliver(keel_pg *c, keel__pg_query *q, int status, PGresult *res, const char *text);
 /* true when the connection has nothing queued or in flight. */
 bool keel__pg_idle(const keel_pg *c);
+
+/* ---- for the pool (pool.c), which never writes these fields itself ---- */
+
+/* The current session: bumped on every successful connect (0 before the
+ * first one). */
+uint64_t keel__pg_session(const keel_pg *c);
+/* on: statements queued from now on are bound to the current session (a
+ * transaction) and the first failure among them is recorded; off: unbound.
+ * Either forgets the recorded failure. */
+void keel__pg_bind(keel_pg *c, bool on);
+/* The first failure of a bound statement since keel__pg_bind(c, true): its
+ * status (0: none), SQLSTATE ("" when it has none) and error text. */
+int keel__pg_bound_failure(const keel_pg *c, const char **sqlstate, const char **text);
+/* Records q's failure when it is the first of the current binding; called
+ * by keel__pg_deliver() once last_error describes it. */
+void keel__pg_note_failure(keel_pg *c, const keel__pg_query *q, int status, const PGresult *res);
 
 #endif

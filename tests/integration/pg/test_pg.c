@@ -188,7 +188,8 @@ Test(pg, killed_backend_fails_in_flight_and_reconnects) {
   snprintf(sql, sizeof sql, "SELECT pg_terminate_backend(%d)", pid);
   free(kt_pg_scalar(sql));
   wait_results(&x, 2);
-  cr_assert_eq(x.statuses[1], KEEL_ECONN, "in flight: %s", keel_err_name(x.statuses[1]));
+  /* Sent in autocommit, lost before its reply: it may have run. */
+  cr_assert_eq(x.statuses[1], KEEL_EINDOUBT, "in flight: %s", keel_err_name(x.statuses[1]));
   cr_assert_eq(x.downs, 1);
   /* A statement queued while down runs after the reconnect. */
   keel_pg_query(x.c, "SELECT 7", 0, NULL, store, &x);
@@ -687,11 +688,13 @@ Test(pg, close_while_connecting_and_while_waiting_to_reconnect) {
   o.conninfo = "host=127.0.0.1 port=1 user=nobody dbname=none";
   o.on_state = on_state;
   o.data = &x;
-  keel_backoff_fixed(&o.reconnect_backoff, 10000);
+  keel_backoff_fixed(&o.reconnect_backoff, 1000);
   cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
   uint64_t start = uv_now(&x.loop);
+  /* The first attempt runs from a timer (never inside keel_pg_new), and
+   * UV_RUN_ONCE may then wait for the backoff timer: one or two downs. */
   while (x.downs == 0 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
-  cr_assert_eq(x.downs, 1);
+  cr_assert_geq(x.downs, 1);
   cr_assert(!keel_pg_is_connected(x.c));
   keel_pg_close(x.c, count_close, &closed);
   uv_run(&x.loop, UV_RUN_DEFAULT);
@@ -760,9 +763,15 @@ Test(pg, query_timeout_resets_the_connection) {
   o.query_timeout_ms = 200;
   keel_backoff_fixed(&o.reconnect_backoff, 20);
   cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
+  /* Connected first: the statement must be sent when its deadline passes. */
+  uint64_t start = uv_now(&x.loop);
+  while (x.ups == 0 && uv_now(&x.loop) - start < 10000) uv_run(&x.loop, UV_RUN_ONCE);
+  cr_assert_eq(x.ups, 1);
   keel_pg_query(x.c, "SELECT pg_sleep(3)", 0, NULL, store, &x);
   wait_results(&x, 1);
-  cr_assert_eq(x.statuses[0], UV_ETIMEDOUT);
+  /* Sent in autocommit, reset before its reply: it may have run. */
+  cr_assert_eq(x.statuses[0], KEEL_EINDOUBT, "%s", keel_err_name(x.statuses[0]));
+  cr_assert(strstr(keel_pg_last_error(x.c), "time") != NULL, "%s", keel_pg_last_error(x.c));
   cr_assert_eq(x.downs, 1, "the connection is reset, never left with a late answer pending");
   keel_pg_query(x.c, "SELECT 5", 0, NULL, store, &x);
   wait_results(&x, 2);
@@ -784,7 +793,7 @@ Test(pg, health_check_detects_an_unresponsive_server) {
   o.on_state = on_state;
   o.data = &x;
   o.health_check_interval_ms = 100;
-  o.connect_timeout_ms = 300; /* also the health probe's deadline */
+  o.connect_timeout_ms = 1000; /* also the health probe's deadline; room for a loaded machine */
   keel_backoff_fixed(&o.reconnect_backoff, 20);
   cr_assert_eq(keel_pg_new(&x.loop, &o, &x.c), 0);
   uv_timer_t tick;
@@ -803,7 +812,7 @@ Test(pg, health_check_detects_an_unresponsive_server) {
   free(kt_pg_scalar(sql));
   cr_assert_eq(x.downs, 1, "health check noticed the silent server");
   start = uv_now(&x.loop);
-  while (x.ups < 2 && uv_now(&x.loop) - start < 5000) uv_run(&x.loop, UV_RUN_ONCE);
+  while (x.ups < 2 && uv_now(&x.loop) - start < 15000) uv_run(&x.loop, UV_RUN_ONCE);
   cr_assert_eq(x.ups, 2);
   cr_assert_neq(keel_pg_backend_pid(x.c), pid);
   keel_pg_stats s;

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "core/alloc.h"
+#include "core/histogram.h"
 #include "core/util.h"
 #include "keel/common.h"
 #include "keel/retry.h"
@@ -431,4 +432,74 @@ Test(backoff, validate) {
   cr_assert_eq(keel_backoff_validate(&b, &why), 0);
   keel_backoff_decorrelated_jitter(&b, 1, 0);
   cr_assert_eq(keel_backoff_validate(&b, NULL), 0);
+}
+
+/* #15: FIXED (and decorrelated jitter) ignore the factor, as the header
+ * says, so no factor value makes them invalid. */
+Test(backoff, kinds_that_ignore_the_factor_accept_any) {
+  const double factors[] = {0.0, -1.0, 0.5, NAN, INFINITY};
+  for (size_t i = 0; i < sizeof factors / sizeof factors[0]; i++) {
+    keel_backoff b;
+    const char *why = "unset";
+    keel_backoff_fixed(&b, 250);
+    b.factor = factors[i];
+    cr_assert_eq(keel_backoff_validate(&b, &why), 0, "fixed, factor %g: %s", factors[i],
+                 why ? why : "");
+    cr_assert_eq(keel_backoff_delay(&b, 7, 0, NULL), 250);
+    keel_backoff_decorrelated_jitter(&b, 10, 1000);
+    b.factor = factors[i];
+    cr_assert_eq(keel_backoff_validate(&b, &why), 0, "decorrelated, factor %g", factors[i]);
+    keel_backoff_exponential(&b, 10, factors[i], 1000);
+    cr_assert_eq(keel_backoff_validate(&b, &why), UV_EINVAL, "exponential, factor %g", factors[i]);
+    keel_backoff_full_jitter(&b, 10, factors[i], 1000);
+    cr_assert_eq(keel_backoff_validate(&b, &why), UV_EINVAL, "full jitter, factor %g", factors[i]);
+  }
+}
+
+/* ---- small helpers: edges ------------------------------------------------ */
+
+Test(core_edges, histogram_buckets_and_quantiles) {
+  keel__histogram h;
+  memset(&h, 0, sizeof h);
+  cr_assert_eq(keel__histogram_quantile(&h, 0.5), 0.0, "empty");
+  for (uint64_t v = 0; v < 4; v++) keel__histogram_record(&h, v);
+  cr_assert_eq(keel__histogram_quantile(&h, 0.0), 0.0);
+  cr_assert_eq(keel__histogram_quantile(&h, 1.0), 3.0, "clamped to the largest rank");
+  for (int i = 0; i < 96; i++) keel__histogram_record(&h, 1000);
+  double p50 = keel__histogram_quantile(&h, 0.5);
+  cr_assert(p50 >= 1000 * 0.75 && p50 <= 1000, "p50 %g within a bucket of 1000", p50);
+  keel__histogram_record(&h, UINT64_MAX);
+  cr_assert_eq(h.count, 101);
+  cr_assert_eq(h.max_ns, UINT64_MAX);
+  cr_assert_geq(keel__histogram_quantile(&h, 0.999), 1e18, "the top bucket");
+  /* quantile of the maximum is clamped to what was seen */
+  keel__histogram g;
+  memset(&g, 0, sizeof g);
+  keel__histogram_record(&g, 1001);
+  cr_assert_eq(keel__histogram_quantile(&g, 0.5), 1001.0);
+}
+
+Test(core_edges, allocator_and_text_helpers) {
+  cr_assert_null(keel__calloc(SIZE_MAX / 2, 4), "calloc checks its multiplication");
+  void *p = keel__calloc(0, 8);
+  cr_assert_not_null(p, "zero-size calloc still returns a block");
+  keel__free(p);
+  p = keel__malloc(0);
+  cr_assert_not_null(p);
+  p = keel__realloc(p, 0);
+  cr_assert_not_null(p);
+  keel_free(p);
+  keel__free(NULL);
+  cr_assert_null(keel__strndup(NULL, 3));
+  char *s = keel__strndup("abcdef", 3);
+  cr_assert_str_eq(s, "abc");
+  keel__free(s);
+  cr_assert_eq(keel__fail(NULL, UV_EINVAL, "%s", "nowhere"), UV_EINVAL);
+  char buf[KEEL__ERRBUF_SIZE];
+  cr_assert_eq(keel__fail(buf, UV_EIO, "n=%d", 5), UV_EIO);
+  cr_assert_str_eq(buf, "n=5");
+  cr_assert_eq(keel__why(NULL, 10, UV_EINVAL, "x"), UV_EINVAL);
+  cr_assert_eq(keel__why(buf, 0, UV_EINVAL, "x"), UV_EINVAL);
+  cr_assert_eq(keel__why(buf, sizeof buf, 0, NULL), 0);
+  cr_assert_str_eq(buf, "");
 }

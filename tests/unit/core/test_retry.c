@@ -178,6 +178,8 @@ Test(retry, defaults_are_retry_with_backoff) {
   cr_assert_eq(keel_backoff_delay(&o.backoff, 1, 0, NULL), 100);
   cr_assert_eq(keel_backoff_delay(&o.backoff, 2, 0, NULL), 200);
   cr_assert_eq(keel_backoff_delay(&o.backoff, 3, 0, NULL), 400);
+  for (size_t i = 0; i < sizeof o.reserved_ / sizeof o.reserved_[0]; i++)
+    cr_assert_eq(o.reserved_[i], 0, "opts_init zeroes the ABI room");
   keel_retry_opts_init(NULL);
 }
 
@@ -522,12 +524,17 @@ Test(retry, close_while_waiting_cancels_once) {
   keel_retry *r = start(&ctx, &o);
   while (ctx.retry_events < 1) uv_run(&ctx.loop, UV_RUN_NOWAIT);
   cr_assert_eq(ctx.done_calls, 0);
+  ctx.in_report = true; /* no callback inside close */
   keel_retry_close(r, on_closed, &ctx);
   keel_retry_close(r, on_closed, &ctx); /* idempotent */
+  ctx.in_report = false;
+  cr_assert_eq(ctx.done_calls, 0, "done is never called inside close");
+  cr_assert_eq(ctx.closed, 0, "close_cb is never called inside close");
+  cr_assert_eq(keel_retry_report(r, 0), KEEL_ECLOSING, "nothing in flight, closing");
+  uv_run(&ctx.loop, UV_RUN_ONCE);
   cr_assert_eq(ctx.done_calls, 1);
   cr_assert_eq(ctx.status, UV_ECANCELED);
   cr_assert_eq(ctx.attempts, 1);
-  cr_assert_eq(ctx.closed, 0, "close_cb is never called inside close");
   uv_run(&ctx.loop, UV_RUN_DEFAULT); /* returns at once: the 60 s timer is gone */
   cr_assert_eq(ctx.closed, 1);
   cr_assert_eq(ctx.done_calls, 1);
@@ -542,10 +549,11 @@ Test(retry, close_before_the_first_attempt) {
   keel_retry_opts o = fast_opts(&ctx);
   keel_retry *r = start(&ctx, &o);
   keel_retry_close(r, on_closed, &ctx);
+  cr_assert_eq(ctx.done_calls, 0, "not inside close");
+  uv_run(&ctx.loop, UV_RUN_DEFAULT);
   cr_assert_eq(ctx.done_calls, 1);
   cr_assert_eq(ctx.status, UV_ECANCELED);
   cr_assert_eq(ctx.attempts, 0);
-  uv_run(&ctx.loop, UV_RUN_DEFAULT);
   cr_assert_eq(ctx.attempts_seen, 0, "no attempt after close");
   cr_assert_eq(ctx.closed, 1);
   run_finish(&ctx);
@@ -656,9 +664,10 @@ Test(retry, close_between_a_success_report_and_its_handling) {
   cr_assert_eq(report(&ctx, 0), 0);
   cr_assert_eq(ctx.done_calls, 0, "report never calls done");
   keel_retry_close(r, on_closed, &ctx);
+  cr_assert_eq(ctx.done_calls, 0, "close never calls done");
+  uv_run(&ctx.loop, UV_RUN_DEFAULT);
   cr_assert_eq(ctx.done_calls, 1);
   cr_assert_eq(ctx.status, 0);
-  uv_run(&ctx.loop, UV_RUN_DEFAULT);
   cr_assert_eq(ctx.closed, 1);
   run_finish(&ctx);
 }
@@ -672,9 +681,10 @@ Test(retry, late_report_after_close_is_safe) {
   keel_retry *r = start(&ctx, &o);
   while (ctx.attempts_seen < 1) uv_run(&ctx.loop, UV_RUN_NOWAIT);
   keel_retry_close(r, on_closed, &ctx);
+  cr_assert_eq(ctx.done_calls, 0);
+  for (int i = 0; i < 5; i++) uv_run(&ctx.loop, UV_RUN_NOWAIT);
   cr_assert_eq(ctx.done_calls, 1);
   cr_assert_eq(ctx.status, UV_ECANCELED);
-  for (int i = 0; i < 5; i++) uv_run(&ctx.loop, UV_RUN_NOWAIT);
   cr_assert_eq(ctx.closed, 0, "the memory waits for the attempt in flight");
   cr_assert_eq(report(&ctx, UV_EIO), 0, "the late report is accepted and ignored");
   cr_assert_eq(ctx.done_calls, 1);
@@ -831,4 +841,169 @@ Test(retry, no_allocation_per_attempt) {
   cr_assert_eq(kt_alloc_count() - before, 1);
   cr_assert_eq(kt_alloc_live_blocks(), 0);
   kt_loop_finish(&loop);
+}
+
+/* ---- the callback contract (issue 13) ------------------------------------ */
+
+/* close calls nothing back inside the call, done comes on a later iteration
+ * and before close_cb, whatever the runner was doing. */
+static void closed_after_done(void *object, void *data) {
+  run *ctx = data;
+  (void)object;
+  cr_assert_eq(ctx->done_calls, 1, "done before close_cb");
+  ctx->closed++;
+}
+
+Test(retry, close_reports_on_a_later_iteration_before_close_cb) {
+  /* phase 0: before attempt 1; 1: attempt in flight; 2: success reported,
+   * not handled; 3: waiting for a retry */
+  for (int phase = 0; phase < 4; phase++) {
+    run ctx;
+    run_init(&ctx);
+    ctx.mode = REPORT_MANUAL;
+    ctx.close_in_done = false;
+    ctx.fail_first = phase == 3 ? 1 : 0;
+    keel_retry_opts o = fast_opts(&ctx);
+    keel_backoff_fixed(&o.backoff, 60000);
+    keel_retry *r = start(&ctx, &o);
+    if (phase >= 1)
+      while (ctx.attempts_seen < 1) uv_run(&ctx.loop, UV_RUN_NOWAIT);
+    if (phase == 2) cr_assert_eq(report(&ctx, 0), 0);
+    if (phase == 3) {
+      cr_assert_eq(report(&ctx, UV_EIO), 0);
+      while (ctx.retry_events < 1) uv_run(&ctx.loop, UV_RUN_NOWAIT);
+    }
+    ctx.in_report = true;
+    keel_retry_close(r, closed_after_done, &ctx);
+    ctx.in_report = false;
+    cr_assert_eq(ctx.done_calls, 0, "phase %d: done inside close", phase);
+    if (phase == 1) cr_assert_eq(report(&ctx, 0), 0, "the abandoned attempt reports");
+    uv_run(&ctx.loop, UV_RUN_DEFAULT);
+    cr_assert_eq(ctx.done_calls, 1, "phase %d", phase);
+    cr_assert_eq(ctx.status, phase == 2 ? 0 : UV_ECANCELED, "phase %d", phase);
+    cr_assert_eq(ctx.closed, 1, "phase %d", phase);
+    run_finish(&ctx);
+  }
+}
+
+/* The abandoned attempt reports from inside the UV_ECANCELED done. */
+static void done_reports_the_abandoned_attempt(keel_retry *r, int status, unsigned attempts,
+                                               void *data) {
+  run *ctx = data;
+  (void)attempts;
+  ctx->done_calls++;
+  ctx->status = status;
+  cr_assert_eq(keel_retry_report(r, 0), 0);
+  cr_assert_eq(keel_retry_report(r, 0), KEEL_ECLOSING, "nothing in flight any more");
+}
+
+Test(retry, abandoned_attempt_reports_from_inside_done) {
+  run ctx;
+  run_init(&ctx);
+  ctx.mode = REPORT_MANUAL;
+  keel_retry_opts o = fast_opts(&ctx);
+  keel_retry *r = NULL;
+  cr_assert_eq(
+      keel_retry_start(&ctx.loop, &o, attempt, done_reports_the_abandoned_attempt, &ctx, &r), 0);
+  ctx.r = r;
+  while (ctx.attempts_seen < 1) uv_run(&ctx.loop, UV_RUN_NOWAIT);
+  keel_retry_close(r, on_closed, &ctx);
+  uv_run(&ctx.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(ctx.done_calls, 1);
+  cr_assert_eq(ctx.status, UV_ECANCELED);
+  cr_assert_eq(ctx.closed, 1);
+  run_finish(&ctx);
+}
+
+/* #15: a FIXED backoff ignores its factor, so factor 0 is accepted. */
+Test(retry, fixed_backoff_with_factor_zero_is_accepted) {
+  run ctx;
+  run_init(&ctx);
+  ctx.fail_first = 2;
+  keel_retry_opts o = fast_opts(&ctx);
+  keel_backoff_fixed(&o.backoff, 1);
+  o.backoff.factor = 0;
+  start(&ctx, &o);
+  uv_run(&ctx.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(ctx.status, 0);
+  cr_assert_eq(ctx.attempts, 3);
+  cr_assert_eq(ctx.retry_delay[0], 1);
+  cr_assert_eq(ctx.retry_delay[1], 1);
+  run_finish(&ctx);
+}
+
+/* Allocation failure over start, attempts (failures and a wait) and a close
+ * while an attempt is in flight and another runner waits for its retry. */
+typedef struct oom_close {
+  int done_calls[3];
+  int status[3];
+  int closed[3];
+  keel_retry *r[3];
+} oom_close;
+
+static void oom_close_attempt(keel_retry *r, unsigned n, void *data) {
+  (void)n;
+  oom_close *s = data;
+  /* runner 0 fails at once and waits 60 s; runner 1 holds its attempt */
+  if (r == s->r[0]) keel_retry_report(r, UV_EAGAIN);
+}
+
+static int oom_close_index(oom_close *s, keel_retry *r) {
+  for (int i = 0; i < 3; i++)
+    if (s->r[i] == r) return i;
+  cr_assert_fail("unknown runner");
+  return 0;
+}
+
+static void oom_close_done(keel_retry *r, int status, unsigned attempts, void *data) {
+  (void)attempts;
+  oom_close *s = data;
+  int i = oom_close_index(s, r);
+  s->done_calls[i]++;
+  s->status[i] = status;
+}
+
+static void oom_close_closed(void *object, void *data) {
+  oom_close *s = data;
+  int i = oom_close_index(s, object);
+  cr_assert_eq(s->done_calls[i], 1, "done before close_cb");
+  s->closed[i]++;
+}
+
+static void retry_close_scenario(void *arg) {
+  (void)arg;
+  uv_loop_t loop;
+  cr_assert_eq(uv_loop_init(&loop), 0);
+  oom_close s;
+  memset(&s, 0, sizeof s);
+  int started[2];
+  for (int i = 0; i < 2; i++) {
+    keel_retry_opts o;
+    keel_retry_opts_init(&o);
+    keel_backoff_fixed(&o.backoff, 60000);
+    started[i] = keel_retry_start(&loop, &o, oom_close_attempt, oom_close_done, &s, &s.r[i]);
+    if (started[i] != 0) {
+      cr_assert_eq(started[i], UV_ENOMEM);
+      s.r[i] = NULL;
+    }
+  }
+  for (int i = 0; i < 3; i++) uv_run(&loop, UV_RUN_NOWAIT);
+  for (int i = 0; i < 2; i++)
+    if (started[i] == 0) keel_retry_close(s.r[i], oom_close_closed, &s);
+  for (int i = 0; i < 2; i++) cr_assert_eq(s.done_calls[i], 0);
+  uv_run(&loop, UV_RUN_NOWAIT);
+  if (started[1] == 0) cr_assert_eq(keel_retry_report(s.r[1], 0), 0);
+  kt_loop_finish(&loop);
+  for (int i = 0; i < 2; i++) {
+    if (started[i] != 0) continue;
+    cr_assert_eq(s.done_calls[i], 1);
+    cr_assert_eq(s.status[i], UV_ECANCELED);
+    cr_assert_eq(s.closed[i], 1);
+  }
+}
+
+Test(retry, allocation_failure_with_close_is_clean) {
+  kt_failmalloc_run(retry_close_scenario, NULL);
+  cr_assert_eq(kt_failmalloc_count(), 2);
+  cr_assert_eq(kt_alloc_live_blocks(), 0);
 }

@@ -61,3 +61,28 @@ Test(sqlstate, classes) {
   cr_assert(!keel_integrity_retryable(KEEL_EPG, NULL));
   cr_assert_str_eq(keel_sqlstate_class_name(KEEL_SQLSTATE_UNIQUE), "unique");
 }
+
+/* Issue 14: 08007 (transaction resolution unknown) is in doubt, not a
+ * retryable connection loss; KEEL_EINDOUBT is never retried by default. */
+Test(sqlstate, transaction_resolution_unknown_is_in_doubt) {
+  cr_assert_eq(keel_sqlstate_classify("08007"), KEEL_SQLSTATE_IN_DOUBT);
+  cr_assert_eq(keel_sqlstate_error("08007"), KEEL_EINDOUBT);
+  cr_assert_eq(keel_sqlstate_classify("08006"), KEEL_SQLSTATE_CONNECTION);
+  cr_assert(!keel_integrity_retryable(KEEL_EINDOUBT, NULL));
+  bool unique_ok = true;
+  cr_assert(!keel_integrity_retryable(KEEL_EINDOUBT, &unique_ok));
+  cr_assert(keel_integrity_retryable(KEEL_ECONN, NULL));
+  cr_assert_str_eq(keel_sqlstate_class_name(KEEL_SQLSTATE_IN_DOUBT), "in_doubt");
+  cr_assert_str_eq(keel_sqlstate_class_name(KEEL_SQLSTATE_CLASS_COUNT), "unknown");
+}
+
+Test(integrity_opts, opts_init_zeroes_reserved_space) {
+  keel_integrity_opts o;
+  memset(&o, 0xab, sizeof o);
+  keel_integrity_opts_init(&o);
+  for (size_t i = 0; i < sizeof o.reserved_ / sizeof o.reserved_[0]; i++)
+    cr_assert_eq(o.reserved_[i], 0);
+  cr_assert_null(o.idempotency_table);
+  cr_assert_eq(o.slug_max_attempts, 5);
+  keel_integrity_opts_init(NULL);
+}

@@ -611,7 +611,7 @@ Test(queue, invalid_input) {
   cr_assert_str_eq(tiny, "concurr", "truncated, terminated");
   cr_assert_eq(keel_queue_new_ex(&loop, process, &o, &q, NULL, 0), UV_EINVAL);
   keel_queue_opts_init(&o);
-  o.retry_backoff.factor = -1;
+  keel_backoff_exponential(&o.retry_backoff, 100, -1, 0); /* FIXED ignores the factor */
   cr_assert_eq(keel_queue_new(&loop, process, &o, &q), UV_EINVAL);
   cr_assert_eq(keel_queue_new(&loop, process, NULL, &q), UV_EINVAL);
   cr_assert_eq(q, (keel_queue *)0x1);
