@@ -710,7 +710,7 @@ static bool float_text(const char *s, int limit, char *out, size_t cap) {
       w_put(&w, d + exp + 1, len - (size_t)exp - 1);
     }
   } else {
-    char e[16];
+    char e[32];
     w_put(&w, d, 1);
     if (len > 1) {
       w_put(&w, ".", 1);

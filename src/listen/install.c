@@ -121,7 +121,7 @@ static void trigger_names(const char *bare, char *name, char *del, size_t cap) {
     while (keep > 0 && ((unsigned char)bare[keep] & 0xC0) == 0x80) keep--; /* char boundary */
     snprintf(name, cap, "%s%.*s_%08x", prefix, (int)keep, bare, (unsigned)hash);
   }
-  snprintf(del, cap, "%s_del", name);
+  snprintf(del, cap, "%.63s_del", name);
 }
 
 /* Ends the statement at *at with a NUL and starts the next one after it. */
@@ -192,7 +192,7 @@ static int trigger_sql(char *buf, size_t cap, const char *table, const char *key
   if (keel_listener_validate_channel(channel, NULL, 0) != 0) return UV_EINVAL;
   const char *bare = strchr(table, '.') ? strchr(table, '.') + 1 : table;
   trigger_names(bare, name, del, sizeof name);
-  snprintf(upd, sizeof upd, "%s_upd", name);
+  snprintf(upd, sizeof upd, "%.63s_upd", name);
   if (keel_pg_quote_ident(quoted_trigger, sizeof quoted_trigger, name, false) < 0 ||
       keel_pg_quote_ident(quoted_delete, sizeof quoted_delete, del, false) < 0 ||
       keel_pg_quote_ident(quoted_update, sizeof quoted_update, upd, false) < 0)
