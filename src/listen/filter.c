@@ -1,6 +1,8 @@
 #include "listen/filter.h"
 
+#include <ctype.h>
 #include <errno.h>
+#include <stdint.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,14 +15,22 @@ static const struct {
   const char *name;
   keel__filter_op op;
 } operators[] = {
-    {"eq", KEEL__F_EQ}, {"neq", KEEL__F_NEQ}, {"lt", KEEL__F_LT}, {"lte", KEEL__F_LTE},
-    {"gt", KEEL__F_GT}, {"gte", KEEL__F_GTE}, {"in", KEEL__F_IN}, {"is", KEEL__F_IS_NULL},
+    {"eq", KEEL__F_EQ},   {"neq", KEEL__F_NEQ},    {"lt", KEEL__F_LT},
+    {"lte", KEEL__F_LTE}, {"gt", KEEL__F_GT},      {"gte", KEEL__F_GTE},
+    {"in", KEEL__F_IN},   {"is", KEEL__F_IS_NULL}, {"isdistinct", KEEL__F_ISDISTINCT},
 };
+
+static void free_strings(char **values, size_t count) {
+  if (values == NULL) return;
+  for (size_t i = 0; i < count; i++) keel__free(values[i]);
+  keel__free(values);
+}
 
 static void term_free(keel__filter_term *t) {
   keel__free(t->column);
-  for (size_t i = 0; i < t->value_count; i++) keel__free(t->values[i]);
-  keel__free(t->values);
+  keel__free(t->type);
+  free_strings(t->canon, t->value_count);
+  free_strings(t->values, t->value_count);
 }
 
 void keel__filter_free(keel__filter *f) {
@@ -46,13 +56,14 @@ static int push_value(keel__filter_term *t, const char *text, size_t len) {
 }
 
 /* Parses "(a,b,\"c,d\")" into values; quotes allow commas and parentheses,
- * a backslash escapes the next character inside quotes. */
+ * a backslash escapes the next character inside quotes; "()" is the empty
+ * list (matches nothing). */
 static int parse_list(keel__filter_term *t, const char *s, size_t len, char *why, size_t cap) {
   if (len < 2 || s[0] != '(' || s[len - 1] != ')')
     return fail(why, cap, "in.%s: a list must look like in.(a,b,c)", "");
   size_t i = 1, end = len - 1;
   char buf[1024];
-  if (end == 1) return fail(why, cap, "in.(): the list is empty%s", "");
+  if (end == 1) return 0; /* in.() */
   while (i <= end) {
     size_t n = 0;
     if (i < end && s[i] == '"') {
@@ -66,6 +77,8 @@ static int parse_list(keel__filter_term *t, const char *s, size_t len, char *why
       i++; /* closing quote */
       if (i < end && s[i] != ',') return fail(why, cap, "in.(): text after a quoted value%s", "");
     } else {
+      if (i == end || s[i] == ',')
+        return fail(why, cap, "in.(): an empty value (quote it: \"\")%s", "");
       while (i < end && s[i] != ',') {
         if (s[i] == '"' || s[i] == '(' || s[i] == ')')
           return fail(why, cap, "in.(): unexpected quote or parenthesis%s", "");
@@ -77,9 +90,16 @@ static int parse_list(keel__filter_term *t, const char *s, size_t len, char *why
     if (rc != 0) return rc;
     if (i == end) break;
     i++; /* comma */
-    if (i == end) return fail(why, cap, "in.(): empty value after a comma%s", "");
+    if (i == end) return fail(why, cap, "in.(): an empty value after a comma%s", "");
   }
   return 0;
+}
+
+static bool word_is(const char *s, size_t len, const char *word) {
+  if (strlen(word) != len) return false;
+  for (size_t i = 0; i < len; i++)
+    if (tolower((unsigned char)s[i]) != word[i]) return false;
+  return true;
 }
 
 static int parse_term(keel__filter_term *t, const char *s, size_t len, char *why, size_t cap) {
@@ -89,10 +109,15 @@ static int parse_term(keel__filter_term *t, const char *s, size_t len, char *why
   size_t col_len = (size_t)(eq - s);
   const char *rest = eq + 1;
   size_t rest_len = len - col_len - 1;
+  if (rest_len >= 4 && memcmp(rest, "not.", 4) == 0) {
+    t->negate = true;
+    rest += 4;
+    rest_len -= 4;
+  }
   const char *dot = memchr(rest, '.', rest_len);
   if (dot == NULL) return fail(why, cap, "filter: missing operator, expected op.value%s", "");
   size_t op_len = (size_t)(dot - rest);
-  char op_name[8];
+  char op_name[16];
   if (op_len == 0 || op_len >= sizeof op_name)
     return fail(why, cap, "filter: unknown operator%s", "");
   memcpy(op_name, rest, op_len);
@@ -110,16 +135,25 @@ static int parse_term(keel__filter_term *t, const char *s, size_t len, char *why
   const char *value = dot + 1;
   size_t value_len = rest_len - op_len - 1;
   if (t->op == KEEL__F_IS_NULL) {
-    if (value_len == 4 && memcmp(value, "null", 4) == 0) return 0;
-    if (value_len == 4 && memcmp(value, "true", 4) == 0) {
-      t->op = KEEL__F_IS_TRUE;
-      return 0;
+    /* PostgREST: is.null, is.not_null, is.true, is.false, is.unknown, any case */
+    if (word_is(value, value_len, "null")) return 0;
+    static const struct {
+      const char *word;
+      keel__filter_op op;
+    } is_values[] = {{"not_null", KEEL__F_IS_NOT_NULL},
+                     {"true", KEEL__F_IS_TRUE},
+                     {"false", KEEL__F_IS_FALSE},
+                     {"unknown", KEEL__F_IS_UNKNOWN}};
+    for (size_t i = 0; i < sizeof is_values / sizeof is_values[0]; i++) {
+      if (word_is(value, value_len, is_values[i].word)) {
+        t->op = is_values[i].op;
+        return 0;
+      }
     }
-    if (value_len == 5 && memcmp(value, "false", 5) == 0) {
-      t->op = KEEL__F_IS_FALSE;
-      return 0;
-    }
-    return fail(why, cap, "filter: is.%s must be is.null, is.true or is.false", "");
+    return fail(why, cap,
+                "filter: is.%s must be is.null, is.not_null, is.true, is.false or "
+                "is.unknown",
+                "");
   }
   if (t->op == KEEL__F_IN) return parse_list(t, value, value_len, why, cap);
   return push_value(t, value, value_len);
@@ -163,6 +197,67 @@ int keel__filter_parse(keel__filter *f, const char *text, char *why, size_t cap)
   return 0;
 }
 
+/* ---- types ----------------------------------------------------------------- */
+
+keel__cmp keel__filter_cmp_of(unsigned oid) {
+  switch (oid) {
+    case 20:   /* int8 */
+    case 21:   /* int2 */
+    case 23:   /* int4 */
+    case 26:   /* oid */
+    case 1700: /* numeric */
+      return KEEL__CMP_NUMERIC;
+    case 700:
+      return KEEL__CMP_FLOAT4;
+    case 701:
+      return KEEL__CMP_FLOAT8;
+    case 16:
+      return KEEL__CMP_BOOL;
+    case 25:   /* text */
+    case 1043: /* varchar */
+    case 19:   /* name */
+      return KEEL__CMP_TEXT;
+    case 1042:
+      return KEEL__CMP_BPCHAR;
+    case 1082:
+      return KEEL__CMP_DATE;
+    case 1114:
+      return KEEL__CMP_TIMESTAMP;
+    case 1184:
+      return KEEL__CMP_TIMESTAMPTZ;
+    case 2950:
+      return KEEL__CMP_UUID;
+    default:
+      return KEEL__CMP_CANONICAL;
+  }
+}
+
+bool keel__filter_op_supported(keel__filter_op op, keel__cmp cmp) {
+  bool ordering = op == KEEL__F_LT || op == KEEL__F_LTE || op == KEEL__F_GT || op == KEEL__F_GTE;
+  return !(ordering && cmp == KEEL__CMP_CANONICAL);
+}
+
+int keel__filter_set_typed(keel__filter_term *t, keel__cmp cmp, const char *const *canon) {
+  char **copies = NULL;
+  if (t->value_count > 0) {
+    copies = keel__calloc(t->value_count, sizeof *copies);
+    if (copies == NULL) return UV_ENOMEM;
+    for (size_t i = 0; i < t->value_count; i++) {
+      copies[i] = keel__strdup(canon[i] != NULL ? canon[i] : t->values[i]);
+      if (copies[i] == NULL) {
+        free_strings(copies, t->value_count);
+        return UV_ENOMEM;
+      }
+    }
+  }
+  free_strings(t->canon, t->value_count);
+  t->canon = copies;
+  t->cmp = cmp;
+  return 0;
+}
+
+/* ---- comparing --------------------------------------------------------------- */
+
 static bool as_number(const char *text, double *out) {
   if (text == NULL || text[0] == '\0') return false;
   char *end = NULL;
@@ -173,52 +268,251 @@ static bool as_number(const char *text, double *out) {
   return true;
 }
 
-/* <0, 0, >0 like strcmp; numbers compare as numbers when both are numbers. */
-static int compare(const char *a, const char *b) {
+/* untyped: numbers when both read as numbers, else bytes */
+static int compare_untyped(const char *a, const char *b) {
   double x, y;
   if (as_number(a, &x) && as_number(b, &y)) return (x > y) - (x < y);
   return strcmp(a, b);
 }
 
-static bool term_match(const keel__filter_term *t, keel__filter_lookup lookup, void *row) {
+/* numeric_out text: [-]digits[.digits], NaN, Infinity, -Infinity. Rank:
+ * -Infinity < numbers < Infinity < NaN (PostgreSQL's order). */
+static int numeric_rank(const char *s) {
+  if (strcmp(s, "NaN") == 0) return 3;
+  if (strcmp(s, "Infinity") == 0) return 2;
+  if (strcmp(s, "-Infinity") == 0) return 0;
+  return 1;
+}
+
+/* Compares two magnitudes given as integer and fraction digit strings. */
+static int compare_magnitude(const char *a, const char *b) {
+  while (*a == '0') a++;
+  while (*b == '0') b++;
+  size_t ia = strcspn(a, "."), ib = strcspn(b, ".");
+  if (ia != ib) return ia < ib ? -1 : 1;
+  int c = strncmp(a, b, ia);
+  if (c != 0) return c < 0 ? -1 : 1;
+  const char *fa = a[ia] == '.' ? a + ia + 1 : "";
+  const char *fb = b[ib] == '.' ? b + ib + 1 : "";
+  for (;;) {
+    char da = *fa != '\0' ? *fa++ : '0', db = *fb != '\0' ? *fb++ : '0';
+    if (da != db) return da < db ? -1 : 1;
+    if (*fa == '\0' && *fb == '\0') return 0;
+  }
+}
+
+static bool is_zero(const char *s) {
+  for (; *s != '\0'; s++)
+    if (*s != '0' && *s != '.') return false;
+  return true;
+}
+
+static int compare_numeric(const char *a, const char *b) {
+  int ra = numeric_rank(a), rb = numeric_rank(b);
+  if (ra != rb || ra != 1) return (ra > rb) - (ra < rb);
+  bool na = a[0] == '-', nb = b[0] == '-';
+  const char *ma = na ? a + 1 : a, *mb = nb ? b + 1 : b;
+  if (na && is_zero(ma)) na = false; /* -0 = 0 */
+  if (nb && is_zero(mb)) nb = false;
+  if (na != nb) return na ? -1 : 1;
+  int c = compare_magnitude(ma, mb);
+  return na ? -c : c;
+}
+
+static int compare_float(const char *a, const char *b, bool single) {
+  double x = single ? (double)strtof(a, NULL) : strtod(a, NULL);
+  double y = single ? (double)strtof(b, NULL) : strtod(b, NULL);
+  bool nx = isnan(x), ny = isnan(y);
+  if (nx || ny) return (int)nx - (int)ny; /* NaN = NaN, NaN > everything */
+  return (x > y) - (x < y);
+}
+
+static int bool_value(const char *s) {
+  return s[0] == 't' || s[0] == 'T' ? 1 : 0; /* "true" / "t" */
+}
+
+/* Days from 0000-03-01 style civil date (Howard Hinnant's algorithm). */
+static int64_t days_from_civil(int64_t y, unsigned m, unsigned d) {
+  y -= m <= 2;
+  int64_t era = (y >= 0 ? y : y - 399) / 400;
+  unsigned yoe = (unsigned)(y - era * 400);
+  unsigned doy = (153 * (m > 2 ? m - 3 : m + 9) + 2) / 5 + d - 1;
+  unsigned doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+  return era * 146097 + (int64_t)doe - 719468;
+}
+
+static bool digits_at(const char *s, int n, long *out) {
+  long v = 0;
+  for (int i = 0; i < n; i++) {
+    if (s[i] < '0' || s[i] > '9') return false;
+    v = v * 10 + (s[i] - '0');
+  }
+  *out = v;
+  return true;
+}
+
+/* ISO output of date / timestamp / timestamptz → µs since 1970 (UTC for
+ * timestamptz). Returns false when the text is not in that form. */
+static bool parse_instant(const char *s, int64_t *out) {
+  if (strcmp(s, "infinity") == 0) {
+    *out = INT64_MAX;
+    return true;
+  }
+  if (strcmp(s, "-infinity") == 0) {
+    *out = INT64_MIN;
+    return true;
+  }
+  long year = 0, month, day, hour = 0, minute = 0, second = 0;
+  size_t yl = strspn(s, "0123456789");
+  if (yl < 4 || yl > 7 || !digits_at(s, (int)yl, &year) || s[yl] != '-') return false;
+  const char *p = s + yl + 1;
+  if (!digits_at(p, 2, &month) || p[2] != '-' || !digits_at(p + 3, 2, &day)) return false;
+  p += 5;
+  int64_t micros = 0, offset = 0;
+  if (*p == ' ' && p[1] >= '0' && p[1] <= '9') {
+    if (!digits_at(p + 1, 2, &hour) || p[3] != ':' || !digits_at(p + 4, 2, &minute) ||
+        p[6] != ':' || !digits_at(p + 7, 2, &second))
+      return false;
+    p += 9;
+    if (*p == '.') {
+      p++;
+      int64_t scale = 100000;
+      while (*p >= '0' && *p <= '9') {
+        micros += (*p - '0') * scale;
+        scale /= 10;
+        p++;
+      }
+    }
+    if (*p == '+' || *p == '-') {
+      int sign = *p == '-' ? -1 : 1;
+      long oh = 0, om = 0, os = 0;
+      if (!digits_at(p + 1, 2, &oh)) return false;
+      p += 3;
+      if (*p == ':' && digits_at(p + 1, 2, &om)) p += 3;
+      if (*p == ':' && digits_at(p + 1, 2, &os)) p += 3;
+      offset = sign * ((int64_t)oh * 3600 + om * 60 + os);
+    }
+  }
+  if (strcmp(p, " BC") == 0) {
+    year = 1 - year;
+    p += 3;
+  }
+  if (*p != '\0') return false;
+  int64_t days = days_from_civil(year, (unsigned)month, (unsigned)day);
+  *out = ((days * 86400 + hour * 3600 + minute * 60 + second) - offset) * 1000000 + micros;
+  return true;
+}
+
+static int compare_bpchar(const char *a, const char *b) {
+  size_t la = strlen(a), lb = strlen(b);
+  while (la > 0 && a[la - 1] == ' ') la--;
+  while (lb > 0 && b[lb - 1] == ' ') lb--;
+  int c = memcmp(a, b, la < lb ? la : lb);
+  if (c != 0) return c < 0 ? -1 : 1;
+  return (la > lb) - (la < lb);
+}
+
+/* <0, 0, >0; *ok false when a value cannot be read in the class's form
+ * (then the comparison is unknown). */
+static int compare_typed(keel__cmp cmp, const char *value, const char *literal, bool *ok) {
+  *ok = true;
+  int64_t x, y;
+  switch (cmp) {
+    case KEEL__CMP_NUMERIC:
+      return compare_numeric(value, literal);
+    case KEEL__CMP_FLOAT4:
+      return compare_float(value, literal, true);
+    case KEEL__CMP_FLOAT8:
+      return compare_float(value, literal, false);
+    case KEEL__CMP_BOOL:
+      return bool_value(value) - bool_value(literal);
+    case KEEL__CMP_BPCHAR:
+      return compare_bpchar(value, literal);
+    case KEEL__CMP_DATE:
+    case KEEL__CMP_TIMESTAMP:
+    case KEEL__CMP_TIMESTAMPTZ:
+      if (!parse_instant(value, &x) || !parse_instant(literal, &y)) {
+        *ok = false;
+        return 0;
+      }
+      return (x > y) - (x < y);
+    case KEEL__CMP_TEXT:
+    case KEEL__CMP_UUID:
+    case KEEL__CMP_CANONICAL: {
+      int c = strcmp(value, literal);
+      return (c > 0) - (c < 0);
+    }
+    default:
+      return compare_untyped(value, literal);
+  }
+}
+
+typedef enum tri { T_FALSE, T_TRUE, T_UNKNOWN } tri;
+
+static tri tri_of(bool b) {
+  return b ? T_TRUE : T_FALSE;
+}
+
+static tri term_eval(const keel__filter_term *t, keel__filter_lookup lookup, void *row) {
   bool present = false;
   const char *value = lookup(row, t->column, &present);
   switch (t->op) {
     case KEEL__F_IS_NULL:
-      return value == NULL;
+      return tri_of(value == NULL);
+    case KEEL__F_IS_NOT_NULL:
+      return tri_of(value != NULL);
     case KEEL__F_IS_TRUE:
-      return value != NULL && strcmp(value, "true") == 0;
+      return tri_of(value != NULL && bool_value(value) == 1);
     case KEEL__F_IS_FALSE:
-      return value != NULL && strcmp(value, "false") == 0;
+      return tri_of(value != NULL && bool_value(value) == 0);
+    case KEEL__F_IS_UNKNOWN:
+      return tri_of(value == NULL);
     default:
       break;
   }
-  if (value == NULL) return false; /* SQL: comparisons with NULL are not true */
+  const char *const *lits = (const char *const *)(t->canon != NULL ? t->canon : t->values);
+  if (t->op == KEEL__F_IN) {
+    if (t->value_count == 0) return T_FALSE; /* x = ANY('{}') is false, even for NULL */
+    if (value == NULL) return T_UNKNOWN;
+    bool unknown = false;
+    for (size_t i = 0; i < t->value_count; i++) {
+      bool ok;
+      int c = compare_typed(t->cmp, value, lits[i], &ok);
+      if (ok && c == 0) return T_TRUE;
+      if (!ok) unknown = true;
+    }
+    return unknown ? T_UNKNOWN : T_FALSE;
+  }
+  if (value == NULL) return t->op == KEEL__F_ISDISTINCT ? T_TRUE : T_UNKNOWN;
+  bool ok;
+  int c = compare_typed(t->cmp, value, lits[0], &ok);
+  if (!ok) return T_UNKNOWN;
   switch (t->op) {
     case KEEL__F_EQ:
-      return compare(value, t->values[0]) == 0;
+      return tri_of(c == 0);
     case KEEL__F_NEQ:
-      return compare(value, t->values[0]) != 0;
+    case KEEL__F_ISDISTINCT:
+      return tri_of(c != 0);
     case KEEL__F_LT:
-      return compare(value, t->values[0]) < 0;
+      return tri_of(c < 0);
     case KEEL__F_LTE:
-      return compare(value, t->values[0]) <= 0;
+      return tri_of(c <= 0);
     case KEEL__F_GT:
-      return compare(value, t->values[0]) > 0;
+      return tri_of(c > 0);
     case KEEL__F_GTE:
-      return compare(value, t->values[0]) >= 0;
-    case KEEL__F_IN:
-      for (size_t i = 0; i < t->value_count; i++)
-        if (compare(value, t->values[i]) == 0) return true;
-      return false;
+      return tri_of(c >= 0);
     default:
-      return false;
+      return T_FALSE;
   }
 }
 
 bool keel__filter_match(const keel__filter *f, keel__filter_lookup lookup, void *row) {
-  for (size_t i = 0; i < f->count; i++)
-    if (!term_match(&f->terms[i], lookup, row)) return false;
+  for (size_t i = 0; i < f->count; i++) {
+    const keel__filter_term *t = &f->terms[i];
+    tri r = term_eval(t, lookup, row);
+    if (t->negate && r != T_UNKNOWN) r = r == T_TRUE ? T_FALSE : T_TRUE;
+    if (r != T_TRUE) return false;
+  }
   return true;
 }
 
@@ -244,49 +538,27 @@ static void put(sqlbuf *b, const char *text) {
   put_n(b, text, strlen(text));
 }
 
-/* A SQL string literal: quotes doubled (standard_conforming_strings). */
+/* A SQL string literal that reads the same whatever
+ * standard_conforming_strings says: an escape string E'...' with both '\'
+ * and '\'' escaped. */
 static void put_literal(sqlbuf *b, const char *text) {
-  put(b, "'");
+  put(b, "E'");
   for (const char *p = text; *p != '\0'; p++) {
-    if (*p == '\'') put(b, "'");
+    if (*p == '\'' || *p == '\\') put_n(b, p, 1);
     put_n(b, p, 1);
   }
   put(b, "'");
 }
 
-/* The column's text exactly as the evaluator sees it in keel's JSON. */
+/* row."column" (a quoted identifier). */
 static void put_column(sqlbuf *b, const char *row, const char *column) {
-  put(b, "(to_jsonb(");
   put(b, row);
-  put(b, ") ->> ");
-  put_literal(b, column);
-  put(b, ")");
-}
-
-/* A plain decimal number that strtod and PostgreSQL's float8 input read the
- * same way and that cannot overflow: the shape the trigger's regex accepts. */
-#define PLAIN_NUMBER_RE "'^[-+]?([0-9]+[.]?[0-9]*|[.][0-9]+)([eE][-+]?[0-9]{1,2})?$'"
-
-/* Text strtod might read as a number in another form (hex, inf, very long):
- * the trigger lets it through and the listener decides. */
-#define MAYBE_NUMBER_RE "'^[[:space:]]*[-+]?([0-9.]|[iInN])'"
-
-static bool plain_number(const char *s) {
-  size_t n = strlen(s), i = 0, digits = 0;
-  if (n == 0 || n >= 40) return false;
-  if (s[i] == '+' || s[i] == '-') i++;
-  while (i < n && s[i] >= '0' && s[i] <= '9') i++, digits++;
-  if (i < n && s[i] == '.') i++;
-  while (i < n && s[i] >= '0' && s[i] <= '9') i++, digits++;
-  if (digits == 0) return false;
-  if (i < n && (s[i] == 'e' || s[i] == 'E')) {
-    i++;
-    if (i < n && (s[i] == '+' || s[i] == '-')) i++;
-    size_t e = 0;
-    while (i < n && s[i] >= '0' && s[i] <= '9') i++, e++;
-    if (e == 0 || e > 2) return false;
+  put(b, ".\"");
+  for (const char *p = column; *p != '\0'; p++) {
+    if (*p == '"') put_n(b, p, 1);
+    put_n(b, p, 1);
   }
-  return i == n;
+  put(b, "\"");
 }
 
 static const char *sql_operator(keel__filter_op op) {
@@ -306,45 +578,30 @@ static const char *sql_operator(keel__filter_op op) {
   }
 }
 
-/* One comparison of the column with one value, never narrower than the
- * evaluator: text compares bytewise (COLLATE "C" = strcmp); a plain decimal
- * value compares as float8 when the column's text is a plain decimal too,
- * as text when the column's text cannot be a number, and otherwise lets the
- * row through for the listener to decide. */
-static void put_compare(sqlbuf *b, const char *row, const char *column, keel__filter_op op,
-                        const char *value) {
-  double ignored;
-  if (!as_number(value, &ignored)) {
-    put(b, "(");
-    put_column(b, row, column);
-    put(b, " COLLATE \"C\"");
-    put(b, sql_operator(op));
-    put_literal(b, value);
-    put(b, ")");
-    return;
-  }
-  if (!plain_number(value)) { /* hex, inf, ...: the listener decides */
-    put(b, "(");
-    put_column(b, row, column);
-    put(b, " IS NOT NULL)");
-    return;
-  }
-  put(b, "(CASE WHEN ");
-  put_column(b, row, column);
-  put(b, " ~ " PLAIN_NUMBER_RE " AND length(");
-  put_column(b, row, column);
-  put(b, ") < 40 THEN ");
-  put_column(b, row, column);
-  put(b, "::float8");
-  put(b, sql_operator(op));
-  put_literal(b, value);
-  put(b, "::float8 ELSE ");
-  put_column(b, row, column);
-  put(b, " ~ " MAYBE_NUMBER_RE " OR ");
-  put_column(b, row, column);
-  put(b, " COLLATE \"C\"");
-  put(b, sql_operator(op));
-  put_literal(b, value);
+/* An ordering: the column's own type decides (the literal is read as that
+ * type), except that text-like columns compare bytewise as the evaluator
+ * does (char(n) without its trailing blanks). */
+static void put_ordering(sqlbuf *b, const char *row, const keel__filter_term *t) {
+  const char *op = sql_operator(t->op);
+  put(b, "(CASE WHEN pg_typeof(");
+  put_column(b, row, t->column);
+  put(b, ") = 'character'::regtype THEN rtrim(");
+  put_column(b, row, t->column);
+  put(b, "::text, ' ') COLLATE \"C\"");
+  put(b, op);
+  put(b, "rtrim(");
+  put_literal(b, t->values[0]);
+  put(b, ", ' ') WHEN pg_typeof(");
+  put_column(b, row, t->column);
+  put(b, ") IN ('text'::regtype, 'character varying'::regtype, 'name'::regtype) THEN ");
+  put_column(b, row, t->column);
+  put(b, "::text COLLATE \"C\"");
+  put(b, op);
+  put_literal(b, t->values[0]);
+  put(b, " ELSE ");
+  put_column(b, row, t->column);
+  put(b, op);
+  put_literal(b, t->values[0]);
   put(b, " END)");
 }
 
@@ -355,30 +612,49 @@ int keel__filter_to_sql(const keel__filter *f, const char *row, char *buf, size_
   for (size_t i = 0; i < f->count; i++) {
     const keel__filter_term *t = &f->terms[i];
     if (i > 0) put(&b, " AND ");
+    put(&b, t->negate ? "(NOT (" : "((");
     switch (t->op) {
       case KEEL__F_IS_NULL:
-        put(&b, "(");
-        put_column(&b, row, t->column);
-        put(&b, " IS NULL)");
-        break;
+      case KEEL__F_IS_NOT_NULL:
       case KEEL__F_IS_TRUE:
       case KEEL__F_IS_FALSE:
-        put(&b, "(");
+      case KEEL__F_IS_UNKNOWN:
         put_column(&b, row, t->column);
-        put(&b, t->op == KEEL__F_IS_TRUE ? " = 'true')" : " = 'false')");
+        put(&b, t->op == KEEL__F_IS_NULL       ? " IS NULL"
+                : t->op == KEEL__F_IS_NOT_NULL ? " IS NOT NULL"
+                : t->op == KEEL__F_IS_TRUE     ? " IS TRUE"
+                : t->op == KEEL__F_IS_FALSE    ? " IS FALSE"
+                                               : " IS UNKNOWN");
         break;
       case KEEL__F_IN:
-        put(&b, "(");
+        if (t->value_count == 0) {
+          put(&b, "FALSE");
+          break;
+        }
+        put_column(&b, row, t->column);
+        put(&b, " IN (");
         for (size_t v = 0; v < t->value_count; v++) {
-          if (v > 0) put(&b, " OR ");
-          put_compare(&b, row, t->column, KEEL__F_EQ, t->values[v]);
+          if (v > 0) put(&b, ", ");
+          put_literal(&b, t->values[v]);
         }
         put(&b, ")");
         break;
+      case KEEL__F_ISDISTINCT:
+        put_column(&b, row, t->column);
+        put(&b, " IS DISTINCT FROM ");
+        put_literal(&b, t->values[0]);
+        break;
+      case KEEL__F_EQ:
+      case KEEL__F_NEQ:
+        put_column(&b, row, t->column);
+        put(&b, sql_operator(t->op));
+        put_literal(&b, t->values[0]);
+        break;
       default:
-        put_compare(&b, row, t->column, t->op, t->values[0]);
+        put_ordering(&b, row, t);
         break;
     }
+    put(&b, "))");
   }
   return b.full ? UV_ENOBUFS : (int)b.at;
 }

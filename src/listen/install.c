@@ -1,5 +1,6 @@
 /* The trigger that turns row changes into keel's JSON notifications, and its
  * installer. */
+#include <stdint.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -20,6 +21,7 @@
   "  key jsonb := '{}';\n"                                                                        \
   "  ts bigint := (extract(epoch from clock_timestamp()) * 1000000)::bigint;\n"                   \
   "  payload text;\n"                                                                             \
+  "  overflow_id bigint;\n"                                                                       \
   "BEGIN\n"                                                                                       \
   "  IF TG_OP <> 'DELETE' THEN new_row := to_jsonb(NEW); END IF;\n"                               \
   "  IF TG_OP <> 'INSERT' THEN old_row := to_jsonb(OLD); END IF;\n"                               \
@@ -29,30 +31,47 @@
   "  payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"            \
   "    TG_TABLE_NAME, 'ts_us', ts, 'pk', key, 'new', new_row, 'old', old_row)::text;\n"           \
   "  IF octet_length(payload) > 7999 THEN\n"                                                      \
+  "    INSERT INTO public.keel_overflow (payload) VALUES (payload) RETURNING id INTO "            \
+  "overflow_id;\n"                                                                                \
   "    payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"          \
-  "      TG_TABLE_NAME, 'ts_us', ts, 'pk', key, 'key_only', true)::text;\n"                       \
+  "      TG_TABLE_NAME, 'ts_us', ts, 'overflow', overflow_id, 'pk', key)::text;\n"                \
+  "    IF octet_length(payload) > 7999 THEN\n"                                                    \
+  "      payload := jsonb_build_object('op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table',\n"        \
+  "        TG_TABLE_NAME, 'ts_us', ts, 'overflow', overflow_id)::text;\n"                         \
+  "    END IF;\n"                                                                                 \
   "  END IF;\n"                                                                                   \
   "  PERFORM pg_notify(TG_ARGV[0], payload);\n"                                                   \
   "  RETURN NULL;\n"                                                                              \
   "END\n"                                                                                         \
   "$keel$"
 
-static const char notify_function_sql[] = KEEL_NOTIFY_FUNCTION_SQL;
+/* Where a change too large for NOTIFY waits, read by primary key; the
+ * listener sweeps rows older than ten minutes. */
+#define KEEL_OVERFLOW_TABLE_SQL                                                 \
+  "CREATE TABLE IF NOT EXISTS public.keel_overflow (id bigserial PRIMARY KEY, " \
+  "created timestamptz NOT NULL DEFAULT now(), payload text NOT NULL)"
+
+static const char notify_function_sql[] = KEEL_OVERFLOW_TABLE_SQL ";\n" KEEL_NOTIFY_FUNCTION_SQL;
 
 /* What install() runs: CREATE OR REPLACE of one function by concurrent
  * installers fails with "tuple concurrently updated", so they take turns
  * on an advisory lock held for the DO block's transaction. */
 static const char locked_function_sql[] =
     "DO $do$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('keel_notify_change')); "
+    "EXECUTE $tb$" KEEL_OVERFLOW_TABLE_SQL
+    "$tb$; "
     "EXECUTE $fn$" KEEL_NOTIFY_FUNCTION_SQL "$fn$; END $do$";
 
-/* Appends a SQL string literal ('it''s'). Returns false when out of room. */
+/* Appends a SQL string literal that reads the same whatever
+ * standard_conforming_strings says (E'it''s \\ ok'). Returns false when out
+ * of room. */
 static bool append_literal(char *buf, size_t cap, size_t *at, const char *text, size_t len) {
-  if (*at + 2 >= cap) return false;
+  if (*at + 3 >= cap) return false;
+  buf[(*at)++] = 'E';
   buf[(*at)++] = '\'';
   for (size_t i = 0; i < len; i++) {
     if (*at + 3 >= cap) return false;
-    if (text[i] == '\'') buf[(*at)++] = '\'';
+    if (text[i] == '\'' || text[i] == '\\') buf[(*at)++] = text[i];
     buf[(*at)++] = text[i];
   }
   buf[(*at)++] = '\'';
@@ -85,6 +104,26 @@ static bool append_events(char *buf, size_t cap, size_t *at, unsigned events) {
   return true;
 }
 
+/* The trigger names of a table: "keel_notify_<table>" and the same with
+ * "_del". When they would not fit in 63 bytes (NAMEDATALEN - 1), the table
+ * part is cut on a UTF-8 character boundary and followed by "_" and 8 hex
+ * digits of the FNV-1a hash of the whole table name, so that long names
+ * stay valid, distinct and stable. name_cap must be at least 64. */
+static void trigger_names(const char *bare, char *name, char *del, size_t cap) {
+  static const char prefix[] = "keel_notify_";
+  size_t len = strlen(bare);
+  if (sizeof prefix - 1 + len + 4 <= 63) {
+    snprintf(name, cap, "%s%s", prefix, bare);
+  } else {
+    uint32_t hash = 2166136261u;
+    for (size_t i = 0; i < len; i++) hash = (hash ^ (unsigned char)bare[i]) * 16777619u;
+    size_t keep = 63 - 4 - 9 - (sizeof prefix - 1);
+    while (keep > 0 && ((unsigned char)bare[keep] & 0xC0) == 0x80) keep--; /* char boundary */
+    snprintf(name, cap, "%s%.*s_%08x", prefix, (int)keep, bare, (unsigned)hash);
+  }
+  snprintf(del, cap, "%.63s_del", name);
+}
+
 /* Ends the statement at *at with a NUL and starts the next one after it. */
 static bool next_statement(char *buf, size_t cap, size_t *at, int *count) {
   if (*at + 1 >= cap) return false;
@@ -105,10 +144,19 @@ static int create_trigger(char *buf, size_t cap, size_t *at, const char *quoted_
       !append(buf, cap, at, " FOR EACH ROW"))
     return UV_ENOBUFS;
   if (filter->count > 0) {
-    if (!append(buf, cap, at, " WHEN (")) return UV_ENOBUFS;
-    int n = keel__filter_to_sql(filter, row, buf + *at, cap - *at);
+    /* row NULL: an UPDATE, sent when the old or the new row matches, so that
+     * rows entering and leaving the filter are seen */
+    if (!append(buf, cap, at, row != NULL ? " WHEN (" : " WHEN ((")) return UV_ENOBUFS;
+    int n = keel__filter_to_sql(filter, row != NULL ? row : "NEW", buf + *at, cap - *at);
     if (n < 0) return n;
     *at += (size_t)n;
+    if (row == NULL) {
+      if (!append(buf, cap, at, ") OR (")) return UV_ENOBUFS;
+      n = keel__filter_to_sql(filter, "OLD", buf + *at, cap - *at);
+      if (n < 0) return n;
+      *at += (size_t)n;
+      if (!append(buf, cap, at, ")")) return UV_ENOBUFS;
+    }
     if (!append(buf, cap, at, ")")) return UV_ENOBUFS;
   }
   if (!append(buf, cap, at, " EXECUTE FUNCTION keel_notify_change(") ||
@@ -137,14 +185,18 @@ static int create_trigger(char *buf, size_t cap, size_t *at, const char *quoted_
  * Returns the number of statements. */
 static int trigger_sql(char *buf, size_t cap, const char *table, const char *key_columns,
                        const char *channel, unsigned events, const keel__filter *filter) {
-  char quoted_table[160], name[80], quoted_trigger[180], quoted_delete[180];
+  char quoted_table[160], name[80], del[80], upd[96], quoted_trigger[180], quoted_delete[180],
+      quoted_update[180];
   if (keel_pg_quote_ident(quoted_table, sizeof quoted_table, table, true) < 0) return UV_EINVAL;
   if (events == 0 || events > KEEL_CHANGE_ALL) return UV_EINVAL;
+  if (keel_listener_validate_channel(channel, NULL, 0) != 0) return UV_EINVAL;
   const char *bare = strchr(table, '.') ? strchr(table, '.') + 1 : table;
-  snprintf(name, sizeof name, "keel_notify_%.50s", bare);
-  if (keel_pg_quote_ident(quoted_trigger, sizeof quoted_trigger, name, false) < 0) return UV_EINVAL;
-  snprintf(name, sizeof name, "keel_notify_%.50s_del", bare);
-  if (keel_pg_quote_ident(quoted_delete, sizeof quoted_delete, name, false) < 0) return UV_EINVAL;
+  trigger_names(bare, name, del, sizeof name);
+  snprintf(upd, sizeof upd, "%.63s_upd", name);
+  if (keel_pg_quote_ident(quoted_trigger, sizeof quoted_trigger, name, false) < 0 ||
+      keel_pg_quote_ident(quoted_delete, sizeof quoted_delete, del, false) < 0 ||
+      keel_pg_quote_ident(quoted_update, sizeof quoted_update, upd, false) < 0)
+    return UV_EINVAL;
   if (key_columns == NULL || key_columns[0] == '\0') return UV_EINVAL;
   size_t at = 0;
   int count = 0, rc;
@@ -152,7 +204,10 @@ static int trigger_sql(char *buf, size_t cap, const char *table, const char *key
       !append(buf, cap, &at, " ON ") || !append(buf, cap, &at, quoted_table) ||
       !next_statement(buf, cap, &at, &count) || !append(buf, cap, &at, "DROP TRIGGER IF EXISTS ") ||
       !append(buf, cap, &at, quoted_delete) || !append(buf, cap, &at, " ON ") ||
-      !append(buf, cap, &at, quoted_table) || !next_statement(buf, cap, &at, &count))
+      !append(buf, cap, &at, quoted_table) || !next_statement(buf, cap, &at, &count) ||
+      !append(buf, cap, &at, "DROP TRIGGER IF EXISTS ") || !append(buf, cap, &at, quoted_update) ||
+      !append(buf, cap, &at, " ON ") || !append(buf, cap, &at, quoted_table) ||
+      !next_statement(buf, cap, &at, &count))
     return UV_ENOBUFS;
   if (filter->count == 0) {
     rc = create_trigger(buf, cap, &at, quoted_trigger, quoted_table, events, filter, "NEW", channel,
@@ -161,10 +216,15 @@ static int trigger_sql(char *buf, size_t cap, const char *table, const char *key
     if (!next_statement(buf, cap, &at, &count)) return UV_ENOBUFS;
     return count;
   }
-  unsigned row_events = events & (KEEL_CHANGE_INSERT | KEEL_CHANGE_UPDATE);
-  if (row_events != 0) {
-    rc = create_trigger(buf, cap, &at, quoted_trigger, quoted_table, row_events, filter, "NEW",
-                        channel, key_columns);
+  if (events & KEEL_CHANGE_INSERT) {
+    rc = create_trigger(buf, cap, &at, quoted_trigger, quoted_table, KEEL_CHANGE_INSERT, filter,
+                        "NEW", channel, key_columns);
+    if (rc != 0) return rc;
+    if (!next_statement(buf, cap, &at, &count)) return UV_ENOBUFS;
+  }
+  if (events & KEEL_CHANGE_UPDATE) {
+    rc = create_trigger(buf, cap, &at, quoted_update, quoted_table, KEEL_CHANGE_UPDATE, filter,
+                        NULL, channel, key_columns);
     if (rc != 0) return rc;
     if (!next_statement(buf, cap, &at, &count)) return UV_ENOBUFS;
   }
@@ -181,7 +241,7 @@ static int trigger_sql(char *buf, size_t cap, const char *table, const char *key
 static size_t trigger_sql_cap(const char *filter, const char *key_columns) {
   size_t f = filter != NULL ? strlen(filter) : 0;
   size_t k = key_columns != NULL ? strlen(key_columns) : 0;
-  return 2048 + 4 * k + 2 * (600 + 40 * f);
+  return 2560 + 6 * k + 4 * (600 + 40 * f);
 }
 
 int keel_listener_install_filtered_sql(char *buf, size_t cap, const char *table,
@@ -204,7 +264,12 @@ int keel_listener_install_filtered_sql(char *buf, size_t cap, const char *table,
     keel__free(trigger);
     return count;
   }
-  int n = snprintf(buf, cap, "%s;\n", notify_function_sql);
+  /* Run as one string (one implicit transaction) or inside a migration's
+   * transaction, the lock makes concurrent installs take turns, as
+   * keel_listener_install() does: CREATE OR REPLACE FUNCTION run at once by
+   * two sessions fails with "tuple concurrently updated". */
+  int n = snprintf(buf, cap, "SELECT pg_advisory_xact_lock(hashtext('keel_notify_change'));\n%s;\n",
+                   notify_function_sql);
   size_t at = n < 0 ? cap : (size_t)n;
   const char *stmt = trigger;
   for (int i = 0; i < count && at < cap; i++) {
@@ -280,8 +345,43 @@ static int prepare_statements(install_job *job, const char *key_columns) {
                           &parsed);
   keel__filter_free(&parsed);
   if (count < 0) return count;
+  /* One DO block, so that the drops and creates take effect together: a
+   * CREATE that fails (a column the table lacks, a literal its type cannot
+   * read) leaves the table's old triggers in place. Its dollar-quote tag
+   * is one that occurs nowhere in the statements. */
+  size_t total = 0;
+  const char *stmt = job->statements;
+  for (int i = 0; i < count; i++) {
+    total += strlen(stmt) + 2;
+    stmt += strlen(stmt) + 1;
+  }
+  char tag[32];
+  unsigned n = 0;
+  for (;;) {
+    snprintf(tag, sizeof tag, "$keel_install_%u$", n++);
+    bool used = false;
+    stmt = job->statements;
+    for (int i = 0; i < count && !used; i++) {
+      used = strstr(stmt, tag) != NULL;
+      stmt += strlen(stmt) + 1;
+    }
+    if (!used) break;
+  }
+  size_t block_cap = total + 2 * strlen(tag) + 64;
+  char *block = keel__malloc(block_cap + 1);
+  if (block == NULL) return UV_ENOMEM;
+  size_t at = (size_t)snprintf(block, block_cap, "DO %s BEGIN\n", tag);
+  stmt = job->statements;
+  for (int i = 0; i < count; i++) {
+    at += (size_t)snprintf(block + at, block_cap - at, "%s;\n", stmt);
+    stmt += strlen(stmt) + 1;
+  }
+  at += (size_t)snprintf(block + at, block_cap - at, "END %s", tag);
+  block[at + 1] = '\0'; /* a second NUL: the list of statements ends */
+  keel__free(job->statements);
+  job->statements = block;
   job->next = job->statements;
-  job->remaining = count;
+  job->remaining = 1;
   return 0;
 }
 
@@ -311,7 +411,9 @@ int keel_listener_install_filtered(keel_pg *conn, const char *table, const char 
   char quoted[160];
   if (conn == NULL || table == NULL ||
       keel_pg_quote_ident(quoted, sizeof quoted, table, true) < 0 || events == 0 ||
-      events > KEEL_CHANGE_ALL)
+      events > KEEL_CHANGE_ALL ||
+      keel_listener_validate_channel(channel != NULL ? channel : KEEL_LISTEN_DEFAULT_CHANNEL, NULL,
+                                     0) != 0)
     return UV_EINVAL;
   keel__filter check;
   int rc = keel__filter_parse(&check, filter, NULL, 0);

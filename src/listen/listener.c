@@ -2,6 +2,7 @@
  * connect, gap reports after a reconnect, parse → route → filter →
  * handlers, fetching rows whose payload was too large, in arrival order. */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/time.h>
 
@@ -19,6 +20,7 @@ typedef struct subscription {
   char *channel;
   unsigned events;
   keel__filter filter;
+  keel__columns columns; /* from the catalog at the last connect */
 } subscription;
 
 typedef struct handler_entry {
@@ -34,14 +36,29 @@ typedef struct raw_channel {
   void *data;
 } raw_channel;
 
-/* A change waiting for its turn (behind a row fetch) or for its row. */
+struct fetch_ctx;
+
+/* A change waiting for its turn (behind a row fetch) or for its row. sub
+ * points to a subscription, which is allocated on its own and lives as long
+ * as the listener: add_table may grow the array of pointers, never move a
+ * subscription. */
 typedef struct queued_change {
   struct queued_change *next;
   keel_change change;
   subscription *sub;
+  struct fetch_ctx *fetch; /* the row fetch in flight for it, or NULL */
+  long raw_index;          /* >= 0: a raw channel's notification held back */
+  bool dropped;            /* its overflow row could not be read: not delivered */
   bool ready;
   char payload[];
 } queued_change;
+
+/* A row fetch in flight. q is cleared when the change is dropped (stop,
+ * close) before the fetch's callback runs, whatever status it then gets. */
+typedef struct fetch_ctx {
+  struct keel_listener *l;
+  queued_change *q;
+} fetch_ctx;
 
 struct keel_listener {
   uv_loop_t *loop;
@@ -53,8 +70,23 @@ struct keel_listener {
   bool ever_active;
   uint64_t down_since_ms;
   unsigned listens_outstanding;
+  unsigned checks_outstanding; /* filters being checked against the catalog */
+  uint64_t listen_round;       /* LISTENs of other rounds are ignored */
+  uint32_t listen_attempt;
+  uint64_t listen_last_delay;
+  keel_rng rng;
+  uv_timer_t *retry_timer; /* retries a failed LISTEN */
+  uv_timer_t *beat_timer;  /* asks the server's time while active */
+  bool beat_in_flight;
+  uint64_t beats;
+  bool holding;                   /* a session is starting: deliver nothing before its gap event */
+  int64_t caught_up_us;           /* server time at which every earlier commit had reached us */
+  int64_t pending_from_us;        /* the caught-up time when the connection was lost */
+  int64_t gap_from_us, gap_to_us; /* the window of the last gap reported */
+  bool gap_known;
   unsigned conns_open;
-  subscription *subs;
+  unsigned handles_open; /* connections and the timer still closing */
+  subscription **subs;   /* each allocated on its own: queued changes point to them */
   size_t sub_count;
   handler_entry *handlers;
   size_t handler_count;
@@ -79,6 +111,8 @@ void keel_listener_opts_init(keel_listener_opts *opts) {
   keel_backoff_full_jitter(&opts->reconnect_backoff, 100, 2.0, 5000);
 }
 
+#define KEEL__DAY_US INT64_C(86400000000)
+
 static int64_t wall_us(void) {
   struct timeval tv;
   gettimeofday(&tv, NULL);
@@ -93,6 +127,47 @@ static void subscription_free(subscription *s) {
   keel__free(s->quoted);
   keel__free(s->channel);
   keel__filter_free(&s->filter);
+  keel__columns_free(&s->columns);
+}
+
+/* Identifier rules: a letter, '_' or a non-ASCII character first, then
+ * also digits and '$'; valid UTF-8; 1..63 bytes (NAMEDATALEN - 1). */
+int keel_listener_validate_channel(const char *channel, char *why, size_t cap) {
+  char local[8];
+  if (why == NULL || cap == 0) why = local, cap = sizeof local;
+  why[0] = '\0';
+  if (channel == NULL) return keel__why(why, cap, UV_EINVAL, "channel: NULL");
+  size_t len = strlen(channel);
+  if (len == 0) return keel__why(why, cap, UV_EINVAL, "channel: empty");
+  if (len > 63) {
+    snprintf(why, cap, "channel \"%.63s...\": longer than 63 bytes (%zu)", channel, len);
+    return UV_EINVAL;
+  }
+  const unsigned char *p = (const unsigned char *)channel;
+  for (size_t i = 0; i < len;) {
+    unsigned char ch = p[i];
+    if (ch >= 0x80) {
+      size_t n = ch >= 0xF0 && ch <= 0xF4 ? 4 : ch >= 0xE0 ? 3 : ch >= 0xC2 && ch < 0xE0 ? 2 : 0;
+      if (n == 0 || i + n > len) goto bad_utf8;
+      for (size_t k = 1; k < n; k++)
+        if ((p[i + k] & 0xC0) != 0x80) goto bad_utf8;
+      i += n;
+      continue;
+    }
+    bool letter = (ch >= 'a' && ch <= 'z') || (ch >= 'A' && ch <= 'Z') || ch == '_';
+    bool later = (ch >= '0' && ch <= '9') || ch == '$';
+    if (!letter && !(later && i > 0)) {
+      snprintf(why, cap,
+               "channel \"%s\": must start with a letter or '_' and contain only letters, "
+               "digits, '_' and '$' (byte %zu is '%c')",
+               channel, i, ch >= 0x20 && ch < 0x7f ? ch : '?');
+      return UV_EINVAL;
+    }
+    i++;
+  }
+  return 0;
+bad_utf8:
+  return keel__why(why, cap, UV_EINVAL, "channel: not valid UTF-8");
 }
 
 static int subscription_init(subscription *s, const char *table, unsigned events,
@@ -103,6 +178,7 @@ static int subscription_init(subscription *s, const char *table, unsigned events
     snprintf(why, cap, "invalid table name");
     return UV_EINVAL;
   }
+  if (channel != NULL && keel_listener_validate_channel(channel, why, cap) != 0) return UV_EINVAL;
   if (events == 0 || events > KEEL_CHANGE_ALL) {
     snprintf(why, cap, "events must be a mask of KEEL_CHANGE_INSERT/UPDATE/DELETE");
     return UV_EINVAL;
@@ -125,13 +201,18 @@ static int subscription_init(subscription *s, const char *table, unsigned events
 
 static int add_subscription(keel_listener *l, const char *table, unsigned events,
                             const char *filter, const char *channel, char *why, size_t cap) {
-  subscription s;
-  int rc = subscription_init(&s, table, events, filter, channel, why, cap);
-  if (rc != 0) return rc;
-  subscription *subs = keel__realloc(l->subs, (l->sub_count + 1) * sizeof *subs);
+  subscription *s = keel__malloc(sizeof *s);
+  if (s == NULL) return keel__why(why, cap, UV_ENOMEM, "out of memory");
+  int rc = subscription_init(s, table, events, filter, channel, why, cap);
+  if (rc != 0) {
+    keel__free(s);
+    return rc;
+  }
+  subscription **subs = keel__realloc(l->subs, (l->sub_count + 1) * sizeof *subs);
   if (subs == NULL) {
-    subscription_free(&s);
-    return UV_ENOMEM;
+    subscription_free(s);
+    keel__free(s);
+    return keel__why(why, cap, UV_ENOMEM, "out of memory");
   }
   l->subs = subs;
   l->subs[l->sub_count++] = s;
@@ -140,11 +221,22 @@ static int add_subscription(keel_listener *l, const char *table, unsigned events
 
 /* ---- delivery ------------------------------------------------------------ */
 
-static const char *row_lookup(void *row, const char *column, bool *present) {
-  keel_change *c = row;
-  json_t *object = c->op == KEEL_CHANGE_DELETE ? c->old_row : c->new_row;
-  if (object == NULL) object = c->key; /* key-only change whose row is gone */
-  return keel__change_column(c, object, column, present);
+/* A row the filter reads: one of the change's rows, or its key when the
+ * row is gone (a key-only change). */
+typedef struct lookup_row {
+  keel_change *c;
+  const keel__row *row;
+} lookup_row;
+
+static const char *row_lookup(void *data, const char *column, bool *present) {
+  lookup_row *r = data;
+  return keel__change_column(r->c, r->row, column, present);
+}
+
+static bool row_matches(const keel__filter *f, keel_change *c, const keel__row *row) {
+  if (f->count == 0) return true;
+  lookup_row r = {c, row->present ? row : &c->key};
+  return keel__filter_match(f, row_lookup, &r);
 }
 
 static void compact_handlers(keel_listener *l) {
@@ -160,12 +252,38 @@ static void compact_handlers(keel_listener *l) {
 }
 
 static void deliver(keel_listener *l, keel_change *c, subscription *sub) {
-  if (!keel__filter_match(&sub->filter, row_lookup, c)) {
+  c->columns = sub->columns.count > 0 ? &sub->columns : NULL;
+  c->transition = KEEL_CHANGE_INSIDE;
+  if (c->op == KEEL_CHANGE_UPDATE && sub->filter.count > 0) {
+    /* Both rows decide: a row that moves out of the filter is delivered as
+     * leaving it, one that moves in as entering. Without the old row (an
+     * oversize change) a new row outside the filter may have left it. */
+    bool in_new = row_matches(&sub->filter, c, &c->new_row);
+    /* unknown old row: inside when the new row matches, leaving when not */
+    bool in_old = c->old_row.present ? row_matches(&sub->filter, c, &c->old_row) : true;
+    if (!in_new && !in_old) {
+      l->stats.filtered++;
+      return;
+    }
+    if (in_new && !in_old) {
+      c->transition = KEEL_CHANGE_ENTER;
+      l->stats.entered++;
+    } else if (!in_new) {
+      c->transition = KEEL_CHANGE_LEAVE;
+      l->stats.left++;
+    }
+  } else if (!row_matches(&sub->filter, c,
+                          c->op == KEEL_CHANGE_DELETE ? &c->old_row : &c->new_row)) {
     l->stats.filtered++;
     return;
   }
+  /* time_us is within 0..KEEL__CHANGE_MAX_TIME_US (checked by the parser):
+   * no overflow here; a latency over a day is recorded as a day. */
   c->latency_us = wall_us() - c->time_us;
-  keel__histogram_record(&l->latency, c->latency_us > 0 ? (uint64_t)c->latency_us * 1000 : 0);
+  int64_t recorded = c->latency_us < 0              ? 0
+                     : c->latency_us > KEEL__DAY_US ? KEEL__DAY_US
+                                                    : c->latency_us;
+  keel__histogram_record(&l->latency, (uint64_t)recorded * 1000);
   l->stats.delivered++;
   size_t count = l->handler_count; /* handlers added now see the next change */
   l->dispatch_depth++;
@@ -177,15 +295,37 @@ static void deliver(keel_listener *l, keel_change *c, subscription *sub) {
   if (l->dispatch_depth == 0) compact_handlers(l);
 }
 
+/* Frees a queued change; a fetch still in flight for it forgets it. */
+static void queued_free(queued_change *q) {
+  if (q->fetch != NULL) q->fetch->q = NULL;
+  keel__change_free(&q->change);
+  keel__free(q);
+}
+
 static void drain_queue(keel_listener *l) {
-  while (l->queue_head != NULL && l->queue_head->ready && !l->closing) {
+  while (l->queue_head != NULL && l->queue_head->ready && !l->closing && !l->holding) {
     queued_change *q = l->queue_head;
     l->queue_head = q->next;
     if (l->queue_head == NULL) l->queue_tail = NULL;
-    deliver(l, &q->change, q->sub);
-    keel__change_free(&q->change);
-    keel__free(q);
+    if (q->dropped) {
+      /* counted and reported when its overflow row could not be read */
+    } else if (q->raw_index >= 0) {
+      raw_channel *r = &l->raws[q->raw_index];
+      l->stats.raw++;
+      r->cb(l, r->channel, q->payload, r->data);
+    } else {
+      deliver(l, &q->change, q->sub);
+    }
+    queued_free(q);
   }
+}
+
+static void enqueue(keel_listener *l, queued_change *q) {
+  if (l->queue_tail != NULL)
+    l->queue_tail->next = q;
+  else
+    l->queue_head = q;
+  l->queue_tail = q;
 }
 
 static void on_row_fetched(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
@@ -194,41 +334,55 @@ static void on_row_fetched(keel_pg *conn, int status, const keel_pg_result *res,
   q->ready = true;
   if (status == 0) {
     const char *row = keel_pg_result_value(res, 0, 0);
-    if (row != NULL) {
-      json_t *parsed = json_loads(row, 0, NULL);
-      if (json_is_object(parsed)) {
-        /* Keep the fetched row inside the change's tree so it is freed with it. */
-        json_object_set_new(q->change.root, "new", parsed);
-        json_t *fetched = json_object_get(q->change.root, "new");
-        if (q->change.op == KEEL_CHANGE_DELETE)
-          q->change.old_row = fetched;
-        else
-          q->change.new_row = fetched;
-        q->change.fetched = true;
-      } else if (parsed != NULL) {
-        json_decref(parsed);
-      }
-    }
+    char *copy = row != NULL ? keel__strdup(row) : NULL;
+    /* kept by the change, freed with it; a row that cannot be read leaves
+     * the change with its key only */
+    if (copy != NULL) keel__change_set_fetched(&q->change, copy);
   }
 }
 
 static void fetch_row(keel_listener *l, queued_change *q);
+static void fetch_overflow(keel_listener *l, queued_change *q);
+static void sweep_overflow(keel_listener *l);
+static void report_error(keel_listener *l, int err);
+static void on_listen_retry(uv_timer_t *timer);
+static void become_active(keel_listener *l);
+static void on_beat(uv_timer_t *timer);
+static void begin_session(keel_listener *l);
+static void listen_added(keel_listener *l, const char *channel);
 
 static void on_notify(keel_pg *conn, const char *channel, const char *payload, int pid,
                       void *data) {
-  (void)conn;
   (void)pid;
   keel_listener *l = data;
+  /* Nothing reaches handlers after close, or from a connection stopped
+   * earlier. */
+  if (l->closing || conn != l->conn) return;
   l->stats.received++;
+  size_t payload_len = strlen(payload);
   for (size_t i = 0; i < l->raw_count; i++) {
-    if (strcmp(l->raws[i].channel, channel) == 0) {
+    if (strcmp(l->raws[i].channel, channel) != 0) continue;
+    if (!l->holding && l->queue_head == NULL) {
       l->stats.raw++;
       l->raws[i].cb(l, channel, payload, l->raws[i].data);
       return;
     }
+    /* held back until the session's gap event (or behind a row fetch) */
+    queued_change *q = keel__calloc(1, sizeof *q + payload_len + 1);
+    if (q == NULL) {
+      keel__fail(l->last_error, UV_ENOMEM, "out of memory: a notification was dropped");
+      return;
+    }
+    memcpy(q->payload, payload, payload_len + 1);
+    q->ready = true;
+    q->raw_index = (long)i;
+    q->change.fields = q->change.inline_fields;
+    enqueue(l, q);
+    drain_queue(l);
+    return;
   }
-  size_t payload_len = strlen(payload);
-  queued_change *q = keel__malloc(sizeof *q + payload_len + 1);
+  /* the payload as received, then a working copy the parser writes into */
+  queued_change *q = keel__malloc(sizeof *q + 2 * (payload_len + 1));
   if (q == NULL) {
     keel__fail(l->last_error, UV_ENOMEM, "out of memory: a change was dropped");
     return;
@@ -237,10 +391,15 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
   q->next = NULL;
   q->ready = true;
   q->sub = NULL;
-  int rc = keel__change_parse(&q->change, q->payload, l->last_error, sizeof l->last_error);
+  q->fetch = NULL;
+  q->raw_index = -1;
+  q->dropped = false;
+  char *work = q->payload + payload_len + 1;
+  memcpy(work, payload, payload_len + 1);
+  int rc = keel__change_parse_in(&q->change, q->payload, work, l->last_error, sizeof l->last_error);
   if (rc == 0) {
     for (size_t i = 0; i < l->sub_count; i++) {
-      subscription *s = &l->subs[i];
+      subscription *s = l->subs[i];
       if (strcmp(s->channel, channel) == 0 && strcmp(s->table, q->change.table) == 0 &&
           strcmp(s->schema, q->change.schema) == 0 && (s->events & q->change.op)) {
         q->sub = s;
@@ -253,36 +412,86 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
       l->stats.malformed++;
     else
       l->stats.filtered++;
-    keel__change_free(&q->change);
-    keel__free(q);
+    queued_free(q);
     return;
   }
-  if (l->queue_tail != NULL)
-    l->queue_tail->next = q;
-  else
-    l->queue_head = q;
-  l->queue_tail = q;
-  if (q->change.key_only && q->change.op != KEEL_CHANGE_DELETE) fetch_row(l, q);
+  enqueue(l, q);
+  if (q->change.overflow_id > 0)
+    fetch_overflow(l, q);
+  else if (q->change.key_only && q->change.op != KEEL_CHANGE_DELETE)
+    fetch_row(l, q); /* a trigger installed before the overflow table */
   drain_queue(l);
 }
-
-typedef struct fetch_ctx {
-  keel_listener *l;
-  queued_change *q;
-} fetch_ctx;
 
 static void on_fetch_done(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   fetch_ctx *f = data;
   keel_listener *l = f->l;
   queued_change *q = f->q;
   keel__free(f);
-  /* Cancelled only by closing the connection (stop or close), which already
-   * dropped the queued change: q is gone. */
-  if (status == UV_ECANCELED) return;
+  /* The change was dropped (stop or close) while its fetch was in flight:
+   * whatever the status (UV_ECANCELED, a lost connection's KEEL_ECONN or
+   * KEEL_EINDOUBT, ...), there is nothing left to fill in. */
+  if (q == NULL) return;
+  q->fetch = NULL;
   on_row_fetched(conn, status, res, q);
   if (status != 0)
     keel__fail(l->last_error, status, "fetching an oversize row: %s", keel_pg_last_error(conn));
   if (!l->closing) drain_queue(l);
+}
+
+/* A change too large for NOTIFY, as it was when it changed: read by primary
+ * key from keel_overflow (the trigger wrote it in the same transaction). */
+static void on_overflow_done(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  fetch_ctx *f = data;
+  keel_listener *l = f->l;
+  queued_change *q = f->q;
+  keel__free(f);
+  if (q == NULL) return; /* dropped by stop / close meanwhile */
+  q->fetch = NULL;
+  q->ready = true;
+  const char *payload = status == 0 ? keel_pg_result_value(res, 0, 0) : NULL;
+  char *copy = payload != NULL ? keel__strdup(payload) : NULL;
+  int rc = copy != NULL
+               ? keel__change_set_overflow(&q->change, copy, l->last_error, sizeof l->last_error)
+               : (status != 0       ? status
+                  : payload == NULL ? KEEL_ENOTFOUND
+                                    : UV_ENOMEM);
+  if (rc != 0) {
+    /* Delivered as notified (operation, table, time, the key when it fit):
+     * handlers learn that the row changed, not how (has_new and has_old are
+     * false). A parse failure has left the change empty: dropped. */
+    if (copy != NULL) {
+      q->dropped = true;
+      l->stats.malformed++;
+    } else {
+      keel__fail(l->last_error, rc, "an oversize change could not be read from keel_overflow: %s",
+                 status != 0 ? keel_pg_last_error(conn) : "no such row (swept?)");
+    }
+    report_error(l, rc);
+  }
+  if (!l->closing) drain_queue(l);
+}
+
+static void fetch_overflow(keel_listener *l, queued_change *q) {
+  char id[32];
+  snprintf(id, sizeof id, "%lld", (long long)q->change.overflow_id);
+  const char *values[] = {id};
+  fetch_ctx *f = keel__malloc(sizeof *f);
+  if (f != NULL) {
+    f->l = l;
+    f->q = q;
+    if (keel_pg_query_cached(l->conn, "SELECT payload FROM public.keel_overflow WHERE id = $1", 1,
+                             values, on_overflow_done, f) == 0) {
+      q->fetch = f;
+      q->ready = false;
+      l->stats.fetched++;
+      return;
+    }
+    keel__free(f);
+  }
+  q->dropped = true;
+  l->stats.malformed++;
+  keel__fail(l->last_error, UV_ENOMEM, "out of memory: an oversize change was dropped");
 }
 
 static void fetch_row(keel_listener *l, queued_change *q) {
@@ -291,12 +500,13 @@ static void fetch_row(keel_listener *l, queued_change *q) {
   const char *values[8];
   int n = snprintf(sql, sizeof sql, "SELECT row_to_json(t)::text FROM %s t WHERE ", q->sub->quoted);
   int params = 0;
-  const char *column;
-  json_t *value;
-  json_object_foreach(q->change.key, column, value) {
+  q->change.columns = q->sub->columns.count > 0 ? &q->sub->columns : NULL;
+  for (uint32_t k = 0; k < q->change.key.count; k++) {
+    const char *column = q->change.fields[q->change.key.first + k].name;
     char quoted[160];
     if (params == 8 || keel_pg_quote_ident(quoted, sizeof quoted, column, false) < 0) break;
-    values[params] = keel__change_text(&q->change, value);
+    /* the key's text form, as t.col::text prints it */
+    values[params] = keel__change_column(&q->change, &q->change.key, column, NULL);
     n += snprintf(sql + n, sizeof sql - (size_t)n, "%s t.%s::text IS NOT DISTINCT FROM $%d",
                   params ? " AND" : "", quoted, params + 1);
     params++;
@@ -309,74 +519,525 @@ static void fetch_row(keel_listener *l, queued_change *q) {
   }
   f->l = l;
   f->q = q;
-  q->ready = false;
-  l->stats.fetched++;
   if (keel_pg_query(l->conn, sql, params, values, on_fetch_done, f) != 0) {
     keel__free(f);
-    q->ready = true;
+    return; /* delivered with the key only */
   }
+  q->fetch = f;
+  q->ready = false;
+  l->stats.fetched++;
 }
 
 /* ---- connection ----------------------------------------------------------- */
 
+static void report_error(keel_listener *l, int err) {
+  if (l->opts.on_error == NULL || l->closing) return;
+  l->opts.on_error(l, err, l->last_error, l->opts.data);
+}
+
+/* One LISTEN in flight; round tells a LISTEN of an earlier session (or of an
+ * earlier round on this one) from the current ones. */
+typedef struct listen_ctx {
+  keel_listener *l;
+  uint64_t round;
+  bool beat; /* a heartbeat's time query */
+} listen_ctx;
+
+static void listen_retry_later(keel_listener *l) {
+  l->listen_attempt++;
+  uint64_t delay = keel_backoff_delay(&l->opts.reconnect_backoff, l->listen_attempt,
+                                      l->listen_last_delay, &l->rng);
+  l->listen_last_delay = delay;
+  uv_timer_start(l->retry_timer, on_listen_retry, delay, 0);
+}
+
 static void on_listen_done(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   (void)res;
-  keel_listener *l = data;
+  listen_ctx *ctx = data;
+  keel_listener *l = ctx->l;
+  uint64_t round = ctx->round;
+  keel__free(ctx);
+  if (l->closing || conn != l->conn || round != l->listen_round) return;
   if (status != 0) {
-    if (status != UV_ECANCELED && status != KEEL_ECONN)
-      keel__fail(l->last_error, status, "LISTEN failed: %s", keel_pg_last_error(conn));
+    /* A lost connection reconnects and LISTENs again by itself; anything
+     * else (a server error, a statement that could not be sent) leaves the
+     * listener inactive, says why, and tries again after a backoff. */
+    if (!keel_pg_is_connected(conn)) return;
+    l->listen_round++; /* the rest of this round no longer counts */
+    l->active = false;
+    keel__fail(l->last_error, status, "LISTEN failed (retrying): %s", keel_pg_last_error(conn));
+    listen_retry_later(l);
+    report_error(l, status);
     return;
   }
   if (l->listens_outstanding == 0 || --l->listens_outstanding > 0) return;
+  become_active(l);
+}
+
+/* Every LISTEN is in place and the server's time `now_us` was read after
+ * them: report the gap (its window ends at now_us), then deliver what was
+ * held back. */
+static void become_active_at(keel_listener *l, int64_t now_us) {
   l->active = true;
+  l->ever_active = true;
+  l->listen_attempt = 0;
+  l->listen_last_delay = 0;
+  l->caught_up_us = now_us;
   if (l->down_since_ms != 0) {
     uint64_t gap = uv_now(l->loop) - l->down_since_ms;
     l->down_since_ms = 0;
+    l->gap_from_us = l->pending_from_us;
+    l->gap_to_us = now_us;
+    l->gap_known = true;
     l->stats.gaps++;
     if (l->opts.on_gap != NULL) l->opts.on_gap(l, gap, l->opts.data);
+    if (l->closing) return;
   }
-  l->ever_active = true;
+  l->holding = false;
+  uv_timer_start(l->beat_timer, on_beat, l->opts.heartbeat_ms > 0 ? l->opts.heartbeat_ms : 5000,
+                 l->opts.heartbeat_ms > 0 ? l->opts.heartbeat_ms : 5000);
+  drain_queue(l);
+}
+
+/* The server's clock, µs since the epoch. */
+static const char server_time_sql[] =
+    "SELECT (extract(epoch from clock_timestamp()) * 1000000)::int8";
+
+static void on_server_time(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  listen_ctx *ctx = data;
+  keel_listener *l = ctx->l;
+  uint64_t round = ctx->round;
+  bool beat = ctx->beat;
+  keel__free(ctx);
+  if (beat) l->beat_in_flight = false;
+  if (l->closing || conn != l->conn || round != l->listen_round) return;
+  const char *text = status == 0 ? keel_pg_result_value(res, 0, 0) : NULL;
+  int64_t now_us = text != NULL ? (int64_t)strtoll(text, NULL, 10) : 0;
+  if (beat) {
+    /* every notification committed before this moment has reached us */
+    if (now_us > l->caught_up_us) l->caught_up_us = now_us;
+    return;
+  }
+  if (status != 0 || now_us <= 0) {
+    if (!keel_pg_is_connected(conn)) return; /* the next connect starts over */
+    now_us = wall_us();                      /* the best this side knows */
+  }
+  become_active_at(l, now_us);
+}
+
+static int ask_server_time(keel_listener *l, bool beat) {
+  listen_ctx *ctx = keel__malloc(sizeof *ctx);
+  if (ctx == NULL) return UV_ENOMEM;
+  ctx->l = l;
+  ctx->round = l->listen_round;
+  ctx->beat = beat;
+  int rc = keel_pg_query(l->conn, server_time_sql, 0, NULL, on_server_time, ctx);
+  if (rc != 0) keel__free(ctx);
+  return rc;
+}
+
+static void on_beat(uv_timer_t *timer) {
+  keel_listener *l = timer->data;
+  if (l->closing || !l->active || l->beat_in_flight || l->conn == NULL) return;
+  if (ask_server_time(l, true) == 0) l->beat_in_flight = true;
+  if (l->sub_count > 0 && ++l->beats % 120 == 0) sweep_overflow(l);
+}
+
+static void become_active(keel_listener *l) {
+  /* the server's time after the LISTENs: where the new session's coverage
+   * begins (the gap window's end) */
+  if (ask_server_time(l, false) != 0) become_active_at(l, wall_us());
 }
 
 static int send_listen(keel_listener *l, const char *channel) {
   char sql[200], quoted[160];
   if (keel_pg_quote_ident(quoted, sizeof quoted, channel, false) < 0) return UV_EINVAL;
   snprintf(sql, sizeof sql, "LISTEN %s", quoted);
-  int rc = keel_pg_query(l->conn, sql, 0, NULL, on_listen_done, l);
-  if (rc == 0) l->listens_outstanding++;
-  return rc;
+  listen_ctx *ctx = keel__malloc(sizeof *ctx);
+  if (ctx == NULL) return UV_ENOMEM;
+  ctx->l = l;
+  ctx->round = l->listen_round;
+  ctx->beat = false;
+  int rc = keel_pg_query(l->conn, sql, 0, NULL, on_listen_done, ctx);
+  if (rc != 0) {
+    keel__free(ctx);
+    return rc;
+  }
+  l->listens_outstanding++;
+  return 0;
 }
 
 static bool channel_seen(keel_listener *l, size_t sub_index, const char *channel) {
   for (size_t i = 0; i < sub_index; i++)
-    if (strcmp(l->subs[i].channel, channel) == 0) return true;
+    if (strcmp(l->subs[i]->channel, channel) == 0) return true;
   return false;
 }
 
+/* Sends a LISTEN for every channel; active once all have succeeded. */
 static void listen_everything(keel_listener *l) {
+  l->listen_round++;
   l->listens_outstanding = 0;
-  for (size_t i = 0; i < l->sub_count; i++)
-    if (!channel_seen(l, i, l->subs[i].channel)) send_listen(l, l->subs[i].channel);
-  for (size_t i = 0; i < l->raw_count; i++) send_listen(l, l->raws[i].channel);
-  if (l->listens_outstanding == 0) {
-    l->active = true;
-    l->ever_active = true;
+  int rc = 0;
+  for (size_t i = 0; i < l->sub_count && rc == 0; i++)
+    if (!channel_seen(l, i, l->subs[i]->channel)) rc = send_listen(l, l->subs[i]->channel);
+  for (size_t i = 0; i < l->raw_count && rc == 0; i++) rc = send_listen(l, l->raws[i].channel);
+  if (rc != 0) {
+    l->listen_round++; /* what was sent of this round no longer counts */
+    l->active = false;
+    keel__fail(l->last_error, rc, "LISTEN could not be sent (retrying): %s", keel_strerror(rc));
+    listen_retry_later(l);
+    report_error(l, rc);
+    return;
+  }
+  if (l->listens_outstanding == 0) become_active(l);
+}
+
+/* ---- filters checked against the catalog at every connect --------------- */
+
+/* One subscription's check in flight (columns, then its literals). */
+typedef struct check_ctx {
+  keel_listener *l;
+  uint64_t round;
+  subscription *sub;
+} check_ctx;
+
+/* name, type, base type oid, array element's base type oid (0 when not an
+ * array), the element type's delimiter */
+static const char catalog_sql[] =
+    "SELECT a.attname, format_type(a.atttypid, a.atttypmod), "
+    "(CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END)::int8, "
+    "(CASE WHEN b.typcategory = 'A' THEN b.typelem ELSE 0 END)::int8, "
+    "coalesce((SELECT e.typdelim FROM pg_type e WHERE e.oid = b.typelem), ',') "
+    "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
+    "JOIN pg_type b ON b.oid = (CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END) "
+    "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped "
+    "ORDER BY a.attnum";
+
+enum {
+  OID_BOOL = 16,
+  OID_JSON = 114,
+  OID_FLOAT4 = 700,
+  OID_FLOAT8 = 701,
+  OID_JSONB = 3802,
+  OID_TIMESTAMP = 1114,
+  OID_TIMESTAMPTZ = 1184
+};
+
+static keel__form form_of(unsigned oid) {
+  switch (oid) {
+    case OID_TIMESTAMP:
+      return KEEL__FORM_TIMESTAMP;
+    case OID_TIMESTAMPTZ:
+      return KEEL__FORM_TIMESTAMPTZ;
+    case OID_FLOAT4:
+      return KEEL__FORM_FLOAT4;
+    case OID_FLOAT8:
+      return KEEL__FORM_FLOAT8;
+    case OID_JSON:
+    case OID_JSONB:
+      return KEEL__FORM_JSON;
+    default:
+      return KEEL__FORM_AS_IS;
   }
 }
 
-static void on_state(keel_pg *conn, bool up, int status, void *data) {
-  (void)conn;
-  keel_listener *l = data;
-  if (up) {
-    if (l->ever_active) l->stats.reconnects++;
-    listen_everything(l);
+/* Reads the catalog's rows into cols. Returns 0 or UV_ENOMEM. */
+static int read_columns(const keel_pg_result *res, keel__columns *cols) {
+  int rows = keel_pg_result_nrows(res);
+  cols->items = rows > 0 ? keel__calloc((size_t)rows, sizeof *cols->items) : NULL;
+  cols->count = 0;
+  if (rows > 0 && cols->items == NULL) return UV_ENOMEM;
+  for (int r = 0; r < rows; r++) {
+    keel__column *col = &cols->items[cols->count];
+    col->name = keel__strdup(keel_pg_result_value(res, r, 0));
+    col->type = keel__strdup(keel_pg_result_value(res, r, 1));
+    cols->count++;
+    if (col->name == NULL || col->type == NULL) {
+      keel__columns_free(cols);
+      return UV_ENOMEM;
+    }
+    unsigned oid = (unsigned)strtoul(keel_pg_result_value(res, r, 2), NULL, 10);
+    unsigned element = (unsigned)strtoul(keel_pg_result_value(res, r, 3), NULL, 10);
+    const char *delim = keel_pg_result_value(res, r, 4);
+    col->type_oid = oid;
+    col->form = element != 0 ? KEEL__FORM_ARRAY : form_of(oid);
+    col->element = form_of(element) == KEEL__FORM_JSON ? KEEL__FORM_AS_IS : form_of(element);
+    col->element_bool = element == OID_BOOL;
+    col->element_json = element == OID_JSON || element == OID_JSONB;
+    col->delim = delim != NULL && delim[0] != '\0' ? delim[0] : ',';
+  }
+  return 0;
+}
+
+/* A filter the table cannot answer: the listener stays inactive and says
+ * why; the next connect (or stop/start) checks again. */
+static void refuse(keel_listener *l, const char *fmt, const char *a, const char *b) {
+  l->listen_round++;
+  l->checks_outstanding = 0;
+  l->active = false;
+  l->holding = false; /* nothing waits for a session that will not start */
+  keel__fail(l->last_error, UV_EINVAL, fmt, a, b);
+  report_error(l, UV_EINVAL);
+  drain_queue(l); /* what the LISTENs already in place brought */
+}
+
+static bool check_current(keel_listener *l, keel_pg *conn, check_ctx *ctx) {
+  return !l->closing && conn == l->conn && ctx->round == l->listen_round;
+}
+
+static void check_passed(keel_listener *l) {
+  if (l->checks_outstanding > 0 && --l->checks_outstanding == 0) listen_everything(l);
+}
+
+/* Lost connection: the next connect checks again. Anything else that is not
+ * an answer (no memory, a timeout) is retried like a failed LISTEN. */
+static void check_failed(keel_listener *l, keel_pg *conn, int status, const char *what) {
+  if (!keel_pg_is_connected(conn)) return;
+  l->listen_round++;
+  l->checks_outstanding = 0;
+  l->active = false;
+  keel__fail(l->last_error, status, "checking the filter (%s, retrying): %s", what,
+             keel_strerror(status));
+  listen_retry_later(l);
+  report_error(l, status);
+}
+
+static void on_literals_checked(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  (void)res;
+  check_ctx *ctx = data;
+  keel_listener *l = ctx->l;
+  if (!check_current(l, conn, ctx)) {
+    keel__free(ctx);
     return;
   }
-  if (l->active || (l->ever_active && l->down_since_ms == 0)) {
-    if (l->down_since_ms == 0) l->down_since_ms = uv_now(l->loop);
+  if (status == KEEL_EPG) {
+    refuse(l, "filter on %s: a value does not fit its column: %s", ctx->sub->quoted,
+           keel_pg_last_error(conn));
+  } else if (status != 0) {
+    check_failed(l, conn, status, ctx->sub->quoted);
+  } else {
+    /* each literal's canonical text, in the order they were sent: the
+     * evaluator compares column values with these, typed */
+    keel__filter *f = &ctx->sub->filter;
+    int column = 0, ncols = keel_pg_result_ncols(res);
+    for (size_t i = 0; i < f->count; i++) {
+      keel__filter_term *t = &f->terms[i];
+      if (t->value_count == 0) continue;
+      const char *small[16];
+      const char **canon =
+          t->value_count <= 16 ? small : keel__calloc(t->value_count, sizeof *canon);
+      int rc = canon != NULL ? 0 : UV_ENOMEM;
+      for (size_t v = 0; rc == 0 && v < t->value_count; v++, column++)
+        canon[v] = column < ncols ? keel_pg_result_value(res, 0, column) : NULL;
+      const keel__column *col = keel__columns_find(&ctx->sub->columns, t->column);
+      if (rc == 0)
+        rc = keel__filter_set_typed(t, keel__filter_cmp_of(col != NULL ? col->type_oid : 0), canon);
+      if (canon != small) keel__free(canon);
+      if (rc != 0) {
+        check_failed(l, conn, rc, ctx->sub->quoted);
+        keel__free(ctx);
+        return;
+      }
+    }
+    check_passed(l);
+  }
+  keel__free(ctx);
+}
+
+/* SELECT $1::type1, $2::type2, ... over every literal of the filter: the
+ * server's own input functions judge them. Returns 1 when sent, 0 when
+ * there is nothing to check, or an error. */
+static int check_literals(keel_listener *l, check_ctx *ctx) {
+  keel__filter *f = &ctx->sub->filter;
+  size_t count = 0, len = 16;
+  for (size_t i = 0; i < f->count; i++) {
+    count += f->terms[i].value_count;
+    len += f->terms[i].value_count * (strlen(f->terms[i].type) + 16);
+  }
+  if (count == 0) return 0;
+  if (count > 4096) count = 4096;
+  char *sql = keel__malloc(len);
+  const char **values = keel__calloc(count, sizeof *values);
+  if (sql == NULL || values == NULL) {
+    keel__free(sql);
+    keel__free(values);
+    return UV_ENOMEM;
+  }
+  size_t at = (size_t)snprintf(sql, len, "SELECT ");
+  size_t n = 0;
+  for (size_t i = 0; i < f->count; i++) {
+    for (size_t v = 0; v < f->terms[i].value_count && n < count; v++) {
+      values[n] = f->terms[i].values[v];
+      at += (size_t)snprintf(sql + at, len - at, "%s$%zu::%s", n > 0 ? ", " : "", n + 1,
+                             f->terms[i].type);
+      n++;
+    }
+  }
+  int rc = keel_pg_query(l->conn, sql, (int)n, values, on_literals_checked, ctx);
+  keel__free(sql);
+  keel__free(values);
+  return rc == 0 ? 1 : rc;
+}
+
+static void on_columns(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  check_ctx *ctx = data;
+  keel_listener *l = ctx->l;
+  if (!check_current(l, conn, ctx)) {
+    keel__free(ctx);
+    return;
+  }
+  subscription *s = ctx->sub;
+  if (status == KEEL_EPG && s->filter.count == 0) {
+    /* no such table (yet): without a filter there is nothing to refuse;
+     * its values are delivered as sent */
+    keel__columns_free(&s->columns);
+    check_passed(l);
+    keel__free(ctx);
+    return;
+  }
+  if (status != 0) {
+    if (status == KEEL_EPG)
+      refuse(l, "table %s: %s", s->quoted, keel_pg_last_error(conn));
+    else
+      check_failed(l, conn, status, s->quoted);
+    keel__free(ctx);
+    return;
+  }
+  keel__columns columns;
+  if (read_columns(res, &columns) != 0) {
+    check_failed(l, conn, UV_ENOMEM, s->quoted);
+    keel__free(ctx);
+    return;
+  }
+  keel__columns_free(&s->columns);
+  s->columns = columns;
+  int rows = keel_pg_result_nrows(res);
+  for (size_t i = 0; i < s->filter.count; i++) {
+    keel__filter_term *t = &s->filter.terms[i];
+    const char *type = NULL;
+    for (int r = 0; r < rows && type == NULL; r++)
+      if (strcmp(keel_pg_result_value(res, r, 0), t->column) == 0)
+        type = keel_pg_result_value(res, r, 1);
+    if (type == NULL) {
+      refuse(l, "filter on %s: no column \"%s\"", s->quoted, t->column);
+      keel__free(ctx);
+      return;
+    }
+    if ((t->op == KEEL__F_IS_TRUE || t->op == KEEL__F_IS_FALSE || t->op == KEEL__F_IS_UNKNOWN) &&
+        strcmp(type, "boolean") != 0) {
+      refuse(l,
+             "filter on %s: is.true / is.false / is.unknown need a boolean column, \"%s\" is not",
+             s->quoted, t->column);
+      keel__free(ctx);
+      return;
+    }
+    const keel__column *col = keel__columns_find(&s->columns, t->column);
+    keel__cmp cmp = keel__filter_cmp_of(col != NULL ? col->type_oid : 0);
+    if (!keel__filter_op_supported(t->op, cmp)) {
+      refuse(l,
+             "filter on %s: lt/lte/gt/gte are not supported on column \"%s\" (keel knows no "
+             "order for its type)",
+             s->quoted, t->column);
+      keel__free(ctx);
+      return;
+    }
+    /* typed once the literals' canonical texts are in */
+    if (t->value_count == 0 && keel__filter_set_typed(t, cmp, NULL) != 0) {
+      check_failed(l, conn, UV_ENOMEM, s->quoted);
+      keel__free(ctx);
+      return;
+    }
+    char *copy = keel__strdup(type);
+    if (copy == NULL) {
+      check_failed(l, conn, UV_ENOMEM, s->quoted);
+      keel__free(ctx);
+      return;
+    }
+    keel__free(t->type);
+    t->type = copy;
+  }
+  int rc = check_literals(l, ctx);
+  if (rc == 1) return; /* ctx goes on to on_literals_checked */
+  if (rc < 0)
+    check_failed(l, conn, rc, s->quoted);
+  else
+    check_passed(l);
+  keel__free(ctx);
+}
+
+/* Sends the catalog check of one subscription. Returns 0 or an error. */
+static int check_subscription(keel_listener *l, subscription *s) {
+  check_ctx *ctx = keel__malloc(sizeof *ctx);
+  if (ctx == NULL) return UV_ENOMEM;
+  *ctx = (check_ctx){l, l->listen_round, s};
+  const char *params[] = {s->quoted};
+  int rc = keel_pg_query(l->conn, catalog_sql, 1, params, on_columns, ctx);
+  if (rc != 0) keel__free(ctx);
+  return rc;
+}
+
+/* After each connect: check every filtered subscription against the
+ * catalog, then LISTEN. */
+/* Overflow rows every listener has had time to read (ten minutes: a
+ * listener away longer is inside a gap anyway). Errors are ignored (no
+ * overflow table: a trigger from before it; no DELETE right). */
+static void sweep_overflow(keel_listener *l) {
+  keel_pg_query(l->conn,
+                "DELETE FROM public.keel_overflow WHERE created < now() - interval '10 minutes'", 0,
+                NULL, NULL, NULL);
+}
+
+static void begin_session(keel_listener *l) {
+  l->listen_round++;
+  l->holding = true;
+  if (l->sub_count > 0) sweep_overflow(l);
+  l->checks_outstanding = 0;
+  for (size_t i = 0; i < l->sub_count; i++) {
+    int rc = check_subscription(l, l->subs[i]);
+    if (rc != 0) {
+      check_failed(l, l->conn, rc, l->subs[i]->quoted);
+      return;
+    }
+    l->checks_outstanding++;
+  }
+  if (l->checks_outstanding == 0) listen_everything(l);
+}
+
+static void on_listen_retry(uv_timer_t *timer) {
+  keel_listener *l = timer->data;
+  if (l->closing || l->conn == NULL || !keel_pg_is_connected(l->conn)) return;
+  begin_session(l);
+}
+
+static void on_state(keel_pg *conn, bool up, int status, void *data) {
+  keel_listener *l = data;
+  /* l->conn is still NULL while keel_pg_new() runs; a connection stopped
+   * earlier may still report. */
+  if (l->closing || (l->conn != NULL && conn != l->conn)) return;
+  if (up) {
+    if (l->ever_active) l->stats.reconnects++;
+    begin_session(l);
+    return;
+  }
+  uv_timer_stop(l->retry_timer);
+  uv_timer_stop(l->beat_timer);
+  if (l->ever_active && l->down_since_ms == 0) {
+    l->down_since_ms = uv_now(l->loop);
+    /* changes committed after the last moment we knew we were caught up
+     * may be lost */
+    l->pending_from_us = l->caught_up_us;
   }
   l->active = false;
+  l->listen_round++;
   keel__fail(l->last_error, status, "listener connection down: %s", keel_pg_last_error(conn));
+}
+
+static void free_listener(keel_listener *l);
+
+static void on_handle_closed(uv_handle_t *handle) {
+  keel_listener *l = handle->data;
+  keel__free(handle);
+  if (--l->handles_open == 0 && l->closing) free_listener(l);
 }
 
 int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_listener **out,
@@ -397,8 +1058,14 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
   if (l == NULL) return keel__why(why, cap, UV_ENOMEM, "out of memory");
   l->loop = loop;
   l->opts = *opts;
+  keel_rng_seed(&l->rng, (uint64_t)(uintptr_t)l ^ uv_hrtime());
   l->conninfo = keel__strdup(opts->conninfo);
-  if (l->conninfo == NULL) {
+  l->retry_timer = keel__malloc(sizeof *l->retry_timer);
+  l->beat_timer = keel__malloc(sizeof *l->beat_timer);
+  if (l->conninfo == NULL || l->retry_timer == NULL || l->beat_timer == NULL) {
+    keel__free(l->retry_timer);
+    keel__free(l->beat_timer);
+    keel__free(l->conninfo);
     keel__free(l);
     return keel__why(why, cap, UV_ENOMEM, "out of memory");
   }
@@ -407,11 +1074,18 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
   if (opts->table != NULL) {
     int rc = add_subscription(l, opts->table, opts->events, opts->filter, opts->channel, why, cap);
     if (rc != 0) {
+      keel__free(l->retry_timer);
+      keel__free(l->beat_timer);
       keel__free(l->conninfo);
       keel__free(l);
       return rc;
     }
   }
+  uv_timer_init(loop, l->retry_timer);
+  l->retry_timer->data = l;
+  uv_timer_init(loop, l->beat_timer);
+  l->beat_timer->data = l;
+  l->handles_open = 2;
   *out = l;
   return 0;
 }
@@ -425,31 +1099,56 @@ int keel_listener_add_table(keel_listener *l, const char *table, unsigned events
   if (l == NULL) return UV_EINVAL;
   if (l->closing) return KEEL_ECLOSING;
   int rc = add_subscription(l, table, events, filter, channel, l->last_error, sizeof l->last_error);
-  if (rc == 0 && l->conn != NULL && keel_pg_is_connected(l->conn) &&
-      !channel_seen(l, l->sub_count - 1, l->subs[l->sub_count - 1].channel))
-    send_listen(l, l->subs[l->sub_count - 1].channel);
-  return rc;
+  if (rc != 0 || l->conn == NULL || !keel_pg_is_connected(l->conn)) return rc;
+  subscription *added = l->subs[l->sub_count - 1];
+  {
+    /* Check every filter and LISTEN again (LISTEN twice is harmless);
+     * inactive until done. */
+    l->active = false;
+    uv_timer_stop(l->retry_timer);
+    begin_session(l);
+    return 0;
+  }
+  if (!channel_seen(l, l->sub_count - 1, added->channel)) listen_added(l, added->channel);
+  return 0;
+}
+
+/* A channel added while connected: LISTEN now, inactive until it is done. */
+static void listen_added(keel_listener *l, const char *channel) {
+  if (l->listens_outstanding == 0 && !l->active) return; /* a retry or reconnect will do it */
+  int rc = send_listen(l, channel);
+  if (rc == 0) {
+    l->active = false;
+    return;
+  }
+  l->listen_round++;
+  l->active = false;
+  keel__fail(l->last_error, rc, "LISTEN could not be sent (retrying): %s", keel_strerror(rc));
+  listen_retry_later(l);
 }
 
 int keel_listener_listen_channel(keel_listener *l, const char *channel, keel_listener_channel_cb cb,
                                  void *data) {
-  char quoted[160];
   if (l == NULL) return UV_EINVAL;
-  if (channel == NULL || cb == NULL ||
-      keel_pg_quote_ident(quoted, sizeof quoted, channel, false) < 0)
-    return keel__fail(l->last_error, UV_EINVAL, "a valid channel name and a callback are required");
+  if (l->closing) return KEEL_ECLOSING;
+  if (cb == NULL)
+    return keel__fail(l->last_error, UV_EINVAL, "keel_listener_listen_channel: cb is required");
+  char why[KEEL__ERRBUF_SIZE];
+  if (keel_listener_validate_channel(channel, why, sizeof why) != 0)
+    return keel__fail(l->last_error, UV_EINVAL, "%s", why);
   raw_channel *raws = keel__realloc(l->raws, (l->raw_count + 1) * sizeof *raws);
   if (raws == NULL) return keel__fail(l->last_error, UV_ENOMEM, "out of memory");
   l->raws = raws;
   char *copy = keel__strdup(channel);
   if (copy == NULL) return keel__fail(l->last_error, UV_ENOMEM, "out of memory");
   l->raws[l->raw_count++] = (raw_channel){copy, cb, data};
-  if (l->conn != NULL && keel_pg_is_connected(l->conn)) send_listen(l, channel);
+  if (l->conn != NULL && keel_pg_is_connected(l->conn)) listen_added(l, copy);
   return 0;
 }
 
 int keel_listener_on(keel_listener *l, const char *id, keel_listener_handler handler, void *data) {
   if (l == NULL) return UV_EINVAL;
+  if (l->closing) return KEEL_ECLOSING;
   if (id == NULL || handler == NULL)
     return keel__fail(l->last_error, UV_EINVAL, "keel_listener_on: id and handler are required");
   for (size_t i = 0; i < l->handler_count; i++) {
@@ -471,6 +1170,7 @@ int keel_listener_on(keel_listener *l, const char *id, keel_listener_handler han
 
 int keel_listener_off(keel_listener *l, const char *id) {
   if (l == NULL || id == NULL) return UV_EINVAL;
+  if (l->closing) return KEEL_ECLOSING;
   for (size_t i = 0; i < l->handler_count; i++) {
     handler_entry *h = &l->handlers[i];
     if (!h->removed && strcmp(h->id, id) == 0) {
@@ -495,9 +1195,12 @@ int keel_listener_start(keel_listener *l) {
   o.on_state = on_state;
   o.on_notify = on_notify;
   o.data = l;
-  int rc = keel_pg_new(l->loop, &o, &l->conn);
+  keel_pg *conn = NULL;
+  int rc = keel_pg_new(l->loop, &o, &conn);
   if (rc != 0) return keel__fail(l->last_error, rc, "cannot create the connection");
+  l->conn = conn;
   l->conns_open++;
+  l->handles_open++;
   l->started = true;
   return 0;
 }
@@ -506,8 +1209,7 @@ static void free_queue(keel_listener *l) {
   queued_change *q = l->queue_head;
   while (q != NULL) {
     queued_change *next = q->next;
-    keel__change_free(&q->change);
-    keel__free(q);
+    queued_free(q);
     q = next;
   }
   l->queue_head = l->queue_tail = NULL;
@@ -517,7 +1219,10 @@ static void free_listener(keel_listener *l) {
   keel_close_cb cb = l->close_cb;
   void *data = l->close_data;
   free_queue(l);
-  for (size_t i = 0; i < l->sub_count; i++) subscription_free(&l->subs[i]);
+  for (size_t i = 0; i < l->sub_count; i++) {
+    subscription_free(l->subs[i]);
+    keel__free(l->subs[i]);
+  }
   for (size_t i = 0; i < l->handler_count; i++) keel__free(l->handlers[i].id);
   for (size_t i = 0; i < l->raw_count; i++) keel__free(l->raws[i].channel);
   keel__free(l->subs);
@@ -532,7 +1237,7 @@ static void on_conn_closed(void *object, void *data) {
   (void)object;
   keel_listener *l = data;
   l->conns_open--;
-  if (l->closing && l->conns_open == 0) free_listener(l);
+  if (--l->handles_open == 0 && l->closing) free_listener(l);
 }
 
 static void disconnect(keel_listener *l) {
@@ -542,13 +1247,20 @@ static void disconnect(keel_listener *l) {
   l->active = false;
   l->ever_active = false;
   l->down_since_ms = 0;
+  l->listen_round++;
+  l->listens_outstanding = 0;
+  l->holding = false;
+  l->beat_in_flight = false;
+  uv_timer_stop(l->retry_timer);
+  uv_timer_stop(l->beat_timer);
   keel_pg_close(conn, on_conn_closed, l);
-  /* Changes waiting for a row fetch were cancelled by the close: drop them. */
+  /* Changes waiting for a row fetch are dropped; their fetches forget them. */
   free_queue(l);
 }
 
 int keel_listener_stop(keel_listener *l) {
   if (l == NULL) return UV_EINVAL;
+  if (l->closing) return KEEL_ECLOSING;
   if (l->started) disconnect(l);
   return 0;
 }
@@ -566,12 +1278,16 @@ void keel_listener_get_stats(const keel_listener *l, keel_listener_stats *out) {
   out->active = l->active;
 }
 
-const char *keel_listener_last_error(const keel_listener *l) {
-  return l == NULL ? "listener is NULL" : l->last_error;
+int keel_listener_gap_window(const keel_listener *l, int64_t *from_us, int64_t *to_us) {
+  if (l == NULL) return UV_EINVAL;
+  if (!l->gap_known) return KEEL_ENOTFOUND;
+  if (from_us != NULL) *from_us = l->gap_from_us;
+  if (to_us != NULL) *to_us = l->gap_to_us;
+  return 0;
 }
 
-static void free_listener_later(void *arg) {
-  free_listener(arg);
+const char *keel_listener_last_error(const keel_listener *l) {
+  return l == NULL ? "listener is NULL" : l->last_error;
 }
 
 void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
@@ -580,7 +1296,9 @@ void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
   l->close_cb = cb;
   l->close_data = data;
   if (l->started) disconnect(l);
-  /* Nothing to wait for, but cb must still come on a later iteration. */
-  if (l->conns_open == 0 && keel__call_later(l->loop, free_listener_later, l) != 0)
-    free_listener(l);
+  uv_timer_stop(l->retry_timer);
+  /* Frees the listener from the timers' close callbacks (a later iteration)
+   * or when the last connection is closed, whichever comes last. */
+  uv_close((uv_handle_t *)l->retry_timer, on_handle_closed);
+  uv_close((uv_handle_t *)l->beat_timer, on_handle_closed);
 }

@@ -61,11 +61,18 @@ Test(filter, every_operator) {
   cr_assert(matches("status=gt.abc", &r), "text compares as text");
 }
 
+Test(filter, quoted_empty_values_are_values) {
+  row r = {{"s", NULL}, {"", NULL}};
+  cr_assert(matches("s=in.(\"\",x)", &r));
+  cr_assert(!matches("s=in.(x,\"y\")", &r));
+}
+
 Test(filter, malformed_filters_are_rejected) {
-  const char *bad[] = {"team_id",        "team_id=123",  "team_id=like.1", "=eq.1",
-                       "a=eq.1&",        "a=in.(1,2",    "a=in.()",        "a=is.maybe",
-                       "a=in.(\"x)",     "a=in.(1,)",    "a=eq.1&&b=eq.2", "a=.1",
-                       "a=verylongop.1", "a=in.(\"x\"y)"};
+  const char *bad[] = {"team_id",        "team_id=123",   "team_id=like.1", "=eq.1",
+                       "a=eq.1&",        "a=in.(1,2",     "a=not.in",       "a=is.maybe",
+                       "a=in.(\"x)",     "a=in.(1,)",     "a=eq.1&&b=eq.2", "a=.1",
+                       "a=verylongop.1", "a=in.(\"x\"y)", "a=in.(a,,b)",    "a=in.(,a)",
+                       "a=in.(a,b,)",    "a=in.(,)"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     keel__filter f;
     char why[128] = "";
@@ -100,18 +107,64 @@ Test(payload, parses_keel_format) {
   keel__change_free(&c);
 }
 
+/* Issue 12 #1: values keep the text they were sent with; nothing goes
+ * through a double, and no value makes a change malformed. */
+Test(payload, values_are_exact) {
+  const char *json =
+      "{\"op\":\"INSERT\",\"schema\":\"public\",\"table\":\"t\",\"ts_us\":1,\"pk\":{\"id\":"
+      "123456789012345678901234567890},\"new\":{\"a\": 0.1, \"b\": 19.90, \"c\": "
+      "123456789012345678901234567890, \"d\": -0, \"e\": 1e-30, \"f\": \"NaN\", \"g\": "
+      "9007199254740993, \"h\": \"caf\\u00e9 \\ud83d\\ude00 \\\"q\\\" \\\\ \\/\", \"i\": {\"k\": "
+      "[1, "
+      "2.50, {\"x\": \"\\u0041\"}]}, \"j\": [], \"k\": {}, \"l\": false, \"m\": null, \"n\": "
+      "\"\", \"o\": -1.5E+300}}";
+  keel_change c;
+  char why[128];
+  cr_assert_eq(keel__change_parse(&c, json, why, sizeof why), 0, "%s", why);
+  cr_assert_str_eq(keel_change_key(&c, "id"), "123456789012345678901234567890");
+  cr_assert_str_eq(keel_change_new(&c, "a"), "0.1");
+  cr_assert_str_eq(keel_change_new(&c, "b"), "19.90");
+  cr_assert_str_eq(keel_change_new(&c, "c"), "123456789012345678901234567890");
+  cr_assert_str_eq(keel_change_new(&c, "d"), "-0");
+  cr_assert_str_eq(keel_change_new(&c, "e"), "1e-30");
+  cr_assert_str_eq(keel_change_new(&c, "f"), "NaN");
+  cr_assert_str_eq(keel_change_new(&c, "g"), "9007199254740993");
+  cr_assert_str_eq(keel_change_new(&c, "h"), "caf\xc3\xa9 \xf0\x9f\x98\x80 \"q\" \\ /");
+  cr_assert_str_eq(keel_change_new(&c, "i"), "{\"k\": [1, 2.50, {\"x\": \"\\u0041\"}]}",
+                   "nested JSON as sent");
+  cr_assert_str_eq(keel_change_new(&c, "j"), "[]");
+  cr_assert_str_eq(keel_change_new(&c, "k"), "{}");
+  cr_assert_str_eq(keel_change_new(&c, "l"), "false");
+  cr_assert_null(keel_change_new(&c, "m"));
+  cr_assert_str_eq(keel_change_new(&c, "n"), "");
+  cr_assert_str_eq(keel_change_new(&c, "o"), "-1.5E+300");
+  cr_assert_str_eq(keel_change_json(&c), json, "the raw payload is untouched");
+  keel__change_free(&c);
+}
+
 Test(payload, malformed_payloads_are_reported) {
   const char *bad[] = {
-      "",
-      "not json",
-      "[]",
-      "{}",
+      "", "not json", "[]", "{}",
       "{\"op\":\"TRUNCATE\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}",
       "{\"op\":\"INSERT\",\"table\":\"t\",\"ts_us\":1}",
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\"}",
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":5}",
       "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"key_only\":true}",
-      "{\"op\":1,\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}"};
+      "{\"op\":1,\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1.5}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":{\"a\":01}}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":{\"a\":\"\\u0000\"}"
+      "}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":{\"a\":\"\\ud800\"}"
+      "}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1,\"new\":{\"a\":[1,}}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1} x",
+      "{\"op\":\"INSERT\",\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}",
+      /* issue 12 #9: forged times (any database user can NOTIFY) */
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":-9223372036854775808}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":-1}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":9223372036854775807}",
+      "{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":253402300800000000}"};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
     keel_change c;
     char why[128] = "";
@@ -123,31 +176,60 @@ Test(payload, malformed_payloads_are_reported) {
 
 Test(filter, translates_into_a_when_condition) {
   keel__filter f;
-  char why[128], sql[4096];
+  char why[128], sql[8192];
   cr_assert_eq(keel__filter_parse(&f, "na'me=eq.it's&flag=is.true&gone=is.null", why, sizeof why),
                0);
   int n = keel__filter_to_sql(&f, "NEW", sql, sizeof sql);
   cr_assert_gt(n, 0);
   cr_assert_eq((size_t)n, strlen(sql));
   cr_assert_str_eq(sql,
-                   "((to_jsonb(NEW) ->> 'na''me') COLLATE \"C\" = 'it''s') AND "
-                   "((to_jsonb(NEW) ->> 'flag') = 'true') AND "
-                   "((to_jsonb(NEW) ->> 'gone') IS NULL)");
+                   "((NEW.\"na'me\" = E'it''s')) AND ((NEW.\"flag\" IS TRUE)) AND "
+                   "((NEW.\"gone\" IS NULL))");
   cr_assert_eq(keel__filter_to_sql(&f, "NEW", sql, 20), UV_ENOBUFS);
   keel__filter_free(&f);
 
-  cr_assert_eq(keel__filter_parse(&f, "team_id=gt.12&s=in.(a,\"b)\",0x1A)", why, sizeof why), 0);
+  cr_assert_eq(
+      keel__filter_parse(&f, "team_id=gt.12&s=in.(a,\"b)\")&qx=not.eq.1&e=in.()", why, sizeof why),
+      0);
   n = keel__filter_to_sql(&f, "OLD", sql, sizeof sql);
   cr_assert_gt(n, 0);
-  cr_assert(strstr(sql, "::float8 > '12'::float8") != NULL, "%s", sql);
-  cr_assert(strstr(sql, "(to_jsonb(OLD) ->> 's') COLLATE \"C\" = 'b)'") != NULL, "%s", sql);
-  cr_assert(strstr(sql, "((to_jsonb(OLD) ->> 's') IS NOT NULL)") != NULL,
-            "a hex number is left to the listener: %s", sql);
+  cr_assert(strstr(sql, "ELSE OLD.\"team_id\" > E'12' END") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "OLD.\"team_id\"::text COLLATE \"C\" > E'12'") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "OLD.\"s\" IN (E'a', E'b)')") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "(NOT (OLD.\"qx\" = E'1'))") != NULL, "%s", sql);
+  cr_assert(strstr(sql, "((FALSE))") != NULL, "in.() matches nothing: %s", sql);
+  keel__filter_free(&f);
+
+  /* issue 12 #8: a backslash cannot end the literal early when the server
+   * runs with standard_conforming_strings = off */
+  cr_assert_eq(keel__filter_parse(&f, "n=eq.a\\');DROP TABLE x;--", why, sizeof why), 0);
+  n = keel__filter_to_sql(&f, "NEW", sql, sizeof sql);
+  cr_assert_gt(n, 0);
+  cr_assert(strstr(sql, "= E'a\\\\'');DROP TABLE x;--'") != NULL, "%s", sql);
   keel__filter_free(&f);
 
   cr_assert_eq(keel__filter_parse(&f, NULL, why, sizeof why), 0);
   cr_assert_eq(keel__filter_to_sql(&f, "NEW", sql, sizeof sql), 0);
   cr_assert_str_eq(sql, "");
+}
+
+/* PostgREST forms: not., is.not_null, is.unknown, isdistinct, in.(),
+ * case-insensitive is. values. */
+Test(filter, postgrest_forms) {
+  row r = {{"a", "n", "b", NULL}, {"5", NULL, "true", NULL}};
+  cr_assert(matches("a=not.eq.4", &r));
+  cr_assert(!matches("a=not.eq.5", &r));
+  cr_assert(!matches("n=not.eq.5", &r), "NOT (NULL = 5) is not true");
+  cr_assert(matches("n=not.is.not_null", &r));
+  cr_assert(matches("a=is.not_null", &r));
+  cr_assert(matches("n=is.NULL", &r));
+  cr_assert(matches("b=is.TRUE", &r));
+  cr_assert(matches("n=is.unknown", &r));
+  cr_assert(matches("n=isdistinct.5", &r), "NULL is distinct from 5");
+  cr_assert(!matches("a=isdistinct.5", &r));
+  cr_assert(!matches("a=in.()", &r));
+  cr_assert(!matches("n=in.()", &r));
+  cr_assert(matches("a=not.in.()", &r));
 }
 
 /* Allocation failure is an input: fail the i-th allocation for every i of
