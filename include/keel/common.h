@@ -102,8 +102,8 @@ typedef void (*keel_free_fn)(void *ptr);
 /*
  * Replaces the functions keel allocates with (like uv_replace_allocator).
  * Every allocation of keel's own code goes through them; the libraries keel
- * uses keep their own hooks (uv_replace_allocator, jansson's
- * json_set_alloc_funcs; libpq and hiredis use malloc). Call it before
+ * uses keep their own hooks (uv_replace_allocator; libpq uses malloc).
+ * Call it before
  * creating any keel object; memory allocated before must not be freed after
  * a switch.
  *
