@@ -103,9 +103,8 @@ typedef void (*keel_free_fn)(void *ptr);
  * Replaces the functions keel allocates with (like uv_replace_allocator).
  * Every allocation of keel's own code goes through them; the libraries keel
  * uses keep their own hooks (uv_replace_allocator; libpq uses malloc).
- * Call it before
- * creating any keel object; memory allocated before must not be freed after
- * a switch.
+ * Call it before creating any keel object; memory allocated before must not
+ * be freed after a switch.
  *
  * Returns 0, or UV_EINVAL when any function is NULL (nothing changed).
  * Not thread-safe: call it once at start-up.
