@@ -408,6 +408,52 @@ Test(queue, a_million_synchronous_completions_do_not_grow_the_stack) {
   finish(h);
 }
 
+/* Slots of a big queue live in grouped blocks (1, 1, 2, ... then 64 chunks
+ * of 4096 slots each): every job, in every group, keeps its own payload, and
+ * an id from any group cancels exactly its job. */
+typedef struct big_state {
+  unsigned char *runs;
+  int ran;
+} big_state;
+
+static void big_process(keel_queue *q, keel_job *job, void *payload, void *data) {
+  (void)q;
+  big_state *st = data;
+  st->runs[(intptr_t)payload]++;
+  st->ran++;
+  keel_job_done(job, 0);
+}
+
+Test(queue, jobs_in_every_slab_group_keep_their_payload_and_id) {
+  enum { N = 300000 }; /* 74 chunks: past the first 64-chunk group */
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  big_state st = {.runs = calloc(N, 1)};
+  keel_queue_opts o;
+  keel_queue_opts_init(&o);
+  o.concurrency = 8;
+  o.data = &st;
+  keel_queue *q;
+  cr_assert_eq(keel_queue_new(&loop, big_process, &o, &q), 0);
+  cr_assert_eq(keel_queue_pause(q), 0);
+  static uint64_t ids[N];
+  for (int i = 0; i < N; i++)
+    cr_assert_eq(keel_queue_push(q, (void *)(intptr_t)i, i % 5, &ids[i]), 0);
+  int cancelled = 0;
+  for (int i = 0; i < N; i += 997) {
+    cr_assert_eq(keel_queue_cancel(q, ids[i]), 0, "job %d", i);
+    cancelled++;
+  }
+  cr_assert_eq(keel_queue_resume(q), 0);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  cr_assert_eq(st.ran, N - cancelled);
+  for (int i = 0; i < N; i++)
+    cr_assert_eq(st.runs[i], i % 997 == 0 ? 0 : 1, "job %d ran %d times", i, st.runs[i]);
+  keel_queue_close(q, NULL, NULL);
+  kt_loop_finish(&loop);
+  free(st.runs);
+}
+
 /* ---- thread-safe push -------------------------------------------------- */
 
 typedef struct pusher {
