@@ -27,6 +27,8 @@
  * listen_exact p50_us=.. floor_p50_us=.. oversize_per_s=.. lost=..
  * cpu_us_per_change=.. floor_cpu_us_per_change=..
  * (p50 and CPU from (a); lost: every keel run).
+ * BENCH_LISTEN_ONLY=a|b|c runs one part, BENCH_LISTEN_SIDE=keel|floor one
+ * listener (to profile or trace it).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -387,13 +389,19 @@ int main(void) {
                          "(c) all oversize, full speed"};
   /* BENCH_LISTEN_ONLY=a|b|c runs one part only (to profile it) */
   const char *only = getenv("BENCH_LISTEN_ONLY");
+  /* BENCH_LISTEN_SIDE=keel|floor runs one listener only (to trace it) */
+  const char *side = getenv("BENCH_LISTEN_SIDE");
   for (int m = 0; m < 3; m++) {
     if (only != NULL && only[0] != 'a' + m) continue;
     for (int r = 0; r < RUNS; r++) {
-      floor_r[m][r] = floor_run((mode)m, samples);
-      truncate_tables();
-      keel_r[m][r] = keel_run((mode)m, samples);
-      truncate_tables();
+      if (side == NULL || strcmp(side, "floor") == 0) {
+        floor_r[m][r] = floor_run((mode)m, samples);
+        truncate_tables();
+      }
+      if (side == NULL || strcmp(side, "keel") == 0) {
+        keel_r[m][r] = keel_run((mode)m, samples);
+        truncate_tables();
+      }
       run_result *f = &floor_r[m][r], *k = &keel_r[m][r];
       printf(
           "%s run %d: floor p50 %.0f us p99 %.0f us %.0f/s cpu %.1f us/change (%lld/%lld) | keel "
