@@ -285,8 +285,49 @@ static bool add_field(reader *r, const char *name, const value_span *v) {
   return true;
 }
 
+/* Where numbers and nested values end: NUL-terminated once the whole
+ * document is read. Kept on the stack up to 64 (a row of that many such
+ * columns), then grown on the heap: no allocation per change in the common
+ * case, and none sized by the payload's length. */
+typedef struct value_ends {
+  char **at;
+  size_t count, cap;
+  char *small[64];
+} value_ends;
+
+static void ends_init(value_ends *e) {
+  e->at = e->small;
+  e->count = 0;
+  e->cap = sizeof e->small / sizeof e->small[0];
+}
+
+static bool ends_push(reader *r, value_ends *e, char *end) {
+  if (e->count == e->cap) {
+    size_t cap = e->cap * 2;
+    char **at =
+        e->at == e->small ? keel__malloc(cap * sizeof *at) : keel__realloc(e->at, cap * sizeof *at);
+    if (at == NULL) {
+      r->nomem = true;
+      return fail(r, "out of memory");
+    }
+    if (e->at == e->small) memcpy(at, e->small, e->count * sizeof *at);
+    e->at = at;
+    e->cap = cap;
+  }
+  e->at[e->count++] = end;
+  return true;
+}
+
+/* Terminates every value recorded and frees the list. */
+static void ends_finish(value_ends *e) {
+  for (size_t i = 0; i < e->count; i++) *e->at[i] = '\0';
+  if (e->at != e->small) keel__free(e->at);
+  e->at = e->small;
+  e->count = 0;
+}
+
 /* Reads an object of columns into a row (r->at on '{'). */
-static bool read_row(reader *r, keel__row *row, char **ends, size_t *end_count, size_t end_cap) {
+static bool read_row(reader *r, keel__row *row, value_ends *ends) {
   row->first = r->c->field_count;
   row->count = 0;
   row->present = true;
@@ -306,10 +347,7 @@ static bool read_row(reader *r, keel__row *row, char **ends, size_t *end_count, 
     r->at++;
     value_span v;
     if (!read_value(r, &v)) return false;
-    if (v.len > 0) {
-      if (*end_count == end_cap) return fail(r, "too many values"); /* cannot happen */
-      ends[(*end_count)++] = v.start + v.len;
-    }
+    if (v.len > 0 && !ends_push(r, ends, v.start + v.len)) return false;
     if (!add_field(r, name, &v)) return false;
     row->count++;
     skip_ws(r);
@@ -336,12 +374,6 @@ static void reset(keel_change *c) {
   c->field_cap = KEEL__CHANGE_INLINE_FIELDS;
 }
 
-/* An upper bound of the values a text can hold that need a terminator:
- * each takes at least two bytes ("1," or "[]"). */
-static size_t max_values(const char *s) {
-  return strlen(s) / 2 + 1;
-}
-
 enum {
   SEEN_OVERFLOW = 256,
   SEEN_OP = 1,
@@ -355,11 +387,8 @@ enum {
 };
 
 static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
-  size_t end_cap = max_values(work);
-  char *small[64];
-  char **ends = end_cap <= 64 ? small : keel__calloc(end_cap, sizeof *ends);
-  if (ends == NULL) return UV_ENOMEM;
-  size_t end_count = 0;
+  value_ends ends;
+  ends_init(&ends);
   reader r = {work, 0, c, NULL, false};
   unsigned seen = 0;
   const char *op = NULL;
@@ -412,11 +441,11 @@ static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
                        : bit == SEEN_OLD ? &c->old_row
                                          : NULL;
       if (row != NULL && work[r.at] == '{') {
-        if (!read_row(&r, row, ends, &end_count, end_cap)) goto done;
+        if (!read_row(&r, row, &ends)) goto done;
       } else {
         value_span v;
         if (!read_value(&r, &v)) goto done;
-        if (v.len > 0) ends[end_count++] = v.start + v.len;
+        if (v.len > 0 && !ends_push(&r, &ends, v.start + v.len)) goto done;
         if (row != NULL && (bit == SEEN_PK || v.kind != KEEL__JSON_NULL)) {
           fail(&r, bit == SEEN_PK    ? "\"pk\" is not an object"
                    : bit == SEEN_NEW ? "\"new\" is not an object"
@@ -467,8 +496,7 @@ static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
   if (work[r.at] != '\0') fail(&r, "text after the JSON object");
 done:
   /* terminate numbers and nested values now that nothing more is read */
-  for (size_t i = 0; i < end_count; i++) *ends[i] = '\0';
-  if (ends != small) keel__free(ends);
+  ends_finish(&ends);
   if (r.nomem) return UV_ENOMEM;
   if (r.error != NULL) {
     if (strcmp(r.error, "empty") == 0 || strcmp(r.error, "not a JSON object") == 0 ||
@@ -538,24 +566,18 @@ int keel__change_parse(keel_change *c, const char *payload, char *why, size_t ca
 }
 
 int keel__change_set_fetched(keel_change *c, char *row) {
-  size_t end_cap = max_values(row);
-  char **ends = keel__calloc(end_cap, sizeof *ends);
-  if (ends == NULL) {
-    keel__free(row);
-    return UV_ENOMEM;
-  }
-  size_t end_count = 0;
+  value_ends ends;
+  ends_init(&ends);
   reader r = {row, 0, c, NULL, false};
   uint32_t fields_before = c->field_count;
   keel__row parsed = {0, 0, false};
   skip_ws(&r);
-  bool ok = row[r.at] == '{' && read_row(&r, &parsed, ends, &end_count, end_cap);
+  bool ok = row[r.at] == '{' && read_row(&r, &parsed, &ends);
   if (ok) {
     skip_ws(&r);
     ok = row[r.at] == '\0';
   }
-  for (size_t i = 0; i < end_count; i++) *ends[i] = '\0';
-  keel__free(ends);
+  ends_finish(&ends);
   if (!ok) {
     c->field_count = fields_before;
     keel__free(row);
