@@ -411,3 +411,31 @@ Test(verify_run, leader_lost) {
   s.scan_done = true;
   cr_expect_eq(keel__vrun_next(&s), KEEL__VA_END_RUN);
 }
+
+/* Every row accessor with NULL, out-of-range columns and a NULL key part. */
+Test(verify_rows, null_and_out_of_range) {
+  cr_expect_eq(keel_verify_row_ncols(NULL), 0);
+  cr_expect_null(keel_verify_row_col_name(NULL, 0));
+  cr_expect_null(keel_verify_row_value(NULL, 0));
+  cr_expect_not(keel_verify_row_has(NULL, "id"));
+  cr_expect(keel_verify_row_is_null(NULL, "id"));
+  cr_expect_eq(keel_verify_row_key(NULL, NULL, 0), UV_EINVAL);
+  cr_expect_eq(keel_verify_row_problem(NULL, "x"), UV_EINVAL);
+
+  static const char *const names[] = {"tenant", "id", "v"};
+  static const char *const values[] = {NULL, "7", "z"};
+  static const int keycols[] = {0, 1};
+  keel_verify_row r = {
+      .ncols = 3, .names = names, .values = values, .keycols = keycols, .nkeys = 2};
+  cr_expect_null(keel_verify_row_get(&r, NULL));
+  cr_expect_not(keel_verify_row_has(&r, NULL));
+  cr_expect_null(keel_verify_row_col_name(&r, -1));
+  cr_expect_null(keel_verify_row_value(&r, 3));
+  cr_expect_str_eq(keel_verify_row_value(&r, 2), "z");
+  char key[16];
+  cr_expect_eq(keel_verify_row_key(&r, key, 5), 2, "a NULL key part is empty");
+  cr_expect_str_eq(key, ",7");
+  cr_expect_eq(keel_verify_row_key(&r, NULL, 4), UV_EINVAL, "a capacity without a buffer");
+  cr_expect_eq(keel_verify_row_problem(&r, NULL), UV_EINVAL);
+  cr_expect_eq(keel_verify_row_problem(&r, ""), UV_EINVAL);
+}
