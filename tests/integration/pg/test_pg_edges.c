@@ -210,3 +210,24 @@ Test(pg_edges, transaction_control_in_every_spelling) {
   snprintf(q, sizeof q, "DROP TABLE %s", table);
   kt_pg_exec(q);
 }
+
+/* Statements that start like transaction control but are not a block's
+ * end on this session (two-phase commands, a bare START): each fails on
+ * its own and the session goes on. */
+Test(pg_edges, two_phase_and_bare_start_are_not_block_control) {
+  rx x;
+  open_conn(&x);
+  const char *sql[] = {"COMMIT PREPARED 'kt_no_such_gid'", "ROLLBACK PREPARED 'kt_no_such_gid'",
+                       "START", "SELECT 7"};
+  for (int i = 0; i < 4; i++)
+    cr_assert_eq(keel_pg_query(x.conn, sql[i], 0, NULL, store, &x), 0, "%s", sql[i]);
+  wait_for(&x, 4);
+  cr_assert_eq(x.statuses[0], KEEL_EPG);
+  cr_assert_str_eq(x.sqlstates[0], "42704", "no such prepared transaction");
+  cr_assert_eq(x.statuses[1], KEEL_EPG);
+  cr_assert_str_eq(x.sqlstates[1], "42704");
+  cr_assert_eq(x.statuses[2], KEEL_EPG);
+  cr_assert_str_eq(x.sqlstates[2], "42601", "a syntax error");
+  cr_assert_eq(x.statuses[3], 0, "the session goes on");
+  close_conn(&x);
+}
