@@ -109,6 +109,8 @@ static void run_one(const char *conninfo, const char *want) {
   keel_pg_opts_init(&o);
   o.conninfo = conninfo;
   o.keepalive_idle_s = 30;
+  o.connect_timeout_ms = 3000;
+  o.max_pending = 10;
   keel_backoff_fixed(&o.reconnect_backoff, 20);
   keel_pg *c;
   char why[256];
@@ -117,7 +119,9 @@ static void run_one(const char *conninfo, const char *want) {
   memset(&x, 0, sizeof x);
   cr_assert_eq(keel_pg_query(c, "SELECT current_setting('application_name')", 0, NULL, store, &x),
                0);
-  wait_for(&loop, &x, 1);
+  uint64_t start = uv_now(&loop);
+  while (x.results < 1 && uv_now(&loop) - start < 15000) uv_run(&loop, UV_RUN_ONCE);
+  cr_assert_eq(x.results, 1, "%s: %s", conninfo, keel_pg_last_error(c));
   cr_assert_eq(x.statuses[0], 0, "%s: %s", conninfo, keel_pg_last_error(c));
   cr_assert_str_eq(x.values[0], want);
   keel_pg_close(c, NULL, NULL);
@@ -220,4 +224,50 @@ Test(pg_api, pool_refused_arguments) {
   keel_pg_pool_get_stats(p, NULL);
   keel_pg_pool_close(p, NULL, NULL);
   kt_loop_finish(&loop);
+}
+
+/* A host list mixing an address and a name (only the name is resolved),
+ * and hostaddr given with host (nothing to resolve): both connect. */
+Test(pg_api, mixed_host_lists_and_hostaddr) {
+  char ci[256];
+  snprintf(ci, sizeof ci,
+           "host=127.0.0.1,localhost port=%d user=postgres dbname=postgres "
+           "application_name=kt_mixed",
+           test_port());
+  run_one(ci, "kt_mixed");
+  snprintf(ci, sizeof ci,
+           "host=localhost,127.0.0.1 port=1,%d user=postgres dbname=postgres "
+           "application_name=kt_mixed2",
+           test_port());
+  run_one(ci, "kt_mixed2");
+  snprintf(ci, sizeof ci,
+           "hostaddr=127.0.0.1 host=localhost port=%d user=postgres dbname=postgres "
+           "application_name=kt_hostaddr",
+           test_port());
+  run_one(ci, "kt_hostaddr");
+}
+
+/* A socket directory and an IPv6 literal need no name lookup: accepted at
+ * keel_pg_new, closed cleanly whatever the connect does. */
+Test(pg_api, socket_paths_and_ipv6_literals_are_accepted) {
+  const char *cis[] = {"host=/nonexistent/kt_dir port=1 dbname=postgres",
+                       "host=::1 port=1 dbname=postgres"};
+  for (int i = 0; i < 2; i++) {
+    uv_loop_t loop;
+    uv_loop_init(&loop);
+    keel_pg_opts o;
+    keel_pg_opts_init(&o);
+    o.conninfo = cis[i];
+    keel_pg *c = NULL;
+    char why[256];
+    cr_assert_eq(keel_pg_new_ex(&loop, &o, &c, why, sizeof why), 0, "%s: %s", cis[i], why);
+    ax x;
+    memset(&x, 0, sizeof x);
+    cr_assert_eq(keel_pg_query(c, "SELECT 1", 0, NULL, store, &x), 0);
+    uv_run(&loop, UV_RUN_NOWAIT);
+    keel_pg_close(c, NULL, NULL);
+    kt_loop_finish(&loop);
+    cr_assert_eq(x.results, 1, "answered exactly once");
+    cr_assert_neq(x.statuses[0], 0, "%s: nothing listens there", cis[i]);
+  }
 }
