@@ -645,8 +645,9 @@ static const char *list_item(const char *list, unsigned index) {
   return h;
 }
 
-/* Appends an item to out list k (0 host, 1 hostaddr, 2 port). */
-static bool out_append(keel_pg *c, int k, const char *item) {
+/* Appends an item to out list k (0 host, 1 hostaddr, 2 port); `first`:
+ * the list's first item (an empty first hostaddr still counts as one). */
+static bool out_append(keel_pg *c, int k, const char *item, bool first) {
   size_t len = strlen(item);
   size_t need = c->out_len[k] + len + 2;
   if (need > c->out_cap[k]) {
@@ -656,7 +657,7 @@ static bool out_append(keel_pg *c, int k, const char *item) {
     c->out[k] = grown;
     c->out_cap[k] = cap;
   }
-  if (c->out_len[k] > 0) c->out[k][c->out_len[k]++] = ',';
+  if (!first) c->out[k][c->out_len[k]++] = ',';
   memcpy(c->out[k] + c->out_len[k], item, len);
   c->out_len[k] += len;
   c->out[k][c->out_len[k]] = '\0';
@@ -666,8 +667,9 @@ static bool out_append(keel_pg *c, int k, const char *item) {
 /* One host/hostaddr(/port) entry for libpq; addr "" = use the name. */
 static bool add_target(keel_pg *c, const char *addr) {
   const char *host = list_item(c->hosts, c->host_index);
-  return out_append(c, 0, host) && out_append(c, 1, addr) &&
-         (c->ports == NULL || out_append(c, 2, list_item(c->ports, c->host_index)));
+  bool first = c->out_len[0] == 0; /* host names are never empty */
+  return out_append(c, 0, host, first) && out_append(c, 1, addr, first) &&
+         (c->ports == NULL || out_append(c, 2, list_item(c->ports, c->host_index), first));
 }
 
 static void resolve_next(keel_pg *c);

@@ -535,3 +535,30 @@ Test(listen, several_tables_on_one_connection) {
   snprintf(sql, sizeof sql, "DROP TABLE %s", second);
   kt_pg_exec(sql);
 }
+
+/* A raw channel added while the listener is active: it LISTENs at once and
+ * is inactive until that is done; NOTIFYs on it are then delivered, and
+ * the table's changes still are. */
+Test(listen, raw_channel_added_while_active) {
+  fixture f;
+  setup(&f, KEEL_CHANGE_ALL, NULL);
+  keel_listener_start(f.l);
+  run_until_active(&f);
+  char raw[64];
+  kt_unique_name(raw, sizeof raw, "late_raw");
+  cr_assert_eq(keel_listener_listen_channel(f.l, raw, on_raw, &f), 0);
+  cr_assert_not(keel_listener_is_active(f.l), "inactive until its LISTEN is done");
+  cr_assert_eq(f.raw, 0, "nothing runs inside the call");
+  run_until_active(&f);
+  char sql[160];
+  snprintf(sql, sizeof sql, "SELECT pg_notify('%s', 'late')", raw);
+  free(kt_pg_scalar(sql));
+  uint64_t start = uv_now(&f.loop);
+  while (f.raw == 0 && uv_now(&f.loop) - start < 5000) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(f.raw, 1);
+  cr_assert_str_eq(f.raw_payload, "late");
+  exec_fmt("INSERT INTO %s (name) VALUES ('after the raw channel')", f.table);
+  run_until_count(&f, &f.a, 1);
+  cr_assert_str_eq(f.a.names[0], "after the raw channel");
+  teardown(&f);
+}

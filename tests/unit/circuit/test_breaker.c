@@ -1456,3 +1456,72 @@ Test(breaker_edges, timeouts_in_every_state) {
     cr_assert_eq(keel_breaker_call_done(ctx.held[i], 0), KEEL_ESTALE);
   teardown(&f);
 }
+
+/* HALF_OPEN probes: an ignored probe frees its slot and changes nothing; a
+ * successful but slow probe reopens when slowness counts; two successes
+ * are needed when half_open_successes is 2. */
+Test(breaker, half_open_ignored_and_slow_probes) {
+  fixture f;
+  setup(&f);
+  f.opts.failure_threshold = 1;
+  f.opts.slow_call_ms = 100;
+  f.opts.window = KEEL_BREAKER_WINDOW_COUNT; /* slowness needs a window */
+  f.opts.minimum_calls = 100;                /* whose rates never count here */
+  f.opts.half_open_successes = 2;
+  f.opts.reset_timeout_ms = 1000;
+  create(&f);
+  cr_assert_eq(call(&f, UV_EIO, 1), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_OPEN);
+  f.now += 1000;
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_HALF_OPEN);
+
+  /* cancelled probe: ignored, its slot is free again at once */
+  keel_breaker_permit p, q;
+  cr_assert_eq(keel_breaker_acquire(f.b, &p), 0);
+  cr_assert_eq(keel_breaker_acquire(f.b, &q), KEEL_EOPEN, "one probe at a time");
+  cr_assert_eq(keel_breaker_release(&p, UV_ECANCELED, 1), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_HALF_OPEN);
+  keel_breaker_stats s;
+  keel_breaker_get_stats(f.b, &s);
+  cr_assert_eq(s.calls_ignored, 1);
+
+  /* a successful probe that is slow reopens */
+  cr_assert_eq(call(&f, 0, 150), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_OPEN);
+  keel_breaker_get_stats(f.b, &s);
+  cr_assert_eq(s.calls_slow, 1);
+  cr_assert_eq(s.calls_succeeded, 1);
+
+  /* two fast successes close it; the first is not enough */
+  f.now += 1000;
+  cr_assert_eq(call(&f, 0, 1), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_HALF_OPEN, "1 of 2 successes");
+  cr_assert_eq(call(&f, 0, 1), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_CLOSED);
+
+  /* closed, below minimum_calls: a slow success does not trip */
+  cr_assert_eq(call(&f, 0, 500), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_CLOSED);
+  keel_breaker_get_stats(f.b, &s);
+  cr_assert_eq(s.calls_slow, 2);
+  teardown(&f);
+}
+
+/* The consecutive-failure condition alone, with a window that never trips
+ * (rates off): it trips on the streak while the window keeps counting. */
+Test(breaker, streak_trips_with_a_count_window) {
+  fixture f;
+  setup(&f);
+  f.opts.failure_threshold = 3;
+  f.opts.window = KEEL_BREAKER_WINDOW_COUNT;
+  f.opts.window_size = 10;
+  f.opts.minimum_calls = 100; /* the rates never count */
+  create(&f);
+  cr_assert_eq(call(&f, UV_EIO, 1), 0);
+  cr_assert_eq(call(&f, UV_EIO, 1), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_CLOSED);
+  cr_assert_eq(call(&f, UV_EIO, 1), 0);
+  cr_assert_eq(keel_breaker_get_state(f.b), KEEL_BREAKER_OPEN);
+  cr_assert_eq(f.changes, 1);
+  teardown(&f);
+}

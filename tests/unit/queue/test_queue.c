@@ -1261,3 +1261,67 @@ Test(queue, allocation_failure_on_every_main_path) {
   kt_failmalloc_run(fm_scenario, NULL);
   cr_assert_gt(kt_failmalloc_count(), 5);
 }
+
+/* Many attempts running at once with their own timeouts, pushed with the
+ * latest deadline first: the timeout heap grows past its first block and
+ * reorders on every insert and removal; each attempt times out exactly
+ * once, in deadline order. */
+static int timeout_order[64];
+static int timeout_order_count;
+
+static void release_in_order(keel_queue *q, void *payload, int status, void *data) {
+  release(q, payload, status, data);
+  timeout_order[timeout_order_count++] = (int)(intptr_t)payload;
+}
+
+Test(queue, many_timeouts_fire_once_each_in_deadline_order) {
+  harness *h = setup();
+  h->opts.concurrency = 64;
+  h->opts.max_retries = 0;
+  h->opts.release = release_in_order;
+  h->hold = true;
+  timeout_order_count = 0;
+  create(h);
+  keel_queue_push_opts po;
+  keel_queue_push_opts_init(&po);
+  enum { N = 40 };
+  for (int i = 0; i < N; i++) {
+    po.timeout_ms = 10 + 3 * (uint64_t)(N - i); /* job N-1 is due first */
+    cr_assert_eq(keel_queue_push_ex(h->q, (void *)(intptr_t)(i + 1), &po, NULL), 0);
+  }
+  uv_run(&h->loop, UV_RUN_DEFAULT);
+  cr_assert_eq(h->held_count, N, "every job started");
+  cr_assert_eq(timeout_order_count, N);
+  for (int i = 0; i < N; i++) {
+    cr_assert_eq(timeout_order[i], N - i, "release %d was job %d", i, timeout_order[i]);
+    cr_assert_eq(h->released[N - i], 1);
+    cr_assert_eq(h->release_status[N - i], UV_ETIMEDOUT);
+  }
+  cr_assert_eq(h->finals, N);
+  keel_queue_stats s;
+  keel_queue_get_stats(h->q, &s);
+  cr_assert_eq(s.timed_out, N);
+  cr_assert_eq(s.running, 0);
+  for (int i = 0; i < N; i++) cr_assert_eq(keel_job_done(h->held[i], 0), KEEL_ESTALE);
+  h->held_count = 0;
+  finish(h);
+}
+
+/* Job accessors and the queue's calls accept NULL. */
+Test(queue, null_arguments) {
+  cr_assert_eq(keel_job_id(NULL), 0);
+  cr_assert_null(keel_job_payload(NULL));
+  cr_assert_eq(keel_job_priority(NULL), 0);
+  cr_assert_eq(keel_job_attempt(NULL), 0);
+  cr_assert_eq(keel_queue_pause(NULL), UV_EINVAL);
+  cr_assert_eq(keel_queue_cancel(NULL, 1), UV_EINVAL);
+  cr_assert_eq(keel_queue_set_concurrency(NULL, 1), UV_EINVAL);
+  cr_assert_eq(keel_queue_resume(NULL), UV_EINVAL);
+  cr_assert_str_eq(keel_queue_last_error(NULL), "queue is NULL");
+  keel_queue_opts_init(NULL);
+  keel_queue_push_opts_init(NULL);
+  keel_queue_stats s;
+  memset(&s, 0x77, sizeof s);
+  keel_queue_get_stats(NULL, &s);
+  cr_assert_eq(s.reserved_[0], 0x7777777777777777ull, "untouched");
+}

@@ -411,3 +411,91 @@ Test(verify_run, leader_lost) {
   s.scan_done = true;
   cr_expect_eq(keel__vrun_next(&s), KEEL__VA_END_RUN);
 }
+
+/* Every row accessor with NULL, out-of-range columns and a NULL key part. */
+Test(verify_rows, null_and_out_of_range) {
+  cr_expect_eq(keel_verify_row_ncols(NULL), 0);
+  cr_expect_null(keel_verify_row_col_name(NULL, 0));
+  cr_expect_null(keel_verify_row_value(NULL, 0));
+  cr_expect_not(keel_verify_row_has(NULL, "id"));
+  cr_expect(keel_verify_row_is_null(NULL, "id"));
+  cr_expect_eq(keel_verify_row_key(NULL, NULL, 0), UV_EINVAL);
+  cr_expect_eq(keel_verify_row_problem(NULL, "x"), UV_EINVAL);
+
+  static const char *const names[] = {"tenant", "id", "v"};
+  static const char *const values[] = {NULL, "7", "z"};
+  static const int keycols[] = {0, 1};
+  keel_verify_row r = {
+      .ncols = 3, .names = names, .values = values, .keycols = keycols, .nkeys = 2};
+  cr_expect_null(keel_verify_row_get(&r, NULL));
+  cr_expect_not(keel_verify_row_has(&r, NULL));
+  cr_expect_null(keel_verify_row_col_name(&r, -1));
+  cr_expect_null(keel_verify_row_value(&r, 3));
+  cr_expect_str_eq(keel_verify_row_value(&r, 2), "z");
+  char key[16];
+  cr_expect_eq(keel_verify_row_key(&r, key, 5), 2, "a NULL key part is empty");
+  cr_expect_str_eq(key, ",7");
+  cr_expect_eq(keel_verify_row_key(&r, NULL, 4), UV_EINVAL, "a capacity without a buffer");
+  cr_expect_eq(keel_verify_row_problem(&r, NULL), UV_EINVAL);
+  cr_expect_eq(keel_verify_row_problem(&r, ""), UV_EINVAL);
+}
+
+static bool never_called(keel_verify *v, const keel_verify_row *row, void *data) {
+  (void)v, (void)row, (void)data;
+  return true;
+}
+
+/* Refusals the table of invalid options leaves out, each with its reason. */
+Test(verify_opts, more_refusals) {
+  keel_verify_opts_init(NULL); /* NULL-safe */
+  const char *why = NULL;
+  cr_expect_eq(keel_verify_validate_opts(NULL, &why), UV_EINVAL);
+  cr_expect_str_eq(why, "opts is NULL");
+  cr_expect_eq(keel_verify_validate_opts(NULL, NULL), UV_EINVAL, "why may be NULL");
+  keel_verify_opts o;
+  keel_verify_opts_init(&o);
+  o.conninfo = "";
+  o.table = "t";
+  o.validate = never_called;
+  cr_expect_eq(keel_verify_validate_opts(&o, &why), UV_EINVAL);
+  cr_expect_str_eq(why, "a pool or a conninfo is required");
+  o.conninfo = "host=x";
+  static const char *many[KEEL_VERIFY_MAX_COLUMNS + 2];
+  static char names[KEEL_VERIFY_MAX_COLUMNS + 1][16];
+  for (int i = 0; i <= KEEL_VERIFY_MAX_COLUMNS; i++) {
+    snprintf(names[i], sizeof names[i], "c%d", i);
+    many[i] = names[i];
+  }
+  o.columns = many;
+  cr_expect_eq(keel_verify_validate_opts(&o, &why), UV_EINVAL);
+  cr_expect_str_eq(why, "too many columns");
+  o.columns = NULL;
+  static char keys[KEEL_VERIFY_MAX_KEYS][16];
+  for (int k = 0; k < KEEL_VERIFY_MAX_KEYS; k++) {
+    snprintf(keys[k], sizeof keys[k], "k%d", k);
+    o.id_columns[k] = keys[k];
+  }
+  cr_expect_eq(keel_verify_validate_opts(&o, &why), 0, "every key slot used: %s", why);
+  o.checkpoint_table = "ckpt";
+  o.job_name = "";
+  cr_expect_eq(keel_verify_validate_opts(&o, &why), UV_EINVAL);
+  cr_expect_str_eq(why, "job_name is empty");
+  o.job_name = "nightly";
+  cr_expect_eq(keel_verify_validate_opts(&o, &why), 0, "%s", why);
+
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_verify *v = (keel_verify *)&loop;
+  char buf[128];
+  cr_expect_eq(keel_verify_new_ex(NULL, &o, &v, buf, sizeof buf), UV_EINVAL);
+  cr_expect_str_eq(buf, "loop and out are required");
+  cr_expect_eq(keel_verify_new_ex(&loop, &o, NULL, buf, sizeof buf), UV_EINVAL);
+  cr_expect_eq(v, (keel_verify *)&loop, "*out untouched");
+  keel_verify_stats st;
+  memset(&st, 0x42, sizeof st);
+  keel_verify_get_stats(NULL, &st);
+  cr_expect_eq(st.runs_started, 0x4242424242424242ull, "untouched");
+  cr_expect_str_eq(keel_verify_last_error(NULL), "");
+  keel_verify_close(NULL, NULL, NULL);
+  kt_loop_finish(&loop);
+}
