@@ -81,10 +81,19 @@ keel_start_services() {
   if [ "$(id -u)" -eq 0 ]; then chown postgres:postgres "$KEEL_PG_DATA"; fi
   keel_as_pg "$bindir/initdb" -D "$KEEL_PG_DATA" -U postgres -A trust -E UTF8 --no-locale >"$KEEL_TMP/initdb.log" 2>&1 \
     || { cat "$KEEL_TMP/initdb.log" >&2; return 1; }
-  pg_port="$(keel_free_port)"
-  keel_as_pg "$bindir/pg_ctl" -D "$KEEL_PG_DATA" -l "$KEEL_PG_DATA/server.log" -w -t 60 \
-    -o "-p $pg_port -k $KEEL_PG_DATA -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
-    start >/dev/null || { cat "$KEEL_PG_DATA/server.log" >&2; return 1; }
+  # A port free when probed can be taken before the server binds it (other
+  # runs start servers too): try a few ports before giving up.
+  local started=0
+  for _ in 1 2 3 4 5; do
+    pg_port="$(keel_free_port)"
+    if keel_as_pg "$bindir/pg_ctl" -D "$KEEL_PG_DATA" -l "$KEEL_PG_DATA/server.log" -w -t 60 \
+      -o "-p $pg_port -k $KEEL_PG_DATA -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+      start >/dev/null; then
+      started=1
+      break
+    fi
+  done
+  [ "$started" = 1 ] || { cat "$KEEL_PG_DATA/server.log" >&2; return 1; }
   export KEEL_TEST_PG="host=127.0.0.1 port=$pg_port user=postgres dbname=postgres"
   export KEEL_TEST_PG_DATA="$KEEL_PG_DATA"
   export KEEL_TEST_PG_BINDIR="$bindir"
