@@ -22,6 +22,22 @@ static inline double bench_now_s(void) {
   return (double)bench_mono_ns() / 1e9;
 }
 
+/* Sorts latency samples (ns) and reads the p50 and p99 in microseconds;
+ * both 0 for no samples. */
+static inline int bench_cmp_u64(const void *a, const void *b) {
+  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+  return (x > y) - (x < y);
+}
+
+static inline void bench_percentiles_us(uint64_t *samples, int count, double *p50_us,
+                                        double *p99_us) {
+  *p50_us = *p99_us = 0;
+  if (count <= 0) return;
+  qsort(samples, (size_t)count, sizeof *samples, bench_cmp_u64);
+  *p50_us = (double)samples[count / 2] / 1000.0;
+  *p99_us = (double)samples[(int)(count * 0.99)] / 1000.0;
+}
+
 static inline double bench_median3(double a, double b, double c) {
   if ((a <= b && b <= c) || (c <= b && b <= a)) return b;
   if ((b <= a && a <= c) || (c <= a && a <= b)) return a;

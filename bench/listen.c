@@ -144,18 +144,9 @@ static void sink_payload(sink *s, const char *payload) {
   if (s->count < MAX_SAMPLES) s->samples[s->count++] = now - sent;
 }
 
-static int cmp_u64(const void *a, const void *b) {
-  uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-  return (x > y) - (x < y);
-}
-
 static run_result summarize(sink *s) {
   run_result r = {0};
-  qsort(s->samples, (size_t)s->count, sizeof *s->samples, cmp_u64);
-  if (s->count > 0) {
-    r.p50_us = (double)s->samples[s->count / 2] / 1000.0;
-    r.p99_us = (double)s->samples[(int)(s->count * 0.99)] / 1000.0;
-  }
+  bench_percentiles_us(s->samples, s->count, &r.p50_us, &r.p99_us);
   double span = (double)(s->last_ns - s->first_ns) / 1e9;
   r.per_second = span > 0 ? (double)s->received / span : 0;
   r.received = s->received;
