@@ -992,7 +992,7 @@ Test(pool, commit_lost_in_flight_is_passed_through_never_counted_as_rollback) {
   snprintf(sql, sizeof sql,
            "CREATE TABLE %s (id int);"
            "CREATE FUNCTION %s_slow() RETURNS trigger LANGUAGE plpgsql AS "
-           "$$BEGIN PERFORM pg_sleep(1); RETURN NULL; END$$;"
+           "$$BEGIN PERFORM pg_sleep(3); RETURN NULL; END$$;"
            "CREATE CONSTRAINT TRIGGER %s_slow AFTER INSERT ON %s DEFERRABLE INITIALLY DEFERRED "
            "FOR EACH ROW EXECUTE FUNCTION %s_slow()",
            d.table, d.table, d.table, d.table, d.table);
@@ -1001,6 +1001,7 @@ Test(pool, commit_lost_in_flight_is_passed_through_never_counted_as_rollback) {
   snprintf(conninfo, sizeof conninfo, "host=127.0.0.1 port=%d user=postgres dbname=postgres",
            x.port);
   open_pool_with(&d.p, 1, conninfo, 5000);
+  int pid = backend_pid(&d.p); /* one member, one session through the proxy */
   cr_assert_eq(
       keel_pg_pool_transaction(d.p.pool, KEEL_PG_READ_COMMITTED, doubt_body, doubt_done, &d), 0);
   uint64_t start = uv_now(&d.p.loop);
@@ -1008,6 +1009,22 @@ Test(pool, commit_lost_in_flight_is_passed_through_never_counted_as_rollback) {
     uv_run(&d.p.loop, UV_RUN_ONCE);
   cr_assert(d.finished);
   cr_assert_eq(in_flight(&d.p), 1, "COMMIT sent, no answer yet");
+  /* Sent by keel is not yet received by the server (the proxy forwards on
+   * its own thread): cut only once the server runs the COMMIT, so that it
+   * really commits and the test can check that it did. */
+  char running[200];
+  snprintf(running, sizeof running,
+           "SELECT count(*) FROM pg_stat_activity WHERE pid = %d AND state = 'active' "
+           "AND query = 'COMMIT'",
+           pid);
+  bool seen = false;
+  for (int i = 0; i < 100 && !seen; i++) {
+    char *n = kt_pg_scalar(running);
+    seen = n != NULL && strcmp(n, "1") == 0;
+    free(n);
+    if (!seen) usleep(10 * 1000);
+  }
+  cr_assert(seen, "the server never ran the COMMIT");
   x.down = 1; /* the connection is cut: no answer will come */
   run_until(&d.p, &d.p.done_calls, 1);
   keel_pg_pool_stats s;
