@@ -28,6 +28,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "pq.h"
 #include "keel/listen.h"
 
 #define RUNS 3
@@ -37,21 +38,7 @@ static const char *conninfo;
 static int seconds = 10;
 
 static PGconn *connect_or_die(void) {
-  PGconn *conn = PQconnectdb(conninfo);
-  if (PQstatus(conn) != CONNECTION_OK) {
-    fprintf(stderr, "connect: %s", PQerrorMessage(conn));
-    exit(1);
-  }
-  return conn;
-}
-
-static void exec_or_die(PGconn *conn, const char *sql) {
-  PGresult *res = PQexec(conn, sql);
-  if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
-    fprintf(stderr, "%s: %s", sql, PQerrorMessage(conn));
-    exit(1);
-  }
-  PQclear(res);
+  return bench_pq_connect(conninfo);
 }
 
 /* ---- sender (child process) ---------------------------------------------- */
@@ -75,7 +62,7 @@ static void send_paced(int count, int per_second) {
     }
     clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
   }
-  exec_or_die(conn, "SELECT pg_notify('bench', 'END')");
+  bench_pq_exec(conn, "SELECT pg_notify('bench', 'END')");
   PQfinish(conn);
 }
 
@@ -89,11 +76,11 @@ static void send_batched(int batch_seconds) {
              "SELECT count(pg_notify('bench', '{\"s\":' || (g + %lld) || ',\"t\":\"%llu\"}')) "
              "FROM generate_series(1, 1000) g",
              base, (unsigned long long)bench_mono_ns());
-    exec_or_die(conn, sql);
+    bench_pq_exec(conn, sql);
     base += 1000;
   }
   snprintf(sql, sizeof sql, "SELECT pg_notify('bench', 'END %lld')", base);
-  exec_or_die(conn, sql);
+  bench_pq_exec(conn, sql);
   PQfinish(conn);
 }
 
@@ -158,7 +145,7 @@ static run_result floor_run(int batched) {
   static uint64_t samples[MAX_SAMPLES];
   sink s = {samples, 0, 0, 0, 0, -1, false};
   PGconn *conn = connect_or_die();
-  exec_or_die(conn, "LISTEN bench");
+  bench_pq_exec(conn, "LISTEN bench");
   pid_t sender = start_sender(batched);
   struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
   while (!s.done) {
@@ -246,7 +233,7 @@ static void on_count(keel_listener *l, const char *channel, const char *payload,
 /* The floor's listener for (c): a blocking loop counting notifications. */
 static void floor_count(int fd) {
   PGconn *conn = connect_or_die();
-  exec_or_die(conn, "LISTEN bench");
+  bench_pq_exec(conn, "LISTEN bench");
   if (write(fd, "R", 1) != 1) _exit(1);
   long long received = 0;
   bool stop = false;
@@ -302,7 +289,7 @@ static double server_ratio(bool use_keel, long long *lost) {
   if (read(counts[0], &ready, 1) != 1) exit(1);
   double with_listener = pgbench_tps(&with_processed);
   PGconn *conn = connect_or_die();
-  exec_or_die(conn, "SELECT pg_notify('bench', 'END')");
+  bench_pq_exec(conn, "SELECT pg_notify('bench', 'END')");
   PQfinish(conn);
   char buf[64] = "";
   ssize_t n = read(counts[0], buf, sizeof buf - 1);

@@ -44,6 +44,7 @@
 #include <unistd.h>
 
 #include "common.h"
+#include "pq.h"
 #include "keel/listen.h"
 
 #define RUNS 3
@@ -56,44 +57,30 @@ static const char *conninfo;
 static int seconds = 10;
 
 static PGconn *connect_or_die(void) {
-  PGconn *conn = PQconnectdb(conninfo);
-  if (PQstatus(conn) != CONNECTION_OK) {
-    fprintf(stderr, "connect: %s", PQerrorMessage(conn));
-    exit(1);
-  }
-  return conn;
-}
-
-static void exec_or_die(PGconn *conn, const char *sql) {
-  PGresult *res = PQexec(conn, sql);
-  if (PQresultStatus(res) != PGRES_COMMAND_OK && PQresultStatus(res) != PGRES_TUPLES_OK) {
-    fprintf(stderr, "%s: %s", sql, PQerrorMessage(conn));
-    exit(1);
-  }
-  PQclear(res);
+  return bench_pq_connect(conninfo);
 }
 
 static void setup_table(void) {
   PGconn *conn = connect_or_die();
-  exec_or_die(conn, "SET client_min_messages = warning");
-  exec_or_die(conn,
-              "CREATE TABLE IF NOT EXISTS public.bench_exact (id bigserial PRIMARY KEY, team int "
-              "NOT NULL, price numeric(10,2) NOT NULL, seq bigint NOT NULL, sent_ns bigint NOT "
-              "NULL, body text)");
+  bench_pq_exec(conn, "SET client_min_messages = warning");
+  bench_pq_exec(conn,
+                "CREATE TABLE IF NOT EXISTS public.bench_exact (id bigserial PRIMARY KEY, team int "
+                "NOT NULL, price numeric(10,2) NOT NULL, seq bigint NOT NULL, sent_ns bigint NOT "
+                "NULL, body text)");
   static char sql[16384];
   if (keel_listener_install_sql(sql, sizeof sql, "public.bench_exact", "id", CHANNEL) < 0) {
     fprintf(stderr, "keel_listener_install_sql failed\n");
     exit(1);
   }
-  exec_or_die(conn, sql);
-  exec_or_die(conn, "TRUNCATE public.bench_exact, public.keel_overflow");
+  bench_pq_exec(conn, sql);
+  bench_pq_exec(conn, "TRUNCATE public.bench_exact, public.keel_overflow");
   PQfinish(conn);
 }
 
 static void truncate_tables(void) {
   PGconn *conn = connect_or_die();
-  exec_or_die(conn, "TRUNCATE public.bench_exact, public.keel_overflow");
-  exec_or_die(conn, "VACUUM public.bench_exact, public.keel_overflow");
+  bench_pq_exec(conn, "TRUNCATE public.bench_exact, public.keel_overflow");
+  bench_pq_exec(conn, "VACUUM public.bench_exact, public.keel_overflow");
   PQfinish(conn);
 }
 
@@ -284,7 +271,7 @@ static void floor_payload(sink *s, PGconn *conn, const char *payload) {
 static run_result floor_run(mode m, uint64_t *samples) {
   sink s = {samples, 0, 0, 0, 0, -1, false, 0};
   PGconn *conn = connect_or_die();
-  exec_or_die(conn, "LISTEN " CHANNEL);
+  bench_pq_exec(conn, "LISTEN " CHANNEL);
   s.cpu_us = thread_cpu_us();
   pid_t writer = start_writer(m);
   struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
