@@ -2,6 +2,7 @@
 
 #include <criterion/criterion.h>
 #include <libpq-fe.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -269,4 +270,38 @@ void kt_failmalloc_run(void (*scenario)(void *arg), void *arg) {
   }
   failmalloc_index = -1;
   failmalloc_sticky = false;
+}
+
+void kt_pg_execf(const char *fmt, ...) {
+  char buf[2048];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  kt_pg_exec(buf);
+}
+
+char *kt_pg_scalarf(const char *fmt, ...) {
+  char buf[2048];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  return kt_pg_scalar(buf);
+}
+
+static void kt_guard_expired(uv_timer_t *timer) {
+  *(bool *)timer->data = true;
+}
+
+bool kt_wait_for(uv_loop_t *loop, kt_cond_fn cond, void *ctx, uint64_t timeout_ms) {
+  uv_timer_t guard;
+  bool expired = false;
+  uv_timer_init(loop, &guard);
+  guard.data = &expired;
+  uv_timer_start(&guard, kt_guard_expired, timeout_ms, 0);
+  while (!cond(ctx) && !expired) uv_run(loop, UV_RUN_ONCE);
+  uv_close((uv_handle_t *)&guard, NULL);
+  uv_run(loop, UV_RUN_NOWAIT);
+  return cond(ctx);
 }

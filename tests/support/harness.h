@@ -33,6 +33,23 @@ void kt_pg_exec(const char *sql);
  * malloc'd string (NULL for no row or NULL value); caller frees with free(). */
 char *kt_pg_scalar(const char *sql);
 
+/* printf-style kt_pg_exec and kt_pg_scalar (statements up to 2 KB). */
+void kt_pg_execf(const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 1, 2)))
+#endif
+    ;
+char *kt_pg_scalarf(const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 1, 2)))
+#endif
+    ;
+
+/* Runs the loop until cond(ctx) holds or timeout_ms passes (loop time, a
+ * guard timer keeps the loop from blocking forever); returns cond(ctx). */
+typedef bool (*kt_cond_fn)(void *ctx);
+bool kt_wait_for(uv_loop_t *loop, kt_cond_fn cond, void *ctx, uint64_t timeout_ms);
+
 /* Runs the loop until `done` becomes true or timeout_ms passes (real time);
  * returns whether done became true. */
 bool kt_run_until(uv_loop_t *loop, const volatile bool *done, uint64_t timeout_ms);

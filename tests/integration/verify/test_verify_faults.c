@@ -21,42 +21,6 @@
 
 /* ---- helpers ---------------------------------------------------------------- */
 
-typedef bool (*cond_fn)(void *ctx);
-
-static void guard_cb(uv_timer_t *t) {
-  *(bool *)t->data = true;
-}
-
-static bool wait_for(uv_loop_t *loop, cond_fn cond, void *ctx, uint64_t timeout_ms) {
-  uv_timer_t guard;
-  bool expired = false;
-  uv_timer_init(loop, &guard);
-  guard.data = &expired;
-  uv_timer_start(&guard, guard_cb, timeout_ms, 0);
-  while (!cond(ctx) && !expired) uv_run(loop, UV_RUN_ONCE);
-  uv_close((uv_handle_t *)&guard, NULL);
-  uv_run(loop, UV_RUN_NOWAIT);
-  return cond(ctx);
-}
-
-static void sqlf(const char *fmt, ...) {
-  char buf[2048];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, sizeof buf, fmt, ap);
-  va_end(ap);
-  kt_pg_exec(buf);
-}
-
-static char *scalarf(const char *fmt, ...) {
-  char buf[2048];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, sizeof buf, fmt, ap);
-  va_end(ap);
-  return kt_pg_scalar(buf);
-}
-
 typedef struct fx {
   uv_loop_t loop;
   char table[96];
@@ -121,12 +85,12 @@ static bool delayed_none(void *ctx) {
 static void fx_finish(fx *f) {
   if (f->v) {
     keel_verify_close(f->v, on_closed, f);
-    cr_expect(wait_for(&f->loop, is_closed, f, 5000), "close callback not called");
+    cr_expect(kt_wait_for(&f->loop, is_closed, f, 5000), "close callback not called");
     f->v = NULL;
   }
-  wait_for(&f->loop, delayed_none, f, 5000);
+  kt_wait_for(&f->loop, delayed_none, f, 5000);
   kt_loop_finish(&f->loop);
-  sqlf("DROP TABLE IF EXISTS \"%s\"", f->table);
+  kt_pg_execf("DROP TABLE IF EXISTS \"%s\"", f->table);
 }
 
 static keel_verify_stats stats(const fx *f) {
@@ -141,8 +105,8 @@ static long row_id(const keel_verify_row *row) {
 }
 
 static void make_ids(const char *table, int n) {
-  sqlf("CREATE TABLE \"%s\" (id int PRIMARY KEY, v text)", table);
-  sqlf("INSERT INTO \"%s\" SELECT g, 'x' FROM generate_series(1, %d) g", table, n);
+  kt_pg_execf("CREATE TABLE \"%s\" (id int PRIMARY KEY, v text)", table);
+  kt_pg_execf("INSERT INTO \"%s\" SELECT g, 'x' FROM generate_series(1, %d) g", table, n);
 }
 
 static void on_run_done(keel_verify *v, int status, void *data) {
@@ -163,7 +127,7 @@ static bool validator(keel_verify *v, const keel_verify_row *row, void *data) {
   if (f->close_in == 1 && f->nseen == 3) keel_verify_close(v, on_closed, f);
   if (f->kill_backend && f->nseen == 1) {
     /* the verifier's own backend only: the one that ran our batch query */
-    char *n = scalarf(
+    char *n = kt_pg_scalarf(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE pid <> "
         "pg_backend_pid() AND query LIKE '%%%s%%' AND query NOT LIKE '%%pg_terminate%%'",
         f->table);
@@ -249,7 +213,7 @@ Test(verify_faults, unreachable_database_ends_every_run) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "no on_run_done while unreachable: %s",
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "no on_run_done while unreachable: %s",
             keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, KEEL_ECONN, "%s", keel_err_name(f.last_status));
   cr_expect(strstr(keel_verify_last_error(f.v), "database unreachable") != NULL, "%s",
@@ -262,7 +226,7 @@ Test(verify_faults, unreachable_database_ends_every_run) {
   cr_expect(strstr(st.last_error, "database unreachable") != NULL, "%s", st.last_error);
   /* the next run is not blocked by the first one's statement, and ends too */
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, two_runs, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, two_runs, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, KEEL_ECONN);
   st = stats(&f);
   cr_expect_eq(st.runs_failed, 2);
@@ -281,7 +245,7 @@ Test(verify_faults, leader_lock_unreachable_ends_the_run) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "no on_run_done while unreachable: %s",
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "no on_run_done while unreachable: %s",
             keel_verify_last_error(f.v));
   cr_expect_lt(f.last_status, 0);
   cr_expect(strstr(keel_verify_last_error(f.v), "database unreachable") != NULL, "%s",
@@ -311,7 +275,7 @@ Test(verify_faults, run_timeout_bounds_a_stuck_run) {
   f.o.run_timeout_ms = 300;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, UV_ETIMEDOUT, "%s", keel_err_name(f.last_status));
   cr_expect(strstr(keel_verify_last_error(f.v), "run timed out after 300 ms") != NULL, "%s",
             keel_verify_last_error(f.v));
@@ -324,7 +288,7 @@ Test(verify_faults, run_timeout_bounds_a_stuck_run) {
   PQclear(r);
   PQfinish(locker);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, two_runs, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, two_runs, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, 0, "%s", keel_verify_last_error(f.v));
   st = stats(&f);
   cr_expect_eq(st.rows_last_run, 30);
@@ -348,7 +312,7 @@ Test(verify_faults, backend_killed_mid_run) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect(f.last_status == KEEL_ECONN || f.last_status == KEEL_EINDOUBT, "%s",
             keel_err_name(f.last_status));
   cr_expect(strstr(keel_verify_last_error(f.v), "database unreachable") != NULL, "%s",
@@ -359,14 +323,14 @@ Test(verify_faults, backend_killed_mid_run) {
   cr_expect_eq(st.fixes_pending, 0);
   cr_expect_eq(st.fixes_dropped, 20, "dropped %" PRIu64, st.fixes_dropped);
   /* the fix-ups' late reports are stale */
-  cr_assert(wait_for(&f.loop, delayed_none, &f, 10000));
+  cr_assert(kt_wait_for(&f.loop, delayed_none, &f, 10000));
   cr_expect_eq(f.fix_done_rc, KEEL_ESTALE);
   /* next run: new session, whole table */
   f.kill_backend = false;
   f.fix_delay_ms = 0;
   f.nseen = 0;
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, two_runs, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, two_runs, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, 0, "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.nseen, 40);
   st = stats(&f);
@@ -390,7 +354,7 @@ Test(verify_faults, fix_max_waiting_bounds_the_retry_list) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, 0);
   keel_verify_stats st = stats(&f);
   cr_expect_eq(st.fixes_dropped, 8, "dropped %" PRIu64, st.fixes_dropped);
@@ -412,7 +376,7 @@ Test(verify_faults, retries_come_in_due_order) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, 0);
   cr_assert_eq(f.n1, 40);
   cr_assert_eq(f.n2, 40);
@@ -456,7 +420,7 @@ Test(verify_faults, no_callback_inside_the_call_that_caused_it) {
   cr_expect_eq(keel_verify_stop(f.v), KEEL_ECLOSING);
   cr_expect_eq(keel_verify_fix_done(f.held, 0), KEEL_ESTALE);
   f.in_call = false;
-  cr_assert(wait_for(&f.loop, is_closed, &f, 5000));
+  cr_assert(kt_wait_for(&f.loop, is_closed, &f, 5000));
   f.v = NULL;
   cr_expect_eq(f.callbacks_inside, 0, "%d callbacks ran inside a keel call", f.callbacks_inside);
   cr_expect_eq(f.runs_done, 1, "the dropped run reports once");
@@ -476,7 +440,7 @@ Test(verify_faults, stop_before_the_run_began_reports_ecanceled) {
   cr_assert_eq(keel_verify_run_now(f.v), 0);
   cr_assert_eq(keel_verify_stop(f.v), 0);
   f.in_call = false;
-  cr_assert(wait_for(&f.loop, one_run, &f, 5000));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 5000));
   for (int i = 0; i < 5; i++) uv_run(&f.loop, UV_RUN_NOWAIT);
   cr_expect_eq(f.runs_done, 1);
   cr_expect_eq(f.last_status, UV_ECANCELED);
@@ -498,7 +462,7 @@ static void close_from(int where) {
   f.close_in = where;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, is_closed, &f, 10000), "close from callback %d did not finish",
+  cr_assert(kt_wait_for(&f.loop, is_closed, &f, 10000), "close from callback %d did not finish",
             where);
   f.v = NULL;
   cr_expect_eq(f.runs_done, 1, "on_run_done exactly once (close in %d)", where);
@@ -553,7 +517,7 @@ static void oom_scenario(void *arg) {
   }
   rc = keel_verify_run_now(f.v);
   cr_expect_eq(rc, 0);
-  wait_for(&f.loop, one_run, &f, 6000);
+  kt_wait_for(&f.loop, one_run, &f, 6000);
   cr_expect_eq(f.runs_done, 1, "the run did not end (allocation %" PRId64 ")",
                kt_failmalloc_index());
   if (kt_failmalloc_index() < 0) {
@@ -563,7 +527,7 @@ static void oom_scenario(void *arg) {
     cr_expect_eq(st.fixes_succeeded, 5);
   }
   keel_verify_close(f.v, on_closed, &f);
-  cr_expect(wait_for(&f.loop, is_closed, &f, 5000), "close hung (allocation %" PRId64 ")",
+  cr_expect(kt_wait_for(&f.loop, is_closed, &f, 5000), "close hung (allocation %" PRId64 ")",
             kt_failmalloc_index());
   cr_expect_eq(f.runs_done, 1, "on_run_done lost or doubled (allocation %" PRId64 ")",
                kt_failmalloc_index());
@@ -579,5 +543,5 @@ Test(verify_faults, every_allocation_failing_in_turn, .timeout = 600) {
   kt_failmalloc_run(oom_scenario, &c);
   cr_log_info("%" PRIu64 " allocations, %d runs", kt_failmalloc_count(), c.runs);
   cr_expect_gt(kt_failmalloc_count(), 10);
-  sqlf("DROP TABLE IF EXISTS \"%s\"", table);
+  kt_pg_execf("DROP TABLE IF EXISTS \"%s\"", table);
 }

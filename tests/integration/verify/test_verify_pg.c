@@ -16,43 +16,6 @@
 
 /* ---- helpers ---------------------------------------------------------------- */
 
-typedef bool (*cond_fn)(void *ctx);
-
-static void guard_cb(uv_timer_t *t) {
-  *(bool *)t->data = true;
-}
-
-/* Runs the loop until cond(ctx) holds or timeout_ms passes. */
-static bool wait_for(uv_loop_t *loop, cond_fn cond, void *ctx, uint64_t timeout_ms) {
-  uv_timer_t guard;
-  bool expired = false;
-  uv_timer_init(loop, &guard);
-  guard.data = &expired;
-  uv_timer_start(&guard, guard_cb, timeout_ms, 0);
-  while (!cond(ctx) && !expired) uv_run(loop, UV_RUN_ONCE);
-  uv_close((uv_handle_t *)&guard, NULL);
-  uv_run(loop, UV_RUN_NOWAIT);
-  return cond(ctx);
-}
-
-static void sqlf(const char *fmt, ...) {
-  char buf[2048];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, sizeof buf, fmt, ap);
-  va_end(ap);
-  kt_pg_exec(buf);
-}
-
-static char *scalarf(const char *fmt, ...) {
-  char buf[2048];
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(buf, sizeof buf, fmt, ap);
-  va_end(ap);
-  return kt_pg_scalar(buf);
-}
-
 typedef struct fx {
   uv_loop_t loop;
   char table[96];
@@ -103,7 +66,7 @@ static bool is_closed(void *ctx) {
 static void fx_finish(fx *f) {
   if (f->v) {
     keel_verify_close(f->v, on_closed, f);
-    cr_expect(wait_for(&f->loop, is_closed, f, 5000), "close callback not called");
+    cr_expect(kt_wait_for(&f->loop, is_closed, f, 5000), "close callback not called");
     f->v = NULL;
   }
   if (f->pool) {
@@ -111,7 +74,7 @@ static void fx_finish(fx *f) {
     f->pool = NULL;
   }
   kt_loop_finish(&f->loop);
-  sqlf("DROP TABLE IF EXISTS \"%s\"", f->table);
+  kt_pg_execf("DROP TABLE IF EXISTS \"%s\"", f->table);
 }
 
 static void on_run_done(keel_verify *v, int status, void *data) {
@@ -213,11 +176,11 @@ static void orders_fix(keel_verify *v, keel_verify_fix *fix, const keel_verify_r
 }
 
 static void make_orders(const char *table, int n) {
-  sqlf(
+  kt_pg_execf(
       "CREATE TABLE \"%s\" (id bigint PRIMARY KEY, status text, payment_status text, "
       "payment_id text, completion_date timestamptz, note text)",
       table);
-  sqlf(
+  kt_pg_execf(
       "INSERT INTO \"%s\" SELECT g, 'new', 'unpaid', NULL, NULL, 'x' FROM generate_series(1, %d) g",
       table, n);
 }
@@ -227,12 +190,12 @@ Test(verify_pg, orders_example_end_to_end) {
   fx_init(&f, "vorders");
   make_orders(f.table, 100);
   /* completed without completion_date: ids 10,20..100 (10 rows) */
-  sqlf("UPDATE \"%s\" SET status = 'completed' WHERE id %% 10 = 0", f.table);
+  kt_pg_execf("UPDATE \"%s\" SET status = 'completed' WHERE id %% 10 = 0", f.table);
   /* paid without payment_id: ids 7..98 (14 rows) */
-  sqlf("UPDATE \"%s\" SET payment_status = 'paid' WHERE id %% 7 = 0", f.table);
-  sqlf("UPDATE \"%s\" SET status = NULL WHERE id = 33", f.table);
+  kt_pg_execf("UPDATE \"%s\" SET payment_status = 'paid' WHERE id %% 7 = 0", f.table);
+  kt_pg_execf("UPDATE \"%s\" SET status = NULL WHERE id = 33", f.table);
   /* valid completed and paid rows */
-  sqlf(
+  kt_pg_execf(
       "UPDATE \"%s\" SET status = 'completed', completion_date = now(), payment_status = 'paid', "
       "payment_id = 'p1' WHERE id = 1",
       f.table);
@@ -253,7 +216,7 @@ Test(verify_pg, orders_example_end_to_end) {
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
   cr_expect_eq(keel_verify_run_now(f.v), KEEL_EINPROGRESS);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "first run did not finish: %s",
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "first run did not finish: %s",
             keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, 0);
   keel_verify_stats st = stats(&f);
@@ -287,7 +250,7 @@ Test(verify_pg, orders_example_end_to_end) {
   cr_expect_eq(f.nseen, 100);
 
   /* the fixes are in the table */
-  char *bad = scalarf(
+  char *bad = kt_pg_scalarf(
       "SELECT count(*) FROM \"%s\" WHERE status IS NULL OR (status = 'completed' "
       "AND completion_date IS NULL) OR (payment_status = 'paid' AND payment_id IS NULL)",
       f.table);
@@ -297,7 +260,7 @@ Test(verify_pg, orders_example_end_to_end) {
   /* second run: nothing left to find */
   f.nseen = 0;
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, two_runs, &f, 10000));
+  cr_assert(kt_wait_for(&f.loop, two_runs, &f, 10000));
   st = stats(&f);
   cr_expect_eq(f.last_status, 0);
   cr_expect_eq(st.runs_completed, 2);
@@ -339,8 +302,8 @@ static bool mutating_validator(keel_verify *v, const keel_verify_row *row, void 
   long id = row_id(row);
   record(&m->f, id);
   if (id == m->at) {
-    sqlf("DELETE FROM \"%s\" WHERE id IN (106, 155, 498)", m->f.table);
-    sqlf("INSERT INTO \"%s\" VALUES (2), (157), (100000)", m->f.table);
+    kt_pg_execf("DELETE FROM \"%s\" WHERE id IN (106, 155, 498)", m->f.table);
+    kt_pg_execf("INSERT INTO \"%s\" VALUES (2), (157), (100000)", m->f.table);
   }
   return true;
 }
@@ -349,16 +312,16 @@ Test(verify_pg, keyset_over_gaps_and_concurrent_changes) {
   mutator m;
   fx_init(&m.f, "vgaps");
   m.at = 29;
-  sqlf("CREATE TABLE \"%s\" (id int PRIMARY KEY)", m.f.table);
+  kt_pg_execf("CREATE TABLE \"%s\" (id int PRIMARY KEY)", m.f.table);
   /* ids 1, 8, 15, ... 498: gaps of 7 */
-  sqlf("INSERT INTO \"%s\" SELECT g FROM generate_series(1, 500, 7) g", m.f.table);
+  kt_pg_execf("INSERT INTO \"%s\" SELECT g FROM generate_series(1, 500, 7) g", m.f.table);
   m.f.o.data = &m;
   m.f.o.batch_size = 10;
   m.f.o.validate = mutating_validator;
   m.f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&m.f.loop, &m.f.o, &m.f.v), 0);
   cr_assert_eq(keel_verify_run_now(m.f.v), 0);
-  cr_assert(wait_for(&m.f.loop, one_run, &m.f, 10000), "%s", keel_verify_last_error(m.f.v));
+  cr_assert(kt_wait_for(&m.f.loop, one_run, &m.f, 10000), "%s", keel_verify_last_error(m.f.v));
   cr_expect_eq(m.f.last_status, 0);
   cr_expect(m.f.order_ok, "rows were not visited in strictly increasing key order");
   cr_expect(seen(&m.f, 498) == false, "a row deleted ahead was visited");
@@ -376,7 +339,7 @@ Test(verify_pg, keyset_over_gaps_and_concurrent_changes) {
   m.f.nseen = 0;
   m.at = -1;
   cr_assert_eq(keel_verify_run_now(m.f.v), 0);
-  cr_assert(wait_for(&m.f.loop, two_runs, &m.f, 10000));
+  cr_assert(kt_wait_for(&m.f.loop, two_runs, &m.f, 10000));
   cr_expect(m.f.order_ok);
   cr_expect(seen(&m.f, 2) && seen(&m.f, 100000));
   cr_expect_eq(m.f.nseen, 72 - 3 + 3);
@@ -402,9 +365,10 @@ Test(verify_pg, composite_key_and_quoted_names) {
   /* the table's name holds a double quote: "<base>""q" in SQL */
   snprintf(f.table, sizeof f.table, "%s\"q", base);
   snprintf(sqlname, sizeof sqlname, "%s\"\"q", base);
-  sqlf("CREATE TABLE \"%s\" (tenant text, seq int, \"select\" text, PRIMARY KEY (tenant, seq))",
-       sqlname);
-  sqlf(
+  kt_pg_execf(
+      "CREATE TABLE \"%s\" (tenant text, seq int, \"select\" text, PRIMARY KEY (tenant, seq))",
+      sqlname);
+  kt_pg_execf(
       "INSERT INTO \"%s\" SELECT t, g, 'x' FROM unnest(ARRAY['a','b','c']) t, "
       "generate_series(1, 25) g",
       sqlname);
@@ -417,7 +381,7 @@ Test(verify_pg, composite_key_and_quoted_names) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, 0, "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.nseen, 75);
   cr_expect(f.order_ok);
@@ -425,10 +389,10 @@ Test(verify_pg, composite_key_and_quoted_names) {
   cr_expect_eq(st.rows_invalid, 15);
   cr_expect_str_eq(st.last_key, "c,25");
   keel_verify_close(f.v, on_closed, &f);
-  cr_expect(wait_for(&f.loop, is_closed, &f, 5000));
+  cr_expect(kt_wait_for(&f.loop, is_closed, &f, 5000));
   f.v = NULL;
   kt_loop_finish(&f.loop);
-  sqlf("DROP TABLE \"%s\"", sqlname);
+  kt_pg_execf("DROP TABLE \"%s\"", sqlname);
 }
 
 /* ---- overlap, failures, retries, timeouts ------------------------------------------- */
@@ -487,8 +451,8 @@ static void generic_fix(keel_verify *v, keel_verify_fix *fix, const keel_verify_
 }
 
 static void make_ids(const char *table, int n) {
-  sqlf("CREATE TABLE \"%s\" (id int PRIMARY KEY, v text)", table);
-  sqlf("INSERT INTO \"%s\" SELECT g, 'x' FROM generate_series(1, %d) g", table, n);
+  kt_pg_execf("CREATE TABLE \"%s\" (id int PRIMARY KEY, v text)", table);
+  kt_pg_execf("INSERT INTO \"%s\" SELECT g, 'x' FROM generate_series(1, %d) g", table, n);
 }
 
 Test(verify_pg, no_overlap_with_slow_fixup) {
@@ -503,7 +467,7 @@ Test(verify_pg, no_overlap_with_slow_fixup) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_start(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   keel_verify_stats st = stats(&f);
   cr_expect_leq(st.runs_started, st.runs_completed + 1, "two runs overlapped");
   cr_expect_geq(st.runs_completed, 1);
@@ -528,7 +492,7 @@ Test(verify_pg, fix_failures_and_retries) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, 0);
   keel_verify_stats st = stats(&f);
   cr_expect_eq(st.fixes_succeeded, 2);
@@ -554,7 +518,7 @@ Test(verify_pg, fixup_timeout) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   keel_verify_stats st = stats(&f);
   cr_expect_eq(st.fixes_timed_out, 1);
   cr_expect_eq(st.fixes_succeeded, 2);
@@ -654,11 +618,11 @@ static void finish_pair(pair *p) {
   else
     p->a.closed = true;
   keel_verify_close(p->b.v, on_closed, &p->b);
-  cr_expect(wait_for(&p->a.loop, pair_closed, p, 5000));
+  cr_expect(kt_wait_for(&p->a.loop, pair_closed, p, 5000));
   keel_pg_pool_close(p->a.pool, NULL, NULL);
   keel_pg_pool_close(p->b.pool, NULL, NULL);
   kt_loop_finish(&p->a.loop);
-  sqlf("DROP TABLE IF EXISTS \"%s\"", p->a.table);
+  kt_pg_execf("DROP TABLE IF EXISTS \"%s\"", p->a.table);
 }
 
 Test(verify_pg, leader_election_two_verifiers) {
@@ -666,9 +630,9 @@ Test(verify_pg, leader_election_two_verifiers) {
   int64_t key = 0x5eed0000 + (int64_t)getpid();
   setup_pair(&p, "vleader", key, 40);
   cr_assert_eq(keel_verify_start(p.a.v), 0);
-  cr_assert(wait_for(&p.a.loop, a_led, &p, 5000), "%s", keel_verify_last_error(p.a.v));
+  cr_assert(kt_wait_for(&p.a.loop, a_led, &p, 5000), "%s", keel_verify_last_error(p.a.v));
   cr_assert_eq(keel_verify_start(p.b.v), 0);
-  cr_assert(wait_for(&p.a.loop, both_ticked, &p, 5000));
+  cr_assert(kt_wait_for(&p.a.loop, both_ticked, &p, 5000));
   keel_verify_stats a, b;
   keel_verify_get_stats(p.a.v, &a);
   keel_verify_get_stats(p.b.v, &b);
@@ -682,7 +646,7 @@ Test(verify_pg, leader_election_two_verifiers) {
   /* the leader's process goes away: the other takes over at its next tick */
   keel_verify_close(p.a.v, on_closed, &p.a);
   p.a.v = NULL;
-  cr_assert(wait_for(&p.a.loop, b_ran, &p, 5000), "%s", keel_verify_last_error(p.b.v));
+  cr_assert(kt_wait_for(&p.a.loop, b_ran, &p, 5000), "%s", keel_verify_last_error(p.b.v));
   keel_verify_get_stats(p.b.v, &b);
   cr_expect(b.leader);
   finish_pair(&p);
@@ -693,16 +657,16 @@ Test(verify_pg, leader_election_on_pools) {
   int64_t key = 0x5ef00000 + (int64_t)getpid();
   setup_pair_ex(&p, "vlpool", key, 40, true);
   cr_assert_eq(keel_verify_start(p.a.v), 0);
-  cr_assert(wait_for(&p.a.loop, a_led, &p, 5000), "%s", keel_verify_last_error(p.a.v));
+  cr_assert(kt_wait_for(&p.a.loop, a_led, &p, 5000), "%s", keel_verify_last_error(p.a.v));
   cr_assert_eq(keel_verify_start(p.b.v), 0);
-  cr_assert(wait_for(&p.a.loop, both_ticked, &p, 5000));
+  cr_assert(kt_wait_for(&p.a.loop, both_ticked, &p, 5000));
   keel_verify_stats b;
   keel_verify_get_stats(p.b.v, &b);
   cr_expect_eq(b.runs_started, 0, "the follower ran");
   /* a closes but its pool lives on: the pooled session must drop the lock */
   keel_verify_close(p.a.v, on_closed, &p.a);
   p.a.v = NULL;
-  cr_assert(wait_for(&p.a.loop, b_ran, &p, 5000), "%s", keel_verify_last_error(p.b.v));
+  cr_assert(kt_wait_for(&p.a.loop, b_ran, &p, 5000), "%s", keel_verify_last_error(p.b.v));
   keel_verify_get_stats(p.b.v, &b);
   cr_expect(b.leader);
   finish_pair(&p);
@@ -713,7 +677,7 @@ Test(verify_pg, leader_connection_loss_hands_over) {
   int64_t key = 0x5eef0000 + (int64_t)getpid();
   setup_pair(&p, "vloss", key, 1500); /* a ticks rarely after its first run */
   cr_assert_eq(keel_verify_start(p.a.v), 0);
-  cr_assert(wait_for(&p.a.loop, a_led, &p, 5000), "%s", keel_verify_last_error(p.a.v));
+  cr_assert(kt_wait_for(&p.a.loop, a_led, &p, 5000), "%s", keel_verify_last_error(p.a.v));
   cr_assert_eq(keel_verify_start(p.b.v), 0);
   /* b is refused while a holds the lock */
   for (int i = 0; i < 5; i++) uv_run(&p.a.loop, UV_RUN_ONCE);
@@ -721,19 +685,19 @@ Test(verify_pg, leader_connection_loss_hands_over) {
   keel_verify_get_stats(p.b.v, &b);
   cr_expect_eq(b.runs_started, 0);
   /* kill a's lock session */
-  char *n = scalarf(
+  char *n = kt_pg_scalarf(
       "SELECT count(pg_terminate_backend(pid)) FROM pg_locks WHERE "
       "locktype = 'advisory' AND granted AND classid::bigint = %" PRId64
       " AND objid::bigint = %" PRId64,
       (key >> 32) & 0xffffffff, key & 0xffffffff);
   cr_expect_str_eq(n, "1");
   free(n);
-  cr_assert(wait_for(&p.a.loop, b_ran, &p, 5000), "%s", keel_verify_last_error(p.b.v));
+  cr_assert(kt_wait_for(&p.a.loop, b_ran, &p, 5000), "%s", keel_verify_last_error(p.b.v));
   keel_verify_get_stats(p.b.v, &b);
   cr_expect(b.leader);
   /* a learns of its lost session when its socket reports it, which may come
    * after b took the lock */
-  cr_expect(wait_for(&p.a.loop, a_not_leader, &p, 5000), "a still believes it leads");
+  cr_expect(kt_wait_for(&p.a.loop, a_not_leader, &p, 5000), "a still believes it leads");
   keel_verify_stats a;
   keel_verify_get_stats(p.a.v, &a);
   cr_expect_not(a.leader);
@@ -765,7 +729,7 @@ Test(verify_pg, checkpoint_resume_after_restart) {
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
   /* the "process" dies mid-run: close from inside the validator */
-  cr_assert(wait_for(&f.loop, is_closed, &f, 10000), "%s", "not closed");
+  cr_assert(kt_wait_for(&f.loop, is_closed, &f, 10000), "%s", "not closed");
   cr_expect_eq(f.runs_done, 1, "the run close dropped reports once");
   cr_expect_eq(f.last_status, UV_ECANCELED);
   f.runs_done = 0;
@@ -779,7 +743,7 @@ Test(verify_pg, checkpoint_resume_after_restart) {
   f.o.validate = record_validator;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 10000), "%s", keel_verify_last_error(f.v));
   cr_expect_eq(f.last_status, 0, "%s", keel_verify_last_error(f.v));
   cr_assert_gt(f.nseen, 0);
   long resume_after = f.seen[0] - 1;
@@ -792,14 +756,15 @@ Test(verify_pg, checkpoint_resume_after_restart) {
   /* a completed run clears the checkpoint: the next one starts over */
   f.nseen = 0;
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, two_runs, &f, 10000));
+  cr_assert(kt_wait_for(&f.loop, two_runs, &f, 10000));
   cr_expect_eq(f.nseen, 100);
   cr_expect_eq(f.seen[0], 1);
-  char *cleared = scalarf("SELECT last_key IS NULL FROM \"%s\" WHERE job = '%s'", ck, f.table);
+  char *cleared =
+      kt_pg_scalarf("SELECT last_key IS NULL FROM \"%s\" WHERE job = '%s'", ck, f.table);
   cr_expect_str_eq(cleared, "t");
   free(cleared);
   fx_finish(&f);
-  sqlf("DROP TABLE IF EXISTS \"%s\"", ck);
+  kt_pg_execf("DROP TABLE IF EXISTS \"%s\"", ck);
 }
 
 static void holding_fix(keel_verify *v, keel_verify_fix *fix, const keel_verify_row *row,
@@ -825,13 +790,13 @@ Test(verify_pg, close_mid_run_with_fixup_out) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_start(f.v), 0);
-  cr_assert(wait_for(&f.loop, fix_called, &f, 10000), "%s", keel_verify_last_error(f.v));
+  cr_assert(kt_wait_for(&f.loop, fix_called, &f, 10000), "%s", keel_verify_last_error(f.v));
   keel_verify_stats st = stats(&f);
   cr_expect(st.running);
   cr_expect_eq(st.fixes_running, 1);
   keel_verify_close(f.v, on_closed, &f);
   cr_expect_eq(keel_verify_run_now(f.v), KEEL_ECLOSING);
-  cr_expect(wait_for(&f.loop, is_closed, &f, 5000));
+  cr_expect(kt_wait_for(&f.loop, is_closed, &f, 5000));
   f.v = NULL;
   cr_expect_eq(f.runs_done, 1, "the run close dropped reports once");
   cr_expect_eq(f.last_status, UV_ECANCELED);
@@ -851,7 +816,7 @@ Test(verify_pg, stop_mid_run_ends_with_ecanceled) {
   cr_assert_eq(keel_verify_start(f.v), 0);
   while (f.nseen == 0) uv_run(&f.loop, UV_RUN_ONCE);
   cr_expect_eq(keel_verify_stop(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 5000));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 5000));
   cr_expect_eq(f.last_status, UV_ECANCELED);
   keel_verify_stats st = stats(&f);
   cr_expect_eq(st.runs_failed, 1);
@@ -867,7 +832,7 @@ Test(verify_pg, sql_error_ends_run_with_message) {
   f.o.on_run_done = on_run_done;
   cr_assert_eq(keel_verify_new(&f.loop, &f.o, &f.v), 0);
   cr_assert_eq(keel_verify_run_now(f.v), 0);
-  cr_assert(wait_for(&f.loop, one_run, &f, 5000));
+  cr_assert(kt_wait_for(&f.loop, one_run, &f, 5000));
   cr_expect_eq(f.last_status, KEEL_EPG);
   cr_expect(strstr(keel_verify_last_error(f.v), "does not exist") != NULL, "%s",
             keel_verify_last_error(f.v));
@@ -960,7 +925,7 @@ Test(verify_pg, injected_clock_and_reentrant_callbacks) {
   keel_verify_get_stats(c.f.v, &st);
   cr_expect_geq(st.next_run_ms, 1000);
   cr_expect_leq(st.next_run_ms, 1000 + 60000);
-  cr_assert(wait_for(&c.f.loop, is_closed, &c.f, 5000), "not closed from on_run_done");
+  cr_assert(kt_wait_for(&c.f.loop, is_closed, &c.f, 5000), "not closed from on_run_done");
   st = c.first;
   cr_expect_eq(st.last_run_started_ms, 1000);
   cr_expect_eq(st.last_run_duration_ms, 4000);
@@ -1005,7 +970,7 @@ Test(verify_pg, run_under_failing_allocator) {
     int rc = keel_verify_new(&f.loop, &f.o, &f.v);
     if (rc == 0) rc = keel_verify_run_now(f.v);
     if (rc == 0) {
-      wait_for(&f.loop, run_or_closed, &f, 3000);
+      kt_wait_for(&f.loop, run_or_closed, &f, 3000);
       kt_alloc_fail_after(-1);
       if (f.runs_done > 0 && f.last_status == 0 && f.nseen == 12) {
         keel_verify_stats st;
@@ -1013,12 +978,12 @@ Test(verify_pg, run_under_failing_allocator) {
         clean_run = st.fixes_succeeded == 6;
       }
       keel_verify_close(f.v, on_closed, &f);
-      cr_expect(wait_for(&f.loop, is_closed, &f, 5000), "allocation %" PRId64 ": close hung", i);
+      cr_expect(kt_wait_for(&f.loop, is_closed, &f, 5000), "allocation %" PRId64 ": close hung", i);
     } else {
       kt_alloc_fail_after(-1);
       if (f.v) {
         keel_verify_close(f.v, on_closed, &f);
-        wait_for(&f.loop, is_closed, &f, 5000);
+        kt_wait_for(&f.loop, is_closed, &f, 5000);
       }
     }
     f.v = NULL;
@@ -1028,5 +993,5 @@ Test(verify_pg, run_under_failing_allocator) {
   cr_expect(clean_run);
   cr_expect_gt(iterations, 20, "only %d iterations", iterations);
   cr_log_info("%d iterations, %" PRIu64 " allocations", iterations, kt_alloc_count());
-  sqlf("DROP TABLE IF EXISTS \"%s\"", f.table);
+  kt_pg_execf("DROP TABLE IF EXISTS \"%s\"", f.table);
 }
