@@ -67,7 +67,14 @@ extern "C" {
      "or may not have taken effect")                                                     \
   XX(EAUTH, -30021, "the server refused the credentials")                                \
   XX(ENODB, -30022, "the database does not exist")                                       \
-  XX(ESEND, -30023, "the client library refused to send the statement")
+  XX(ESEND, -30023, "the client library refused to send the statement")                  \
+  XX(ELOST, -30024, "lost: the lock or lease expired or is now held by someone else")    \
+  XX(EBUSY, -30025, "busy: held by someone else, try again later")                       \
+  XX(EPROBES, -30026, "circuit breaker is half-open and all its probes are taken")       \
+  XX(ERATELIMIT, -30027, "rate limit exceeded: retry after the reported delay")          \
+  XX(ENOTHEARING, -30028,                                                                \
+     "the listener does not receive its own notifications (a transaction pooler or a "   \
+     "proxy in the way?)")
 
 typedef enum keel_errno {
 #define KEEL_ERRNO_ENUM_(name, value, msg) KEEL_##name = (value),
