@@ -6,7 +6,7 @@ set -euo pipefail
 
 KEEL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEEL_PACKAGES=(meson ninja-build pkg-config gcc libuv1-dev libpq-dev libhiredis-dev
-  libwebsockets-dev libjansson-dev libcriterion-dev postgresql redis-server)
+  libwebsockets-dev libjansson-dev libcriterion-dev postgresql redis-server pgbouncer)
 
 log() { printf '[keel] %s\n' "$*" >&2; }
 
@@ -50,11 +50,15 @@ keel_pg_bindir() {
 KEEL_TMP=""
 KEEL_PG_DATA=""
 KEEL_REDIS_PIDFILE=""
+KEEL_PGBOUNCER_PIDFILE=""
 
 keel_stop_services() {
   local status=$?
   if [ -n "$KEEL_PG_DATA" ] && [ -f "$KEEL_PG_DATA/postmaster.pid" ]; then
     keel_as_pg "$(keel_pg_bindir)/pg_ctl" -D "$KEEL_PG_DATA" -m immediate stop >/dev/null 2>&1 || true
+  fi
+  if [ -n "$KEEL_PGBOUNCER_PIDFILE" ] && [ -f "$KEEL_PGBOUNCER_PIDFILE" ]; then
+    kill "$(cat "$KEEL_PGBOUNCER_PIDFILE")" 2>/dev/null || true
   fi
   if [ -n "$KEEL_REDIS_PIDFILE" ] && [ -f "$KEEL_REDIS_PIDFILE" ]; then
     kill "$(cat "$KEEL_REDIS_PIDFILE")" 2>/dev/null || true
@@ -108,6 +112,45 @@ keel_start_services() {
     sleep 0.05
   done
   export KEEL_TEST_REDIS="127.0.0.1:$redis_port"
+  keel_start_pgbouncer "$pg_port"
   log "PostgreSQL: $KEEL_TEST_PG"
+  log "PgBouncer (transaction mode): $KEEL_TEST_PG_POOLER"
   log "Redis: $KEEL_TEST_REDIS"
+}
+
+# PgBouncer in transaction mode in front of the throwaway server (issue 20):
+# exports KEEL_TEST_PG_POOLER, a conninfo through it. It refuses to run as
+# root, so it runs as the postgres user.
+keel_start_pgbouncer() {
+  local pg_port="$1" dir="$KEEL_TMP/pgbouncer" port
+  mkdir -p "$dir"
+  port="$(keel_free_port)"
+  printf '"postgres" ""\n' >"$dir/users.txt"
+  cat >"$dir/pgbouncer.ini" <<INI
+[databases]
+* = host=127.0.0.1 port=$pg_port
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = trust
+auth_file = $dir/users.txt
+pool_mode = transaction
+max_client_conn = 1000
+default_pool_size = 20
+server_reset_query =
+ignore_startup_parameters = extra_float_digits,options
+pidfile = $dir/pgbouncer.pid
+logfile = $dir/pgbouncer.log
+admin_users = postgres
+INI
+  if [ "$(id -u)" -eq 0 ]; then chown -R postgres:postgres "$dir"; fi
+  KEEL_PGBOUNCER_PIDFILE="$dir/pgbouncer.pid"
+  keel_as_pg pgbouncer -d "$dir/pgbouncer.ini" >/dev/null 2>&1 \
+    || { cat "$dir/pgbouncer.log" >&2 2>/dev/null; return 1; }
+  for _ in $(seq 1 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+    sleep 0.05
+  done
+  export KEEL_TEST_PG_POOLER="host=127.0.0.1 port=$port user=postgres dbname=postgres"
 }
