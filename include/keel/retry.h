@@ -72,7 +72,8 @@ typedef enum keel_backoff_kind {
   KEEL_BACKOFF_FIXED = 0,          /* min(max_ms, base_ms) every time */
   KEEL_BACKOFF_EXPONENTIAL,        /* min(max_ms, base_ms * factor^(n-1)) */
   KEEL_BACKOFF_FULL_JITTER,        /* uniform [0, exponential(n)] */
-  KEEL_BACKOFF_DECORRELATED_JITTER /* min(max_ms, uniform [base_ms, prev*3]) */
+  KEEL_BACKOFF_DECORRELATED_JITTER, /* min(max_ms, uniform [base_ms, prev*3]) */
+  KEEL_BACKOFF_LINEAR               /* min(max_ms, base_ms * (1 + factor*(n-1))) */
 } keel_backoff_kind;
 
 /* A backoff policy: plain value, copied by whoever takes it. Fill it with
@@ -81,8 +82,10 @@ typedef struct keel_backoff {
   keel_backoff_kind kind;
   uint64_t base_ms; /* first delay (and the floor of decorrelated jitter) */
   double factor;    /* growth per retry for EXPONENTIAL and FULL_JITTER,
-                       >= 1; FIXED and DECORRELATED_JITTER ignore it (any
-                       value, 0 included, is accepted for them) */
+                       >= 1; for LINEAR the step in units of base_ms, >= 0
+                       (1: base, 2*base, 3*base, ...); FIXED and
+                       DECORRELATED_JITTER ignore it (any value, 0 included,
+                       is accepted for them) */
   uint64_t max_ms;  /* cap on any delay; 0 means no cap */
 } keel_backoff;
 
@@ -110,11 +113,17 @@ KEEL_EXTERN void keel_backoff_full_jitter(keel_backoff *b, uint64_t base_ms, dou
 KEEL_EXTERN void keel_backoff_decorrelated_jitter(keel_backoff *b, uint64_t base_ms,
                                                   uint64_t max_ms);
 
+/* Fills b with a linear policy (Polly v8's DelayBackoffType.Linear): retry n
+ * waits min(max_ms, base_ms * n): 100, 200, 300, ... for base_ms 100 (factor
+ * 1; set b->factor for another step: base_ms * (1 + factor * (n-1))). NULL
+ * b: no-op. */
+KEEL_EXTERN void keel_backoff_linear(keel_backoff *b, uint64_t base_ms, uint64_t max_ms);
+
 /*
  * Checks a policy. Returns 0 (and sets *why to NULL), or UV_EINVAL with a
  * static explanation in *why (when why is not NULL): NULL policy, unknown
- * kind, factor < 1 or not finite for EXPONENTIAL and FULL_JITTER (the other
- * kinds ignore the factor), max_ms < base_ms (when max_ms != 0),
+ * kind, factor < 1 or not finite for EXPONENTIAL and FULL_JITTER, factor < 0
+ * or not finite for LINEAR (the other kinds ignore the factor), max_ms < base_ms (when max_ms != 0),
  * decorrelated jitter with base_ms 0. Thread-safe.
  */
 KEEL_EXTERN int keel_backoff_validate(const keel_backoff *b, const char **why);
