@@ -41,5 +41,6 @@
 #include "keel/listen.h"
 #include "keel/verify.h"
 #include "keel/integrity.h"
+#include "keel/redis.h"
 
 #endif /* KEEL_H */
