@@ -42,5 +42,6 @@
 #include "keel/verify.h"
 #include "keel/integrity.h"
 #include "keel/idempotency.h"
+#include "keel/redis.h"
 
 #endif /* KEEL_H */
