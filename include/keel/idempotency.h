@@ -41,14 +41,13 @@
 
 #include "keel/common.h"
 #include "keel/pg.h"
+#include "keel/redis.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
 typedef struct keel_idem keel_idem;
-/* The Redis client of keel/redis.h. */
-typedef struct keel_redis keel_redis;
 
 /* Longest key and scope, in bytes. */
 #define KEEL_IDEM_MAX_KEY 255
