@@ -43,5 +43,6 @@
 #include "keel/integrity.h"
 #include "keel/idempotency.h"
 #include "keel/redis.h"
+#include "keel/breaker_shared.h"
 
 #endif /* KEEL_H */
