@@ -57,6 +57,10 @@ int keel__idem_pg_start(idem_op *op);
 int keel__idem_pg_sql(keel_idem *idem, const char *table);
 int keel__idem_redis_start(idem_op *op);
 
+/* The Redis store's script sources (0 begin, 1 complete, 2 abort), for the
+ * benchmark's bare-hiredis floor. */
+const char *keel__idem_redis_source(int i);
+
 /* 32 hex digits of the OS's random source into token. */
 void keel__idem_token(keel_idem *idem, keel_idem_token *token);
 

@@ -35,6 +35,10 @@ static const char abort_src[] =
     "if h[1] == 'p' and h[2] == ARGV[1] then redis.call('DEL', KEYS[1]) return 1 end\n"
     "return 0\n";
 
+const char *keel__idem_redis_source(int i) {
+  return i == 0 ? begin_src : i == 1 ? complete_src : abort_src;
+}
+
 static keel_redis_script scripts[3];
 static bool scripts_ready;
 
