@@ -227,7 +227,7 @@ static int cmp_double(const void *a, const void *b) {
   return (x > y) - (x < y);
 }
 
-static double breaker_run(double *allocs_per_call) {
+static double breaker_run(double *allocs_per_call, double *unshared_ns) {
   uv_loop_t loop;
   uv_loop_init(&loop);
   char url[128];
@@ -241,6 +241,8 @@ static double breaker_run(double *allocs_per_call) {
   keel_breaker_opts_init(&bo);
   keel_breaker *b;
   if (keel_breaker_new(&loop, &bo, &b) != 0) exit(1);
+  keel_breaker *plain;
+  if (keel_breaker_new(&loop, &bo, &plain) != 0) exit(1);
   keel_breaker_shared_opts so;
   keel_breaker_shared_opts_init(&so);
   char name[64];
@@ -252,7 +254,7 @@ static double breaker_run(double *allocs_per_call) {
     uv_run(&loop, UV_RUN_NOWAIT);
     uv_sleep(1);
   }
-  double bare[5], shared[5];
+  double bare[5], shared[5], unshared[5];
   uint64_t allocs = 0;
   for (int k = 0; k < 5; k++) {
     double t0 = now_s();
@@ -272,6 +274,14 @@ static double breaker_run(double *allocs_per_call) {
     t1 = now_s();
     allocs += allocations - a0;
     shared[k] = per_call_ns(t0, t1);
+    t0 = now_s();
+    for (int i = 0; i < CALLS; i++) {
+      if ((i & 4095) == 0) uv_run(&loop, UV_RUN_NOWAIT);
+      keel_breaker_permit p;
+      if (keel_breaker_acquire(plain, &p) == 0) keel_breaker_release(&p, operation(i), 0);
+    }
+    t1 = now_s();
+    unshared[k] = per_call_ns(t0, t1);
   }
   keel_breaker_shared_stats st;
   keel_breaker_shared_get_stats(sh, &st);
@@ -279,9 +289,12 @@ static double breaker_run(double *allocs_per_call) {
           (unsigned long long)st.syncs, (unsigned long long)st.published_outcomes, st.fallback);
   keel_breaker_shared_close(sh, NULL, NULL);
   keel_breaker_close(b, NULL, NULL);
+  keel_breaker_close(plain, NULL, NULL);
   keel_redis_close(r, NULL, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
+  qsort(unshared, 5, sizeof(double), cmp_double);
+  *unshared_ns = unshared[2] - bare[2] > 0 ? unshared[2] - bare[2] : 0;
   qsort(bare, 5, sizeof(double), cmp_double);
   qsort(shared, 5, sizeof(double), cmp_double);
   *allocs_per_call = (double)allocs / (5.0 * CALLS);
@@ -312,8 +325,8 @@ int main(void) {
   }
   qsort(k, RUNS, sizeof(double), cmp_double);
   qsort(f, RUNS, sizeof(double), cmp_double);
-  double allocs;
-  double ns = breaker_run(&allocs);
+  double allocs, unshared;
+  double ns = breaker_run(&allocs, &unshared);
   printf("idem begin+complete: %.0f pairs/s, floor %.0f pairs/s, ratio %.2f (bar >= 0.85)\n",
          k[RUNS / 2], f[RUNS / 2], k[RUNS / 2] / f[RUNS / 2]);
   printf(
