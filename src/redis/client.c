@@ -372,9 +372,15 @@ static void cmd_timer_cb(uv_timer_t *t) {
     }
   }
   if (next != 0) arm_cmd_timer(r, next);
+  /* A sent command expired: its outcome is unknown and the connection is
+   * reset. DOWN first (new commands wait), then the expired commands get
+   * UV_ETIMEDOUT, then the context is freed (the others in flight get
+   * KEEL_EINDOUBT). Nothing touches `dying` in between. */
+  redisAsyncContext *dying = NULL;
   if (sent_expired && r->ac != NULL) {
     snprintf(r->errbuf, sizeof r->errbuf, "command timed out: connection reset");
-    drop_connection(r, UV_ETIMEDOUT);
+    dying = r->ac;
+    conn_lost(r, UV_ETIMEDOUT);
   }
   /* Delivered even when a callback above closed r: they expired first. */
   while (!keel__rlist_empty(&expired)) {
@@ -383,6 +389,7 @@ static void cmd_timer_cb(uv_timer_t *t) {
     deliver(r, c, UV_ETIMEDOUT, NULL);
     cmd_free_if_done(c);
   }
+  if (dying != NULL) redisAsyncFree(dying);
 }
 
 /* ---- connecting ------------------------------------------------------------ */
