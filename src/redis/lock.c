@@ -43,6 +43,10 @@ static const char EXTEND_SRC[] =
     "if v == false then return 0 end\n"
     "return -1\n";
 
+const char *keel__redis_lock_script(int which) {
+  return which == 0 ? ACQUIRE_SRC : which == 1 ? RELEASE_SRC : EXTEND_SRC;
+}
+
 static keel_redis_script acquire_script, release_script, extend_script;
 static uv_once_t scripts_once = UV_ONCE_INIT;
 
@@ -104,10 +108,11 @@ struct keel_redis_lock {
   bool ext_busy;
   bool ext_is_watchdog;
   uint64_t ext_ttl;
-  uv_timer_t timer;
+  uv_timer_t timer; /* initialised when first needed */
   enum timer_use timer_use;
-  bool timer_closed;  /* close callback ran */
-  bool timer_closing; /* uv_close called */
+  bool timer_open;    /* initialised and not closing */
+  bool timer_closed;  /* no timer open: never initialised, or closed */
+  bool timer_closing; /* no timer may be started any more */
   bool lost_reported;
   bool cancelled;
   bool taken_by_other;
@@ -138,10 +143,7 @@ static void decide_acquire(keel_redis_lock *l);
 
 static void lock_free(keel_redis_lock *l) {
   keel__rlist_remove(&l->link);
-  keel__free(l->key);
-  keel__free(l->fkey);
-  keel__free((char *)l->opts.prefix);
-  keel__free(l);
+  keel__free(l); /* key and fkey live in the same block */
 }
 
 static void maybe_free(keel_redis_lock *l) {
@@ -160,6 +162,9 @@ static void close_timer(keel_redis_lock *l) {
   if (l->timer_closing) return;
   l->timer_closing = true;
   l->timer_use = T_NONE;
+  if (!l->timer_open) return; /* never initialised: timer_closed already */
+  l->timer_open = false;
+  l->timer_closed = false;
   uv_close((uv_handle_t *)&l->timer, timer_closed_cb);
 }
 
@@ -259,9 +264,25 @@ static void bg_release(keel_redis_lock *l, unsigned i, const char *token) {
   (void)send_op(l, i, OP_BG_RELEASE, 0, token, 0);
 }
 
+/* Tokens come from the OS's random source, read 4 KB at a time (one
+ * getrandom per 256 tokens); per thread, as loops may run in several. */
+static _Thread_local unsigned char rand_buf[4096];
+static _Thread_local size_t rand_pos = sizeof rand_buf;
+
+static int os_random16(unsigned char out[16]) {
+  if (rand_pos + 16 > sizeof rand_buf) {
+    if (uv_random(NULL, NULL, rand_buf, sizeof rand_buf, 0, NULL) != 0) return -1;
+    rand_pos = 0;
+  }
+  memcpy(out, rand_buf + rand_pos, 16);
+  memset(rand_buf + rand_pos, 0, 16); /* a token is never handed out twice */
+  rand_pos += 16;
+  return 0;
+}
+
 static void new_token(keel_redis_lock *l) {
   unsigned char raw[16];
-  if (uv_random(NULL, NULL, raw, sizeof raw, 0, NULL) != 0) {
+  if (os_random16(raw) != 0) {
     /* the OS source failed (never seen on Linux): keel's generator */
     uint64_t a = keel_rng_next(&l->rng), b = keel_rng_next(&l->rng);
     memcpy(raw, &a, 8);
@@ -276,7 +297,14 @@ static void new_token(keel_redis_lock *l) {
 }
 
 static void start_timer(keel_redis_lock *l, enum timer_use use, uint64_t ms) {
-  if (l->timer_closing) return;
+  if (l->timer_closing || l->home == NULL) return;
+  if (!l->timer_open) {
+    uv_timer_init(l->loop, &l->timer);
+    l->timer.data = l;
+    l->timer_open = true;
+    l->timer_closed = false;
+    keel__redis_handle_opened(l->home); /* the home's close waits for it */
+  }
   l->timer_use = use;
   uv_timer_start(&l->timer, lock_timer_cb, ms, 0);
 }
@@ -428,7 +456,7 @@ static void release_answer(keel_redis_lock *l, int status, const struct redisRep
 static void report_lost(keel_redis_lock *l, int status) {
   if (l->lost_reported) return;
   l->lost_reported = true;
-  if (l->timer_use == T_WATCHDOG && !l->timer_closing) {
+  if (l->timer_use == T_WATCHDOG && l->timer_open) {
     uv_timer_stop(&l->timer);
     l->timer_use = T_NONE;
   }
@@ -593,23 +621,22 @@ static int lock_new(keel_redis *const *servers, unsigned n, bool redlock, const 
   uv_once(&scripts_once, init_scripts);
   const char *prefix = o.prefix != NULL ? o.prefix : "keel:lock:";
   size_t plen = strlen(prefix);
-  keel_redis_lock *l = keel__calloc(1, sizeof *l);
+  size_t keylen = plen + nlen + 2, fkeylen = keylen + 6;
+  keel_redis_lock *l = keel__calloc(1, sizeof *l + keylen + 1 + fkeylen + 1);
   if (l == NULL) return UV_ENOMEM;
   l->opts = o;
-  l->opts.prefix = keel__strdup(prefix);
-  l->keylen = plen + nlen + 2;
-  l->key = keel__malloc(l->keylen + 1);
-  l->fkeylen = l->keylen + 6;
-  l->fkey = keel__malloc(l->fkeylen + 1);
-  if (l->opts.prefix == NULL || l->key == NULL || l->fkey == NULL) {
-    keel__free(l->key);
-    keel__free(l->fkey);
-    keel__free((char *)l->opts.prefix);
-    keel__free(l);
-    return UV_ENOMEM;
-  }
-  snprintf(l->key, l->keylen + 1, "%s{%s}", prefix, name);
-  snprintf(l->fkey, l->fkeylen + 1, "%s:fence", l->key);
+  l->opts.prefix = NULL; /* used for the key only */
+  l->key = (char *)(l + 1);
+  l->keylen = keylen;
+  l->fkey = l->key + keylen + 1;
+  l->fkeylen = fkeylen;
+  memcpy(l->key, prefix, plen);
+  l->key[plen] = '{';
+  memcpy(l->key + plen + 1, name, nlen);
+  l->key[plen + 1 + nlen] = '}';
+  l->key[keylen] = '\0';
+  memcpy(l->fkey, l->key, keylen);
+  memcpy(l->fkey + keylen, ":fence", 7);
   l->n = n;
   memcpy(l->servers, servers, n * sizeof servers[0]);
   l->home = servers[0];
@@ -617,23 +644,15 @@ static int lock_new(keel_redis *const *servers, unsigned n, bool redlock, const 
   l->redlock = redlock;
   l->acq_cb = cb;
   l->acq_data = data;
+  l->timer_closed = true;
   keel__rlist_init(&l->link);
   keel_rng_seed(&l->rng, uv_hrtime() ^ (uint64_t)(uintptr_t)l);
-  l->acquire_started = uv_now(keel_redis_loop(servers[0]));
-  uv_timer_init(keel_redis_loop(servers[0]), &l->timer);
-  l->timer.data = l;
+  l->acquire_started = uv_now(l->loop);
   int rc = start_round(l, true);
-  if (rc != 0) {
-    /* nothing sent: undo without any callback */
-    l->phase = PH_ENDED;
-    l->acq_cb = NULL;
-    l->timer_closing = true;
-    keel__redis_handle_opened(l->home);
-    keel__redis_lock_register(l->home, &l->link);
-    uv_close((uv_handle_t *)&l->timer, timer_closed_cb);
+  if (rc != 0) { /* nothing sent, no timer: undo without any callback */
+    keel__free(l);
     return rc;
   }
-  keel__redis_handle_opened(l->home);
   keel__redis_lock_register(l->home, &l->link);
   *out = l;
   return 0;
@@ -678,7 +697,7 @@ KEEL_EXTERN int keel_redis_lock_release(keel_redis_lock *l, keel_redis_lock_done
     }
   }
   if (sent == 0) return first; /* nothing done: still held */
-  if (l->timer_use == T_WATCHDOG && !l->timer_closing) {
+  if (l->timer_use == T_WATCHDOG && l->timer_open) {
     uv_timer_stop(&l->timer);
     l->timer_use = T_NONE;
   }
@@ -709,10 +728,8 @@ KEEL_EXTERN int keel_redis_lock_cancel(keel_redis_lock *l) {
   l->acq.decided = true;
   for (unsigned i = 0; i < l->n; i++) bg_release(l, i, l->token);
   l->phase = PH_RETRY_WAIT;
-  if (!l->timer_closing) {
-    uv_timer_stop(&l->timer);
-    start_timer(l, T_CANCEL, 0);
-  }
+  if (l->timer_open) uv_timer_stop(&l->timer);
+  start_timer(l, T_CANCEL, 0);
   return 0;
 }
 
