@@ -396,10 +396,13 @@ typedef void (*keel_redis_lock_done_cb)(keel_redis_lock *lock, int status, void 
 
 /*
  * Releases a granted lock (compare-and-delete script: deletes the key only
- * if it still holds our token). Stops the watchdog. cb may be NULL (the
- * object is still freed after the outcome). Returns 0; or UV_EINVAL (NULL
- * lock, not granted yet: use keel_redis_lock_cancel(), release already
- * called), KEEL_ECLOSING, UV_ENOMEM, UV_ENOBUFS (nothing done: call again).
+ * if it still holds our token; a key that holds another owner's token is
+ * left alone). Stops the watchdog. Callable after on_lost (it then reports
+ * KEEL_ELOST, or 0 if the key was still ours). cb may be NULL (the object
+ * is still freed after the outcome). Returns 0; or, nothing done and the
+ * lock still held: UV_EINVAL (NULL lock, not granted yet: use
+ * keel_redis_lock_cancel(); release already called; a keel_redis_lock_extend()
+ * still in progress), KEEL_ECLOSING, UV_ENOMEM, UV_ENOBUFS (call again).
  * Loop thread only.
  */
 KEEL_EXTERN int keel_redis_lock_release(keel_redis_lock *lock, keel_redis_lock_done_cb cb,
@@ -436,6 +439,12 @@ KEEL_EXTERN uint64_t keel_redis_lock_valid_until(const keel_redis_lock *lock);
 
 /* Number of watchdog renewals so far (0 for NULL). Loop thread only. */
 KEEL_EXTERN uint64_t keel_redis_lock_renewals(const keel_redis_lock *lock);
+
+/* During a release callback with KEEL_ELOST: true when the key held another
+ * owner's token (someone else holds the lock now), false when it had
+ * expired with no new owner. false otherwise and for NULL. Loop thread
+ * only. */
+KEEL_EXTERN bool keel_redis_lock_taken_by_other(const keel_redis_lock *lock);
 
 #ifdef __cplusplus
 }

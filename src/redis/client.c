@@ -372,9 +372,15 @@ static void cmd_timer_cb(uv_timer_t *t) {
     }
   }
   if (next != 0) arm_cmd_timer(r, next);
+  /* A sent command expired: its outcome is unknown and the connection is
+   * reset. DOWN first (new commands wait), then the expired commands get
+   * UV_ETIMEDOUT, then the context is freed (the others in flight get
+   * KEEL_EINDOUBT). Nothing touches `dying` in between. */
+  redisAsyncContext *dying = NULL;
   if (sent_expired && r->ac != NULL) {
     snprintf(r->errbuf, sizeof r->errbuf, "command timed out: connection reset");
-    drop_connection(r, UV_ETIMEDOUT);
+    dying = r->ac;
+    conn_lost(r, UV_ETIMEDOUT);
   }
   /* Delivered even when a callback above closed r: they expired first. */
   while (!keel__rlist_empty(&expired)) {
@@ -383,6 +389,7 @@ static void cmd_timer_cb(uv_timer_t *t) {
     deliver(r, c, UV_ETIMEDOUT, NULL);
     cmd_free_if_done(c);
   }
+  if (dying != NULL) redisAsyncFree(dying);
 }
 
 /* ---- connecting ------------------------------------------------------------ */
@@ -623,9 +630,30 @@ static int admit(keel_redis *r) {
   return 0;
 }
 
+/* Writes v in decimal at p; returns the new end. */
+static char *put_uint(char *p, size_t v) {
+  char tmp[24];
+  int n = 0;
+  do {
+    tmp[n++] = (char)('0' + v % 10);
+    v /= 10;
+  } while (v != 0);
+  while (n > 0) *p++ = tmp[--n];
+  return p;
+}
+
+/* Writes "<c><v>\r\n" at p; returns the new end. */
+static char *put_head(char *p, char c, size_t v) {
+  *p++ = c;
+  p = put_uint(p, v);
+  *p++ = '\r';
+  *p++ = '\n';
+  return p;
+}
+
 /* Appends "$len\r\nbytes\r\n" at p; returns the new end. */
 static char *put_bulk(char *p, const char *s, size_t len) {
-  p += snprintf(p, 24, "$%zu\r\n", len);
+  p = put_head(p, '$', len);
   memcpy(p, s, len);
   p += len;
   *p++ = '\r';
@@ -670,8 +698,7 @@ KEEL_EXTERN int keel_redis_command_timeout(keel_redis *r, uint64_t timeout_ms, i
   memset(c, 0, sizeof *c);
   c->cb = cb;
   c->data = data;
-  char *p = c->buf;
-  p += snprintf(p, 24, "*%d\r\n", argc);
+  char *p = put_head(c->buf, '*', (size_t)argc);
   for (int i = 0; i < argc; i++) p = put_bulk(p, argv[i], arg_len(argv, argvlen, i));
   c->len = (size_t)(p - c->buf);
   submit(r, c, timeout_ms);
@@ -693,7 +720,7 @@ KEEL_EXTERN int keel_redis_eval_timeout(keel_redis *r, uint64_t timeout_ms,
   int rc = admit(r);
   if (rc != 0) return rc;
   char nk[16];
-  int nkl = snprintf(nk, sizeof nk, "%d", nkeys);
+  int nkl = (int)(put_uint(nk, (size_t)nkeys) - nk);
   int total_args = argc + 3;
   size_t head = 1 + digits((size_t)total_args) + 2 + 13 + 4 + 40 + 2;
   size_t tail = 1 + digits((size_t)nkl) + 2 + (size_t)nkl + 2;
@@ -708,8 +735,7 @@ KEEL_EXTERN int keel_redis_eval_timeout(keel_redis *r, uint64_t timeout_ms,
   c->data = data;
   c->script = s;
   c->argc_total = total_args;
-  char *p = c->buf;
-  p += snprintf(p, 24, "*%d\r\n", total_args);
+  char *p = put_head(c->buf, '*', (size_t)total_args);
   p = put_bulk(p, "EVALSHA", 7);
   p = put_bulk(p, s->sha1, 40);
   c->tail_off = (size_t)(p - c->buf);

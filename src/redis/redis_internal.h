@@ -58,6 +58,10 @@ typedef struct keel__redis_url {
 int keel__redis_url_parse(const char *url, keel__redis_url *out, char *errbuf);
 void keel__redis_url_free(keel__redis_url *u);
 
+/* The lock scripts' sources (0 acquire, 1 release, 2 extend), for the
+ * benchmark's floor and the docs check. */
+const char *keel__redis_lock_script(int which);
+
 /* Lock hooks called by the client (lock.c). */
 struct keel_redis_lock;
 /* The client is closing: close the lock's timer now (counted in the

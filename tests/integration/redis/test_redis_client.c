@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "keel/redis.h"
+#include "redis/redis_internal.h"
 #include "redis_server.h"
 #include "support/harness.h"
 
@@ -216,4 +217,30 @@ Test(redis_client, close_at_once_cancels_everything_later) {
   for (int i = 0; i < 3; i++) cr_assert_eq(x.status[i], UV_ECANCELED);
   cr_assert_eq(x.ready, 0);
   kt_loop_finish(&x.loop);
+}
+
+/* docs/redis.md shows the lock scripts keel runs, verbatim. */
+Test(redis_client, docs_show_the_lock_scripts) {
+  FILE *f = fopen(KT_SOURCE_ROOT "/docs/redis.md", "rb");
+  cr_assert(f != NULL);
+  static char doc[65536];
+  size_t n = fread(doc, 1, sizeof doc - 1, f);
+  fclose(f);
+  doc[n] = '\0';
+  for (int i = 0; i < 3; i++)
+    cr_assert(strstr(doc, keel__redis_lock_script(i)) != NULL, "script %d not in docs/redis.md", i);
+}
+
+Test(redis_client, sha1_is_redis_sha1) {
+  keel_redis_script s;
+  cr_assert_eq(keel_redis_script_init(&s, ""), 0);
+  cr_assert_str_eq(s.sha1, "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+  cr_assert_eq(keel_redis_script_init(&s, "abc"), 0);
+  cr_assert_str_eq(s.sha1, "a9993e364706816aba3e25717850c26c9cd0d89d");
+  /* 56 bytes: the padding spills into a second block */
+  cr_assert_eq(
+      keel_redis_script_init(&s, "abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"), 0);
+  cr_assert_str_eq(s.sha1, "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
+  cr_assert_eq(keel_redis_script_init(NULL, "x"), UV_EINVAL);
+  cr_assert_eq(keel_redis_script_init(&s, NULL), UV_EINVAL);
 }
