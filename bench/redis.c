@@ -6,8 +6,8 @@
  *       against the floor: bare hiredis async (its stock libuv adapter) on
  *       the same loop sending the same two scripts by EVALSHA with the same
  *       concurrency and arguments. Bar: keel >= 0.85 x floor.
- *   (b) idempotency keys and (c) the shared breaker: added by the
- *       idempotency work (part 2 of issue 15); 0 until then.
+ *   (b) idempotency begin + complete pairs per second and (c) the shared
+ *       breaker's closed-state cost per call: bench/redis_idem.h.
  *
  * Each part runs keel and its floor alternately, ROUNDS times for
  * SECONDS each, and reports the median of each (the machine is shared:
@@ -27,6 +27,7 @@
 
 #include "common.h"
 #include "redis/redis_internal.h"
+#include "redis_idem.h"
 
 #define LOCKERS 64
 #define ROUNDS 7
@@ -282,8 +283,11 @@ int main(void) {
   bench_locks(&lock, &lock_floor);
   printf("  median: keel %.0f pairs/s, floor %.0f pairs/s, ratio %.3f (bar >= 0.85)\n", lock,
          lock_floor, lock_floor > 0 ? lock / lock_floor : 0);
-  /* (b) and (c): filled in by the idempotency work */
-  double idem = 0, idem_floor = 0, shared_breaker_ns = 0;
+  double idem = 0, idem_floor = 0, shared_breaker_ns = 0, shared_breaker_allocs = 0;
+  printf(
+      "(b) idempotency begin+complete pairs, 64 requests on distinct keys; (c) shared breaker\n");
+  idem_bench(getenv("KEEL_TEST_REDIS"), &idem, &idem_floor, &shared_breaker_ns,
+             &shared_breaker_allocs);
   printf(
       "redis lock_pairs_per_s=%.0f lock_floor_per_s=%.0f idem_pairs_per_s=%.0f "
       "idem_floor_per_s=%.0f shared_breaker_ns=%.1f\n",
