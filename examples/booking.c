@@ -8,7 +8,10 @@
  *     UPDATE keel_booking_slots SET owner = $2, fence = $3
  *      WHERE id = $1 AND owner IS NULL AND fence < $3
  *
- * Exactly one process books the slot; the other is told who has it.
+ * Exactly one process books the slot; the other is told who has it. Each
+ * request carries an idempotency key (keel/idempotency.h): each process then
+ * sends its request again with the same key, as a client does after a lost
+ * reply, and gets the stored answer without booking or locking again.
  *
  * Run: KEEL_PG="host=... dbname=..." KEEL_REDIS="redis://127.0.0.1:6379" ./booking
  * (falling back to KEEL_TEST_PG and KEEL_TEST_REDIS="host:port"). Exits 0
@@ -31,15 +34,42 @@ typedef struct booker {
   keel_redis *redis;
   keel_pg *pg;
   keel_redis_lock *lock;
+  keel_idem *idem;
+  keel_idem_token token;
+  bool owned; /* this request took its idempotency key */
+  char key[64];
   const char *who;
   char slot[32];
   char fence[32];
   int outcome; /* EXIT_WON, EXIT_LOST or 1 (error) */
 } booker;
 
+#define SCOPE "POST /slots/booking"
+
 static void shut_down(booker *b) {
+  keel_idem_close(b->idem, NULL, NULL);
   keel_redis_close(b->redis, NULL, NULL);
   keel_pg_close(b->pg, NULL, NULL);
+}
+
+static void on_stored(keel_idem *idem, int status, void *data) {
+  booker *b = data;
+  if (status != 0) fprintf(stderr, "%s: %s\n", b->who, keel_idem_last_error(idem));
+  shut_down(b);
+}
+
+/* Stores the answer under the request's key (or frees the key after an
+ * error, so that a retry runs again), then shuts down. */
+static void finish(booker *b) {
+  if (b->owned && (b->outcome == EXIT_WON || b->outcome == EXIT_LOST)) {
+    const char *answer = b->outcome == EXIT_WON ? "booked" : "taken";
+    if (keel_idem_complete(b->idem, SCOPE, b->key, &b->token, b->outcome == EXIT_WON ? 201 : 409,
+                           answer, strlen(answer), on_stored, b) == 0)
+      return;
+  } else if (b->owned && keel_idem_abort(b->idem, SCOPE, b->key, &b->token, on_stored, b) == 0) {
+    return;
+  }
+  shut_down(b);
 }
 
 static void on_released(keel_redis_lock *lock, int status, void *data) {
@@ -47,12 +77,12 @@ static void on_released(keel_redis_lock *lock, int status, void *data) {
   booker *b = data;
   if (status == KEEL_ELOST) /* expired while we worked: the fence protected the row */
     printf("%s: the lock had expired before the release\n", b->who);
-  shut_down(b);
+  finish(b);
 }
 
 static void release_and_finish(booker *b) {
   /* The write is done: let the other process in. */
-  if (keel_redis_lock_release(b->lock, on_released, b) != 0) shut_down(b);
+  if (keel_redis_lock_release(b->lock, on_released, b) != 0) finish(b);
 }
 
 static void on_owner(keel_pg *c, int status, const keel_pg_result *res, void *data) {
@@ -89,7 +119,7 @@ static void on_locked(keel_redis_lock *lock, int status, void *data) {
     fprintf(stderr, "%s: no lock: %s (%s)\n", b->who, keel_err_name(status),
             keel_redis_last_error(b->redis));
     b->outcome = 1;
-    shut_down(b);
+    finish(b);
     return;
   }
   /* The fence goes into the write: a stale holder's write matches 0 rows. */
@@ -102,8 +132,37 @@ static void on_locked(keel_redis_lock *lock, int status, void *data) {
                          3, params, on_booked, b);
   if (rc != 0) {
     b->outcome = 1;
-    if (keel_redis_lock_release(lock, on_released, b) != 0) shut_down(b);
+    if (keel_redis_lock_release(lock, on_released, b) != 0) finish(b);
   }
+}
+
+/* The request's idempotency key: a new request takes the lock; a repeated
+ * one gets the stored answer. */
+static void on_begun(keel_idem *idem, int status, const keel_idem_reply *r, void *data) {
+  booker *b = data;
+  if (status == 0 && r->completed) {
+    printf("%s: request %s answered from its stored response: %d %.*s\n", b->who, b->key,
+           r->response_status, (int)r->body_len, r->body);
+    b->outcome = r->response_status == 201 ? EXIT_WON : EXIT_LOST;
+    shut_down(b);
+    return;
+  }
+  if (status != 0) {
+    fprintf(stderr, "%s: %s (%s)\n", b->who, keel_err_name(status), keel_idem_last_error(idem));
+    shut_down(b);
+    return;
+  }
+  b->owned = true;
+  b->token = r->token;
+  keel_redis_lock_opts lo;
+  keel_redis_lock_opts_init(&lo);
+  lo.ttl_ms = 5000;   /* longer than the work; */
+  lo.watchdog = true; /* renewed while we hold it anyway */
+  lo.wait_ms = 10000; /* queue behind the other process */
+  char name[64];
+  snprintf(name, sizeof name, "booking:slot:%s", b->slot);
+  keel_redis_lock *lock;
+  if (keel_redis_lock_acquire(b->redis, name, &lo, on_locked, b, &lock) != 0) finish(b);
 }
 
 static const char *redis_url(char *buf, size_t cap) {
@@ -135,20 +194,12 @@ static int book(const char *who, long slot) {
   keel_pg_opts po;
   keel_pg_opts_init(&po);
   po.conninfo = pg_conninfo();
-  if (keel_redis_new(&b.loop, &ro, &b.redis) != 0 || keel_pg_new(&b.loop, &po, &b.pg) != 0)
+  if (keel_redis_new(&b.loop, &ro, &b.redis) != 0 || keel_pg_new(&b.loop, &po, &b.pg) != 0 ||
+      keel_idem_new_redis(&b.loop, b.redis, NULL, &b.idem) != 0)
     return 1;
-  keel_redis_lock_opts lo;
-  keel_redis_lock_opts_init(&lo);
-  lo.ttl_ms = 5000;   /* longer than the work; */
-  lo.watchdog = true; /* renewed while we hold it anyway */
-  lo.wait_ms = 10000; /* queue behind the other process */
-  char name[64];
-  snprintf(name, sizeof name, "booking:slot:%ld", slot);
-  keel_redis_lock *lock;
-  if (keel_redis_lock_acquire(b.redis, name, &lo, on_locked, &b, &lock) != 0) {
-    shut_down(&b);
-    b.outcome = 1;
-  }
+  /* The client's Idempotency-Key for this request. */
+  snprintf(b.key, sizeof b.key, "%s-books-%ld", who, slot);
+  if (keel_idem_begin(b.idem, SCOPE, b.key, b.slot, on_begun, &b) != 0) shut_down(&b);
   uv_run(&b.loop, UV_RUN_DEFAULT);
   uv_loop_close(&b.loop);
   return b.outcome;
@@ -200,8 +251,11 @@ static int race(long slot) {
     if (pids[i] < 0) return 1;
     if (pids[i] == 0) {
       int rc = book(names[i], slot);
+      /* The same request again (a client retrying after a lost reply):
+       * the stored answer, the same outcome, no second booking. */
+      int again = book(names[i], slot);
       fflush(stdout);
-      _exit(rc);
+      _exit(again == rc ? rc : 1);
     }
   }
   int won = 0, lost = 0;

@@ -45,7 +45,9 @@ static void store_free(keel_idem *idem) {
 int keel_idem_new_pg(uv_loop_t *loop, keel_pg_pool *pool, const keel_idem_opts *opts,
                      keel_idem **out) {
   if (loop == NULL || pool == NULL || out == NULL) return UV_EINVAL;
-  if (opts != NULL && (opts->processing_ttl_ms == 0 || opts->completed_ttl_ms == 0))
+  if (opts != NULL &&
+      (opts->processing_ttl_ms == 0 || opts->completed_ttl_ms == 0 ||
+       opts->processing_ttl_ms > UINT64_C(1) << 40 || opts->completed_ttl_ms > UINT64_C(1) << 40))
     return UV_EINVAL;
   const char *table = opts != NULL && opts->table != NULL ? opts->table : KEEL_IDEM_TABLE;
   char probe[160];

@@ -191,3 +191,71 @@ Test(breaker_shared, redis_stopped_each_falls_back_locally, .timeout = 120) {
   kt_loop_finish(&loop);
   kt_redis_server_destroy(&srv);
 }
+
+Test(breaker_shared, bad_options_and_one_share_per_breaker) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  char url[128];
+  test_url(url, sizeof url);
+  node n;
+  node_open(&n, &loop, url, "bad-opts");
+  keel_breaker_shared_opts so;
+  keel_breaker_shared_opts_init(&so);
+  keel_breaker_shared *sh = (void *)1;
+  cr_assert_eq(keel_breaker_shared_new(&loop, n.b, n.r, &so, &sh), UV_EINVAL, "no name");
+  so.name = "x";
+  cr_assert_eq(keel_breaker_shared_new(&loop, n.b, n.r, &so, &sh), UV_EINVAL, "already shared");
+  cr_assert_eq(sh, (void *)1, "untouched on failure");
+  keel_breaker *b2;
+  keel_breaker_opts bo;
+  keel_breaker_opts_init(&bo);
+  cr_assert_eq(keel_breaker_new(&loop, &bo, &b2), 0);
+  so.failure_rate_threshold = 1.5;
+  cr_assert_eq(keel_breaker_shared_new(&loop, b2, n.r, &so, &sh), UV_EINVAL);
+  so.failure_rate_threshold = 0.5;
+  so.publish_interval_ms = 0;
+  cr_assert_eq(keel_breaker_shared_new(&loop, b2, n.r, &so, &sh), UV_EINVAL);
+  keel_breaker_close(b2, NULL, NULL);
+  node_close(&n);
+  kt_loop_finish(&loop);
+}
+
+static char fm_url[128];
+
+static void shared_failmalloc(void *arg) {
+  (void)arg;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_redis_opts ro;
+  keel_redis_opts_init(&ro);
+  ro.url = fm_url;
+  ro.command_timeout_ms = 300;
+  keel_redis *r = NULL;
+  keel_breaker *b = NULL;
+  keel_breaker_shared *sh = NULL;
+  keel_breaker_opts bo;
+  keel_breaker_opts_init(&bo);
+  keel_breaker_shared_opts so;
+  keel_breaker_shared_opts_init(&so);
+  so.name = "failmalloc";
+  if (keel_redis_new(&loop, &ro, &r) == 0 && keel_breaker_new(&loop, &bo, &b) == 0 &&
+      keel_breaker_shared_new(&loop, b, r, &so, &sh) == 0) {
+    uint64_t start = uv_now(&loop);
+    while (uv_now(&loop) - start < 30) {
+      fail_calls(b, 1);
+      uv_run(&loop, UV_RUN_ONCE);
+    }
+    fail_calls(b, 5);
+    uv_run(&loop, UV_RUN_NOWAIT);
+  }
+  keel_breaker_shared_close(sh, NULL, NULL);
+  keel_breaker_close(b, NULL, NULL);
+  keel_redis_close(r, NULL, NULL);
+  kt_loop_finish(&loop);
+}
+
+Test(breaker_shared, allocation_failure_is_an_input, .timeout = 600) {
+  test_url(fm_url, sizeof fm_url);
+  kt_failmalloc_run(shared_failmalloc, NULL);
+  cr_assert_gt(kt_failmalloc_count(), 0);
+}

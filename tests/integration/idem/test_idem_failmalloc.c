@@ -82,3 +82,50 @@ Test(idem_failmalloc, pg_failure_is_an_input, .timeout = 600) {
   cr_assert_gt(kt_failmalloc_count(), 0);
   drop(&f);
 }
+
+/* The same on the Redis store. */
+static char redis_url[128];
+
+static void failmalloc_redis(void *arg) {
+  (void)arg;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_redis_opts ro;
+  keel_redis_opts_init(&ro);
+  ro.url = redis_url;
+  ro.command_timeout_ms = 500;
+  keel_redis *r = NULL;
+  keel_idem *idem = NULL;
+  fx f;
+  memset(&f, 0, sizeof f);
+  snprintf(f.scope, sizeof f.scope, "%s", failmalloc_table);
+  if (keel_redis_new(&loop, &ro, &r) == 0 && keel_idem_new_redis(&loop, r, NULL, &idem) == 0) {
+    char key[32];
+    snprintf(key, sizeof key, "fm%lld%d", (long long)kt_failmalloc_index(),
+             (int)kt_failmalloc_sticky());
+    int n = 0;
+    if (keel_idem_begin(idem, f.scope, key, "fp", on_begin, &f) == 0) n++;
+    if (keel_idem_begin(idem, f.scope, key, "fp", on_begin, &f) == 0) n++;
+    while (f.done < n) uv_run(&loop, UV_RUN_ONCE);
+    cr_assert_leq(f.owners, 1);
+    if (f.owners == 1) {
+      int m = f.done;
+      if (keel_idem_complete(idem, f.scope, key, &f.token, 200, "body", 4, on_done, &f) == 0) {
+        while (f.done == m) uv_run(&loop, UV_RUN_ONCE);
+      }
+    }
+    keel_idem_close(idem, NULL, NULL);
+  }
+  keel_redis_close(r, NULL, NULL);
+  kt_loop_finish(&loop);
+}
+
+Test(idem_failmalloc, redis, .timeout = 600) {
+  char host[64];
+  int port;
+  kt_redis_addr(host, sizeof host, &port);
+  snprintf(redis_url, sizeof redis_url, "redis://%s:%d", host, port);
+  kt_unique_name(failmalloc_table, sizeof failmalloc_table, "fmr");
+  kt_failmalloc_run(failmalloc_redis, NULL);
+  cr_assert_gt(kt_failmalloc_count(), 0);
+}
