@@ -244,3 +244,236 @@ Test(redis_client, sha1_is_redis_sha1) {
   cr_assert_eq(keel_redis_script_init(NULL, "x"), UV_EINVAL);
   cr_assert_eq(keel_redis_script_init(&s, NULL), UV_EINVAL);
 }
+
+/* ---- URLs, AUTH / SELECT, bounds, refusals ------------------------------- */
+
+static bool is_down(void *p) {
+  return ((ctx *)p)->down > 0;
+}
+
+Test(redis_client, url_auth_and_select_on_a_unix_socket) {
+  kt_redis_server s;
+  kt_redis_server_start(&s);
+  cr_assert_neq(kt_redis_server_cmd(&s, "CONFIG SET requirepass s3cr@t"), -1);
+  char url[256];
+  snprintf(url, sizeof url, "unix://:s3cr%%40t@%s?db=3", s.path);
+  ctx x;
+  open_url(&x, url, 0);
+  cmd(&x, "SET", "where", "db3");
+  cmd(&x, "DBSIZE", NULL, NULL);
+  wait_replies(&x, 2);
+  cr_assert_eq(x.status[0], 0, "%s", keel_redis_last_error(x.r));
+  cr_assert_eq(x.ival[1], 1);
+  finish(&x);
+  snprintf(url, sizeof url, "unix://:s3cr%%40t@%s", s.path); /* db 0: empty */
+  open_url(&x, url, 0);
+  cmd(&x, "DBSIZE", NULL, NULL);
+  wait_replies(&x, 1);
+  cr_assert_eq(x.status[0], 0);
+  cr_assert_eq(x.ival[0], 0);
+  finish(&x);
+  /* a wrong password: DOWN with KEEL_EAUTH, the command waits, then times out */
+  snprintf(url, sizeof url, "unix://:wrong@%s", s.path);
+  open_url(&x, url, 300);
+  cmd(&x, "PING", NULL, NULL);
+  cr_assert(kt_wait_for(&x.loop, is_down, &x, 5000));
+  cr_assert_eq(x.last_down, KEEL_EAUTH, "%s", keel_err_name(x.last_down));
+  wait_replies(&x, 1);
+  cr_assert_eq(x.status[0], UV_ETIMEDOUT);
+  cr_assert_eq(x.ready, 0);
+  finish(&x);
+  kt_redis_server_destroy(&s);
+}
+
+Test(redis_client, urls_refused) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_redis_opts o;
+  keel_redis_opts_init(&o);
+  keel_redis *r = (keel_redis *)&loop; /* never written on failure */
+  const char *bad[] = {"http://x",        "redis://",     "redis://h:0",          "redis://h:99999",
+                       "redis://h:12x",   "redis://h/db", "redis://h/70000",      "redis://u@h",
+                       "redis://:p%zz@h", "unix://",      "unix://relative.sock", "unix:///s?db=x",
+                       "unix:///s?foo=1", "redis://[::1", "redis://h:1/2/3"};
+  for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+    o.url = bad[i];
+    cr_assert_eq(keel_redis_new(&loop, &o, &r), UV_EINVAL, "%s accepted", bad[i]);
+  }
+  cr_assert_eq(r, (keel_redis *)&loop);
+  o.url = NULL;
+  cr_assert_eq(keel_redis_new(&loop, &o, &r), UV_EINVAL);
+  cr_assert_eq(keel_redis_new(NULL, &o, &r), UV_EINVAL);
+  const char *good[] = {"redis://127.0.0.1", "redis://[::1]:7000/2", "redis://u:p@h:1/0",
+                        "unix:///tmp/x.sock?db=2", "unix://:pw@/tmp/x.sock"};
+  for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+    o.url = good[i];
+    o.reconnect = false;
+    cr_assert_eq(keel_redis_new(&loop, &o, &r), 0, "%s refused", good[i]);
+    keel_redis_close(r, NULL, NULL);
+  }
+  kt_loop_finish(&loop);
+}
+
+Test(redis_client, bounds_and_refused_commands) {
+  char url[128];
+  shared_url(url, sizeof url);
+  ctx x;
+  memset(&x, 0, sizeof x);
+  x.close_at = -1;
+  uv_loop_init(&x.loop);
+  keel_redis_opts o;
+  keel_redis_opts_init(&o);
+  o.url = url;
+  o.max_pending = 2;
+  cr_assert_eq(keel_redis_new(&x.loop, &o, &x.r), 0);
+  cmd(&x, "PING", NULL, NULL);
+  cmd(&x, "PING", NULL, NULL);
+  const char *argv[] = {"PING"};
+  cr_assert_eq(keel_redis_command(x.r, 1, argv, NULL, store, &x), UV_ENOBUFS);
+  const char *sub[] = {"subscribe", "ch"};
+  cr_assert_eq(keel_redis_command(x.r, 2, sub, NULL, store, &x), UV_EINVAL);
+  cr_assert_eq(keel_redis_command(x.r, 0, argv, NULL, store, &x), UV_EINVAL);
+  cr_assert_eq(keel_redis_command(NULL, 1, argv, NULL, store, &x), UV_EINVAL);
+  const char *nul[] = {"GET", NULL};
+  cr_assert_eq(keel_redis_command(x.r, 2, nul, NULL, store, &x), UV_EINVAL);
+  keel_redis_script s;
+  keel_redis_script_init(&s, "return 1");
+  cr_assert_eq(keel_redis_eval(x.r, &s, 2, 1, argv, NULL, store, &x), UV_EINVAL);
+  cr_assert_eq(keel_redis_eval(x.r, NULL, 0, 0, NULL, NULL, store, &x), UV_EINVAL);
+  wait_replies(&x, 2);
+  cr_assert_eq(keel_redis_eval(x.r, &s, 0, 0, NULL, NULL, store, &x), 0);
+  wait_replies(&x, 3);
+  cr_assert_eq(x.ival[2], 1);
+  cr_assert_eq(keel_redis_get_state(NULL), KEEL_REDIS_DOWN);
+  cr_assert_str_eq(keel_redis_last_error(NULL), "");
+  keel_redis_get_stats(NULL, NULL);
+  keel_redis_close(NULL, NULL, NULL);
+  finish(&x);
+}
+
+Test(redis_client, waiting_command_times_out_unsent_and_no_reconnect_fails_fast) {
+  kt_redis_server s;
+  kt_redis_server_start(&s);
+  ctx x;
+  memset(&x, 0, sizeof x);
+  x.close_at = -1;
+  uv_loop_init(&x.loop);
+  keel_redis_opts o;
+  keel_redis_opts_init(&o);
+  o.url = s.url;
+  o.reconnect = false;
+  o.on_state = on_state;
+  o.data = &x;
+  cr_assert_eq(keel_redis_new(&x.loop, &o, &x.r), 0);
+  cr_assert(kt_wait_for(&x.loop, is_ready, &x, 5000));
+  kt_redis_server_stop(&s);
+  cr_assert(kt_wait_for(&x.loop, is_down, &x, 5000));
+  const char *argv[] = {"PING"};
+  cr_assert_eq(keel_redis_command(x.r, 1, argv, NULL, store, &x), KEEL_ECONN);
+  finish(&x);
+  /* with reconnects: a command waiting for the server times out, never sent */
+  open_url(&x, s.url, 200);
+  cmd(&x, "PING", NULL, NULL);
+  wait_replies(&x, 1);
+  cr_assert_eq(x.status[0], UV_ETIMEDOUT);
+  keel_redis_stats st;
+  keel_redis_get_stats(x.r, &st);
+  cr_assert_eq(st.timeouts, 1);
+  cr_assert_eq(st.in_doubt, 0);
+  cr_assert_geq(x.down, 1);
+  finish(&x);
+  kt_redis_server_destroy(&s);
+}
+
+/* Close from the DOWN callback while hiredis frees the lost context. */
+static void close_on_down(keel_redis *r, keel_redis_state st, int status, void *data) {
+  ctx *x = data;
+  on_state(r, st, status, data);
+  if (st == KEEL_REDIS_DOWN) keel_redis_close(r, on_closed, x);
+}
+
+Test(redis_client, close_from_state_callback_on_connection_loss) {
+  kt_redis_server s;
+  kt_redis_server_start(&s);
+  ctx x;
+  memset(&x, 0, sizeof x);
+  x.close_at = -1;
+  uv_loop_init(&x.loop);
+  keel_redis_opts o;
+  keel_redis_opts_init(&o);
+  o.url = s.url;
+  o.on_state = close_on_down;
+  o.data = &x;
+  cr_assert_eq(keel_redis_new(&x.loop, &o, &x.r), 0);
+  cr_assert(kt_wait_for(&x.loop, is_ready, &x, 5000));
+  cmd(&x, "DEBUG", "SLEEP", "1");
+  cmd(&x, "PING", NULL, NULL);
+  kt_wait_for(&x.loop, is_closed, &x, 100); /* sent */
+  kt_redis_server_stop(&s);
+  cr_assert(kt_wait_for(&x.loop, is_closed, &x, 5000));
+  cr_assert_eq(x.replies, 2);
+  for (int i = 0; i < 2; i++)
+    cr_assert(x.status[i] == KEEL_EINDOUBT || x.status[i] == UV_ECANCELED, "%s",
+              keel_err_name(x.status[i]));
+  kt_loop_finish(&x.loop);
+  kt_redis_server_destroy(&s);
+}
+
+/* ---- allocation failure ----------------------------------------------------- */
+
+typedef struct fmc {
+  uv_loop_t loop;
+  keel_redis *r;
+  int replies, closed;
+} fmc;
+
+static void fmc_closed(void *o, void *d) {
+  (void)o;
+  ((fmc *)d)->closed++;
+}
+
+static void fmc_reply(keel_redis *r, int status, const struct redisReply *rep, void *d) {
+  (void)status;
+  (void)rep;
+  fmc *f = d;
+  if (++f->replies == 3) keel_redis_close(r, fmc_closed, f);
+}
+
+static bool fmc_done(void *p) {
+  return ((fmc *)p)->closed > 0;
+}
+
+static void fmc_scenario(void *arg) {
+  (void)arg;
+  fmc f;
+  memset(&f, 0, sizeof f);
+  uv_loop_init(&f.loop);
+  char url[128];
+  shared_url(url, sizeof url);
+  keel_redis_opts o;
+  keel_redis_opts_init(&o);
+  o.url = url;
+  int rc = keel_redis_new(&f.loop, &o, &f.r);
+  if (rc != 0) {
+    cr_assert_eq(rc, UV_ENOMEM);
+    kt_loop_finish(&f.loop);
+    return;
+  }
+  static keel_redis_script s;
+  keel_redis_script_init(&s, "return 7");
+  const char *argv[] = {"PING"};
+  int accepted = 0;
+  if (keel_redis_command(f.r, 1, argv, NULL, fmc_reply, &f) == 0) accepted++;
+  if (keel_redis_eval(f.r, &s, 0, 0, NULL, NULL, fmc_reply, &f) == 0) accepted++;
+  if (keel_redis_command(f.r, 1, argv, NULL, fmc_reply, &f) == 0) accepted++;
+  if (accepted < 3) keel_redis_close(f.r, fmc_closed, &f);
+  cr_assert(kt_wait_for(&f.loop, fmc_done, &f, 5000));
+  cr_assert_eq(f.replies, accepted);
+  cr_assert_eq(f.closed, 1);
+  kt_loop_finish(&f.loop);
+}
+
+Test(redis_client, allocation_failure) {
+  kt_failmalloc_run(fmc_scenario, NULL);
+  cr_assert_gt(kt_failmalloc_count(), 3);
+}
