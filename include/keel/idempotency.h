@@ -133,8 +133,10 @@ typedef struct keel_idem_token {
  *   completed true   the stored response: response_status, and body /
  *                    body_len when body_cached (body NULL and body_len 0
  *                    when the body was over max_body when it was stored).
- * With KEEL_EINPROGRESS, ttl_ms is how long the processing entry has left
- * at most (0 when unknown). Everything else is zero.
+ * With KEEL_EINPROGRESS, completed is false, the token is empty and ttl_ms
+ * is how long the processing entry has left at most (0 when unknown: e.g.
+ * held by a PostgreSQL transaction that has not committed), usable as a
+ * Retry-After. Everything else is zero.
  */
 typedef struct keel_idem_reply {
   bool completed;
@@ -161,7 +163,7 @@ typedef struct keel_idem_reply {
  *                     yours but you have no token; it frees itself after
  *                     processing_ttl_ms), UV_ETIMEDOUT, UV_ECANCELED (the
  *                     client or pool closed).
- * reply is NULL for errors.
+ * reply is set with 0 and KEEL_EINPROGRESS, NULL otherwise.
  */
 typedef void (*keel_idem_begin_cb)(keel_idem *idem, int status, const keel_idem_reply *reply,
                                    void *data);

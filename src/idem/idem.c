@@ -168,7 +168,7 @@ void keel__idem_begin_done(idem_op *op, int status, const keel_idem_reply *reply
   keel_idem_begin_cb cb = op->begin_cb;
   void *data = op->data;
   op_free(op);
-  cb(idem, status, status == 0 ? reply : NULL, data);
+  cb(idem, status, status == 0 || status == KEEL_EINPROGRESS ? reply : NULL, data);
   op_end(idem);
 }
 

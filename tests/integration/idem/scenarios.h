@@ -69,7 +69,10 @@ static void on_begin(keel_idem *idem, int status, const keel_idem_reply *r, void
     if (r->body_len > 0) memcpy(f->body, r->body, f->body_len);
   } else if (status == KEEL_EINPROGRESS) {
     f->busy++;
-    cr_assert_null(r);
+    cr_assert_not_null(r);
+    cr_assert_not(r->completed);
+    cr_assert_eq(r->token.hex[0], '\0', "no token with a busy answer");
+    f->ttl_ms = r->ttl_ms;
   } else if (status == KEEL_EMISMATCH) {
     f->mismatches++;
   } else {
@@ -222,6 +225,8 @@ static void scenario_ttl(fx *f) {
   keel_idem_token t = f->token;
   begins(f, 1, "k3", "fp");
   cr_assert_eq(f->busy, 1);
+  cr_assert(f->ttl_ms > 0 && f->ttl_ms <= f->opts.processing_ttl_ms, "ttl_ms %llu",
+            (unsigned long long)f->ttl_ms);
   uv_sleep((unsigned)f->opts.processing_ttl_ms + 100);
   uv_update_time(&f->loop);
   cr_assert_eq(complete(f, "k3", &t, 200, "late", 4), KEEL_ELOST);
