@@ -42,5 +42,8 @@
 #include "keel/listen.h"
 #include "keel/verify.h"
 #include "keel/integrity.h"
+#include "keel/idempotency.h"
+#include "keel/redis.h"
+#include "keel/breaker_shared.h"
 
 #endif /* KEEL_H */

@@ -171,7 +171,18 @@ static void transition(keel_breaker *b, keel_breaker_state to, uint64_t now) {
     default:
       break;
   }
+  if (b->share_hook != NULL) b->share_hook(b->share_ctx, from, to);
   if (b->opts.on_state_change != NULL) b->opts.on_state_change(b, from, to, b->opts.data);
+}
+
+void keel__breaker_set_state(keel_breaker *b, keel_breaker_state to, uint64_t open_ms) {
+  if (b->closing || b->state == to || b->state == KEEL_BREAKER_FORCED_OPEN ||
+      b->state == KEEL_BREAKER_DISABLED)
+    return;
+  uint64_t keep = b->open_duration_ms;
+  if (to == KEEL_BREAKER_OPEN) b->open_duration_ms = open_ms;
+  transition(b, to, keel__breaker_now(b));
+  if (to == KEEL_BREAKER_OPEN) b->open_duration_ms = keep;
 }
 
 /* After a failed probe the next open period is longer (up to the cap). */

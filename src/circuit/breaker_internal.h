@@ -65,7 +65,15 @@ struct keel_breaker {
   bool calls_detached; /* the close pump took active_calls: no more unlinking */
   keel_close_cb close_cb;
   void *close_data;
+  /* Shared state (shared.c): told of every transition; NULL when unshared. */
+  void (*share_hook)(void *ctx, keel_breaker_state from, keel_breaker_state to);
+  void *share_ctx;
 };
+
+/* Shared state (shared.c): moves the breaker to `to` as another process
+ * decided (OPEN for open_ms), calling on_state_change and share_hook as any
+ * transition does. */
+void keel__breaker_set_state(keel_breaker *b, keel_breaker_state to, uint64_t open_ms);
 
 uint64_t keel__breaker_now(keel_breaker *b);
 /* Frees the breaker once closing and nothing is outstanding. */
