@@ -410,9 +410,11 @@ KEEL_EXTERN int keel_redis_lock_release(keel_redis_lock *lock, keel_redis_lock_d
 
 /*
  * Extends a granted lock to ttl_ms from now (compare-and-pexpire script; 0
- * = the lock's ttl). On success the validity end moves. Returns as
- * keel_redis_lock_release() (the object stays valid; UV_EINVAL also while
- * another extend or the release is in progress). Loop thread only.
+ * = the lock's ttl; else >= 10). On success the validity end moves. A
+ * watchdog renewal in flight is superseded (the watchdog goes on). Returns
+ * as keel_redis_lock_release() (the object stays valid; UV_EINVAL also
+ * while another keel_redis_lock_extend() or the release is in progress).
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_redis_lock_extend(keel_redis_lock *lock, uint64_t ttl_ms,
                                        keel_redis_lock_done_cb cb, void *data);

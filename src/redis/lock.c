@@ -502,6 +502,12 @@ static void extend_answer(keel_redis_lock *l, op *o, int status, const struct re
       start_timer(l, T_WATCHDOG, l->opts.ttl_ms / 3);
     return;
   }
+  /* A user extend may have superseded a watchdog renewal (whose answer is
+   * then ignored): keep the watchdog going. */
+  if (st == 0 && l->opts.watchdog && !l->lost_reported && l->phase == PH_HELD &&
+      l->timer_use != T_WATCHDOG &&
+      (l->opts.max_renewals == 0 || l->renewals < l->opts.max_renewals))
+    start_timer(l, T_WATCHDOG, l->opts.ttl_ms / 3);
   keel_redis_lock_done_cb cb = l->ext_cb;
   l->ext_cb = NULL;
   if (cb != NULL) cb(l, st, l->ext_data);
@@ -709,11 +715,17 @@ KEEL_EXTERN int keel_redis_lock_release(keel_redis_lock *l, keel_redis_lock_done
 
 KEEL_EXTERN int keel_redis_lock_extend(keel_redis_lock *l, uint64_t ttl_ms,
                                        keel_redis_lock_done_cb cb, void *data) {
-  if (l == NULL || l->phase != PH_HELD || l->ext_busy) return UV_EINVAL;
+  if (l == NULL || l->phase != PH_HELD) return UV_EINVAL;
+  if (l->ext_busy && !l->ext_is_watchdog) return UV_EINVAL; /* a watchdog renewal is superseded */
   if (ttl_ms != 0 && ttl_ms < 10) return UV_EINVAL;
   if (any_closing(l) && (l->home == NULL || keel__redis_closing(l->home))) return KEEL_ECLOSING;
   int rc = start_extend(l, ttl_ms != 0 ? ttl_ms : l->opts.ttl_ms, false);
-  if (rc != 0) return rc;
+  if (rc != 0) {
+    /* nothing sent; a superseded watchdog renewal must not stop the watchdog */
+    if (l->opts.watchdog && !l->lost_reported && l->timer_use != T_WATCHDOG)
+      start_timer(l, T_WATCHDOG, 0);
+    return rc;
+  }
   l->ext_cb = cb;
   l->ext_data = data;
   return 0;

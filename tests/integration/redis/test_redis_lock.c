@@ -263,8 +263,15 @@ Test(redis_lock, watchdog_keeps_a_live_holder_for_ten_ttls) {
   o.lost_data = &a;
   acquire(&a, name, &o);
   cr_assert_eq(a.acq_status, 0);
-  /* b's loop idles while a's runs: run a's loop for 10 x ttl */
-  kt_wait_for(&a.loop, never, NULL, 10 * 150);
+  /* b's loop idles while a's runs: run a's loop for 10 x ttl, with a user
+   * extend in the middle (it may supersede a renewal: the watchdog goes on) */
+  kt_wait_for(&a.loop, never, NULL, 5 * 150);
+  uint64_t before = keel_redis_lock_renewals(a.lock);
+  cr_assert_eq(keel_redis_lock_extend(a.lock, 0, on_extended, &a), 0);
+  cr_assert(kt_wait_for(&a.loop, ext_done, &a, 5000));
+  cr_assert_eq(a.ext_status, 0);
+  kt_wait_for(&a.loop, never, NULL, 5 * 150);
+  cr_assert_gt(keel_redis_lock_renewals(a.lock), before + 3);
   acquire(&b, name, NULL);
   cr_assert_eq(b.acq_status, KEEL_EBUSY);
   cr_assert_geq(keel_redis_lock_renewals(a.lock), 15, "%llu",
