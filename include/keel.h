@@ -41,5 +41,7 @@
 #include "keel/listen.h"
 #include "keel/verify.h"
 #include "keel/integrity.h"
+#include "keel/ratelimit.h"
+#include "keel/policy.h"
 
 #endif /* KEEL_H */
