@@ -95,8 +95,7 @@ KEEL_EXTERN const char *keel_policy_kind_name(keel_policy_kind kind);
  * keel_pipeline_execute()), or a negative status (the same one to decline).
  * Runs from a pipeline callback; it may close the pipeline.
  */
-typedef int (*keel_fallback_fn)(keel_pipeline *p, int status, void *call_data,
-                                void *fallback_data);
+typedef int (*keel_fallback_fn)(keel_pipeline *p, int status, void *call_data, void *fallback_data);
 
 /* Hedging delay meaning "start the next attempt only when one failed"
  * (Polly's Timeout.InfiniteTimeSpan). */
@@ -158,16 +157,16 @@ KEEL_EXTERN void keel_policy_bulkhead(keel_policy *pol, uint32_t max_concurrent,
 /* ---- events ------------------------------------------------------------- */
 
 typedef enum keel_policy_event_kind {
-  KEEL_EVENT_RATELIMITED = 1, /* rate limit said no (delay_ms: retry after) */
-  KEEL_EVENT_TIMEOUT,         /* a timeout expired */
-  KEEL_EVENT_RETRY,           /* a retry was decided (attempt: the next one,
-                                 status: the failure, delay_ms: the wait) */
-  KEEL_EVENT_BREAKER_REJECTED,  /* the breaker said no (status: its code) */
-  KEEL_EVENT_FALLBACK,          /* fallback called (status: the failure) */
-  KEEL_EVENT_HEDGE,             /* a hedged attempt started (attempt) */
-  KEEL_EVENT_CANCEL,            /* an attempt was told to stop (status: why) */
-  KEEL_EVENT_BULKHEAD_QUEUED,   /* a call waits for a bulkhead slot */
-  KEEL_EVENT_BULKHEAD_REJECTED  /* the bulkhead was full (KEEL_EFULL) */
+  KEEL_EVENT_RATELIMITED = 1,  /* rate limit said no (delay_ms: retry after) */
+  KEEL_EVENT_TIMEOUT,          /* a timeout expired */
+  KEEL_EVENT_RETRY,            /* a retry was decided (attempt: the next one,
+                                  status: the failure, delay_ms: the wait) */
+  KEEL_EVENT_BREAKER_REJECTED, /* the breaker said no (status: its code) */
+  KEEL_EVENT_FALLBACK,         /* fallback called (status: the failure) */
+  KEEL_EVENT_HEDGE,            /* a hedged attempt started (attempt) */
+  KEEL_EVENT_CANCEL,           /* an attempt was told to stop (status: why) */
+  KEEL_EVENT_BULKHEAD_QUEUED,  /* a call waits for a bulkhead slot */
+  KEEL_EVENT_BULKHEAD_REJECTED /* the bulkhead was full (KEEL_EFULL) */
 } keel_policy_event_kind;
 
 typedef struct keel_policy_event {
@@ -186,12 +185,12 @@ typedef void (*keel_pipeline_event_cb)(keel_pipeline *p, const keel_policy_event
 /* ---- pipeline ----------------------------------------------------------- */
 
 typedef struct keel_pipeline_opts {
-  const keel_policy *policies; /* outermost first; copied; may be NULL when
-                                  npolicies is 0 */
-  size_t npolicies;            /* at most 32 */
-  uint32_t max_calls;          /* calls accepted and not finished, thread-safe
-                                  pushes included; beyond: KEEL_EFULL; default
-                                  100000 */
+  const keel_policy *policies;     /* outermost first; copied; may be NULL when
+                                      npolicies is 0 */
+  size_t npolicies;                /* at most 32 */
+  uint32_t max_calls;              /* calls accepted and not finished, thread-safe
+                                      pushes included; beyond: KEEL_EFULL; default
+                                      100000 */
   keel_pipeline_event_cb on_event; /* may be NULL */
   void *data;                      /* passed to on_event */
   keel_clock clock;                /* durations told to a breaker / hook;
@@ -253,8 +252,7 @@ typedef struct keel_pipeline_result {
 
 /* The result, exactly once per accepted call, from a pipeline callback
  * (never inside a keel call). It may close the pipeline. */
-typedef void (*keel_pipeline_done_cb)(keel_pipeline *p, const keel_pipeline_result *r,
-                                      void *data);
+typedef void (*keel_pipeline_done_cb)(keel_pipeline *p, const keel_pipeline_result *r, void *data);
 
 /*
  * Accepts one call: on a later loop iteration the outermost policy sees it.
@@ -322,22 +320,22 @@ KEEL_EXTERN keel_pipeline *keel_attempt_pipeline(const keel_attempt *a);
 /* ---- stats and close ---------------------------------------------------- */
 
 typedef struct keel_pipeline_stats {
-  uint64_t calls;             /* counter: calls accepted */
-  uint64_t succeeded;         /* counter: done with status >= 0 */
-  uint64_t failed;            /* counter: done with status < 0 */
-  uint64_t attempts;          /* counter: operation attempts started */
-  uint64_t ratelimited;       /* counter: KEEL_ERATELIMIT answers */
-  uint64_t timeouts;          /* counter: timeouts expired */
-  uint64_t retries;           /* counter: retries decided */
-  uint64_t breaker_rejected;  /* counter: KEEL_EOPEN / KEEL_EPROBES answers */
-  uint64_t fallbacks;         /* counter: fallback calls */
-  uint64_t hedges;            /* counter: hedged attempts started (after the
-                                 first) */
-  uint64_t cancels;           /* counter: attempts told to stop */
-  uint64_t bulkhead_rejected; /* counter: KEEL_EFULL from a bulkhead */
-  uint64_t in_flight;         /* gauge: calls accepted, done not yet run */
-  uint64_t bulkhead_active;   /* gauge: calls inside bulkheads (all of them) */
-  uint64_t bulkhead_queued;   /* gauge: calls waiting at bulkheads */
+  uint64_t calls;               /* counter: calls accepted */
+  uint64_t succeeded;           /* counter: done with status >= 0 */
+  uint64_t failed;              /* counter: done with status < 0 */
+  uint64_t attempts;            /* counter: operation attempts started */
+  uint64_t ratelimited;         /* counter: KEEL_ERATELIMIT answers */
+  uint64_t timeouts;            /* counter: timeouts expired */
+  uint64_t retries;             /* counter: retries decided */
+  uint64_t breaker_rejected;    /* counter: KEEL_EOPEN / KEEL_EPROBES answers */
+  uint64_t fallbacks;           /* counter: fallback calls */
+  uint64_t hedges;              /* counter: hedged attempts started (after the
+                                   first) */
+  uint64_t cancels;             /* counter: attempts told to stop */
+  uint64_t bulkhead_rejected;   /* counter: KEEL_EFULL from a bulkhead */
+  uint64_t in_flight;           /* gauge: calls accepted, done not yet run */
+  uint64_t bulkhead_active;     /* gauge: calls inside bulkheads (all of them) */
+  uint64_t bulkhead_queued;     /* gauge: calls waiting at bulkheads */
   uint64_t bulkhead_active_max; /* gauge: highest bulkhead_active of one bulkhead seen */
   uint64_t bulkhead_queued_max; /* gauge: highest bulkhead_queued of one bulkhead seen */
   uint64_t reserved_[8];        /* ABI room: filled with zero; never read */

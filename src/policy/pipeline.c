@@ -82,7 +82,7 @@ struct keel_attempt {
 
 typedef struct stage {
   keel_policy pol;
-  uv_timer_t timer; /* TIMEOUT: the earliest deadline */
+  uv_timer_t timer;       /* TIMEOUT: the earliest deadline */
   frame *l_head, *l_tail; /* TIMEOUT: deadlines; BULKHEAD: waiting calls */
   uint32_t active, queued;
   keel_rng rng;
@@ -131,13 +131,20 @@ static void after_callbacks(keel_pipeline *p);
 
 const char *keel_policy_kind_name(keel_policy_kind kind) {
   switch (kind) {
-    case KEEL_POLICY_RATELIMIT: return "ratelimit";
-    case KEEL_POLICY_TIMEOUT: return "timeout";
-    case KEEL_POLICY_RETRY: return "retry";
-    case KEEL_POLICY_BREAKER: return "breaker";
-    case KEEL_POLICY_FALLBACK: return "fallback";
-    case KEEL_POLICY_HEDGING: return "hedging";
-    case KEEL_POLICY_BULKHEAD: return "bulkhead";
+    case KEEL_POLICY_RATELIMIT:
+      return "ratelimit";
+    case KEEL_POLICY_TIMEOUT:
+      return "timeout";
+    case KEEL_POLICY_RETRY:
+      return "retry";
+    case KEEL_POLICY_BREAKER:
+      return "breaker";
+    case KEEL_POLICY_FALLBACK:
+      return "fallback";
+    case KEEL_POLICY_HEDGING:
+      return "hedging";
+    case KEEL_POLICY_BULKHEAD:
+      return "bulkhead";
   }
   return "unknown";
 }
@@ -208,7 +215,8 @@ static const char *check_policy(const keel_policy *pol) {
   switch (pol->kind) {
     case KEEL_POLICY_RATELIMIT:
       return pol->u.ratelimit == NULL ? "ratelimit policy without a limiter" : NULL;
-    case KEEL_POLICY_TIMEOUT: return pol->u.timeout_ms == 0 ? "timeout_ms must be > 0" : NULL;
+    case KEEL_POLICY_TIMEOUT:
+      return pol->u.timeout_ms == 0 ? "timeout_ms must be > 0" : NULL;
     case KEEL_POLICY_RETRY: {
       const char *why = NULL;
       if (pol->u.retry.max_attempts == 0) return "retry max_attempts must be >= 1";
@@ -486,7 +494,9 @@ static void start(frame *f) {
       }
       return;
     }
-    case KEEL_POLICY_FALLBACK: spawn_or_fail(f); return;
+    case KEEL_POLICY_FALLBACK:
+      spawn_or_fail(f);
+      return;
     case KEEL_POLICY_HEDGING: {
       uint32_t max = s->pol.u.hedging.max_attempts;
       uint64_t delay = s->pol.u.hedging.delay_ms;
@@ -583,7 +593,8 @@ static void child_done(frame *f, res r) {
   }
   stage *s = &p->st[f->stage];
   switch (s->pol.kind) {
-    case KEEL_POLICY_RATELIMIT: break;
+    case KEEL_POLICY_RATELIMIT:
+      break;
     case KEEL_POLICY_TIMEOUT:
       list_remove(&s->l_head, &s->l_tail, f);
       f->flags &= ~F_IN_DL;
@@ -685,7 +696,8 @@ static void release_own(frame *f, int reason, bool admit) {
         if (admit) bulkhead_admit(p, s);
       }
       break;
-    default: break;
+    default:
+      break;
   }
 }
 
@@ -956,8 +968,7 @@ static void on_async(uv_async_t *h) {
 /* ---- new / stats / close ---------------------------------------------------------------- */
 
 int keel_pipeline_new(uv_loop_t *loop, const keel_pipeline_opts *opts, keel_pipeline **out) {
-  if (loop == NULL || out == NULL || keel_pipeline_validate_opts(opts, NULL) != 0)
-    return UV_EINVAL;
+  if (loop == NULL || out == NULL || keel_pipeline_validate_opts(opts, NULL) != 0) return UV_EINVAL;
   keel_pipeline *p = keel__calloc(1, sizeof *p);
   if (p == NULL) return UV_ENOMEM;
   if (opts->npolicies > 0) {
@@ -1000,7 +1011,7 @@ int keel_pipeline_new(uv_loop_t *loop, const keel_pipeline_opts *opts, keel_pipe
       p->handles_open++;
     } else if (s->pol.kind == KEEL_POLICY_RETRY) {
       keel_rng_seed(&s->rng, s->pol.u.retry.seed != 0 ? s->pol.u.retry.seed
-                                                       : uv_hrtime() ^ (uint64_t)(uintptr_t)p);
+                                                      : uv_hrtime() ^ (uint64_t)(uintptr_t)p);
     }
   }
   *out = p;

@@ -16,12 +16,12 @@ struct keel_ratelimit {
   int closing;
   uv_loop_t *loop;
   keel_clock clock;
-  uint64_t tat_ns;     /* GCRA: theoretical arrival time */
-  uint64_t tau_ns;     /* GCRA: emission interval * burst */
-  uint64_t t_ns;       /* GCRA: emission interval */
-  uint64_t tokens;     /* bucket: tokens left */
-  uint64_t last_ms;    /* bucket: start of the current refill period */
-  uint64_t latest_ms;  /* the latest time seen (a clock going back is held) */
+  uint64_t tat_ns;    /* GCRA: theoretical arrival time */
+  uint64_t tau_ns;    /* GCRA: emission interval * burst */
+  uint64_t t_ns;      /* GCRA: emission interval */
+  uint64_t tokens;    /* bucket: tokens left */
+  uint64_t last_ms;   /* bucket: start of the current refill period */
+  uint64_t latest_ms; /* the latest time seen (a clock going back is held) */
   uint64_t rate, period_ms, burst;
   uint64_t allowed, rejected;
   uv_timer_t close_handle; /* never started: carries the close callback */

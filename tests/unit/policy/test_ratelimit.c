@@ -138,7 +138,8 @@ Test(ratelimit, gcra_long_run_rate_is_exact) {
     f.now++;
   }
   /* 60 s at 7/s plus the initial burst */
-  cr_assert(allowed >= 60 * 7 && allowed <= 60 * 7 + 3, "allowed %llu", (unsigned long long)allowed);
+  cr_assert(allowed >= 60 * 7 && allowed <= 60 * 7 + 3, "allowed %llu",
+            (unsigned long long)allowed);
   teardown(&f);
 }
 
