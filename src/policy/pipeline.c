@@ -31,18 +31,19 @@
 #define MAX_HEDGES 16
 
 enum {
-  F_READY = 1u << 0,      /* on the ready list */
-  F_DETACHED = 1u << 1,   /* abandoned while on the ready list: free it there */
-  F_PENDING = 1u << 2,    /* result waiting in pres (ready list) */
-  F_STARTED = 1u << 3,    /* root: taken from the ready list */
-  F_REPORTED = 1u << 4,   /* leaf: keel_attempt_done() came */
-  F_CANCELLED = 1u << 5,  /* leaf: told to stop */
-  F_TIMER = 1u << 6,      /* timer initialised (kept across reuse) */
-  F_ACQUIRED = 1u << 7,   /* breaker permit held */
-  F_BH_ACTIVE = 1u << 8,  /* holds a bulkhead slot */
-  F_BH_QUEUED = 1u << 9,  /* waits in a bulkhead queue */
-  F_IN_DL = 1u << 10,     /* on a timeout's deadline list */
-  F_THREADSAFE = 1u << 11 /* unused marker */
+  F_READY = 1u << 0,     /* on the ready list */
+  F_DETACHED = 1u << 1,  /* abandoned while on the ready list: free it there */
+  F_PENDING = 1u << 2,   /* result waiting in pres (ready list) */
+  F_STARTED = 1u << 3,   /* root: taken from the ready list */
+  F_REPORTED = 1u << 4,  /* leaf: keel_attempt_done() came */
+  F_CANCELLED = 1u << 5, /* leaf: told to stop */
+  F_TIMER = 1u << 6,     /* timer allocated (kept across reuse) */
+  F_ACQUIRED = 1u << 7,  /* breaker permit held */
+  F_BH_ACTIVE = 1u << 8, /* holds a bulkhead slot */
+  F_BH_QUEUED = 1u << 9, /* waits in a bulkhead queue */
+  F_IN_DL = 1u << 10,    /* on a timeout's deadline list */
+  F_BLOCK = 1u << 11,    /* part of a call block (not from the spare list) */
+  F_INUSE = 1u << 12     /* block frame: in use */
 };
 
 typedef struct res {
@@ -77,16 +78,19 @@ struct keel_attempt {
   keel_pipeline_op_fn op; /* root */
   keel_pipeline_done_cb done;
   void *data;
-  uv_timer_t timer; /* retry / hedging delays; initialised on first use */
+  uv_timer_t *timer; /* retry / hedging delays; allocated on first use and
+                        kept with the frame */
+  unsigned refs;     /* root: block frames in use, the root included */
 };
 
-typedef struct stage {
+typedef struct pstage {
   keel_policy pol;
   uv_timer_t timer;       /* TIMEOUT: the earliest deadline */
   frame *l_head, *l_tail; /* TIMEOUT: deadlines; BULKHEAD: waiting calls */
   uint32_t active, queued;
+  bool armed; /* TIMEOUT: timer started */
   keel_rng rng;
-} stage;
+} pstage;
 
 typedef struct ts_node {
   struct ts_node *next;
@@ -98,14 +102,20 @@ typedef struct ts_node {
 struct keel_pipeline {
   uv_loop_t *loop;
   size_t n;
-  stage *st;
+  pstage *st;
   keel_clock clock;
   keel_pipeline_event_cb on_event;
   void *data;
   uint32_t max_calls;
-  frame *ready_head, *ready_tail;
-  frame *free_list;
-  frame *roots; /* active roots (started, not done) */
+  frame *ready_head, *ready_tail; /* for the next pass of on_idle */
+  frame *now_head, *now_tail;     /* reports made inside this pass */
+  bool in_drain;
+  bool dl_dirty;      /* a deadline list became empty in this pass */
+  uint64_t now;       /* uv_now() at the start of this pass */
+  frame *free_list;   /* spare frames (hedged attempts, a retry's new leaf
+                         while the old one still owes its report) */
+  frame *free_blocks; /* call blocks: root + one frame per policy + leaf */
+  frame *roots;       /* active roots (started, not done) */
   uint64_t in_flight;
   uint64_t ops_out; /* attempts started and not reported */
   keel_pipeline_stats stats;
@@ -256,33 +266,83 @@ int keel_pipeline_validate_opts(const keel_pipeline_opts *opts, const char **why
 
 /* ---- frames -------------------------------------------------------------- */
 
+/* The loop's time does not move within one pass of on_idle: read it once. */
 static inline uint64_t clock_now(keel_pipeline *p) {
+  if (p->in_drain && p->clock.now == NULL) return p->now;
   return keel__clock_now(&p->clock, p->loop);
 }
 
-static frame *frame_get(keel_pipeline *p) {
-  frame *f = p->free_list;
-  if (f != NULL) {
-    p->free_list = f->next;
-    f->flags &= F_TIMER;
+/*
+ * Frames. A call takes one block of n + 2 frames (root, one per policy, the
+ * leaf), so that the common path touches one piece of memory and one free
+ * list. A policy whose block slot below it is still taken (a hedged second
+ * attempt; a retry while the cancelled leaf still owes its report) takes a
+ * spare frame instead. A block returns to its free list when none of its
+ * frames is in use.
+ */
+static frame *block_get(keel_pipeline *p) {
+  frame *b = p->free_blocks;
+  if (b != NULL) {
+    p->free_blocks = b->next;
   } else {
-    f = keel__malloc(sizeof *f);
-    if (f == NULL) return NULL;
-    f->flags = 0;
+    b = keel__calloc(p->n + 2, sizeof *b);
+    if (b == NULL) return NULL;
+    for (size_t i = 0; i < p->n + 2; i++) {
+      b[i].p = p;
+      b[i].root = b; /* for good: a block frame always belongs to its block */
+      b[i].flags = F_BLOCK;
+      b[i].stage = (int)i - 1;
+    }
   }
-  f->p = p;
-  f->kids = NULL;
-  f->next = NULL;
-  f->count = 0;
-  f->cancel_fn = NULL;
+  b->flags = (b->flags & F_TIMER) | F_BLOCK | F_INUSE;
+  b->refs = 1;
+  b->kids = NULL;
+  b->count = 0;
+  return b;
+}
+
+/* A frame for the child (stage) of a call whose root is root. */
+static frame *frame_get(keel_pipeline *p, frame *root, int stage) {
+  frame *f = root + stage + 1;
+  if (!(f->flags & F_INUSE)) {
+    f->flags = (f->flags & F_TIMER) | F_BLOCK | F_INUSE;
+    root->refs++;
+    f->kids = NULL;
+    return f;
+  } else {
+    f = p->free_list;
+    if (f != NULL) {
+      p->free_list = f->next;
+      f->flags &= F_TIMER;
+    } else {
+      f = keel__malloc(sizeof *f);
+      if (f == NULL) return NULL;
+      f->flags = 0;
+      f->timer = NULL;
+      f->p = p;
+    }
+    f->stage = stage;
+    f->root = root;
+    f->kids = NULL;
+    root->refs++; /* spares hold the block too: they read the root */
+  }
   return f;
 }
 
 static void frame_put(frame *f) {
   keel_pipeline *p = f->p;
-  if (f->flags & F_TIMER) uv_timer_stop(&f->timer);
-  f->next = p->free_list;
-  p->free_list = f;
+  frame *root = f->root;
+  if (f->flags & F_TIMER) uv_timer_stop(f->timer);
+  if (f->flags & F_BLOCK) {
+    f->flags &= ~F_INUSE;
+  } else {
+    f->next = p->free_list;
+    p->free_list = f;
+  }
+  if (--root->refs == 0) {
+    root->next = p->free_blocks;
+    p->free_blocks = root;
+  }
 }
 
 static void ready_push(keel_pipeline *p, frame *f) {
@@ -297,17 +357,23 @@ static void ready_push(keel_pipeline *p, frame *f) {
   p->ready_tail = f;
 }
 
-static void kid_link(frame *parent, frame *f) {
+static inline void kid_link(frame *parent, frame *f) {
+  frame *first = parent->kids;
   f->parent = parent;
   f->sib_prev = NULL;
-  f->sib_next = parent->kids;
-  if (parent->kids != NULL) parent->kids->sib_prev = f;
+  f->sib_next = first;
+  if (first != NULL) first->sib_prev = f;
   parent->kids = f;
 }
 
-static void kid_unlink(frame *f) {
+static inline void kid_unlink(frame *f) {
   frame *parent = f->parent;
   if (parent == NULL) return;
+  if (f->sib_prev == NULL && f->sib_next == NULL) { /* the only child */
+    parent->kids = NULL;
+    f->parent = NULL;
+    return;
+  }
   if (f->sib_prev != NULL) {
     f->sib_prev->sib_next = f->sib_next;
   } else {
@@ -358,7 +424,7 @@ static void emit(keel_pipeline *p, keel_policy_event_kind kind, int idx, frame *
 /* Parks f on the ready list with its result: its parent hears of it on the
  * next pass, never inside start(). */
 static void defer_result(frame *f, int status, uint64_t retry_after) {
-  if (f->flags & F_TIMER) uv_timer_stop(&f->timer);
+  if (f->flags & F_TIMER) uv_timer_stop(f->timer);
   f->pres.status = status;
   f->pres.origin = f->stage;
   f->pres.retry_after = retry_after;
@@ -371,31 +437,47 @@ static void defer_result(frame *f, int status, uint64_t retry_after) {
 static int spawn(frame *f) {
   keel_pipeline *p = f->p;
   if (p->closing) return KEEL_ECLOSING; /* the sweep answers the call */
-  frame *c = frame_get(p);
+  frame *c = frame_get(p, f->root, f->stage + 1);
   if (c == NULL) return UV_ENOMEM;
-  c->stage = f->stage + 1;
-  c->root = f->root;
   kid_link(f, c);
   start(c);
   return 0;
 }
 
-static void timer_arm(frame *f, uint64_t ms, uv_timer_cb cb) {
+/* Arms f's timer. Returns 0 or UV_ENOMEM (the timer could not be
+ * allocated). */
+static int timer_arm(frame *f, uint64_t ms, uv_timer_cb cb) {
   if (!(f->flags & F_TIMER)) {
-    uv_timer_init(f->p->loop, &f->timer); /* cannot fail */
+    f->timer = keel__malloc(sizeof *f->timer);
+    if (f->timer == NULL) return UV_ENOMEM;
+    uv_timer_init(f->p->loop, f->timer); /* cannot fail */
     f->flags |= F_TIMER;
   }
-  f->timer.data = f;
-  uv_timer_start(&f->timer, cb, ms, 0);
+  f->timer->data = f;
+  uv_timer_start(f->timer, cb, ms, 0);
+  return 0;
 }
 
 /* ---- per-policy start ------------------------------------------------------ */
 
 static void on_deadline(uv_timer_t *t);
+
+/* A timeout's deadline list became empty: stop its timer, at the end of the
+ * pass when inside one (a stream of quick calls then starts and stops it
+ * once per pass, not once per call). */
+static void deadlines_emptied(keel_pipeline *p, pstage *s) {
+  if (p->in_drain) {
+    p->dl_dirty = true;
+  } else if (s->armed) {
+    s->armed = false;
+    uv_timer_stop(&s->timer);
+  }
+}
+
 static void on_retry_timer(uv_timer_t *t);
 static void on_hedge_timer(uv_timer_t *t);
 
-static uint32_t bulkhead_limit(stage *s) {
+static uint32_t bulkhead_limit(pstage *s) {
   uint32_t max = s->pol.u.bulkhead.max_concurrent;
   if (s->pol.u.bulkhead.hook.limit == NULL) return max;
   uint32_t l = s->pol.u.bulkhead.hook.limit(s->pol.u.bulkhead.hook.data);
@@ -416,7 +498,7 @@ static void spawn_or_fail(frame *f) {
 
 static void bulkhead_enter(frame *f) {
   keel_pipeline *p = f->p;
-  stage *s = &p->st[f->stage];
+  pstage *s = &p->st[f->stage];
   s->active++;
   p->stats.bulkhead_active++;
   if (s->active > p->stats.bulkhead_active_max) p->stats.bulkhead_active_max = s->active;
@@ -443,12 +525,13 @@ static void start(frame *f) {
     frame *root = f->root;
     f->number = ++root->count;
     f->cancel_reason = 0;
+    f->cancel_fn = NULL;
     p->stats.attempts++;
     p->ops_out++;
     root->op(f, root->data);
     return;
   }
-  stage *s = &p->st[f->stage];
+  pstage *s = &p->st[f->stage];
   switch (s->pol.kind) {
     case KEEL_POLICY_RATELIMIT: {
       uint64_t after = 0;
@@ -468,8 +551,10 @@ static void start(frame *f) {
       f->deadline = uv_now(p->loop) + s->pol.u.timeout_ms;
       list_append(&s->l_head, &s->l_tail, f);
       f->flags |= F_IN_DL;
-      if (!uv_is_active((uv_handle_t *)&s->timer))
+      if (!s->armed) {
+        s->armed = true;
         uv_timer_start(&s->timer, on_deadline, s->pol.u.timeout_ms, 0);
+      }
       spawn_or_fail(f);
       return;
     case KEEL_POLICY_RETRY:
@@ -510,7 +595,7 @@ static void start(frame *f) {
       if (delay == 0) {
         while (f->count < max) hedge_next(f);
       } else if (delay != KEEL_HEDGE_ON_FAILURE && f->count < max) {
-        timer_arm(f, delay, on_hedge_timer);
+        if (timer_arm(f, delay, on_hedge_timer) != 0) f->count = max; /* no more */
       }
       return;
     }
@@ -534,7 +619,7 @@ static void start(frame *f) {
 }
 
 /* Lets the next waiting call of bulkhead stage s in, when a slot is free. */
-static void bulkhead_admit(keel_pipeline *p, stage *s) {
+static void bulkhead_admit(keel_pipeline *p, pstage *s) {
   while (!p->closing && s->l_head != NULL && s->active < bulkhead_limit(s)) {
     frame *w = s->l_head;
     list_remove(&s->l_head, &s->l_tail, w);
@@ -547,7 +632,7 @@ static void bulkhead_admit(keel_pipeline *p, stage *s) {
 
 static void bulkhead_leave(frame *f, int status) {
   keel_pipeline *p = f->p;
-  stage *s = &p->st[f->stage];
+  pstage *s = &p->st[f->stage];
   f->flags &= ~F_BH_ACTIVE;
   s->active--;
   p->stats.bulkhead_active--;
@@ -591,14 +676,14 @@ static void child_done(frame *f, res r) {
     deliver(f, r);
     return;
   }
-  stage *s = &p->st[f->stage];
+  pstage *s = &p->st[f->stage];
   switch (s->pol.kind) {
     case KEEL_POLICY_RATELIMIT:
       break;
     case KEEL_POLICY_TIMEOUT:
       list_remove(&s->l_head, &s->l_tail, f);
       f->flags &= ~F_IN_DL;
-      if (s->l_head == NULL) uv_timer_stop(&s->timer);
+      if (s->l_head == NULL) deadlines_emptied(p, s);
       break;
     case KEEL_POLICY_RETRY: {
       const keel_retry_opts *o = &s->pol.u.retry;
@@ -618,7 +703,7 @@ static void child_done(frame *f, res r) {
         if (spawn(f) != 0) break; /* report the last failure */
       } else {
         f->pres = r;
-        timer_arm(f, delay, on_retry_timer);
+        if (timer_arm(f, delay, on_retry_timer) != 0) break; /* report the failure */
       }
       return;
     }
@@ -670,13 +755,13 @@ static void finish(frame *f, res r) {
  * into a freed bulkhead slot. */
 static void release_own(frame *f, int reason, bool admit) {
   keel_pipeline *p = f->p;
-  stage *s = &p->st[f->stage];
+  pstage *s = &p->st[f->stage];
   switch (s->pol.kind) {
     case KEEL_POLICY_TIMEOUT:
       if (f->flags & F_IN_DL) {
         list_remove(&s->l_head, &s->l_tail, f);
         f->flags &= ~F_IN_DL;
-        if (s->l_head == NULL) uv_timer_stop(&s->timer);
+        if (s->l_head == NULL) deadlines_emptied(p, s);
       }
       break;
     case KEEL_POLICY_BREAKER:
@@ -733,9 +818,10 @@ static void cancel_subtree(frame *f, int reason) {
 /* ---- timers ----------------------------------------------------------------- */
 
 static void on_deadline(uv_timer_t *t) {
-  stage *s = KEEL__CONTAINER_OF(t, stage, timer);
+  pstage *s = KEEL__CONTAINER_OF(t, pstage, timer);
   keel_pipeline *p = t->data;
   uint64_t now = uv_now(p->loop);
+  s->armed = false;
   while (!p->closing && s->l_head != NULL && s->l_head->deadline <= now) {
     frame *f = s->l_head;
     list_remove(&s->l_head, &s->l_tail, f);
@@ -749,6 +835,7 @@ static void on_deadline(uv_timer_t *t) {
   }
   if (!p->closing && s->l_head != NULL) {
     uint64_t d = s->l_head->deadline;
+    s->armed = true;
     uv_timer_start(&s->timer, on_deadline, d > now ? d - now : 0, 0);
   }
   after_callbacks(p);
@@ -767,7 +854,8 @@ static void on_hedge_timer(uv_timer_t *t) {
   uint32_t max = p->st[f->stage].pol.u.hedging.max_attempts;
   if (!p->closing && f->count < max) {
     hedge_next(f);
-    if (f->count < max) timer_arm(f, p->st[f->stage].pol.u.hedging.delay_ms, on_hedge_timer);
+    if (f->count < max && timer_arm(f, p->st[f->stage].pol.u.hedging.delay_ms, on_hedge_timer) != 0)
+      f->count = max;
   }
   after_callbacks(p);
 }
@@ -830,16 +918,37 @@ static void after_callbacks(keel_pipeline *p) {
     close_handles(p);
 }
 
+/* One pass: the calls and reports queued before it, and (trampolined, in
+ * the same pass) the reports their operations made synchronously. New calls
+ * made from inside wait for the next pass. */
 static void on_idle(uv_idle_t *h) {
   keel_pipeline *p = h->data;
   frame *f = p->ready_head;
   p->ready_head = p->ready_tail = NULL;
+  p->in_drain = true;
+  p->now = uv_now(p->loop);
   while (f != NULL) {
     frame *next = f->next;
     f->flags &= ~F_READY;
     process(f);
     if (p->closing && !p->swept) sweep(p);
+    while (p->now_head != NULL) {
+      frame *g = p->now_head;
+      p->now_head = g->next;
+      if (p->now_head == NULL) p->now_tail = NULL;
+      g->flags &= ~F_READY;
+      process(g);
+      if (p->closing && !p->swept) sweep(p);
+    }
     f = next;
+  }
+  p->in_drain = false;
+  if (p->dl_dirty) {
+    p->dl_dirty = false;
+    for (size_t i = 0; i < p->n; i++) {
+      pstage *s = &p->st[i];
+      if (s->pol.kind == KEEL_POLICY_TIMEOUT && s->l_head == NULL) deadlines_emptied(p, s);
+    }
   }
   if (p->ready_head == NULL) uv_idle_stop(&p->idle);
   after_callbacks(p);
@@ -852,11 +961,9 @@ int keel_pipeline_execute(keel_pipeline *p, keel_pipeline_op_fn op, keel_pipelin
   if (p == NULL || op == NULL || done == NULL) return UV_EINVAL;
   if (p->closing) return KEEL_ECLOSING;
   if (p->in_flight >= p->max_calls) return KEEL_EFULL;
-  frame *f = frame_get(p);
+  frame *f = block_get(p);
   if (f == NULL) return UV_ENOMEM;
-  f->stage = -1;
   f->parent = NULL;
-  f->root = f;
   f->op = op;
   f->done = done;
   f->data = data;
@@ -873,13 +980,24 @@ int keel_attempt_done(keel_attempt *a, int status) {
   a->flags |= F_REPORTED;
   a->status = status;
   p->ops_out--;
+  int rc = 0;
   if (a->flags & F_CANCELLED) {
-    a->flags |= F_DETACHED;
-    ready_push(p, a); /* freed on the ready list (and the close sees it) */
-    return KEEL_ESTALE;
+    a->flags |= F_DETACHED; /* freed on the ready list (and the close sees it) */
+    rc = KEEL_ESTALE;
   }
-  ready_push(p, a);
-  return 0;
+  if (p->in_drain) { /* reported from inside a pass: finish it in this pass */
+    a->flags |= F_READY;
+    a->next = NULL;
+    if (p->now_tail != NULL) {
+      p->now_tail->next = a;
+    } else {
+      p->now_head = a;
+    }
+    p->now_tail = a;
+  } else {
+    ready_push(p, a);
+  }
+  return rc;
 }
 
 void keel_attempt_on_cancel(keel_attempt *a, keel_attempt_cancel_fn fn, void *data) {
@@ -1003,7 +1121,7 @@ int keel_pipeline_new(uv_loop_t *loop, const keel_pipeline_opts *opts, keel_pipe
   p->idle.data = p;
   p->handles_open = 2;
   for (size_t i = 0; i < p->n; i++) {
-    stage *s = &p->st[i];
+    pstage *s = &p->st[i];
     s->pol = opts->policies[i];
     if (s->pol.kind == KEEL_POLICY_TIMEOUT) {
       uv_timer_init(loop, &s->timer);
@@ -1033,6 +1151,11 @@ static void free_all(keel_pipeline *p) {
     p->free_list = f->next;
     keel__free(f);
   }
+  while (p->free_blocks != NULL) {
+    frame *b = p->free_blocks;
+    p->free_blocks = b->next;
+    keel__free(b);
+  }
   uv_mutex_destroy(&p->mu);
   keel__free(p->st);
   keel__free(p);
@@ -1045,21 +1168,26 @@ static void on_handle_closed(uv_handle_t *h) {
 }
 
 static void on_frame_timer_closed(uv_handle_t *h) {
-  frame *f = KEEL__CONTAINER_OF(h, frame, timer);
-  keel_pipeline *p = f->p;
-  f->flags &= ~F_TIMER;
+  keel_pipeline *p = h->data;
+  keel__free(h);
   if (--p->handles_open == 0) free_all(p);
+}
+
+static void close_frame_timer(keel_pipeline *p, frame *f) {
+  if (f->flags & F_TIMER) {
+    p->handles_open++;
+    f->flags &= ~F_TIMER;
+    f->timer->data = p;
+    uv_close((uv_handle_t *)f->timer, on_frame_timer_closed);
+  }
 }
 
 static void close_handles(keel_pipeline *p) {
   p->handles_closing = true;
   uv_idle_stop(&p->idle);
-  for (frame *f = p->free_list; f != NULL; f = f->next) {
-    if (f->flags & F_TIMER) {
-      p->handles_open++;
-      uv_close((uv_handle_t *)&f->timer, on_frame_timer_closed);
-    }
-  }
+  for (frame *f = p->free_list; f != NULL; f = f->next) close_frame_timer(p, f);
+  for (frame *b = p->free_blocks; b != NULL; b = b->next)
+    for (size_t i = 0; i < p->n + 2; i++) close_frame_timer(p, &b[i]);
   for (size_t i = 0; i < p->n; i++) {
     if (p->st[i].pol.kind == KEEL_POLICY_TIMEOUT)
       uv_close((uv_handle_t *)&p->st[i].timer, on_handle_closed);

@@ -61,6 +61,8 @@ struct world {
 enum { IN_NONE = 0, IN_OP, IN_DONE, IN_CANCEL, IN_FALLBACK, IN_EVENT, IN_CLASSIFY, IN_SLOW };
 
 static world *g_w;
+static uint64_t g_slow_ms = 30;
+static int g_running, g_running_max; /* attempts in progress, seen by the test */
 
 static uint64_t fake_now(void *data) {
   return ((world *)data)->now;
@@ -101,6 +103,7 @@ static void slow_closed(uv_handle_t *h) {
 static void on_slow(uv_timer_t *t) {
   slow *s = (slow *)t;
   world *w = s->c->w;
+  g_running--;
   int rc = keel_attempt_done(s->a, s->status);
   if (rc == KEEL_ESTALE)
     s->c->late_ok++;
@@ -137,7 +140,8 @@ static void op(keel_attempt *a, void *data) {
       s->c = c;
       s->status = b == B_SLOW_OK ? 0 : FAIL_ST;
       uv_timer_init(&w->loop, &s->t);
-      uv_timer_start(&s->t, on_slow, 30, 0);
+      uv_timer_start(&s->t, on_slow, g_slow_ms, 0);
+      if (++g_running > g_running_max) g_running_max = g_running;
       w->slow_out++;
       keel_attempt_on_cancel(a, on_cancel, c);
     }
@@ -848,6 +852,102 @@ Test(pipeline, close_waits_for_a_hanging_attempt) {
   cr_assert_eq(c.cancels, 1, "told to stop once by the close");
   cr_assert_eq(c.stale_reports, 1);
   cr_assert_eq(w.closed, 1);
+}
+
+/* ---- bulkhead under 4 threads pushing through the thread-safe path ------ */
+
+#define TS_THREADS 4
+#define TS_PER_THREAD 400
+
+typedef struct ts_arg {
+  world *w;
+  call *calls;
+  int accepted;
+  int full;
+} ts_arg;
+
+static void noop_timer(uv_timer_t *t) {
+  (void)t;
+}
+
+static void ts_thread(void *arg) {
+  ts_arg *t = arg;
+  for (int i = 0; i < TS_PER_THREAD; i++) {
+    call *c = &t->calls[i];
+    memset(c, 0, sizeof *c);
+    c->w = t->w;
+    c->script[0] = B_SLOW_OK;
+    c->nscript = 1;
+    int rc = keel_pipeline_execute_threadsafe(t->w->p, op, done, c);
+    if (rc == 0) {
+      t->accepted++;
+    } else {
+      cr_assert_eq(rc, KEEL_EFULL);
+      t->full++;
+    }
+    if (i % 50 == 0) uv_sleep(1);
+  }
+}
+
+Test(pipeline, bulkhead_limits_hold_under_4_threads, .timeout = 120) {
+  world w;
+  world_init(&w);
+  keel_policy pol;
+  keel_policy_bulkhead(&pol, 3, 5);
+  keel_pipeline_opts o;
+  keel_pipeline_opts_init(&o);
+  o.policies = &pol;
+  o.npolicies = 1;
+  cr_assert_eq(keel_pipeline_new(&w.loop, &o, &w.p), 0);
+  g_slow_ms = 1;
+  g_running = g_running_max = 0;
+  static call calls[TS_THREADS][TS_PER_THREAD];
+  ts_arg args[TS_THREADS];
+  uv_thread_t th[TS_THREADS];
+  for (int i = 0; i < TS_THREADS; i++) {
+    args[i] = (ts_arg){&w, calls[i], 0, 0};
+    cr_assert_eq(uv_thread_create(&th[i], ts_thread, &args[i]), 0);
+  }
+  /* keep the loop turning while the threads push */
+  uv_timer_t keep;
+  uv_timer_init(&w.loop, &keep);
+  uv_timer_start(&keep, noop_timer, 2, 2);
+  for (int spins = 0; spins < 20000; spins++) {
+    uv_run(&w.loop, UV_RUN_ONCE);
+    keel_pipeline_stats st;
+    keel_pipeline_get_stats(w.p, &st);
+    cr_assert_leq(st.bulkhead_active, 3);
+    cr_assert_leq(st.bulkhead_queued, 5);
+    if (spins > 10 && st.calls > 0 && st.in_flight == 0 && g_running == 0) {
+      int total = 0;
+      for (int i = 0; i < TS_THREADS; i++) total += args[i].accepted + args[i].full;
+      if (total == TS_THREADS * TS_PER_THREAD) break;
+    }
+    uv_timer_start(&keep, noop_timer, 1, 0);
+  }
+  for (int i = 0; i < TS_THREADS; i++) uv_thread_join(&th[i]);
+  uv_run(&w.loop, UV_RUN_DEFAULT);
+  uv_close((uv_handle_t *)&keep, NULL);
+  g_slow_ms = 30;
+  int accepted = 0, ok = 0, full = 0;
+  for (int i = 0; i < TS_THREADS; i++) {
+    accepted += args[i].accepted;
+    for (int j = 0; j < TS_PER_THREAD; j++) {
+      call *c = &calls[i][j];
+      cr_assert_leq(c->dones, 1);
+      if (c->dones == 1 && c->r.status == 0) ok++;
+      if (c->dones == 1 && c->r.status == KEEL_EFULL) full++;
+    }
+  }
+  cr_assert_eq(ok + full, accepted, "every accepted push is answered once");
+  cr_assert_gt(ok, 0);
+  cr_assert_leq(g_running_max, 3, "never more than 3 attempts at once");
+  keel_pipeline_stats st;
+  keel_pipeline_get_stats(w.p, &st);
+  cr_assert_leq(st.bulkhead_active_max, 3);
+  cr_assert_leq(st.bulkhead_queued_max, 5);
+  cr_assert_eq(st.bulkhead_rejected, (uint64_t)full);
+  world_finish(&w);
 }
 
 /* ---- allocation failure --------------------------------------------------- */
