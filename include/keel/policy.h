@@ -62,6 +62,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "keel/adaptive.h"
 #include "keel/breaker.h"
 #include "keel/common.h"
 #include "keel/ratelimit.h"
@@ -136,9 +137,17 @@ typedef struct keel_policy {
     struct {
       uint32_t max_concurrent; /* >= 1 */
       uint32_t max_queued;     /* waiting beyond max_concurrent; 0 = none */
-      keel_limit_hook hook;    /* adaptive limit; zero = fixed */
-    } bulkhead;                /* BULKHEAD */
-    uint64_t reserved_[24];    /* ABI room: size of the union */
+      keel_limit_hook hook;    /* a limit of your own; zero = fixed */
+      /* An adaptive concurrency limit (keel/adaptive.h), the caller's, which
+       * outlives the pipeline; NULL (default): none. A call is admitted
+       * when it has room too (max_concurrent stays the hard cap) and takes
+       * one of its slots; the call's latency in microseconds (uv_hrtime)
+       * is its sample: a success, KEEL_ADAPTIVE_DROPPED for UV_ETIMEDOUT,
+       * KEEL_EFULL, KEEL_ERATELIMIT and KEEL_EOPEN from inside, IGNORE for
+       * a call cancelled from outside, SUCCESS for any other result. */
+      keel_adaptive *adaptive;
+    } bulkhead;             /* BULKHEAD */
+    uint64_t reserved_[24]; /* ABI room: size of the union */
   } u;
 } keel_policy;
 

@@ -484,6 +484,12 @@ static uint32_t bulkhead_limit(pstage *s) {
   return l < 1 ? 1 : l > max ? max : l;
 }
 
+/* Whether bulkhead stage s may admit one more call now. */
+static bool bulkhead_has_room(pstage *s) {
+  if (s->active >= bulkhead_limit(s)) return false;
+  return s->pol.u.bulkhead.adaptive == NULL || keel_adaptive_has_room(s->pol.u.bulkhead.adaptive);
+}
+
 static void release_own(frame *f, int reason, bool admit);
 
 /* Spawns f's child; when that fails, f gives back what it holds and ends
@@ -504,6 +510,10 @@ static void bulkhead_enter(frame *f) {
   if (s->active > p->stats.bulkhead_active_max) p->stats.bulkhead_active_max = s->active;
   f->flags |= F_BH_ACTIVE;
   f->t0 = clock_now(p);
+  if (s->pol.u.bulkhead.adaptive != NULL) {
+    keel_adaptive_try_acquire(s->pol.u.bulkhead.adaptive); /* has room: checked */
+    f->deadline = uv_hrtime();
+  }
   spawn_or_fail(f);
 }
 
@@ -600,7 +610,7 @@ static void start(frame *f) {
       return;
     }
     case KEEL_POLICY_BULKHEAD:
-      if (s->active < bulkhead_limit(s)) {
+      if (bulkhead_has_room(s)) {
         bulkhead_enter(f);
       } else if (s->queued < s->pol.u.bulkhead.max_queued) {
         s->queued++;
@@ -620,7 +630,7 @@ static void start(frame *f) {
 
 /* Lets the next waiting call of bulkhead stage s in, when a slot is free. */
 static void bulkhead_admit(keel_pipeline *p, pstage *s) {
-  while (!p->closing && s->l_head != NULL && s->active < bulkhead_limit(s)) {
+  while (!p->closing && s->l_head != NULL && bulkhead_has_room(s)) {
     frame *w = s->l_head;
     list_remove(&s->l_head, &s->l_tail, w);
     w->flags &= ~F_BH_QUEUED;
@@ -630,12 +640,23 @@ static void bulkhead_admit(keel_pipeline *p, pstage *s) {
   }
 }
 
-static void bulkhead_leave(frame *f, int status) {
+static void bulkhead_leave(frame *f, int status, bool cancelled) {
   keel_pipeline *p = f->p;
   pstage *s = &p->st[f->stage];
   f->flags &= ~F_BH_ACTIVE;
   s->active--;
   p->stats.bulkhead_active--;
+  if (s->pol.u.bulkhead.adaptive != NULL) {
+    keel_adaptive_outcome out = KEEL_ADAPTIVE_SUCCESS;
+    if (cancelled) {
+      out = KEEL_ADAPTIVE_IGNORE;
+    } else if (status == UV_ETIMEDOUT || status == KEEL_EFULL || status == KEEL_ERATELIMIT ||
+               status == KEEL_EOPEN) {
+      out = KEEL_ADAPTIVE_DROPPED;
+    }
+    uint64_t us = (uv_hrtime() - f->deadline) / 1000;
+    keel_adaptive_release(s->pol.u.bulkhead.adaptive, us, out);
+  }
   if (s->pol.u.bulkhead.hook.sample != NULL)
     s->pol.u.bulkhead.hook.sample(s->pol.u.bulkhead.hook.data, clock_now(p) - f->t0, status,
                                   s->active);
@@ -734,7 +755,7 @@ static void child_done(frame *f, res r) {
       r = f->pres;
       break;
     case KEEL_POLICY_BULKHEAD:
-      bulkhead_leave(f, r.status);
+      bulkhead_leave(f, r.status, false);
       finish(f, r);
       bulkhead_admit(p, s);
       return;
@@ -777,7 +798,7 @@ static void release_own(frame *f, int reason, bool admit) {
         s->queued--;
         p->stats.bulkhead_queued--;
       } else if (f->flags & F_BH_ACTIVE) {
-        bulkhead_leave(f, reason);
+        bulkhead_leave(f, reason, true);
         if (admit) bulkhead_admit(p, s);
       }
       break;

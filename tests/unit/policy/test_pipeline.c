@@ -589,6 +589,37 @@ Test(pipeline, bulkhead_limit_hook) {
   world_finish(&w);
 }
 
+Test(pipeline, bulkhead_follows_an_adaptive_limit) {
+  world w;
+  world_init(&w);
+  keel_adaptive_opts ao;
+  keel_adaptive_opts_init(&ao);
+  ao.initial_limit = 2;
+  ao.min_limit = 1;
+  ao.max_limit = 2;
+  keel_adaptive *lim;
+  cr_assert_eq(keel_adaptive_new(&ao, &lim), 0);
+  keel_policy pol;
+  keel_policy_bulkhead(&pol, 8, 10);
+  pol.u.bulkhead.adaptive = lim;
+  make_pipeline(&w, &pol, 1);
+  call c[6];
+  for (int i = 0; i < 6; i++) exec(&w, &c[i], (int[]){B_SLOW_OK}, 1);
+  run(&w);
+  for (int i = 0; i < 6; i++) cr_assert_eq(c[i].r.status, 0);
+  keel_pipeline_stats st;
+  keel_pipeline_get_stats(w.p, &st);
+  cr_assert_eq(st.bulkhead_active_max, 2, "the adaptive limit (2), not max_concurrent (8)");
+  cr_assert_eq(st.bulkhead_queued_max, 4);
+  keel_adaptive_stats as;
+  keel_adaptive_get_stats(lim, &as);
+  cr_assert_eq(as.acquired, 6);
+  cr_assert_eq(as.in_flight, 0);
+  cr_assert_eq(as.rejected, 0);
+  world_finish(&w);
+  keel_adaptive_free(lim);
+}
+
 /* ---- Polly's documented orders ------------------------------------------ */
 
 Test(pipeline, timeout_inside_retry_bounds_each_attempt) {
