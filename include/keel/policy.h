@@ -122,8 +122,15 @@ typedef struct keel_policy {
   union {
     keel_ratelimit *ratelimit; /* RATELIMIT: the caller's; outlives the pipeline */
     uint64_t timeout_ms;       /* TIMEOUT: > 0 */
-    keel_retry_opts retry;     /* RETRY: on_retry and clock are not used (see
-                                  on_event); seed 0 = from uv_hrtime() */
+    keel_retry_opts retry;     /* RETRY: backoff, max_attempts, deadline_ms,
+                                  classify, seed (0: from uv_hrtime()), jitter,
+                                  retry_result (called with result NULL: a
+                                  status >= 0 it accepts is retried) and budget
+                                  (shared; it must outlive the pipeline) are
+                                  used; on_retry, on_retry_info, delay_fn and
+                                  clock are not (they take a runner: see
+                                  on_event); a retry waits at least the
+                                  retry_after_ms reported from inside */
     keel_breaker *breaker;     /* BREAKER: the caller's; outlives the pipeline */
     struct {
       keel_fallback_fn fn;

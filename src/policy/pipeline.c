@@ -230,6 +230,8 @@ static const char *check_policy(const keel_policy *pol) {
     case KEEL_POLICY_RETRY: {
       const char *why = NULL;
       if (pol->u.retry.max_attempts == 0) return "retry max_attempts must be >= 1";
+      if (!(pol->u.retry.jitter >= 0 && pol->u.retry.jitter <= 1))
+        return "retry jitter must be in [0, 1]";
       if (keel_backoff_validate(&pol->u.retry.backoff, &why) != 0) return why;
       return NULL;
     }
@@ -570,6 +572,7 @@ static void start(frame *f) {
     case KEEL_POLICY_RETRY:
       f->count = 1;
       f->prev_delay = 0;
+      if (s->pol.u.retry.budget != NULL) keel_retry_budget_record_call(s->pol.u.retry.budget);
       f->deadline =
           s->pol.u.retry.deadline_ms != 0 ? uv_now(p->loop) + s->pol.u.retry.deadline_ms : 0;
       spawn_or_fail(f);
@@ -708,12 +711,23 @@ static void child_done(frame *f, res r) {
       break;
     case KEEL_POLICY_RETRY: {
       const keel_retry_opts *o = &s->pol.u.retry;
-      if (r.status >= 0 || p->closing || f->count >= o->max_attempts) break;
-      keel_retry_classify_fn classify =
-          o->classify != NULL ? o->classify : keel_retry_default_classify;
-      if (!classify(r.status, o->classify_data) || p->closing) break;
+      if (p->closing || f->count >= o->max_attempts) break;
+      if (r.status >= 0) {
+        if (o->retry_result == NULL || !o->retry_result(r.status, NULL, o->classify_data)) break;
+      } else {
+        keel_retry_classify_fn classify =
+            o->classify != NULL ? o->classify : keel_retry_default_classify;
+        if (!classify(r.status, o->classify_data)) break;
+      }
+      if (p->closing) break;
       uint64_t delay = keel_backoff_delay(&o->backoff, f->count, f->prev_delay, &s->rng);
+      if (o->jitter > 0 && o->jitter <= 1 && delay > 0) {
+        uint64_t lo = (uint64_t)((double)delay * (1 - o->jitter));
+        uint64_t hi = (uint64_t)((double)delay * (1 + o->jitter));
+        delay = keel_rng_between(&s->rng, lo, hi);
+      }
       if (r.retry_after > delay) delay = r.retry_after;
+      if (o->budget != NULL && !keel_retry_budget_try_retry(o->budget)) break;
       if (f->deadline != 0 && uv_now(p->loop) + delay > f->deadline) break;
       f->prev_delay = delay;
       f->count++;

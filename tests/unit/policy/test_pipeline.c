@@ -427,6 +427,62 @@ Test(pipeline, retry_classify_says_no) {
   world_finish(&w);
 }
 
+static int retry_on_202(int status, void *result, void *data) {
+  (void)result;
+  (void)data;
+  return status == 202;
+}
+
+static int accepted_then_ok_calls;
+static void op_accepted_then_ok(keel_attempt *a, void *data) {
+  call *c = data;
+  c->ops++;
+  accepted_then_ok_calls++;
+  keel_attempt_done(a, c->ops == 1 ? 202 : 0);
+}
+
+Test(pipeline, retry_on_a_result_jitter_and_budget) {
+  world w;
+  world_init(&w);
+  keel_retry_budget_opts bo;
+  keel_retry_budget_opts_init(&bo);
+  bo.ratio = 0;
+  bo.min_retries = 1;
+  keel_retry_budget *budget;
+  cr_assert_eq(keel_retry_budget_new(&w.loop, &bo, &budget), 0);
+  keel_policy pol;
+  keel_retry_opts ro = fast_retry(3);
+  ro.retry_result = retry_on_202;
+  ro.jitter = 0.5;
+  ro.budget = budget;
+  keel_policy_retry(&pol, &ro);
+  make_pipeline(&w, &pol, 1);
+  call c1, c2;
+  memset(&c1, 0, sizeof c1);
+  c1.w = &w;
+  cr_assert_eq(keel_pipeline_execute(w.p, op_accepted_then_ok, done, &c1), 0);
+  run(&w);
+  cr_assert_eq(c1.r.status, 0);
+  cr_assert_eq(c1.r.attempts, 2, "retried on the 202 result");
+  /* the budget (one retry per window) is spent: no retry now */
+  memset(&c2, 0, sizeof c2);
+  c2.w = &w;
+  cr_assert_eq(keel_pipeline_execute(w.p, op_accepted_then_ok, done, &c2), 0);
+  run(&w);
+  cr_assert_eq(c2.r.status, 202);
+  cr_assert_eq(c2.r.attempts, 1);
+  world_finish(&w);
+  keel_retry_budget_free(budget);
+  keel_policy bad;
+  ro.jitter = 2;
+  keel_policy_retry(&bad, &ro);
+  keel_pipeline_opts o;
+  keel_pipeline_opts_init(&o);
+  o.policies = &bad;
+  o.npolicies = 1;
+  cr_assert_eq(keel_pipeline_validate_opts(&o, NULL), UV_EINVAL);
+}
+
 Test(pipeline, breaker_opens_and_rejects) {
   world w;
   world_init(&w);
