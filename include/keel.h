@@ -42,6 +42,7 @@
 #include "keel/listen.h"
 #include "keel/verify.h"
 #include "keel/integrity.h"
+#include "keel/redis.h"
 #include "keel/ratelimit.h"
 #include "keel/policy.h"
 
