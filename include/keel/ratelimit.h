@@ -29,6 +29,12 @@
  *       return reply_429(wait_ms);           // Retry-After: wait_ms
  *
  * A limiter can guard a pipeline (keel/policy.h: keel_policy_ratelimit()).
+ *
+ * Shared through Redis (keel_ratelimit_redis, at the end of this file): the
+ * same GCRA in one Lua script on Redis's clock (like redis-cell and
+ * go-redis's redis_rate), one key per tenant, so that every process using
+ * the same Redis and prefix shares one budget per tenant. A decision is one
+ * EVALSHA round trip, answered to a callback.
  * It calls no callback except the close callback. Everything is loop-thread
  * only (the limiter reads uv_now() of its loop); with an injected clock
  * that is safe to read from any thread, a limiter may be used from one other
@@ -41,6 +47,7 @@
 #include <uv.h>
 
 #include "keel/common.h"
+#include "keel/redis.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -124,6 +131,90 @@ KEEL_EXTERN void keel_ratelimit_get_stats(keel_ratelimit *rl, keel_ratelimit_sta
  * pipeline that uses rl must be closed first. Loop thread only.
  */
 KEEL_EXTERN void keel_ratelimit_close(keel_ratelimit *rl, keel_close_cb cb, void *data);
+
+/* ---- shared through Redis ---------------------------------------------- */
+
+typedef struct keel_ratelimit_redis keel_ratelimit_redis;
+
+typedef struct keel_ratelimit_redis_opts {
+  uint64_t rate;         /* calls per period per tenant; > 0; default 100 */
+  uint64_t period_ms;    /* > 0; default 1000 */
+  uint64_t burst;        /* > 0; default 0 = rate */
+  const char *prefix;    /* key prefix (copied), the key is prefix + tenant;
+                            default "keel:rl:" */
+  uint64_t timeout_ms;   /* per decision (keel_redis_eval_timeout); 0 (default):
+                            the client's command_timeout_ms */
+  uint64_t reserved_[8]; /* ABI room: zero (opts_init does); never set */
+} keel_ratelimit_redis_opts;
+
+/* Zeroes the whole struct, then fills the defaults above. NULL: no-op. Any
+ * thread. */
+KEEL_EXTERN void keel_ratelimit_redis_opts_init(keel_ratelimit_redis_opts *opts);
+
+/*
+ * Creates a shared limiter on client (the caller's; it must stay open until
+ * this limiter's close callback). opts is copied. Calls no callback; sends
+ * nothing until the first take.
+ * The script (KEYS[1] = prefix + tenant; ARGV = emission interval and burst
+ * tolerance in microseconds, n) reads Redis's TIME, keeps the tenant's
+ * theoretical arrival time in its key (which expires when the tenant's
+ * budget is full again) and answers {allowed, retry_after_us, remaining}.
+ * Every process must use the same rate, period_ms and burst for a prefix.
+ * Returns 0 and sets *out; UV_EINVAL for a NULL client, opts or out, or
+ * rate, period_ms, burst out of range (as keel_ratelimit_validate_opts()
+ * for GCRA, at most one call per microsecond), or a prefix longer than 200
+ * bytes; UV_ENOMEM. *out is untouched on failure. Loop thread only.
+ */
+KEEL_EXTERN int keel_ratelimit_redis_new(keel_redis *client, const keel_ratelimit_redis_opts *opts,
+                                         keel_ratelimit_redis **out);
+
+/*
+ * The decision for one take, exactly once, on a later loop iteration (from
+ * the Redis client's reply callback): status 0 (allowed: the budget is
+ * spent), KEEL_ERATELIMIT (not allowed; retry_after_ms: when the same take
+ * would be allowed, at least 1), or the Redis error of the round trip
+ * (UV_ETIMEDOUT, KEEL_EREDIS, KEEL_ECONN, KEEL_EPROTO for a reply of the
+ * wrong shape, UV_ECANCELED when the client or the limiter was closed
+ * first: a take sent may have spent budget). remaining: calls that could go
+ * now (0 on an error). The limiter may be closed from inside.
+ */
+typedef void (*keel_ratelimit_redis_cb)(keel_ratelimit_redis *rl, int status,
+                                        uint64_t retry_after_ms, uint64_t remaining, void *data);
+
+/*
+ * Asks Redis for n calls' worth of tenant's budget (one EVALSHA; tenant
+ * is copied, any bytes, at most 300). cb is required; data is passed to it.
+ * Allocates only when its free list of requests is empty.
+ * Returns 0 (cb will run exactly once); UV_EINVAL (NULL rl, tenant or cb, n
+ * 0 or above burst, tenant too long); KEEL_ECLOSING after close began; or
+ * what keel_redis_eval() refuses with (UV_ENOBUFS, KEEL_ECONN,
+ * KEEL_ECLOSING, UV_ENOMEM). Nothing is called back on an error. Loop thread
+ * only.
+ */
+KEEL_EXTERN int keel_ratelimit_redis_take(keel_ratelimit_redis *rl, const char *tenant, uint64_t n,
+                                          keel_ratelimit_redis_cb cb, void *data);
+
+typedef struct keel_ratelimit_redis_stats {
+  uint64_t allowed;      /* counter: takes allowed */
+  uint64_t rejected;     /* counter: takes answered KEEL_ERATELIMIT */
+  uint64_t errors;       /* counter: takes answered with an error */
+  uint64_t in_flight;    /* gauge: takes sent and not answered */
+  uint64_t reserved_[8]; /* ABI room: filled with zero; never read */
+} keel_ratelimit_redis_stats;
+
+/* Fills *out. Does nothing for NULL rl or out. Loop thread only. */
+KEEL_EXTERN void keel_ratelimit_redis_get_stats(const keel_ratelimit_redis *rl,
+                                                keel_ratelimit_redis_stats *out);
+
+/*
+ * Closes the limiter. NULL-safe; idempotent; may be called from inside its
+ * callbacks. Takes from now on return KEEL_ECLOSING; takes in flight are
+ * answered UV_ECANCELED when their reply comes (their outcome is dropped).
+ * cb (may be NULL) runs with (rl, data) on a later loop iteration once
+ * every take in flight has been answered; rl is freed then. Loop thread
+ * only.
+ */
+KEEL_EXTERN void keel_ratelimit_redis_close(keel_ratelimit_redis *rl, keel_close_cb cb, void *data);
 
 #ifdef __cplusplus
 }
