@@ -11,16 +11,25 @@
  *                      (median of 7 runs of 2 M calls)
  *  allocs_per_call     allocations per pipeline call after warm-up, counted
  *                      through keel_replace_allocator
- *  redis_limiter_per_s the Redis GCRA limiter's decisions per second and
- *  redis_floor_per_s   a bare hiredis EVALSHA of a trivial script in the
- *                      same run (0 and 0 until the Redis limiter exists)
+ *  redis_limiter_per_s keel_ratelimit_redis_take() decisions per second, 64
+ *                      in flight on one connection, and
+ *  redis_floor_per_s   bare hiredis async (its stock libuv adapter) on the
+ *                      same loop sending the same script by EVALSHA with the
+ *                      same arguments and concurrency; each 1 s, alternately,
+ *                      5 rounds, medians (Redis from KEEL_TEST_REDIS, which
+ *                      scripts/bench starts; 0 and 0 without it)
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
+#include <hiredis/adapters/libuv.h>
+#include <hiredis/async.h>
+#include <hiredis/hiredis.h>
+
 #include "keel/policy.h"
+#include "policy/ratelimit_redis.h"
 
 #define LIMITER_CALLS 10000000
 #define PIPE_CALLS 2000000
@@ -122,6 +131,136 @@ static double pipe_run(uv_loop_t *loop, keel_pipeline *p, int calls) {
   return (now_ns() - t0) / calls;
 }
 
+/* ---- Redis: keel's shared limiter against bare hiredis -------------------- */
+
+#define INFLIGHT 64
+#define REDIS_ROUNDS 5
+#define REDIS_SECONDS 1.0
+#define BIG_RATE "1"           /* emission interval 1 us */
+#define BIG_TAU "100000000000" /* burst tolerance: never says no */
+
+static double mono_s(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+typedef struct rbench {
+  double deadline;
+  long decisions, failures;
+  int running;
+  keel_ratelimit_redis *rl;
+  redisAsyncContext *ac;
+  char sha[41];
+} rbench;
+
+static void k_send(rbench *b);
+static void k_answer(keel_ratelimit_redis *rl, int status, uint64_t after, uint64_t rem,
+                     void *data) {
+  (void)rl;
+  (void)after;
+  (void)rem;
+  rbench *b = data;
+  if (status != 0) b->failures++;
+  b->decisions++;
+  k_send(b);
+}
+static void k_send(rbench *b) {
+  if (mono_s() >= b->deadline || keel_ratelimit_redis_take(b->rl, "bench", 1, k_answer, b) != 0)
+    b->running--;
+}
+
+static void f_send(rbench *b);
+static void f_answer(redisAsyncContext *ac, void *reply, void *data) {
+  (void)ac;
+  rbench *b = data;
+  redisReply *rep = reply;
+  if (rep == NULL || rep->type != REDIS_REPLY_ARRAY || rep->elements != 3 ||
+      rep->element[0]->integer != 1)
+    b->failures++;
+  b->decisions++;
+  f_send(b);
+}
+static void f_send(rbench *b) {
+  if (mono_s() >= b->deadline) {
+    b->running--;
+    return;
+  }
+  const char *argv[] = {"EVALSHA", b->sha, "1", "keel:bench:floor", BIG_RATE, BIG_TAU, "1"};
+  redisAsyncCommandArgv(b->ac, f_answer, b, 7, argv, NULL);
+}
+
+static double redis_round(uv_loop_t *loop, rbench *b, int keel) {
+  b->decisions = b->failures = 0;
+  b->running = INFLIGHT;
+  double t0 = mono_s();
+  b->deadline = t0 + REDIS_SECONDS;
+  for (int i = 0; i < INFLIGHT; i++) keel ? k_send(b) : f_send(b);
+  while (b->running > 0) uv_run(loop, UV_RUN_ONCE);
+  if (b->failures > 0) fprintf(stderr, "%s: %ld failures\n", keel ? "keel" : "floor", b->failures);
+  return (double)b->decisions / (mono_s() - t0);
+}
+
+static void on_connected(const redisAsyncContext *ac, int status) {
+  (void)ac;
+  if (status != REDIS_OK) exit(1);
+}
+
+/* Runs both sides; 0 and 0 when KEEL_TEST_REDIS is not set. */
+static void redis_bench(double *keel_per_s, double *floor_per_s) {
+  *keel_per_s = *floor_per_s = 0;
+  const char *addr = getenv("KEEL_TEST_REDIS");
+  if (addr == NULL || strrchr(addr, ':') == NULL) return;
+  char host[128];
+  const char *colon = strrchr(addr, ':');
+  snprintf(host, sizeof host, "%.*s", (int)(colon - addr), addr);
+  int port = (int)strtol(colon + 1, NULL, 10);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  rbench b;
+  memset(&b, 0, sizeof b);
+  /* load the script once (neither side pays a NOSCRIPT round) */
+  redisContext *c = redisConnect(host, port);
+  if (c == NULL || c->err != 0) exit(1);
+  redisReply *rep = redisCommand(c, "SCRIPT LOAD %s", keel__ratelimit_redis_script());
+  if (rep == NULL || rep->type != REDIS_REPLY_STRING) exit(1);
+  snprintf(b.sha, sizeof b.sha, "%s", rep->str);
+  freeReplyObject(rep);
+  redisFree(c);
+
+  char url[160];
+  snprintf(url, sizeof url, "redis://%s:%d", host, port);
+  keel_redis_opts o;
+  keel_redis_opts_init(&o);
+  o.url = url;
+  keel_redis *r;
+  if (keel_redis_new(&loop, &o, &r) != 0) exit(1);
+  keel_ratelimit_redis_opts ro;
+  keel_ratelimit_redis_opts_init(&ro);
+  ro.rate = 1000000; /* interval 1 us */
+  ro.burst = 100000; /* tau 100 000 000 000 us: never says no */
+  ro.prefix = "keel:bench:";
+  if (keel_ratelimit_redis_new(r, &ro, &b.rl) != 0) exit(1);
+  b.ac = redisAsyncConnect(host, port);
+  if (b.ac == NULL || b.ac->err != 0) exit(1);
+  redisLibuvAttach(b.ac, &loop);
+  redisAsyncSetConnectCallback(b.ac, on_connected);
+  redis_round(&loop, &b, 1); /* warm-up: connect both */
+  redis_round(&loop, &b, 0);
+  double k[REDIS_ROUNDS], f[REDIS_ROUNDS];
+  for (int i = 0; i < REDIS_ROUNDS; i++) {
+    k[i] = redis_round(&loop, &b, 1);
+    f[i] = redis_round(&loop, &b, 0);
+  }
+  *keel_per_s = median(k, REDIS_ROUNDS);
+  *floor_per_s = median(f, REDIS_ROUNDS);
+  redisAsyncDisconnect(b.ac);
+  keel_ratelimit_redis_close(b.rl, NULL, NULL);
+  keel_redis_close(r, NULL, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+  uv_loop_close(&loop);
+}
+
 int main(void) {
   keel_replace_allocator(count_malloc, count_realloc, count_calloc, free);
   uv_loop_t loop;
@@ -182,10 +321,15 @@ int main(void) {
   printf("pipeline (rate limit + timeout + retry + breaker): %.1f ns per call over a bare call\n",
          pipeline_ns);
   printf("allocations per pipeline call: %.4f\n", allocs_per_call);
-  printf("redis limiter: not built in this tree\n");
+  double redis_keel, redis_floor;
+  redis_bench(&redis_keel, &redis_floor);
   printf(
-      "policies limiter_ns=%.2f pipeline_ns=%.1f allocs_per_call=%.4f redis_limiter_per_s=%d "
-      "redis_floor_per_s=%d\n",
-      limiter_ns, pipeline_ns, allocs_per_call, 0, 0);
+      "redis limiter: %.0f decisions/s, bare hiredis EVALSHA of the same script: %.0f/s "
+      "(%.2f x)\n",
+      redis_keel, redis_floor, redis_floor > 0 ? redis_keel / redis_floor : 0.0);
+  printf(
+      "policies limiter_ns=%.2f pipeline_ns=%.1f allocs_per_call=%.4f redis_limiter_per_s=%.0f "
+      "redis_floor_per_s=%.0f\n",
+      limiter_ns, pipeline_ns, allocs_per_call, redis_keel, redis_floor);
   return 0;
 }

@@ -7,6 +7,7 @@
 #include "core/alloc.h"
 #include "core/util.h"
 #include "keel/ratelimit.h"
+#include "policy/ratelimit_redis.h"
 
 #define PREFIX_MAX 200
 #define TENANT_MAX 300
@@ -33,6 +34,10 @@ static const char gcra_script[] =
     "if ttl < 1 then ttl = 1 end\n"
     "redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl)\n"
     "return {1, 0, math.floor((tau - (new_tat - now)) / interval)}\n";
+
+const char *keel__ratelimit_redis_script(void) {
+  return gcra_script;
+}
 
 typedef struct req {
   struct req *next;
