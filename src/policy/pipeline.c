@@ -26,6 +26,7 @@
 #include "core/alloc.h"
 #include "core/util.h"
 #include "keel/policy.h"
+#include "policy/ratelimit_internal.h"
 
 #define MAX_POLICIES 32
 #define MAX_HEDGES 16
@@ -267,6 +268,11 @@ int keel_pipeline_validate_opts(const keel_pipeline_opts *opts, const char **why
 }
 
 /* ---- frames -------------------------------------------------------------- */
+
+/* The loop's time (uv_now), read once per pass of on_idle. */
+static inline uint64_t clock_loop(keel_pipeline *p) {
+  return p->in_drain ? p->now : uv_now(p->loop);
+}
 
 /* The loop's time does not move within one pass of on_idle: read it once. */
 static inline uint64_t clock_now(keel_pipeline *p) {
@@ -547,7 +553,7 @@ static void start(frame *f) {
   switch (s->pol.kind) {
     case KEEL_POLICY_RATELIMIT: {
       uint64_t after = 0;
-      int rc = keel_ratelimit_take(s->pol.u.ratelimit, 1, &after);
+      int rc = keel__ratelimit_take1(s->pol.u.ratelimit, p->loop, clock_loop(p), &after);
       if (rc == 0) {
         spawn_or_fail(f);
       } else {

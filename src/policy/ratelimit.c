@@ -6,28 +6,9 @@
 
 #include "core/alloc.h"
 #include "core/util.h"
+#include "policy/ratelimit_internal.h"
 
-#define NS_PER_MS UINT64_C(1000000)
 #define LIMIT_2_32 (UINT64_C(1) << 32)
-
-struct keel_ratelimit {
-  /* hot */
-  keel_ratelimit_kind kind;
-  int closing;
-  uv_loop_t *loop;
-  keel_clock clock;
-  uint64_t tat_ns;    /* GCRA: theoretical arrival time */
-  uint64_t tau_ns;    /* GCRA: emission interval * burst */
-  uint64_t t_ns;      /* GCRA: emission interval */
-  uint64_t tokens;    /* bucket: tokens left */
-  uint64_t last_ms;   /* bucket: start of the current refill period */
-  uint64_t latest_ms; /* the latest time seen (a clock going back is held) */
-  uint64_t rate, period_ms, burst;
-  uint64_t allowed, rejected;
-  uv_timer_t close_handle; /* never started: carries the close callback */
-  keel_close_cb close_cb;
-  void *close_data;
-};
 
 void keel_ratelimit_opts_init(keel_ratelimit_opts *opts) {
   if (opts == NULL) return;
@@ -83,11 +64,6 @@ int keel_ratelimit_new(uv_loop_t *loop, const keel_ratelimit_opts *opts, keel_ra
   return 0;
 }
 
-static uint64_t ns_to_ms_up(uint64_t ns) {
-  uint64_t ms = ns / NS_PER_MS + (ns % NS_PER_MS != 0);
-  return ms == 0 ? 1 : ms;
-}
-
 static void refill(keel_ratelimit *rl, uint64_t now_ms) {
   if (now_ms - rl->last_ms < rl->period_ms) return;
   uint64_t k = (now_ms - rl->last_ms) / rl->period_ms;
@@ -103,23 +79,11 @@ static void refill(keel_ratelimit *rl, uint64_t now_ms) {
 int keel_ratelimit_take_at(keel_ratelimit *rl, uint64_t now_ms, uint64_t n,
                            uint64_t *retry_after_ms) {
   if (rl == NULL) return UV_EINVAL;
-  if (rl->closing) return KEEL_ECLOSING;
-  if (n == 0 || n > rl->burst) return UV_EINVAL;
-  if (now_ms < rl->latest_ms) now_ms = rl->latest_ms;
-  rl->latest_ms = now_ms;
-  if (rl->kind == KEEL_RATELIMIT_GCRA) {
-    uint64_t now = now_ms * NS_PER_MS;
-    uint64_t tat = rl->tat_ns > now ? rl->tat_ns : now;
-    uint64_t new_tat = tat + n * rl->t_ns;
-    if (new_tat - now <= rl->tau_ns) {
-      rl->tat_ns = new_tat;
-      rl->allowed += n;
-      return 0;
-    }
-    rl->rejected++;
-    if (retry_after_ms != NULL) *retry_after_ms = ns_to_ms_up(new_tat - rl->tau_ns - now);
-    return KEEL_ERATELIMIT;
-  }
+  return keel__ratelimit_take_at(rl, now_ms, n, retry_after_ms);
+}
+
+int keel__ratelimit_take_bucket(keel_ratelimit *rl, uint64_t now_ms, uint64_t n,
+                                uint64_t *retry_after_ms) {
   refill(rl, now_ms);
   if (rl->tokens >= n) {
     rl->tokens -= n;
