@@ -299,8 +299,8 @@ KEEL_EXTERN int keel_pipeline_execute_threadsafe(keel_pipeline *p, keel_pipeline
 
 /*
  * Told once that the pipeline stopped waiting for this attempt: reason is
- * UV_ETIMEDOUT (a timeout around it expired), KEEL_ECANCELED-like
- * UV_ECANCELED (a hedged sibling won, or the pipeline closed). Stop the
+ * UV_ETIMEDOUT (a timeout around it expired) or UV_ECANCELED (a hedged
+ * sibling won, or the pipeline closed). Stop the
  * work if you can; keel_attempt_done() is still owed (it may be called from
  * inside this callback). It may close the pipeline.
  */
