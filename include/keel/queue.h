@@ -142,7 +142,7 @@ typedef struct keel_queue_opts {
   uint32_t slice_us;                  /* and a slice ends once it has run this long (checked
                                          between attempts). Default (and 0)
                                          KEEL_QUEUE_DEFAULT_SLICE_US */
-  keel_clock clock;                   /* time of retries, timeouts and the rate: default
+  keel_clock clock;                   /* time of retries and timeouts: default
                                          uv_now(loop). With an injected clock, advance it and
                                          call keel_queue_tick(): due retries and timeouts
                                          happen on the next loop iteration, no sleeping */

@@ -375,3 +375,38 @@ Test(retry_peers, budget_minimum_and_validation) {
   keel_retry_budget_free(NULL);
   cr_assert_eq(uv_loop_close(&loop), 0);
 }
+
+static void budget_alloc_scenario(void *arg) {
+  (void)arg;
+  fleet f;
+  memset(&f, 0, sizeof f);
+  cr_assert_eq(uv_loop_init(&f.loop), 0);
+  keel_retry_budget_opts bo;
+  keel_retry_budget_opts_init(&bo);
+  keel_retry_budget *budget = NULL;
+  int rc = keel_retry_budget_new(&f.loop, &bo, &budget);
+  if (rc != 0) {
+    cr_assert_eq(rc, UV_ENOMEM);
+    cr_assert_eq(uv_loop_close(&f.loop), 0);
+    return;
+  }
+  keel_retry_opts o;
+  keel_retry_opts_init(&o);
+  keel_backoff_fixed(&o.backoff, 0);
+  o.max_attempts = 2;
+  o.budget = budget;
+  int started = 0;
+  for (int i = 0; i < 3; i++) {
+    keel_retry *r;
+    if (keel_retry_start(&f.loop, &o, failing_attempt, fleet_done, &f, &r) == 0) started++;
+  }
+  uv_run(&f.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(f.done_calls, started, "every started runner finished exactly once");
+  keel_retry_budget_free(budget);
+  cr_assert_eq(uv_loop_close(&f.loop), 0);
+}
+
+Test(retry_peers, allocation_failure_with_a_budget) {
+  kt_failmalloc_run(budget_alloc_scenario, NULL);
+  cr_expect_eq(kt_failmalloc_count(), 4, "the budget and three runners");
+}
