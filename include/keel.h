@@ -45,5 +45,7 @@
 #include "keel/idempotency.h"
 #include "keel/redis.h"
 #include "keel/breaker_shared.h"
+#include "keel/ratelimit.h"
+#include "keel/policy.h"
 
 #endif /* KEEL_H */
