@@ -44,6 +44,10 @@ int keel_verify_stop(keel_verify *v) {
     v->stopping = true;
     keel__vkick(v);
   }
+  /* no run needs the lease: another verifier may take over at once (a run
+   * going gives it up when it ends) */
+  if (v->lease && !v->running && !v->run_requested && (!v->lock_inflight || v->lock_cancel))
+    keel__vlease_release(v);
   return 0;
 }
 
@@ -100,6 +104,8 @@ void keel__vreport_run(keel_verify *v, int status) {
     v->st.runs_completed++;
   else
     v->st.runs_failed++;
+  v->run_fence = 0;
+  if (v->lease && !v->started && !v->run_requested) keel__vlease_release(v);
   if (v->o.on_run_done) v->o.on_run_done(v, status, v->o.data);
 }
 
@@ -232,7 +238,7 @@ static keel__vview view(const keel_verify *v) {
       .batch_size = v->o.batch_size,
   };
   /* the session that held the lock is gone (a new one may have come up) */
-  s.lock_session_changed = v->o.leader_lock && v->leader && v->running &&
+  s.lock_session_changed = v->o.leader_lock && !v->lease && v->leader && v->running &&
                            keel_pg_backend_pid(v->lock_conn) != v->lock_pid;
   return s;
 }
