@@ -286,7 +286,7 @@ typedef struct keel_listener_stats {
   double latency_p50_us; /* change time → handler */
   double latency_p99_us;
   double latency_max_us;
-  bool active;           /* gauge */
+  bool active; /* gauge */
   /* self-probe: one NOTIFY round trip through the listener's own channel */
   uint64_t probes_sent;     /* counter: probe NOTIFYs committed */
   uint64_t probes_received; /* counter: probes that came back (late ones included) */

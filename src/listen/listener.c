@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <libpq-fe.h>
 #include <sys/time.h>
 
 #include "core/alloc.h"
@@ -625,8 +626,7 @@ static void become_active_at(keel_listener *l, int64_t now_us) {
   uv_timer_start(l->beat_timer, on_beat, l->opts.heartbeat_ms > 0 ? l->opts.heartbeat_ms : 5000,
                  l->opts.heartbeat_ms > 0 ? l->opts.heartbeat_ms : 5000);
   /* the first probe of the session at once, then every probe_interval_ms */
-  if (l->probe_conn != NULL && !l->probe_out)
-    uv_timer_start(l->probe_timer, on_probe_timer, 0, 0);
+  if (l->probe_conn != NULL && !l->probe_out) uv_timer_start(l->probe_timer, on_probe_timer, 0, 0);
   drain_queue(l);
 }
 
@@ -755,8 +755,8 @@ static void probe_send(keel_listener *l) {
   snprintf(payload, sizeof payload, "%llu", (unsigned long long)(l->probe_seq + 1));
   const char *values[] = {l->probe_channel, payload};
   if (ctx == NULL || (*ctx = (probe_ctx){l, l->probe_seq + 1},
-                      keel_pg_query(l->probe_conn, "SELECT pg_catalog.pg_notify($1, $2)", 2,
-                                    values, on_probe_sent, ctx)) != 0) {
+                      keel_pg_query(l->probe_conn, "SELECT pg_catalog.pg_notify($1, $2)", 2, values,
+                                    on_probe_sent, ctx)) != 0) {
     keel__free(ctx);
     uv_timer_start(l->probe_timer, on_probe_timer, probe_interval(l), 0);
     return;
@@ -1350,6 +1350,36 @@ int keel_listener_off(keel_listener *l, const char *id) {
   return KEEL_ENOTFOUND;
 }
 
+/* The listener's conninfo with application_name + "/probe", so that the
+ * probe's session is told from the listener's in pg_stat_activity. NULL
+ * when it cannot be parsed or on OOM (the conninfo is then used as is). */
+static char *probe_conninfo(const char *conninfo) {
+  PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
+  if (opts == NULL) return NULL;
+  size_t cap = 64;
+  for (PQconninfoOption *o = opts; o->keyword != NULL; o++)
+    if (o->val != NULL) cap += strlen(o->keyword) + 2 * strlen(o->val) + 8;
+  char *out = keel__malloc(cap);
+  size_t at = 0;
+  for (PQconninfoOption *o = opts; out != NULL && o->keyword != NULL; o++) {
+    bool app = strcmp(o->keyword, "application_name") == 0;
+    if (o->val == NULL && !app) continue;
+    const char *val = o->val != NULL ? o->val : "";
+    at += (size_t)snprintf(out + at, cap - at, "%s='", o->keyword);
+    for (const char *c = val; *c; c++) {
+      if (*c == '\'' || *c == '\\') out[at++] = '\\';
+      out[at++] = *c;
+    }
+    if (app) {
+      at += (size_t)snprintf(out + at, cap - at, "/probe");
+    }
+    at += (size_t)snprintf(out + at, cap - at, "' ");
+  }
+  if (out != NULL) out[at] = '\0';
+  PQconninfoFree(opts);
+  return out;
+}
+
 int keel_listener_start(keel_listener *l) {
   if (l == NULL) return UV_EINVAL;
   if (l->closing) return KEEL_ECLOSING;
@@ -1373,7 +1403,10 @@ int keel_listener_start(keel_listener *l) {
     o.data = NULL;
     o.health_check_interval_ms = 0;
     o.query_timeout_ms = probe_timeout(l);
+    char *named = probe_conninfo(l->conninfo);
+    if (named != NULL) o.conninfo = named;
     rc = keel_pg_new(l->loop, &o, &probe);
+    keel__free(named);
     if (rc != 0) {
       l->conns_open++;
       l->handles_open++;

@@ -283,10 +283,9 @@ int keel__vlease_fence_sql(const keel_verify *v, uint64_t fence, char *buf, size
     at = put(buf, cap, 0, "false");
   } else {
     char quoted[140], num[24];
-    if (keel_pg_quote_ident(quoted, sizeof quoted,
-                            v->o.leader_table ? v->o.leader_table
-                                              : KEEL_VERIFY_DEFAULT_LEADER_TABLE,
-                            true) < 0)
+    if (keel_pg_quote_ident(
+            quoted, sizeof quoted,
+            v->o.leader_table ? v->o.leader_table : KEEL_VERIFY_DEFAULT_LEADER_TABLE, true) < 0)
       return UV_EINVAL;
     snprintf(num, sizeof num, "%" PRIu64, fence);
     at = put(buf, cap, at, "EXISTS (SELECT 1 FROM ");

@@ -220,10 +220,10 @@ int keel__vsql_build(keel__vsql *s, const keel_verify_opts *o, const char **why)
     return UV_EINVAL;
   }
   bool lease = o->leader_lock && o->leader_kind == KEEL_VERIFY_LEADER_LEASE;
-  if (lease && keel_pg_quote_ident(q.lease, sizeof q.lease,
-                                   o->leader_table ? o->leader_table
-                                                   : KEEL_VERIFY_DEFAULT_LEADER_TABLE,
-                                   true) < 0) {
+  if (lease &&
+      keel_pg_quote_ident(q.lease, sizeof q.lease,
+                          o->leader_table ? o->leader_table : KEEL_VERIFY_DEFAULT_LEADER_TABLE,
+                          true) < 0) {
     *why = "leader_table is not a valid identifier";
     return UV_EINVAL;
   }
@@ -357,8 +357,8 @@ int keel__vsql_build(keel__vsql *s, const keel_verify_opts *o, const char **why)
   if (s->batch_first == NULL || s->batch_next == NULL || s->max_key == NULL || s->lock == NULL ||
       (o->checkpoint_table != NULL && (s->ckpt_create == NULL || s->ckpt_load == NULL ||
                                        s->ckpt_save == NULL || s->ckpt_clear == NULL)) ||
-      (lease && (s->lease_create == NULL || s->lease_acquire == NULL ||
-                 s->lease_release == NULL || s->lease_check == NULL))) {
+      (lease && (s->lease_create == NULL || s->lease_acquire == NULL || s->lease_release == NULL ||
+                 s->lease_check == NULL))) {
     *why = "out of memory";
     rc = UV_ENOMEM;
     goto fail;

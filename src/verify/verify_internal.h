@@ -124,9 +124,9 @@ struct keel_verify {
   /* the lease (v->lease): lock_conn is owned (conninfo) or NULL (pool) */
   bool lease, lease_ready, lease_creating, renew_inflight, releasing;
   char owner[48];
-  char fence_text[24];     /* v->fence as text, for statements */
-  uint64_t fence;          /* held, 0 = none */
-  uint64_t run_fence;      /* the fence of the run going (0 = none) */
+  char fence_text[24]; /* v->fence as text, for statements */
+  uint64_t fence;      /* held, 0 = none */
+  uint64_t run_fence;  /* the fence of the run going (0 = none) */
   char run_fence_text[24];
   uint64_t lease_deadline; /* uv_now() after which this verifier no longer leads */
   uv_timer_t renewt, deadt;
