@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "../pg/pgproxy.h"
 #include "keel/listen.h"
 #include "support/harness.h"
 
@@ -161,4 +162,72 @@ Test(listen_probe, no_probe_opens_no_second_session) {
   keel_listener_get_stats(f.l, &st);
   cr_expect_eq(st.probes_sent, 0);
   pfx_finish(&f);
+}
+
+/* ---- a proxy that drops notifications: deaf, then heard again ------------------- */
+
+static int gaps;
+
+static void count_gap(keel_listener *l, uint64_t ms, void *data) {
+  (void)l, (void)ms, (void)data;
+  gaps++;
+}
+
+static bool one_probe_back(void *ctx) {
+  pfx *f = ctx;
+  keel_listener_stats st;
+  keel_listener_get_stats(f->l, &st);
+  return st.probes_received >= 1 && keel_listener_is_active(f->l);
+}
+
+static bool hearing_again(void *ctx) {
+  pfx *f = ctx;
+  keel_listener_stats st;
+  keel_listener_get_stats(f->l, &st);
+  return st.hearing && keel_listener_is_active(f->l);
+}
+
+Test(listen_probe, dropped_notifications_deaf_then_recovers) {
+  pfx f;
+  memset(&f, 0, sizeof f);
+  cr_assert_eq(uv_loop_init(&f.loop), 0);
+  char via[512];
+  pgproxy *proxy = pgproxy_start(&f.loop, kt_pg_conninfo(), via, sizeof via);
+  keel_listener_opts o;
+  keel_listener_opts_init(&o);
+  o.conninfo = via;
+  o.on_error = on_error;
+  o.on_gap = count_gap;
+  o.data = &f;
+  o.probe_interval_ms = 100;
+  o.probe_timeout_ms = 800;
+  keel_backoff_fixed(&o.reconnect_backoff, 50);
+  gaps = 0;
+  cr_assert_eq(keel_listener_new(&f.loop, &o, &f.l), 0);
+  cr_assert_eq(keel_listener_start(f.l), 0);
+  cr_assert(kt_wait_for(&f.loop, one_probe_back, &f, 10000), "%s", keel_listener_last_error(f.l));
+  cr_expect_eq(f.not_hearing, 0);
+
+  /* the proxy loses every notification from now on */
+  pgproxy_drop_notifications(proxy, true);
+  cr_assert(kt_wait_for(&f.loop, said_not_hearing, &f, 10000), "no KEEL_ENOTHEARING: %s",
+            keel_listener_last_error(f.l));
+  cr_expect_gt(pgproxy_dropped(proxy), 0);
+  cr_expect_not(keel_listener_is_active(f.l));
+  keel_listener_stats st;
+  keel_listener_get_stats(f.l, &st);
+  cr_expect_not(st.hearing);
+  cr_expect_geq(st.probes_missed, 1);
+  cr_expect(strstr(keel_listener_last_error(f.l), "not hearing") != NULL, "%s",
+            keel_listener_last_error(f.l));
+
+  /* heard again: active once a probe comes back, after a gap event */
+  pgproxy_drop_notifications(proxy, false);
+  cr_assert(kt_wait_for(&f.loop, hearing_again, &f, 15000), "did not recover: %s",
+            keel_listener_last_error(f.l));
+  cr_expect_geq(gaps, 1, "no gap reported for the deaf time");
+  keel_listener_close(f.l, on_closed, &f);
+  cr_expect(kt_wait_for(&f.loop, is_closed, &f, 5000));
+  pgproxy_stop(proxy);
+  kt_loop_finish(&f.loop);
 }
