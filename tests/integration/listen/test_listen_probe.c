@@ -82,7 +82,8 @@ Test(listen_probe, direct_stays_active_and_reports_lag) {
   cr_expect(st.hearing);
   cr_expect_eq(st.probes_missed, 0);
   cr_expect_eq(f.not_hearing, 0, "%s", keel_listener_last_error(f.l));
-  cr_expect_geq(st.probes_sent, st.probes_received);
+  /* a probe may come back before its sender's own reply is read */
+  cr_expect_geq(st.probes_sent + 1, st.probes_received);
   cr_expect_gt(st.probe_lag_last_us, 0.0);
   cr_expect_gt(st.probe_lag_p50_us, 0.0);
   cr_expect_geq(st.probe_lag_p99_us, st.probe_lag_p50_us);
