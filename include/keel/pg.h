@@ -132,30 +132,71 @@ typedef void (*keel_pg_state_cb)(keel_pg *c, bool up, int status, void *data);
 typedef void (*keel_pg_notify_cb)(keel_pg *c, const char *channel, const char *payload,
                                   int sender_pid, void *data);
 
+/*
+ * How keel_pg_query_cached() sends its statements (keel_pg_query() always
+ * sends unnamed ones, which work everywhere):
+ *   KEEL_PG_STATEMENTS_AUTO     (default) named prepared statements, until
+ *                               the server says it does not know one of
+ *                               them or already has it (SQLSTATE 26000 /
+ *                               42P05: a transaction pooler such as PgBouncer
+ *                               in `pool_mode = transaction` routed the
+ *                               statement to another server connection).
+ *                               From then on the connection (and every
+ *                               connection of its pool) sends unnamed
+ *                               statements only, for the rest of its life.
+ *                               The statement that showed it is sent again,
+ *                               unnamed, once, when it certainly did not
+ *                               run (the error came from Parse/Bind, outside
+ *                               a transaction block); inside a block it
+ *                               fails with KEEL_ECONN instead (see
+ *                               keel_pg_result_cb). Counted in
+ *                               keel_pg_stats.statement_retries.
+ *   KEEL_PG_STATEMENTS_NAMED    named prepared statements always, no
+ *                               detection: for direct connections and
+ *                               session-mode poolers only.
+ *   KEEL_PG_STATEMENTS_UNNAMED  unnamed statements only, no session state
+ *                               assumed (pgx's QueryExecModeExec, Prisma's
+ *                               pgbouncer=true): use it behind a transaction
+ *                               pooler.
+ * A name keel prepares ("keel_<hash of the text>_<nonce>") is unique to the
+ * statement's text and to the connection's session (a random 64-bit nonce
+ * drawn at every connect): a name never stands for another text, also when
+ * processes behind one pooler share a server connection. See
+ * docs/poolers.md.
+ */
+typedef enum keel_pg_statement_mode {
+  KEEL_PG_STATEMENTS_AUTO = 0,
+  KEEL_PG_STATEMENTS_NAMED,
+  KEEL_PG_STATEMENTS_UNNAMED
+} keel_pg_statement_mode;
+
 typedef struct keel_pg_opts {
-  const char *conninfo;              /* libpq connection string or URI; required */
-  uint32_t connect_timeout_ms;       /* default 5000 (0 = 5000) */
-  uint32_t query_timeout_ms;         /* per query, counted from keel_pg_query(); 0 = none
-                                        (default). A sent statement that expires resets
-                                        the connection (PQcancel would block the loop). */
-  uint32_t health_check_interval_ms; /* idle `SELECT 1` probe with a connect_timeout_ms
-                                        deadline; default 10000; 0 = off */
-  uint32_t keepalive_idle_s;         /* TCP keepalive idle seconds; default 10 (0 = 10).
-                                        Added as libpq keepalives params (probes every 5 s);
-                                        keepalive settings in conninfo win */
-  keel_backoff reconnect_backoff;    /* default full jitter 100 ms x2, cap 10000 ms */
-  bool reconnect;                    /* default true */
-  bool pipeline;                     /* default true (when libpq supports it) */
-  keel_pg_state_cb on_state;         /* may be NULL */
-  keel_pg_notify_cb on_notify;       /* may be NULL */
-  void *data;                        /* passed to on_state and on_notify */
-  uint32_t max_pending;              /* statements waiting to be sent (queued while
-                                        disconnected, or behind the one in flight without
-                                        pipelining): keel_pg_query() returns KEEL_EFULL
-                                        beyond; default 100000 (0 = 100000) */
-  bool retry_permanent_errors;       /* default false: stop reconnecting after KEEL_EAUTH or
-                                        KEEL_ENODB; true: keep retrying with the backoff */
-  uint64_t reserved_[8];             /* ABI room: zero (opts_init does); never set */
+  const char *conninfo;                  /* libpq connection string or URI; required */
+  uint32_t connect_timeout_ms;           /* default 5000 (0 = 5000) */
+  uint32_t query_timeout_ms;             /* per query, counted from keel_pg_query(); 0 = none
+                                            (default). A sent statement that expires resets
+                                            the connection (PQcancel would block the loop). */
+  uint32_t health_check_interval_ms;     /* idle `SELECT 1` probe with a connect_timeout_ms
+                                            deadline; default 10000; 0 = off */
+  uint32_t keepalive_idle_s;             /* TCP keepalive idle seconds; default 10 (0 = 10).
+                                            Added as libpq keepalives params (probes every 5 s);
+                                            keepalive settings in conninfo win */
+  keel_backoff reconnect_backoff;        /* default full jitter 100 ms x2, cap 10000 ms */
+  bool reconnect;                        /* default true */
+  bool pipeline;                         /* default true (when libpq supports it) */
+  keel_pg_state_cb on_state;             /* may be NULL */
+  keel_pg_notify_cb on_notify;           /* may be NULL */
+  void *data;                            /* passed to on_state and on_notify */
+  uint32_t max_pending;                  /* statements waiting to be sent (queued while
+                                            disconnected, or behind the one in flight without
+                                            pipelining): keel_pg_query() returns KEEL_EFULL
+                                            beyond; default 100000 (0 = 100000) */
+  bool retry_permanent_errors;           /* default false: stop reconnecting after KEEL_EAUTH or
+                                            KEEL_ENODB; true: keep retrying with the backoff */
+  keel_pg_statement_mode statement_mode; /* default KEEL_PG_STATEMENTS_AUTO; set
+                                            KEEL_PG_STATEMENTS_UNNAMED behind a
+                                            transaction pooler (docs/poolers.md) */
+  uint64_t reserved_[8];                 /* ABI room: zero (opts_init does); never set */
 } keel_pg_opts;
 
 /* Zeroes *opts (reserved_ included) and fills the defaults above.
@@ -252,17 +293,21 @@ KEEL_EXTERN const char *keel_pg_last_error(const keel_pg *c);
 KEEL_EXTERN int keel_pg_reset(keel_pg *c);
 
 typedef struct keel_pg_stats {
-  uint64_t queries;      /* counter: statements completed (any status; health probes
-                            not included) */
-  uint64_t errors;       /* counter: statements failed with KEEL_EPG */
-  uint64_t connects;     /* counter: successful connects */
-  uint64_t disconnects;  /* counter: connection losses */
-  uint64_t reconnects;   /* counter: reconnect attempts */
-  uint64_t in_flight;    /* gauge: statements sent, result not yet in */
-  uint64_t queued;       /* gauge: statements waiting to be sent (<= opts.max_pending) */
-  bool connected;        /* gauge */
-  uint64_t in_doubt;     /* counter: statements that got KEEL_EINDOUBT */
-  uint64_t reserved_[8]; /* ABI room: filled with zero */
+  uint64_t queries;           /* counter: statements completed (any status; health probes
+                                 not included) */
+  uint64_t errors;            /* counter: statements failed with KEEL_EPG */
+  uint64_t connects;          /* counter: successful connects */
+  uint64_t disconnects;       /* counter: connection losses */
+  uint64_t reconnects;        /* counter: reconnect attempts */
+  uint64_t in_flight;         /* gauge: statements sent, result not yet in */
+  uint64_t queued;            /* gauge: statements waiting to be sent (<= opts.max_pending) */
+  bool connected;             /* gauge */
+  uint64_t in_doubt;          /* counter: statements that got KEEL_EINDOUBT */
+  uint64_t statement_retries; /* counter: statements sent again unnamed after the server did
+                                 not know their prepared name (AUTO statement mode) */
+  bool unnamed;               /* gauge: keel_pg_query_cached() sends unnamed statements
+                                 (statement_mode UNNAMED, or AUTO after detection) */
+  uint64_t reserved_[8];      /* ABI room: filled with zero */
 } keel_pg_stats;
 
 /* Fills *out (reserved_ with zero). Does nothing when c or out is NULL.
@@ -438,19 +483,23 @@ KEEL_EXTERN int keel_pg_pool_transaction(keel_pg_pool *pool, keel_pg_isolation i
 KEEL_EXTERN void keel_pg_tx_finish(keel_pg_tx *tx, int status);
 
 typedef struct keel_pg_pool_stats {
-  uint64_t queries;          /* counter: pool queries completed (any status) */
-  uint64_t errors;           /* counter: pool queries failed with KEEL_EPG */
-  uint64_t reconnects;       /* counter, summed over connections */
-  uint64_t transactions;     /* counter: committed */
-  uint64_t rollbacks;        /* counter: transactions that got a connection and
-                                ended without committing (in doubt excluded) */
-  uint64_t in_flight;        /* gauge: statements sent, summed over connections */
-  uint64_t waiting;          /* gauge: queries/acquires/transactions waiting */
-  unsigned connected;        /* gauge: connections up */
-  unsigned size;             /* configured size */
-  uint64_t in_doubt;         /* counter: transactions whose COMMIT outcome is unknown */
-  uint64_t acquire_timeouts; /* counter: waiters failed with UV_ETIMEDOUT */
-  uint64_t reserved_[8];     /* ABI room: filled with zero */
+  uint64_t queries;           /* counter: pool queries completed (any status) */
+  uint64_t errors;            /* counter: pool queries failed with KEEL_EPG */
+  uint64_t reconnects;        /* counter, summed over connections */
+  uint64_t transactions;      /* counter: committed */
+  uint64_t rollbacks;         /* counter: transactions that got a connection and
+                                 ended without committing (in doubt excluded) */
+  uint64_t in_flight;         /* gauge: statements sent, summed over connections */
+  uint64_t waiting;           /* gauge: queries/acquires/transactions waiting */
+  unsigned connected;         /* gauge: connections up */
+  unsigned size;              /* configured size */
+  uint64_t in_doubt;          /* counter: transactions whose COMMIT outcome is unknown */
+  uint64_t acquire_timeouts;  /* counter: waiters failed with UV_ETIMEDOUT */
+  uint64_t statement_retries; /* counter, summed over connections (keel_pg_stats) */
+  bool unnamed;               /* gauge: the members send unnamed statements only
+                                 (conn.statement_mode UNNAMED, or AUTO after one
+                                 member detected a transaction pooler) */
+  uint64_t reserved_[8];      /* ABI room: filled with zero */
 } keel_pg_pool_stats;
 
 /* Fills *out (every field, reserved_ zeroed). NULL-safe (does nothing).
