@@ -98,7 +98,12 @@ KEEL_EXTERN void *keel_pg_result_raw(const keel_pg_result *res);
  *                   an open transaction block (or as BEGIN / ROLLBACK) whose
  *                   session was lost, so the server rolled it back; or a
  *                   statement of a block whose BEGIN failed or whose session
- *                   was lost before it could run (it never runs on another).
+ *                   was lost before it could run (it never runs on another);
+ *                   or (statement mode AUTO) sent by name inside a block
+ *                   on a server connection that did not know the name (a
+ *                   transaction pooler; SQLSTATE 26000 in res): it did not
+ *                   run, the block is aborted (end it with ROLLBACK) and
+ *                   can be run again, unnamed.
  *   KEEL_ESEND      libpq refused to send this statement (its message in
  *                   keel_pg_last_error(c)); nothing was sent, the connection
  *                   and the statements behind it go on.
@@ -254,9 +259,15 @@ KEEL_EXTERN int keel_pg_query(keel_pg *c, const char *sql, int nparams, const ch
  * per session (in the same pipelined write as its first execution) and
  * executed by name afterwards, which saves the server parsing and planning
  * it each time. Up to 64 distinct statements are cached per connection;
- * beyond that, and without pipeline mode, it behaves as keel_pg_query().
- * A failing PREPARE is reported as the statement's own error. Returns the
- * errors of keel_pg_query(). Loop thread only.
+ * beyond that, without pipeline mode, and once the connection sends
+ * unnamed statements (opts.statement_mode), it behaves as keel_pg_query().
+ * The name is unique to the text and to the session (keel_pg_statement_mode
+ * above): executed by name, it never runs another text. A failing PREPARE
+ * is reported as the statement's own error. In statement mode AUTO a name
+ * the server connection does not know (26000, a transaction pooler) makes
+ * the statement run again unnamed, once, outside a transaction block, and
+ * fail with KEEL_ECONN inside one. Returns the errors of keel_pg_query().
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams,
                                      const char *const *values, keel_pg_result_cb cb, void *data);
@@ -266,7 +277,10 @@ KEEL_EXTERN int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams,
 KEEL_EXTERN bool keel_pg_is_connected(const keel_pg *c);
 
 /* The backend process id of the current session, 0 when not connected or
- * c is NULL. Never fails. Loop thread only. */
+ * c is NULL. Through a pooler it is the pooler's cancel key for this
+ * client (any non-zero number), not a server process: ask the server
+ * (SELECT pg_backend_pid()) inside a transaction for that. Never fails.
+ * Loop thread only. */
 KEEL_EXTERN int keel_pg_backend_pid(const keel_pg *c);
 
 /* The underlying PGconn (a `PGconn *`, owned by keel, replaced at every
@@ -442,7 +456,10 @@ typedef void (*keel_pg_tx_fn)(keel_pg_tx *tx, keel_pg *conn, void *data);
  *                  answer: it may have committed. Not rolled back, not
  *                  committed as far as keel knows; never retry blindly.
  *   KEEL_ECONN     the connection was lost before COMMIT was sent: rolled
- *                  back by the server.
+ *                  back by the server; or a statement of the body failed
+ *                  with KEEL_ECONN (statement mode AUTO found a transaction
+ *                  pooler at it; sqlstate "26000"): rolled back, run it
+ *                  again.
  *   the user's error passed to keel_pg_tx_finish() (sqlstate as for
  *                  KEEL_EPG when a statement had failed); rolled back.
  *   UV_ETIMEDOUT   no connection within opts.acquire_timeout_ms.
