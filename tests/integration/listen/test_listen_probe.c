@@ -72,7 +72,7 @@ static bool three_probes_back(void *ctx) {
 
 Test(listen_probe, direct_stays_active_and_reports_lag) {
   pfx f;
-  pfx_start(&f, kt_pg_conninfo(), 100, 3000);
+  pfx_start(&f, kt_pg_direct_conninfo(), 100, 3000);
   cr_assert(kt_wait_for(&f.loop, three_probes_back, &f, 15000), "probes did not come back: %s",
             keel_listener_last_error(f.l));
   keel_listener_stats st;
@@ -104,10 +104,8 @@ static bool said_not_hearing(void *ctx) {
 }
 
 Test(listen_probe, pooler_reports_not_hearing) {
-  const char *pooler = getenv("KEEL_TEST_PG_POOLER");
-  if (pooler == NULL || pooler[0] == '\0') cr_skip_test("KEEL_TEST_PG_POOLER is not set");
   pfx f;
-  pfx_start(&f, pooler, 200, 1000);
+  pfx_start(&f, kt_pg_pooler_conninfo(), 200, 1000);
   /* the bound: connect, LISTEN, the first probe, then probe_timeout_ms */
   cr_assert(kt_wait_for(&f.loop, said_not_hearing, &f, 15000),
             "a listener behind a transaction pooler did not say it is deaf (errors %d, last %s: "
@@ -145,7 +143,7 @@ Test(listen_probe, no_probe_opens_no_second_session) {
   char conninfo[512];
   char app[64];
   kt_unique_name(app, sizeof app, "noprobe");
-  snprintf(conninfo, sizeof conninfo, "%s application_name=%s", kt_pg_conninfo(), app);
+  snprintf(conninfo, sizeof conninfo, "%s application_name=%s", kt_pg_direct_conninfo(), app);
   o.conninfo = conninfo;
   o.no_probe = true;
   o.on_error = on_error;
@@ -193,7 +191,7 @@ Test(listen_probe, dropped_notifications_deaf_then_recovers) {
   memset(&f, 0, sizeof f);
   cr_assert_eq(uv_loop_init(&f.loop), 0);
   char via[512];
-  pgproxy *proxy = pgproxy_start(&f.loop, kt_pg_conninfo(), via, sizeof via);
+  pgproxy *proxy = pgproxy_start(&f.loop, kt_pg_direct_conninfo(), via, sizeof via);
   keel_listener_opts o;
   keel_listener_opts_init(&o);
   o.conninfo = via;

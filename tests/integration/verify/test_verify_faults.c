@@ -301,6 +301,7 @@ Test(verify_faults, run_timeout_bounds_a_stuck_run) {
  * at once with the connection error (the fix-ups' late reports are stale),
  * and the next run, on a new session, is whole. */
 Test(verify_faults, backend_killed_mid_run) {
+  KT_SKIP_BEHIND_POOLER("kills the verifier's backend by pid");
   fx f;
   fx_init(&f, "vkill");
   make_ids(f.table, 40);

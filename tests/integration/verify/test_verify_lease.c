@@ -486,7 +486,7 @@ static int free_port(void) {
 }
 
 static int pg_port(void) {
-  const char *p = strstr(kt_pg_conninfo(), "port=");
+  const char *p = strstr(kt_pg_direct_conninfo(), "port=");
   cr_assert_not_null(p);
   return (int)strtol(p + 5, NULL, 10);
 }
@@ -647,9 +647,8 @@ static long wait_scalar(const char *fmt, const char *table, long want_at_least, 
 }
 
 Test(verify_lease, stalled_leader_is_fenced, .timeout = 120) {
-  const char *pooler = getenv("KEEL_TEST_PG_POOLER");
   memset(&g, 0, sizeof g);
-  snprintf(g.conninfo, sizeof g.conninfo, "%s", pooler && pooler[0] ? pooler : kt_pg_conninfo());
+  snprintf(g.conninfo, sizeof g.conninfo, "%s", kt_pg_pooler_conninfo());
   setup_tables(1);
   g.lifetime_ms = 60000;
   g.fix_delay_ms = 3000;

@@ -679,6 +679,7 @@ Test(verify_pg, leader_election_on_pools) {
 
 Test(verify_pg, leader_connection_loss_hands_over) {
   pair p;
+  KT_SKIP_BEHIND_POOLER("a session-level advisory lock, killed with its session");
   int64_t key = 0x5eef0000 + (int64_t)getpid();
   pair_kind = KEEL_VERIFY_LEADER_ADVISORY; /* a session's lock: lost with the session */
   setup_pair(&p, "vloss", key, 1500);      /* a ticks rarely after its first run */
