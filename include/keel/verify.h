@@ -288,15 +288,19 @@ KEEL_EXTERN int keel_verify_start(keel_verify *v);
  * fix-ups finish and ends with UV_ECANCELED (its checkpoint is saved); a
  * run requested but not begun yet ends with UV_ECANCELED too. Either way
  * on_run_done comes on a later loop iteration, never inside this call.
- * keel_verify_start() may be called again later. Returns 0, UV_EINVAL
+ * With the leader lease, the lease is given up (expired at once) as soon
+ * as no run needs it, so that another verifier takes over at its next
+ * tick. keel_verify_start() may be called again later. Returns 0, UV_EINVAL
  * (NULL) or KEEL_ECLOSING (after keel_verify_close()). Loop thread only.
  */
 KEEL_EXTERN int keel_verify_stop(keel_verify *v);
 
 /*
  * Starts a run on a later loop iteration, whether started or not (with
- * leader_lock, only if the lock is obtained). On 0, on_run_done is called
- * exactly once for it (unless another process holds the leader lock).
+ * leader_lock, only if the lease or lock is obtained; when not started,
+ * the lease is given up again when the run ends). On 0, on_run_done is
+ * called exactly once for it (unless another process holds the lease or
+ * lock).
  * Returns 0; KEEL_EINPROGRESS when a run is going or about to (counted in
  * runs_skipped, nothing else happens); UV_EINVAL (NULL); KEEL_ECLOSING
  * (after keel_verify_close()). Loop thread only.
@@ -415,8 +419,11 @@ KEEL_EXTERN const char *keel_verify_last_error(const keel_verify *v);
 /*
  * Stops everything: a run in progress or requested is dropped and reported
  * with on_run_done(UV_ECANCELED) on a later loop iteration, before cb;
- * fix-ups waiting for a slot or a retry are dropped, owned connections
- * close, and cb (may be NULL; its object argument is the freed v, for
+ * fix-ups waiting for a slot or a retry are dropped, a leader lease held
+ * is given up (with conninfo, the leader connection closes once that
+ * statement answers, within leader_ttl_ms; through a pool nobody waits
+ * for it), owned connections close, and cb (may be NULL; its object
+ * argument is the freed v, for
  * identity only) runs on a later loop iteration once every handle is
  * closed and every query of v has returned; after it uv_loop_close() can
  * succeed. No callback runs inside this call. Afterwards every call on v
