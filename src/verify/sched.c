@@ -245,6 +245,14 @@ static keel__vview view(const keel_verify *v) {
 
 void keel__vpump(keel_verify *v) {
   if (v->in_pump || v->closing) return;
+  /* the lease's deadline passed while the loop was busy (or the process
+   * stopped): no longer leader, before anything of the run moves on */
+  if (v->lease && v->leader && uv_now(v->loop) >= v->lease_deadline) {
+    keel__vlease_lost(v,
+                      "leader lease lost: not renewed in time (local deadline: renewal sent + "
+                      "leader_ttl_ms - leader_margin_ms)");
+    if (v->closing) return;
+  }
   v->in_pump = true;
   for (;;) {
     keel__vview s = view(v);
