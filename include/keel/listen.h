@@ -131,7 +131,11 @@ typedef void (*keel_listener_channel_cb)(keel_listener *l, const char *channel, 
 
 /* Something the listener cannot do right now, with the reason (also in
  * keel_listener_last_error()): a LISTEN that failed (the listener is
- * inactive and retries with reconnect_backoff); err UV_EINVAL: a filter the
+ * inactive and retries with reconnect_backoff); err KEEL_ENOTHEARING: its
+ * own probe NOTIFY did not arrive within probe_timeout_ms (behind a
+ * transaction pooler, a proxy that dropped LISTEN, a misrouted connection:
+ * the listener is inactive, LISTENs again after reconnect_backoff and is
+ * active again once a probe arrives); err UV_EINVAL: a filter the
  * table cannot answer (no such table or column, a value the column's type
  * cannot read, is.true/is.false on a non-boolean column; checked at every
  * connect, the listener stays inactive until the next connect or
@@ -154,7 +158,17 @@ typedef struct keel_listener_opts {
   keel_listener_gap_cb on_gap;     /* may be NULL */
   void *data;                      /* passed to on_gap and on_error */
   keel_listener_error_cb on_error; /* may be NULL */
-  uint64_t reserved_[8];           /* ABI room: zero (opts_init does); never set */
+  /* Self-probe (docs/listen.md, "Does it hear?"): while active, every
+   * probe_interval_ms a second connection of the listener (same conninfo)
+   * sends a NOTIFY with a unique payload on a channel only this listener
+   * LISTENs to ("keel_probe_" + random hex); it must reach the listening
+   * connection within probe_timeout_ms of its commit, else on_error gets
+   * KEEL_ENOTHEARING, the listener is inactive and LISTENs again after
+   * reconnect_backoff (active again only once a probe arrives). */
+  uint32_t probe_interval_ms; /* default 5000; 0 = the default */
+  uint32_t probe_timeout_ms;  /* default 5000; 0 = the default */
+  bool no_probe;              /* default false: true = no probe, no second connection */
+  uint64_t reserved_[8];      /* ABI room: zero (opts_init does); never set */
 } keel_listener_opts;
 
 /* Zeroes *opts and fills the defaults (NULL-safe). Thread-safe. */
@@ -272,7 +286,17 @@ typedef struct keel_listener_stats {
   double latency_p50_us; /* change time → handler */
   double latency_p99_us;
   double latency_max_us;
-  bool active;           /* gauge */
+  bool active; /* gauge */
+  /* self-probe: one NOTIFY round trip through the listener's own channel */
+  uint64_t probes_sent;     /* counter: probe NOTIFYs committed */
+  uint64_t probes_received; /* counter: probes that came back (late ones included) */
+  uint64_t probes_missed;   /* counter: probes not back within probe_timeout_ms
+                               (each reported as KEEL_ENOTHEARING) */
+  bool hearing;             /* gauge: the last probe came back in time (false before
+                               the first one and after a miss) */
+  double probe_lag_last_us; /* send → receipt of the last probe back, µs */
+  double probe_lag_p50_us;  /* over every probe back */
+  double probe_lag_p99_us;
   uint64_t reserved_[8]; /* ABI room: filled with zero */
 } keel_listener_stats;
 

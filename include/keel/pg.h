@@ -98,7 +98,12 @@ KEEL_EXTERN void *keel_pg_result_raw(const keel_pg_result *res);
  *                   an open transaction block (or as BEGIN / ROLLBACK) whose
  *                   session was lost, so the server rolled it back; or a
  *                   statement of a block whose BEGIN failed or whose session
- *                   was lost before it could run (it never runs on another).
+ *                   was lost before it could run (it never runs on another);
+ *                   or (statement mode AUTO) sent by name inside a block
+ *                   on a server connection that did not know the name (a
+ *                   transaction pooler; SQLSTATE 26000 in res): it did not
+ *                   run, the block is aborted (end it with ROLLBACK) and
+ *                   can be run again, unnamed.
  *   KEEL_ESEND      libpq refused to send this statement (its message in
  *                   keel_pg_last_error(c)); nothing was sent, the connection
  *                   and the statements behind it go on.
@@ -132,30 +137,71 @@ typedef void (*keel_pg_state_cb)(keel_pg *c, bool up, int status, void *data);
 typedef void (*keel_pg_notify_cb)(keel_pg *c, const char *channel, const char *payload,
                                   int sender_pid, void *data);
 
+/*
+ * How keel_pg_query_cached() sends its statements (keel_pg_query() always
+ * sends unnamed ones, which work everywhere):
+ *   KEEL_PG_STATEMENTS_AUTO     (default) named prepared statements, until
+ *                               the server says it does not know one of
+ *                               them or already has it (SQLSTATE 26000 /
+ *                               42P05: a transaction pooler such as PgBouncer
+ *                               in `pool_mode = transaction` routed the
+ *                               statement to another server connection).
+ *                               From then on the connection (and every
+ *                               connection of its pool) sends unnamed
+ *                               statements only, for the rest of its life.
+ *                               The statement that showed it is sent again,
+ *                               unnamed, once, when it certainly did not
+ *                               run (the error came from Parse/Bind, outside
+ *                               a transaction block); inside a block it
+ *                               fails with KEEL_ECONN instead (see
+ *                               keel_pg_result_cb). Counted in
+ *                               keel_pg_stats.statement_retries.
+ *   KEEL_PG_STATEMENTS_NAMED    named prepared statements always, no
+ *                               detection: for direct connections and
+ *                               session-mode poolers only.
+ *   KEEL_PG_STATEMENTS_UNNAMED  unnamed statements only, no session state
+ *                               assumed (pgx's QueryExecModeExec, Prisma's
+ *                               pgbouncer=true): use it behind a transaction
+ *                               pooler.
+ * A name keel prepares ("keel_<hash of the text>_<nonce>") is unique to the
+ * statement's text and to the connection's session (a random 64-bit nonce
+ * drawn at every connect): a name never stands for another text, also when
+ * processes behind one pooler share a server connection. See
+ * docs/poolers.md.
+ */
+typedef enum keel_pg_statement_mode {
+  KEEL_PG_STATEMENTS_AUTO = 0,
+  KEEL_PG_STATEMENTS_NAMED,
+  KEEL_PG_STATEMENTS_UNNAMED
+} keel_pg_statement_mode;
+
 typedef struct keel_pg_opts {
-  const char *conninfo;              /* libpq connection string or URI; required */
-  uint32_t connect_timeout_ms;       /* default 5000 (0 = 5000) */
-  uint32_t query_timeout_ms;         /* per query, counted from keel_pg_query(); 0 = none
-                                        (default). A sent statement that expires resets
-                                        the connection (PQcancel would block the loop). */
-  uint32_t health_check_interval_ms; /* idle `SELECT 1` probe with a connect_timeout_ms
-                                        deadline; default 10000; 0 = off */
-  uint32_t keepalive_idle_s;         /* TCP keepalive idle seconds; default 10 (0 = 10).
-                                        Added as libpq keepalives params (probes every 5 s);
-                                        keepalive settings in conninfo win */
-  keel_backoff reconnect_backoff;    /* default full jitter 100 ms x2, cap 10000 ms */
-  bool reconnect;                    /* default true */
-  bool pipeline;                     /* default true (when libpq supports it) */
-  keel_pg_state_cb on_state;         /* may be NULL */
-  keel_pg_notify_cb on_notify;       /* may be NULL */
-  void *data;                        /* passed to on_state and on_notify */
-  uint32_t max_pending;              /* statements waiting to be sent (queued while
-                                        disconnected, or behind the one in flight without
-                                        pipelining): keel_pg_query() returns KEEL_EFULL
-                                        beyond; default 100000 (0 = 100000) */
-  bool retry_permanent_errors;       /* default false: stop reconnecting after KEEL_EAUTH or
-                                        KEEL_ENODB; true: keep retrying with the backoff */
-  uint64_t reserved_[8];             /* ABI room: zero (opts_init does); never set */
+  const char *conninfo;                  /* libpq connection string or URI; required */
+  uint32_t connect_timeout_ms;           /* default 5000 (0 = 5000) */
+  uint32_t query_timeout_ms;             /* per query, counted from keel_pg_query(); 0 = none
+                                            (default). A sent statement that expires resets
+                                            the connection (PQcancel would block the loop). */
+  uint32_t health_check_interval_ms;     /* idle `SELECT 1` probe with a connect_timeout_ms
+                                            deadline; default 10000; 0 = off */
+  uint32_t keepalive_idle_s;             /* TCP keepalive idle seconds; default 10 (0 = 10).
+                                            Added as libpq keepalives params (probes every 5 s);
+                                            keepalive settings in conninfo win */
+  keel_backoff reconnect_backoff;        /* default full jitter 100 ms x2, cap 10000 ms */
+  bool reconnect;                        /* default true */
+  bool pipeline;                         /* default true (when libpq supports it) */
+  keel_pg_state_cb on_state;             /* may be NULL */
+  keel_pg_notify_cb on_notify;           /* may be NULL */
+  void *data;                            /* passed to on_state and on_notify */
+  uint32_t max_pending;                  /* statements waiting to be sent (queued while
+                                            disconnected, or behind the one in flight without
+                                            pipelining): keel_pg_query() returns KEEL_EFULL
+                                            beyond; default 100000 (0 = 100000) */
+  bool retry_permanent_errors;           /* default false: stop reconnecting after KEEL_EAUTH or
+                                            KEEL_ENODB; true: keep retrying with the backoff */
+  keel_pg_statement_mode statement_mode; /* default KEEL_PG_STATEMENTS_AUTO; set
+                                            KEEL_PG_STATEMENTS_UNNAMED behind a
+                                            transaction pooler (docs/poolers.md) */
+  uint64_t reserved_[8];                 /* ABI room: zero (opts_init does); never set */
 } keel_pg_opts;
 
 /* Zeroes *opts (reserved_ included) and fills the defaults above.
@@ -213,9 +259,15 @@ KEEL_EXTERN int keel_pg_query(keel_pg *c, const char *sql, int nparams, const ch
  * per session (in the same pipelined write as its first execution) and
  * executed by name afterwards, which saves the server parsing and planning
  * it each time. Up to 64 distinct statements are cached per connection;
- * beyond that, and without pipeline mode, it behaves as keel_pg_query().
- * A failing PREPARE is reported as the statement's own error. Returns the
- * errors of keel_pg_query(). Loop thread only.
+ * beyond that, without pipeline mode, and once the connection sends
+ * unnamed statements (opts.statement_mode), it behaves as keel_pg_query().
+ * The name is unique to the text and to the session (keel_pg_statement_mode
+ * above): executed by name, it never runs another text. A failing PREPARE
+ * is reported as the statement's own error. In statement mode AUTO a name
+ * the server connection does not know (26000, a transaction pooler) makes
+ * the statement run again unnamed, once, outside a transaction block, and
+ * fail with KEEL_ECONN inside one. Returns the errors of keel_pg_query().
+ * Loop thread only.
  */
 KEEL_EXTERN int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams,
                                      const char *const *values, keel_pg_result_cb cb, void *data);
@@ -225,7 +277,10 @@ KEEL_EXTERN int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams,
 KEEL_EXTERN bool keel_pg_is_connected(const keel_pg *c);
 
 /* The backend process id of the current session, 0 when not connected or
- * c is NULL. Never fails. Loop thread only. */
+ * c is NULL. Through a pooler it is the pooler's cancel key for this
+ * client (any non-zero number), not a server process: ask the server
+ * (SELECT pg_backend_pid()) inside a transaction for that. Never fails.
+ * Loop thread only. */
 KEEL_EXTERN int keel_pg_backend_pid(const keel_pg *c);
 
 /* The underlying PGconn (a `PGconn *`, owned by keel, replaced at every
@@ -252,17 +307,21 @@ KEEL_EXTERN const char *keel_pg_last_error(const keel_pg *c);
 KEEL_EXTERN int keel_pg_reset(keel_pg *c);
 
 typedef struct keel_pg_stats {
-  uint64_t queries;      /* counter: statements completed (any status; health probes
-                            not included) */
-  uint64_t errors;       /* counter: statements failed with KEEL_EPG */
-  uint64_t connects;     /* counter: successful connects */
-  uint64_t disconnects;  /* counter: connection losses */
-  uint64_t reconnects;   /* counter: reconnect attempts */
-  uint64_t in_flight;    /* gauge: statements sent, result not yet in */
-  uint64_t queued;       /* gauge: statements waiting to be sent (<= opts.max_pending) */
-  bool connected;        /* gauge */
-  uint64_t in_doubt;     /* counter: statements that got KEEL_EINDOUBT */
-  uint64_t reserved_[8]; /* ABI room: filled with zero */
+  uint64_t queries;           /* counter: statements completed (any status; health probes
+                                 not included) */
+  uint64_t errors;            /* counter: statements failed with KEEL_EPG */
+  uint64_t connects;          /* counter: successful connects */
+  uint64_t disconnects;       /* counter: connection losses */
+  uint64_t reconnects;        /* counter: reconnect attempts */
+  uint64_t in_flight;         /* gauge: statements sent, result not yet in */
+  uint64_t queued;            /* gauge: statements waiting to be sent (<= opts.max_pending) */
+  bool connected;             /* gauge */
+  uint64_t in_doubt;          /* counter: statements that got KEEL_EINDOUBT */
+  uint64_t statement_retries; /* counter: statements sent again unnamed after the server did
+                                 not know their prepared name (AUTO statement mode) */
+  bool unnamed;               /* gauge: keel_pg_query_cached() sends unnamed statements
+                                 (statement_mode UNNAMED, or AUTO after detection) */
+  uint64_t reserved_[8];      /* ABI room: filled with zero */
 } keel_pg_stats;
 
 /* Fills *out (reserved_ with zero). Does nothing when c or out is NULL.
@@ -397,7 +456,10 @@ typedef void (*keel_pg_tx_fn)(keel_pg_tx *tx, keel_pg *conn, void *data);
  *                  answer: it may have committed. Not rolled back, not
  *                  committed as far as keel knows; never retry blindly.
  *   KEEL_ECONN     the connection was lost before COMMIT was sent: rolled
- *                  back by the server.
+ *                  back by the server; or a statement of the body failed
+ *                  with KEEL_ECONN (statement mode AUTO found a transaction
+ *                  pooler at it; sqlstate "26000"): rolled back, run it
+ *                  again.
  *   the user's error passed to keel_pg_tx_done() (sqlstate as for
  *                  KEEL_EPG when a statement had failed); rolled back.
  *   UV_ETIMEDOUT   no connection within opts.acquire_timeout_ms.
@@ -444,19 +506,23 @@ KEEL_EXTERN void keel_pg_tx_done(keel_pg_tx *tx, int status);
 KEEL_EXTERN void keel_pg_tx_finish(keel_pg_tx *tx, int status);
 
 typedef struct keel_pg_pool_stats {
-  uint64_t queries;          /* counter: pool queries completed (any status) */
-  uint64_t errors;           /* counter: pool queries failed with KEEL_EPG */
-  uint64_t reconnects;       /* counter, summed over connections */
-  uint64_t transactions;     /* counter: committed */
-  uint64_t rollbacks;        /* counter: transactions that got a connection and
-                                ended without committing (in doubt excluded) */
-  uint64_t in_flight;        /* gauge: statements sent, summed over connections */
-  uint64_t waiting;          /* gauge: queries/acquires/transactions waiting */
-  unsigned connected;        /* gauge: connections up */
-  unsigned size;             /* configured size */
-  uint64_t in_doubt;         /* counter: transactions whose COMMIT outcome is unknown */
-  uint64_t acquire_timeouts; /* counter: waiters failed with UV_ETIMEDOUT */
-  uint64_t reserved_[8];     /* ABI room: filled with zero */
+  uint64_t queries;           /* counter: pool queries completed (any status) */
+  uint64_t errors;            /* counter: pool queries failed with KEEL_EPG */
+  uint64_t reconnects;        /* counter, summed over connections */
+  uint64_t transactions;      /* counter: committed */
+  uint64_t rollbacks;         /* counter: transactions that got a connection and
+                                 ended without committing (in doubt excluded) */
+  uint64_t in_flight;         /* gauge: statements sent, summed over connections */
+  uint64_t waiting;           /* gauge: queries/acquires/transactions waiting */
+  unsigned connected;         /* gauge: connections up */
+  unsigned size;              /* configured size */
+  uint64_t in_doubt;          /* counter: transactions whose COMMIT outcome is unknown */
+  uint64_t acquire_timeouts;  /* counter: waiters failed with UV_ETIMEDOUT */
+  uint64_t statement_retries; /* counter, summed over connections (keel_pg_stats) */
+  bool unnamed;               /* gauge: the members send unnamed statements only
+                                 (conn.statement_mode UNNAMED, or AUTO after one
+                                 member detected a transaction pooler) */
+  uint64_t reserved_[8];      /* ABI room: filled with zero */
 } keel_pg_pool_stats;
 
 /* Fills *out (every field, reserved_ zeroed). NULL-safe (does nothing).

@@ -8,7 +8,11 @@
  * problems it finds; an asynchronous fix-up repairs invalid rows, at most
  * fix_concurrency at a time, retried with a backoff policy and bounded by a
  * timeout. Two runs never overlap; with leader_lock on, only the process
- * holding a PostgreSQL advisory lock runs the job; an optional checkpoint
+ * holding the job's lease (a row in a table keel creates, with an expiry by
+ * the server's clock and a fencing counter; safe through any pooler) runs
+ * the job, or, with KEEL_VERIFY_LEADER_ADVISORY, the process holding a
+ * session-level advisory lock (direct or session-pooled connections only);
+ * an optional checkpoint
  * table lets a long run resume after a restart. Statistics are kept for
  * dashboards.
  *
@@ -55,6 +59,22 @@ extern "C" {
 #define KEEL_VERIFY_MAX_CODES 128
 
 typedef struct keel_verify keel_verify;
+
+/* How leader_lock elects the one process that runs. */
+typedef enum keel_verify_leader_kind {
+  /* Default: a lease row in opts.leader_table (name = the job, owner = a
+   * random id of this verifier, expires_at by the server's clock, fence +1
+   * on every takeover), taken with one INSERT ... ON CONFLICT DO UPDATE
+   * statement, renewed every leader_ttl_ms / 3, taken over only once
+   * expired. No session state: safe through transaction poolers. */
+  KEEL_VERIFY_LEADER_LEASE = 0,
+  /* The session-level advisory lock of earlier versions, on a dedicated
+   * connection. Meaningless through a transaction pooler. */
+  KEEL_VERIFY_LEADER_ADVISORY = 1
+} keel_verify_leader_kind;
+
+/* Default table of the leader lease. */
+#define KEEL_VERIFY_DEFAULT_LEADER_TABLE "keel_verify_leader"
 typedef struct keel_verify_row keel_verify_row;
 typedef struct keel_verify_fix keel_verify_fix;
 
@@ -136,7 +156,10 @@ typedef void (*keel_verify_fix_fn)(keel_verify *v, keel_verify_fix *fix, const k
  *   KEEL_ENODB      passed on from a statement of the run;
  *   UV_ETIMEDOUT    also when run_timeout_ms passed (runs_timed_out counts
  *                   those);
- *   KEEL_ENOTLEADER the leader lock was lost during the run;
+ *   KEEL_ENOTLEADER the leader lock or lease was lost during the run (a
+ *                   lease: not renewed before the local deadline, taken
+ *                   over, or the fenced end-of-run statement found it
+ *                   gone: the run's results were not committed);
  *   UV_ENOMEM       out of memory;
  *   UV_EINVAL       an id column is missing from the result or NULL;
  *   UV_ECANCELED    keel_verify_stop() (the run ended early) or
@@ -152,10 +175,12 @@ typedef void (*keel_verify_run_cb)(keel_verify *v, int status, void *data);
 typedef struct keel_verify_opts {
   /* Where to read: a pool (borrowed; must outlive the verifier) or a
    * connection string (the verifier opens its own connection). At least one
-   * is required; the pool wins when both are set. With leader_lock the
-   * lock lives on a dedicated connection: its own one from conninfo when
-   * set, else one connection held from the pool for the verifier's life
-   * (the pool then needs at least 2 connections). */
+   * is required; the pool wins when both are set. With leader_lock and a
+   * conninfo the leader's statements go on a second connection of the
+   * verifier (so that a long batch cannot delay a renewal); with a pool,
+   * the lease's statements go through the pool, while the advisory lock
+   * (KEEL_VERIFY_LEADER_ADVISORY) holds one pool connection for the
+   * verifier's life (the pool then needs at least 2 connections). */
   keel_pg_pool *pool;
   const char *conninfo;
 
@@ -179,8 +204,9 @@ typedef struct keel_verify_opts {
   keel_backoff fix_backoff;         /* default exponential 100 ms x2, cap 10000 ms */
   uint64_t fix_timeout_ms;          /* per attempt, default 30000; 0 = none */
 
-  bool leader_lock;        /* default false: run only while holding the lock */
-  int64_t leader_lock_key; /* advisory lock key; 0 (default) = derived from table */
+  bool leader_lock;        /* default false: run only while leader (leader_kind) */
+  int64_t leader_lock_key; /* advisory lock key (KEEL_VERIFY_LEADER_ADVISORY only);
+                              0 (default) = derived from table */
 
   const char *checkpoint_table; /* NULL (default) = no checkpoint; created if missing */
   const char *job_name;         /* checkpoint row key; default = table */
@@ -196,7 +222,20 @@ typedef struct keel_verify_opts {
   unsigned fix_max_waiting; /* fix-ups waiting for a retry, default 10000; 0 = the
                                default. A failed fix-up beyond it is not retried:
                                counted in fixes_failed and fixes_dropped */
-  uint64_t reserved_[8];    /* ABI room: zero (opts_init does); never set */
+  /* Leader election with leader_lock (docs/verify.md, "Leader election"). */
+  keel_verify_leader_kind leader_kind; /* default KEEL_VERIFY_LEADER_LEASE */
+  const char *leader_table;            /* lease table, "name" or "schema.name"; created if
+                                          missing; NULL (default) =
+                                          KEEL_VERIFY_DEFAULT_LEADER_TABLE. The lease's
+                                          row is named job_name (default: table) */
+  uint64_t leader_ttl_ms;              /* lease lifetime from each renewal, by the server's
+                                          clock; default 10000, >= 100; 0 = the default.
+                                          Renewed every leader_ttl_ms / 3 */
+  uint64_t leader_margin_ms;           /* the leader stops considering itself leader at
+                                          renewal send time + ttl - margin (its own clock),
+                                          before the lease can expire on the server;
+                                          default ttl / 5, < ttl / 2; 0 = the default */
+  uint64_t reserved_[8];               /* ABI room: zero (opts_init does); never set */
 } keel_verify_opts;
 
 /* Zeroes the whole struct (reserved_ included), then fills the defaults
@@ -249,15 +288,19 @@ KEEL_EXTERN int keel_verify_start(keel_verify *v);
  * fix-ups finish and ends with UV_ECANCELED (its checkpoint is saved); a
  * run requested but not begun yet ends with UV_ECANCELED too. Either way
  * on_run_done comes on a later loop iteration, never inside this call.
- * keel_verify_start() may be called again later. Returns 0, UV_EINVAL
+ * With the leader lease, the lease is given up (expired at once) as soon
+ * as no run needs it, so that another verifier takes over at its next
+ * tick. keel_verify_start() may be called again later. Returns 0, UV_EINVAL
  * (NULL) or KEEL_ECLOSING (after keel_verify_close()). Loop thread only.
  */
 KEEL_EXTERN int keel_verify_stop(keel_verify *v);
 
 /*
  * Starts a run on a later loop iteration, whether started or not (with
- * leader_lock, only if the lock is obtained). On 0, on_run_done is called
- * exactly once for it (unless another process holds the leader lock).
+ * leader_lock, only if the lease or lock is obtained; when not started,
+ * the lease is given up again when the run ends). On 0, on_run_done is
+ * called exactly once for it (unless another process holds the lease or
+ * lock).
  * Returns 0; KEEL_EINPROGRESS when a run is going or about to (counted in
  * runs_skipped, nothing else happens); UV_EINVAL (NULL); KEEL_ECLOSING
  * (after keel_verify_close()). Loop thread only.
@@ -281,6 +324,30 @@ KEEL_EXTERN int keel_verify_fix_done(keel_verify_fix *fix, int status);
 /* The attempt number (1 for the first try) of a fix handle, 0 for NULL.
  * Loop thread only. */
 KEEL_EXTERN unsigned keel_verify_fix_attempt(const keel_verify_fix *fix);
+
+/* The fencing token of the lease under which the fix-up's run started; 0
+ * for NULL, without leader_lock, with KEEL_VERIFY_LEADER_ADVISORY, or once
+ * the handle is detached (timed out, run ended, verifier closed). Loop
+ * thread only. */
+KEEL_EXTERN uint64_t keel_verify_fix_fence(const keel_verify_fix *fix);
+
+/*
+ * Writes into buf a SQL boolean condition that is true only while the
+ * lease this fix-up's run started under is still held by this verifier
+ * with the same fence and has not expired on the server's clock; put it in
+ * the WHERE of the fix-up's write (`UPDATE t SET ... WHERE id = $1 AND
+ * <condition>`) so that a fix-up of a leader that lost its lease changes
+ * nothing (0 rows). The condition locks the lease row FOR SHARE until the
+ * transaction ends, so a takeover waits for the write. Values are
+ * literals (escape-string syntax); identifiers are quoted. Without a lease
+ * (no leader_lock, or KEEL_VERIFY_LEADER_ADVISORY) it is "true"; for a
+ * detached handle "false".
+ * Returns the length of the full condition (like snprintf; truncated to
+ * cap when longer: 300 bytes plus twice the job name's length are always
+ * enough), or UV_EINVAL for a NULL
+ * fix, or a NULL buf with cap > 0. Loop thread only.
+ */
+KEEL_EXTERN int keel_verify_fix_fence_sql(const keel_verify_fix *fix, char *buf, size_t cap);
 
 /* ---- stats -------------------------------------------------------------- */
 
@@ -313,7 +380,8 @@ typedef struct keel_verify_stats {
   uint64_t last_run_started_ms;  /* clock time of the last run start, 0 = never */
   uint64_t next_run_ms;          /* clock time of the next tick, 0 = not scheduled */
   bool running;                  /* gauge */
-  bool leader;                   /* gauge: holds the leader lock (true without leader_lock) */
+  bool leader;                   /* gauge: leads (holds the lease or lock; true without
+                                    leader_lock) */
   unsigned fixes_running;        /* gauge */
   unsigned fixes_pending;        /* gauge: fix-ups waiting for a slot or a retry */
   int last_status;               /* status of the last finished run */
@@ -326,6 +394,15 @@ typedef struct keel_verify_stats {
                               retried because fix_max_waiting were already waiting,
                               or dropped by a run that timed out or lost its
                               connection */
+  uint64_t leader_changes; /* counter: times this verifier became the leader (lease:
+                              a takeover, each with a new fence) */
+  uint64_t leases_lost;    /* counter: leadership lost without giving it up: the lease
+                              was not renewed before the local deadline, was taken
+                              over, or a fenced write found it gone */
+  uint64_t fence;          /* gauge: fencing token of the lease held, 0 = none (and
+                              always 0 with KEEL_VERIFY_LEADER_ADVISORY) */
+  uint64_t fenced_refused; /* counter: the verifier's fenced writes (checkpoint, end of
+                              run) refused because the lease was no longer held */
   uint64_t reserved_[8];   /* ABI room: filled with zero */
 } keel_verify_stats;
 
@@ -342,8 +419,11 @@ KEEL_EXTERN const char *keel_verify_last_error(const keel_verify *v);
 /*
  * Stops everything: a run in progress or requested is dropped and reported
  * with on_run_done(UV_ECANCELED) on a later loop iteration, before cb;
- * fix-ups waiting for a slot or a retry are dropped, owned connections
- * close, and cb (may be NULL; its object argument is the freed v, for
+ * fix-ups waiting for a slot or a retry are dropped, a leader lease held
+ * is given up (with conninfo, the leader connection closes once that
+ * statement answers, within leader_ttl_ms; through a pool nobody waits
+ * for it), owned connections close, and cb (may be NULL; its object
+ * argument is the freed v, for
  * identity only) runs on a later loop iteration once every handle is
  * closed and every query of v has returned; after it uv_loop_close() can
  * succeed. No callback runs inside this call. Afterwards every call on v

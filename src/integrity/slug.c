@@ -13,10 +13,14 @@ typedef struct slug_job {
   keel_slug_cb cb;
   void *data;
   char *insert_sql;
-  char **values; /* $1 base, $2 max length, the other columns, then the pid */
-  int nvalues;   /* including the pid slot */
+  char **values; /* $1 base, $2 max length, the other columns, then the token */
+  int nvalues;   /* including the token slot */
   char lock_key[512];
-  char pid[16]; /* the backend the statements are bound to */
+  /* The attempt's transaction: the lock statement sets it as a
+   * transaction-local setting and the INSERT checks it, so the INSERT
+   * never runs outside that transaction (a lost session, a pooler's other
+   * server connection). No session state: works through any pooler. */
+  char token[40];
   keel_pg *conn;
   int attempts;
   int pending;      /* statements queued whose callback is still due */
@@ -130,11 +134,6 @@ static void record(slug_job *job, keel_pg *conn, int status, const keel_pg_resul
 static void on_begin(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   slug_job *job = data;
   record(job, conn, status, res);
-  if (status == 0 && job->pid[0] == '\0') {
-    /* Connected only now: bind the rest to this session and send it. */
-    snprintf(job->pid, sizeof job->pid, "%d", keel_pg_backend_pid(conn));
-    send_rest(job, conn);
-  }
   stmt_done(job);
 }
 
@@ -184,20 +183,23 @@ static bool queue(slug_job *job, keel_pg *conn, const char *sql, int n, const ch
 }
 
 /* The lock, the INSERT, COMMIT AND CHAIN and ROLLBACK, after BEGIN. Each is
- * bound to the session BEGIN ran in: the INSERT inserts nothing on another
- * backend, and COMMIT AND CHAIN fails (25P01) outside a transaction block,
- * so none of them takes effect alone on a new session. The ROLLBACK ends
- * the chained transaction (a no-op elsewhere). */
+ * bound to the transaction BEGIN opened: the INSERT inserts nothing outside
+ * the transaction whose lock statement set the attempt's token, and COMMIT
+ * AND CHAIN fails (25P01) outside a transaction block, so none of them
+ * takes effect alone on a new session or another server connection. The
+ * ROLLBACK ends the chained transaction (a no-op elsewhere). */
 static void send_rest(slug_job *job, keel_pg *conn) {
-  const char *lock_params[] = {job->lock_key};
-  job->values[job->nvalues - 1] = job->pid;
+  const char *lock_params[] = {job->lock_key, job->token};
+  job->values[job->nvalues - 1] = job->token;
   /* The two-key form: its own lock space, apart from the user's
    * single-key advisory locks. */
-  queue(job, conn, "SELECT pg_advisory_xact_lock(hashtext('keel_slug'), hashtext($1))", 1,
-        lock_params, on_lock, true);
+  queue(job, conn,
+        "SELECT pg_advisory_xact_lock(hashtext('keel_slug'), hashtext($1)), "
+        "set_config('keel.slug_tx', $2, true)",
+        2, lock_params, on_lock, true);
   bool inserted_queued = queue(job, conn, job->insert_sql, job->nvalues,
                                (const char *const *)job->values, on_insert, true);
-  job->values[job->nvalues - 1] = NULL; /* job->pid is not owned by values */
+  job->values[job->nvalues - 1] = NULL; /* job->token is not owned by values */
   queue(job, conn, "COMMIT AND CHAIN", 0, NULL, on_commit, false);
   if (job->queue_error == 0) {
     queue(job, conn, "ROLLBACK", 0, NULL, on_end, false);
@@ -227,15 +229,12 @@ static void on_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *dat
   job->inserted = job->session_lost = job->needs_rollback = false;
   ig->stats.attempts++;
   ig->stats.slug_round_trips++; /* the statements go out in one write */
-  int pid = keel_pg_backend_pid(conn);
-  if (pid > 0)
-    snprintf(job->pid, sizeof job->pid, "%d", pid);
-  else
-    job->pid[0] = '\0'; /* not connected yet: the rest follows BEGIN */
+  unsigned char b[16];
+  keel__ig_random16(ig, b);
+  for (int i = 0; i < 16; i++) snprintf(job->token + 2 * i, 3, "%02x", b[i]);
   /* One extra count keeps settle() from running before this returns. */
   job->pending = 1;
-  if (queue(job, conn, "BEGIN", 0, NULL, on_begin, false) && job->pid[0] != '\0')
-    send_rest(job, conn);
+  if (queue(job, conn, "BEGIN", 0, NULL, on_begin, false)) send_rest(job, conn);
   job->pending--;
   if (job->pending == 0) settle(job); /* nothing was queued */
 }
@@ -298,7 +297,8 @@ int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_c
     keel__sql_add(&b, ", ");
     keel__sql_ident(&b, spec->columns[i], false);
   }
-  keel__sql_addf(&b, ") VALUES ((CASE WHEN pg_backend_pid() = $%d::int THEN ", spec->count + 3);
+  keel__sql_addf(&b, ") VALUES ((CASE WHEN current_setting('keel.slug_tx', true) = $%d::text THEN ",
+                 spec->count + 3);
   keel__sql_add(&b,
                 "(WITH RECURSIVE gallop(n) AS (SELECT 1 UNION ALL SELECT n * 2 "
                 "FROM gallop WHERE n < 1048576 AND ");
@@ -312,7 +312,7 @@ int keel_slug_insert(keel_integrity *ig, const keel_slug_spec *spec, keel_slug_c
   keel__sql_add(&b, " THEN hi ELSE (lo + hi) / 2 END FROM bisect WHERE hi - lo > 1) SELECT ");
   add_candidate(&b, "min(hi)");
   keel__sql_add(&b, " FROM bisect)");
-  /* Bound to the session of its BEGIN: on another backend it fails and
+  /* Bound to the transaction of its BEGIN: anywhere else it fails and
    * inserts nothing (and keel knows the transaction is gone). */
   keel__sql_add(&b, " ELSE ('keel_slug_session_lost ' || pg_backend_pid())::int::text END)");
   for (int i = 0; i < spec->count; i++) keel__sql_addf(&b, ", $%d", i + 3);

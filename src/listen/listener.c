@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <libpq-fe.h>
 #include <sys/time.h>
 
 #include "core/alloc.h"
@@ -99,6 +100,18 @@ struct keel_listener {
   void *close_data;
   keel_listener_stats stats;
   keel__histogram latency;
+  /* self-probe: a NOTIFY sent on probe_conn must come back on conn */
+  keel_pg *probe_conn;
+  uv_timer_t *probe_timer; /* next probe, or the deadline of the one out */
+  char probe_channel[48];
+  uint64_t probe_seq;       /* payload of the last probe sent */
+  uint64_t probe_sent_ns;   /* uv_hrtime() when it was sent */
+  bool probe_out;           /* sent, not back (nor missed) yet */
+  bool probe_committed;     /* its NOTIFY committed: the deadline runs */
+  bool deaf;                /* a probe was missed: active again once one comes back */
+  bool probe_gate;          /* LISTENs in place, waiting for a probe before going active */
+  unsigned misses_in_a_row; /* consecutive misses: every second one reconnects */
+  keel__histogram probe_lag;
   char last_error[KEEL__ERRBUF_SIZE];
 };
 
@@ -109,6 +122,16 @@ void keel_listener_opts_init(keel_listener_opts *opts) {
   opts->heartbeat_ms = 5000;
   opts->connect_timeout_ms = 5000;
   keel_backoff_full_jitter(&opts->reconnect_backoff, 100, 2.0, 5000);
+  opts->probe_interval_ms = 5000;
+  opts->probe_timeout_ms = 5000;
+}
+
+static uint32_t probe_interval(const keel_listener *l) {
+  return l->opts.probe_interval_ms ? l->opts.probe_interval_ms : 5000;
+}
+
+static uint32_t probe_timeout(const keel_listener *l) {
+  return l->opts.probe_timeout_ms ? l->opts.probe_timeout_ms : 5000;
 }
 
 #define KEEL__DAY_US INT64_C(86400000000)
@@ -350,6 +373,8 @@ static void become_active(keel_listener *l);
 static void on_beat(uv_timer_t *timer);
 static void begin_session(keel_listener *l);
 static void listen_added(keel_listener *l, const char *channel);
+static void probe_received(keel_listener *l, const char *payload);
+static void on_probe_timer(uv_timer_t *timer);
 
 static void on_notify(keel_pg *conn, const char *channel, const char *payload, int pid,
                       void *data) {
@@ -358,6 +383,10 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
   /* Nothing reaches handlers after close, or from a connection stopped
    * earlier. */
   if (l->closing || conn != l->conn) return;
+  if (l->probe_channel[0] != '\0' && strcmp(channel, l->probe_channel) == 0) {
+    probe_received(l, payload);
+    return;
+  }
   l->stats.received++;
   size_t payload_len = strlen(payload);
   for (size_t i = 0; i < l->raw_count; i++) {
@@ -596,6 +625,8 @@ static void become_active_at(keel_listener *l, int64_t now_us) {
   l->holding = false;
   uv_timer_start(l->beat_timer, on_beat, l->opts.heartbeat_ms > 0 ? l->opts.heartbeat_ms : 5000,
                  l->opts.heartbeat_ms > 0 ? l->opts.heartbeat_ms : 5000);
+  /* the first probe of the session at once, then every probe_interval_ms */
+  if (l->probe_conn != NULL && !l->probe_out) uv_timer_start(l->probe_timer, on_probe_timer, 0, 0);
   drain_queue(l);
 }
 
@@ -643,10 +674,129 @@ static void on_beat(uv_timer_t *timer) {
   if (l->sub_count > 0 && ++l->beats % 120 == 0) sweep_overflow(l);
 }
 
-static void become_active(keel_listener *l) {
+static void activate(keel_listener *l) {
   /* the server's time after the LISTENs: where the new session's coverage
    * begins (the gap window's end) */
   if (ask_server_time(l, false) != 0) become_active_at(l, wall_us());
+}
+
+/* ---- self-probe ------------------------------------------------------------ */
+
+static void probe_send(keel_listener *l);
+
+static void on_probe_timer(uv_timer_t *timer) {
+  keel_listener *l = timer->data;
+  if (l->closing || l->conn == NULL) return;
+  if (l->probe_out) {
+    if (l->probe_committed) {
+      /* committed probe_timeout_ms ago and not back: deaf */
+      l->stats.probes_missed++;
+      l->stats.hearing = false;
+      l->probe_out = false;
+      l->probe_gate = false;
+      l->deaf = true;
+      l->active = false;
+      l->listen_round++; /* LISTENs and checks of this round no longer count */
+      l->listens_outstanding = 0;
+      l->checks_outstanding = 0;
+      l->holding = true; /* nothing is delivered before the gap event */
+      uv_timer_stop(l->beat_timer);
+      if (l->ever_active && l->down_since_ms == 0) {
+        l->down_since_ms = uv_now(l->loop);
+        l->pending_from_us = l->caught_up_us;
+      }
+      keel__fail(l->last_error, KEEL_ENOTHEARING,
+                 "not hearing: its own NOTIFY on \"%s\" did not arrive within %u ms (a "
+                 "transaction pooler, a proxy that dropped LISTEN or a misrouted connection? the "
+                 "listener needs a direct or session-pooled connection); listening again",
+                 l->probe_channel, (unsigned)probe_timeout(l));
+      report_error(l, KEEL_ENOTHEARING);
+      if (l->closing || l->conn == NULL) return;
+      if (++l->misses_in_a_row % 2 == 0)
+        (void)keel_pg_reset(l->conn); /* a new session: on_state LISTENs again */
+      else
+        listen_retry_later(l);
+    }
+    return;
+  }
+  if (l->active || l->probe_gate) probe_send(l);
+}
+
+typedef struct probe_ctx {
+  keel_listener *l;
+  uint64_t seq;
+} probe_ctx;
+
+static void on_probe_sent(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  (void)conn;
+  (void)res;
+  probe_ctx *ctx = data;
+  keel_listener *l = ctx->l;
+  uint64_t seq = ctx->seq;
+  keel__free(ctx);
+  if (l->closing) return;
+  if (status == 0) l->stats.probes_sent++;
+  if (!l->probe_out || seq != l->probe_seq || l->conn == NULL) return;
+  if (status != 0) {
+    /* not sent: nothing can be judged; try again after the interval */
+    l->probe_out = false;
+    if (l->active || l->probe_gate)
+      uv_timer_start(l->probe_timer, on_probe_timer, probe_interval(l), 0);
+    return;
+  }
+  l->probe_committed = true;
+  uv_timer_start(l->probe_timer, on_probe_timer, probe_timeout(l), 0);
+}
+
+static void probe_send(keel_listener *l) {
+  if (l->probe_conn == NULL || l->probe_out) return;
+  probe_ctx *ctx = keel__malloc(sizeof *ctx);
+  char payload[24];
+  snprintf(payload, sizeof payload, "%llu", (unsigned long long)(l->probe_seq + 1));
+  const char *values[] = {l->probe_channel, payload};
+  if (ctx == NULL || (*ctx = (probe_ctx){l, l->probe_seq + 1},
+                      keel_pg_query(l->probe_conn, "SELECT pg_catalog.pg_notify($1, $2)", 2, values,
+                                    on_probe_sent, ctx)) != 0) {
+    keel__free(ctx);
+    uv_timer_start(l->probe_timer, on_probe_timer, probe_interval(l), 0);
+    return;
+  }
+  l->probe_seq++;
+  l->probe_out = true;
+  l->probe_committed = false;
+  l->probe_sent_ns = uv_hrtime();
+  uv_timer_stop(l->probe_timer); /* armed with the deadline once committed */
+}
+
+static void probe_received(keel_listener *l, const char *payload) {
+  char *end = NULL;
+  unsigned long long seq = strtoull(payload, &end, 10);
+  if (end == payload || *end != '\0') return; /* not ours */
+  l->stats.probes_received++;
+  if (!l->probe_out || seq != l->probe_seq) return; /* a late one, already judged */
+  uint64_t lag = uv_hrtime() - l->probe_sent_ns;
+  keel__histogram_record(&l->probe_lag, lag);
+  l->stats.probe_lag_last_us = (double)lag / 1000.0;
+  l->stats.hearing = true;
+  l->probe_out = false;
+  l->misses_in_a_row = 0;
+  uv_timer_start(l->probe_timer, on_probe_timer, probe_interval(l), 0);
+  if (l->probe_gate) {
+    l->probe_gate = false;
+    l->deaf = false;
+    activate(l);
+  }
+}
+
+/* Every LISTEN is in place. After a missed probe, a probe must come back
+ * first. */
+static void become_active(keel_listener *l) {
+  if (l->deaf && l->probe_conn != NULL) {
+    l->probe_gate = true;
+    if (!l->probe_out) probe_send(l);
+    return;
+  }
+  activate(l);
 }
 
 static int send_listen(keel_listener *l, const char *channel) {
@@ -681,6 +831,7 @@ static void listen_everything(keel_listener *l) {
   for (size_t i = 0; i < l->sub_count && rc == 0; i++)
     if (!channel_seen(l, i, l->subs[i]->channel)) rc = send_listen(l, l->subs[i]->channel);
   for (size_t i = 0; i < l->raw_count && rc == 0; i++) rc = send_listen(l, l->raws[i].channel);
+  if (rc == 0 && l->probe_conn != NULL) rc = send_listen(l, l->probe_channel);
   if (rc != 0) {
     l->listen_round++; /* what was sent of this round no longer counts */
     l->active = false;
@@ -1021,6 +1172,8 @@ static void on_state(keel_pg *conn, bool up, int status, void *data) {
   }
   uv_timer_stop(l->retry_timer);
   uv_timer_stop(l->beat_timer);
+  uv_timer_stop(l->probe_timer);
+  l->probe_out = l->probe_gate = false;
   if (l->ever_active && l->down_since_ms == 0) {
     l->down_since_ms = uv_now(l->loop);
     /* changes committed after the last moment we knew we were caught up
@@ -1033,6 +1186,7 @@ static void on_state(keel_pg *conn, bool up, int status, void *data) {
 }
 
 static void free_listener(keel_listener *l);
+static void on_conn_closed(void *object, void *data);
 
 static void on_handle_closed(uv_handle_t *handle) {
   keel_listener *l = handle->data;
@@ -1062,9 +1216,12 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
   l->conninfo = keel__strdup(opts->conninfo);
   l->retry_timer = keel__malloc(sizeof *l->retry_timer);
   l->beat_timer = keel__malloc(sizeof *l->beat_timer);
-  if (l->conninfo == NULL || l->retry_timer == NULL || l->beat_timer == NULL) {
+  l->probe_timer = keel__malloc(sizeof *l->probe_timer);
+  if (l->conninfo == NULL || l->retry_timer == NULL || l->beat_timer == NULL ||
+      l->probe_timer == NULL) {
     keel__free(l->retry_timer);
     keel__free(l->beat_timer);
+    keel__free(l->probe_timer);
     keel__free(l->conninfo);
     keel__free(l);
     return keel__why(why, cap, UV_ENOMEM, "out of memory");
@@ -1076,6 +1233,7 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
     if (rc != 0) {
       keel__free(l->retry_timer);
       keel__free(l->beat_timer);
+      keel__free(l->probe_timer);
       keel__free(l->conninfo);
       keel__free(l);
       return rc;
@@ -1085,7 +1243,17 @@ int keel_listener_new_ex(uv_loop_t *loop, const keel_listener_opts *opts, keel_l
   l->retry_timer->data = l;
   uv_timer_init(loop, l->beat_timer);
   l->beat_timer->data = l;
-  l->handles_open = 2;
+  uv_timer_init(loop, l->probe_timer);
+  l->probe_timer->data = l;
+  l->handles_open = 3;
+  /* the probe's channel: only this listener LISTENs to it */
+  uint64_t r[2];
+  if (uv_random(NULL, NULL, r, sizeof r, 0, NULL) != 0) {
+    r[0] = keel_rng_next(&l->rng);
+    r[1] = keel_rng_next(&l->rng) ^ (uint64_t)uv_os_getpid();
+  }
+  snprintf(l->probe_channel, sizeof l->probe_channel, "keel_probe_%016llx%016llx",
+           (unsigned long long)r[0], (unsigned long long)r[1]);
   *out = l;
   return 0;
 }
@@ -1182,6 +1350,36 @@ int keel_listener_off(keel_listener *l, const char *id) {
   return KEEL_ENOTFOUND;
 }
 
+/* The listener's conninfo with application_name + "/probe", so that the
+ * probe's session is told from the listener's in pg_stat_activity. NULL
+ * when it cannot be parsed or on OOM (the conninfo is then used as is). */
+static char *probe_conninfo(const char *conninfo) {
+  PQconninfoOption *opts = PQconninfoParse(conninfo, NULL);
+  if (opts == NULL) return NULL;
+  size_t cap = 64;
+  for (PQconninfoOption *o = opts; o->keyword != NULL; o++)
+    if (o->val != NULL) cap += strlen(o->keyword) + 2 * strlen(o->val) + 8;
+  char *out = keel__malloc(cap);
+  size_t at = 0;
+  for (PQconninfoOption *o = opts; out != NULL && o->keyword != NULL; o++) {
+    bool app = strcmp(o->keyword, "application_name") == 0;
+    if (o->val == NULL && !app) continue;
+    const char *val = o->val != NULL ? o->val : "";
+    at += (size_t)snprintf(out + at, cap - at, "%s='", o->keyword);
+    for (const char *c = val; *c; c++) {
+      if (*c == '\'' || *c == '\\') out[at++] = '\\';
+      out[at++] = *c;
+    }
+    if (app) {
+      at += (size_t)snprintf(out + at, cap - at, "/probe");
+    }
+    at += (size_t)snprintf(out + at, cap - at, "' ");
+  }
+  if (out != NULL) out[at] = '\0';
+  PQconninfoFree(opts);
+  return out;
+}
+
 int keel_listener_start(keel_listener *l) {
   if (l == NULL) return UV_EINVAL;
   if (l->closing) return KEEL_ECLOSING;
@@ -1195,10 +1393,32 @@ int keel_listener_start(keel_listener *l) {
   o.on_state = on_state;
   o.on_notify = on_notify;
   o.data = l;
-  keel_pg *conn = NULL;
+  keel_pg *conn = NULL, *probe = NULL;
   int rc = keel_pg_new(l->loop, &o, &conn);
   if (rc != 0) return keel__fail(l->last_error, rc, "cannot create the connection");
+  if (!l->opts.no_probe) {
+    /* the probe's sender: another session, as a writer's would be */
+    o.on_state = NULL;
+    o.on_notify = NULL;
+    o.data = NULL;
+    o.health_check_interval_ms = 0;
+    o.query_timeout_ms = probe_timeout(l);
+    char *named = probe_conninfo(l->conninfo);
+    if (named != NULL) o.conninfo = named;
+    rc = keel_pg_new(l->loop, &o, &probe);
+    keel__free(named);
+    if (rc != 0) {
+      l->conns_open++;
+      l->handles_open++;
+      keel_pg_close(conn, on_conn_closed, l);
+      return keel__fail(l->last_error, rc, "cannot create the probe connection");
+    }
+    l->conns_open++;
+    l->handles_open++;
+  }
   l->conn = conn;
+  l->probe_conn = probe;
+  l->probe_out = l->probe_gate = false;
   l->conns_open++;
   l->handles_open++;
   l->started = true;
@@ -1253,7 +1473,14 @@ static void disconnect(keel_listener *l) {
   l->beat_in_flight = false;
   uv_timer_stop(l->retry_timer);
   uv_timer_stop(l->beat_timer);
+  uv_timer_stop(l->probe_timer);
+  l->probe_out = l->probe_gate = false;
+  l->deaf = false;
+  l->misses_in_a_row = 0;
+  l->stats.hearing = false;
   keel_pg_close(conn, on_conn_closed, l);
+  if (l->probe_conn != NULL) keel_pg_close(l->probe_conn, on_conn_closed, l);
+  l->probe_conn = NULL;
   /* Changes waiting for a row fetch are dropped; their fetches forget them. */
   free_queue(l);
 }
@@ -1276,6 +1503,8 @@ void keel_listener_get_stats(const keel_listener *l, keel_listener_stats *out) {
   out->latency_p99_us = keel__histogram_quantile(&l->latency, 0.99) / 1000.0;
   out->latency_max_us = (double)l->latency.max_ns / 1000.0;
   out->active = l->active;
+  out->probe_lag_p50_us = keel__histogram_quantile(&l->probe_lag, 0.50) / 1000.0;
+  out->probe_lag_p99_us = keel__histogram_quantile(&l->probe_lag, 0.99) / 1000.0;
 }
 
 int keel_listener_gap_window(const keel_listener *l, int64_t *from_us, int64_t *to_us) {
@@ -1301,4 +1530,5 @@ void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
    * or when the last connection is closed, whichever comes last. */
   uv_close((uv_handle_t *)l->retry_timer, on_handle_closed);
   uv_close((uv_handle_t *)l->beat_timer, on_handle_closed);
+  uv_close((uv_handle_t *)l->probe_timer, on_handle_closed);
 }

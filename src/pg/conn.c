@@ -231,6 +231,39 @@ static void fail_stale_bound(keel_pg *c) {
   }
 }
 
+static bool has_sqlstate(const PGresult *res, const char *state) {
+  const char *s = res != NULL ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
+  return s != NULL && strcmp(s, state) == 0;
+}
+
+/* 26000 (prepared statement does not exist) or 42P05 (already exists). */
+static bool name_unknown(const PGresult *res) {
+  return has_sqlstate(res, "26000") || has_sqlstate(res, "42P05");
+}
+
+/* The reply of a statement sent by name whose PREPARE failed: the
+ * PREPARE's error when the statement itself could not run for want of it
+ * (26000, 25P02 in an aborted block, a skipped pipeline), else its own
+ * reply (it ran: the name was there, and stands for this text only).
+ * *exists: the PREPARE failed with 42P05. */
+static PGresult *take_inherited(keel__pg_query *q, PGresult *res, bool *exists) {
+  PGresult *prep = q->inherited;
+  *exists = false;
+  if (prep == NULL) return res;
+  q->inherited = NULL;
+  *exists = has_sqlstate(prep, "42P05");
+  bool use = res == NULL || has_sqlstate(res, "26000") || has_sqlstate(res, "25P02");
+#if defined(LIBPQ_HAS_PIPELINING)
+  if (res != NULL && PQresultStatus(res) == PGRES_PIPELINE_ABORTED) use = true;
+#endif
+  if (!use) {
+    PQclear(prep);
+    return res;
+  }
+  if (res != NULL) PQclear(res);
+  return prep;
+}
+
 static bool reply_ok(const PGresult *res) {
   ExecStatusType st = PQresultStatus(res);
   return st == PGRES_TUPLES_OK || st == PGRES_COMMAND_OK || st == PGRES_EMPTY_QUERY;
@@ -249,10 +282,9 @@ static bool reply_ok(const PGresult *res) {
 static void deliver_lost(keel_pg *c, keel__pg_query *q, int certain, int unknown, const char *why) {
   PGresult *res = q->result;
   q->result = NULL;
-  if (res != NULL && q->inherited != NULL) { /* a failed PREPARE's error is its reply */
-    PQclear(res);
-    res = q->inherited;
-    q->inherited = NULL;
+  if (res != NULL && q->inherited != NULL) { /* a failed PREPARE's error may be its reply */
+    bool exists;
+    res = take_inherited(q, res, &exists);
   }
   if (res != NULL) {
     if (!reply_ok(res)) {
@@ -514,6 +546,10 @@ static void connected(keel_pg *c) {
   c->state = KEEL__PG_CONNECTED;
   c->stats.connects++;
   c->session++;
+  /* A fresh name space for prepared statements in every session: a pooled
+   * server connection may still hold the names of an earlier one. */
+  if (uv_random(NULL, NULL, &c->nonce, sizeof c->nonce, 0, NULL) != 0)
+    c->nonce = keel_rng_next(&c->rng) ^ uv_hrtime();
   c->stale_possible = true;
   c->reconnect_attempt = 0;
   c->last_backoff_ms = 0;
@@ -790,17 +826,27 @@ static void move_to_sent(keel_pg *c, keel__pg_query *q) {
   c->sent_count++;
 }
 
+uint64_t keel__pg_hash(const char *sql) {
+  uint64_t h = 14695981039346656037ull;
+  for (const unsigned char *p = (const unsigned char *)sql; *p; p++)
+    h = (h ^ *p) * 1099511628211ull;
+  return h;
+}
+
 /* The cache slot of sql prepared in this session, or a slot to prepare it
- * in (*fresh = true), or -1 when the cache is full. */
+ * in (*fresh = true), or -1 when the cache is full or another text of this
+ * session has the same hash (its name would be the same: sent unnamed). */
 static int prepared_slot(keel_pg *c, const char *sql, bool *fresh) {
   int free_slot = -1;
+  uint64_t hash = keel__pg_hash(sql);
   for (int i = 0; i < KEEL__PG_PREPARED_MAX; i++) {
     keel__pg_prepared *p = &c->prepared[i];
     if (p->sql == NULL || p->session != c->session) {
       if (free_slot < 0) free_slot = i;
       continue;
     }
-    if (strcmp(p->sql, sql) == 0) {
+    if (p->hash == hash) {
+      if (strcmp(p->sql, sql) != 0) return -1;
       *fresh = false;
       return i;
     }
@@ -811,6 +857,7 @@ static int prepared_slot(keel_pg *c, const char *sql, bool *fresh) {
   p->sql = keel__strdup(sql);
   if (p->sql == NULL) return -1;
   p->session = c->session;
+  p->hash = hash;
   *fresh = true;
   return free_slot;
 }
@@ -832,12 +879,15 @@ static int send_failure(keel_pg *c) {
  * KEEL_ECONN (the connection is unusable). */
 static int send_statement(keel_pg *c, keel__pg_query *q) {
 #if defined(LIBPQ_HAS_PIPELINING)
-  if (q->cached && c->pipeline_on) {
+  if (q->cached && c->pipeline_on && !c->unnamed) {
     bool fresh = false;
     int slot = prepared_slot(c, q->sql, &fresh);
     if (slot >= 0) {
-      char name[24];
-      snprintf(name, sizeof name, "keel_s%d", slot);
+      /* Unique to the text and to this session: on any server connection
+       * (a pooler shares them) the name stands for this text only. */
+      char name[48];
+      snprintf(name, sizeof name, "keel_%016llx_%016llx",
+               (unsigned long long)c->prepared[slot].hash, (unsigned long long)c->nonce);
       keel__pg_query *prepare = NULL;
       if (fresh) {
         prepare = keel__calloc(1, sizeof *prepare);
@@ -869,7 +919,10 @@ static int send_statement(keel_pg *c, keel__pg_query *q) {
         c->sent_tail = prepare;
         c->sent_count++;
       }
-      if (PQsendQueryPrepared(c->conn, name, q->nparams, q->values, NULL, NULL, 0)) return 0;
+      if (PQsendQueryPrepared(c->conn, name, q->nparams, q->values, NULL, NULL, 0)) {
+        q->named = true;
+        return 0;
+      }
       /* Its PREPARE went out alone: its result must not be handed to the
        * statement that follows. */
       if (prepare != NULL) prepare->orphan = true;
@@ -991,10 +1044,41 @@ static void complete_head(keel_pg *c) {
     keel__free(q);
     return;
   }
-  if (q->inherited != NULL) {
-    if (res != NULL) PQclear(res);
-    res = q->inherited;
-    q->inherited = NULL;
+  bool prepare_exists = false;
+  res = take_inherited(q, res, &prepare_exists);
+  if (q->named && c->opts.statement_mode == KEEL_PG_STATEMENTS_AUTO &&
+      (prepare_exists || name_unknown(res))) {
+    /* The server did not know the name (26000), or already had it (42P05):
+     * a transaction pooler sends statements to changing server
+     * connections. Unnamed statements from now on. */
+    c->unnamed = true;
+    if (name_unknown(res)) {
+      if (!q->in_block && q->kind == KEEL__PG_KIND_OTHER && !q->retried &&
+          c->state == KEEL__PG_CONNECTED) {
+        /* Bind (or Parse) failed: it did not run. Once more, unnamed. */
+        PQclear(res);
+        q->cached = q->named = false;
+        q->retried = true;
+        q->next = c->pending_head;
+        c->pending_head = q;
+        if (c->pending_tail == NULL) c->pending_tail = q;
+        c->pending_count++;
+        c->stats.statement_retries++;
+        schedule_flush(c);
+        return;
+      }
+      if (q->in_block) {
+        /* It did not run, but its transaction block is aborted: the
+         * block (ROLLBACK it) can be run again; the next one is unnamed. */
+        keel__fail(c->last_error, KEEL_ECONN,
+                   "transaction pooler detected (SQLSTATE %s: prepared statement not on this "
+                   "server connection): the statement did not run, its transaction block is "
+                   "aborted; statements are unnamed from now on",
+                   PQresultErrorField(res, PG_DIAG_SQLSTATE));
+        keel__pg_deliver(c, q, KEEL_ECONN, res, c->last_error);
+        return;
+      }
+    }
   }
   int status = 0;
   const char *text = NULL;
@@ -1382,6 +1466,10 @@ int keel_pg_new_ex(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out, cha
   if (opts->conninfo == NULL) return keel__why(why, why_cap, UV_EINVAL, "conninfo is required");
   if (keel_backoff_validate(&opts->reconnect_backoff, NULL) != 0)
     return keel__why(why, why_cap, UV_EINVAL, "reconnect_backoff is not valid");
+  if (opts->statement_mode != KEEL_PG_STATEMENTS_AUTO &&
+      opts->statement_mode != KEEL_PG_STATEMENTS_NAMED &&
+      opts->statement_mode != KEEL_PG_STATEMENTS_UNNAMED)
+    return keel__why(why, why_cap, UV_EINVAL, "statement_mode is not valid");
   keel_pg *c = keel__calloc(1, sizeof *c);
   if (c == NULL) return keel__why(why, why_cap, UV_ENOMEM, "out of memory");
   c->loop = loop;
@@ -1400,6 +1488,7 @@ int keel_pg_new_ex(uv_loop_t *loop, const keel_pg_opts *opts, keel_pg **out, cha
     return rc;
   }
   c->poll_fd = -1;
+  c->unnamed = c->opts.statement_mode == KEEL_PG_STATEMENTS_UNNAMED;
   keel_rng_seed(&c->rng, uv_hrtime() ^ (uint64_t)(uintptr_t)c);
   uv_timer_init(loop, &c->connect_timer);
   uv_timer_init(loop, &c->health_timer);
@@ -1588,6 +1677,7 @@ void keel_pg_get_stats(const keel_pg *c, keel_pg_stats *out) {
   out->in_flight = c->sent_count;
   out->queued = c->pending_count;
   out->connected = c->state == KEEL__PG_CONNECTED;
+  out->unnamed = c->unnamed;
 }
 
 static void on_timer_closed(uv_handle_t *handle) {
@@ -1645,4 +1735,12 @@ void keel__pg_note_failure(keel_pg *c, const keel__pg_query *q, int status, cons
   const char *state = res != NULL ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
   snprintf(c->bound_sqlstate, sizeof c->bound_sqlstate, "%s", state != NULL ? state : "");
   snprintf(c->bound_error, sizeof c->bound_error, "%s", c->last_error);
+}
+
+bool keel__pg_unnamed(const keel_pg *c) {
+  return c->unnamed;
+}
+
+void keel__pg_set_unnamed(keel_pg *c) {
+  if (c->opts.statement_mode == KEEL_PG_STATEMENTS_AUTO) c->unnamed = true;
 }

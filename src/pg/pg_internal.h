@@ -26,6 +26,8 @@ typedef struct keel__pg_query {
   bool internal;        /* health check: no user callback */
   uint64_t session;     /* != 0: may run only in this session (transactions) */
   bool cached;          /* prepare once per session, then execute by name */
+  bool named;           /* sent by name (Bind of a prepared statement) */
+  bool retried;         /* sent again unnamed after its name was unknown */
   int prepare_slot;     /* internal PREPARE of this cache slot; -1 otherwise */
   PGresult *inherited;  /* a failed PREPARE's error, reported by its EXECUTE */
   /* Transaction control (see classify_statement in conn.c). */
@@ -46,6 +48,7 @@ typedef struct keel__pg_query {
 #define KEEL__PG_PREPARED_MAX 64
 typedef struct keel__pg_prepared {
   char *sql;        /* NULL: free slot */
+  uint64_t hash;    /* keel__pg_hash(sql): part of the statement's name */
   uint64_t session; /* prepared in this session */
 } keel__pg_prepared;
 
@@ -101,6 +104,12 @@ struct keel_pg {
   char bound_sqlstate[6];
   char bound_error[KEEL__ERRBUF_SIZE];
   keel__pg_prepared prepared[KEEL__PG_PREPARED_MAX];
+  /* Statement names: keel_<hash of the text>_<nonce>, the nonce drawn at
+   * every connect, so that a name never stands for another text on any
+   * server connection (a pooler may share them between clients). */
+  uint64_t nonce;
+  bool unnamed; /* keel_pg_query_cached sends unnamed statements (mode UNNAMED,
+                   or AUTO after the server did not know a name) */
   char last_error[KEEL__ERRBUF_SIZE];
   /* Transaction blocks, tracked from the statements' own keywords so that
    * the statements of one block never run on another session. */
@@ -150,5 +159,13 @@ int keel__pg_bound_failure(const keel_pg *c, const char **sqlstate, const char *
 /* Records q's failure when it is the first of the current binding; called
  * by keel__pg_deliver() once last_error describes it. */
 void keel__pg_note_failure(keel_pg *c, const keel__pg_query *q, int status, const PGresult *res);
+
+/* true once the connection sends unnamed statements only. */
+bool keel__pg_unnamed(const keel_pg *c);
+/* Switches c to unnamed statements (the pool: another member detected a
+ * transaction pooler); only in statement mode AUTO. */
+void keel__pg_set_unnamed(keel_pg *c);
+/* 64-bit FNV-1a of a statement's text (part of its prepared name). */
+uint64_t keel__pg_hash(const char *sql);
 
 #endif

@@ -51,6 +51,7 @@ struct keel_pg_pool {
   keel_pg_tx *ended_head, *ended_tail; /* ended inside a user call; done not run yet */
   keel_pg_tx *cancelled;               /* ended by close while their body ran */
   bool cancels_delivered;              /* close's UV_ECANCELED callbacks have run */
+  bool unnamed;                        /* every member sends unnamed statements */
   keel_pg_pool_stats stats;
   char last_error[KEEL__ERRBUF_SIZE];
   char conn_error[KEEL__ERRBUF_SIZE]; /* why a member last went down */
@@ -225,10 +226,22 @@ static void on_member_result(keel_pg *c, int status, const keel_pg_result *res, 
   schedule_dispatch(p);
 }
 
+/* One member met a transaction pooler (statement mode AUTO): every member
+ * sends unnamed statements from now on, before it meets it too. */
+static void sync_statement_mode(keel_pg_pool *p) {
+  if (p->unnamed) return;
+  bool any = false;
+  for (unsigned i = 0; i < p->size && !any; i++) any = keel__pg_unnamed(p->members[i].conn);
+  if (!any) return;
+  p->unnamed = true;
+  for (unsigned i = 0; i < p->size; i++) keel__pg_set_unnamed(p->members[i].conn);
+}
+
 /* Hands members that are connected and free to waiters, in FIFO order. A
  * member that is down gets nothing: waiters wait for one that is up (or
  * for their deadline), never on a connection that is not there. */
 static void dispatch(keel_pg_pool *p) {
+  sync_statement_mode(p);
   while (p->wait_head != NULL && !p->closing) {
     member *free_member = NULL;
     for (unsigned i = 0; i < p->size && free_member == NULL; i++) {
@@ -493,7 +506,11 @@ static void on_commit(keel_pg *c, int status, const keel_pg_result *res, void *d
     /* COMMIT of a transaction in which a statement failed rolls back. */
     status = KEEL_EPG;
     const char *first, *text;
-    if (keel__pg_bound_failure(c, &first, &text) != 0 && first[0] != '\0') {
+    int first_status = keel__pg_bound_failure(c, &first, &text);
+    /* A statement that certainly did not run (a transaction pooler was
+     * detected at it): the whole transaction can run again. */
+    if (first_status == KEEL_ECONN) status = KEEL_ECONN;
+    if (first_status != 0 && first[0] != '\0') {
       snprintf(sqlstate, sizeof sqlstate, "%s", first);
       snprintf(p->last_error, sizeof p->last_error, "%s", text);
     } else {
@@ -631,12 +648,16 @@ void keel_pg_pool_get_stats(const keel_pg_pool *p, keel_pg_pool_stats *out) {
   out->connected = 0;
   out->in_flight = 0;
   out->reconnects = 0;
+  out->statement_retries = 0;
+  out->unnamed = p->size > 0;
   for (unsigned i = 0; i < p->size; i++) {
     keel_pg_stats s;
     keel_pg_get_stats(p->members[i].conn, &s);
     out->connected += s.connected ? 1 : 0;
     out->in_flight += s.in_flight;
     out->reconnects += s.reconnects;
+    out->statement_retries += s.statement_retries;
+    out->unnamed = out->unnamed && s.unnamed;
   }
   out->waiting = p->waiting;
   out->size = p->size;

@@ -203,6 +203,15 @@ unsigned keel_verify_fix_attempt(const keel_verify_fix *f) {
   return f ? f->attempt : 0;
 }
 
+uint64_t keel_verify_fix_fence(const keel_verify_fix *f) {
+  return f && f->v ? f->fence : 0;
+}
+
+int keel_verify_fix_fence_sql(const keel_verify_fix *f, char *buf, size_t cap) {
+  if (f == NULL || (buf == NULL && cap > 0)) return UV_EINVAL;
+  return keel__vlease_fence_sql(f->v, f->fence, buf, cap);
+}
+
 /* Arms the fix-up timer for the earliest retry or attempt deadline: the top
  * of the retry heap, and the head of the active list (attempts start in
  * order and share one timeout, so their deadlines are in list order). */
@@ -242,6 +251,7 @@ static void fixt_cb(uv_timer_t *t) {
       }
       g->attempt = f->attempt;
       g->prev_delay = f->prev_delay;
+      g->fence = f->fence;
       fix_failed(v, g, UV_ETIMEDOUT);
     }
   }

@@ -11,9 +11,11 @@
 void keel__von_lock_state(keel_pg *c, bool up, int status, void *data) {
   keel_verify *v = data;
   if (up || v->closing) return;
-  if (v->leader)
+  /* a lease lives in its table, not in the session: it stays until its
+   * deadline (a renewal on the next session may keep it) */
+  if (v->leader && !v->lease)
     keel__vset_error(v, status, "leader lock connection lost: %s", keel_pg_last_error(c));
-  v->leader = false;
+  if (!v->lease) v->leader = false;
   if (v->lock_inflight && !v->lock_cancel && !v->running) {
     /* waiting for the lock: the run ends now (the lock query is dropped when
      * it comes back) */
@@ -87,6 +89,10 @@ static void lock_acquired(keel_pg_pool *pool, keel_pg *conn, int status, void *d
 /* Asks for the advisory lock on the dedicated connection (taking one from
  * the pool first when there is no conninfo). */
 void keel__vlock_request(keel_verify *v) {
+  if (v->lease) {
+    keel__vlease_request(v);
+    return;
+  }
   if (v->lock_conn == NULL) {
     if (v->lock_acquiring) return;
     int rc = keel_pg_pool_acquire(v->pool, lock_acquired, v);

@@ -203,6 +203,7 @@ static void batch_cb(keel_pg *c, int status, const keel_pg_result *res, void *da
       continue;
     }
     f->v = v;
+    f->fence = v->run_fence;
     f->attempt = 1;
     keel__vq_push(&v->pending, f);
   }

@@ -44,6 +44,10 @@ int keel_verify_stop(keel_verify *v) {
     v->stopping = true;
     keel__vkick(v);
   }
+  /* no run needs the lease: another verifier may take over at once (a run
+   * going gives it up when it ends) */
+  if (v->lease && !v->running && !v->run_requested && (!v->lock_inflight || v->lock_cancel))
+    keel__vlease_release(v);
   return 0;
 }
 
@@ -100,6 +104,8 @@ void keel__vreport_run(keel_verify *v, int status) {
     v->st.runs_completed++;
   else
     v->st.runs_failed++;
+  v->run_fence = 0;
+  if (v->lease && !v->started && !v->run_requested) keel__vlease_release(v);
   if (v->o.on_run_done) v->o.on_run_done(v, status, v->o.data);
 }
 
@@ -232,13 +238,21 @@ static keel__vview view(const keel_verify *v) {
       .batch_size = v->o.batch_size,
   };
   /* the session that held the lock is gone (a new one may have come up) */
-  s.lock_session_changed = v->o.leader_lock && v->leader && v->running &&
+  s.lock_session_changed = v->o.leader_lock && !v->lease && v->leader && v->running &&
                            keel_pg_backend_pid(v->lock_conn) != v->lock_pid;
   return s;
 }
 
 void keel__vpump(keel_verify *v) {
   if (v->in_pump || v->closing) return;
+  /* the lease's deadline passed while the loop was busy (or the process
+   * stopped): no longer leader, before anything of the run moves on */
+  if (v->lease && v->leader && uv_now(v->loop) >= v->lease_deadline) {
+    keel__vlease_lost(v,
+                      "leader lease lost: not renewed in time (local deadline: renewal sent + "
+                      "leader_ttl_ms - leader_margin_ms)");
+    if (v->closing) return;
+  }
   v->in_pump = true;
   for (;;) {
     keel__vview s = view(v);

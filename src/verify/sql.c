@@ -67,8 +67,24 @@ typedef struct qnames {
   char table[140];
   char keys[KEEL_VERIFY_MAX_KEYS][140];
   char ckpt[140];
+  char lease[140];
   int nkeys;
 } qnames;
+
+/* The lease is held by $first (name), $first+1 (owner) with fence $first+2,
+ * unexpired by the server's clock; the row stays locked FOR SHARE until
+ * the statement's transaction ends, so a takeover waits for it. */
+static void fence_select(sb *b, const qnames *q, int first) {
+  sb_add(b, "SELECT 1 FROM ");
+  sb_add(b, q->lease);
+  sb_add(b, " l WHERE l.name = $");
+  sb_int(b, first);
+  sb_add(b, " AND l.owner = $");
+  sb_int(b, first + 1);
+  sb_add(b, " AND l.fence = $");
+  sb_int(b, first + 2);
+  sb_add(b, "::bigint AND l.expires_at > pg_catalog.clock_timestamp() FOR SHARE");
+}
 
 static void key_list(sb *b, const qnames *q, const char *suffix) {
   for (int i = 0; i < q->nkeys; i++) {
@@ -170,6 +186,10 @@ void keel__vsql_free(keel__vsql *s) {
   keel__free(s->ckpt_load);
   keel__free(s->ckpt_save);
   keel__free(s->ckpt_clear);
+  keel__free(s->lease_create);
+  keel__free(s->lease_acquire);
+  keel__free(s->lease_release);
+  keel__free(s->lease_check);
   memset(s, 0, sizeof *s);
 }
 
@@ -197,6 +217,14 @@ int keel__vsql_build(keel__vsql *s, const keel_verify_opts *o, const char **why)
   if (o->checkpoint_table != NULL &&
       keel_pg_quote_ident(q.ckpt, sizeof q.ckpt, o->checkpoint_table, true) < 0) {
     *why = "checkpoint_table is not a valid identifier";
+    return UV_EINVAL;
+  }
+  bool lease = o->leader_lock && o->leader_kind == KEEL_VERIFY_LEADER_LEASE;
+  if (lease &&
+      keel_pg_quote_ident(q.lease, sizeof q.lease,
+                          o->leader_table ? o->leader_table : KEEL_VERIFY_DEFAULT_LEADER_TABLE,
+                          true) < 0) {
+    *why = "leader_table is not a valid identifier";
     return UV_EINVAL;
   }
   s->nkeys = q.nkeys;
@@ -252,28 +280,85 @@ int keel__vsql_build(keel__vsql *s, const keel_verify_opts *o, const char **why)
     sb_add(&b, " WHERE job = $1 AND last_key IS NOT NULL");
     s->ckpt_load = sb_take(&b);
 
+    if (lease) { /* fenced: written only while the lease is held; returns held */
+      sb_add(&b, "WITH f AS (");
+      fence_select(&b, &q, q.nkeys + 2);
+      sb_add(&b, "), w AS (");
+    }
     sb_add(&b, "INSERT INTO ");
     sb_add(&b, q.ckpt);
-    sb_add(&b, " (job, last_key, updated_at) VALUES ($1, ARRAY[");
+    sb_add(&b, lease ? " (job, last_key, updated_at) SELECT $1, ARRAY["
+                     : " (job, last_key, updated_at) VALUES ($1, ARRAY[");
     for (int k = 0; k < q.nkeys; k++) {
       if (k) sb_add(&b, ", ");
       sb_add(&b, "$");
       sb_int(&b, k + 2);
       sb_add(&b, "::text");
     }
+    sb_add(&b, lease ? "], now() FROM f" : "], now())");
     sb_add(&b,
-           "], now()) ON CONFLICT (job) DO UPDATE SET last_key = EXCLUDED.last_key, "
+           " ON CONFLICT (job) DO UPDATE SET last_key = EXCLUDED.last_key, "
            "updated_at = EXCLUDED.updated_at");
+    if (lease) sb_add(&b, ") SELECT EXISTS (SELECT 1 FROM f)");
     s->ckpt_save = sb_take(&b);
 
+    if (lease) {
+      sb_add(&b, "WITH f AS (");
+      fence_select(&b, &q, 2);
+      sb_add(&b, "), w AS (");
+    }
     sb_add(&b, "UPDATE ");
     sb_add(&b, q.ckpt);
     sb_add(&b, " SET last_key = NULL, updated_at = now() WHERE job = $1");
+    if (lease) sb_add(&b, " AND EXISTS (SELECT 1 FROM f)) SELECT EXISTS (SELECT 1 FROM f)");
     s->ckpt_clear = sb_take(&b);
+  }
+
+  if (lease) {
+    sb_add(&b, "CREATE TABLE IF NOT EXISTS ");
+    sb_add(&b, q.lease);
+    sb_add(&b,
+           " (name text PRIMARY KEY, owner text NOT NULL, fence bigint NOT NULL, "
+           "expires_at timestamptz NOT NULL, elected_at timestamptz NOT NULL)");
+    s->lease_create = sb_take(&b);
+
+    /* Taken when free or expired (the fence goes up: a takeover), renewed
+     * by its owner while unexpired (same fence). An owner whose lease
+     * expired gets a new fence too: its writes of before stay refused. */
+    static const char *const same =
+        "l.owner = EXCLUDED.owner AND l.expires_at > pg_catalog.clock_timestamp()";
+    sb_add(&b, "INSERT INTO ");
+    sb_add(&b, q.lease);
+    sb_add(&b,
+           " AS l (name, owner, fence, expires_at, elected_at) VALUES ($1, $2, 1, "
+           "pg_catalog.clock_timestamp() + $3::bigint * interval '1 millisecond', "
+           "pg_catalog.clock_timestamp()) ON CONFLICT (name) DO UPDATE SET fence = CASE WHEN ");
+    sb_add(&b, same);
+    sb_add(&b, " THEN l.fence ELSE l.fence + 1 END, elected_at = CASE WHEN ");
+    sb_add(&b, same);
+    sb_add(&b,
+           " THEN l.elected_at ELSE EXCLUDED.elected_at END, owner = EXCLUDED.owner, "
+           "expires_at = EXCLUDED.expires_at WHERE l.owner = EXCLUDED.owner OR l.expires_at <= "
+           "pg_catalog.clock_timestamp() RETURNING l.fence");
+    s->lease_acquire = sb_take(&b);
+
+    sb_add(&b, "UPDATE ");
+    sb_add(&b, q.lease);
+    sb_add(&b,
+           " SET expires_at = pg_catalog.clock_timestamp() WHERE name = $1 AND owner = $2 AND "
+           "fence = $3::bigint AND expires_at > pg_catalog.clock_timestamp()");
+    s->lease_release = sb_take(&b);
+
+    sb_add(&b, "SELECT EXISTS (");
+    fence_select(&b, &q, 1);
+    sb_add(&b, ")");
+    s->lease_check = sb_take(&b);
   }
   if (s->batch_first == NULL || s->batch_next == NULL || s->max_key == NULL || s->lock == NULL ||
       (o->checkpoint_table != NULL && (s->ckpt_create == NULL || s->ckpt_load == NULL ||
-                                       s->ckpt_save == NULL || s->ckpt_clear == NULL))) {
+                                       s->ckpt_save == NULL || s->ckpt_clear == NULL)) ||
+      (lease && (s->lease_create == NULL || s->lease_acquire == NULL || s->lease_release == NULL ||
+                 s->lease_check == NULL))) {
     *why = "out of memory";
     rc = UV_ENOMEM;
     goto fail;

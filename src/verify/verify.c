@@ -51,6 +51,7 @@ void keel__vmaybe_free(keel_verify *v) {
   keel__free(v->s_conninfo);
   keel__free(v->s_job);
   keel__free(v->s_ckpt);
+  keel__free(v->s_lease);
   keel__free(v->wheap);
   keel__free(v);
   if (cb) cb(v, data);
@@ -180,6 +181,16 @@ int keel_verify_validate_opts(const keel_verify_opts *o, const char **why) {
   const char *bw = NULL;
   if (keel_backoff_validate(&o->fix_backoff, &bw) < 0)
     return (*why = bw ? bw : "fix_backoff is invalid", UV_EINVAL);
+  if (o->leader_kind != KEEL_VERIFY_LEADER_LEASE && o->leader_kind != KEEL_VERIFY_LEADER_ADVISORY)
+    return (*why = "leader_kind is unknown", UV_EINVAL);
+  if (o->leader_table != NULL && keel_pg_quote_ident(tmp, sizeof tmp, o->leader_table, true) < 0)
+    return (*why = "leader_table is not a valid identifier", UV_EINVAL);
+  {
+    uint64_t ttl = o->leader_ttl_ms ? o->leader_ttl_ms : 10000;
+    if (ttl < 100) return (*why = "leader_ttl_ms must be >= 100", UV_EINVAL);
+    if (o->leader_margin_ms != 0 && o->leader_margin_ms >= ttl / 2)
+      return (*why = "leader_margin_ms must be < leader_ttl_ms / 2", UV_EINVAL);
+  }
   if (o->checkpoint_table != NULL) {
     if (keel_pg_quote_ident(tmp, sizeof tmp, o->checkpoint_table, true) < 0)
       return (*why = "checkpoint_table is not a valid identifier", UV_EINVAL);
@@ -198,7 +209,7 @@ static void on_handle_closed(uv_handle_t *h) {
   keel__vmaybe_free(v);
 }
 
-static void on_conn_closed(void *obj, void *data) {
+void keel__von_conn_closed(void *obj, void *data) {
   (void)obj;
   keel_verify *v = data;
   v->conns_open--;
@@ -243,6 +254,7 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
   v->s_conninfo = dup_or_null(opts->conninfo, &oom);
   v->s_ckpt = dup_or_null(opts->checkpoint_table, &oom);
   v->s_job = dup_or_null(opts->job_name ? opts->job_name : opts->table, &oom);
+  v->s_lease = dup_or_null(opts->leader_table, &oom);
   for (int k = 0; k < KEEL_VERIFY_MAX_KEYS && opts->id_columns[k] != NULL; k++) {
     v->s_keys[k] = dup_or_null(opts->id_columns[k], &oom);
     v->nkeys++;
@@ -262,6 +274,18 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
   v->o.conninfo = v->s_conninfo;
   v->o.checkpoint_table = v->s_ckpt;
   v->o.job_name = v->s_job;
+  v->o.leader_table = v->s_lease;
+  v->lease = v->o.leader_lock && v->o.leader_kind == KEEL_VERIFY_LEADER_LEASE;
+  {
+    /* a random owner id per verifier */
+    uint64_t r[2] = {0, 0};
+    if (uv_random(NULL, NULL, r, sizeof r, 0, NULL) != 0) {
+      r[0] = uv_hrtime() ^ (uint64_t)(uintptr_t)v;
+      r[1] = (uint64_t)uv_os_getpid() * 0x9e3779b97f4a7c15ULL;
+    }
+    snprintf(v->owner, sizeof v->owner, "%d-%016" PRIx64 "%016" PRIx64, (int)uv_os_getpid(), r[0],
+             r[1]);
+  }
   for (int k = 0; k < KEEL_VERIFY_MAX_KEYS; k++) v->o.id_columns[k] = v->s_keys[k];
   v->o.columns = (const char *const *)v->s_cols;
   if (v->o.leader_lock_key == 0) v->o.leader_lock_key = keel__verify_lock_key(v->s_table);
@@ -281,14 +305,16 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
     po.data = v;
     rc = keel_pg_new(loop, &po, &v->conn);
   }
-  v->lock_from_pool = v->o.leader_lock && v->s_conninfo == NULL;
-  if (rc == 0 && v->o.leader_lock && !v->lock_from_pool) {
+  v->lock_from_pool = v->o.leader_lock && !v->lease && v->s_conninfo == NULL;
+  if (rc == 0 && v->o.leader_lock && v->s_conninfo != NULL) {
     keel_pg_opts po;
     keel_pg_opts_init(&po);
     po.conninfo = v->s_conninfo;
     po.on_state = keel__von_lock_state;
     po.data = v;
     po.pipeline = false;
+    /* a lease statement that does not answer within the ttl is worthless */
+    if (v->lease) po.query_timeout_ms = (uint32_t)(v->o.leader_ttl_ms ? v->o.leader_ttl_ms : 10000);
     rc = keel_pg_new(loop, &po, &v->lock_conn);
   }
   if (rc < 0) {
@@ -297,11 +323,11 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
     v->closing = true;
     if (v->conn) {
       v->conns_open++;
-      keel_pg_close(v->conn, on_conn_closed, v);
+      keel_pg_close(v->conn, keel__von_conn_closed, v);
     }
     if (v->lock_conn) {
       v->conns_open++;
-      keel_pg_close(v->lock_conn, on_conn_closed, v);
+      keel_pg_close(v->lock_conn, keel__von_conn_closed, v);
     }
     if (v->conns_open == 0) keel__vmaybe_free(v);
     return rc;
@@ -311,8 +337,11 @@ int keel_verify_new(uv_loop_t *loop, const keel_verify_opts *opts, keel_verify *
   uv_timer_init(loop, &v->kick);
   uv_timer_init(loop, &v->fixt);
   uv_timer_init(loop, &v->runt);
+  uv_timer_init(loop, &v->renewt);
+  uv_timer_init(loop, &v->deadt);
   v->tick.data = v->kick.data = v->fixt.data = v->runt.data = v;
-  v->handles_open = 4;
+  v->renewt.data = v->deadt.data = v;
+  v->handles_open = 6;
   v->ready = true;
   *out = v;
   return 0;
@@ -337,6 +366,7 @@ void keel_verify_get_stats(const keel_verify *v, keel_verify_stats *out) {
   *out = v->st;
   out->running = v->running;
   out->leader = v->o.leader_lock ? v->leader : true;
+  out->fence = v->lease && v->leader ? v->fence : 0;
   out->fixes_running = v->active.n;
   out->fixes_pending = v->pending.n + v->wn;
   out->next_run_ms = 0;
@@ -367,7 +397,11 @@ void keel_verify_close(keel_verify *v, keel_close_cb cb, void *data) {
   uv_close((uv_handle_t *)&v->kick, on_handle_closed);
   uv_close((uv_handle_t *)&v->fixt, on_handle_closed);
   uv_close((uv_handle_t *)&v->runt, on_handle_closed);
-  if (v->conn) keel_pg_close(v->conn, on_conn_closed, v);
-  if (v->lock_conn && !v->lock_from_pool) keel_pg_close(v->lock_conn, on_conn_closed, v);
+  uv_close((uv_handle_t *)&v->renewt, on_handle_closed);
+  uv_close((uv_handle_t *)&v->deadt, on_handle_closed);
+  if (v->conn) keel_pg_close(v->conn, keel__von_conn_closed, v);
+  if (v->lease) keel__vlease_release(v); /* on the leader connection: closed once it answers */
+  if (v->lock_conn && !v->lock_from_pool && !v->releasing)
+    keel_pg_close(v->lock_conn, keel__von_conn_closed, v);
   keel__vlock_release(v);
 }

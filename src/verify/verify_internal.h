@@ -22,6 +22,14 @@ typedef struct keel__vsql {
   char *ckpt_load;   /* params: $1 job; returns nkeys columns */
   char *ckpt_save;   /* params: $1 job, $2.. keys */
   char *ckpt_clear;  /* params: $1 job */
+  /* the lease (leader_lock with KEEL_VERIFY_LEADER_LEASE), else NULL */
+  char *lease_create;  /* params: none */
+  char *lease_acquire; /* params: $1 name, $2 owner, $3 ttl ms; returns fence (no row:
+                          held by someone else) */
+  char *lease_release; /* params: $1 name, $2 owner, $3 fence */
+  char *lease_check;   /* params: $1 name, $2 owner, $3 fence; returns held */
+  /* with a lease, ckpt_save and ckpt_clear are fenced: their params go on
+   * with name, owner, fence, and they return one boolean, held */
 } keel__vsql;
 
 /* Builds every statement from opts (validated). Returns 0, UV_EINVAL with a
@@ -85,6 +93,7 @@ struct keel_verify_fix {
   uint64_t due; /* loop time: deadline (running) or retry time (waiting) */
   uint64_t seq; /* order of equal due times in the retry heap */
   uint64_t prev_delay;
+  uint64_t fence; /* the run's fence (0 without a lease) */
   keel_verify_row row;
   int keycols[KEEL_VERIFY_MAX_KEYS];
   /* followed by names[ncols], values[ncols] and the strings */
@@ -101,7 +110,7 @@ enum keel__vphase {
 struct keel_verify {
   uv_loop_t *loop;
   keel_verify_opts o;
-  char *s_table, *s_where, *s_conninfo, *s_job, *s_ckpt;
+  char *s_table, *s_where, *s_conninfo, *s_job, *s_ckpt, *s_lease;
   char *s_keys[KEEL_VERIFY_MAX_KEYS];
   char **s_cols;
   int ncols_opt;
@@ -112,6 +121,15 @@ struct keel_verify {
   keel_pg *lock_conn; /* with leader_lock: owned, or held from the pool */
   bool lock_from_pool, lock_acquiring, lock_cancel;
   int lock_pid; /* backend holding our lock, to notice a new session */
+  /* the lease (v->lease): lock_conn is owned (conninfo) or NULL (pool) */
+  bool lease, lease_ready, lease_creating, renew_inflight, releasing;
+  char owner[48];
+  char fence_text[24]; /* v->fence as text, for statements */
+  uint64_t fence;      /* held, 0 = none */
+  uint64_t run_fence;  /* the fence of the run going (0 = none) */
+  char run_fence_text[24];
+  uint64_t lease_deadline; /* uv_now() after which this verifier no longer leads */
+  uv_timer_t renewt, deadt;
   int conns_open;
   uv_timer_t tick, kick, fixt, runt;
   int handles_open;
@@ -235,6 +253,22 @@ void keel__varm_fix_timer(keel_verify *v);
 void keel__von_lock_state(keel_pg *c, bool up, int status, void *data);
 void keel__vlock_request(keel_verify *v);
 void keel__vlock_release(keel_verify *v); /* at close, for a pooled lock session */
+
+/* ---- lease.c: the leader lease --------------------------------------------- */
+
+void keel__vlease_request(keel_verify *v); /* for a run: acquire or renew, then begin */
+/* Gives the lease up (expires it now) when held and no run needs it; at
+ * close too. */
+void keel__vlease_release(keel_verify *v);
+/* The lease is gone: leader false, timers stopped, a run going aborted with
+ * KEEL_ENOTLEADER. `why` goes to last_error. */
+void keel__vlease_lost(keel_verify *v, const char *why);
+int keel__vlease_fence_sql(const keel_verify *v, uint64_t fence, char *buf, size_t cap);
+/* Appends name, owner and the run's fence to p (at *n) for a fenced
+ * statement; run_fence_text holds the fence's text. */
+void keel__vlease_params(keel_verify *v, const char **p, int *n, char *fence_text, size_t cap);
+/* verify.c: the close callback of an owned connection */
+void keel__von_conn_closed(void *obj, void *data);
 
 /* ---- checkpoint.c -------------------------------------------------------- */
 

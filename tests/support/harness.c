@@ -14,11 +14,27 @@
 
 #include "keel/common.h"
 
-const char *kt_pg_conninfo(void) {
+bool kt_behind_pooler(void) {
+  const char *via = getenv("KEEL_TEST_VIA_POOLER");
+  return via != NULL && strcmp(via, "1") == 0;
+}
+
+const char *kt_pg_direct_conninfo(void) {
   const char *conninfo = getenv("KEEL_TEST_PG");
   if (conninfo == NULL || conninfo[0] == '\0')
     cr_assert_fail("KEEL_TEST_PG is not set: run the suite with ./scripts/test");
   return conninfo;
+}
+
+const char *kt_pg_pooler_conninfo(void) {
+  const char *conninfo = getenv("KEEL_TEST_PG_POOLER");
+  if (conninfo == NULL || conninfo[0] == '\0')
+    cr_assert_fail("KEEL_TEST_PG_POOLER is not set: run the suite with ./scripts/test");
+  return conninfo;
+}
+
+const char *kt_pg_conninfo(void) {
+  return kt_behind_pooler() ? kt_pg_pooler_conninfo() : kt_pg_direct_conninfo();
 }
 
 void kt_redis_addr(char *host, size_t host_cap, int *port) {
@@ -45,7 +61,8 @@ void kt_unique_name(char *buf, size_t cap, const char *prefix) {
 }
 
 static PGconn *connect_blocking(void) {
-  PGconn *conn = PQconnectdb(kt_pg_conninfo());
+  /* Set-up and checks go to the server itself, also in the pooler pass. */
+  PGconn *conn = PQconnectdb(kt_pg_direct_conninfo());
   if (PQstatus(conn) != CONNECTION_OK) {
     char message[512];
     snprintf(message, sizeof message, "%s", PQerrorMessage(conn));

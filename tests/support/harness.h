@@ -12,9 +12,32 @@
 #include <stdint.h>
 #include <uv.h>
 
-/* Conninfo of the test PostgreSQL (KEEL_TEST_PG). Fails the current test
- * (never skips) when the variable is not set. */
+/* Conninfo of the test PostgreSQL (KEEL_TEST_PG); in the pooler pass
+ * (KEEL_TEST_VIA_POOLER=1, meson suite 'pooler') the PgBouncer in
+ * transaction mode in front of it (KEEL_TEST_PG_POOLER). Fails the current
+ * test (never skips) when the variable is not set. */
 const char *kt_pg_conninfo(void);
+
+/* Conninfo of the server itself, never through the pooler (KEEL_TEST_PG):
+ * for checks such as pg_stat_activity and pg_terminate_backend. */
+const char *kt_pg_direct_conninfo(void);
+
+/* Conninfo through PgBouncer in transaction mode (KEEL_TEST_PG_POOLER),
+ * whichever pass runs; fails the current test when not set. */
+const char *kt_pg_pooler_conninfo(void);
+
+/* true in the pooler pass: the suite runs a second time with
+ * kt_pg_conninfo() pointing at PgBouncer in transaction mode. */
+bool kt_behind_pooler(void);
+
+/* Ends the current test as skipped in the pooler pass only, with the
+ * reason (what the test needs that a transaction pooler cannot give:
+ * LISTEN, a session advisory lock, the own backend's pid...). Criterion
+ * reports it as skipped; meson sees a passing executable. */
+#define KT_SKIP_BEHIND_POOLER(reason)                                                     \
+  do {                                                                                    \
+    if (kt_behind_pooler()) cr_skip_test("not through a transaction pooler: %s", reason); \
+  } while (0)
 
 /* Redis host and port from KEEL_TEST_REDIS ("127.0.0.1:6379"); fails the
  * current test when not set. */

@@ -280,7 +280,11 @@ Test(integrity, twenty_concurrent_incrementers_lose_nothing) {
   keel_integrity_stats st;
   keel_integrity_get_stats(f.ig, &st);
   cr_assert_eq(st.retries, total_attempts - 20);
-  cr_assert_geq(st.conflicts, st.retries);
+  /* Through a transaction pooler, the transactions running when the pool
+   * found it (SQLSTATE 26000, KEEL_ECONN) ran again too. */
+  uint64_t detected = kt_behind_pooler() ? st.by_class[KEEL_SQLSTATE_CONNECTION] : 0;
+  cr_assert_leq(detected, 8);
+  cr_assert_geq(st.conflicts + detected, st.retries);
   teardown(&f);
 }
 
@@ -363,7 +367,11 @@ Test(integrity, fifty_concurrent_creators_get_fifty_distinct_slugs) {
   keel_integrity_get_stats(f.ig, &st);
   cr_assert_eq(st.slug_inserts, 50);
   cr_assert_eq(st.slug_collisions, 0, "serialised by the advisory lock");
-  cr_assert_eq(st.slug_round_trips, 50, "one pipelined round trip per insert");
+  /* Through a transaction pooler, the inserts running when the pool found
+   * it (KEEL_ECONN) ran again: one round trip per attempt all the same. */
+  uint64_t again = kt_behind_pooler() ? st.retries : 0;
+  cr_assert_leq(again, 8);
+  cr_assert_eq(st.slug_round_trips, 50 + again, "one pipelined round trip per insert");
   teardown(&f);
 }
 

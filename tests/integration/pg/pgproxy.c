@@ -29,6 +29,8 @@ struct pgproxy {
   bool armed, after;
   int cuts;
   bool stopping;
+  bool drop_notify;
+  int dropped;
 };
 
 typedef struct write_req {
@@ -125,6 +127,12 @@ static void on_server_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     uint32_t mlen = ((uint32_t)m[1] << 24) | ((uint32_t)m[2] << 16) | ((uint32_t)m[3] << 8) | m[4];
     if (pr->len - at < 1 + (size_t)mlen) break;
     size_t end = at + 1 + mlen;
+    if (p->drop_notify && m[0] == 'A') { /* NotificationResponse: lost */
+      if (at > sent) send_to(pr, &pr->client, pr->buf + sent, at - sent, false);
+      sent = at = end;
+      p->dropped++;
+      continue;
+    }
     if (p->armed && m[0] == 'C' && mlen > 4 &&
         strncmp((const char *)m + 5, p->tag, strlen(p->tag)) == 0) {
       p->armed = false;
@@ -145,6 +153,14 @@ static void on_server_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
   if (at > sent) send_to(pr, &pr->client, pr->buf + sent, at - sent, false);
   memmove(pr->buf, pr->buf + at, pr->len - at);
   pr->len -= at;
+}
+
+void pgproxy_drop_notifications(pgproxy *p, bool on) {
+  p->drop_notify = on;
+}
+
+int pgproxy_dropped(const pgproxy *p) {
+  return p->dropped;
 }
 
 static void on_upstream(uv_connect_t *req, int status) {

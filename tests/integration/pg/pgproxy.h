@@ -23,6 +23,13 @@ pgproxy *pgproxy_start(uv_loop_t *loop, const char *conninfo, char *out, size_t 
  * without forwarding it (after = false), both sockets are closed. */
 void pgproxy_cut_at(pgproxy *p, const char *tag, bool after);
 
+/* While on, NotificationResponse messages from the server are dropped (a
+ * proxy that lost LISTEN): every other message still goes through. */
+void pgproxy_drop_notifications(pgproxy *p, bool on);
+
+/* Notifications dropped so far. */
+int pgproxy_dropped(const pgproxy *p);
+
 /* Cuts that happened so far. */
 int pgproxy_cuts(const pgproxy *p);
 

@@ -426,10 +426,12 @@ static void permanent_error(const char *extra, int code, const char *text) {
 }
 
 Test(pg_conn, missing_database_is_enodb_and_stops_retrying) {
+  KT_SKIP_BEHIND_POOLER("the pooler answers the login itself, with its own errors");
   permanent_error("dbname=kt_no_such_database", KEEL_ENODB, "3D000");
 }
 
 Test(pg_conn, unknown_role_is_eauth_and_stops_retrying) {
+  KT_SKIP_BEHIND_POOLER("the pooler answers the login itself, with its own errors");
   permanent_error("user=kt_no_such_role", KEEL_EAUTH, "28000");
 }
 
@@ -740,6 +742,7 @@ Test(pg_conn, statement_libpq_refuses_fails_alone_with_esend) {
  * at the EOF that follows (a peer that took over its advisory lock could
  * otherwise act before this connection knows it lost it). */
 Test(pg_conn, idle_session_ended_by_the_server_is_lost_at_its_fatal) {
+  KT_SKIP_BEHIND_POOLER("the server session that ends is the pooler's, not keel's");
   ctx x;
   open_with(&x, false, true);
   query(&x, "SELECT 1");

@@ -301,6 +301,7 @@ Test(verify_faults, run_timeout_bounds_a_stuck_run) {
  * at once with the connection error (the fix-ups' late reports are stale),
  * and the next run, on a new session, is whole. */
 Test(verify_faults, backend_killed_mid_run) {
+  KT_SKIP_BEHIND_POOLER("kills the verifier's backend by pid");
   fx f;
   fx_init(&f, "vkill");
   make_ids(f.table, 40);
@@ -488,6 +489,7 @@ Test(verify_faults, close_from_on_run_done) {
 
 typedef struct oom_ctx {
   const char *table;
+  const char *lease; /* with the leader lease in this table, else NULL */
   int runs;
 } oom_ctx;
 
@@ -505,6 +507,14 @@ static void oom_scenario(void *arg) {
   f.o.fix = fixup;
   f.o.on_run_done = on_run_done;
   f.o.run_timeout_ms = 3000;
+  f.o.leader_lock = c->lease != NULL;
+  f.o.leader_table = c->lease;
+  /* a lease whose release failed (an allocation) stays until it expires:
+   * each run its own job */
+  static int job_seq;
+  char job[32];
+  snprintf(job, sizeof job, "job%d", job_seq++);
+  f.o.job_name = job;
   f.fail_attempts = 1;
   keel_backoff_fixed(&f.o.fix_backoff, 1);
   int rc = keel_verify_new(&f.loop, &f.o, &f.v);
@@ -518,8 +528,9 @@ static void oom_scenario(void *arg) {
   rc = keel_verify_run_now(f.v);
   cr_expect_eq(rc, 0);
   kt_wait_for(&f.loop, one_run, &f, 6000);
-  cr_expect_eq(f.runs_done, 1, "the run did not end (allocation %" PRId64 ")",
-               kt_failmalloc_index());
+  cr_expect_eq(f.runs_done, 1, "the run did not end (allocation %" PRId64 ", %s): %s",
+               kt_failmalloc_index(), kt_failmalloc_sticky() ? "sticky" : "once",
+               keel_verify_last_error(f.v));
   if (kt_failmalloc_index() < 0) {
     cr_expect_eq(f.last_status, 0, "%s", keel_verify_last_error(f.v));
     keel_verify_stats st = stats(&f);
@@ -544,4 +555,18 @@ Test(verify_faults, every_allocation_failing_in_turn, .timeout = 600) {
   cr_log_info("%" PRIu64 " allocations, %d runs", kt_failmalloc_count(), c.runs);
   cr_expect_gt(kt_failmalloc_count(), 10);
   kt_pg_execf("DROP TABLE IF EXISTS \"%s\"", table);
+}
+
+/* The same with the leader lease: every allocation of the lease's requests,
+ * renewals, fenced end of run and release failing in turn. */
+Test(verify_faults, every_allocation_failing_in_turn_with_lease, .timeout = 600) {
+  char table[96], lease[96];
+  kt_unique_name(table, sizeof table, "voomlease");
+  kt_unique_name(lease, sizeof lease, "voomlease_tab");
+  make_ids(table, 10);
+  oom_ctx c = {.table = table, .lease = lease};
+  kt_failmalloc_run(oom_scenario, &c);
+  cr_expect_gt(c.runs, 0);
+  kt_pg_execf("DROP TABLE IF EXISTS \"%s\"", table);
+  kt_pg_execf("DROP TABLE IF EXISTS \"%s\"", lease);
 }
