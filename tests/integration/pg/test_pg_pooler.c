@@ -217,7 +217,7 @@ static void body_cached(keel_pg_tx *tx, keel_pg *conn, void *data) {
   cx *x = data;
   const char *p[] = {"1"};
   cr_assert_eq(keel_pg_query_cached(conn, "SELECT $1::int + 1", 1, p, store, x), 0);
-  keel_pg_tx_finish(tx, 0);
+  keel_pg_tx_done(tx, 0);
 }
 
 static void tx_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
