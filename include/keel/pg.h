@@ -492,12 +492,14 @@ KEEL_EXTERN int keel_pg_pool_transaction(keel_pg_pool *pool, keel_pg_isolation i
 /*
  * Ends the transaction body: status 0 → COMMIT, < 0 → ROLLBACK and done
  * gets status. When a statement of the body failed it rolls back even if
- * status is 0, and done gets that first failure's status (KEEL_EPG) and
- * SQLSTATE. Call it exactly once per transaction, from inside or after the
- * body; further calls, and calls on a transaction close ended, do nothing.
- * done never runs inside this call. The "operation finished" call, named
- * like keel_job_done(), keel_retry_done() and keel_breaker_done().
- * Loop thread only.
+ * status is 0, and done gets that first failure's status (KEEL_EPG, or
+ * KEEL_ECONN when a transaction pooler was found at it) and SQLSTATE; also
+ * when status is KEEL_EPG (the error of a statement after it), while any
+ * other status of yours is what done gets. Call it exactly once per
+ * transaction, from inside or after the body; further calls, and calls on
+ * a transaction close ended, do nothing. done never runs inside this call.
+ * The "operation finished" call, named like keel_job_done(),
+ * keel_retry_done() and keel_breaker_done(). Loop thread only.
  */
 KEEL_EXTERN void keel_pg_tx_done(keel_pg_tx *tx, int status);
 

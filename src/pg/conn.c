@@ -906,12 +906,14 @@ static int send_statement(keel_pg *c, keel__pg_query *q) {
           drop_prepared(c, slot);
           return send_failure(c);
         }
-        if (!PQpipelineSync(c->conn)) {
-          keel__free(prepare);
-          drop_prepared(c, slot);
-          return KEEL_ECONN; /* a PREPARE without its sync: start over */
-        }
-        /* Its result comes first: it goes into the sent list ahead of q. */
+        /* No sync between the PREPARE and the statement: one implicit
+         * transaction. When the PREPARE fails (42P05: a pooled server
+         * connection has the name already; a syntax error) the server skips
+         * the statement, so it never runs under a name keel did not just
+         * prepare; and a transaction pooler keeps both on one server
+         * connection. Its result comes first: it goes into the sent list
+         * ahead of q and ends at its own NULL, not at a sync. */
+        prepare->joined = true;
         if (c->sent_tail != NULL)
           c->sent_tail->next = prepare;
         else
@@ -923,10 +925,14 @@ static int send_statement(keel_pg *c, keel__pg_query *q) {
         q->named = true;
         return 0;
       }
-      /* Its PREPARE went out alone: its result must not be handed to the
-       * statement that follows. */
-      if (prepare != NULL) prepare->orphan = true;
+      /* Its PREPARE went out alone: it gets a sync of its own, and its
+       * result must not be handed to the statement that follows. */
       drop_prepared(c, slot);
+      if (prepare != NULL) {
+        prepare->orphan = true;
+        prepare->joined = false;
+        if (!PQpipelineSync(c->conn)) return KEEL_ECONN;
+      }
       return send_failure(c);
     }
   }
@@ -1168,7 +1174,11 @@ static bool read_results(keel_pg *c) {
       /* NULL ends one statement's results; its sync result follows. Two in a
        * row means nothing more is buffered. */
       if (res == NULL && nulls_in_a_row > 1) break;
-      if (res == NULL) continue;
+      if (res == NULL) {
+        /* A PREPARE sent in its statement's sync ends at its NULL. */
+        if (head->internal && head->joined && head->result != NULL) complete_head(c);
+        continue;
+      }
 #if defined(LIBPQ_HAS_PIPELINING)
       if (PQresultStatus(res) == PGRES_PIPELINE_SYNC) {
         PQclear(res);

@@ -36,6 +36,7 @@ typedef struct keel__pg_query {
   bool in_block;      /* sent while an explicit transaction block was open */
   bool begins_block;  /* the BEGIN that opened `block` */
   bool orphan;        /* internal PREPARE whose EXECUTE was never sent */
+  bool joined;        /* internal PREPARE sharing its EXECUTE's sync */
   bool commit_after;  /* at a loss: a COMMIT of its block was sent after it */
   uint64_t block;     /* != 0: member of this transaction block (enqueue order) */
   /* sql, the value pointers and the values follow in the same block */

@@ -612,7 +612,10 @@ void keel_pg_tx_finish(keel_pg_tx *tx, int status) {
     /* A statement of the body failed: the first one's SQLSTATE tells the
      * caller (and any classifier) what happened; the ones after it only
      * say that the transaction was aborted (25P02). */
-    tx->status = status != 0 ? status : first;
+    /* The caller's KEEL_EPG is a follow-on error (25P02) of that first
+     * failure: the first one's status tells, e.g. KEEL_ECONN when a
+     * transaction pooler was found at it (run the transaction again). */
+    tx->status = status != 0 && status != KEEL_EPG ? status : first;
     snprintf(tx->sqlstate, sizeof tx->sqlstate, "%s", first_state);
     snprintf(p->last_error, sizeof p->last_error, "%s", first_text);
   } else if (status != 0) {

@@ -296,11 +296,11 @@ static void step_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
 static void step_next(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
   step *s = data;
   if (status != 0) {
-    keel_pg_tx_finish(current_tx, keel_sqlstate_map(status, res));
+    keel_pg_tx_done(current_tx, keel_sqlstate_map(status, res));
     return;
   }
   if (s->at == 3 || s->sql[s->at] == NULL) {
-    keel_pg_tx_finish(current_tx, s->finish_with);
+    keel_pg_tx_done(current_tx, s->finish_with);
     return;
   }
   const char *sql = s->sql[s->at++];

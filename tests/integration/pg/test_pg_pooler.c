@@ -217,7 +217,7 @@ static void body_cached(keel_pg_tx *tx, keel_pg *conn, void *data) {
   cx *x = data;
   const char *p[] = {"1"};
   cr_assert_eq(keel_pg_query_cached(conn, "SELECT $1::int + 1", 1, p, store, x), 0);
-  keel_pg_tx_finish(tx, 0);
+  keel_pg_tx_done(tx, 0);
 }
 
 static void tx_done(keel_pg_pool *pool, int status, const char *sqlstate, void *data) {
@@ -325,4 +325,77 @@ Test(pg_pooler, detection_switches_the_whole_pool) {
   keel_pg_pool_close(pool, NULL, NULL);
   kt_loop_finish(&x.loop);
   pdb_drop(&d);
+}
+
+/* ---- 42P05: the name is already there ----------------------------------- */
+
+/* keel's hash of a statement's text (64-bit FNV-1a), as in its names. */
+static unsigned long long text_hash(const char *sql) {
+  unsigned long long h = 14695981039346656037ull;
+  for (const unsigned char *p = (const unsigned char *)sql; *p; p++)
+    h = (h ^ *p) * 1099511628211ull;
+  return h;
+}
+
+/* Another client (sharing the server connection) learns keel's session
+ * nonce and puts its own statement under the very name keel will prepare
+ * next: the PREPARE fails with 42P05, and the statement, in the same sync,
+ * is skipped by the server; it never runs the other client's SQL. AUTO
+ * switches to unnamed and sends it again; NAMED reports 42P05. */
+static void name_taken(keel_pg_statement_mode mode) {
+  pdb d;
+  pdb_create(&d);
+  PGconn *admin = pq_open(d.direct);
+  pq_run(admin, "CREATE TABLE victim (v text)");
+  cx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  keel_pg *c = open_conn(&x, d.pooled, mode);
+  const char *p1[] = {"1"};
+  cr_assert_eq(keel_pg_query_cached(c, "SELECT 1 + $1::int", 1, p1, store, &x), 0);
+  wait_results(&x, 1);
+  cr_assert_eq(x.statuses[0], 0, "%s", keel_pg_last_error(c));
+  PGconn *other = pq_open(d.pooled);
+  char *name = pq_scalar(other, "SELECT name FROM pg_prepared_statements WHERE name LIKE 'keel%'");
+  cr_assert_not_null(name, "keel's statement is on the only server connection");
+  const char *nonce = strrchr(name, '_');
+  cr_assert_not_null(nonce);
+  const char *mine = "SELECT 'mine: ' || $1::text";
+  char sql[300];
+  snprintf(sql, sizeof sql,
+           "PREPARE keel_%016llx%s(text) AS INSERT INTO victim VALUES ($1) RETURNING 'other'",
+           text_hash(mine), nonce);
+  pq_run(other, sql);
+  free(name);
+  const char *p2[] = {"x"};
+  cr_assert_eq(keel_pg_query_cached(c, mine, 1, p2, store, &x), 0);
+  wait_results(&x, 2);
+  keel_pg_stats s;
+  keel_pg_get_stats(c, &s);
+  if (mode == KEEL_PG_STATEMENTS_AUTO) {
+    cr_expect_eq(x.statuses[1], 0, "%s", keel_pg_last_error(c));
+    cr_expect_str_eq(x.values[1], "mine: x");
+    cr_expect_eq(s.statement_retries, 1);
+    cr_expect(s.unnamed);
+  } else {
+    cr_expect_eq(x.statuses[1], KEEL_EPG);
+    cr_expect_str_eq(x.sqlstates[1], "42P05");
+    cr_expect(!s.unnamed);
+  }
+  char *n = pq_scalar(admin, "SELECT count(*) FROM victim");
+  cr_expect_str_eq(n, "0", "another client's statement ran under keel's name");
+  free(n);
+  PQfinish(other);
+  keel_pg_close(c, NULL, NULL);
+  kt_loop_finish(&x.loop);
+  PQfinish(admin);
+  pdb_drop(&d);
+}
+
+Test(pg_pooler, auto_name_already_taken_never_runs_it_and_goes_unnamed) {
+  name_taken(KEEL_PG_STATEMENTS_AUTO);
+}
+
+Test(pg_pooler, named_mode_reports_name_already_taken) {
+  name_taken(KEEL_PG_STATEMENTS_NAMED);
 }
