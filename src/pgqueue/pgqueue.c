@@ -358,27 +358,41 @@ static void on_finish(keel_pg *c, int status, const keel_pg_result *res, void *d
   kick(q);
 }
 
+static int64_t fence_key(int64_t id, unsigned attempt) {
+  return (int64_t)(((uint64_t)id << 20) | (attempt & 0xFFFFFu));
+}
+
 static void send_finish(keel_pgqueue *q) {
   if (q->fin_inflight || q->fin.n == 0) return;
-  arr ids, att, ops, del, errs;
+  arr ids, att, ops, del, errs, dids, dkeys;
   arr_open(&ids), arr_open(&att), arr_open(&ops), arr_open(&del), arr_open(&errs);
+  arr_open(&dids), arr_open(&dkeys);
   for (size_t i = 0; i < q->fin.n; i++) {
     fin_entry *e = &q->fin.v[i];
+    if (e->op == OP_DONE) {
+      arr_i64(&dids, e->id);
+      arr_i64(&dkeys, fence_key(e->id, e->attempt));
+      continue;
+    }
     arr_i64(&ids, e->id);
     arr_i64(&att, e->attempt);
     arr_text(&ops, OP_NAME[e->op]);
     arr_i64(&del, (int64_t)e->delay_ms);
     arr_text(&errs, e->err);
   }
-  int rc = arr_close(&ids) | arr_close(&att) | arr_close(&ops) | arr_close(&del) | arr_close(&errs);
+  int rc = arr_close(&ids) | arr_close(&att) | arr_close(&ops) | arr_close(&del) |
+           arr_close(&errs) | arr_close(&dids) | arr_close(&dkeys);
   if (rc == 0) {
-    const char *params[] = {
-        q->owner, q->o.done_retention_ms > 0 ? "true" : "false", ids.b.p, att.b.p, ops.b.p, del.b.p,
-        errs.b.p};
-    rc = keel_pg_query_cached(q->cb, q->sql.finish, 7, params, on_finish, q);
+    const char *params[] = {q->owner, q->o.done_retention_ms > 0 ? "true" : "false",
+                            ids.b.p,  att.b.p,
+                            ops.b.p,  del.b.p,
+                            errs.b.p, dids.b.p,
+                            dkeys.b.p};
+    rc = keel_pg_query_cached(q->cb, q->sql.finish, 9, params, on_finish, q);
   }
   keel__pgq_buf_free(&ids.b), keel__pgq_buf_free(&att.b), keel__pgq_buf_free(&ops.b);
   keel__pgq_buf_free(&del.b), keel__pgq_buf_free(&errs.b);
+  keel__pgq_buf_free(&dids.b), keel__pgq_buf_free(&dkeys.b);
   if (rc != 0) {
     keel__fail(q->err, rc, "completion batch not sent: %s", keel_err_name(rc));
     return; /* stays pending; retried at the next kick */
@@ -432,7 +446,7 @@ static void on_fetch(keel_pg *c, int status, const keel_pg_result *res, void *da
   }
   q->st.fetches++;
   int rows = keel_pg_result_nrows(res);
-  if ((unsigned)rows < q->fetch_limit) q->more = false; /* got fewer than asked: drained */
+  if (rows == 0) q->more = false; /* drained (until a NOTIFY, the poll or a reconnect) */
   for (int i = 0; i < rows; i++) {
     const char *kind = keel_pg_result_value(res, i, 4);
     const char *payload = keel_pg_result_value(res, i, 5);
@@ -585,7 +599,7 @@ static void on_hb_timer(uv_timer_t *t) {
     for (keel_pgqueue_job *j = lists[l]->head; j; j = j->next) {
       j->hb_gen = q->hb_gen;
       arr_i64(&ids, j->id);
-      arr_i64(&att, j->attempt);
+      arr_i64(&att, fence_key(j->id, j->attempt));
     }
   int rc = arr_close(&ids) | arr_close(&att);
   if (rc == 0) {

@@ -44,7 +44,7 @@ static const char MIGRATE[] =
     " WHERE state = 'available';\n"
     "CREATE UNIQUE INDEX pgqueue_jobs_unique ON %s.pgqueue_jobs (queue, unique_key)"
     " WHERE unique_key IS NOT NULL AND state IN ('available','running');\n"
-    "CREATE INDEX pgqueue_jobs_running ON %s.pgqueue_jobs (lease_owner)"
+    "CREATE INDEX pgqueue_jobs_lease ON %s.pgqueue_jobs (lease_until)"
     " WHERE state = 'running';\n"
     "CREATE INDEX pgqueue_jobs_finished ON %s.pgqueue_jobs (finished_at)"
     " WHERE state IN ('done','dead','cancelled');\n"
@@ -98,38 +98,44 @@ static const char FETCH[] =
     " j.timeout_ms, j.backoff_kind, j.backoff_base_ms, j.backoff_factor, j.backoff_cap_ms,"
     " extract(epoch from (clock_timestamp() - j.run_at)) * 1000 AS pickup_ms, j.run_at";
 
-/* $1 owner $2 keep_done $3 id[] $4 attempt[] $5 op[] ('done','retry','dead',
- * 'back' = give back a fetched job unstarted, 'release' = available now,
- * attempt kept) $6 delay_ms[] $7 error[]. Every write is fenced by (id,
- * attempt, owner, state = 'running'); the ids returned are the rows that
- * changed. */
+/* $1 owner $2 keep_done $3 id[] $4 attempt[] $5 op[] ('retry','dead', 'back' =
+ * give back a fetched job unstarted, 'release' = available now, attempt
+ * kept) $6 delay_ms[] $7 error[] for the failures; $8 id[] $9 key[] for the
+ * successes (key = id << 20 | attempt & 0xFFFFF: a hashed = ANY() filter,
+ * no join, so a batch of thousands costs one index probe per row). Every
+ * write is fenced by (id, attempt, owner, state = 'running'); the ids
+ * returned are the rows that changed. */
 static const char FINISH[] =
-    "WITH f AS (SELECT * FROM unnest($3::bigint[], $4::int[], $5::text[], $6::bigint[],"
-    " $7::text[]) AS f(id, attempt, op, delay_ms, err)),"
-    " del AS (DELETE FROM %s.pgqueue_jobs j USING f WHERE NOT $2::bool AND f.op = 'done'"
-    " AND j.id = f.id AND j.attempt = f.attempt AND j.lease_owner = $1"
-    " AND j.state = 'running' RETURNING j.id),"
+    "WITH del AS (DELETE FROM %s.pgqueue_jobs j WHERE NOT $2::bool"
+    " AND j.id = ANY($8::bigint[]) AND ((j.id << 20) | (j.attempt & 1048575)) = ANY($9::bigint[])"
+    " AND j.lease_owner = $1 AND j.state = 'running' RETURNING j.id),"
+    " dn AS (UPDATE %s.pgqueue_jobs j SET state = 'done', lease_owner = NULL,"
+    " lease_until = NULL, finished_at = now() WHERE $2::bool"
+    " AND j.id = ANY($8::bigint[]) AND ((j.id << 20) | (j.attempt & 1048575)) = ANY($9::bigint[])"
+    " AND j.lease_owner = $1 AND j.state = 'running' RETURNING j.id),"
     " upd AS (UPDATE %s.pgqueue_jobs j SET"
-    " state = CASE f.op WHEN 'done' THEN 'done' WHEN 'dead' THEN 'dead' ELSE 'available' END,"
+    " state = CASE f.op WHEN 'dead' THEN 'dead' ELSE 'available' END,"
     " attempt = CASE WHEN f.op = 'back' THEN j.attempt - 1 ELSE j.attempt END,"
     " lease_owner = NULL, lease_until = NULL,"
     " run_at = CASE WHEN f.op IN ('retry','release') THEN now() + f.delay_ms * interval"
     " '1 millisecond' ELSE j.run_at END,"
-    " finished_at = CASE WHEN f.op IN ('done','dead') THEN now() END,"
+    " finished_at = CASE WHEN f.op = 'dead' THEN now() END,"
     " last_error = COALESCE(f.err, j.last_error),"
     " errors = CASE WHEN f.err IS NULL THEN j.errors ELSE j.errors || jsonb_build_array("
     "jsonb_build_object('attempt', j.attempt, 'at', now(), 'error', f.err)) END"
-    " FROM f WHERE ($2::bool OR f.op <> 'done') AND j.id = f.id AND j.attempt = f.attempt"
+    " FROM unnest($3::bigint[], $4::int[], $5::text[], $6::bigint[], $7::text[])"
+    " AS f(id, attempt, op, delay_ms, err)"
+    " WHERE j.id = ANY($3::bigint[]) AND j.id = f.id AND j.attempt = f.attempt"
     " AND j.lease_owner = $1 AND j.state = 'running' RETURNING j.id)"
-    " SELECT id FROM del UNION ALL SELECT id FROM upd";
+    " SELECT id FROM del UNION ALL SELECT id FROM dn UNION ALL SELECT id FROM upd";
 
-/* $1 owner $2 lease_ms $3 id[] $4 attempt[]: one statement renews every
+/* $1 owner $2 lease_ms $3 id[] $4 key[]: one statement renews every
  * lease of this owner; the rows not returned are lost. */
 static const char HEARTBEAT[] =
     "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))"
     " UPDATE %s.pgqueue_jobs j SET lease_until = now() + $2::bigint * interval"
-    " '1 millisecond' FROM unnest($3::bigint[], $4::int[]) AS h(id, attempt), sc"
-    " WHERE j.id = h.id AND j.attempt = h.attempt AND j.lease_owner = $1"
+    " '1 millisecond' FROM sc WHERE j.id = ANY($3::bigint[])"
+    " AND ((j.id << 20) | (j.attempt & 1048575)) = ANY($4::bigint[]) AND j.lease_owner = $1"
     " AND j.state = 'running' RETURNING j.id, j.attempt";
 
 /* $1 lock key $2 dead_retention_ms $3 done_retention_ms. One process at a
@@ -208,7 +214,7 @@ int keel__pgq_sql_init(keel__pgq_sql *sql, const char *schema, long long migrate
   sql->migrate = fmt_n(MIGRATE, schema, 12, migrate_key);
   sql->enqueue = fmt_n(ENQUEUE, schema, 3, 0);
   sql->fetch = fmt_n(FETCH, schema, 2, 0);
-  sql->finish = fmt_n(FINISH, schema, 2, 0);
+  sql->finish = fmt_n(FINISH, schema, 3, 0);
   sql->heartbeat = fmt_n(HEARTBEAT, schema, 1, 0);
   sql->rescue = fmt_n(RESCUE, schema, 4, 0);
   sql->stats = fmt_n(STATS, schema, 3, 0);

@@ -621,3 +621,30 @@ Test(pgqueue, stats_from_the_table) {
   fx_finish(&f);
   fx_drop(&f);
 }
+
+static bool one_ran(void *ctx) {
+  return ((fx *)ctx)->started >= 1;
+}
+
+Test(pgqueue, notify_wakes_an_idle_worker) {
+  fx f;
+  fx_init(&f, "pgq_notify", NULL);
+  f.o.poll_ms = 600000; /* no polling: only the NOTIFY can wake it */
+  fx_start(&f);
+  settle(&f, 300); /* the first fetch found nothing */
+  keel_pgqueue_job_opts j;
+  keel_pgqueue_job_opts_init(&j);
+  /* enqueued by another object (its own connection) */
+  keel_pgqueue_opts o = f.o;
+  o.process = NULL;
+  o.migrate = false;
+  o.on_ready = NULL;
+  keel_pgqueue *e;
+  cr_assert_eq(keel_pgqueue_new(&f.loop, &o, &e), 0);
+  cr_assert_eq(keel_pgqueue_enqueue(e, NULL, &j, 1, NULL, NULL), 0);
+  cr_assert(kt_wait_for(&f.loop, one_ran, &f, 10000), "not woken: %s",
+            keel_pgqueue_last_error(f.q));
+  keel_pgqueue_close(e, NULL, NULL);
+  fx_finish(&f);
+  fx_drop(&f);
+}
