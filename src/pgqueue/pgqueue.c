@@ -101,6 +101,7 @@ struct keel_pgqueue {
   bool flush_due;
   bool paused, closing, close_flushed;
   bool in_close_step;
+  bool close_step_ran; /* close_step2 waits for the deferred close_step */
   unsigned concurrency;
   uint64_t fetch_sent_at;
   unsigned fetch_limit;
@@ -1388,7 +1389,7 @@ static void on_conn_closed(void *obj, void *data) {
 
 /* After the final completion batch (or none): close connections and handles. */
 static void close_step2(keel_pgqueue *q) {
-  if (q->close_flushed || q->in_close_step) return;
+  if (q->close_flushed || q->in_close_step || !q->close_step_ran) return;
   if (q->fin_inflight || q->fetch_inflight) return; /* their callbacks call us again */
   if (q->fin.n > 0 && keel_pg_is_connected(q->cb)) {
     send_finish(q);
@@ -1407,6 +1408,7 @@ static void close_step2(keel_pgqueue *q) {
 
 static void close_step(void *arg) {
   keel_pgqueue *q = arg;
+  q->close_step_ran = true;
   /* enqueues that waited for the schema: cancelled */
   while (q->waiting_head) {
     enq_req *r = q->waiting_head;
@@ -1442,5 +1444,9 @@ void keel_pgqueue_close(keel_pgqueue *q, keel_close_cb cb, void *data) {
     j->state = J_RELEASED;
     jl_push(&q->gone, j);
   }
-  if (keel__call_later(q->loop, close_step, q) != 0) close_step2(q); /* no memory: go on */
+  if (keel__call_later(q->loop, close_step, q) != 0) {
+    /* no memory for the deferral: go on from the kick handle's close instead */
+    q->close_step_ran = true;
+    close_step2(q);
+  }
 }
