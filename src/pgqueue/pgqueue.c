@@ -1421,6 +1421,11 @@ static void close_step(void *arg) {
   close_step2(q);
 }
 
+static void on_close_kick(uv_idle_t *h) {
+  uv_idle_stop(h);
+  close_step(h->data);
+}
+
 void keel_pgqueue_close(keel_pgqueue *q, keel_close_cb cb, void *data) {
   if (q == NULL || q->closing) return;
   q->closing = true;
@@ -1444,9 +1449,7 @@ void keel_pgqueue_close(keel_pgqueue *q, keel_close_cb cb, void *data) {
     j->state = J_RELEASED;
     jl_push(&q->gone, j);
   }
-  if (keel__call_later(q->loop, close_step, q) != 0) {
-    /* no memory for the deferral: go on from the kick handle's close instead */
-    q->close_step_ran = true;
-    close_step2(q);
-  }
+  /* the rest runs on the next loop iteration, from the kick handle (no
+   * allocation needed, so close cannot fail) */
+  (void)uv_idle_start(&q->kick, on_close_kick);
 }

@@ -350,3 +350,94 @@ Test(pgqueue_faults, soak_random_kills, .timeout = 900) {
   fx_finish(&f);
   fx_drop(&f);
 }
+
+/* ---- allocation failure -------------------------------------------------------- */
+
+typedef struct oom {
+  fx *base;
+  int enq_calls, cancel_calls, closes;
+  int runs;
+} oom;
+
+static void oom_enq(keel_pgqueue *q, int status, const keel_pgqueue_enqueued *jobs, size_t n,
+                    void *data) {
+  (void)q, (void)status, (void)jobs, (void)n;
+  ((oom *)data)->enq_calls++;
+}
+
+static void oom_cancel(keel_pgqueue *q, int status, int64_t id, const char *prev, void *data) {
+  (void)q, (void)status, (void)id, (void)prev;
+  ((oom *)data)->cancel_calls++;
+}
+
+static void oom_closed(void *obj, void *data) {
+  (void)obj;
+  ((oom *)data)->closes++;
+}
+
+static bool oom_enq_done(void *ctx) {
+  return ((oom *)ctx)->enq_calls > 0;
+}
+static bool oom_cancel_done(void *ctx) {
+  return ((oom *)ctx)->cancel_calls > 0;
+}
+static bool oom_is_closed(void *ctx) {
+  return ((oom *)ctx)->closes > 0;
+}
+
+static void oom_scenario(void *arg) {
+  oom *c = arg;
+  c->enq_calls = c->cancel_calls = c->closes = 0;
+  uv_loop_t loop;
+  cr_assert_eq(uv_loop_init(&loop), 0);
+  keel_pgqueue_opts o = c->base->o;
+  o.process = NULL;
+  o.on_ready = NULL;
+  o.on_lease_lost = NULL;
+  o.migrate = false;
+  keel_pgqueue *q = NULL;
+  int rc = keel_pgqueue_new(&loop, &o, &q);
+  if (rc != 0) {
+    cr_expect_eq(rc, UV_ENOMEM, "new: %s", keel_err_name(rc));
+    cr_expect_null(q);
+    kt_loop_finish(&loop);
+    return;
+  }
+  keel_pgqueue_job_opts j;
+  keel_pgqueue_job_opts_init(&j);
+  j.payload = "{\"oom\":true}";
+  int erc = keel_pgqueue_enqueue(q, NULL, &j, 1, oom_enq, c);
+  if (erc == 0) {
+    /* without a connection it waits (like any statement of keel_pg) until close */
+    kt_wait_for(&loop, oom_enq_done, c, kt_failmalloc_index() < 0 ? 5000 : 300);
+    if (kt_failmalloc_index() < 0) cr_expect_eq(c->enq_calls, 1);
+  } else {
+    cr_expect_eq(erc, UV_ENOMEM, "enqueue: %s", keel_err_name(erc));
+  }
+  int crc = keel_pgqueue_cancel(q, 1, oom_cancel, c);
+  if (crc == 0) kt_wait_for(&loop, oom_cancel_done, c, kt_failmalloc_index() < 0 ? 5000 : 300);
+  keel_pgqueue_close(q, oom_closed, c);
+  cr_expect_eq(c->closes, 0, "no callback inside close");
+  cr_expect(kt_wait_for(&loop, oom_is_closed, c, 5000), "close hung (allocation %" PRId64 ")",
+            kt_failmalloc_index());
+  cr_expect_eq(c->enq_calls, erc == 0 ? 1 : 0,
+               "enqueue callback lost or doubled (allocation %" PRId64 ")", kt_failmalloc_index());
+  cr_expect_eq(c->cancel_calls, crc == 0 ? 1 : 0,
+               "cancel callback lost or doubled (allocation %" PRId64 ")", kt_failmalloc_index());
+  cr_expect_eq(c->closes, 1);
+  c->runs++;
+  kt_loop_finish(&loop);
+}
+
+Test(pgqueue_faults, every_allocation_failing_in_turn, .timeout = 900) {
+  fx f;
+  fault_fx(&f, "pgqf_oom");
+  f.o.process = NULL;
+  fx_start(&f);
+  fx_finish(&f); /* the schema is installed; objects of the scenario use the counting allocator */
+  oom c = {.base = &f};
+  kt_failmalloc_run(oom_scenario, &c);
+  cr_log_info("%" PRIu64 " allocations, %d runs", kt_failmalloc_count(), c.runs);
+  cr_expect_gt(kt_failmalloc_count(), 10);
+  fx_drop(&f);
+}
