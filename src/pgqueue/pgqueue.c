@@ -308,11 +308,11 @@ static void on_finish(keel_pg *c, int status, const keel_pg_result *res, void *d
   if (status == 0) {
     size_t n;
     int64_t *ids = ids_of(res, &n);
+    bool oom = ids == NULL && keel_pg_result_nrows(res) > 0; /* cannot check: count as written */
     q->st.flushes++;
     for (size_t i = 0; i < fl->n; i++) {
       fin_entry *e = &fl->v[i];
-      bool hit = contains(ids, n, e->id);
-      if (!hit && n > 0 && ids == NULL) hit = true; /* no memory to check: assume written */
+      bool hit = oom || contains(ids, n, e->id);
       if (hit) {
         switch (e->op) {
           case OP_DONE:

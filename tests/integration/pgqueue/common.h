@@ -114,6 +114,7 @@ static inline void fx_on_closed(void *obj, void *data) {
 static inline void fx_finish(fx *f) {
   if (f->q) {
     keel_pgqueue_close(f->q, fx_on_closed, f);
+    uv_update_time(&f->loop);
     cr_expect(kt_wait_for(&f->loop, fx_is_closed, f, 10000), "close callback not called");
     f->q = NULL;
   }
@@ -140,6 +141,7 @@ static inline int fx_enqueue(fx *f, const keel_pgqueue_job_opts *jobs, size_t n)
   f->enq_done = 0;
   int rc = keel_pgqueue_enqueue(f->q, NULL, jobs, n, fx_enq_cb, f);
   if (rc != 0) return rc;
+  uv_update_time(&f->loop); /* after blocking set-up calls: the guard counts from now */
   cr_assert(kt_wait_for(&f->loop, fx_enq_done, f, 15000), "enqueue callback not called");
   return f->enq_status;
 }
