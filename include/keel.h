@@ -47,5 +47,6 @@
 #include "keel/breaker_shared.h"
 #include "keel/ratelimit.h"
 #include "keel/policy.h"
+#include "keel/pgqueue.h"
 
 #endif /* KEEL_H */

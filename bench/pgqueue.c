@@ -1,0 +1,404 @@
+/*
+ * bench/pgqueue.c — the durable queue on a PostgreSQL with stock durability
+ * (fsync and synchronous_commit on: its own server, started here with
+ * scripts/pg-instance, not the throwaway one of the scripts).
+ *
+ *   1. enqueue: KEEL_BENCH_JOBS (100,000) no-op jobs in batches of 1,000;
+ *   2. work: 4 forked processes x concurrency 16 drain them; jobs/s from
+ *      the first fetch to the last completion written;
+ *   3. pickup: jobs enqueued one by one (autocommit, spread over 4
+ *      connections as 4 application processes would) into an idle queue
+ *      at 200/s for 5 s, each carrying its enqueue time; latency = start of
+ *      the process callback - the enqueue call (same machine clock; it
+ *      includes the enqueue's durable commit);
+ *   4. a checker: lost = jobs never executed or left in the table,
+ *      dup = executions beyond one per job (shared memory counters).
+ *
+ * Last line: pgqueue jobs_per_s=<x> enqueue_per_s=<y> pickup_p50_ms=<z>
+ *            pickup_p99_ms=<w> lost=<v> dup=<u>
+ * Env: KEEL_BENCH_JOBS, KEEL_BENCH_WORKERS (4), KEEL_BENCH_CONCURRENCY (16),
+ *      KEEL_BENCH_PREFETCH (local prefetch per worker, default 1024),
+ *      KEEL_BENCH_PG (use this server instead of starting one).
+ */
+#include <inttypes.h>
+#include <libpq-fe.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "common.h"
+#include "keel/pgqueue.h"
+
+typedef struct shared {
+  atomic_int ready;
+  atomic_int go;
+  atomic_int stop;
+  atomic_uint_fast64_t completed;
+  atomic_uint_fast64_t first_fetch_ns;
+  atomic_uint_fast64_t pickup_n;
+  uint64_t pickup_ns[4096];
+  atomic_uchar runs[]; /* executions per job (index = id - id0) */
+} shared;
+
+static shared *sh;
+static int64_t id0;
+static long njobs;
+static const char *conninfo;
+
+static uint64_t real_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int env_int(const char *name, int def) {
+  const char *v = getenv(name);
+  return v && *v ? (int)strtol(v, NULL, 10) : def;
+}
+
+/* ---- worker process ------------------------------------------------------------ */
+
+typedef struct worker {
+  uv_loop_t loop;
+  keel_pgqueue *q;
+  uv_timer_t tick;
+  bool pickup;
+  bool started;
+} worker;
+
+static void w_process(keel_pgqueue *q, keel_pgqueue_job *job, void *data) {
+  worker *w = data;
+  (void)q;
+  if (w->pickup) {
+    const char *p = keel_pgqueue_job_payload(job);
+    const char *t = strstr(p, "\"t\":");
+    if (t) {
+      uint64_t sent = strtoull(t + 4, NULL, 10);
+      uint64_t n = atomic_fetch_add(&sh->pickup_n, 1);
+      if (n < 4096) sh->pickup_ns[n] = real_ns() - sent;
+    }
+  } else {
+    int64_t i = keel_pgqueue_job_id(job) - id0;
+    if (i >= 0 && i < njobs) atomic_fetch_add(&sh->runs[i], 1);
+    uint64_t zero = 0;
+    atomic_compare_exchange_strong(&sh->first_fetch_ns, &zero, bench_mono_ns());
+  }
+  keel_pgqueue_job_done(job, 0);
+}
+
+static uint64_t last_completed;
+
+static void w_tick(uv_timer_t *t) {
+  worker *w = t->data;
+  if (!w->started && atomic_load(&sh->go)) {
+    w->started = true;
+    keel_pgqueue_resume(w->q);
+  }
+  keel_pgqueue_stats st;
+  keel_pgqueue_get_stats(w->q, &st);
+  if (st.completed > last_completed) {
+    atomic_fetch_add(&sh->completed, st.completed - last_completed);
+    last_completed = st.completed;
+  }
+  if (atomic_load(&sh->stop)) {
+    fprintf(stderr,
+            "worker %d: fetches %" PRIu64 " fetched %" PRIu64 " completed %" PRIu64
+            " flushes %" PRIu64 " fenced %" PRIu64 " lost %" PRIu64 " back %" PRIu64
+            " rescued %" PRIu64 " fetch p50 %.1f ms p99 %.1f ms; last error: %s\n",
+            (int)getpid(), st.fetches, st.fetched, st.completed, st.flushes, st.fenced,
+            st.lease_lost, st.given_back, st.rescued, st.fetch.p50_ms, st.fetch.p99_ms,
+            keel_pgqueue_last_error(w->q));
+    keel_pgqueue_close(w->q, NULL, NULL);
+    uv_close((uv_handle_t *)t, NULL);
+  }
+}
+
+static void w_ready(keel_pgqueue *q, int status, void *data) {
+  (void)q, (void)data;
+  if (status == 0) atomic_fetch_add(&sh->ready, 1);
+}
+
+static int run_worker(const char *queue, bool pickup) {
+  worker w = {0};
+  w.pickup = pickup;
+  uv_loop_init(&w.loop);
+  keel_pgqueue_opts o;
+  keel_pgqueue_opts_init(&o);
+  o.conninfo = conninfo;
+  o.queue = queue;
+  o.process = w_process;
+  o.on_ready = w_ready;
+  o.data = &w;
+  o.concurrency = (unsigned)env_int("KEEL_BENCH_CONCURRENCY", 16);
+  o.prefetch = (unsigned)env_int("KEEL_BENCH_PREFETCH", 1024);
+  o.flush_jobs = (unsigned)env_int("KEEL_BENCH_FLUSH_JOBS", 4096);
+  o.flush_ms = 1;
+  o.stats_ms = 0;
+  o.migrate = false;
+  if (keel_pgqueue_new(&w.loop, &o, &w.q) != 0) return 1;
+  if (!pickup)
+    keel_pgqueue_pause(w.q);
+  else
+    w.started = true;
+  uv_timer_init(&w.loop, &w.tick);
+  w.tick.data = &w;
+  uv_timer_start(&w.tick, w_tick, 1, 1);
+  uv_run(&w.loop, UV_RUN_DEFAULT);
+  return uv_loop_close(&w.loop) == 0 ? 0 : 1;
+}
+
+/* ---- parent: enqueue ------------------------------------------------------------- */
+
+typedef struct enq {
+  uv_loop_t loop;
+  keel_pgqueue *q;
+  keel_pgqueue *pq[4]; /* one-by-one enqueues: 4 connections, as 4 app processes would */
+  unsigned rr;
+  long sent, acked;
+  int inflight;
+  int failed;
+  bool ready;
+  int64_t min_id;
+  uv_timer_t timer;
+  long pickup_left;
+} enq;
+
+static void on_ready(keel_pgqueue *q, int status, void *data) {
+  enq *e = data;
+  if (status != 0) fprintf(stderr, "migration: %s\n", keel_pgqueue_last_error(q));
+  e->ready = true;
+}
+
+static void send_batches(enq *e);
+
+static void on_enq(keel_pgqueue *q, int status, const keel_pgqueue_enqueued *jobs, size_t n,
+                   void *data) {
+  enq *e = data;
+  e->inflight--;
+  if (status != 0) {
+    fprintf(stderr, "enqueue: %s\n", keel_pgqueue_last_error(q));
+    e->failed++;
+  }
+  for (size_t i = 0; i < n; i++)
+    if (e->min_id == 0 || jobs[i].id < e->min_id) e->min_id = jobs[i].id;
+  e->acked += (long)n;
+  send_batches(e);
+}
+
+static void send_batches(enq *e) {
+  static keel_pgqueue_job_opts jobs[1000];
+  static char payloads[1000][32];
+  while (e->inflight < 4 && e->sent < njobs) {
+    long n = njobs - e->sent < 1000 ? njobs - e->sent : 1000;
+    for (long i = 0; i < n; i++) {
+      keel_pgqueue_job_opts_init(&jobs[i]);
+      snprintf(payloads[i], sizeof payloads[i], "{\"n\":%ld}", e->sent + i);
+      jobs[i].payload = payloads[i];
+      jobs[i].kind = "noop";
+    }
+    if (keel_pgqueue_enqueue(e->q, NULL, jobs, (size_t)n, on_enq, e) != 0) {
+      fprintf(stderr, "enqueue refused: %s\n", keel_pgqueue_last_error(e->q));
+      e->failed++;
+      return;
+    }
+    e->sent += n;
+    e->inflight++;
+  }
+}
+
+static void on_pickup_enq(keel_pgqueue *q, int status, const keel_pgqueue_enqueued *jobs, size_t n,
+                          void *data) {
+  (void)jobs, (void)n;
+  enq *e = data;
+  e->inflight--;
+  if (status != 0) fprintf(stderr, "pickup enqueue: %s\n", keel_pgqueue_last_error(q));
+}
+
+static void pickup_tick(uv_timer_t *t) {
+  enq *e = t->data;
+  if (e->pickup_left-- <= 0) {
+    uv_timer_stop(t);
+    return;
+  }
+  char payload[64];
+  snprintf(payload, sizeof payload, "{\"t\":%" PRIu64 "}", real_ns());
+  keel_pgqueue_job_opts j;
+  keel_pgqueue_job_opts_init(&j);
+  j.queue = "pickup";
+  j.payload = payload;
+  keel_pgqueue *q = e->pq[e->rr++ % 4];
+  if (keel_pgqueue_enqueue(q, NULL, &j, 1, on_pickup_enq, e) == 0) e->inflight++;
+}
+
+static bool run_until(uv_loop_t *loop, bool (*cond)(void *), void *ctx, double seconds) {
+  double end = bench_now_s() + seconds;
+  while (!cond(ctx) && bench_now_s() < end) uv_run(loop, UV_RUN_NOWAIT), usleep(200);
+  return cond(ctx);
+}
+
+static bool e_ready(void *ctx) {
+  return ((enq *)ctx)->ready;
+}
+static bool e_acked(void *ctx) {
+  enq *e = ctx;
+  return e->acked >= njobs || e->failed;
+}
+static bool e_idle(void *ctx) {
+  enq *e = ctx;
+  return e->pickup_left <= 0 && e->inflight == 0;
+}
+
+static char *scalar(PGconn *c, const char *sql) {
+  PGresult *r = PQexec(c, sql);
+  char *v = NULL;
+  if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) > 0)
+    v = strdup(PQgetvalue(r, 0, 0));
+  else
+    fprintf(stderr, "%s: %s\n", sql, PQerrorMessage(c));
+  PQclear(r);
+  return v;
+}
+
+int main(void) {
+  njobs = env_int("KEEL_BENCH_JOBS", 100000);
+  int nworkers = env_int("KEEL_BENCH_WORKERS", 4);
+  char dir[] = "/tmp/keel-bench-pgq.XXXXXX";
+  static char info[256];
+  conninfo = getenv("KEEL_BENCH_PG");
+  if (conninfo == NULL || !*conninfo) {
+    if (mkdtemp(dir) == NULL) return 1;
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "scripts/pg-instance start %s", dir);
+    FILE *p = popen(cmd, "r");
+    if (p == NULL || fgets(info, sizeof info, p) == NULL) {
+      fprintf(stderr, "could not start PostgreSQL\n");
+      return 1;
+    }
+    pclose(p);
+    info[strcspn(info, "\n")] = 0;
+    conninfo = info;
+  } else {
+    dir[0] = 0;
+  }
+  PGconn *pc = PQconnectdb(conninfo);
+  char *fs = scalar(pc, "SHOW fsync"), *sc = scalar(pc, "SHOW synchronous_commit");
+  printf("server: fsync=%s synchronous_commit=%s\n", fs ? fs : "?", sc ? sc : "?");
+  free(fs), free(sc);
+  PQclear(PQexec(pc, "DROP SCHEMA IF EXISTS keel CASCADE"));
+
+  sh = mmap(NULL, sizeof *sh + (size_t)njobs, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS,
+            -1, 0);
+  if (sh == MAP_FAILED) return 1;
+  memset(sh, 0, sizeof *sh + (size_t)njobs);
+
+  enq e = {0};
+  uv_loop_init(&e.loop);
+  keel_pgqueue_opts o;
+  keel_pgqueue_opts_init(&o);
+  o.conninfo = conninfo;
+  o.queue = "bench";
+  o.on_ready = on_ready;
+  o.data = &e;
+  o.stats_ms = 0;
+  if (keel_pgqueue_new(&e.loop, &o, &e.q) != 0) return 1;
+  run_until(&e.loop, e_ready, &e, 30);
+
+  /* 1. enqueue */
+  double t0 = bench_now_s();
+  send_batches(&e);
+  run_until(&e.loop, e_acked, &e, 600);
+  double enq_s = bench_now_s() - t0;
+  if (e.failed) return 1;
+  id0 = e.min_id;
+  printf("enqueued %ld jobs in %.2f s: %.0f jobs/s\n", njobs, enq_s, (double)njobs / enq_s);
+  PQclear(PQexec(pc, "VACUUM ANALYZE keel.pgqueue_jobs"));
+  if (getenv("KEEL_BENCH_SQL")) PQclear(PQexec(pc, getenv("KEEL_BENCH_SQL")));
+
+  if (nworkers == 0) return 0; /* enqueue only (for EXPLAIN sessions) */
+  /* 2. work */
+  pid_t pids[64];
+  for (int i = 0; i < nworkers; i++) {
+    pids[i] = fork();
+    if (pids[i] == 0) _exit(run_worker("bench", false));
+  }
+  while (atomic_load(&sh->ready) < nworkers) usleep(1000);
+  double w0 = bench_now_s();
+  atomic_store(&sh->go, 1);
+  while (atomic_load(&sh->completed) < (uint64_t)njobs && bench_now_s() - w0 < 600) usleep(500);
+  double w1 = bench_now_s();
+  uint64_t ff = atomic_load(&sh->first_fetch_ns);
+  double start = ff ? (double)ff / 1e9 : w0;
+  double work_s = w1 - w0; /* from "go" (workers connected, idle) to the last completion written */
+  printf("processed %" PRIu64 " jobs in %.3f s (first start %.1f ms after go): %.0f jobs/s\n",
+         (uint64_t)atomic_load(&sh->completed), work_s, (start - w0) * 1000,
+         (double)njobs / work_s);
+  atomic_store(&sh->stop, 1);
+  for (int i = 0; i < nworkers; i++) waitpid(pids[i], NULL, 0);
+
+  /* 3. pickup latency: one worker, jobs one by one at 200/s */
+  atomic_store(&sh->stop, 0);
+  atomic_store(&sh->ready, 0);
+  pid_t pw = fork();
+  if (pw == 0) _exit(run_worker("pickup", true));
+  while (atomic_load(&sh->ready) < 1) usleep(1000);
+  usleep(300000);
+  keel_pgqueue_opts po = o;
+  po.on_ready = NULL;
+  po.migrate = false;
+  for (int i = 0; i < 4; i++)
+    if (keel_pgqueue_new(&e.loop, &po, &e.pq[i]) != 0) return 1;
+  double warm = bench_now_s() + 1; /* let them connect */
+  while (bench_now_s() < warm) uv_run(&e.loop, UV_RUN_NOWAIT), usleep(1000);
+  e.pickup_left = 1000;
+  uv_timer_init(&e.loop, &e.timer);
+  e.timer.data = &e;
+  uv_timer_start(&e.timer, pickup_tick, 5, 5);
+  run_until(&e.loop, e_idle, &e, 60);
+  usleep(300000);
+  atomic_store(&sh->stop, 1);
+  waitpid(pw, NULL, 0);
+  int np = (int)atomic_load(&sh->pickup_n);
+  if (np > 4096) np = 4096;
+  double p50, p99;
+  bench_percentiles_us(sh->pickup_ns, np, &p50, &p99);
+  printf("pickup: %d jobs, p50 %.2f ms, p99 %.2f ms\n", np, p50 / 1000, p99 / 1000);
+
+  /* 4. check */
+  long lost = 0, dup = 0;
+  for (long i = 0; i < njobs; i++) {
+    unsigned r = atomic_load(&sh->runs[i]);
+    if (r == 0)
+      lost++;
+    else if (r > 1)
+      dup += r - 1;
+  }
+  char *left = scalar(pc, "SELECT count(*) FROM keel.pgqueue_jobs WHERE queue = 'bench'");
+  long rows_left = left ? strtol(left, NULL, 10) : -1;
+  free(left);
+  if (rows_left != 0) {
+    printf("rows left in the table: %ld\n", rows_left);
+    if (rows_left > lost) lost = rows_left;
+  }
+  PQfinish(pc);
+  keel_pgqueue_close(e.q, NULL, NULL);
+  for (int i = 0; i < 4; i++) keel_pgqueue_close(e.pq[i], NULL, NULL);
+  uv_close((uv_handle_t *)&e.timer, NULL);
+  uv_run(&e.loop, UV_RUN_DEFAULT);
+  uv_loop_close(&e.loop);
+  if (dir[0]) {
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "scripts/pg-instance stop %s", dir);
+    if (system(cmd) != 0) fprintf(stderr, "could not stop %s\n", dir);
+  }
+  printf(
+      "pgqueue jobs_per_s=%.0f enqueue_per_s=%.0f pickup_p50_ms=%.2f pickup_p99_ms=%.2f "
+      "lost=%ld dup=%ld\n",
+      (double)njobs / work_s, (double)njobs / enq_s, p50 / 1000, p99 / 1000, lost, dup);
+  return 0;
+}
