@@ -41,5 +41,6 @@
 #include "keel/listen.h"
 #include "keel/verify.h"
 #include "keel/integrity.h"
+#include "keel/serve.h"
 
 #endif /* KEEL_H */
