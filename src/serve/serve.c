@@ -16,6 +16,7 @@
 #include <errno.h>
 #include <libwebsockets.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -25,7 +26,7 @@
 #include "serve/serve_internal.h"
 
 #define KEEL__SERVE_MAX_REMOVED 4096
-#define KEEL__HTTP_CHUNK 65536
+#define KEEL__HTTP_CHUNK (256 * 1024)
 
 extern const char keel__serve_page[];
 extern const size_t keel__serve_page_len;
@@ -52,7 +53,7 @@ struct conn {
   bool is_ws;
   /* HTTP: the body being sent, LWS_PRE bytes of room in front */
   char *body;
-  size_t body_len, body_off;
+  size_t body_len, body_off, body_cap;
   /* WebSocket */
   bool want_write;    /* a frame is due and not yet written */
   bool need_snapshot; /* the next frame is a full snapshot */
@@ -77,8 +78,13 @@ struct keel_serve {
   int quiet_iterations; /* closing: iterations seen with no handle closing */
   bool ticking;
   uint64_t seq;
-  keel__buf delta;    /* LWS_PRE room + the current delta frame */
-  keel__buf snapshot; /* LWS_PRE room + the snapshot of seq snapshot_seq */
+  keel__buf delta;   /* LWS_PRE room + the current delta frame */
+  keel__buf changed; /* the changed objects of the current delta */
+  /* Kept between renders: in a VM a page fault costs tens of microseconds,
+   * and a fresh megabyte-sized buffer per scrape faults on every page. */
+  keel_stats_writer prom; /* its families and their sample buffers */
+  keel__buf spare;        /* a body buffer to reuse (len 0) */
+  keel__buf snapshot;     /* LWS_PRE room + the snapshot of seq snapshot_seq */
   uint64_t snapshot_seq;
   keel_serve_stats st;
   bool closing;
@@ -263,27 +269,52 @@ static const keel_stats_source serve_source = {"serve", serve_source_write};
 
 /* Renders /metrics into out (which may already hold room in front). */
 static int render_metrics(keel_serve *s, keel__buf *out) {
-  keel_stats_writer w;
-  keel__writer_init(&w, KEEL__W_PROM);
-  w.kind = serve_source.kind;
-  w.label = "server";
-  w.label_len = 6;
-  serve_source.write(s, &w);
+  keel_stats_writer *w = &s->prom;
+  if (w->mode != KEEL__W_PROM) keel__writer_init(w, KEEL__W_PROM);
+  for (size_t i = 0; i < w->nfams; i++) {
+    w->fams[i].samples.len = 0;
+    w->fams[i].samples.failed = false;
+  }
+  w->failed = false;
+  w->hint = 0;
+  w->kind = serve_source.kind;
+  w->label = "server";
+  w->label_len = 6;
+  serve_source.write(s, w);
   for (keel_stats_reg *r = s->regs; r; r = r->next) {
-    w.kind = r->src->kind;
-    w.label = r->label;
-    w.label_len = r->label_len;
-    r->src->write(r->obj, &w);
+    w->kind = r->src->kind;
+    w->label = r->label;
+    w->label_len = r->label_len;
+    r->src->write(r->obj, w);
   }
   keel__buf_puts(out,
                  "# HELP keel_build_info keel library version (always 1).\n"
                  "# TYPE keel_build_info gauge\nkeel_build_info{version=\"");
   keel__buf_label_escape(out, keel_version_string());
   keel__buf_puts(out, "\"} 1\n");
-  keel__writer_prom_finish(&w, out);
-  bool failed = w.failed || out->failed;
-  keel__writer_dispose(&w);
-  return failed ? UV_ENOMEM : 0;
+  keel__writer_prom_finish(w, out);
+  return w->failed || out->failed ? UV_ENOMEM : 0;
+}
+
+/* A body buffer: the spare one when there is one. */
+static keel__buf take_buf(keel_serve *s) {
+  keel__buf b = s->spare;
+  memset(&s->spare, 0, sizeof s->spare);
+  b.len = 0;
+  b.failed = false;
+  return b;
+}
+
+/* Gives a body buffer back (kept as the spare when none is, up to 16 MiB). */
+static void give_buf(keel_serve *s, char *data, size_t cap) {
+  if (data == NULL) return;
+  if (s->spare.data == NULL && cap <= (16u << 20) && !s->closing) {
+    s->spare.data = data;
+    s->spare.cap = cap;
+    s->spare.len = 0;
+    return;
+  }
+  keel__free(data);
 }
 
 static json_t *object_json(const keel_stats_reg *r, bool with_id) {
@@ -453,7 +484,9 @@ static void build_snapshot(keel_serve *s) {
 static void on_tick(uv_timer_t *t) {
   keel_serve *s = t->data;
   s->seq++;
-  keel__buf changed = {0};
+  keel__buf changed = s->changed;
+  changed.len = 0;
+  changed.failed = false;
   refresh(s, &changed);
   keel__buf *b = &s->delta;
   frame_head(s, b, "delta");
@@ -465,7 +498,7 @@ static void on_tick(uv_timer_t *t) {
     keel__buf_u64(b, s->removed[i]);
   }
   keel__buf_puts(b, "]}");
-  keel__buf_free(&changed);
+  s->changed = changed;
   bool all_snapshot = s->removed_overflow || b->failed;
   s->nremoved = 0;
   s->removed_overflow = false;
@@ -531,11 +564,18 @@ static bool token_ok(keel_serve *s, struct lws *wsi) {
   return diff == 0;
 }
 
-/* Sends status + headers, then body (owned: keel__free'd; LWS_PRE room in
+static void drop_body(conn *c) {
+  if (c->body == NULL) return;
+  give_buf(c->s, c->body, c->body_cap);
+  c->body = NULL;
+}
+
+/* Sends status + headers, then the body (taken over; LWS_PRE room in
  * front) over the following WRITEABLE callbacks. */
-static int respond(conn *c, unsigned status, const char *ctype, char *body, size_t len,
+static int respond(conn *c, unsigned status, const char *ctype, keel__buf *b,
                    const char *extra_name, const char *extra_value) {
   keel_serve *s = c->s;
+  size_t len = b->len - LWS_PRE;
   unsigned char hdr[LWS_PRE + 1024], *start = hdr + LWS_PRE, *p = start,
                                      *end = hdr + sizeof hdr - 1;
   s->st.requests++;
@@ -549,11 +589,12 @@ static int respond(conn *c, unsigned status, const char *ctype, char *body, size
                                                          (const unsigned char *)extra_value,
                                                          (int)strlen(extra_value), &p, end)) ||
       lws_finalize_write_http_header(c->wsi, start, &p, end)) {
-    keel__free(body);
+    give_buf(s, b->data, b->cap);
     return -1;
   }
-  keel__free(c->body);
-  c->body = body;
+  drop_body(c);
+  c->body = b->data;
+  c->body_cap = b->cap;
   c->body_len = len;
   c->body_off = 0;
   lws_callback_on_writable(c->wsi);
@@ -562,7 +603,7 @@ static int respond(conn *c, unsigned status, const char *ctype, char *body, size
 
 static int respond_text(conn *c, unsigned status, const char *text, const char *extra_name,
                         const char *extra_value) {
-  keel__buf b = {0};
+  keel__buf b = take_buf(c->s);
   keel__buf_put(&b, lws_room, LWS_PRE);
   keel__buf_puts(&b, text);
   keel__buf_put(&b, "\n", 1);
@@ -570,8 +611,7 @@ static int respond_text(conn *c, unsigned status, const char *text, const char *
     keel__buf_free(&b);
     return -1;
   }
-  return respond(c, status, "text/plain; charset=utf-8", b.data, b.len - LWS_PRE, extra_name,
-                 extra_value);
+  return respond(c, status, "text/plain; charset=utf-8", &b, extra_name, extra_value);
 }
 
 static int http_writeable(conn *c) {
@@ -589,8 +629,7 @@ static int http_writeable(conn *c) {
     lws_callback_on_writable(c->wsi);
     return 0;
   }
-  keel__free(c->body);
-  c->body = NULL;
+  drop_body(c);
   if (lws_http_transaction_completed(c->wsi)) return -1;
   return 0;
 }
@@ -604,35 +643,42 @@ static int http_request(conn *c, const char *path) {
     s->st.unauthorized++;
     return respond_text(c, 401, "unauthorized", "www-authenticate:", "Bearer realm=\"keel\"");
   }
-  keel__buf b = {0};
+  keel__buf b = take_buf(s);
   keel__buf_put(&b, lws_room, LWS_PRE);
   if (strcmp(path, "/metrics") == 0) {
     if (render_metrics(s, &b) != 0) goto oom;
-    return respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", b.data, b.len - LWS_PRE,
-                   NULL, NULL);
+    return respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", &b, NULL, NULL);
   }
   if (strcmp(path, "/stats.json") == 0) {
     if (render_json(s, &b) != 0) goto oom;
-    return respond(c, 200, "application/json", b.data, b.len - LWS_PRE, NULL, NULL);
+    return respond(c, 200, "application/json", &b, NULL, NULL);
   }
   if (strcmp(path, "/") == 0 || strcmp(path, "/index.html") == 0) {
     keel__buf_put(&b, keel__serve_page, keel__serve_page_len);
     if (b.failed) goto oom;
-    return respond(c, 200, "text/html; charset=utf-8", b.data, b.len - LWS_PRE,
-                   "content-security-policy:",
+    return respond(c, 200, "text/html; charset=utf-8", &b, "content-security-policy:",
                    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                    "connect-src 'self'; img-src data:");
   }
-  keel__buf_free(&b);
+  give_buf(s, b.data, b.cap);
   if (strcmp(path, "/ws") == 0)
     return respond_text(c, 400, "WebSocket upgrade required", NULL, NULL);
   return respond_text(c, 404, "not found", NULL, NULL);
 oom:
   keel__buf_free(&b);
+  keel__buf_free(&s->spare);
   return respond_text(c, 503, "out of memory", NULL, NULL);
 }
 
 /* ---- the lws protocol callback -------------------------------------- */
+
+/* Headers and body go out in separate writes: without TCP_NODELAY, Nagle
+ * holds the body until the client's delayed ACK of the headers (40 ms). */
+static void no_delay(struct lws *wsi) {
+  int one = 1;
+  lws_sockfd_type fd = lws_get_socket_fd(wsi);
+  if (fd >= 0) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+}
 
 static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
                   size_t len) {
@@ -664,6 +710,7 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
       if (c == NULL || s == NULL) return -1;
       c->s = s;
       c->wsi = wsi;
+      no_delay(wsi);
       return http_request(c, in ? (const char *)in : "/");
     case LWS_CALLBACK_HTTP_BODY:
       return 0;
@@ -672,10 +719,7 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
       return http_writeable(c);
     case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
     case LWS_CALLBACK_CLOSED_HTTP:
-      if (c && !c->is_ws) {
-        keel__free(c->body);
-        c->body = NULL;
-      }
+      if (c && !c->is_ws && c->s != NULL) drop_body(c);
       return 0;
     case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION: {
       char uri[64];
@@ -697,6 +741,7 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
       c->s = s;
       c->wsi = wsi;
       c->is_ws = true;
+      no_delay(wsi);
       c->next = s->ws;
       if (s->ws) s->ws->prev = c;
       s->ws = c;
@@ -741,6 +786,9 @@ static const struct lws_protocols protocols[] = {
 
 static void serve_free(keel_serve *s) {
   keel__buf_free(&s->delta);
+  keel__buf_free(&s->changed);
+  keel__buf_free(&s->spare);
+  keel__writer_dispose(&s->prom);
   keel__buf_free(&s->snapshot);
   keel__free(s->removed);
   keel__free(s->host);

@@ -29,6 +29,8 @@ void keel__buf_label_escape(keel__buf *b, const char *s);
 /* Appends s escaped for a HELP line (\\, \n). */
 void keel__buf_help_escape(keel__buf *b, const char *s);
 
+#define KEEL__LE_CACHE 32
+
 typedef enum { KEEL__W_PROM, KEEL__W_JSON, KEEL__W_HASH } keel__wmode;
 
 typedef struct keel__family {
@@ -54,6 +56,10 @@ struct keel_stats_writer {
   const char *by_metric;
   /* HASH */
   uint64_t hash;
+  /* PROM: formatted histogram bounds of the last bounds array seen */
+  const double *le_upper;
+  size_t le_n;
+  char le[KEEL__LE_CACHE][32];
 };
 
 void keel__writer_init(keel_stats_writer *w, keel__wmode mode);

@@ -333,6 +333,22 @@ static double hist_quantile(size_t n, const double *upper, const uint64_t *count
   return INFINITY;
 }
 
+/* The text of bound i: formatted once per bounds array (sources pass the
+ * same static array every time; "%g" costs more than the rest of a line). */
+static const char *le_text(keel_stats_writer *w, const double *upper, size_t n, size_t i) {
+  if (w->le_upper != upper || w->le_n != n || n > KEEL__LE_CACHE) {
+    w->le_upper = NULL;
+    if (n > KEEL__LE_CACHE) {
+      snprintf(w->le[0], sizeof w->le[0], "%g", upper[i]);
+      return w->le[0];
+    }
+    for (size_t k = 0; k < n; k++) snprintf(w->le[k], sizeof w->le[k], "%g", upper[k]);
+    w->le_upper = upper;
+    w->le_n = n;
+  }
+  return w->le[i];
+}
+
 void keel_stats_histogram(keel_stats_writer *w, const char *metric, const char *help,
                           size_t nbuckets, const double *upper, const uint64_t *counts, double sum,
                           uint64_t count) {
@@ -367,9 +383,7 @@ void keel_stats_histogram(keel_stats_writer *w, const char *metric, const char *
         keel__buf_put(b, "_bucket{name=\"", 14);
         keel__buf_put(b, w->label, w->label_len);
         keel__buf_put(b, "\",le=\"", 6);
-        char le[40];
-        int len = snprintf(le, sizeof le, "%g", upper[i]);
-        if (len > 0) keel__buf_put(b, le, (size_t)len < sizeof le ? (size_t)len : sizeof le - 1);
+        keel__buf_puts(b, le_text(w, upper, nbuckets, i));
         keel__buf_put(b, "\"} ", 3);
         keel__buf_u64(b, cum > count ? count : cum);
         keel__buf_put(b, "\n", 1);
@@ -410,6 +424,7 @@ void keel__writer_prom_finish(keel_stats_writer *w, keel__buf *out) {
   for (size_t i = 0; i < w->nfams; i++) {
     keel__family *f = &w->fams[i];
     if (f->samples.failed) w->failed = true;
+    if (f->samples.len == 0) continue; /* no object of that kind left */
     const char *type = f->type == 'c' ? types[0] : f->type == 'g' ? types[1] : types[2];
     size_t nlen = strlen(f->name);
     keel__buf_put(out, "# HELP ", 7);
