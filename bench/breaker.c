@@ -122,7 +122,7 @@ static void on_idle(uv_idle_t *idle) {
   if (a->pending_call != NULL) {
     keel_breaker_call *call = a->pending_call;
     a->pending_call = NULL;
-    keel_breaker_call_done(call, operation(a->remaining));
+    keel_breaker_done(call, operation(a->remaining));
   } else if (a->pending_bare) {
     a->pending_bare = false;
     sink = operation(a->remaining);

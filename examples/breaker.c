@@ -47,7 +47,7 @@ static void request_freed(uv_handle_t *handle) {
 static void remote_answered(uv_timer_t *timer) {
   request *req = timer->data;
   /* Report the outcome to the breaker; it calls on_done. */
-  keel_breaker_call_done(req->call, remote_is_down(req->svc) ? UV_ECONNREFUSED : 0);
+  keel_breaker_done(req->call, remote_is_down(req->svc) ? UV_ECONNREFUSED : 0);
   req->timer.data = req;
   uv_close((uv_handle_t *)&req->timer, request_freed);
 }
@@ -57,7 +57,7 @@ static void call_remote(keel_breaker_call *call, void *data) {
   service *svc = data;
   request *req = malloc(sizeof *req);
   if (req == NULL) {
-    keel_breaker_call_done(call, UV_ENOMEM);
+    keel_breaker_done(call, UV_ENOMEM);
     return;
   }
   req->call = call;

@@ -55,7 +55,7 @@ static void after_insert(keel_pg *c, int status, const keel_pg_result *res, void
   (void)c;
   printf("inserted %llu row(s)\n", (unsigned long long)keel_pg_result_affected(res));
   /* 0 commits; an error rolls back. */
-  keel_pg_tx_finish(data, status);
+  keel_pg_tx_done(data, status);
 }
 
 static void transfer(keel_pg_tx *tx, keel_pg *conn, void *data) {

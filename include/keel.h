@@ -35,6 +35,7 @@
 #include "keel/version.h"
 #include "keel/common.h"
 #include "keel/retry.h"
+#include "keel/adaptive.h"
 #include "keel/breaker.h"
 #include "keel/queue.h"
 #include "keel/pg.h"

@@ -26,7 +26,7 @@
  * keel call that caused them: always on a later loop iteration. The two
  * events, on_state_change and on_rejected, are notifications: they run
  * synchronously inside the call that made the change or the rejection
- * (acquire, release, execute, call_done, get_state, get_stats, force_open,
+ * (acquire, release, execute, done, get_state, get_stats, force_open,
  * disable, reset), after the breaker's state is fully updated. The breaker
  * may be used and closed from inside every callback: done, the operation,
  * on_state_change, on_rejected and classify.
@@ -84,7 +84,7 @@ typedef enum keel_breaker_outcome {
  * Decides how a call's status counts. The default: 0 and positive statuses
  * are successes, UV_ECANCELED is ignored, every other negative status is a
  * failure. Use it so that e.g. KEEL_ENOTFOUND does not trip the breaker.
- * Called inside keel_breaker_release() / keel_breaker_call_done(); it may
+ * Called inside keel_breaker_release() / keel_breaker_done(); it may
  * close the breaker (the outcome is then not counted).
  */
 typedef keel_breaker_outcome (*keel_breaker_classify_fn)(int status, void *data);
@@ -101,6 +101,18 @@ typedef void (*keel_breaker_state_cb)(keel_breaker *b, keel_breaker_state from,
  * inside (an execute() whose rejection closed the breaker returns
  * KEEL_ECLOSING and calls nothing). */
 typedef void (*keel_breaker_reject_cb)(keel_breaker *b, keel_breaker_state state, void *data);
+
+/*
+ * A fallback for keel_breaker_execute() (opossum's fallback, Polly's
+ * Fallback strategy): called instead of handing done a rejection
+ * (KEEL_EOPEN, KEEL_EPROBES) and, with opts.fallback_on_failure, a failure
+ * (a status < 0 other than UV_ECANCELED, UV_ETIMEDOUT included). status is
+ * what done would have got; data is the execute() call's data. What it
+ * returns is what done gets (0 when the fallback served the call). Runs
+ * right before done, from the loop (never inside a keel call); it may close
+ * the breaker.
+ */
+typedef int (*keel_breaker_fallback_fn)(keel_breaker *b, int status, void *data);
 
 typedef struct keel_breaker_opts {
   /* Trip on this many failures in a row; 0 turns the condition off.
@@ -136,7 +148,9 @@ typedef struct keel_breaker_opts {
    * no stampede) and closes after half_open_successes successful probes
    * (default 1); any failed probe reopens. If the breaker stays half-open
    * for half_open_max_wait_ms (default 0: reset_timeout_ms) without closing,
-   * the probes that never reported count as failed and it reopens. */
+   * the probes that never reported count as failed and it reopens.
+   * With half_open_probes > 0 (see below) the probes are judged by rate
+   * instead. */
   uint32_t half_open_max_calls;
   uint32_t half_open_successes;
   uint64_t half_open_max_wait_ms;
@@ -147,7 +161,24 @@ typedef struct keel_breaker_opts {
   keel_breaker_reject_cb on_rejected;    /* may be NULL */
   void *data;                            /* passed to the two callbacks */
   keel_clock clock;                      /* default: uv_now(loop) */
-  uint64_t reserved_[8];                 /* ABI room: zero (opts_init does); never set */
+
+  /* resilience4j's permittedNumberOfCallsInHalfOpenState: HALF_OPEN lets
+   * exactly this many probes through in all (at most half_open_max_calls
+   * at once), waits for all of them, then reopens when their failure rate
+   * reaches failure_rate_threshold (or their slow rate
+   * slow_call_rate_threshold, with slow_call_ms) and closes otherwise.
+   * Needs failure_rate_threshold > 0. 0 (default): the rule above
+   * (half_open_successes, any failure reopens). */
+  uint32_t half_open_probes;
+  /* true: acquire() and execute() answer KEEL_EPROBES (not KEEL_EOPEN) when
+   * the breaker is HALF_OPEN with every probe taken, so callers can tell
+   * "open" from "probing, try again soon". false (default): KEEL_EOPEN for
+   * both, as in keel 0.1 (keel_breaker_acquire_ex() tells them apart
+   * always). */
+  bool distinct_probe_code;
+  bool fallback_on_failure;          /* fallback also for failures (see the type) */
+  keel_breaker_fallback_fn fallback; /* execute() only; NULL (default): none */
+  uint64_t reserved_[6];             /* ABI room: zero (opts_init does); never set */
 } keel_breaker_opts;
 
 /* Zeroes the whole struct, then fills the defaults documented above.
@@ -160,7 +191,9 @@ KEEL_EXTERN void keel_breaker_opts_init(keel_breaker_opts *opts);
  * no callback.
  * Returns 0 and sets *out; UV_EINVAL for a NULL loop, opts or out or bad
  * options (no trip condition, a rate outside its range, window_size 0 with
- * a count window, window_ms < window_buckets, a factor < 1, ...), with the
+ * a count window, minimum_calls > window_size with a count window (the
+ * rates could never be computed), window_ms < window_buckets, a factor <
+ * 1, half_open_probes without failure_rate_threshold, ...), with the
  * reason from keel_breaker_new_ex() or keel_breaker_validate_opts();
  * UV_ENOMEM; or an error of uv_timer_init(). *out is untouched on failure
  * and nothing is allocated. Loop thread only.
@@ -202,6 +235,29 @@ typedef struct keel_breaker_permit {
 KEEL_EXTERN int keel_breaker_acquire(keel_breaker *b, keel_breaker_permit *permit);
 
 /*
+ * Like keel_breaker_acquire(), and on a rejection tells why and for how
+ * long: KEEL_EOPEN (OPEN or FORCED_OPEN) or KEEL_EPROBES (HALF_OPEN with
+ * every probe taken; whatever opts.distinct_probe_code says), and sets
+ * *retry_after_ms (may be NULL) to keel_breaker_retry_after_ms()'s answer.
+ * *retry_after_ms is set to 0 when a permit is granted; untouched on the
+ * other errors. Same other errors, events and thread rule as acquire.
+ */
+KEEL_EXTERN int keel_breaker_acquire_ex(keel_breaker *b, keel_breaker_permit *permit,
+                                        uint64_t *retry_after_ms);
+
+/*
+ * How long until the breaker lets a call through (for an HTTP Retry-After
+ * or a client's back-off), after any due time-based transition: 0 when a
+ * call would be permitted now (CLOSED, DISABLED, HALF_OPEN with a probe
+ * free); in OPEN the rest of the open period; in HALF_OPEN with every
+ * probe taken the time until stuck probes are given up
+ * (half_open_max_wait_ms; a probe may free a slot sooner); UINT64_MAX in
+ * FORCED_OPEN (until an operator resets it). 0 for NULL. May call
+ * on_state_change. Loop thread only.
+ */
+KEEL_EXTERN uint64_t keel_breaker_retry_after_ms(keel_breaker *b);
+
+/*
  * Records the outcome of a permitted call and marks the permit used.
  * status: 0 for success or a negative error, judged by opts.classify.
  * duration_ms: how long the call took (for slow-call detection; keel does
@@ -222,7 +278,7 @@ typedef struct keel_breaker_call keel_breaker_call;
 /*
  * Starts the guarded operation, on a later loop iteration than the
  * keel_breaker_execute() that queued it. It must report exactly once with
- * keel_breaker_call_done(call, status), now or later from the loop thread,
+ * keel_breaker_done(call, status), now or later from the loop thread,
  * even after a timeout or close (the report is then ignored); the close
  * callback waits for that report. It may close the breaker.
  */
@@ -231,12 +287,14 @@ typedef void (*keel_breaker_op_fn)(keel_breaker_call *call, void *data);
 /*
  * The result of keel_breaker_execute(), exactly once, never inside a keel
  * call (from the breaker's start timer or the timeout): the operation's
- * status, reported with keel_breaker_call_done();
- * KEEL_EOPEN when rejected (the operation was not started); UV_ETIMEDOUT
+ * status, reported with keel_breaker_done();
+ * KEEL_EOPEN when rejected (the operation was not started; KEEL_EPROBES for
+ * a half-open rejection with opts.distinct_probe_code); UV_ETIMEDOUT
  * when it did not report within timeout_ms (counted as a failure);
  * UV_ECANCELED when keel_breaker_close() came before the operation
  * reported (on a later iteration than the close, before its callback). It
- * may close the breaker.
+ * may close the breaker. With opts.fallback, the fallback's answer replaces
+ * a rejection (and, with fallback_on_failure, a failure).
  */
 typedef void (*keel_breaker_done_cb)(keel_breaker *b, int status, void *data);
 
@@ -257,7 +315,9 @@ KEEL_EXTERN int keel_breaker_execute(keel_breaker *b, keel_breaker_op_fn op, uin
                                      keel_breaker_done_cb done, void *data);
 
 /*
- * Reports the outcome of an operation started by keel_breaker_execute().
+ * Reports the outcome of an operation started by keel_breaker_execute()
+ * (the "operation finished" call; keel_breaker_call_done() is its old
+ * name).
  * Records it now; done gets this status on a later loop iteration, never
  * inside this call (also when the breaker is closed in between: a result
  * reported before the close stands). call must not be used after this
@@ -268,6 +328,10 @@ KEEL_EXTERN int keel_breaker_execute(keel_breaker *b, keel_breaker_op_fn op, uin
  * call's memory is recycled by this report. May call on_state_change.
  * Loop thread only.
  */
+KEEL_EXTERN int keel_breaker_done(keel_breaker_call *call, int status);
+
+/* Deprecated: the old name of keel_breaker_done(), kept (same function,
+ * same ABI) for programs written against keel 0.1. */
 KEEL_EXTERN int keel_breaker_call_done(keel_breaker_call *call, int status);
 
 /* ---- operator controls ------------------------------------------------- */
@@ -314,7 +378,14 @@ typedef struct keel_breaker_stats {
   uint32_t probes_in_flight;     /* gauge: HALF_OPEN permits not yet released */
   uint64_t open_duration_ms;     /* gauge: length of the current/next open period */
   uint64_t state_entered_ms;     /* gauge: clock time the current state began */
-  uint64_t reserved_[8];         /* ABI room: filled with zero; never read */
+  uint64_t window_failures;      /* gauge: failures in the window, also below
+                                    minimum_calls (0 without a window) */
+  uint64_t window_slow;          /* gauge: slow calls in the window, likewise */
+  uint64_t duration_total_ms;    /* counter: sum of the durations released
+                                    (execute() measures its own) */
+  double duration_mean_ms;       /* duration_total_ms / calls released (succeeded,
+                                    failed and ignored); 0 before any */
+  uint64_t reserved_[4];         /* ABI room: filled with zero; never read */
 } keel_breaker_stats;
 
 /* Fills *out, after any due time-based transition (which calls
@@ -331,7 +402,7 @@ KEEL_EXTERN const char *keel_breaker_last_error(const keel_breaker *b);
  * back inside this call. From now on the verbs return KEEL_ECLOSING.
  * execute() calls not finished get done(UV_ECANCELED) on a later loop
  * iteration; their operations, if started, must still report with
- * keel_breaker_call_done() (it returns KEEL_ESTALE). cb (may be NULL) runs
+ * keel_breaker_done() (it returns KEEL_ESTALE). cb (may be NULL) runs
  * with (b, data) on a later loop iteration, after those done calls, once
  * every timer is closed and every operation has reported; b is freed then
  * and uv_loop_close() can return 0. Loop thread only.

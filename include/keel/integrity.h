@@ -98,7 +98,7 @@ KEEL_EXTERN int keel_sqlstate_error(const char *sqlstate);
  * to a retry runner: KEEL_EPG becomes keel_sqlstate_error() of the
  * result's SQLSTATE (KEEL_EPG when it has none); any other status is
  * returned unchanged. res may be NULL. Use it as
- * `keel_retry_report(r, keel_sqlstate_map(status, res))`. Thread-safe.
+ * `keel_retry_done(r, keel_sqlstate_map(status, res))`. Thread-safe.
  */
 KEEL_EXTERN int keel_sqlstate_map(int status, const keel_pg_result *res);
 
@@ -439,7 +439,7 @@ typedef void (*keel_tx_done_cb)(keel_integrity *ig, int status, unsigned attempt
  * Runs body inside BEGIN ISOLATION LEVEL <isolation> ... COMMIT on one
  * pooled connection (keel_pg_pool_transaction(): the body issues
  * statements with keel_pg_query(conn, ...) and ends with
- * keel_pg_tx_finish(tx, 0) to commit or keel_pg_tx_finish(tx, err) to roll
+ * keel_pg_tx_done(tx, 0) to commit or keel_pg_tx_done(tx, err) to roll
  * back). Any failure rolls back; the whole transaction (body included) is
  * run again when the policy's classifier says so (NULL classify:
  * keel_integrity_retryable: 40001, 40P01, 55P03, KEEL_ECONN), as seed

@@ -364,7 +364,7 @@ KEEL_EXTERN int keel_pg_pool_acquire(keel_pg_pool *pool, keel_pg_acquire_cb cb, 
  * Gives an acquired connection back (queries still queued on it finish
  * first); no callback runs inside this call. Returns 0; UV_EINVAL (NULL
  * pool or conn, or conn is not a member acquired by keel_pg_pool_acquire():
- * a transaction's connection is given back by keel_pg_tx_finish() only);
+ * a transaction's connection is given back by keel_pg_tx_done() only);
  * KEEL_ECLOSING after keel_pg_pool_close() (the connection closes with the
  * pool). Loop thread only.
  */
@@ -381,7 +381,7 @@ typedef enum keel_pg_isolation {
 /*
  * The user's body: issue statements with keel_pg_query(conn, ...) (they run
  * inside the transaction, in order) and, when done, call
- * keel_pg_tx_finish(tx, 0) to COMMIT or keel_pg_tx_finish(tx, err) to ROLLBACK.
+ * keel_pg_tx_done(tx, 0) to COMMIT or keel_pg_tx_done(tx, err) to ROLLBACK.
  */
 typedef void (*keel_pg_tx_fn)(keel_pg_tx *tx, keel_pg *conn, void *data);
 
@@ -398,7 +398,7 @@ typedef void (*keel_pg_tx_fn)(keel_pg_tx *tx, keel_pg *conn, void *data);
  *                  committed as far as keel knows; never retry blindly.
  *   KEEL_ECONN     the connection was lost before COMMIT was sent: rolled
  *                  back by the server.
- *   the user's error passed to keel_pg_tx_finish() (sqlstate as for
+ *   the user's error passed to keel_pg_tx_done() (sqlstate as for
  *                  KEEL_EPG when a statement had failed); rolled back.
  *   UV_ETIMEDOUT   no connection within opts.acquire_timeout_ms.
  *   UV_ECANCELED   the pool closed first (body never ran, or ran and was
@@ -413,12 +413,12 @@ typedef void (*keel_pg_tx_done_cb)(keel_pg_pool *pool, int status, const char *s
 
 /*
  * Acquires a connected member, runs BEGIN, calls body, and after
- * keel_pg_tx_finish() commits or rolls back, gives the connection back and
+ * keel_pg_tx_done() commits or rolls back, gives the connection back and
  * calls done (required) exactly once. Statements the body queues are bound
  * to the session BEGIN ran in: if the connection is lost meanwhile they
  * fail with KEEL_ECONN (never run in autocommit on the new session) and
  * done gets KEEL_ECONN. Closing the pool while a body runs calls done with
- * UV_ECANCELED; a later keel_pg_tx_finish() on it does nothing (allowed
+ * UV_ECANCELED; a later keel_pg_tx_done() on it does nothing (allowed
  * until the pool's close callback has run).
  * Returns 0; UV_EINVAL (NULL pool, body or done, bad isolation); UV_ENOMEM;
  * KEEL_EFULL (max_waiters already wait); KEEL_ECLOSING after
@@ -433,8 +433,14 @@ KEEL_EXTERN int keel_pg_pool_transaction(keel_pg_pool *pool, keel_pg_isolation i
  * status is 0, and done gets that first failure's status (KEEL_EPG) and
  * SQLSTATE. Call it exactly once per transaction, from inside or after the
  * body; further calls, and calls on a transaction close ended, do nothing.
- * done never runs inside this call. Loop thread only.
+ * done never runs inside this call. The "operation finished" call, named
+ * like keel_job_done(), keel_retry_done() and keel_breaker_done().
+ * Loop thread only.
  */
+KEEL_EXTERN void keel_pg_tx_done(keel_pg_tx *tx, int status);
+
+/* Deprecated: the old name of keel_pg_tx_done(), kept (same behaviour, same
+ * ABI) for programs written against keel 0.1. */
 KEEL_EXTERN void keel_pg_tx_finish(keel_pg_tx *tx, int status);
 
 typedef struct keel_pg_pool_stats {
@@ -468,7 +474,7 @@ KEEL_EXTERN const char *keel_pg_pool_last_error(const keel_pg_pool *pool);
  * callback once: waiting queries, acquires and transactions get
  * UV_ECANCELED; queries and transaction statements on the connections get
  * what keel_pg_close() gives them (UV_ECANCELED); a transaction whose body
- * was running gets UV_ECANCELED (a later keel_pg_tx_finish() on it does
+ * was running gets UV_ECANCELED (a later keel_pg_tx_done() on it does
  * nothing), one whose BEGIN, COMMIT or ROLLBACK was queued or sent gets
  * that statement's outcome (UV_ECANCELED, or KEEL_EINDOUBT for a COMMIT
  * the connection reports in doubt). Then cb (may be NULL; its object

@@ -32,6 +32,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "keel/adaptive.h"
 #include "keel/common.h"
 #include "keel/retry.h"
 
@@ -93,8 +94,15 @@ typedef void (*keel_queue_error_cb)(keel_queue *q, keel_job *job, void *payload,
 typedef void (*keel_queue_release_fn)(keel_queue *q, void *payload, int status, void *data);
 
 /* Nothing is pending, waiting for a retry or running (called from the loop,
- * once per time the queue empties; never while closing). */
+ * once per time the queue empties; never while closing): p-queue's "idle"
+ * event. */
 typedef void (*keel_queue_drain_cb)(keel_queue *q, void *data);
+
+/* No job is pending any more: the last one has started (jobs may still run
+ * or wait for a retry). p-queue's "empty" event. Called from the loop, once
+ * per time the pending jobs run out; never while closing. Same type as
+ * keel_queue_drain_cb. */
+typedef keel_queue_drain_cb keel_queue_empty_cb;
 
 /* Returns nonzero when a failure with this status may be retried. */
 typedef int (*keel_queue_classify_fn)(int status, void *data);
@@ -134,7 +142,18 @@ typedef struct keel_queue_opts {
   uint32_t slice_us;                  /* and a slice ends once it has run this long (checked
                                          between attempts). Default (and 0)
                                          KEEL_QUEUE_DEFAULT_SLICE_US */
-  uint64_t reserved_[8];              /* ABI room: zero (opts_init does); never set */
+  keel_clock clock;                   /* time of retries and timeouts: default
+                                         uv_now(loop). With an injected clock, advance it and
+                                         call keel_queue_tick(): due retries and timeouts
+                                         happen on the next loop iteration, no sleeping */
+  keel_queue_empty_cb on_empty;       /* may be NULL (default) */
+  const keel_adaptive_opts *adaptive; /* NULL (default): at most `concurrency` jobs run.
+                                         Set: at most the adaptive limit (keel/adaptive.h)
+                                         and at most `concurrency` (raise it to let the limit
+                                         work); latency samples are the attempts' run times
+                                         (on the injected clock when one is set), timeouts
+                                         count as drops. Copied by keel_queue_new() */
+  uint64_t reserved_[4];              /* ABI room: zero (opts_init does); never set */
 } keel_queue_opts;
 
 /* Zeroes *opts, then fills the defaults above. NULL-safe. Any thread. */
@@ -145,8 +164,8 @@ KEEL_EXTERN void keel_queue_opts_init(keel_queue_opts *opts);
  * it). No callback runs inside this call.
  *
  * Returns 0 and sets *out; UV_EINVAL for a NULL loop, process, opts or out,
- * concurrency 0, max_retries >= UINT32_MAX or a bad backoff
- * (keel_queue_new_ex() says which); UV_ENOMEM; or an error of
+ * concurrency 0, max_retries >= UINT32_MAX, a bad backoff or bad adaptive
+ * options (keel_queue_new_ex() says which); UV_ENOMEM; or an error of
  * uv_async_init(). *out is untouched on failure. Loop thread only.
  */
 KEEL_EXTERN int keel_queue_new(uv_loop_t *loop, keel_queue_process_fn process,
@@ -254,10 +273,99 @@ KEEL_EXTERN unsigned keel_job_attempt(const keel_job *job);
  */
 KEEL_EXTERN int keel_queue_cancel(keel_queue *q, uint64_t id);
 
+/*
+ * Cancels every job that is pending or waiting for a retry (p-queue's
+ * clear(), BullMQ's drain()); running attempts go on. As with
+ * keel_queue_cancel(), nothing is called inside this call: on a later loop
+ * iteration each cleared job gets on_error (job NULL, UV_ECANCELED, final =
+ * true), then release with UV_ECANCELED. Counted in stats.cancelled.
+ *
+ * count_out  may be NULL; receives the number of jobs cleared; untouched on
+ *            failure.
+ * Returns 0; KEEL_ECLOSING once close has begun; UV_EINVAL for a NULL
+ * queue; UV_ENOMEM (nothing cleared). Loop thread only.
+ */
+KEEL_EXTERN int keel_queue_clear(keel_queue *q, uint64_t *count_out);
+
+/*
+ * Changes the priority of a job (p-queue's setPriority). A pending job
+ * moves to the end of its new priority's jobs; a job waiting for a retry
+ * gets the new priority when it becomes pending again. The id stays valid.
+ * Returns 0; KEEL_ENOTFOUND when the job is running, finished, cancelled or
+ * unknown; KEEL_ECLOSING once close has begun; UV_EINVAL for a NULL queue;
+ * UV_ENOMEM (priority unchanged). Calls nothing. Loop thread only.
+ */
+KEEL_EXTERN int keel_queue_set_priority(keel_queue *q, uint64_t id, int priority);
+
+/* Jobs pending with this priority (p-queue's sizeBy({priority})); 0 for a
+ * NULL queue. Loop thread only. */
+KEEL_EXTERN uint64_t keel_queue_count_priority(const keel_queue *q, int priority);
+
+/* One priority level and its pending jobs. */
+typedef struct keel_queue_priority_count {
+  int priority;
+  uint64_t pending;
+} keel_queue_priority_count;
+
+/*
+ * Fills out[0..] with the priorities that have pending jobs, highest first,
+ * at most cap of them, and returns how many levels there are in all (which
+ * may exceed cap: call again with a larger array). A level whose jobs were
+ * all cancelled may be listed with pending 0 until the dispatcher passes
+ * it. 0 for a NULL queue. out may be NULL when cap is 0. Loop thread only.
+ */
+KEEL_EXTERN size_t keel_queue_priority_counts(const keel_queue *q, keel_queue_priority_count *out,
+                                              size_t cap);
+
+/* What keel_queue_when() waits for. */
+typedef enum keel_queue_condition {
+  KEEL_QUEUE_EMPTY = 0,   /* nothing pending (p-queue onEmpty) */
+  KEEL_QUEUE_IDLE,        /* nothing pending, waiting for a retry or running
+                             (p-queue onIdle) */
+  KEEL_QUEUE_SIZE_BELOW,  /* fewer than n jobs pending (p-queue onSizeLessThan) */
+  KEEL_QUEUE_NONE_RUNNING /* no attempt running (a timed-out one that has not
+                             called keel_job_done() counts as running) */
+} keel_queue_condition;
+
+/* keel_queue_when()'s callback: status 0 when the condition held, or
+ * UV_ECANCELED when the queue closed first. */
+typedef void (*keel_queue_when_cb)(keel_queue *q, int status, void *data);
+
+/* Bound on the keel_queue_when() waits of one queue. */
+#define KEEL_QUEUE_MAX_WHEN 1024u
+
+/*
+ * Calls cb once, on a later loop iteration, as soon as the condition holds
+ * (also when it already holds now: on the next iteration), like p-queue's
+ * onEmpty() / onIdle() / onSizeLessThan(n) promises. n is used by
+ * KEEL_QUEUE_SIZE_BELOW only. The condition is checked after each loop
+ * iteration in which the queue did something, in the order the waits were
+ * made. keel_queue_close() before that: cb gets UV_ECANCELED on a later
+ * iteration, before the close callback. cb may close the queue.
+ * Returns 0 (cb will be called exactly once); UV_EINVAL for a NULL queue or
+ * cb or an unknown condition; KEEL_EFULL when KEEL_QUEUE_MAX_WHEN waits are
+ * already registered; KEEL_ECLOSING once close has begun; UV_ENOMEM. Loop
+ * thread only.
+ */
+KEEL_EXTERN int keel_queue_when(keel_queue *q, keel_queue_condition condition, uint64_t n,
+                                keel_queue_when_cb cb, void *data);
+
 /* Stops starting jobs (running ones finish; retries still become pending).
  * Returns 0, UV_EINVAL for NULL, KEEL_ECLOSING once close has begun. Loop
  * thread only. */
 KEEL_EXTERN int keel_queue_pause(keel_queue *q);
+
+/*
+ * Pauses like keel_queue_pause() and tells when the attempts running at
+ * that moment (and any started before the pause took hold) have finished:
+ * cb (required) gets 0 on a later loop iteration once no attempt is
+ * running — BullMQ's pause() that waits for the active jobs — or
+ * UV_ECANCELED when the queue closes first. It is keel_queue_pause() then
+ * keel_queue_when(q, KEEL_QUEUE_NONE_RUNNING, 0, cb, data); a resume in
+ * between does not cancel cb. Errors as keel_queue_when() (nothing
+ * paused on an error). Loop thread only.
+ */
+KEEL_EXTERN int keel_queue_pause_wait(keel_queue *q, keel_queue_when_cb cb, void *data);
 /* Starts jobs again (on a later iteration). Errors as keel_queue_pause().
  * Loop thread only. */
 KEEL_EXTERN int keel_queue_resume(keel_queue *q);
@@ -266,6 +374,24 @@ KEEL_EXTERN int keel_queue_resume(keel_queue *q);
  * queue or 0 (queue unchanged); KEEL_ECLOSING once close has begun. Loop
  * thread only. */
 KEEL_EXTERN int keel_queue_set_concurrency(keel_queue *q, unsigned concurrency);
+
+/*
+ * Inside on_error for a failure that will be retried (final false): the
+ * delay in ms before the retry (the backoff's draw, jitter included; BullMQ
+ * shows it as the job's next delay). 0 elsewhere and for NULL. Loop thread
+ * only.
+ */
+KEEL_EXTERN uint64_t keel_queue_retry_delay_ms(const keel_queue *q);
+
+/*
+ * Re-reads the queue's clock (opts.clock) now: retries that became due and
+ * attempts whose timeout passed are handled on the next loop iteration
+ * (from the queue's timers, never inside this call). For tests that
+ * advance an injected clock instead of sleeping; harmless with the default
+ * clock. Returns 0, UV_EINVAL for NULL, KEEL_ECLOSING once close has begun.
+ * Loop thread only.
+ */
+KEEL_EXTERN int keel_queue_tick(keel_queue *q);
 
 /* Latency summary from a fixed log-bucket histogram, in microseconds. */
 typedef struct keel_queue_latency {
@@ -290,7 +416,9 @@ typedef struct keel_queue_stats {
   keel_queue_latency wait; /* push (or retry due) → start */
   keel_queue_latency run;  /* start → done */
   double jobs_per_second;  /* completions over the last full rate interval */
-  uint64_t reserved_[8];   /* ABI room: filled with zero */
+  uint64_t limit;          /* gauge: jobs allowed to run at once now: concurrency, or
+                              the adaptive limit when lower (opts.adaptive) */
+  uint64_t reserved_[7];   /* ABI room: filled with zero */
 } keel_queue_stats;
 
 /* Fills *out (NULL-safe: does nothing for a NULL q or out). Loop thread

@@ -15,7 +15,7 @@
  *
  *     static void attempt(keel_retry *r, unsigned n, void *data) {
  *       start_my_request(data, on_reply);    // on_reply calls
- *     }                                       // keel_retry_report(r, status)
+ *     }                                       // keel_retry_done(r, status)
  *     static void done(keel_retry *r, int status, unsigned attempts, void *d) {
  *       printf("%s after %u attempts\n", keel_strerror(status), attempts);
  *       keel_retry_close(r, NULL, NULL);
@@ -27,7 +27,7 @@
  *
  * Every user callback of a runner (attempt, classify, on_retry, done) runs
  * from the runner's own timer callback, never from inside
- * keel_retry_start(), keel_retry_report() or keel_retry_close(): the done
+ * keel_retry_start(), keel_retry_done() or keel_retry_close(): the done
  * that a close owes (UV_ECANCELED) comes on a later loop iteration, before
  * the close callback. keel_retry_close() may be called from inside every
  * callback of the runner.
@@ -35,6 +35,7 @@
 #ifndef KEEL_RETRY_H
 #define KEEL_RETRY_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <uv.h>
 
@@ -69,10 +70,11 @@ KEEL_EXTERN uint64_t keel_rng_between(keel_rng *rng, uint64_t low, uint64_t high
 /* ---- backoff policies ------------------------------------------------- */
 
 typedef enum keel_backoff_kind {
-  KEEL_BACKOFF_FIXED = 0,          /* min(max_ms, base_ms) every time */
-  KEEL_BACKOFF_EXPONENTIAL,        /* min(max_ms, base_ms * factor^(n-1)) */
-  KEEL_BACKOFF_FULL_JITTER,        /* uniform [0, exponential(n)] */
-  KEEL_BACKOFF_DECORRELATED_JITTER /* min(max_ms, uniform [base_ms, prev*3]) */
+  KEEL_BACKOFF_FIXED = 0,           /* min(max_ms, base_ms) every time */
+  KEEL_BACKOFF_EXPONENTIAL,         /* min(max_ms, base_ms * factor^(n-1)) */
+  KEEL_BACKOFF_FULL_JITTER,         /* uniform [0, exponential(n)] */
+  KEEL_BACKOFF_DECORRELATED_JITTER, /* min(max_ms, uniform [base_ms, prev*3]) */
+  KEEL_BACKOFF_LINEAR               /* min(max_ms, base_ms * (1 + factor*(n-1))) */
 } keel_backoff_kind;
 
 /* A backoff policy: plain value, copied by whoever takes it. Fill it with
@@ -81,8 +83,10 @@ typedef struct keel_backoff {
   keel_backoff_kind kind;
   uint64_t base_ms; /* first delay (and the floor of decorrelated jitter) */
   double factor;    /* growth per retry for EXPONENTIAL and FULL_JITTER,
-                       >= 1; FIXED and DECORRELATED_JITTER ignore it (any
-                       value, 0 included, is accepted for them) */
+                       >= 1; for LINEAR the step in units of base_ms, >= 0
+                       (1: base, 2*base, 3*base, ...); FIXED and
+                       DECORRELATED_JITTER ignore it (any value, 0 included,
+                       is accepted for them) */
   uint64_t max_ms;  /* cap on any delay; 0 means no cap */
 } keel_backoff;
 
@@ -110,12 +114,18 @@ KEEL_EXTERN void keel_backoff_full_jitter(keel_backoff *b, uint64_t base_ms, dou
 KEEL_EXTERN void keel_backoff_decorrelated_jitter(keel_backoff *b, uint64_t base_ms,
                                                   uint64_t max_ms);
 
+/* Fills b with a linear policy (Polly v8's DelayBackoffType.Linear): retry n
+ * waits min(max_ms, base_ms * n): 100, 200, 300, ... for base_ms 100 (factor
+ * 1; set b->factor for another step: base_ms * (1 + factor * (n-1))). NULL
+ * b: no-op. */
+KEEL_EXTERN void keel_backoff_linear(keel_backoff *b, uint64_t base_ms, uint64_t max_ms);
+
 /*
  * Checks a policy. Returns 0 (and sets *why to NULL), or UV_EINVAL with a
  * static explanation in *why (when why is not NULL): NULL policy, unknown
- * kind, factor < 1 or not finite for EXPONENTIAL and FULL_JITTER (the other
- * kinds ignore the factor), max_ms < base_ms (when max_ms != 0),
- * decorrelated jitter with base_ms 0. Thread-safe.
+ * kind, factor < 1 or not finite for EXPONENTIAL and FULL_JITTER, factor < 0
+ * or not finite for LINEAR (the other kinds ignore the factor), max_ms < base_ms (when max_ms !=
+ * 0), decorrelated jitter with base_ms 0. Thread-safe.
  */
 KEEL_EXTERN int keel_backoff_validate(const keel_backoff *b, const char **why);
 
@@ -139,7 +149,7 @@ typedef struct keel_retry keel_retry;
 
 /*
  * Starts attempt number `attempt` (1-based). The operation must report its
- * outcome exactly once with keel_retry_report(), either inside this call or
+ * outcome exactly once with keel_retry_done(), either inside this call or
  * later from the loop thread, even after keel_retry_close() (that report
  * is then ignored, and the runner's memory waits for it).
  */
@@ -161,6 +171,102 @@ typedef void (*keel_retry_event_cb)(keel_retry *r, unsigned next_attempt, int st
                                     uint64_t delay_ms, void *data);
 
 /*
+ * What the runner knows about the attempt that just ended, for the hooks
+ * below (a plain value, valid during the call only).
+ */
+typedef struct keel_retry_info {
+  unsigned attempt;        /* the attempt that ended (1-based) */
+  int status;              /* its status: < 0, or >= 0 when retried on its result */
+  void *result;            /* what keel_retry_done_ex() reported with it; NULL otherwise */
+  uint64_t duration_ms;    /* how long it ran (start to report, on opts.clock) */
+  uint64_t retry_after_ms; /* the server's hint reported with it (Retry-After); 0: none */
+  uint64_t delay_ms;       /* delay_fn: the delay keel proposes; on_retry_info: the
+                              delay decided */
+  uint64_t reserved_[4];   /* zero */
+} keel_retry_info;
+
+/*
+ * Decides whether a *successful* outcome (status >= 0) is still worth
+ * retrying, from the result reported with keel_retry_done_ex() (Polly's
+ * ShouldHandle on a result, resilience4j's retryOnResult): e.g. an HTTP 503
+ * response. Nonzero: retry. Called with opts.classify_data.
+ */
+typedef int (*keel_retry_result_fn)(int status, void *result, void *classify_data);
+
+/*
+ * Chooses the delay before the next attempt (Polly's DelayGenerator):
+ * info->delay_ms is what keel would wait (the backoff, jitter included, and
+ * at least info->retry_after_ms). Return the delay to wait, or UINT64_MAX to
+ * stop retrying (done then gets the failure). Called from the runner's
+ * timer; it may close the runner (the return value is then ignored).
+ */
+typedef uint64_t (*keel_retry_delay_fn)(keel_retry *r, const keel_retry_info *info, void *data);
+
+/* on_retry with everything known about the failed attempt, its duration
+ * included (Polly's OnRetry arguments). Called where on_retry is, after
+ * it; it may close the runner. */
+typedef void (*keel_retry_info_cb)(keel_retry *r, const keel_retry_info *info, void *data);
+
+/* ---- retry budget ------------------------------------------------------- */
+
+/*
+ * A retry budget shared by many runners (Envoy's retry budget, Finagle's
+ * RetryBudget): over a sliding window, retries may be at most
+ * min_retries + ratio * calls, so that retries cannot multiply the load on
+ * a dependency that is already failing. Runners created with opts.budget
+ * count each start as a call and ask the budget before every retry; a
+ * refused retry ends the runner with the failure it has (counted in the
+ * budget's stats.refused). Without a loop or timer of its own: it reads
+ * its clock when used. Loop thread only (like the runners).
+ */
+typedef struct keel_retry_budget keel_retry_budget;
+
+typedef struct keel_retry_budget_opts {
+  double ratio;          /* retries per call allowed in the window; default 0.2;
+                            in [0, 1000] */
+  uint32_t min_retries;  /* retries allowed per window whatever the calls; default 10 */
+  uint64_t window_ms;    /* sliding window, in 10 buckets; default 10000; >= 10 */
+  keel_clock clock;      /* default uv_now(loop) */
+  uint64_t reserved_[8]; /* ABI room: zero (opts_init does); never set */
+} keel_retry_budget_opts;
+
+/* Zeroes the whole struct, then fills the defaults above. NULL: no-op. Any
+ * thread. */
+KEEL_EXTERN void keel_retry_budget_opts_init(keel_retry_budget_opts *opts);
+
+/*
+ * Creates a budget; opts is copied. loop is only read for uv_now() when no
+ * clock is injected. Returns 0 and sets *out; UV_EINVAL (NULL loop, opts
+ * or out, ratio outside [0, 1000] or not finite, window_ms < 10); UV_ENOMEM.
+ * *out is untouched on failure. Free it with keel_retry_budget_free() once
+ * no runner uses it. Loop thread only.
+ */
+KEEL_EXTERN int keel_retry_budget_new(uv_loop_t *loop, const keel_retry_budget_opts *opts,
+                                      keel_retry_budget **out);
+
+/* Frees the budget (NULL-safe); no runner may use it any more. */
+KEEL_EXTERN void keel_retry_budget_free(keel_retry_budget *b);
+
+/* For use without a runner: counts one call. NULL: no-op. */
+KEEL_EXTERN void keel_retry_budget_record_call(keel_retry_budget *b);
+
+/* For use without a runner: asks for one retry; true (counted) when the
+ * window has room, false (counted in refused) otherwise or for NULL. */
+KEEL_EXTERN bool keel_retry_budget_try_retry(keel_retry_budget *b);
+
+typedef struct keel_retry_budget_stats {
+  uint64_t calls;          /* counter */
+  uint64_t retries;        /* counter: retries granted */
+  uint64_t refused;        /* counter: retries refused */
+  uint64_t window_calls;   /* gauge: calls in the window */
+  uint64_t window_retries; /* gauge: retries in the window */
+  uint64_t reserved_[8];   /* ABI room: filled with zero */
+} keel_retry_budget_stats;
+
+/* Fills *out; does nothing for NULL b or out. */
+KEEL_EXTERN void keel_retry_budget_get_stats(keel_retry_budget *b, keel_retry_budget_stats *out);
+
+/*
  * The final result, called exactly once, from the runner's timer (never
  * inside a keel call):
  *   0             an attempt succeeded;
@@ -170,6 +276,11 @@ typedef void (*keel_retry_event_cb)(keel_retry *r, unsigned next_attempt, int st
  *                 would have started after it): the deadline never turns
  *                 the result into UV_ETIMEDOUT, so the caller sees why the
  *                 last attempt failed;
+ *   KEEL_EEXHAUSTED
+ *                 the last attempt succeeded (status >= 0) but
+ *                 opts.retry_result still wanted a retry and none was left
+ *                 (max_attempts, deadline, budget or delay_fn): its result
+ *                 is keel_retry_result();
  *   UV_ECANCELED  keel_retry_close() came first.
  * `attempts` counts the attempts started (0 when closed before the first).
  * The runner stays allocated until keel_retry_close(), which may be called
@@ -189,10 +300,20 @@ typedef struct keel_retry_opts {
                                       retryable except UV_ECANCELED, UV_EINVAL,
                                       UV_ENOMEM, KEEL_EABORTED, KEEL_ECLOSING */
   void *classify_data;
-  uint64_t seed;                /* jitter seed; 0 (default) = from uv_hrtime() */
-  keel_clock clock;             /* deadline clock; default: uv_now(loop) */
-  keel_retry_event_cb on_retry; /* NULL (default): no hook */
-  uint64_t reserved_[8];        /* ABI room: zero (opts_init does); never set */
+  uint64_t seed;                     /* jitter seed; 0 (default) = from uv_hrtime() */
+  keel_clock clock;                  /* deadline clock; default: uv_now(loop) */
+  keel_retry_event_cb on_retry;      /* NULL (default): no hook */
+  double jitter;                     /* percentage jitter (Polly UseJitter, resilience4j
+                                        randomizationFactor): each delay is drawn uniformly
+                                        in [d * (1 - jitter), d * (1 + jitter)]; in [0, 1];
+                                        0 (default): none */
+  keel_retry_result_fn retry_result; /* NULL (default): a status >= 0 ends the runner */
+  keel_retry_delay_fn delay_fn;      /* NULL (default): the backoff (with jitter), at
+                                        least the reported retry_after_ms */
+  keel_retry_info_cb on_retry_info;  /* NULL (default): no hook */
+  keel_retry_budget *budget;         /* NULL (default): none; shared, not copied: it
+                                        must outlive the runner */
+  uint64_t reserved_[3];             /* ABI room: zero (opts_init does); never set */
 } keel_retry_opts;
 
 /* Zeroes the whole struct, then fills the defaults above: the seeds'
@@ -220,7 +341,7 @@ KEEL_EXTERN int keel_retry_default_classify(int status, void *classify_data);
  * Returns 0 and sets *out (the runner is the caller's until
  * keel_retry_close(), which must be called at some point), or UV_EINVAL
  * (NULL loop, opts, attempt, done or out; max_attempts 0; a backoff that
- * keel_backoff_validate() rejects), UV_ENOMEM, or an error of
+ * keel_backoff_validate() rejects; jitter outside [0, 1]), UV_ENOMEM, or an error of
  * uv_timer_init(); *out is untouched on failure, nothing is allocated and
  * nothing is called. Loop thread only.
  */
@@ -229,7 +350,8 @@ KEEL_EXTERN int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts,
                                  keel_retry **out);
 
 /*
- * Reports the outcome of the attempt in flight: 0 (or any status >= 0) for
+ * Reports the outcome of the attempt in flight (the "operation finished"
+ * call; keel_retry_report() is its old name): 0 (or any status >= 0) for
  * success, a negative error for failure. It only records the outcome: the
  * classifier, on_retry, the next attempt or done run later from the
  * runner's timer, never inside this call, so reporting from inside attempt
@@ -243,7 +365,26 @@ KEEL_EXTERN int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts,
  * 0, is ignored and lets the runner finish closing; the runner must not be
  * used after its close callback. Loop thread only.
  */
+KEEL_EXTERN int keel_retry_done(keel_retry *r, int status);
+
+/*
+ * keel_retry_done() with the attempt's result and the server's hint:
+ * result (the caller's, never freed by keel) goes to opts.retry_result,
+ * the hooks and keel_retry_result(); retry_after_ms (0: none) is the least
+ * delay before the next attempt unless delay_fn decides otherwise (an
+ * HTTP Retry-After or a gRPC pushback). Same returns as keel_retry_done().
+ * Loop thread only.
+ */
+KEEL_EXTERN int keel_retry_done_ex(keel_retry *r, int status, void *result,
+                                   uint64_t retry_after_ms);
+
+/* Deprecated: the old name of keel_retry_done(), kept (same function,
+ * same ABI) for programs written against keel 0.1. */
 KEEL_EXTERN int keel_retry_report(keel_retry *r, int status);
+
+/* The result reported with the latest keel_retry_done_ex() (NULL when
+ * none); answers until the close callback. Loop thread only. */
+KEEL_EXTERN void *keel_retry_result(const keel_retry *r);
 
 /* The three getters below never fail, answer until the close callback (0
  * for NULL) and are loop-thread only. */
@@ -270,7 +411,7 @@ KEEL_EXTERN int keel_retry_last_status(const keel_retry *r);
  *
  * close_cb (may be NULL) is called with r and data on a later loop
  * iteration, after done, once the timer is closed and, when an attempt was
- * in flight, after that attempt has reported (keel_retry_report): until
+ * in flight, after that attempt has reported (keel_retry_done): until
  * then the memory stays valid so a late report is safe. After close_cb, r
  * is freed and uv_loop_close() can return 0. Loop thread only.
  */

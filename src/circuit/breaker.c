@@ -7,6 +7,9 @@
 #include "circuit/breaker_internal.h"
 #include "core/alloc.h"
 
+_Static_assert(sizeof(keel_breaker_opts) == 216, "keel_breaker_opts keeps its 0.1 size (ABI)");
+_Static_assert(sizeof(keel_breaker_stats) == 192, "keel_breaker_stats keeps its 0.1 size (ABI)");
+
 const char *keel_breaker_state_name(keel_breaker_state state) {
   switch (state) {
     case KEEL_BREAKER_CLOSED:
@@ -66,6 +69,10 @@ int keel_breaker_validate_opts(const keel_breaker_opts *o, const char **why) {
     problem = "window_size must be > 0 with a count window";
   else if (o->window == KEEL_BREAKER_WINDOW_COUNT && o->window_size > (1u << 24))
     problem = "window_size must be <= 16777216";
+  else if (o->window == KEEL_BREAKER_WINDOW_COUNT && o->minimum_calls > o->window_size)
+    problem =
+        "minimum_calls must be <= window_size with a count window (the window never holds "
+        "more than window_size calls, so the rates would never be computed)";
   else if (o->window == KEEL_BREAKER_WINDOW_TIME &&
            (o->window_buckets == 0 || o->window_buckets > 65536))
     problem = "window_buckets must be within 1..65536 with a time window";
@@ -83,6 +90,8 @@ int keel_breaker_validate_opts(const keel_breaker_opts *o, const char **why) {
     problem = "half_open_max_calls must be > 0";
   else if (o->half_open_successes == 0)
     problem = "half_open_successes must be > 0";
+  else if (o->half_open_probes > 0 && !(o->failure_rate_threshold > 0.0))
+    problem = "half_open_probes needs failure_rate_threshold > 0 (the probes are judged by rate)";
   if (why != NULL) *why = problem;
   return problem == NULL ? 0 : UV_EINVAL;
 }
@@ -146,6 +155,9 @@ static void transition(keel_breaker *b, keel_breaker_state to, uint64_t now) {
   b->state_entered_ms = now;
   b->probes_in_flight = 0;
   b->probe_successes = 0;
+  b->probes_granted = 0;
+  b->probe_failures = 0;
+  b->probe_slow = 0;
   b->consecutive_failures = 0;
   b->stats.state_changes++;
   switch (to) {
@@ -196,6 +208,85 @@ static int reject(keel_breaker *b) {
   return KEEL_EOPEN;
 }
 
+/* Whether HALF_OPEN has a probe slot free. */
+static bool probe_free(const keel_breaker *b) {
+  if (b->probes_in_flight >= b->opts.half_open_max_calls) return false;
+  return b->opts.half_open_probes == 0 || b->probes_granted < b->opts.half_open_probes;
+}
+
+/* The slow path of acquire: every state but CLOSED and DISABLED. Returns 0
+ * (probe granted), KEEL_EOPEN or KEEL_EPROBES (rejected), KEEL_ECLOSING. */
+static int acquire_slow(keel_breaker *b, keel_breaker_permit *permit) {
+  if (b->state == KEEL_BREAKER_FORCED_OPEN) {
+    reject(b);
+    return KEEL_EOPEN;
+  }
+  advance_time(b, keel__breaker_now(b));
+  if (b->closing) return KEEL_ECLOSING; /* closed by on_state_change */
+  if (b->state == KEEL_BREAKER_OPEN) {
+    reject(b);
+    return KEEL_EOPEN;
+  }
+  if (!probe_free(b)) {
+    reject(b);
+    return KEEL_EPROBES;
+  }
+  b->probes_in_flight++;
+  b->probes_granted++;
+  b->stats.calls_permitted++;
+  permit->breaker = b;
+  permit->generation = b->generation;
+  permit->probe = true;
+  return 0;
+}
+
+int keel__breaker_acquire_code(keel_breaker *b, keel_breaker_permit *permit);
+int keel__breaker_acquire_code(keel_breaker *b, keel_breaker_permit *permit) {
+  if (b->state == KEEL_BREAKER_CLOSED || b->state == KEEL_BREAKER_DISABLED)
+    return keel_breaker_acquire(b, permit);
+  int rc = acquire_slow(b, permit);
+  if (rc == KEEL_EPROBES && !b->opts.distinct_probe_code) rc = KEEL_EOPEN;
+  return rc;
+}
+
+uint64_t keel_breaker_retry_after_ms(keel_breaker *b) {
+  if (b == NULL) return 0;
+  uint64_t now = keel__breaker_now(b);
+  advance_time(b, now);
+  switch (b->state) {
+    case KEEL_BREAKER_OPEN:
+      return b->open_until_ms > now ? b->open_until_ms - now : 0;
+    case KEEL_BREAKER_FORCED_OPEN:
+      return UINT64_MAX;
+    case KEEL_BREAKER_HALF_OPEN: {
+      if (probe_free(b)) return 0;
+      uint64_t until = b->state_entered_ms + b->opts.half_open_max_wait_ms;
+      return until > now ? until - now : 0;
+    }
+    default:
+      return 0;
+  }
+}
+
+int keel_breaker_acquire_ex(keel_breaker *b, keel_breaker_permit *permit,
+                            uint64_t *retry_after_ms) {
+  if (b == NULL || permit == NULL) return UV_EINVAL;
+  if (b->closing) return KEEL_ECLOSING;
+  if (b->state == KEEL_BREAKER_CLOSED || b->state == KEEL_BREAKER_DISABLED) {
+    int rc = keel_breaker_acquire(b, permit);
+    if (rc == 0 && retry_after_ms != NULL) *retry_after_ms = 0;
+    return rc;
+  }
+  int rc = acquire_slow(b, permit);
+  if (retry_after_ms != NULL && !b->closing) {
+    if (rc == 0)
+      *retry_after_ms = 0;
+    else if (rc == KEEL_EOPEN || rc == KEEL_EPROBES)
+      *retry_after_ms = keel_breaker_retry_after_ms(b);
+  }
+  return rc;
+}
+
 int keel_breaker_acquire(keel_breaker *b, keel_breaker_permit *permit) {
   if (b == NULL || permit == NULL) return UV_EINVAL;
   if (b->closing) return KEEL_ECLOSING;
@@ -204,19 +295,10 @@ int keel_breaker_acquire(keel_breaker *b, keel_breaker_permit *permit) {
     case KEEL_BREAKER_DISABLED:
       break;
     case KEEL_BREAKER_FORCED_OPEN:
-      return reject(b);
     case KEEL_BREAKER_OPEN:
     case KEEL_BREAKER_HALF_OPEN: {
-      advance_time(b, keel__breaker_now(b));
-      if (b->closing) return KEEL_ECLOSING; /* closed by on_state_change */
-      if (b->state == KEEL_BREAKER_OPEN) return reject(b);
-      if (b->probes_in_flight >= b->opts.half_open_max_calls) return reject(b);
-      b->probes_in_flight++;
-      b->stats.calls_permitted++;
-      permit->breaker = b;
-      permit->generation = b->generation;
-      permit->probe = true;
-      return 0;
+      int rc = acquire_slow(b, permit);
+      return rc == KEEL_EPROBES && !b->opts.distinct_probe_code ? KEEL_EOPEN : rc;
     }
   }
   b->stats.calls_permitted++;
@@ -245,6 +327,23 @@ static keel_breaker_outcome classify(keel_breaker *b, int status) {
   return status == UV_ECANCELED ? KEEL_BREAKER_IGNORE : KEEL_BREAKER_FAILURE;
 }
 
+/* HALF_OPEN with half_open_probes: count the probe; once all have
+ * reported, reopen on the failure (or slow) rate, close otherwise. */
+static void judge_probes(keel_breaker *b, bool failed, bool slow) {
+  if (failed) b->probe_failures++;
+  if (slow) b->probe_slow++;
+  b->probe_successes++; /* here: probes reported */
+  if (b->probe_successes < b->opts.half_open_probes) return;
+  uint32_t n = b->probe_successes;
+  bool bad = keel__rate_reached(&b->failure_rate, b->probe_failures, n) ||
+             (b->opts.slow_call_ms > 0 && keel__rate_reached(&b->slow_rate, b->probe_slow, n));
+  uint64_t now = keel__breaker_now(b);
+  if (bad)
+    reopen(b, now);
+  else
+    transition(b, KEEL_BREAKER_CLOSED, now);
+}
+
 /* Records an outcome that belongs to the current generation. Inlined into
  * release: the closed-state path must stay a few nanoseconds. */
 #if defined(__GNUC__)
@@ -256,6 +355,8 @@ record(keel_breaker *b, bool probe, keel_breaker_outcome outcome, uint64_t durat
   if (outcome == KEEL_BREAKER_IGNORE) {
     b->stats.calls_ignored++;
     if (probe && b->probes_in_flight > 0) b->probes_in_flight--;
+    /* An ignored probe gives its turn back (resilience4j does not count it). */
+    if (probe && b->state == KEEL_BREAKER_HALF_OPEN && b->probes_granted > 0) b->probes_granted--;
     return;
   }
   bool failed = outcome == KEEL_BREAKER_FAILURE;
@@ -282,6 +383,10 @@ record(keel_breaker *b, bool probe, keel_breaker_outcome outcome, uint64_t durat
   }
   if (b->state == KEEL_BREAKER_HALF_OPEN && probe) {
     if (b->probes_in_flight > 0) b->probes_in_flight--;
+    if (b->opts.half_open_probes > 0) {
+      judge_probes(b, failed, slow);
+      return;
+    }
     /* A slow probe is as bad a sign as a failed one when slowness trips. */
     if (failed || slow) {
       reopen(b, keel__breaker_now(b));
@@ -304,6 +409,9 @@ int keel_breaker_release(keel_breaker_permit *permit, int status, uint64_t durat
   }
   permit->generation = 0;
   if (b->state == KEEL_BREAKER_DISABLED) return 0;
+  /* Here, not in record(): the duration is then not kept across the
+   * classifier call (a few instructions less on the hot path). */
+  b->stats.duration_total_ms += duration_ms;
   record(b, permit->probe, classify(b, status), duration_ms);
   return 0;
 }
@@ -321,6 +429,7 @@ int keel__breaker_release_timeout(keel_breaker_permit *permit, uint64_t duration
   permit->generation = 0;
   b->stats.calls_timed_out++;
   if (b->state == KEEL_BREAKER_DISABLED) return 0;
+  b->stats.duration_total_ms += duration_ms;
   record(b, permit->probe, KEEL_BREAKER_FAILURE, duration_ms);
   return 0;
 }
@@ -383,6 +492,12 @@ void keel_breaker_get_stats(keel_breaker *b, keel_breaker_stats *out) {
   out->probes_in_flight = b->probes_in_flight;
   out->open_duration_ms = b->open_duration_ms;
   out->state_entered_ms = b->state_entered_ms;
+  out->window_failures = b->window.failures;
+  out->window_slow = b->window.slow;
+  uint64_t released = b->stats.calls_succeeded + b->stats.calls_failed + b->stats.calls_ignored;
+  out->duration_mean_ms =
+      released != 0 ? (double)b->stats.duration_total_ms / (double)released : 0.0;
+  memset(out->reserved_, 0, sizeof out->reserved_);
 }
 
 const char *keel_breaker_last_error(const keel_breaker *b) {

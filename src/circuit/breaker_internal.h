@@ -40,7 +40,10 @@ struct keel_breaker {
   uint64_t open_duration_ms;
   uint32_t consecutive_failures;
   uint32_t probes_in_flight;
-  uint32_t probe_successes;
+  uint32_t probe_successes; /* with half_open_probes: probes reported */
+  uint32_t probes_granted;  /* probes let through in this HALF_OPEN period */
+  uint32_t probe_failures;
+  uint32_t probe_slow;
   keel__window window;
   keel__rate failure_rate; /* opts.failure_rate_threshold, exact */
   keel__rate slow_rate;    /* opts.slow_call_rate_threshold, exact */

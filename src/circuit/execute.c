@@ -3,12 +3,13 @@
  * steady stream of calls allocates nothing. One zero-delay timer (the start
  * timer) starts every operation, never inside keel_breaker_execute(); a
  * check handle delivers every reported result, never inside
- * keel_breaker_call_done(); after close, the start timer runs once more as
+ * keel_breaker_done(); after close, the start timer runs once more as
  * the close pump (done(UV_ECANCELED) for what was dropped). */
 #include "circuit/breaker_internal.h"
 #include "core/alloc.h"
 
 int keel__breaker_release_timeout(keel_breaker_permit *permit, uint64_t duration_ms);
+int keel__breaker_acquire_code(keel_breaker *b, keel_breaker_permit *permit);
 
 static void on_call_timer_closed(uv_handle_t *handle) {
   keel_breaker_call *call = handle->data;
@@ -50,10 +51,15 @@ static void recycle(keel_breaker_call *call) {
   give_back(b, call);
 }
 
-/* done may do anything with the breaker, close it included. */
+/* done may do anything with the breaker, close it included; so may the
+ * fallback (done still comes, with the fallback's answer). */
 static void finish(keel_breaker_call *call, int status) {
   call->finished = true;
-  call->done(call->breaker, status, call->data);
+  keel_breaker *b = call->breaker;
+  if (b->opts.fallback != NULL && status < 0 && status != UV_ECANCELED &&
+      (status == KEEL_EOPEN || status == KEEL_EPROBES || b->opts.fallback_on_failure))
+    status = b->opts.fallback(b, status, call->data);
+  call->done(b, status, call->data);
 }
 
 static void on_call_timeout(uv_timer_t *timer) {
@@ -127,7 +133,7 @@ static void on_start(uv_timer_t *timer) {
       /* Closed from inside an earlier op or done: the close pump cancels
        * the rest. */
     } else if (call->permit.generation == 0) {
-      finish(call, KEEL_EOPEN);
+      finish(call, call->result); /* the rejection */
       recycle(call);
     } else {
       call->started_ms = keel__breaker_now(b);
@@ -172,7 +178,11 @@ int keel_breaker_execute(keel_breaker *b, keel_breaker_op_fn op, uint64_t timeou
   call->op_started = call->op_reported = call->finished = call->has_result = false;
   call->in_use = true;
   call->next_free = NULL;
-  if (keel_breaker_acquire(b, &call->permit) != 0) call->permit.generation = 0;
+  int arc = keel__breaker_acquire_code(b, &call->permit);
+  if (arc != 0) {
+    call->permit.generation = 0;
+    call->result = arc;
+  }
   if (b->closing) {
     /* on_state_change or on_rejected closed the breaker inside acquire:
      * the call was never accepted. */
@@ -189,6 +199,10 @@ int keel_breaker_execute(keel_breaker *b, keel_breaker_op_fn op, uint64_t timeou
 }
 
 int keel_breaker_call_done(keel_breaker_call *call, int status) {
+  return keel_breaker_done(call, status);
+}
+
+int keel_breaker_done(keel_breaker_call *call, int status) {
   if (call == NULL || !call->in_use || !call->op_started || call->op_reported) return UV_EINVAL;
   call->op_reported = true;
   keel_breaker *b = call->breaker;

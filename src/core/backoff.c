@@ -73,15 +73,25 @@ void keel_backoff_decorrelated_jitter(keel_backoff *b, uint64_t base_ms, uint64_
   b->max_ms = max_ms;
 }
 
+void keel_backoff_linear(keel_backoff *b, uint64_t base_ms, uint64_t max_ms) {
+  if (b == NULL) return;
+  b->kind = KEEL_BACKOFF_LINEAR;
+  b->base_ms = base_ms;
+  b->factor = 1.0;
+  b->max_ms = max_ms;
+}
+
 int keel_backoff_validate(const keel_backoff *b, const char **why) {
   const char *problem = NULL;
   if (b == NULL)
     problem = "backoff policy is NULL";
-  else if (b->kind < KEEL_BACKOFF_FIXED || b->kind > KEEL_BACKOFF_DECORRELATED_JITTER)
+  else if (b->kind < KEEL_BACKOFF_FIXED || b->kind > KEEL_BACKOFF_LINEAR)
     problem = "unknown backoff kind";
   else if ((b->kind == KEEL_BACKOFF_EXPONENTIAL || b->kind == KEEL_BACKOFF_FULL_JITTER) &&
            (!isfinite(b->factor) || b->factor < 1.0))
     problem = "backoff factor must be a finite number >= 1 (exponential and full jitter)";
+  else if (b->kind == KEEL_BACKOFF_LINEAR && (!isfinite(b->factor) || b->factor < 0.0))
+    problem = "backoff factor must be a finite number >= 0 (linear)";
   else if (b->max_ms != 0 && b->max_ms < b->base_ms)
     problem = "backoff max_ms must be 0 (no cap) or >= base_ms";
   else if (b->kind == KEEL_BACKOFF_DECORRELATED_JITTER && b->base_ms == 0)
@@ -137,6 +147,11 @@ uint64_t keel_backoff_delay(const keel_backoff *b, unsigned retry, uint64_t prev
       /* sleep = random_between(0, min(cap, base * 2 ** attempt)) */
       uint64_t ceiling = exponential_delay(b, retry);
       return rng == NULL ? ceiling : keel_rng_between(rng, 0, ceiling);
+    }
+    case KEEL_BACKOFF_LINEAR: {
+      double factor = isfinite(b->factor) && b->factor >= 0.0 ? b->factor : 0.0;
+      double delay = (double)b->base_ms * (1.0 + factor * (double)(retry - 1)) + 0.5;
+      return delay < (double)cap ? (uint64_t)delay : cap;
     }
     case KEEL_BACKOFF_DECORRELATED_JITTER: {
       /* sleep = min(cap, random_between(base, sleep * 3)), sleep starting at

@@ -13,6 +13,7 @@
  * soon as no attempt is in flight (at close, or at the late report of the
  * attempt that was in flight), and the memory is freed in the timer's close
  * callback, right before the user's close_cb. */
+#include <math.h>
 #include <stdbool.h>
 
 #include "core/alloc.h"
@@ -32,14 +33,18 @@ struct keel_retry {
   unsigned attempts;
   uint64_t started_at_ms;
   uint64_t last_delay_ms;
-  int last_status;     /* latest failure, 0 when none */
-  int reported_status; /* outcome waiting for the timer when `pending` */
-  bool in_flight;      /* attempt started, its report not yet received */
-  bool pending;        /* outcome reported, not yet handled */
-  bool done_called;    /* done delivered (or being delivered) */
-  bool closing;        /* keel_retry_close() was called */
-  int owed_status;     /* closing: what done gets on the timer's next run */
-  bool timer_closing;  /* uv_close() issued on the timer */
+  int last_status;         /* latest failure, 0 when none */
+  int reported_status;     /* outcome waiting for the timer when `pending` */
+  void *result;            /* reported with keel_retry_done_ex() */
+  uint64_t retry_after_ms; /* likewise */
+  uint64_t attempt_started_ms;
+  uint64_t attempt_duration_ms;
+  bool in_flight;     /* attempt started, its report not yet received */
+  bool pending;       /* outcome reported, not yet handled */
+  bool done_called;   /* done delivered (or being delivered) */
+  bool closing;       /* keel_retry_close() was called */
+  int owed_status;    /* closing: what done gets on the timer's next run */
+  bool timer_closing; /* uv_close() issued on the timer */
   keel_close_cb close_cb;
   void *close_data;
 };
@@ -108,38 +113,188 @@ static void on_close_timer(uv_timer_t *timer) {
   if (!r->in_flight) close_timer(r);
 }
 
+/* ---- retry budget ------------------------------------------------------ */
+
+#define KEEL__BUDGET_BUCKETS 10
+
+struct keel_retry_budget {
+  uv_loop_t *loop;
+  keel_retry_budget_opts opts;
+  uint64_t bucket_ms;
+  uint64_t epoch[KEEL__BUDGET_BUCKETS]; /* now / bucket_ms when last reset */
+  uint64_t calls[KEEL__BUDGET_BUCKETS];
+  uint64_t retries[KEEL__BUDGET_BUCKETS];
+  keel_retry_budget_stats stats;
+};
+
+void keel_retry_budget_opts_init(keel_retry_budget_opts *opts) {
+  if (opts == NULL) return;
+  memset(opts, 0, sizeof *opts);
+  opts->ratio = 0.2;
+  opts->min_retries = 10;
+  opts->window_ms = 10000;
+}
+
+int keel_retry_budget_new(uv_loop_t *loop, const keel_retry_budget_opts *opts,
+                          keel_retry_budget **out) {
+  if (loop == NULL || opts == NULL || out == NULL) return UV_EINVAL;
+  if (!(isfinite(opts->ratio) && opts->ratio >= 0.0 && opts->ratio <= 1000.0)) return UV_EINVAL;
+  if (opts->window_ms < KEEL__BUDGET_BUCKETS) return UV_EINVAL;
+  keel_retry_budget *b = keel__calloc(1, sizeof *b);
+  if (b == NULL) return UV_ENOMEM;
+  b->loop = loop;
+  b->opts = *opts;
+  b->bucket_ms = opts->window_ms / KEEL__BUDGET_BUCKETS;
+  *out = b;
+  return 0;
+}
+
+void keel_retry_budget_free(keel_retry_budget *b) {
+  keel__free(b);
+}
+
+/* The bucket of now, emptied when it last served an older period; and the
+ * window's totals. */
+static unsigned budget_bucket(keel_retry_budget *b, uint64_t *calls, uint64_t *retries) {
+  uint64_t epoch = keel__clock_now(&b->opts.clock, b->loop) / b->bucket_ms;
+  unsigned at = (unsigned)(epoch % KEEL__BUDGET_BUCKETS);
+  if (b->epoch[at] != epoch) {
+    b->calls[at] = b->retries[at] = 0;
+    b->epoch[at] = epoch;
+  }
+  *calls = *retries = 0;
+  for (unsigned i = 0; i < KEEL__BUDGET_BUCKETS; i++) {
+    /* A bucket counts while it is one of the window's last ten periods. */
+    if (b->epoch[i] > epoch || epoch - b->epoch[i] >= KEEL__BUDGET_BUCKETS) continue;
+    *calls += b->calls[i];
+    *retries += b->retries[i];
+  }
+  return at;
+}
+
+void keel_retry_budget_record_call(keel_retry_budget *b) {
+  if (b == NULL) return;
+  uint64_t calls, retries;
+  unsigned at = budget_bucket(b, &calls, &retries);
+  b->calls[at]++;
+  b->stats.calls++;
+}
+
+bool keel_retry_budget_try_retry(keel_retry_budget *b) {
+  if (b == NULL) return false;
+  uint64_t calls, retries;
+  unsigned at = budget_bucket(b, &calls, &retries);
+  double allowed = (double)b->opts.min_retries + b->opts.ratio * (double)calls;
+  if ((double)(retries + 1) > allowed) {
+    b->stats.refused++;
+    return false;
+  }
+  b->retries[at]++;
+  b->stats.retries++;
+  return true;
+}
+
+void keel_retry_budget_get_stats(keel_retry_budget *b, keel_retry_budget_stats *out) {
+  if (b == NULL || out == NULL) return;
+  uint64_t calls, retries;
+  budget_bucket(b, &calls, &retries);
+  *out = b->stats;
+  out->window_calls = calls;
+  out->window_retries = retries;
+  memset(out->reserved_, 0, sizeof out->reserved_);
+}
+
+/* ---- runner ------------------------------------------------------------ */
+
+/* The delay before the next attempt: the backoff, jitter, the server's
+ * hint. */
+static uint64_t proposed_delay(keel_retry *r) {
+  uint64_t delay = keel_backoff_delay(&r->opts.backoff, r->attempts, r->last_delay_ms, &r->rng);
+  if (r->opts.jitter > 0.0 && delay > 0) {
+    double low = (double)delay * (1.0 - r->opts.jitter);
+    double high = (double)delay * (1.0 + r->opts.jitter);
+    if (high >= (double)(UINT64_MAX / 4)) high = (double)(UINT64_MAX / 4);
+    delay = keel_rng_between(&r->rng, (uint64_t)(low + 0.5), (uint64_t)(high + 0.5));
+  }
+  if (delay < r->retry_after_ms) delay = r->retry_after_ms;
+  return delay;
+}
+
+static void fill_info(const keel_retry *r, int status, uint64_t delay, keel_retry_info *info) {
+  memset(info, 0, sizeof *info);
+  info->attempt = r->attempts;
+  info->status = status;
+  info->result = r->result;
+  info->duration_ms = r->attempt_duration_ms;
+  info->retry_after_ms = r->retry_after_ms;
+  info->delay_ms = delay;
+}
+
 /* Handles the outcome of the attempt that just ended (from on_timer). */
 static void decide(keel_retry *r, int status) {
-  if (status == 0) {
-    finish(r, 0);
-    return;
+  /* What done gets when retrying stops here: the failure, or for a result
+   * that still wanted a retry, KEEL_EEXHAUSTED. */
+  int final = status;
+  if (status >= 0) {
+    int again = 0;
+    if (r->opts.retry_result != NULL) {
+      again = r->opts.retry_result(status, r->result, r->opts.classify_data);
+      if (r->closing || r->done_called) return; /* closed from inside */
+    }
+    if (!again) {
+      finish(r, 0);
+      return;
+    }
+    final = KEEL_EEXHAUSTED;
+  } else {
+    r->last_status = status;
   }
-  r->last_status = status;
   if (r->attempts >= r->opts.max_attempts) {
-    finish(r, status);
+    finish(r, final);
     return;
   }
-  keel_retry_classify_fn classify =
-      r->opts.classify != NULL ? r->opts.classify : keel_retry_default_classify;
-  int retryable = classify(status, r->opts.classify_data);
-  if (r->closing || r->done_called) return; /* closed from inside classify */
-  if (!retryable) {
-    finish(r, status);
-    return;
+  if (status < 0) {
+    keel_retry_classify_fn classify =
+        r->opts.classify != NULL ? r->opts.classify : keel_retry_default_classify;
+    int retryable = classify(status, r->opts.classify_data);
+    if (r->closing || r->done_called) return; /* closed from inside classify */
+    if (!retryable) {
+      finish(r, status);
+      return;
+    }
   }
-  uint64_t delay = keel_backoff_delay(&r->opts.backoff, r->attempts, r->last_delay_ms, &r->rng);
+  uint64_t delay = proposed_delay(r);
+  keel_retry_info info;
+  if (r->opts.delay_fn != NULL) {
+    fill_info(r, status, delay, &info);
+    delay = r->opts.delay_fn(r, &info, r->data);
+    if (r->closing || r->done_called) return;
+    if (delay == UINT64_MAX) {
+      finish(r, final);
+      return;
+    }
+  }
   if (r->opts.deadline_ms != 0) {
     /* A retry that could only start after the deadline is not worth waiting
      * for: report the failure we have now. */
     uint64_t elapsed = elapsed_ms(r);
     if (elapsed > r->opts.deadline_ms || delay > r->opts.deadline_ms - elapsed) {
-      finish(r, status);
+      finish(r, final);
       return;
     }
+  }
+  if (r->opts.budget != NULL && !keel_retry_budget_try_retry(r->opts.budget)) {
+    finish(r, final);
+    return;
   }
   r->last_delay_ms = delay;
   if (r->opts.on_retry != NULL) {
     r->opts.on_retry(r, r->attempts + 1, status, delay, r->data);
+    if (r->closing || r->done_called) return;
+  }
+  if (r->opts.on_retry_info != NULL) {
+    fill_info(r, status, delay, &info);
+    r->opts.on_retry_info(r, &info, r->data);
     if (r->closing || r->done_called) return;
   }
   uv_timer_start(&r->timer, on_timer, delay, 0);
@@ -161,6 +316,9 @@ static void on_timer(uv_timer_t *timer) {
   }
   r->attempts++;
   r->in_flight = true;
+  r->result = NULL;
+  r->retry_after_ms = 0;
+  r->attempt_started_ms = keel__clock_now(&r->opts.clock, r->loop);
   r->attempt_fn(r, r->attempts, r->data);
 }
 
@@ -170,6 +328,7 @@ int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts, keel_retry_at
     return UV_EINVAL;
   if (opts->max_attempts == 0) return UV_EINVAL;
   if (keel_backoff_validate(&opts->backoff, NULL) != 0) return UV_EINVAL;
+  if (!(opts->jitter >= 0.0 && opts->jitter <= 1.0)) return UV_EINVAL;
   keel_retry *r = keel__calloc(1, sizeof *r);
   if (r == NULL) return UV_ENOMEM;
   int rc = uv_timer_init(loop, &r->timer);
@@ -185,13 +344,26 @@ int keel_retry_start(uv_loop_t *loop, const keel_retry_opts *opts, keel_retry_at
   r->timer.data = r;
   keel_rng_seed(&r->rng, opts->seed != 0 ? opts->seed : uv_hrtime() ^ (uint64_t)(uintptr_t)r);
   r->started_at_ms = keel__clock_now(&r->opts.clock, loop);
+  keel_retry_budget_record_call(r->opts.budget);
   /* Attempt 1 starts on a later loop iteration, never inside this call. */
   uv_timer_start(&r->timer, on_timer, 0, 0);
   *out = r;
   return 0;
 }
 
+int keel_retry_done(keel_retry *r, int status) {
+  return keel_retry_done_ex(r, status, NULL, 0);
+}
+
 int keel_retry_report(keel_retry *r, int status) {
+  return keel_retry_done_ex(r, status, NULL, 0);
+}
+
+void *keel_retry_result(const keel_retry *r) {
+  return r == NULL ? NULL : r->result;
+}
+
+int keel_retry_done_ex(keel_retry *r, int status, void *result, uint64_t retry_after_ms) {
   if (r == NULL) return UV_EINVAL;
   if (!r->in_flight) return r->closing ? KEEL_ECLOSING : UV_EINVAL;
   r->in_flight = false;
@@ -203,6 +375,10 @@ int keel_retry_report(keel_retry *r, int status) {
   }
   r->pending = true;
   r->reported_status = status > 0 ? 0 : status;
+  r->result = result;
+  r->retry_after_ms = retry_after_ms;
+  uint64_t now = keel__clock_now(&r->opts.clock, r->loop);
+  r->attempt_duration_ms = now > r->attempt_started_ms ? now - r->attempt_started_ms : 0;
   uv_timer_start(&r->timer, on_timer, 0, 0);
   return 0;
 }

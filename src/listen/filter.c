@@ -227,6 +227,8 @@ keel__cmp keel__filter_cmp_of(unsigned oid) {
       return KEEL__CMP_TIMESTAMPTZ;
     case 2950:
       return KEEL__CMP_UUID;
+    case 1186:
+      return KEEL__CMP_INTERVAL;
     default:
       return KEEL__CMP_CANONICAL;
   }
@@ -403,6 +405,202 @@ static bool parse_instant(const char *s, int64_t *out) {
   return true;
 }
 
+/* An interval as PostgreSQL compares it (interval_cmp_value): months count
+ * 30 days, days 24 hours. Kept as whole days plus microseconds in [0, 1 day)
+ * so no sum overflows 64 bits. */
+typedef struct interval_span {
+  int64_t days;
+  int64_t micros;
+} interval_span;
+
+#define MICROS_PER_DAY INT64_C(86400000000)
+
+/* Reads "[+-]digits[.digits]" at *p; the fraction scaled to micros of the
+ * unit (unit_micros), the whole part in *whole. */
+static bool read_number(const char **p, int64_t *whole, int64_t *fraction_micros,
+                        int64_t unit_micros) {
+  const char *s = *p;
+  int sign = 1;
+  if (*s == '+' || *s == '-') sign = *s++ == '-' ? -1 : 1;
+  if (*s < '0' || *s > '9') return false;
+  int64_t w = 0;
+  for (; *s >= '0' && *s <= '9'; s++) {
+    if (w > (INT64_MAX - 9) / 10) return false;
+    w = w * 10 + (*s - '0');
+  }
+  int64_t frac = 0;
+  if (*s == '.') {
+    s++;
+    /* fraction digits of a second (or of a bigger unit) to micros */
+    int64_t scale = unit_micros / 10;
+    while (*s >= '0' && *s <= '9') {
+      frac += (*s - '0') * scale;
+      scale /= 10;
+      s++;
+    }
+  }
+  *whole = sign * w;
+  *fraction_micros = sign * frac;
+  *p = s;
+  return true;
+}
+
+static void span_add(interval_span *span, int64_t days, int64_t micros) {
+  span->days += days + micros / MICROS_PER_DAY;
+  span->micros += micros % MICROS_PER_DAY;
+  if (span->micros < 0) {
+    span->micros += MICROS_PER_DAY;
+    span->days--;
+  } else if (span->micros >= MICROS_PER_DAY) {
+    span->micros -= MICROS_PER_DAY;
+    span->days++;
+  }
+}
+
+/* Adds n of the named unit (year, mon, day, hour, min, sec, also plural and
+ * the ISO letters when iso is set). */
+static bool span_add_unit(interval_span *span, const char *unit, size_t len, int64_t n,
+                          int64_t fraction_micros) {
+  static const struct {
+    const char *name;
+    int64_t days, micros;
+  } units[] = {{"year", 360, 0},     {"mon", 30, 0},
+               {"day", 1, 0},        {"hour", 0, INT64_C(3600000000)},
+               {"min", 0, 60000000}, {"sec", 0, 1000000}};
+  if (len > 0 && unit[len - 1] == 's') len--;
+  for (size_t i = 0; i < sizeof units / sizeof units[0]; i++) {
+    if (strlen(units[i].name) != len || memcmp(units[i].name, unit, len) != 0) continue;
+    if (units[i].days != 0) {
+      if (n > INT64_MAX / 400 || n < -INT64_MAX / 400) return false;
+      span_add(span, n * units[i].days, fraction_micros);
+    } else {
+      if (n > INT64_MAX / units[i].micros || n < -INT64_MAX / units[i].micros) return false;
+      span_add(span, 0, n * units[i].micros + fraction_micros);
+    }
+    return true;
+  }
+  return false;
+}
+
+/* "[+-]H+:MM:SS[.ffffff]" (the postgres style's time part). */
+static bool read_clock(const char **p, interval_span *span) {
+  const char *s = *p;
+  int sign = 1;
+  if (*s == '+' || *s == '-') sign = *s++ == '-' ? -1 : 1;
+  int64_t hours = 0, minutes, seconds, frac = 0;
+  if (*s < '0' || *s > '9') return false;
+  for (; *s >= '0' && *s <= '9'; s++) {
+    if (hours > INT64_C(2000000000000)) return false;
+    hours = hours * 10 + (*s - '0');
+  }
+  long mm, ss;
+  if (*s != ':' || !digits_at(s + 1, 2, &mm) || s[3] != ':' || !digits_at(s + 4, 2, &ss))
+    return false;
+  minutes = mm;
+  seconds = ss;
+  s += 6;
+  if (*s == '.') {
+    s++;
+    int64_t scale = 100000;
+    while (*s >= '0' && *s <= '9') {
+      frac += (*s - '0') * scale;
+      scale /= 10;
+      s++;
+    }
+  }
+  span_add(span, 0, sign * ((hours * 3600 + minutes * 60 + seconds) * 1000000 + frac));
+  *p = s;
+  return true;
+}
+
+/* ISO 8601 style: P[nY][nM][nD][T[nH][nM][n[.f]S]], each part signed;
+ * only seconds carry a fraction in PostgreSQL's output. */
+static bool parse_interval_iso(const char *s, interval_span *span) {
+  bool time = false;
+  s++; /* 'P' */
+  while (*s != '\0') {
+    if (*s == 'T' && !time) {
+      time = true;
+      s++;
+      continue;
+    }
+    int64_t n, frac;
+    if (!read_number(&s, &n, &frac, 1000000)) return false;
+    const char *unit = NULL;
+    if (*s == 'Y' && !time) unit = "year";
+    if (*s == 'M') unit = time ? "min" : "mon";
+    if (*s == 'D' && !time) unit = "day";
+    if (*s == 'H' && time) unit = "hour";
+    if (*s == 'S' && time) unit = "sec";
+    if (unit == NULL || (frac != 0 && *s != 'S')) return false;
+    if (!span_add_unit(span, unit, strlen(unit), n, frac)) return false;
+    s++;
+  }
+  return true;
+}
+
+/* PostgreSQL's text output of an interval in the postgres (default),
+ * postgres_verbose or iso_8601 IntervalStyle. Returns false for other forms
+ * (sql_standard), which then compare as text. */
+static bool parse_interval(const char *s, interval_span *out) {
+  interval_span span = {0, 0};
+  if (s[0] == 'P') {
+    if (!parse_interval_iso(s, &span)) return false;
+    *out = span;
+    return true;
+  }
+  bool verbose = s[0] == '@';
+  if (verbose) s += s[1] == ' ' ? 2 : 1;
+  bool ago = false, any = false;
+  while (*s != '\0') {
+    while (*s == ' ') s++;
+    if (*s == '\0') break;
+    if (strcmp(s, "ago") == 0) {
+      ago = true;
+      break;
+    }
+    const char *colon = strchr(s, ':'), *space = strchr(s, ' ');
+    if (colon != NULL && (space == NULL || colon < space)) {
+      if (!read_clock(&s, &span)) return false;
+    } else {
+      int64_t n, frac;
+      if (!read_number(&s, &n, &frac, 1000000)) return false;
+      if (*s == '\0' && verbose && n == 0 && frac == 0) {
+        any = true;
+        break;
+      } /* "@ 0" */
+      if (*s != ' ') return false;
+      s++;
+      size_t len = strcspn(s, " ");
+      if (frac != 0 && !(len >= 3 && memcmp(s, "sec", 3) == 0)) return false;
+      if (!span_add_unit(&span, s, len, n, frac)) return false;
+      s += len;
+    }
+    any = true;
+  }
+  if (!any) return false;
+  if (ago) {
+    span.days = -span.days;
+    span.micros = -span.micros;
+    if (span.micros < 0) {
+      span.micros += MICROS_PER_DAY;
+      span.days--;
+    }
+  }
+  *out = span;
+  return true;
+}
+
+static int compare_interval(const char *a, const char *b) {
+  interval_span x, y;
+  if (!parse_interval(a, &x) || !parse_interval(b, &y)) {
+    int c = strcmp(a, b);
+    return (c > 0) - (c < 0);
+  }
+  if (x.days != y.days) return (x.days > y.days) - (x.days < y.days);
+  return (x.micros > y.micros) - (x.micros < y.micros);
+}
+
 static int compare_bpchar(const char *a, const char *b) {
   size_t la = strlen(a), lb = strlen(b);
   while (la > 0 && a[la - 1] == ' ') la--;
@@ -428,6 +626,8 @@ static int compare_typed(keel__cmp cmp, const char *value, const char *literal, 
       return bool_value(value) - bool_value(literal);
     case KEEL__CMP_BPCHAR:
       return compare_bpchar(value, literal);
+    case KEEL__CMP_INTERVAL:
+      return compare_interval(value, literal);
     case KEEL__CMP_DATE:
     case KEEL__CMP_TIMESTAMP:
     case KEEL__CMP_TIMESTAMPTZ:

@@ -43,6 +43,8 @@ typedef enum keel__cmp {
   KEEL__CMP_TIMESTAMP,
   KEEL__CMP_TIMESTAMPTZ, /* as instants */
   KEEL__CMP_UUID,        /* canonical lower-case text, ordered bytewise */
+  KEEL__CMP_INTERVAL,    /* as PostgreSQL orders intervals: a month is 30 days,
+                            a day 24 hours ('1 day' = '24:00:00') */
   KEEL__CMP_CANONICAL    /* other types (uuid, inet, jsonb, enums, ...): equality
                             of the canonical text; no ordering */
 } keel__cmp;

@@ -579,6 +579,10 @@ int keel_pg_pool_transaction(keel_pg_pool *p, keel_pg_isolation isolation, keel_
   return rc;
 }
 
+void keel_pg_tx_done(keel_pg_tx *tx, int status) {
+  keel_pg_tx_finish(tx, status);
+}
+
 void keel_pg_tx_finish(keel_pg_tx *tx, int status) {
   /* Ended already (finished before, or cancelled by close): nothing. */
   if (tx == NULL || tx->state != TX_BODY) return;

@@ -25,12 +25,21 @@ struct keel_job {
   uint64_t started_ns;
   uint64_t deadline_ns; /* hrtime by which done must come; 0 = no timeout */
   uint64_t deadline_ms; /* the same in loop time, for the timeout timer */
+  uint64_t started_ms;  /* queue clock at start (adaptive limit with an injected clock) */
   uint32_t slot;
   uint32_t timeout_pos; /* index in the timeout heap, KEEL__NIL when none */
   int priority;
   uint32_t attempt;
   uint8_t state;
 };
+
+/* A keel_queue_when() wait. */
+typedef struct when_wait {
+  keel_queue_condition condition;
+  uint64_t n;
+  keel_queue_when_cb cb;
+  void *data;
+} when_wait;
 
 typedef struct threadsafe_push {
   void *payload;
@@ -81,6 +90,12 @@ struct keel_queue {
   cancel_note *notes;
   size_t note_count, note_cap;
 
+  keel_adaptive *adaptive; /* opts.adaptive, NULL without */
+  when_wait *whens;
+  size_t when_count, when_cap;
+  bool empty_reported;
+  uint64_t error_retry_delay_ms; /* during on_error for a retried failure */
+
   /* Thread-safe pushes. ts_mutex guards ts_items, ts_count, ts_cap and
    * ts_closed, and is held across uv_async_send(). ts_inside counts callers
    * inside keel_queue_push_threadsafe(): the memory is freed only once it is
@@ -106,6 +121,36 @@ struct keel_queue {
 
 static void kick(keel_queue *q);
 static void maybe_close_idle(keel_queue *q);
+
+/* The queue's clock (opts.clock, or the loop's time) in ms. */
+static inline uint64_t qnow(const keel_queue *q) {
+  return keel__clock_now(&q->opts.clock, q->loop);
+}
+
+/* Whether one more attempt may start: under concurrency, and under the
+ * adaptive limit when there is one. */
+static inline bool below_limit(const keel_queue *q) {
+  return q->running < q->opts.concurrency &&
+         (q->adaptive == NULL || keel_adaptive_has_room(q->adaptive));
+}
+
+/* Gives the attempt's adaptive slot back with its run time. Kept out of
+ * line: the queue without an adaptive limit only pays the NULL test. */
+#if defined(__GNUC__)
+__attribute__((noinline, cold))
+#endif
+static void
+adaptive_release(keel_queue *q, keel_job *run, uint64_t now_ns, keel_adaptive_outcome outcome) {
+  uint64_t rtt;
+  if (q->opts.clock.now != NULL) {
+    uint64_t now = qnow(q);
+    rtt = now > run->started_ms ? now - run->started_ms : 0;
+  } else {
+    if (now_ns == 0) now_ns = uv_hrtime();
+    rtt = now_ns - run->started_ns;
+  }
+  keel_adaptive_release(q->adaptive, rtt, outcome);
+}
 
 void keel_queue_opts_init(keel_queue_opts *opts) {
   if (opts == NULL) return;
@@ -179,7 +224,7 @@ static void arm_timeout_timer(keel_queue *q) {
     uv_timer_stop(&q->timeout_timer);
     return;
   }
-  uint64_t now = uv_now(q->loop);
+  uint64_t now = qnow(q);
   uint64_t deadline = q->timeouts[0]->deadline_ms;
   uv_timer_start(&q->timeout_timer, on_timeout_timer, deadline > now ? deadline - now : 0, 0);
 }
@@ -278,19 +323,26 @@ static void attempt_failed(keel_queue *q, keel_job *run, uint32_t index, int sta
       ov != NULL && ov->max_retries >= 0 ? (unsigned)ov->max_retries : q->opts.max_retries;
   keel_queue_classify_fn classify = q->opts.classify ? q->opts.classify : default_classify;
   bool retry = !q->closing && slot->attempts <= max_retries && classify(status, q->opts.data);
-  if (q->opts.on_error != NULL)
+  uint64_t delay = 0;
+  if (retry) {
+    /* Drawn before on_error, which can read it (keel_queue_retry_delay_ms). */
+    const keel_backoff *backoff =
+        ov != NULL && ov->has_backoff ? &ov->backoff : &q->opts.retry_backoff;
+    delay = keel_backoff_delay(backoff, slot->attempts, slot->last_delay_ms, &q->rng);
+  }
+  if (q->opts.on_error != NULL) {
+    q->error_retry_delay_ms = delay;
     q->opts.on_error(q, run, slot->payload, status, slot->attempts, !retry, q->opts.data);
+    q->error_retry_delay_ms = 0;
+  }
   if (!retry) {
     q->stats.failed++;
     finish_job(q, index, status);
     return;
   }
-  const keel_backoff *backoff =
-      ov != NULL && ov->has_backoff ? &ov->backoff : &q->opts.retry_backoff;
-  uint64_t delay = keel_backoff_delay(backoff, slot->attempts, slot->last_delay_ms, &q->rng);
   slot->last_delay_ms = delay > UINT32_MAX ? UINT32_MAX : (uint32_t)delay;
   q->stats.retried++;
-  keel__sched_wait(&q->sched, index, uv_now(q->loop) + delay);
+  keel__sched_wait(&q->sched, index, qnow(q) + delay);
   if (keel__sched_next_due(&q->sched) == index) arm_retry_timer(q);
 }
 
@@ -298,7 +350,7 @@ static void attempt_ended(keel_queue *q, keel_job *run, int status) {
   q->running--;
   if (status == 0) {
     q->stats.completed++;
-    uint64_t now_ms = uv_now(q->loop);
+    uint64_t now_ms = uv_now(q->loop); /* the rate is on loop time, not opts.clock */
     if (now_ms - q->rate_mark_ms >= q->opts.rate_interval_ms) {
       uint64_t elapsed = now_ms - q->rate_mark_ms;
       q->stats.jobs_per_second =
@@ -320,12 +372,18 @@ int keel_job_done(keel_job *run, int status) {
   if (run->state == RUN_TIMED_OUT) {
     q->timed_out_outstanding--;
     run_put(q, run);
-    if (q->closing) maybe_close_idle(q);
+    if (q->closing)
+      maybe_close_idle(q);
+    else if (q->when_count != 0)
+      kick(q); /* KEEL_QUEUE_NONE_RUNNING may hold now */
     return KEEL_ESTALE;
   }
   if (run->state != RUN_ACTIVE) return UV_EINVAL;
   if (status > 0) status = 0;
   int rc = 0;
+  if (q->adaptive != NULL)
+    adaptive_release(q, run, 0,
+                     status == UV_ECANCELED ? KEEL_ADAPTIVE_IGNORE : KEEL_ADAPTIVE_SUCCESS);
   if (run == q->current && run->deadline_ns == 0) {
     /* Done inside its process(): timed by the dispatcher's next read. */
     q->sync_start_ns = run->started_ns;
@@ -334,7 +392,9 @@ int keel_job_done(keel_job *run, int status) {
     uint64_t now_ns = uv_hrtime();
     keel__histogram_record(&q->run_hist, now_ns - run->started_ns);
     timeout_remove(q, run);
-    if (run->deadline_ns != 0 && now_ns >= run->deadline_ns) {
+    bool late = q->opts.clock.now != NULL ? run->deadline_ns != 0 && qnow(q) >= run->deadline_ms
+                                          : run->deadline_ns != 0 && now_ns >= run->deadline_ns;
+    if (late) {
       /* The deadline passed before the timer could fire (the loop was busy):
        * a timeout all the same, whatever the status says. */
       q->stats.timed_out++;
@@ -353,14 +413,16 @@ int keel_job_done(keel_job *run, int status) {
 
 static void on_timeout_timer(uv_timer_t *timer) {
   keel_queue *q = timer->data;
-  uint64_t now = uv_now(q->loop);
+  uint64_t now = qnow(q);
   while (!q->closing && q->timeout_count > 0 && q->timeouts[0]->deadline_ms <= now) {
     keel_job *run = q->timeouts[0];
     timeout_remove(q, run);
     run->state = RUN_TIMED_OUT; /* the late keel_job_done() frees it */
     q->timed_out_outstanding++;
     q->stats.timed_out++;
-    keel__histogram_record(&q->run_hist, uv_hrtime() - run->started_ns);
+    uint64_t now_ns = uv_hrtime();
+    keel__histogram_record(&q->run_hist, now_ns - run->started_ns);
+    if (q->adaptive != NULL) adaptive_release(q, run, now_ns, KEEL_ADAPTIVE_DROPPED);
     attempt_ended(q, run, UV_ETIMEDOUT);
   }
   arm_timeout_timer(q);
@@ -400,6 +462,10 @@ static uint64_t start_run(keel_queue *q, uint32_t index) {
     attempt_failed(q, NULL, index, UV_ENOMEM);
     return now_ns;
   }
+  if (q->adaptive != NULL) {
+    keel_adaptive_try_acquire(q->adaptive); /* below_limit() said there is room */
+    if (q->opts.clock.now != NULL) run->started_ms = qnow(q);
+  }
   run->state = RUN_ACTIVE;
   run->slot = index;
   run->id = keel__job_id(index, slot->generation);
@@ -412,7 +478,7 @@ static uint64_t start_run(keel_queue *q, uint32_t index) {
   q->running++;
   uint64_t timeout_ms = timeout_of(q, index);
   if (timeout_ms != 0) {
-    run->deadline_ms = uv_now(q->loop) + timeout_ms;
+    run->deadline_ms = qnow(q) + timeout_ms;
     run->deadline_ns = timeout_ms >= (UINT64_MAX - now_ns) / 1000000u
                            ? UINT64_MAX
                            : now_ns + timeout_ms * 1000000u;
@@ -434,7 +500,7 @@ static void dispatch(keel_queue *q) {
   uint32_t budget = q->opts.slice_jobs;
   uint64_t end_ns = 0;
   bool first = true;
-  while (!q->paused && !q->closing && q->running < q->opts.concurrency && budget > 0) {
+  while (!q->paused && !q->closing && below_limit(q) && budget > 0) {
     uint32_t index = keel__sched_pop(&q->sched);
     if (index == KEEL__NIL) break;
     budget--;
@@ -466,14 +532,57 @@ static void deliver_notes(keel_queue *q) {
 }
 
 static bool startable(const keel_queue *q) {
-  return !q->paused && !q->closing && q->sched.pending != 0 && q->running < q->opts.concurrency;
+  return !q->paused && !q->closing && q->sched.pending != 0 && below_limit(q);
+}
+
+static bool condition_holds(const keel_queue *q, const when_wait *w) {
+  switch (w->condition) {
+    case KEEL_QUEUE_EMPTY:
+      return q->sched.pending == 0;
+    case KEEL_QUEUE_IDLE:
+      return q->sched.pending == 0 && q->sched.heap_count == 0 && q->running == 0 &&
+             q->note_count == 0;
+    case KEEL_QUEUE_SIZE_BELOW:
+      return q->sched.pending < w->n;
+    case KEEL_QUEUE_NONE_RUNNING:
+      return q->running == 0 && q->timed_out_outstanding == 0;
+  }
+  return false;
+}
+
+/* Calls the waits whose condition holds, in registration order. A callback
+ * may add waits (appended, checked on a later pass) or close the queue. */
+static void check_whens(keel_queue *q) {
+  size_t i = 0;
+  while (i < q->when_count && !q->closing) {
+    if (!condition_holds(q, &q->whens[i])) {
+      i++;
+      continue;
+    }
+    when_wait w = q->whens[i];
+    memmove(&q->whens[i], &q->whens[i + 1], (q->when_count - i - 1) * sizeof *q->whens);
+    q->when_count--;
+    w.cb(q, 0, w.data);
+  }
+}
+
+static void check_empty(keel_queue *q) {
+  if (q->sched.pending != 0) {
+    q->empty_reported = false;
+    return;
+  }
+  if (q->empty_reported || q->closing) return;
+  q->empty_reported = true;
+  if (q->opts.on_empty != NULL) q->opts.on_empty(q, q->opts.data);
 }
 
 static void on_idle(uv_idle_t *idle) {
   keel_queue *q = idle->data;
   if (q->note_count != 0 && !q->closing) deliver_notes(q);
   dispatch(q);
+  if (!q->closing) check_empty(q);
   check_drain(q);
+  if (q->when_count != 0) check_whens(q);
   publish_held(q);
   if (q->closing) return; /* close owns the handle now */
   if (!startable(q) && q->note_count == 0) uv_idle_stop(&q->idle);
@@ -493,14 +602,14 @@ static void arm_retry_timer(keel_queue *q) {
     uv_timer_stop(&q->retry_timer);
     return;
   }
-  uint64_t now = uv_now(q->loop);
+  uint64_t now = qnow(q);
   uint64_t due = keel__slot(&q->sched, index)->at.due_ms;
   uv_timer_start(&q->retry_timer, on_retry_timer, due > now ? due - now : 0, 0);
 }
 
 static void on_retry_timer(uv_timer_t *timer) {
   keel_queue *q = timer->data;
-  uint64_t now = uv_now(q->loop);
+  uint64_t now = qnow(q);
   uint64_t now_ns = uv_hrtime();
   while (!q->closing) {
     uint32_t index = keel__sched_next_due(&q->sched);
@@ -556,6 +665,9 @@ static int queue_create(uv_loop_t *loop, keel_queue_process_fn process, const ke
     problem = "max_retries must be below 4294967295 (attempts are counted in 32 bits)";
   else if (keel_backoff_validate(&opts->retry_backoff, &backoff_problem) != 0)
     problem = backoff_problem;
+  else if (opts->adaptive != NULL &&
+           keel_adaptive_validate_opts(opts->adaptive, &backoff_problem) != 0)
+    problem = backoff_problem;
   *why = problem;
   if (problem != NULL) return UV_EINVAL;
 
@@ -572,13 +684,23 @@ static int queue_create(uv_loop_t *loop, keel_queue_process_fn process, const ke
   keel_rng_seed(&q->rng, opts->seed != 0 ? opts->seed : uv_hrtime());
   atomic_init(&q->ts_inside, 0);
   atomic_init(&q->ts_held, 0);
+  q->opts.adaptive = NULL; /* not kept: the limiter has its own copy */
+  if (opts->adaptive != NULL) {
+    int arc = keel_adaptive_new(opts->adaptive, &q->adaptive);
+    if (arc != 0) {
+      keel__free(q);
+      return (*why = "out of memory", arc);
+    }
+  }
   if (uv_mutex_init(&q->ts_mutex) != 0) {
+    keel_adaptive_free(q->adaptive);
     keel__free(q);
     return (*why = "cannot create a mutex", UV_ENOMEM);
   }
   int rc = uv_async_init(loop, &q->async, on_async);
   if (rc != 0) {
     uv_mutex_destroy(&q->ts_mutex);
+    keel_adaptive_free(q->adaptive);
     keel__free(q);
     return (*why = "cannot create the uv_async_t for thread-safe pushes", rc);
   }
@@ -593,6 +715,7 @@ static int queue_create(uv_loop_t *loop, keel_queue_process_fn process, const ke
   q->rate_mark_ms = uv_now(loop);
   q->stats.concurrency = opts->concurrency;
   q->drained_reported = true; /* an empty new queue has nothing to report */
+  q->empty_reported = true;
   *out = q;
   return 0;
 }
@@ -631,6 +754,7 @@ static int push_slot(keel_queue *q, void *payload, int priority, keel__job_overr
   }
   q->stats.pushed++;
   q->drained_reported = false;
+  q->empty_reported = false;
   publish_held(q);
   if (id_out != NULL) *id_out = keel__job_id(index, slot->generation);
   kick(q);
@@ -783,6 +907,125 @@ int keel_queue_cancel(keel_queue *q, uint64_t id) {
   return 0;
 }
 
+/* Room for `more` cancel notes, all or nothing. */
+static int reserve_notes(keel_queue *q, size_t more) {
+  if (q->note_cap - q->note_count >= more) return 0;
+  size_t cap = q->note_cap ? q->note_cap : 16;
+  while (cap - q->note_count < more) {
+    if (cap > SIZE_MAX / 2 / sizeof(cancel_note)) return UV_ENOMEM;
+    cap *= 2;
+  }
+  cancel_note *notes = keel__realloc(q->notes, cap * sizeof *notes);
+  if (notes == NULL) return UV_ENOMEM;
+  q->notes = notes;
+  q->note_cap = cap;
+  return 0;
+}
+
+int keel_queue_clear(keel_queue *q, uint64_t *count_out) {
+  if (q == NULL) return UV_EINVAL;
+  if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
+  uint64_t total = q->sched.pending + q->sched.heap_count;
+  if (total > SIZE_MAX || reserve_notes(q, (size_t)total) != 0)
+    return keel__fail(q->last_error, UV_ENOMEM, "out of memory clearing the queue");
+  uint32_t index;
+  while ((index = keel__sched_pop(&q->sched)) != KEEL__NIL) {
+    keel__job_slot *slot = keel__slot(&q->sched, index);
+    q->notes[q->note_count].payload = slot->payload;
+    q->notes[q->note_count].attempts = slot->attempts;
+    q->note_count++;
+    keel__sched_release(&q->sched, index);
+  }
+  while ((index = keel__sched_next_due(&q->sched)) != KEEL__NIL) {
+    keel__sched_unwait(&q->sched, index);
+    keel__job_slot *slot = keel__slot(&q->sched, index);
+    q->notes[q->note_count].payload = slot->payload;
+    q->notes[q->note_count].attempts = slot->attempts;
+    q->note_count++;
+    keel__sched_release(&q->sched, index);
+  }
+  uv_timer_stop(&q->retry_timer);
+  q->stats.cancelled += total;
+  publish_held(q);
+  if (count_out != NULL) *count_out = total;
+  kick(q); /* on_error and release run on the next iteration */
+  return 0;
+}
+
+int keel_queue_set_priority(keel_queue *q, uint64_t id, int priority) {
+  if (q == NULL) return UV_EINVAL;
+  if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
+  uint32_t index = keel__sched_lookup(&q->sched, id);
+  if (index == KEEL__NIL) return KEEL_ENOTFOUND;
+  keel__job_slot *slot = keel__slot(&q->sched, index);
+  if (slot->state == KEEL__JOB_WAITING) {
+    slot->priority = priority;
+    return 0;
+  }
+  if (slot->state != KEEL__JOB_PENDING) return KEEL_ENOTFOUND;
+  if (keel__sched_reprioritize(&q->sched, index, priority) != 0)
+    return keel__fail(q->last_error, UV_ENOMEM, "out of memory changing a priority");
+  return 0;
+}
+
+uint64_t keel_queue_count_priority(const keel_queue *q, int priority) {
+  return q == NULL ? 0 : keel__sched_count_priority(&q->sched, priority);
+}
+
+size_t keel_queue_priority_counts(const keel_queue *q, keel_queue_priority_count *out, size_t cap) {
+  if (q == NULL) return 0;
+  const keel__sched *s = &q->sched;
+  for (size_t i = 0; i < cap && i < s->level_count; i++) {
+    const keel__level *level = &s->levels[s->level_count - 1 - i]; /* highest first */
+    out[i].priority = level->priority;
+    out[i].pending = level->count - level->cancelled;
+  }
+  return s->level_count;
+}
+
+int keel_queue_when(keel_queue *q, keel_queue_condition condition, uint64_t n,
+                    keel_queue_when_cb cb, void *data) {
+  if (q == NULL) return UV_EINVAL;
+  if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
+  if (cb == NULL) return keel__fail(q->last_error, UV_EINVAL, "a callback is required");
+  if (condition != KEEL_QUEUE_EMPTY && condition != KEEL_QUEUE_IDLE &&
+      condition != KEEL_QUEUE_SIZE_BELOW && condition != KEEL_QUEUE_NONE_RUNNING)
+    return keel__fail(q->last_error, UV_EINVAL, "unknown condition %d", (int)condition);
+  if (q->when_count >= KEEL_QUEUE_MAX_WHEN)
+    return keel__fail(q->last_error, KEEL_EFULL, "%u waits already registered",
+                      KEEL_QUEUE_MAX_WHEN);
+  if (q->when_count == q->when_cap) {
+    size_t cap = q->when_cap ? q->when_cap * 2 : 4;
+    when_wait *whens = keel__realloc(q->whens, cap * sizeof *whens);
+    if (whens == NULL) return keel__fail(q->last_error, UV_ENOMEM, "out of memory");
+    q->whens = whens;
+    q->when_cap = cap;
+  }
+  q->whens[q->when_count++] = (when_wait){condition, n, cb, data};
+  /* Checked from the idle handle: on a later iteration, never inside. */
+  kick(q);
+  return 0;
+}
+
+int keel_queue_pause_wait(keel_queue *q, keel_queue_when_cb cb, void *data) {
+  int rc = keel_queue_when(q, KEEL_QUEUE_NONE_RUNNING, 0, cb, data);
+  if (rc != 0) return rc;
+  q->paused = true;
+  return 0;
+}
+
+uint64_t keel_queue_retry_delay_ms(const keel_queue *q) {
+  return q == NULL ? 0 : q->error_retry_delay_ms;
+}
+
+int keel_queue_tick(keel_queue *q) {
+  if (q == NULL) return UV_EINVAL;
+  if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
+  arm_retry_timer(q);
+  arm_timeout_timer(q);
+  return 0;
+}
+
 int keel_queue_pause(keel_queue *q) {
   if (q == NULL) return UV_EINVAL;
   if (q->closing) return keel__fail(q->last_error, KEEL_ECLOSING, "queue is closing");
@@ -822,6 +1065,9 @@ void keel_queue_get_stats(const keel_queue *q, keel_queue_stats *out) {
   out->running = q->running;
   out->paused = q->paused;
   out->concurrency = q->opts.concurrency;
+  out->limit = q->opts.concurrency;
+  if (q->adaptive != NULL && keel_adaptive_limit(q->adaptive) < out->limit)
+    out->limit = keel_adaptive_limit(q->adaptive);
   latency_of(&q->wait_hist, &out->wait);
   latency_of(&q->run_hist, &out->run);
   memset(out->reserved_, 0, sizeof out->reserved_);
@@ -859,6 +1105,8 @@ static void free_queue(keel_queue *q) {
   keel__sched_free(&q->sched);
   keel__free(q->timeouts);
   keel__free(q->notes);
+  keel__free(q->whens);
+  keel_adaptive_free(q->adaptive);
   keel__free(q->ts_items);
   uv_mutex_destroy(&q->ts_mutex);
   keel__free(q);
@@ -875,6 +1123,10 @@ static void maybe_close_idle(keel_queue *q) {
 static void drop_queued(keel_queue *q) {
   q->drop_done = true;
   deliver_notes(q);
+  /* Waits that never came true: UV_ECANCELED, before the close callback. A
+   * callback cannot add waits any more (KEEL_ECLOSING). */
+  for (size_t i = 0; i < q->when_count; i++) q->whens[i].cb(q, UV_ECANCELED, q->whens[i].data);
+  q->when_count = 0;
   threadsafe_push *items;
   size_t count, cap;
   take_threadsafe_batch(q, &items, &count, &cap);

@@ -199,7 +199,7 @@ int keel__sched_enqueue(keel__sched *s, uint32_t index) {
     if (spare.mask == 0 && ring_grow(&spare) != 0) return UV_ENOMEM;
     memmove(&s->levels[at + 1], &s->levels[at], (s->level_count - at) * sizeof *s->levels);
     spare.priority = slot->priority;
-    spare.head = spare.count = 0;
+    spare.head = spare.count = spare.cancelled = 0;
     s->levels[at] = spare;
     s->level_count++;
   }
@@ -236,6 +236,7 @@ uint32_t keel__sched_pop(keel__sched *s) {
     keel__job_slot *slot = keel__slot(s, index);
     if (slot->state == KEEL__JOB_CANCELLED) {
       s->cancelled--;
+      if (level->cancelled > 0) level->cancelled--;
       keel__sched_release(s, index);
       continue;
     }
@@ -251,6 +252,50 @@ void keel__sched_cancel_pending(keel__sched *s, uint32_t index) {
   slot->payload = NULL;
   s->pending--;
   s->cancelled++;
+  bool found;
+  uint32_t at = level_search(s, slot->priority, &found);
+  if (found) s->levels[at].cancelled++;
+}
+
+/* Removes one entry from a level's ring (order of the others kept); drops
+ * the level when it empties, keeping its ring as a spare. */
+static void level_remove(keel__sched *s, uint32_t at, uint32_t index) {
+  keel__level *level = &s->levels[at];
+  uint32_t i = 0;
+  while (i < level->count && level->ring[(level->head + i) & level->mask] != index) i++;
+  if (i == level->count) return;
+  for (; i + 1 < level->count; i++)
+    level->ring[(level->head + i) & level->mask] = level->ring[(level->head + i + 1) & level->mask];
+  if (--level->count == 0) {
+    keel__level empty = *level;
+    memmove(&s->levels[at], &s->levels[at + 1], (s->level_count - at - 1) * sizeof *s->levels);
+    s->level_count--;
+    s->levels[s->level_count] = empty;
+  }
+}
+
+int keel__sched_reprioritize(keel__sched *s, uint32_t index, int32_t priority) {
+  keel__job_slot *slot = keel__slot(s, index);
+  int32_t old = slot->priority;
+  if (old == priority) return 0;
+  /* Join the new level first (the only step that can fail), then leave the
+   * old one. */
+  slot->priority = priority;
+  if (keel__sched_enqueue(s, index) != 0) {
+    slot->priority = old;
+    return UV_ENOMEM;
+  }
+  s->pending--; /* counted once, not twice */
+  bool found;
+  uint32_t at = level_search(s, old, &found);
+  if (found) level_remove(s, at, index);
+  return 0;
+}
+
+uint64_t keel__sched_count_priority(const keel__sched *s, int32_t priority) {
+  bool found;
+  uint32_t at = level_search(s, priority, &found);
+  return found ? s->levels[at].count - s->levels[at].cancelled : 0;
 }
 
 /* ---- retry heap ------------------------------------------------------- */

@@ -58,6 +58,7 @@ typedef struct keel__job_slot {
 typedef struct keel__level {
   int32_t priority;
   uint32_t head, count, mask; /* ring capacity mask + 1, a power of two; 0 when none */
+  uint32_t cancelled;         /* cancelled slots among count (still linked) */
   uint32_t *ring;
 } keel__level;
 
@@ -115,6 +116,11 @@ int keel__sched_enqueue(keel__sched *s, uint32_t index);
 uint32_t keel__sched_pop(keel__sched *s);
 /* Marks a pending slot cancelled (it is freed when pop meets it). */
 void keel__sched_cancel_pending(keel__sched *s, uint32_t index);
+/* Moves a pending slot to the FIFO of `priority` (at its end). 0, or
+ * UV_ENOMEM (nothing changed). */
+int keel__sched_reprioritize(keel__sched *s, uint32_t index, int32_t priority);
+/* Live pending jobs of one priority. */
+uint64_t keel__sched_count_priority(const keel__sched *s, int32_t priority);
 /* Retry heap. keel__sched_wait cannot fail (room was reserved with the slot). */
 void keel__sched_wait(keel__sched *s, uint32_t index, uint64_t due_ms);
 void keel__sched_unwait(keel__sched *s, uint32_t index);

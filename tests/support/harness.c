@@ -7,6 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "keel/common.h"
@@ -304,4 +307,74 @@ bool kt_wait_for(uv_loop_t *loop, kt_cond_fn cond, void *ctx, uint64_t timeout_m
   uv_close((uv_handle_t *)&guard, NULL);
   uv_run(loop, UV_RUN_NOWAIT);
   return cond(ctx);
+}
+
+/* ---- a private PostgreSQL server ------------------------------------------- */
+
+static int free_port(void) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  cr_assert_eq(bind(fd, (struct sockaddr *)&addr, sizeof addr), 0);
+  socklen_t len = sizeof addr;
+  getsockname(fd, (struct sockaddr *)&addr, &len);
+  close(fd);
+  return ntohs(addr.sin_port);
+}
+
+static const char *as_pg(void) {
+  return getuid() == 0 ? "runuser -u postgres -- " : "";
+}
+
+void kt_private_pg_init(kt_private_pg *p, const char *settings) {
+  memset(p, 0, sizeof *p);
+  snprintf(p->settings, sizeof p->settings, "%s", settings != NULL ? settings : "");
+  snprintf(p->dir, sizeof p->dir, "/tmp/keel-pg-XXXXXX");
+  cr_assert_not_null(mkdtemp(p->dir));
+  FILE *f = popen("ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1", "r");
+  cr_assert_not_null(f);
+  cr_assert_not_null(fgets(p->bindir, sizeof p->bindir, f));
+  pclose(f);
+  p->bindir[strcspn(p->bindir, "\n")] = '\0';
+  char cmd[1024];
+  if (getuid() == 0) {
+    snprintf(cmd, sizeof cmd,
+             "chmod 755 %s && mkdir %s/data && chown -R postgres:postgres %s && "
+             "runuser -u postgres -- %s/initdb -D %s/data -U postgres -A trust -E UTF8 "
+             "--no-locale >/dev/null 2>&1",
+             p->dir, p->dir, p->dir, p->bindir, p->dir);
+  } else {
+    snprintf(cmd, sizeof cmd,
+             "mkdir %s/data && %s/initdb -D %s/data -U postgres -A trust -E UTF8 --no-locale "
+             ">/dev/null 2>&1",
+             p->dir, p->bindir, p->dir);
+  }
+  cr_assert_eq(system(cmd), 0, "initdb failed");
+  p->port = free_port();
+  snprintf(p->conninfo, sizeof p->conninfo, "host=127.0.0.1 port=%d user=postgres dbname=postgres",
+           p->port);
+}
+
+void kt_private_pg_ctl(kt_private_pg *p, const char *verb, const char *mode) {
+  char cmd[1536];
+  snprintf(cmd, sizeof cmd,
+           "%s%s/pg_ctl -D %s/data -l %s/data/server.log -w -t 60 -m %s -o \"-p %d -k %s "
+           "-c listen_addresses=127.0.0.1 -c fsync=off %s\" %s >/dev/null 2>&1",
+           as_pg(), p->bindir, p->dir, p->dir, mode, p->port, p->dir, p->settings, verb);
+  cr_assert_eq(system(cmd), 0, "pg_ctl %s failed", verb);
+}
+
+void kt_private_pg_exec(kt_private_pg *p, const char *sql) {
+  char cmd[1024];
+  snprintf(cmd, sizeof cmd, "psql -X -q -v ON_ERROR_STOP=1 \"%s\" >/dev/null", p->conninfo);
+  FILE *f = popen(cmd, "w");
+  cr_assert_not_null(f);
+  fputs(sql, f);
+  cr_assert_eq(pclose(f), 0, "psql: %.200s", sql);
+}
+
+void kt_private_pg_destroy(kt_private_pg *p) {
+  char cmd[512];
+  snprintf(cmd, sizeof cmd, "%s%s/pg_ctl -D %s/data -m immediate stop >/dev/null 2>&1; rm -rf %s",
+           as_pg(), p->bindir, p->dir, p->dir);
+  if (system(cmd) != 0) fprintf(stderr, "cleanup of %s failed\n", p->dir);
 }

@@ -102,4 +102,24 @@ bool kt_failmalloc_sticky(void);
 /* Allocation attempts counted by the last kt_failmalloc_run's first run. */
 uint64_t kt_failmalloc_count(void);
 
+/* A private PostgreSQL server for tests that restart or stop one (the
+ * shared server serves tests running in parallel): initdb into a temporary
+ * directory (as the postgres user when root), on a free loopback port.
+ * `settings` are extra server options ("-c fsync=off ..."), may be NULL. */
+typedef struct kt_private_pg {
+  char dir[64];
+  char bindir[128];
+  char conninfo[128];
+  char settings[256];
+  int port;
+} kt_private_pg;
+void kt_private_pg_init(kt_private_pg *p, const char *settings);
+/* pg_ctl verb ("start", "stop", "restart") with shutdown mode ("fast",
+ * "immediate"); fails the test when pg_ctl fails. */
+void kt_private_pg_ctl(kt_private_pg *p, const char *verb, const char *mode);
+/* Runs SQL through psql on the private server; fails the test on error. */
+void kt_private_pg_exec(kt_private_pg *p, const char *sql);
+/* Stops the server (immediate) and removes its directory. */
+void kt_private_pg_destroy(kt_private_pg *p);
+
 #endif

@@ -94,6 +94,15 @@ static const char *gen_timestamptz(unsigned *seed, char *buf, size_t cap) {
   return buf;
 }
 
+static const char *gen_interval(unsigned *seed, char *buf, size_t cap) {
+  /* two different units: PostgreSQL refuses a unit given twice */
+  static const char *units[] = {"days", "hours", "mons", "minutes", "seconds", "years"};
+  unsigned r = next(seed), first = (r >> 6) % 6, second = (first + 1 + (r >> 15) % 5) % 6;
+  snprintf(buf, cap, "%d %s %d %s", (int)(r % 61) - 30, units[first], (int)((r >> 9) % 49) - 24,
+           units[second]);
+  return buf;
+}
+
 static const type_case cases[] = {
     {"integer", "", 23, "0|1|-1|2147483647|-2147483648|10|9| 3 |007", gen_int},
     {"bigint", "", 20,
@@ -122,6 +131,10 @@ static const type_case cases[] = {
      "2020-01-01 00:00:00+00|2020-01-01 05:30:00+05:30|2019-12-31 16:00:00-08|infinity|"
      "-infinity|2020-01-01 10:00:00.5+00",
      gen_timestamptz},
+    {"interval", "", 1186,
+     "1 day|24 hours|1 mon|30 days|1 year|360 days|-1 day 2 hours|-22 hours|0|1.5 seconds|"
+     "P1DT0.5S|-0.000001 seconds|86400.5 seconds|2 days -23:59:59.5",
+     gen_interval},
 };
 
 static const char *ops[] = {"eq", "neq", "lt", "lte", "gt", "gte", "isdistinct", "not.eq", "in"};

@@ -153,7 +153,7 @@ Test(listen_gaps, every_committed_change_is_delivered_or_inside_a_gap, .timeout 
     p = comma ? comma + 1 : NULL;
   }
   free(rows);
-  cr_assert_gt(committed, 1000);
+  cr_assert_gt(committed, 200, "the writer ran (%d rows)", committed); /* 1 per ms unloaded */
   cr_log_info("committed %d, missed %d (inside the windows), gaps %d", committed, missed, d.gaps);
   keel_listener_close(d.l, NULL, NULL);
   kt_loop_finish(&d.loop);

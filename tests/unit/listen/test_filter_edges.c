@@ -103,7 +103,8 @@ Test(filter_edges, comparison_class_of_every_type) {
                {701, KEEL__CMP_FLOAT8}, {16, KEEL__CMP_BOOL},        {25, KEEL__CMP_TEXT},
                {1043, KEEL__CMP_TEXT},  {19, KEEL__CMP_TEXT},        {1042, KEEL__CMP_BPCHAR},
                {1082, KEEL__CMP_DATE},  {1114, KEEL__CMP_TIMESTAMP}, {1184, KEEL__CMP_TIMESTAMPTZ},
-               {2950, KEEL__CMP_UUID},  {3802, KEEL__CMP_CANONICAL}, {0, KEEL__CMP_CANONICAL}};
+               {2950, KEEL__CMP_UUID},  {1186, KEEL__CMP_INTERVAL},  {3802, KEEL__CMP_CANONICAL},
+               {0, KEEL__CMP_CANONICAL}};
   for (size_t i = 0; i < sizeof types / sizeof types[0]; i++)
     cr_assert_eq(keel__filter_cmp_of(types[i].oid), types[i].cmp, "oid %u", types[i].oid);
   cr_assert_not(keel__filter_op_supported(KEEL__F_LT, KEEL__CMP_CANONICAL), "no order known");
@@ -134,4 +135,37 @@ Test(filter_edges, is_operators_in_sql) {
                  "cap %d", cap);
   cr_assert_eq(keel__filter_to_sql(&f, "NEW", sql, (size_t)n + 1), n);
   keel__filter_free(&f);
+}
+
+/* Issue 12: intervals compare as PostgreSQL compares them ('1 day' =
+ * '24:00:00', a month is 30 days), whichever IntervalStyle the writer's
+ * session printed them in (postgres, postgres_verbose, iso_8601). */
+Test(filter_edges, intervals_by_value_in_every_output_style) {
+  const keel__cmp iv = KEEL__CMP_INTERVAL;
+  static const char *one_day_and_a_half_second[] = {
+      "1 day 00:00:00.5", "24:00:00.5", "@ 1 day 0.5 secs", "@ 24 hours 0.5 secs",
+      "P1DT0.5S",         "PT24H0.5S",  "PT86400.5S",       "2 days -23:59:59.5"};
+  for (size_t i = 0; i < sizeof one_day_and_a_half_second / sizeof one_day_and_a_half_second[0];
+       i++) {
+    const char *v = one_day_and_a_half_second[i];
+    cr_assert(match_typed("c=eq.1 day 00:00:00.5", iv, v), "%s", v);
+    cr_assert(match_typed("c=gt.1 day", iv, v), "%s", v);
+    cr_assert(match_typed("c=lt.1 day 00:00:01", iv, v), "%s", v);
+    cr_assert_not(match_typed("c=neq.24:00:00.5", iv, v), "%s", v);
+  }
+  cr_assert(match_typed("c=eq.30 days", iv, "1 mon"));
+  cr_assert(match_typed("c=eq.1 year", iv, "360 days"));
+  cr_assert(match_typed("c=eq.1 year", iv, "P1Y"));
+  cr_assert(match_typed("c=eq.-1 days +02:00:00", iv, "-22:00:00"));
+  cr_assert(match_typed("c=eq.-1 days +02:00:00", iv, "@ 22 hours ago"));
+  cr_assert(match_typed("c=eq.-1 days +02:00:00", iv, "P-1DT2H"));
+  cr_assert(match_typed("c=eq.00:00:00", iv, "@ 0"));
+  cr_assert(match_typed("c=eq.00:00:00", iv, "PT0S"));
+  cr_assert(match_typed("c=lt.00:00:00", iv, "-00:00:00.000001"));
+  cr_assert(match_typed("c=gt.-1 mons", iv, "-29 days"));
+  cr_assert(match_typed("c=in.(1 day,2 days)", iv, "48:00:00"));
+  cr_assert_not(match_typed("c=eq.1 day", iv, "1 day 00:00:00.000001"));
+  /* sql_standard output is not read: it compares as text */
+  cr_assert(match_typed("c=eq.1 2:00:00", iv, "1 2:00:00"));
+  cr_assert_not(match_typed("c=eq.1 day 02:00:00", iv, "1 2:00:00"));
 }
