@@ -48,5 +48,6 @@
 #include "keel/ratelimit.h"
 #include "keel/policy.h"
 #include "keel/pgqueue.h"
+#include "keel/serve.h"
 
 #endif /* KEEL_H */

@@ -6,7 +6,8 @@ set -euo pipefail
 
 KEEL_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KEEL_PACKAGES=(meson ninja-build pkg-config gcc libuv1-dev libpq-dev libhiredis-dev
-  libwebsockets-dev libjansson-dev libcriterion-dev postgresql redis-server pgbouncer)
+  libwebsockets-dev libwebsockets-evlib-uv libjansson-dev libcriterion-dev postgresql redis-server
+  pgbouncer prometheus chromium)
 
 log() { printf '[keel] %s\n' "$*" >&2; }
 

@@ -409,6 +409,17 @@ KEEL_EXTERN const char *keel_breaker_last_error(const keel_breaker *b);
  */
 KEEL_EXTERN void keel_breaker_close(keel_breaker *b, keel_close_cb cb, void *data);
 
+struct keel_serve;
+
+/*
+ * Shows b on the keel_serve server s under name (keel/serve.h), as kind
+ * "breaker". The registration is dropped from s when b's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or b closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_breaker_serve(struct keel_serve *s, keel_breaker *b, const char *name);
+
 #ifdef __cplusplus
 }
 #endif

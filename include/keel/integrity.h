@@ -568,6 +568,17 @@ KEEL_EXTERN const char *keel_integrity_last_sqlstate(const keel_integrity *ig);
  */
 KEEL_EXTERN void keel_integrity_close(keel_integrity *ig, keel_close_cb cb, void *data);
 
+struct keel_serve;
+
+/*
+ * Shows ig on the keel_serve server s under name (keel/serve.h), as kind
+ * "integrity". The registration is dropped from s when ig's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or ig closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_integrity_serve(struct keel_serve *s, keel_integrity *ig, const char *name);
+
 #ifdef __cplusplus
 }
 #endif

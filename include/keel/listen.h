@@ -319,6 +319,17 @@ KEEL_EXTERN const char *keel_listener_last_error(const keel_listener *l);
  */
 KEEL_EXTERN void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data);
 
+struct keel_serve;
+
+/*
+ * Shows l on the keel_serve server s under name (keel/serve.h), as kind
+ * "listener". The registration is dropped from s when l's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or l closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_listener_serve(struct keel_serve *s, keel_listener *l, const char *name);
+
 /*
  * Checks a channel name the way every listener and installer function does:
  * 1..63 bytes (PostgreSQL's NAMEDATALEN - 1), valid UTF-8, a letter, '_' or

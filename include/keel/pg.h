@@ -554,6 +554,26 @@ KEEL_EXTERN const char *keel_pg_pool_last_error(const keel_pg_pool *pool);
  */
 KEEL_EXTERN void keel_pg_pool_close(keel_pg_pool *pool, keel_close_cb cb, void *data);
 
+struct keel_serve;
+
+/*
+ * Shows c on the keel_serve server s under name (keel/serve.h), as kind
+ * "pg". The registration is dropped from s when c's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or c closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_pg_serve(struct keel_serve *s, keel_pg *c, const char *name);
+
+/*
+ * Shows pool on the keel_serve server s under name (keel/serve.h), as kind
+ * "pg_pool". The registration is dropped from s when pool's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or pool closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_pg_pool_serve(struct keel_serve *s, keel_pg_pool *pool, const char *name);
+
 /* ---- identifiers ------------------------------------------------------ */
 
 /*

@@ -449,6 +449,17 @@ KEEL_EXTERN const char *keel_queue_last_error(const keel_queue *q);
  */
 KEEL_EXTERN void keel_queue_close(keel_queue *q, keel_close_cb cb, void *data);
 
+struct keel_serve;
+
+/*
+ * Shows q on the keel_serve server s under name (keel/serve.h), as kind
+ * "queue". The registration is dropped from s when q's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or q closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_queue_serve(struct keel_serve *s, keel_queue *q, const char *name);
+
 #ifdef __cplusplus
 }
 #endif

@@ -417,6 +417,17 @@ KEEL_EXTERN int keel_retry_last_status(const keel_retry *r);
  */
 KEEL_EXTERN void keel_retry_close(keel_retry *r, keel_close_cb close_cb, void *data);
 
+struct keel_serve;
+
+/*
+ * Shows r on the keel_serve server s under name (keel/serve.h), as kind
+ * "retry". The registration is dropped from s when r's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or r closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_retry_serve(struct keel_serve *s, keel_retry *r, const char *name);
+
 #ifdef __cplusplus
 }
 #endif

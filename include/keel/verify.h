@@ -435,6 +435,17 @@ KEEL_EXTERN const char *keel_verify_last_error(const keel_verify *v);
  */
 KEEL_EXTERN void keel_verify_close(keel_verify *v, keel_close_cb cb, void *data);
 
+struct keel_serve;
+
+/*
+ * Shows v on the keel_serve server s under name (keel/serve.h), as kind
+ * "verifier". The registration is dropped from s when v's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or v closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_verify_serve(struct keel_serve *s, keel_verify *v, const char *name);
+
 #ifdef __cplusplus
 }
 #endif

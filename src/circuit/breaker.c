@@ -546,6 +546,7 @@ void keel__breaker_close_done_handles(keel_breaker *b) {
  * breaker's callbacks. */
 void keel_breaker_close(keel_breaker *b, keel_close_cb cb, void *data) {
   if (b == NULL || b->closing) return;
+  keel__stats_hooks_detach(&b->stats_hooks);
   b->closing = true;
   b->close_cb = cb;
   b->close_data = data;

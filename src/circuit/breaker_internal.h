@@ -30,6 +30,7 @@ struct keel_breaker_call {
 };
 
 struct keel_breaker {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   keel_breaker_opts opts;
   keel_breaker_state state;

@@ -38,3 +38,24 @@ double keel__histogram_quantile(const keel__histogram *h, double quantile) {
   }
   return (double)h->max_ns;
 }
+
+#include "keel/serve.h"
+
+static const double prom_bounds[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                     0.05,   0.1,     0.25,   0.5,   1,      2.5,   5,    10};
+#define PROM_N (sizeof prom_bounds / sizeof prom_bounds[0])
+
+void keel__histogram_write(struct keel_stats_writer *w, const char *metric, const char *help,
+                           const keel__histogram *h) {
+  uint64_t counts[PROM_N] = {0};
+  unsigned b = 0;
+  for (unsigned i = 0; i < KEEL__HIST_BUCKETS; i++) {
+    if (h->buckets[i] == 0) continue;
+    double upper_s = bucket_upper(i) / 1e9;
+    while (b < PROM_N && prom_bounds[b] < upper_s) b++;
+    if (b == PROM_N) break; /* above the last bound: only in count */
+    counts[b] += h->buckets[i];
+  }
+  keel_stats_histogram(w, metric, help, PROM_N, prom_bounds, counts, (double)h->sum_ns / 1e9,
+                       h->count);
+}

@@ -20,4 +20,11 @@ void keel__histogram_record(keel__histogram *h, uint64_t value_ns);
  * of the bucket, clamped to the maximum seen. 0 when empty. */
 double keel__histogram_quantile(const keel__histogram *h, double quantile);
 
+/* Reports h (nanoseconds) to a keel_serve writer as a histogram in seconds
+ * over fixed bounds from 100 us to 10 s (each log bucket goes to the first
+ * bound at or above its upper edge). */
+struct keel_stats_writer;
+void keel__histogram_write(struct keel_stats_writer *w, const char *metric, const char *help,
+                           const keel__histogram *h);
+
 #endif

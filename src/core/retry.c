@@ -17,10 +17,12 @@
 #include <stdbool.h>
 
 #include "core/alloc.h"
+#include "core/retry_stats.h"
 #include "core/util.h"
 #include "keel/retry.h"
 
 struct keel_retry {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   uv_timer_t timer;
   keel_retry_opts opts;
@@ -395,6 +397,7 @@ int keel_retry_last_status(const keel_retry *r) {
 
 void keel_retry_close(keel_retry *r, keel_close_cb close_cb, void *data) {
   if (r == NULL || r->closing) return;
+  keel__stats_hooks_detach(&r->stats_hooks);
   r->closing = true;
   r->close_cb = close_cb;
   r->close_data = data;
@@ -409,4 +412,16 @@ void keel_retry_close(keel_retry *r, keel_close_cb close_cb, void *data) {
     return;
   }
   if (!r->in_flight) close_timer(r);
+}
+
+keel__stats_hooks *keel__retry_stats_hooks(keel_retry *r) {
+  return &r->stats_hooks;
+}
+
+void keel__retry_peek(const keel_retry *r, unsigned *attempts, int *last_status, bool *done,
+                      uint64_t *last_delay_ms) {
+  *attempts = r->attempts;
+  *last_status = r->last_status;
+  *done = r->done_called;
+  *last_delay_ms = r->last_delay_ms;
 }

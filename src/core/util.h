@@ -7,6 +7,7 @@
 #include <stdint.h>
 #include <uv.h>
 
+#include "core/stats_hook.h"
 #include "keel/common.h"
 
 #define KEEL__ARRAY_SIZE(a) (sizeof(a) / sizeof((a)[0]))

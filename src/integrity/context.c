@@ -181,6 +181,7 @@ const char *keel_integrity_last_error(const keel_integrity *ig) {
 
 void keel_integrity_close(keel_integrity *ig, keel_close_cb cb, void *data) {
   if (ig == NULL || ig->closing) return;
+  keel__stats_hooks_detach(&ig->stats_hooks);
   ig->closing = true;
   ig->close_cb = cb;
   ig->close_data = data;

@@ -12,6 +12,7 @@
 struct occ_retry;
 
 struct keel_integrity {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   keel_pg_pool *pool;
   keel_integrity_opts opts;

@@ -10,6 +10,7 @@
 #include "core/alloc.h"
 #include "core/histogram.h"
 #include "core/util.h"
+#include "listen/listener_stats.h"
 #include "keel/listen.h"
 #include "listen/change.h"
 #include "listen/filter.h"
@@ -62,6 +63,7 @@ typedef struct fetch_ctx {
 } fetch_ctx;
 
 struct keel_listener {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   keel_listener_opts opts;
   char *conninfo;
@@ -1521,6 +1523,7 @@ const char *keel_listener_last_error(const keel_listener *l) {
 
 void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
   if (l == NULL || l->closing) return;
+  keel__stats_hooks_detach(&l->stats_hooks);
   l->closing = true;
   l->close_cb = cb;
   l->close_data = data;
@@ -1531,4 +1534,12 @@ void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
   uv_close((uv_handle_t *)l->retry_timer, on_handle_closed);
   uv_close((uv_handle_t *)l->beat_timer, on_handle_closed);
   uv_close((uv_handle_t *)l->probe_timer, on_handle_closed);
+}
+
+keel__stats_hooks *keel__listener_stats_hooks(keel_listener *l) {
+  return &l->stats_hooks;
+}
+
+const keel__histogram *keel__listener_histogram(const keel_listener *l) {
+  return &l->latency;
 }

@@ -1696,6 +1696,7 @@ static void on_timer_closed(uv_handle_t *handle) {
 
 void keel_pg_close(keel_pg *c, keel_close_cb cb, void *data) {
   if (c == NULL || c->state == KEEL__PG_CLOSING) return;
+  keel__stats_hooks_detach(&c->stats_hooks);
   c->state = KEEL__PG_CLOSING;
   c->close_cb = cb;
   c->close_data = data;

@@ -70,6 +70,7 @@ typedef enum keel__pg_state {
 } keel__pg_state;
 
 struct keel_pg {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   keel_pg_opts opts;
   char *conninfo;

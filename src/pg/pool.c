@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "core/alloc.h"
+#include "pg/pg_stats.h"
 #include "pg/pg_internal.h"
 
 typedef enum waiter_kind { WAIT_QUERY, WAIT_ACQUIRE } waiter_kind;
@@ -33,6 +34,7 @@ typedef struct member {
 } member;
 
 struct keel_pg_pool {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   keel_pg_pool_opts opts;
   char *conninfo;
@@ -699,6 +701,7 @@ static void on_pool_timer_closed(uv_handle_t *handle) {
 
 void keel_pg_pool_close(keel_pg_pool *p, keel_close_cb cb, void *data) {
   if (p == NULL || p->closing) return;
+  keel__stats_hooks_detach(&p->stats_hooks);
   p->closing = true;
   p->close_cb = cb;
   p->close_data = data;
@@ -722,4 +725,8 @@ void keel_pg_pool_close(keel_pg_pool *p, keel_close_cb cb, void *data) {
   }
   uv_close((uv_handle_t *)&p->wait_timer, on_pool_timer_closed);
   uv_close((uv_handle_t *)&p->dispatch_timer, on_pool_timer_closed);
+}
+
+keel__stats_hooks *keel__pg_pool_stats_hooks(keel_pg_pool *p) {
+  return &p->stats_hooks;
 }

@@ -7,6 +7,7 @@
 #include "core/alloc.h"
 #include "core/histogram.h"
 #include "core/util.h"
+#include "queue/queue_stats.h"
 #include "keel/queue.h"
 #include "queue/sched.h"
 
@@ -53,6 +54,7 @@ typedef struct cancel_note {
 } cancel_note;
 
 struct keel_queue {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   keel_queue_process_fn process;
   keel_queue_opts opts;
@@ -1154,6 +1156,7 @@ static void on_handle_closed(uv_handle_t *handle) {
 
 void keel_queue_close(keel_queue *q, keel_close_cb cb, void *data) {
   if (q == NULL || q->closing) return;
+  keel__stats_hooks_detach(&q->stats_hooks);
   q->closing = true;
   q->close_cb = cb;
   q->close_data = data;
@@ -1164,4 +1167,12 @@ void keel_queue_close(keel_queue *q, keel_close_cb cb, void *data) {
   uv_close((uv_handle_t *)&q->retry_timer, on_handle_closed);
   uv_close((uv_handle_t *)&q->timeout_timer, on_handle_closed);
   uv_close((uv_handle_t *)&q->async, on_handle_closed);
+}
+
+keel__stats_hooks *keel__queue_stats_hooks(keel_queue *q) {
+  return &q->stats_hooks;
+}
+
+const keel__histogram *keel__queue_histogram(const keel_queue *q, bool run) {
+  return run ? &q->run_hist : &q->wait_hist;
 }

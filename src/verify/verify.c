@@ -384,6 +384,7 @@ const char *keel_verify_last_error(const keel_verify *v) {
 
 void keel_verify_close(keel_verify *v, keel_close_cb cb, void *data) {
   if (v == NULL || v->closing) return;
+  keel__stats_hooks_detach(&v->stats_hooks);
   v->closing = true;
   v->close_cb = cb;
   v->close_data = data;

@@ -108,6 +108,7 @@ enum keel__vphase {
 };
 
 struct keel_verify {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   keel_verify_opts o;
   char *s_table, *s_where, *s_conninfo, *s_job, *s_ckpt, *s_lease;

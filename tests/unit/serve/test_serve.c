@@ -1,0 +1,584 @@
+/* keel_serve: /metrics, /stats.json, /ws, bad input, registration order,
+ * allocation failure. Clients run on a thread of their own (client.h). */
+#include <criterion/criterion.h>
+#include <jansson.h>
+
+#include "client.h"
+#include "support/harness.h"
+#include "keel.h"
+
+typedef struct fixture {
+  uv_loop_t loop;
+  keel_serve *s;
+  keel_breaker *b;
+  keel_queue *q;
+  keel_retry *r;
+  int port;
+} fixture;
+
+static void process_ok(keel_queue *q, keel_job *job, void *payload, void *data) {
+  (void)q, (void)payload, (void)data;
+  keel_job_done(job, 0);
+}
+
+static void retry_attempt(keel_retry *r, unsigned n, void *data) {
+  (void)n, (void)data;
+  keel_retry_report(r, UV_ECONNRESET);
+}
+
+static void retry_done(keel_retry *r, int status, unsigned attempts, void *data) {
+  (void)r, (void)status, (void)attempts, (void)data;
+}
+
+static void trip(keel_breaker *b, int n) {
+  for (int i = 0; i < n; i++) {
+    keel_breaker_permit p;
+    if (keel_breaker_acquire(b, &p) == 0) keel_breaker_release(&p, UV_ECONNRESET, 1);
+  }
+}
+
+static void setup_fixture(fixture *f, const char *token) {
+  memset(f, 0, sizeof *f);
+  cr_assert_eq(uv_loop_init(&f->loop), 0);
+  keel_serve_opts o;
+  keel_serve_opts_init(&o);
+  o.port = 0;
+  o.token = token;
+  o.ws_interval_ms = 20;
+  o.max_clients = 2000;
+  cr_assert_eq(keel_serve_new(&f->loop, &o, &f->s), 0);
+  f->port = keel_serve_port(f->s);
+  cr_assert_gt(f->port, 0);
+  keel_breaker_opts bo;
+  keel_breaker_opts_init(&bo);
+  cr_assert_eq(keel_breaker_new(&f->loop, &bo, &f->b), 0);
+  keel_queue_opts qo;
+  keel_queue_opts_init(&qo);
+  cr_assert_eq(keel_queue_new(&f->loop, process_ok, &qo, &f->q), 0);
+  keel_retry_opts ro;
+  keel_retry_opts_init(&ro);
+  ro.max_attempts = 2;
+  cr_assert_eq(keel_retry_start(&f->loop, &ro, retry_attempt, retry_done, NULL, &f->r), 0);
+  cr_assert_eq(keel_breaker_serve(f->s, f->b, "pay\"ments\\\nx"), 0);
+  cr_assert_eq(keel_queue_serve(f->s, f->q, "emails"), 0);
+  cr_assert_eq(keel_retry_serve(f->s, f->r, "sync"), 0);
+}
+
+static void teardown_fixture(fixture *f) {
+  keel_serve_close(f->s, NULL, NULL);
+  keel_breaker_close(f->b, NULL, NULL);
+  keel_queue_close(f->q, NULL, NULL);
+  keel_retry_close(f->r, NULL, NULL);
+  kt_loop_finish(&f->loop);
+}
+
+/* ---- /metrics and /stats.json ---------------------------------------- */
+
+typedef struct fetch {
+  int port;
+  const char *path;
+  const char *headers;
+  int status;
+  char *reply;
+} fetch;
+
+static void do_fetch(void *arg) {
+  fetch *x = arg;
+  x->reply = tc_get(x->port, x->path, x->headers, &x->status);
+}
+
+static char *get(fixture *f, const char *path, const char *headers, int *status) {
+  fetch x = {f->port, path, headers, 0, NULL};
+  tc_run(&f->loop, do_fetch, &x);
+  *status = x.status;
+  cr_assert_not_null(x.reply);
+  return x.reply;
+}
+
+Test(serve, metrics_text_format) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  trip(f.b, 5);
+  keel_breaker_permit p;
+  cr_assert_eq(keel_breaker_acquire(f.b, &p), KEEL_EOPEN);
+  cr_assert_eq(keel_breaker_acquire(f.b, &p), KEEL_EOPEN);
+  for (int i = 0; i < 3; i++) keel_queue_push(f.q, NULL, 0, NULL);
+  uv_run(&f.loop, UV_RUN_NOWAIT);
+  int st;
+  char *r = get(&f, "/metrics", NULL, &st);
+  cr_assert_eq(st, 200, "%s", r);
+  cr_assert(strstr(r, "Content-Type: text/plain; version=0.0.4") ||
+                strstr(r, "content-type: text/plain; version=0.0.4"),
+            "%s", r);
+  const char *body = tc_body(r);
+  cr_assert(strstr(body, "# TYPE keel_build_info gauge\nkeel_build_info{version=\""));
+  cr_assert(strstr(body, "# HELP keel_breaker_calls_rejected_total Calls rejected"), "%s", body);
+  cr_assert(strstr(body, "# TYPE keel_breaker_calls_rejected_total counter\n"));
+  /* the name label escaped: quote, backslash and newline */
+  cr_assert(strstr(body, "keel_breaker_calls_rejected_total{name=\"pay\\\"ments\\\\\\nx\"} 2\n"),
+            "%s", body);
+  cr_assert(strstr(body, "keel_breaker_state{name=\"pay\\\"ments\\\\\\nx\",state=\"open\"} 1\n"));
+  cr_assert(strstr(body, "keel_breaker_state{name=\"pay\\\"ments\\\\\\nx\",state=\"closed\"} 0\n"));
+  cr_assert(strstr(body, "# TYPE keel_queue_run_seconds histogram\n"));
+  cr_assert(strstr(body, "keel_queue_run_seconds_bucket{name=\"emails\",le=\"+Inf\"} 3\n"), "%s",
+            body);
+  cr_assert(strstr(body, "keel_queue_run_seconds_count{name=\"emails\"} 3\n"));
+  cr_assert(strstr(body, "keel_queue_completed_total{name=\"emails\"} 3\n"));
+  cr_assert(strstr(body, "keel_retry_attempts_total{name=\"sync\"}"));
+  cr_assert(strstr(body, "keel_serve_requests_total{name=\"server\"}"));
+  /* one HELP and one TYPE per family, even with two objects of a kind */
+  const char *first = strstr(body, "# TYPE keel_queue_pending gauge");
+  cr_assert_not_null(first);
+  cr_assert_null(strstr(first + 1, "# TYPE keel_queue_pending gauge"));
+  free(r);
+  teardown_fixture(&f);
+}
+
+Test(serve, stats_json_fields) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  trip(f.b, 5);
+  keel_breaker_permit p;
+  cr_assert_eq(keel_breaker_acquire(f.b, &p), KEEL_EOPEN);
+  int st;
+  char *r = get(&f, "/stats.json", NULL, &st);
+  cr_assert_eq(st, 200);
+  json_error_t err;
+  json_t *root = json_loads(tc_body(r), 0, &err);
+  cr_assert_not_null(root, "%s: %s", err.text, tc_body(r));
+  cr_assert_str_eq(json_string_value(json_object_get(root, "version")), keel_version_string());
+  json_t *objs = json_object_get(root, "objects");
+  cr_assert_eq(json_array_size(objs), 3);
+  json_t *b = json_array_get(objs, 0);
+  cr_assert_str_eq(json_string_value(json_object_get(b, "kind")), "breaker");
+  cr_assert_str_eq(json_string_value(json_object_get(b, "name")), "pay\"ments\\\nx");
+  json_t *bs = json_object_get(b, "stats");
+  cr_assert_str_eq(json_string_value(json_object_get(bs, "state")), "open");
+  cr_assert_eq(json_integer_value(json_object_get(bs, "calls_rejected")), 1);
+  json_t *qs = json_object_get(json_array_get(objs, 1), "stats");
+  cr_assert(json_is_object(json_object_get(qs, "wait_seconds")));
+  cr_assert(json_is_integer(json_object_get(json_object_get(qs, "wait_seconds"), "count")));
+  cr_assert(json_is_object(json_object_get(root, "server")));
+  json_decref(root);
+  free(r);
+  teardown_fixture(&f);
+}
+
+/* ---- bad input ------------------------------------------------------- */
+
+typedef struct raw {
+  int port;
+  const char *req;
+  size_t len;
+  int status;
+  char *reply;
+} raw;
+
+static void do_raw(void *arg) {
+  raw *x = arg;
+  x->reply = tc_http_raw(x->port, x->req, x->len, &x->status);
+}
+
+static int raw_status(fixture *f, const char *req, size_t len) {
+  raw x = {f->port, req, len, 0, NULL};
+  tc_run(&f->loop, do_raw, &x);
+  cr_assert_not_null(x.reply);
+  free(x.reply);
+  return x.status;
+}
+
+Test(serve, bad_requests) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  int st;
+  free(get(&f, "/nope", NULL, &st));
+  cr_assert_eq(st, 404);
+  free(get(&f, "/ws", NULL, &st));
+  cr_assert_eq(st, 400);
+  const char *post =
+      "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi";
+  cr_assert_eq(raw_status(&f, post, strlen(post)), 405);
+  const char *del = "DELETE /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+  cr_assert_eq(raw_status(&f, del, strlen(del)), 405);
+  /* oversized: a header far beyond max_request_bytes */
+  size_t big = 20000;
+  char *req = malloc(big + 200);
+  int n = snprintf(req, 200, "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: ");
+  memset(req + n, 'a', big);
+  memcpy(req + n + big, "\r\nConnection: close\r\n\r\n", 24);
+  int s1 = raw_status(&f, req, (size_t)n + big + 24);
+  cr_log_info("oversized request: status %d", s1);
+  cr_assert(s1 == 400 || s1 == 431 || s1 == 0, "oversized got %d", s1);
+  free(req);
+  /* malformed */
+  const char *junk = "\x01\x02garbage garbage\r\n\r\n";
+  int s2 = raw_status(&f, junk, strlen(junk));
+  /* libwebsockets answers 403 to a request line it cannot sanitise */
+  cr_log_info("malformed request: status %d", s2);
+  cr_assert(s2 == 400 || s2 == 403 || s2 == 0, "malformed got %d", s2);
+  const char *relative = "GET metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+  int s3 = raw_status(&f, relative, strlen(relative));
+  cr_log_info("relative path: status %d", s3);
+  cr_assert(s3 == 400 || s3 == 403 || s3 == 0, "relative path got %d", s3);
+  /* the server still answers */
+  free(get(&f, "/metrics", NULL, &st));
+  cr_assert_eq(st, 200);
+  keel_serve_stats ss;
+  keel_serve_get_stats(f.s, &ss);
+  cr_assert_geq(ss.responses_4xx, 4);
+  teardown_fixture(&f);
+}
+
+Test(serve, bearer_token) {
+  fixture f;
+  setup_fixture(&f, "s3cret");
+  int st;
+  free(get(&f, "/metrics", NULL, &st));
+  cr_assert_eq(st, 401);
+  free(get(&f, "/metrics", "Authorization: Bearer wrong\r\n", &st));
+  cr_assert_eq(st, 401);
+  free(get(&f, "/metrics", "Authorization: Bearer s3cre\r\n", &st));
+  cr_assert_eq(st, 401);
+  free(get(&f, "/metrics", "Authorization: Bearer s3cret\r\n", &st));
+  cr_assert_eq(st, 200);
+  free(get(&f, "/stats.json?token=s3cret", NULL, &st));
+  cr_assert_eq(st, 200);
+  free(get(&f, "/?token=nope", NULL, &st));
+  cr_assert_eq(st, 401);
+  keel_serve_stats ss;
+  keel_serve_get_stats(f.s, &ss);
+  cr_assert_eq(ss.unauthorized, 4);
+  teardown_fixture(&f);
+}
+
+typedef struct many {
+  int port;
+  int dropped;
+} many;
+
+static void do_many(void *arg) {
+  many *m = arg;
+  for (int i = 0; i < 1000; i++) {
+    int fd = tc_connect(m->port);
+    if (fd < 0) continue;
+    static const char part[] = "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Half: ";
+    if (i % 3 != 0) tc_send_all(fd, part, sizeof part - 1 - (size_t)(i % 20));
+    if (i % 2 == 0) {
+      struct linger l = {1, 0}; /* RST */
+      setsockopt(fd, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+    }
+    close(fd);
+    m->dropped++;
+  }
+}
+
+Test(serve, thousand_connections_dropped_mid_request) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  many m = {f.port, 0};
+  tc_run(&f.loop, do_many, &m);
+  cr_assert_eq(m.dropped, 1000);
+  int st;
+  free(get(&f, "/metrics", NULL, &st));
+  cr_assert_eq(st, 200);
+  /* every dropped connection is gone: only ours was counted */
+  for (int i = 0; i < 200; i++) uv_run(&f.loop, UV_RUN_NOWAIT);
+  keel_serve_stats ss;
+  keel_serve_get_stats(f.s, &ss);
+  cr_assert_leq(ss.clients, 1, "clients %u", ss.clients);
+  teardown_fixture(&f);
+}
+
+/* ---- WebSocket ------------------------------------------------------- */
+
+typedef struct wsx {
+  fixture *f;
+  int fd;
+  int status;
+  char *first;
+  const char *path;
+} wsx;
+
+static void do_ws_open(void *arg) {
+  wsx *x = arg;
+  x->fd = tc_ws_open(x->f->port, x->path ? x->path : "/ws", &x->status);
+  if (x->fd >= 0) x->first = tc_ws_read(x->fd, NULL);
+}
+
+typedef struct wsread {
+  int fd;
+  const char *want;
+  int frames;
+  bool found;
+} wsread;
+
+static void do_ws_until(void *arg) {
+  wsread *x = arg;
+  for (int i = 0; i < 200 && !x->found; i++) {
+    char *m = tc_ws_read(x->fd, NULL);
+    if (m == NULL) return;
+    x->frames++;
+    if (strstr(m, x->want)) x->found = true;
+    free(m);
+  }
+}
+
+typedef struct tripper {
+  keel_breaker *b;
+  uv_timer_t t;
+} tripper;
+
+static void on_trip(uv_timer_t *t) {
+  tripper *tr = t->data;
+  keel_breaker_force_open(tr->b);
+  uv_close((uv_handle_t *)t, NULL);
+}
+
+Test(serve, websocket_snapshot_then_deltas) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  wsx x = {&f, -1, 0, NULL, NULL};
+  tc_run(&f.loop, do_ws_open, &x);
+  cr_assert_eq(x.status, 101);
+  cr_assert_not_null(x.first);
+  json_t *snap = json_loads(x.first, 0, NULL);
+  cr_assert_not_null(snap, "%s", x.first);
+  cr_assert_str_eq(json_string_value(json_object_get(snap, "type")), "snapshot");
+  cr_assert_eq(json_array_size(json_object_get(snap, "objects")), 3);
+  cr_assert(strstr(x.first, "\"state\":\"closed\""));
+  json_decref(snap);
+  free(x.first);
+  /* the breaker changes after the snapshot: a delta carries it */
+  tripper tr = {f.b, {0}};
+  uv_timer_init(&f.loop, &tr.t);
+  tr.t.data = &tr;
+  uv_timer_start(&tr.t, on_trip, 50, 0);
+  wsread rd = {x.fd, "\"state\":\"forced_open\"", 0, false};
+  tc_run(&f.loop, do_ws_until, &rd);
+  cr_assert(rd.found);
+  /* an object closed while a client watches is reported removed */
+  keel_queue_close(f.q, NULL, NULL);
+  f.q = NULL;
+  wsread rd2 = {x.fd, "\"removed\":[2]", 0, false};
+  tc_run(&f.loop, do_ws_until, &rd2);
+  cr_assert(rd2.found);
+  close(x.fd);
+  keel_serve_stats ss;
+  keel_serve_get_stats(f.s, &ss);
+  cr_assert_eq(ss.frames_dropped, 0);
+  cr_assert_eq(ss.ws_accepted, 1);
+  teardown_fixture(&f);
+}
+
+Test(serve, websocket_refused_on_other_path_or_token) {
+  fixture f;
+  setup_fixture(&f, "tok");
+  wsx x = {&f, -1, 0, NULL, "/ws"};
+  tc_run(&f.loop, do_ws_open, &x);
+  cr_assert_neq(x.status, 101);
+  wsx y = {&f, -1, 0, NULL, "/elsewhere?token=tok"};
+  tc_run(&f.loop, do_ws_open, &y);
+  cr_assert_neq(y.status, 101);
+  wsx z = {&f, -1, 0, NULL, "/ws?token=tok"};
+  tc_run(&f.loop, do_ws_open, &z);
+  cr_assert_eq(z.status, 101);
+  free(z.first);
+  close(z.fd);
+  teardown_fixture(&f);
+}
+
+typedef struct idle {
+  uv_timer_t t;
+  int n;
+  keel_breaker *b;
+} idle;
+
+static void on_churn(uv_timer_t *t) {
+  idle *d = t->data;
+  trip(d->b, 1); /* every tick has a change to send */
+  keel_breaker_reset(d->b);
+  if (++d->n == 150) uv_close((uv_handle_t *)t, NULL);
+}
+
+Test(serve, websocket_client_that_never_reads) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  /* many objects so that frames are large and the socket buffers fill */
+  keel_breaker *extra[300];
+  for (int i = 0; i < 300; i++) {
+    keel_breaker_opts bo;
+    keel_breaker_opts_init(&bo);
+    cr_assert_eq(keel_breaker_new(&f.loop, &bo, &extra[i]), 0);
+    char name[64];
+    snprintf(name, sizeof name, "a-rather-long-breaker-name-to-make-frames-big-%03d", i);
+    cr_assert_eq(keel_breaker_serve(f.s, extra[i], name), 0);
+  }
+  int st;
+  wsx x = {&f, -1, 0, NULL, "/ws"};
+  tc_run(&f.loop, do_ws_open, &x); /* reads the snapshot, then never again */
+  cr_assert_eq(x.status, 101);
+  free(x.first);
+  int fd = x.fd;
+  /* never read fd; the loop churns and sends deltas every 20 ms */
+  idle d = {{0}, 0, extra[0]};
+  uv_timer_init(&f.loop, &d.t);
+  d.t.data = &d;
+  uv_timer_start(&d.t, on_churn, 5, 5);
+  while (uv_is_active((uv_handle_t *)&d.t)) uv_run(&f.loop, UV_RUN_ONCE);
+  /* the loop kept serving */
+  free(get(&f, "/metrics", NULL, &st));
+  cr_assert_eq(st, 200);
+  keel_serve_stats ss;
+  keel_serve_get_stats(f.s, &ss);
+  cr_assert_eq(ss.ws_clients, 1);
+  cr_assert_gt(ss.frames_sent, 0);
+  if (fd >= 0) close(fd);
+  for (int i = 0; i < 300; i++) keel_breaker_close(extra[i], NULL, NULL);
+  teardown_fixture(&f);
+}
+
+/* ---- registration order ---------------------------------------------- */
+
+static int closed_count;
+static void count_close(void *obj, void *data) {
+  (void)obj, (void)data;
+  closed_count++;
+}
+
+Test(serve, object_closed_before_server) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  keel_breaker_close(f.b, NULL, NULL);
+  f.b = NULL;
+  char *text;
+  cr_assert_eq(keel_serve_metrics_text(f.s, &text, NULL), 0);
+  cr_assert_null(strstr(text, "keel_breaker_state{"));
+  cr_assert_not_null(strstr(text, "keel_queue_pending{"));
+  keel_free(text);
+  keel_serve_stats ss;
+  keel_serve_get_stats(f.s, &ss);
+  cr_assert_eq(ss.registered, 2);
+  closed_count = 0;
+  keel_serve_close(f.s, count_close, NULL);
+  keel_serve_close(f.s, count_close, NULL); /* second call: nothing */
+  cr_assert_eq(closed_count, 0);            /* never inside the call */
+  f.s = NULL;
+  keel_queue_close(f.q, NULL, NULL);
+  keel_retry_close(f.r, NULL, NULL);
+  kt_loop_finish(&f.loop);
+  cr_assert_eq(closed_count, 1);
+}
+
+Test(serve, server_closed_before_objects) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  closed_count = 0;
+  keel_serve_close(f.s, count_close, NULL);
+  cr_assert_eq(keel_breaker_serve(f.s, f.b, "again"), KEEL_ECLOSING);
+  for (int i = 0; i < 50 && closed_count == 0; i++) uv_run(&f.loop, UV_RUN_ONCE);
+  cr_assert_eq(closed_count, 1);
+  /* the objects live on and close later without touching the server */
+  keel_breaker_close(f.b, NULL, NULL);
+  keel_queue_close(f.q, NULL, NULL);
+  keel_retry_close(f.r, NULL, NULL);
+  kt_loop_finish(&f.loop);
+}
+
+Test(serve, register_refusals) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  cr_assert_eq(keel_breaker_serve(f.s, f.b, "pay\"ments\\\nx"), KEEL_ECONFLICT);
+  cr_assert_eq(keel_breaker_serve(f.s, f.b, ""), UV_EINVAL);
+  cr_assert_eq(keel_breaker_serve(f.s, f.b, "\xff\xfe"), UV_EINVAL);
+  cr_assert_eq(keel_breaker_serve(NULL, f.b, "x"), UV_EINVAL);
+  static const keel_stats_source bad = {"Bad-Kind", NULL};
+  cr_assert_eq(keel_serve_register(f.s, &bad, f.b, "x", NULL), UV_EINVAL);
+  keel_serve_opts o;
+  keel_serve_opts_init(&o);
+  o.ws_interval_ms = 1;
+  keel_serve *s2 = NULL;
+  cr_assert_eq(keel_serve_new(&f.loop, &o, &s2), UV_EINVAL);
+  cr_assert_null(s2);
+  keel_serve_opts_init(&o);
+  o.host = "localhost"; /* an IPv4 address only */
+  cr_assert_eq(keel_serve_new(&f.loop, &o, &s2), UV_EINVAL);
+  cr_assert_null(s2);
+  /* the same port twice */
+  keel_serve_opts_init(&o);
+  o.port = f.port;
+  cr_assert_eq(keel_serve_new(&f.loop, &o, &s2), UV_EADDRINUSE);
+  cr_assert_null(s2);
+  teardown_fixture(&f);
+}
+
+/* ---- custom source and unregister ------------------------------------ */
+
+static void write_custom(const void *obj, keel_stats_writer *w) {
+  const int *v = obj;
+  keel_stats_gauge(w, "level_bytes", "A custom gauge.", *v);
+  keel_stats_text(w, "note", "hi");
+}
+
+Test(serve, custom_source_and_unregister) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  static const keel_stats_source src = {"custom", write_custom};
+  int v = 42;
+  keel_stats_reg *reg;
+  cr_assert_eq(keel_serve_register(f.s, &src, &v, "c1", &reg), 0);
+  char *text;
+  cr_assert_eq(keel_serve_metrics_text(f.s, &text, NULL), 0);
+  cr_assert_not_null(strstr(text, "keel_custom_level_bytes{name=\"c1\"} 42\n"));
+  keel_free(text);
+  cr_assert_eq(keel_serve_stats_json(f.s, &text, NULL), 0);
+  cr_assert_not_null(strstr(text, "\"note\":\"hi\""));
+  keel_free(text);
+  keel_serve_unregister(reg);
+  cr_assert_eq(keel_serve_metrics_text(f.s, &text, NULL), 0);
+  cr_assert_null(strstr(text, "keel_custom_level_bytes{"));
+  keel_free(text);
+  teardown_fixture(&f);
+}
+
+/* ---- allocation failure ---------------------------------------------- */
+
+static void failmalloc_scenario(void *arg) {
+  (void)arg;
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_serve_opts o;
+  keel_serve_opts_init(&o);
+  o.port = 0;
+  o.token = "t";
+  keel_serve *s = NULL;
+  keel_breaker *b = NULL;
+  keel_breaker_opts bo;
+  keel_breaker_opts_init(&bo);
+  int rc = keel_serve_new(&loop, &o, &s);
+  cr_assert(rc == 0 || rc == UV_ENOMEM, "%d", rc);
+  if (keel_breaker_new(&loop, &bo, &b) != 0) b = NULL;
+  if (s != NULL && b != NULL) {
+    rc = keel_breaker_serve(s, b, "b");
+    cr_assert(rc == 0 || rc == UV_ENOMEM);
+    char *text = NULL;
+    rc = keel_serve_metrics_text(s, &text, NULL);
+    cr_assert(rc == 0 || rc == UV_ENOMEM);
+    keel_free(text);
+    text = NULL;
+    rc = keel_serve_stats_json(s, &text, NULL);
+    cr_assert(rc == 0 || rc == UV_ENOMEM);
+    keel_free(text);
+  }
+  if (kt_failmalloc_index() % 2 == 0) {
+    keel_breaker_close(b, NULL, NULL);
+    keel_serve_close(s, NULL, NULL);
+  } else {
+    keel_serve_close(s, NULL, NULL);
+    keel_breaker_close(b, NULL, NULL);
+  }
+  kt_loop_finish(&loop);
+}
+
+Test(serve, allocation_failure) {
+  kt_failmalloc_run(failmalloc_scenario, NULL);
+}
