@@ -353,6 +353,21 @@ static bool digits_at(const char *s, int n, long *out) {
   return true;
 }
 
+/* Reads an optional ".digits" fraction of a second at *p as microseconds
+ * (digits past the sixth are read and dropped, as PostgreSQL never prints
+ * them). */
+static int64_t read_second_fraction(const char **p) {
+  const char *s = *p;
+  int64_t micros = 0;
+  if (*s == '.') {
+    s++;
+    for (int64_t scale = 100000; *s >= '0' && *s <= '9'; s++, scale /= 10)
+      micros += (*s - '0') * scale;
+  }
+  *p = s;
+  return micros;
+}
+
 /* ISO output of date / timestamp / timestamptz → µs since 1970 (UTC for
  * timestamptz). Returns false when the text is not in that form. */
 static bool parse_instant(const char *s, int64_t *out) {
@@ -376,15 +391,7 @@ static bool parse_instant(const char *s, int64_t *out) {
         p[6] != ':' || !digits_at(p + 7, 2, &second))
       return false;
     p += 9;
-    if (*p == '.') {
-      p++;
-      int64_t scale = 100000;
-      while (*p >= '0' && *p <= '9') {
-        micros += (*p - '0') * scale;
-        scale /= 10;
-        p++;
-      }
-    }
+    micros = read_second_fraction(&p);
     if (*p == '+' || *p == '-') {
       int sign = *p == '-' ? -1 : 1;
       long oh = 0, om = 0, os = 0;
@@ -415,10 +422,9 @@ typedef struct interval_span {
 
 #define MICROS_PER_DAY INT64_C(86400000000)
 
-/* Reads "[+-]digits[.digits]" at *p; the fraction scaled to micros of the
- * unit (unit_micros), the whole part in *whole. */
-static bool read_number(const char **p, int64_t *whole, int64_t *fraction_micros,
-                        int64_t unit_micros) {
+/* Reads "[+-]digits[.digits]" at *p: the whole part in *whole, the
+ * fraction as microseconds (of a second: only seconds carry one). */
+static bool read_number(const char **p, int64_t *whole, int64_t *fraction_micros) {
   const char *s = *p;
   int sign = 1;
   if (*s == '+' || *s == '-') sign = *s++ == '-' ? -1 : 1;
@@ -428,17 +434,7 @@ static bool read_number(const char **p, int64_t *whole, int64_t *fraction_micros
     if (w > (INT64_MAX - 9) / 10) return false;
     w = w * 10 + (*s - '0');
   }
-  int64_t frac = 0;
-  if (*s == '.') {
-    s++;
-    /* fraction digits of a second (or of a bigger unit) to micros */
-    int64_t scale = unit_micros / 10;
-    while (*s >= '0' && *s <= '9') {
-      frac += (*s - '0') * scale;
-      scale /= 10;
-      s++;
-    }
-  }
+  int64_t frac = read_second_fraction(&s);
   *whole = sign * w;
   *fraction_micros = sign * frac;
   *p = s;
@@ -499,15 +495,7 @@ static bool read_clock(const char **p, interval_span *span) {
   minutes = mm;
   seconds = ss;
   s += 6;
-  if (*s == '.') {
-    s++;
-    int64_t scale = 100000;
-    while (*s >= '0' && *s <= '9') {
-      frac += (*s - '0') * scale;
-      scale /= 10;
-      s++;
-    }
-  }
+  frac = read_second_fraction(&s);
   span_add(span, 0, sign * ((hours * 3600 + minutes * 60 + seconds) * 1000000 + frac));
   *p = s;
   return true;
@@ -525,7 +513,7 @@ static bool parse_interval_iso(const char *s, interval_span *span) {
       continue;
     }
     int64_t n, frac;
-    if (!read_number(&s, &n, &frac, 1000000)) return false;
+    if (!read_number(&s, &n, &frac)) return false;
     const char *unit = NULL;
     if (*s == 'Y' && !time) unit = "year";
     if (*s == 'M') unit = time ? "min" : "mon";
@@ -564,7 +552,7 @@ static bool parse_interval(const char *s, interval_span *out) {
       if (!read_clock(&s, &span)) return false;
     } else {
       int64_t n, frac;
-      if (!read_number(&s, &n, &frac, 1000000)) return false;
+      if (!read_number(&s, &n, &frac)) return false;
       if (*s == '\0' && verbose && n == 0 && frac == 0) {
         any = true;
         break;
