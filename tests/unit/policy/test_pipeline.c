@@ -1064,8 +1064,6 @@ static void diff_policy(world *w, keel_policy *pol, int kind) {
  * bulkhead) and logs what happened into w. */
 static void run_diff(world *w, const int *kinds, size_t n, bool general, int close_in) {
   world_init(w);
-  fprintf(stderr, "run_diff n=%zu general=%d close_in=%d first=%d\n", n, general, close_in,
-          n ? kinds[0] : 0);
   w->close_in = close_in;
   keel_breaker_opts bo;
   keel_breaker_opts_init(&bo);
