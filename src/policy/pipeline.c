@@ -112,9 +112,11 @@ struct keel_pipeline {
   frame *ready_head, *ready_tail; /* for the next pass of on_idle */
   frame *now_head, *now_tail;     /* reports made inside this pass */
   bool in_drain;
-  bool dl_dirty;      /* a deadline list became empty in this pass */
-  uint64_t now;       /* uv_now() at the start of this pass */
-  bool flat;          /* every policy takes the flat path (flat_run()) */
+  bool dl_dirty; /* a deadline list became empty in this pass */
+  uint64_t now;  /* uv_now() at the start of this pass */
+  bool flat;     /* every policy takes the flat path (flat_run()) */
+  uint8_t nup;   /* flat: the stages with work on the way up, in order */
+  uint8_t up[MAX_POLICIES];
   frame *free_list;   /* spare frames (hedged attempts, a retry's new leaf
                          while the old one still owes its report) */
   frame *free_blocks; /* call blocks: root + one frame per policy + leaf */
@@ -1089,7 +1091,8 @@ static void flat_run(keel_pipeline *p, frame *root) {
   /* on_idle's next step: process(leaf), i.e. finish(leaf) up to the root */
   p->now_head = p->now_tail = NULL;
   res r = {leaf->status, -1, 0};
-  for (size_t i = n; i-- > 0;) {
+  for (size_t k = p->nup; k-- > 0;) { /* the stages with work on the way up */
+    size_t i = p->up[k];
     frame *f = root + i + 1;
     pstage *s = &st[i];
     switch (s->pol.kind) {
@@ -1114,22 +1117,26 @@ static void flat_run(keel_pipeline *p, frame *root) {
           return;
         }
         break;
-      default: /* RATELIMIT; TIMEOUT (on no deadline list) */
+      default:
         break;
     }
   }
-  deliver(root, r);
+  deliver(root, r); /* (rate limit, timeout: nothing to do on the way up) */
 }
 
-/* Whether every policy of p takes the flat path (see flat_run()). */
-static bool flat_plan(const keel_pipeline *p) {
+/* Whether every policy of p takes the flat path (see flat_run()); fills
+ * p->up with the stages that have work when a result passes up. */
+static bool flat_plan(keel_pipeline *p) {
+  p->nup = 0;
   for (size_t i = 0; i < p->n; i++) {
     switch (p->st[i].pol.kind) {
       case KEEL_POLICY_RATELIMIT:
       case KEEL_POLICY_TIMEOUT:
+        break;
       case KEEL_POLICY_RETRY:
       case KEEL_POLICY_BREAKER:
       case KEEL_POLICY_FALLBACK:
+        p->up[p->nup++] = (uint8_t)i;
         break;
       default:
         return false;
