@@ -717,7 +717,7 @@ static void bulkhead_leave(frame *f, int status, bool cancelled) {
 
 /* ---- results travelling up ------------------------------------------------ */
 
-static void deliver(frame *root, res r) {
+static inline void deliver(frame *root, res r) {
   keel_pipeline *p = root->p;
   if (root->flags & F_ROOTED) {
     root->flags &= ~F_ROOTED;
