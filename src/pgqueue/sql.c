@@ -56,16 +56,30 @@ static const char MIGRATE[] =
     " EXECUTE FUNCTION %s.pgqueue_notify();\n"
     "INSERT INTO %s.pgqueue_migrations (version) VALUES (1);\n"
     "END IF;\n"
+    /* v2: an enqueue on keel's own connection (autocommit) says so with
+     * keel.pgq_notify = 'later' and notifies in a transaction of its own
+     * after the durable commit (see NOTIFY_LATER); the trigger then stays
+     * quiet. */
+    "IF NOT EXISTS (SELECT 1 FROM %s.pgqueue_migrations WHERE version = 2) THEN\n"
+    "CREATE OR REPLACE FUNCTION %s.pgqueue_notify() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN"
+    " IF current_setting('keel.pgq_notify', true) = 'later' THEN RETURN NULL; END IF;"
+    " PERFORM pg_notify('keel_pgq:' || s.q, '') FROM (SELECT DISTINCT queue AS q FROM"
+    " new_rows) s; RETURN NULL; END $f$;\n"
+    "INSERT INTO %s.pgqueue_migrations (version) VALUES (2);\n"
+    "END IF;\n"
     "END $keel$";
 
 /* $1 queue[] $2 kind[] $3 payload[] $4 priority[] $5 delay_ms[] $6 max_attempts[]
- * $7 unique_key[] $8 timeout_ms[] $9..$12 backoff kind/base/factor/cap[] */
+ * $7 unique_key[] $8 timeout_ms[] $9..$12 backoff kind/base/factor/cap[]
+ * $13 'later' on keel's own (autocommit) connection: the insert trigger does
+ * not notify, NOTIFY_LATER follows; '' in a caller's transaction. */
 static const char ENQUEUE[] =
-    "WITH i AS MATERIALIZED (SELECT nextval('%s.pgqueue_jobs_id_seq') AS id, t.* FROM"
+    "WITH sc AS MATERIALIZED (SELECT set_config('keel.pgq_notify', $13::text, true)),"
+    " i AS MATERIALIZED (SELECT nextval('%s.pgqueue_jobs_id_seq') AS id, t.* FROM"
     " unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::int[],"
     " $7::text[], $8::bigint[], $9::smallint[], $10::bigint[], $11::float8[], $12::bigint[])"
     " WITH ORDINALITY AS t(queue, kind, payload, priority, delay_ms, max_attempts,"
-    " unique_key, timeout_ms, bk, bb, bf, bc, ord)),"
+    " unique_key, timeout_ms, bk, bb, bf, bc, ord), sc),"
     " ins AS (INSERT INTO %s.pgqueue_jobs (id, queue, kind, payload, priority, run_at,"
     " max_attempts, unique_key, timeout_ms, backoff_kind, backoff_base_ms, backoff_factor,"
     " backoff_cap_ms) SELECT id, queue, kind, payload::jsonb, priority,"
@@ -82,6 +96,17 @@ static const char ENQUEUE[] =
     " AND j.queue = i.queue AND j.unique_key = i.unique_key"
     " AND j.state IN ('available','running') LIMIT 1) ex ON true"
     " ORDER BY i.ord";
+
+/* $1 queue[]: sent right after an ENQUEUE with $13 = 'later' on the same
+ * connection (pipelined, its own implicit transaction, so it runs after the
+ * enqueue committed). PostgreSQL serialises the commits of all transactions
+ * that NOTIFY under one lock held until the commit is flushed; this one's
+ * commit need not be durable (it wrote nothing), so the lock is held for
+ * microseconds instead of an fsync, and durable enqueues commit in groups. */
+static const char NOTIFY_LATER[] =
+    "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))"
+    " SELECT pg_notify('keel_pgq:' || s.q, '') FROM (SELECT DISTINCT unnest($1::text[]) AS q) s,"
+    " sc";
 
 /* $1 owner $2 queue $3 limit $4 lease_ms. The fetch's commit need not be
  * durable: if a crash loses it, the row is available again with its old
@@ -198,9 +223,9 @@ static char *fmt_n(const char *fmt, const char *schema, int n, long long key) {
   const char *s = schema;
   int w;
   if (key != 0) {
-    w = snprintf(buf, cap, fmt, key, s, s, s, s, s, s, s, s, s, s, s, s);
+    w = snprintf(buf, cap, fmt, key, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s);
   } else {
-    w = snprintf(buf, cap, fmt, s, s, s, s, s, s, s, s, s, s, s, s);
+    w = snprintf(buf, cap, fmt, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s);
   }
   if (w < 0 || (size_t)w >= cap) {
     keel__free(buf);
@@ -211,7 +236,7 @@ static char *fmt_n(const char *fmt, const char *schema, int n, long long key) {
 
 int keel__pgq_sql_init(keel__pgq_sql *sql, const char *schema, long long migrate_key) {
   memset(sql, 0, sizeof *sql);
-  sql->migrate = fmt_n(MIGRATE, schema, 12, migrate_key);
+  sql->migrate = fmt_n(MIGRATE, schema, 15, migrate_key);
   sql->enqueue = fmt_n(ENQUEUE, schema, 3, 0);
   sql->fetch = fmt_n(FETCH, schema, 2, 0);
   sql->finish = fmt_n(FINISH, schema, 3, 0);
@@ -220,8 +245,9 @@ int keel__pgq_sql_init(keel__pgq_sql *sql, const char *schema, long long migrate
   sql->stats = fmt_n(STATS, schema, 3, 0);
   sql->cancel = fmt_n(CANCEL, schema, 2, 0);
   sql->redrive = fmt_n(REDRIVE, schema, 2, 0);
+  sql->notify_later = keel__strdup(NOTIFY_LATER);
   if (!sql->migrate || !sql->enqueue || !sql->fetch || !sql->finish || !sql->heartbeat ||
-      !sql->rescue || !sql->stats || !sql->cancel || !sql->redrive) {
+      !sql->rescue || !sql->stats || !sql->cancel || !sql->redrive || !sql->notify_later) {
     keel__pgq_sql_free(sql);
     return UV_ENOMEM;
   }
@@ -238,5 +264,6 @@ void keel__pgq_sql_free(keel__pgq_sql *sql) {
   keel__free(sql->stats);
   keel__free(sql->cancel);
   keel__free(sql->redrive);
+  keel__free(sql->notify_later);
   memset(sql, 0, sizeof *sql);
 }
