@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -55,6 +56,65 @@ static uint64_t real_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* CPU seconds used by a process ($1 = pid): user + system, with its reaped
+ * children when all is set; -1 when unreadable. */
+static double proc_cpu_s(long pid, bool all) {
+  char path[64], buf[1024];
+  snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+  FILE *f = fopen(path, "r");
+  if (f == NULL) return -1;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  const char *p = strrchr(buf, ')');
+  if (p == NULL) return -1;
+  /* fields after ')': 3 state ... 14 utime 15 stime 16 cutime 17 cstime */
+  unsigned long long v[18] = {0};
+  int field = 2;
+  for (p++; *p && field < 17;) {
+    while (*p == ' ') p++;
+    field++;
+    v[field] = strtoull(p, (char **)&p, 10);
+    if (*p && *p != ' ')
+      while (*p && *p != ' ') p++;
+  }
+  double t = (double)(v[14] + v[15] + (all ? v[16] + v[17] : 0));
+  return t / (double)sysconf(_SC_CLK_TCK);
+}
+
+/* CPU seconds of a PostgreSQL instance (postmaster, its live children and
+ * the reaped ones); -1 when not readable (another user's server, no /proc). */
+static double server_cpu_s(const char *datadir) {
+  if (datadir == NULL || !*datadir) return -1;
+  char path[512];
+  snprintf(path, sizeof path, "%s/postmaster.pid", datadir);
+  FILE *f = fopen(path, "r");
+  long pm = 0;
+  if (f == NULL || fscanf(f, "%ld", &pm) != 1) {
+    if (f) fclose(f);
+    return -1;
+  }
+  fclose(f);
+  double t = proc_cpu_s(pm, true);
+  if (t < 0) return -1;
+  snprintf(path, sizeof path, "/proc/%ld/task/%ld/children", pm, pm);
+  f = fopen(path, "r");
+  long c;
+  while (f != NULL && fscanf(f, "%ld", &c) == 1) {
+    double x = proc_cpu_s(c, true);
+    if (x > 0) t += x;
+  }
+  if (f) fclose(f);
+  return t;
+}
+
+static double self_children_cpu_s(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_CHILDREN, &ru);
+  return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+         (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
 }
 
 static int env_int(const char *name, int def) {
@@ -305,6 +365,11 @@ int main(void) {
   } else {
     dir[0] = 0;
   }
+  char datadir[300] = "";
+  if (dir[0])
+    snprintf(datadir, sizeof datadir, "%s/data", dir);
+  else if (getenv("KEEL_BENCH_PG_DATA"))
+    snprintf(datadir, sizeof datadir, "%s", getenv("KEEL_BENCH_PG_DATA"));
   PGconn *pc = PQconnectdb(conninfo);
   char *fs = scalar(pc, "SHOW fsync"), *sc = scalar(pc, "SHOW synchronous_commit");
   printf("server: fsync=%s synchronous_commit=%s\n", fs ? fs : "?", sc ? sc : "?");
@@ -341,6 +406,7 @@ int main(void) {
 
   if (nworkers == 0) return 0; /* enqueue only (for EXPLAIN sessions) */
   /* 2. work */
+  double srv0 = server_cpu_s(datadir), wrk0 = self_children_cpu_s();
   pid_t pids[64];
   for (int i = 0; i < nworkers; i++) {
     pids[i] = fork();
@@ -359,6 +425,12 @@ int main(void) {
          (double)njobs / work_s);
   atomic_store(&sh->stop, 1);
   for (int i = 0; i < nworkers; i++) waitpid(pids[i], NULL, 0);
+  double srv1 = server_cpu_s(datadir), wrk1 = self_children_cpu_s();
+  /* CPU per job of the work phase (workers: from their exit; server: all
+   * its processes, including autovacuum and the checkpointer meanwhile) */
+  printf("cpu per job: workers %.1f us, server %.1f us%s\n", (wrk1 - wrk0) * 1e6 / (double)njobs,
+         srv0 >= 0 && srv1 >= 0 ? (srv1 - srv0) * 1e6 / (double)njobs : 0.0,
+         srv0 >= 0 && srv1 >= 0 ? "" : " (server not readable)");
 
   /* 3. pickup latency: one worker, jobs one by one at 200/s */
   atomic_store(&sh->stop, 0);

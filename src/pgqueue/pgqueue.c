@@ -369,20 +369,16 @@ static void on_finish(keel_pg *c, int status, const keel_pg_result *res, void *d
   kick(q);
 }
 
-static int64_t fence_key(int64_t id, unsigned attempt) {
-  return (int64_t)(((uint64_t)id << 20) | (attempt & 0xFFFFFu));
-}
-
 static void send_finish(keel_pgqueue *q) {
   if (q->fin_inflight || q->fin.n == 0) return;
-  arr ids, att, ops, del, errs, dids, dkeys;
+  arr ids, att, ops, del, errs, dids, datts;
   arr_open(&ids), arr_open(&att), arr_open(&ops), arr_open(&del), arr_open(&errs);
-  arr_open(&dids), arr_open(&dkeys);
+  arr_open(&dids), arr_open(&datts);
   for (size_t i = 0; i < q->fin.n; i++) {
     fin_entry *e = &q->fin.v[i];
     if (e->op == OP_DONE) {
       arr_i64(&dids, e->id);
-      arr_i64(&dkeys, fence_key(e->id, e->attempt));
+      arr_i64(&datts, e->attempt);
       continue;
     }
     arr_i64(&ids, e->id);
@@ -392,18 +388,18 @@ static void send_finish(keel_pgqueue *q) {
     arr_text(&errs, e->err);
   }
   int rc = arr_close(&ids) | arr_close(&att) | arr_close(&ops) | arr_close(&del) |
-           arr_close(&errs) | arr_close(&dids) | arr_close(&dkeys);
+           arr_close(&errs) | arr_close(&dids) | arr_close(&datts);
   if (rc == 0) {
     const char *params[] = {q->owner, q->o.done_retention_ms > 0 ? "true" : "false",
                             ids.b.p,  att.b.p,
                             ops.b.p,  del.b.p,
                             errs.b.p, dids.b.p,
-                            dkeys.b.p};
+                            datts.b.p};
     rc = keel_pg_query_cached(q->cb, q->sql.finish, 9, params, on_finish, q);
   }
   keel__pgq_buf_free(&ids.b), keel__pgq_buf_free(&att.b), keel__pgq_buf_free(&ops.b);
   keel__pgq_buf_free(&del.b), keel__pgq_buf_free(&errs.b);
-  keel__pgq_buf_free(&dids.b), keel__pgq_buf_free(&dkeys.b);
+  keel__pgq_buf_free(&dids.b), keel__pgq_buf_free(&datts.b);
   if (rc != 0) {
     keel__fail(q->err, rc, "completion batch not sent: %s", keel_err_name(rc));
     return; /* stays pending; retried at the next kick */
@@ -613,7 +609,7 @@ static void on_hb_timer(uv_timer_t *t) {
     for (keel_pgqueue_job *j = lists[l]->head; j; j = j->next) {
       j->hb_gen = q->hb_gen;
       arr_i64(&ids, j->id);
-      arr_i64(&att, fence_key(j->id, j->attempt));
+      arr_i64(&att, j->attempt);
     }
   int rc = arr_close(&ids) | arr_close(&att);
   if (rc == 0) {
