@@ -94,7 +94,7 @@ KEEL_EXTERN int keel_idem_new_redis(uv_loop_t *loop, keel_redis *redis, const ke
 
 /*
  * A store on a PostgreSQL pool (keel/pg.h), in opts.table (create it with
- * keel_idem_install() or yourself, see docs/integrity.md). pool is not
+ * keel_idem_install() or yourself, see docs/idempotency.md). pool is not
  * owned: it must outlive the store (close the store first). opts may be
  * NULL; copied. Returns 0 and sets *out, UV_EINVAL (NULL loop, pool or out;
  * a zero TTL; a bad table name) or UV_ENOMEM; *out is untouched on failure.
@@ -109,7 +109,7 @@ typedef void (*keel_idem_done_cb)(keel_idem *idem, int status, void *data);
 
 /*
  * PostgreSQL: creates the table if it does not exist (the DDL is in
- * docs/integrity.md), under an advisory lock, in one transaction. Redis:
+ * docs/idempotency.md), under an advisory lock, in one transaction. Redis:
  * nothing to create; done gets 0. done (may be NULL) gets 0, KEEL_EPG,
  * KEEL_ECONN, KEEL_EINDOUBT, UV_ETIMEDOUT or UV_ECANCELED on a later loop
  * iteration. Returns 0, UV_EINVAL (NULL idem), UV_ENOMEM, KEEL_EFULL or
