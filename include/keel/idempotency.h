@@ -59,12 +59,12 @@ typedef struct keel_idem keel_idem;
 #define KEEL_IDEM_PREFIX "keel:idem:"
 
 typedef struct keel_idem_opts {
-  uint64_t processing_ttl_ms; /* how long a key stays "processing" without
+  uint64_t processing_ttl_ms; /* 1..2^40; how long a key stays "processing" without
                                  complete/abort: an owner that dies frees the
                                  key after this; default 60000. Choose it above
                                  your longest processing time: a complete after
                                  it fails with KEEL_ELOST */
-  uint64_t completed_ttl_ms;  /* how long a stored response is kept; default
+  uint64_t completed_ttl_ms;  /* 1..2^40; how long a stored response is kept; default
                                  86400000 (24 h) */
   size_t max_body;            /* largest response body stored; a larger one
                                  is not cached (its status is: duplicates get
@@ -85,8 +85,9 @@ KEEL_EXTERN void keel_idem_opts_init(keel_idem_opts *opts);
 /*
  * A store on a Redis client (keel/redis.h). redis is not owned: it must
  * outlive the store (close the store first). opts may be NULL; copied.
- * Returns 0 and sets *out, UV_EINVAL (NULL loop, redis or out; a zero TTL;
- * a prefix over 64 bytes) or UV_ENOMEM; *out is untouched on failure.
+ * Returns 0 and sets *out, UV_EINVAL (NULL loop, redis or out; a TTL of 0
+ * or over 2^40 ms, about 34 years; a prefix over 64 bytes) or UV_ENOMEM;
+ * *out is untouched on failure.
  * Loop thread only.
  */
 KEEL_EXTERN int keel_idem_new_redis(uv_loop_t *loop, keel_redis *redis, const keel_idem_opts *opts,
@@ -97,7 +98,8 @@ KEEL_EXTERN int keel_idem_new_redis(uv_loop_t *loop, keel_redis *redis, const ke
  * keel_idem_install() or yourself, see docs/idempotency.md). pool is not
  * owned: it must outlive the store (close the store first). opts may be
  * NULL; copied. Returns 0 and sets *out, UV_EINVAL (NULL loop, pool or out;
- * a zero TTL; a bad table name) or UV_ENOMEM; *out is untouched on failure.
+ * a TTL of 0 or over 2^40 ms; a bad table name) or UV_ENOMEM; *out is
+ * untouched on failure.
  * Loop thread only.
  */
 KEEL_EXTERN int keel_idem_new_pg(uv_loop_t *loop, keel_pg_pool *pool, const keel_idem_opts *opts,
