@@ -16,12 +16,16 @@
  *
  *     static void on_begin(keel_idem *idem, int status, const keel_idem_reply *r,
  *                          void *req) {
- *       if (status == KEEL_EINPROGRESS) return reply(req, 409, "in progress");
- *       if (status == KEEL_EMISMATCH) return reply(req, 422, "key reused");
- *       if (status < 0) return reply(req, 503, keel_strerror(status));
- *       if (r->completed) return reply(req, r->response_status, r->body);
- *       save_token(req, &r->token);           // we own the key: do the work,
- *       do_the_work(req);                     // then keel_idem_complete(...)
+ *       if (status == KEEL_EINPROGRESS)
+ *         reply(req, 409, "in progress");
+ *       else if (status == KEEL_EMISMATCH)
+ *         reply(req, 422, "key reused");
+ *       else if (status < 0)
+ *         reply(req, 503, keel_strerror(status));
+ *       else if (r->completed)                // body: body_len bytes, no NUL
+ *         reply_bytes(req, r->response_status, r->body, r->body_len);
+ *       else                                  // we own the key: keep the token
+ *         do_the_work(req, r->token);         // (a copy), then keel_idem_complete()
  *     }
  *     keel_idem_begin(idem, "POST /bookings", header_key, body_sha256, on_begin, req);
  *
