@@ -23,12 +23,50 @@ static bool fail(reader *r, const char *error) {
   return false;
 }
 
+/* Byte classes, one lookup per byte: JSON white space, and the bytes that
+ * end a run of plain string bytes ('"', '\\', NUL and the other control
+ * characters). */
+enum { CLASS_WS = 1, CLASS_STRING_STOP = 2 };
+static const unsigned char byte_class[256] = {
+    [0] = CLASS_STRING_STOP,
+    [1] = CLASS_STRING_STOP,
+    [2] = CLASS_STRING_STOP,
+    [3] = CLASS_STRING_STOP,
+    [4] = CLASS_STRING_STOP,
+    [5] = CLASS_STRING_STOP,
+    [6] = CLASS_STRING_STOP,
+    [7] = CLASS_STRING_STOP,
+    [8] = CLASS_STRING_STOP,
+    ['\t'] = CLASS_STRING_STOP | CLASS_WS,
+    ['\n'] = CLASS_STRING_STOP | CLASS_WS,
+    [11] = CLASS_STRING_STOP,
+    [12] = CLASS_STRING_STOP,
+    ['\r'] = CLASS_STRING_STOP | CLASS_WS,
+    [14] = CLASS_STRING_STOP,
+    [15] = CLASS_STRING_STOP,
+    [16] = CLASS_STRING_STOP,
+    [17] = CLASS_STRING_STOP,
+    [18] = CLASS_STRING_STOP,
+    [19] = CLASS_STRING_STOP,
+    [20] = CLASS_STRING_STOP,
+    [21] = CLASS_STRING_STOP,
+    [22] = CLASS_STRING_STOP,
+    [23] = CLASS_STRING_STOP,
+    [24] = CLASS_STRING_STOP,
+    [25] = CLASS_STRING_STOP,
+    [26] = CLASS_STRING_STOP,
+    [27] = CLASS_STRING_STOP,
+    [28] = CLASS_STRING_STOP,
+    [29] = CLASS_STRING_STOP,
+    [30] = CLASS_STRING_STOP,
+    [31] = CLASS_STRING_STOP,
+    [' '] = CLASS_WS,
+    ['"'] = CLASS_STRING_STOP,
+    ['\\'] = CLASS_STRING_STOP,
+};
+
 static void skip_ws(reader *r) {
-  for (;;) {
-    char ch = r->s[r->at];
-    if (ch != ' ' && ch != '\t' && ch != '\n' && ch != '\r') return;
-    r->at++;
-  }
+  while (byte_class[(unsigned char)r->s[r->at]] & CLASS_WS) r->at++;
 }
 
 static int hex_value(char ch) {
@@ -49,12 +87,6 @@ static bool read_hex4(reader *r, size_t at, unsigned *out) {
   return true;
 }
 
-/* Bytes that end a run of plain string bytes: '"', '\\', NUL and the
- * other control characters. */
-static bool string_stop(unsigned char ch) {
-  return ch < 0x20 || ch == '"' || ch == '\\';
-}
-
 /* Reads a string at r->at (the opening quote). With decode, unescapes it in
  * place and NUL-terminates it (*out: its first byte); without, only checks
  * it. Bytes before the first escape stay where they are (nothing moves
@@ -62,7 +94,7 @@ static bool string_stop(unsigned char ch) {
 static bool read_string(reader *r, bool decode, char **out) {
   size_t in = ++r->at, begin = in;
   char *s = r->s;
-  while (!string_stop((unsigned char)s[in])) in++;
+  while (!(byte_class[(unsigned char)s[in]] & CLASS_STRING_STOP)) in++;
   size_t outpos = in;
   for (;;) {
     unsigned char ch = (unsigned char)s[in];
