@@ -420,7 +420,6 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
     return;
   }
   l->stats.received++;
-  size_t payload_len = strlen(payload);
   for (size_t i = 0; i < l->raw_count; i++) {
     if (strcmp(l->raws[i].channel, channel) != 0) continue;
     if (!l->holding && l->queue_head == NULL) {
@@ -429,6 +428,7 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
       return;
     }
     /* held back until the session's gap event (or behind a row fetch) */
+    size_t payload_len = strlen(payload);
     queued_change *q = queued_alloc(l, payload_len + 1);
     if (q == NULL) {
       keel__fail(l->last_error, UV_ENOMEM, "out of memory: a notification was dropped");
@@ -448,6 +448,7 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
     return;
   }
   /* the payload as received, then a working copy the parser writes into */
+  size_t payload_len = strlen(payload);
   queued_change *q = queued_alloc(l, 2 * (payload_len + 1));
   if (q == NULL) {
     keel__fail(l->last_error, UV_ENOMEM, "out of memory: a change was dropped");
