@@ -524,7 +524,8 @@ typedef struct keel_integrity_stats {
   uint64_t operations;                          /* calls accepted (update, upsert, retry loop,
                                                    install, slug insert, transaction) */
   uint64_t attempts;                            /* statements / transactions sent, retries
-                                                   included */
+                                                   included (not the read of a versioned
+                                                   update that wrote nothing) */
   uint64_t successes;                           /* operations that ended with 0 */
   uint64_t conflicts;                           /* KEEL_ECONFLICT outcomes of versioned writes
                                                    (each one, also those retried) */
