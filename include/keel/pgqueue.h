@@ -205,7 +205,10 @@ typedef void (*keel_pgqueue_enqueue_cb)(keel_pgqueue *q, int status,
 /*
  * Inserts n jobs (1..KEEL_PGQUEUE_MAX_BATCH) in one statement, and NOTIFYs
  * each queue concerned once (constant payload, so PostgreSQL folds repeats
- * within a transaction; sent at commit).
+ * within a transaction) once the jobs are committed: in your transaction
+ * (conn given) from the insert trigger, at your commit; on the queue's own
+ * connection from a separate non-durable transaction pipelined right after
+ * the insert's durable commit (docs/pgqueue.md, Wake-ups).
  *
  * conn     NULL: the queue's own connection (autocommit). Otherwise a
  *          keel_pg of yours, e.g. the connection of a keel_pg_pool
