@@ -226,7 +226,8 @@ typedef struct keel_occ_spec {
  *   KEEL_EINDOUBT   sent, connection lost before the reply: the write may
  *                   or may not have happened (read the row to find out);
  *   KEEL_ECONN      the connection was lost before the statement could
- *                   take effect (nothing was written);
+ *                   take effect, or during an update's read of the row
+ *                   after it wrote nothing (nothing was written);
  *   KEEL_ESERIALIZATION, KEEL_ERETRYABLE, KEEL_EUNIQUE, KEEL_EPG (other SQL
  *   errors, e.g. a check or type error), UV_ETIMEDOUT, UV_ECANCELED (pool
  *   closed): version NULL; the server's text is in
@@ -240,8 +241,11 @@ typedef void (*keel_occ_cb)(keel_integrity *ig, int status, const char *version,
 
 /*
  * Writes spec's columns and a new version to the row whose key is
- * key_value, only if its version is still expected_version: one statement,
- * one round trip, atomic (a data-modifying CTE; the SQL is in
+ * key_value, only if its version is still expected_version: one UPDATE,
+ * atomic, one round trip when it writes; when it writes nothing, a read of
+ * the row (a second round trip) tells KEEL_ECONFLICT (with the current
+ * version) from KEEL_ENOTFOUND, and a row that has the expected version
+ * again by then gets the UPDATE once more (at most 3 times; the SQL is in
  * docs/integrity.md). A table with keel_occ_install()'s trigger is bumped
  * once, not twice.
  *
@@ -520,7 +524,8 @@ typedef struct keel_integrity_stats {
   uint64_t operations;                          /* calls accepted (update, upsert, retry loop,
                                                    install, slug insert, transaction) */
   uint64_t attempts;                            /* statements / transactions sent, retries
-                                                   included */
+                                                   included (not the read of a versioned
+                                                   update that wrote nothing) */
   uint64_t successes;                           /* operations that ended with 0 */
   uint64_t conflicts;                           /* KEEL_ECONFLICT outcomes of versioned writes
                                                    (each one, also those retried) */

@@ -1,5 +1,6 @@
-/* Versioned (optimistic) updates and upserts in one statement each, the
- * optimistic retry loop, and the version-column installer. */
+/* Versioned (optimistic) updates (one plain UPDATE; a read only when it
+ * wrote nothing) and upserts (one statement), the optimistic retry loop,
+ * and the version-column installer. */
 #include <stdio.h>
 #include <string.h>
 
@@ -12,16 +13,19 @@ typedef struct occ_call {
   void *data;
   bool operation; /* a public call: ends the operation after cb */
   bool upsert;
-  int reruns;    /* upserts re-sent because their snapshot missed the row */
-  char *sql;     /* owned: re-sent by an upsert that saw nothing */
-  char **values; /* owned copies of the parameters */
+  int reruns;      /* statements re-sent (see OCC_RERUNS) */
+  char *sql;       /* owned: the write, kept for a re-send */
+  char *check_sql; /* owned: an update's read of the row when it wrote nothing */
+  char **values;   /* owned copies of the parameters */
   int nvalues;
 } occ_call;
 
 /* An upsert whose statement returned no row at all met a row inserted by a
- * concurrent first writer after its snapshot: re-sent (a new statement sees
- * it) at most this often. */
-#define OCC_UPSERT_RERUNS 3
+ * concurrent first writer after its snapshot; an update that wrote nothing
+ * but whose row then has the expected version met a row that came back
+ * (re-inserted, undeleted) after it ran: the write is re-sent (a new
+ * statement sees the row) at most this often. */
+#define OCC_RERUNS 3
 
 static const char *version_type(keel_version_kind kind) {
   return kind == KEEL_VERSION_UUID ? "uuid" : "bigint";
@@ -140,6 +144,54 @@ static void build_update(keel__sql *b, const keel_occ_spec *s, int new_param) {
                 " UNION ALL SELECT CASE WHEN alive THEN 'c' ELSE 'd' END, v, false FROM cur");
 }
 
+/* keel_occ_update's write: a plain single-row UPDATE, as cheap to parse and
+ * plan as the caller's own (an unnamed statement through a transaction
+ * pooler is parsed and planned on every call). A row back is success;
+ * none sends build_check()'s read to tell a conflict from a missing row. */
+static void build_lean_update(keel__sql *b, const keel_occ_spec *s) {
+  keel__sql_add(b, "UPDATE ");
+  keel__sql_ident(b, s->table, true);
+  keel__sql_add(b, " SET ");
+  for (int i = 0; i < s->set_count; i++) {
+    keel__sql_ident(b, s->set_columns[i], false);
+    keel__sql_addf(b, " = $%d, ", i + 3);
+  }
+  keel__sql_ident(b, s->version_column, false);
+  keel__sql_add(b, " = ");
+  add_bump(b, s, NULL, 0);
+  keel__sql_add(b, " WHERE ");
+  keel__sql_ident(b, s->key_column, false);
+  keel__sql_add(b, " = $1 AND ");
+  keel__sql_ident(b, s->version_column, false);
+  keel__sql_addf(b, " = $2::%s", version_type(s->version_kind));
+  add_alive(b, s, NULL);
+  keel__sql_add(b, " RETURNING ");
+  keel__sql_ident(b, s->version_column, false);
+  keel__sql_add(b, "::text");
+}
+
+/* The row as it is now, after an update that wrote nothing: its version,
+ * whether it is alive, and whether the version is the expected one. A new
+ * statement: under READ COMMITTED it sees the newest committed version. */
+static void build_check(keel__sql *b, const keel_occ_spec *s) {
+  keel__sql_add(b, "SELECT ");
+  keel__sql_ident(b, s->version_column, false);
+  keel__sql_add(b, "::text, ");
+  if (s->soft_delete_column == NULL || s->include_deleted) {
+    keel__sql_add(b, "true");
+  } else {
+    keel__sql_ident(b, s->soft_delete_column, false);
+    keel__sql_add(b, " IS NULL");
+  }
+  keel__sql_add(b, ", ");
+  keel__sql_ident(b, s->version_column, false);
+  keel__sql_addf(b, " = $2::%s FROM ", version_type(s->version_kind));
+  keel__sql_ident(b, s->table, true);
+  keel__sql_add(b, " WHERE ");
+  keel__sql_ident(b, s->key_column, false);
+  keel__sql_add(b, " = $1");
+}
+
 static void build_upsert(keel__sql *b, const keel_occ_spec *s) {
   keel__sql_add(b, "WITH ins AS (INSERT INTO ");
   keel__sql_ident(b, s->table, true);
@@ -187,6 +239,7 @@ static void free_values(char **values, int n) {
 
 static void occ_call_free(occ_call *call) {
   keel__free(call->sql);
+  keel__free(call->check_sql);
   free_values(call->values, call->nvalues);
   keel__free(call);
 }
@@ -233,29 +286,10 @@ static int occ_outcome(keel_integrity *ig, keel_pg *conn, int *status, const kee
   return 0;
 }
 
-static void on_occ_result(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
-  occ_call *call = data;
+/* Ends the operation: frees call, then cb (version and inserted valid
+ * while the result they point into is). */
+static void occ_finish(occ_call *call, int status, const char *version, bool inserted) {
   keel_integrity *ig = call->ig;
-  const char *version = NULL;
-  bool inserted = false;
-  if (occ_outcome(ig, conn, &status, res, &version, &inserted, call->upsert)) {
-    /* The row a concurrent writer inserted is invisible to this statement's
-     * snapshot; the same upsert sent again sees it (conflict with its
-     * version, or the update when the version matches). */
-    int rc = UV_EAGAIN;
-    if (call->reruns < OCC_UPSERT_RERUNS && !ig->closing) {
-      call->reruns++;
-      rc = keel_pg_pool_query_cached(ig->pool, call->sql, call->nvalues,
-                                     (const char *const *)call->values, on_occ_result, call);
-      if (rc == 0) {
-        ig->stats.attempts++;
-        return;
-      }
-    }
-    status = rc == UV_EAGAIN ? KEEL_ECONFLICT : rc;
-    if (status == KEEL_ECONFLICT) ig->stats.conflicts++;
-    keel__fail(ig->last_error, status, "upsert: the row changed under every attempt");
-  }
   keel_occ_cb cb = call->cb;
   void *cb_data = call->data;
   bool operation = call->operation;
@@ -263,6 +297,113 @@ static void on_occ_result(keel_pg *conn, int status, const keel_pg_result *res, 
   if (status == KEEL_EINDOUBT) ig->stats.in_doubt++;
   cb(ig, status, version, inserted, cb_data);
   if (operation) keel__ig_end(ig, status);
+}
+
+static void on_occ_result(keel_pg *conn, int status, const keel_pg_result *res, void *data);
+
+/* Sends the write again (see OCC_RERUNS): 0, UV_EAGAIN when it may not
+ * (reruns used up, context closing), or the pool's error. */
+static int occ_resend(occ_call *call) {
+  keel_integrity *ig = call->ig;
+  if (call->reruns >= OCC_RERUNS || ig->closing) return UV_EAGAIN;
+  call->reruns++;
+  int rc = keel_pg_pool_query_cached(ig->pool, call->sql, call->nvalues,
+                                     (const char *const *)call->values, on_occ_result, call);
+  if (rc == 0) ig->stats.attempts++;
+  return rc;
+}
+
+/* The read after an update that wrote nothing: the row is absent or
+ * soft-deleted (not found), or has another version (a conflict, with it). */
+static void on_occ_check(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  occ_call *call = data;
+  keel_integrity *ig = call->ig;
+  if (status != 0) {
+    keel__ig_record_error(ig, conn, status, res);
+    status = keel_sqlstate_map(status, res);
+    if (status == KEEL_EINDOUBT || status == KEEL_ECONN) {
+      /* Only the read was lost: the update certainly wrote nothing. */
+      status = KEEL_ECONN;
+      keel__fail(ig->last_error, KEEL_ECONN,
+                 "versioned update wrote nothing; the read of the row that says why was lost: %s",
+                 keel_pg_last_error(conn));
+    }
+    occ_finish(call, status, NULL, false);
+    return;
+  }
+  const char *version = keel_pg_result_nrows(res) > 0 ? keel_pg_result_value(res, 0, 0) : NULL;
+  const char *alive = version != NULL ? keel_pg_result_value(res, 0, 1) : NULL;
+  const char *same = version != NULL ? keel_pg_result_value(res, 0, 2) : NULL;
+  if (version == NULL || alive == NULL || alive[0] != 't') {
+    ig->stats.not_found++;
+    keel__fail(ig->last_error, KEEL_ENOTFOUND,
+               version == NULL ? "no such row" : "no such row (soft-deleted)");
+    occ_finish(call, KEEL_ENOTFOUND, NULL, false);
+    return;
+  }
+  if (same != NULL && same[0] == 't') {
+    /* The row has the expected version now: it came back (inserted again,
+     * undeleted) after the update ran. The update sent again decides. */
+    int rc = occ_resend(call);
+    if (rc == 0) return;
+    if (rc != UV_EAGAIN) {
+      status = rc == KEEL_ECLOSING ? UV_ECANCELED : rc;
+      keel__fail(ig->last_error, status, "versioned update: cannot send it again: %s",
+                 keel_pg_pool_last_error(ig->pool));
+      occ_finish(call, status, NULL, false);
+      return;
+    }
+  }
+  ig->stats.conflicts++;
+  keel__fail(ig->last_error, KEEL_ECONFLICT, "version conflict: current version is %s", version);
+  occ_finish(call, KEEL_ECONFLICT, version, false);
+}
+
+/* An update's reply: the new version, or nothing written (then the read
+ * tells why). */
+static void on_update_result(keel_pg *conn, int status, const keel_pg_result *res, occ_call *call) {
+  keel_integrity *ig = call->ig;
+  if (status != 0) {
+    const char *version;
+    bool inserted;
+    occ_outcome(ig, conn, &status, res, &version, &inserted, false);
+    occ_finish(call, status, NULL, false);
+    return;
+  }
+  if (keel_pg_result_nrows(res) > 0) {
+    occ_finish(call, 0, keel_pg_result_value(res, 0, 0), false);
+    return;
+  }
+  int rc = keel_pg_pool_query_cached(ig->pool, call->check_sql, 2,
+                                     (const char *const *)call->values, on_occ_check, call);
+  if (rc == 0) return;
+  status = rc == KEEL_ECLOSING ? UV_ECANCELED : rc;
+  keel__fail(ig->last_error, status,
+             "versioned update wrote nothing; cannot read the row that says why: %s",
+             keel_pg_pool_last_error(ig->pool));
+  occ_finish(call, status, NULL, false);
+}
+
+static void on_occ_result(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  occ_call *call = data;
+  if (!call->upsert) {
+    on_update_result(conn, status, res, call);
+    return;
+  }
+  keel_integrity *ig = call->ig;
+  const char *version = NULL;
+  bool inserted = false;
+  if (occ_outcome(ig, conn, &status, res, &version, &inserted, true)) {
+    /* The row a concurrent writer inserted is invisible to this statement's
+     * snapshot; the same upsert sent again sees it (conflict with its
+     * version, or the update when the version matches). */
+    int rc = occ_resend(call);
+    if (rc == 0) return;
+    status = rc == UV_EAGAIN ? KEEL_ECONFLICT : rc;
+    if (status == KEEL_ECONFLICT) ig->stats.conflicts++;
+    keel__fail(ig->last_error, status, "upsert: the row changed under every attempt");
+  }
+  occ_finish(call, status, version, inserted);
 }
 
 static char **copy_values(const char *const *values, int n, bool *failed) {
@@ -282,37 +423,36 @@ static char **copy_values(const char *const *values, int n, bool *failed) {
 /* Builds and sends one versioned write through the pool; counts an attempt. */
 static int occ_send(keel_integrity *ig, const keel_occ_spec *s, bool upsert, keel_occ_cb cb,
                     void *data) {
-  keel__sql b = {0};
-  if (upsert)
+  keel__sql b = {0}, check = {0};
+  if (upsert) {
     build_upsert(&b, s);
-  else
-    build_update(&b, s, 0);
+  } else {
+    build_lean_update(&b, s);
+    build_check(&check, s);
+  }
   const char *values[OCC_MAX_SET + 2];
   values[0] = s->key_value;
   values[1] = s->expected_version;
   for (int i = 0; i < s->set_count; i++) values[i + 2] = s->set_values[i];
-  occ_call *call = b.failed ? NULL : keel__calloc(1, sizeof *call);
-  if (call == NULL) {
-    keel__sql_free(&b);
-    return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
-  }
-  *call = (occ_call){.ig = ig, .cb = cb, .data = data, .operation = true, .upsert = upsert};
-  if (upsert) {
-    /* Kept for a re-send (see on_occ_result). */
-    bool failed = false;
+  occ_call *call = b.failed || check.failed ? NULL : keel__calloc(1, sizeof *call);
+  bool failed = call == NULL;
+  if (call != NULL) {
+    /* The texts and values are kept for the read and for a re-send. */
+    *call = (occ_call){.ig = ig, .cb = cb, .data = data, .operation = true, .upsert = upsert};
     call->nvalues = s->set_count + 2;
     call->values = copy_values(values, call->nvalues, &failed);
     call->sql = b.text;
-    b.text = NULL;
-    if (failed) {
-      occ_call_free(call);
-      keel__sql_free(&b);
-      return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
-    }
+    call->check_sql = check.text;
+    b.text = check.text = NULL;
   }
-  int rc = keel_pg_pool_query_cached(ig->pool, upsert ? call->sql : b.text, s->set_count + 2,
-                                     values, on_occ_result, call);
   keel__sql_free(&b);
+  keel__sql_free(&check);
+  if (failed) {
+    if (call != NULL) occ_call_free(call);
+    return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
+  }
+  int rc = keel_pg_pool_query_cached(ig->pool, call->sql, call->nvalues,
+                                     (const char *const *)call->values, on_occ_result, call);
   if (rc != 0) {
     occ_call_free(call);
     return rc == KEEL_ECLOSING

@@ -75,8 +75,9 @@ static void next_word(const char *sql, size_t *at, char *word, size_t cap) {
 }
 
 /* What the statement does to the session's transaction block, from its
- * leading keywords (one statement per query in the extended protocol). */
-static unsigned char classify_statement(const char *sql, bool *chain) {
+ * leading keywords (one statement per query in the extended protocol);
+ * *copy: it is a COPY. */
+static unsigned char classify_statement(const char *sql, bool *chain, bool *copy) {
   char words[6][16];
   size_t at = 0;
   int n = 0;
@@ -85,6 +86,7 @@ static unsigned char classify_statement(const char *sql, bool *chain) {
     if (words[n][0] == '\0') break;
   }
   *chain = false;
+  *copy = n > 0 && strcmp(words[0], "copy") == 0;
   if (n == 0) return KEEL__PG_KIND_OTHER;
   const char *w = words[0];
   bool second_prepared = n > 1 && strcmp(words[1], "prepared") == 0;
@@ -969,6 +971,11 @@ static void flush_queries(keel_pg *c) {
   while (c->pending_head != NULL) {
     /* Without pipelining, one statement at a time. */
     if (!c->pipeline_on && c->sent_head != NULL) break;
+    /* Nothing behind a COPY until it is done: PgBouncer (before 1.22.1)
+     * loses count of the syncs at a COPY's end and gives the server
+     * connection back at its ReadyForQuery, dropping (or handing to another
+     * client) the replies of statements pipelined behind it. */
+    if (c->sent_tail != NULL && c->sent_tail->copy) break;
     keel__pg_query *q = c->pending_head;
     /* Made stale after the walk above (by a callback): the flush timer
      * fails it. */
@@ -1182,7 +1189,10 @@ static bool read_results(keel_pg *c) {
 #if defined(LIBPQ_HAS_PIPELINING)
       if (PQresultStatus(res) == PGRES_PIPELINE_SYNC) {
         PQclear(res);
+        bool copy = head->copy;
         complete_head(c);
+        /* The statements held back behind a COPY go out now. */
+        if (copy && c->pending_head != NULL) schedule_flush(c);
         continue;
       }
 #endif
@@ -1581,7 +1591,7 @@ static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *
   if (!internal) {
     /* Transaction blocks in queue order: the statements after a BEGIN, up to
      * its COMMIT/ROLLBACK, run only in the session that BEGIN ran in. */
-    q->kind = classify_statement(q->sql, &q->chain);
+    q->kind = classify_statement(q->sql, &q->chain, &q->copy);
     bool ends = (q->kind == KEEL__PG_KIND_COMMIT || q->kind == KEEL__PG_KIND_ROLLBACK) && !q->chain;
     if (q->kind == KEEL__PG_KIND_BEGIN && c->enq_block == 0) {
       q->block = c->enq_block = ++c->block_seq;

@@ -33,6 +33,7 @@ typedef struct keel__pg_query {
   /* Transaction control (see classify_statement in conn.c). */
   unsigned char kind; /* KEEL__PG_KIND_* of the statement's first keywords */
   bool chain;         /* COMMIT/ROLLBACK AND CHAIN: the block goes on */
+  bool copy;          /* a COPY: nothing is sent behind it until its sync is back */
   bool in_block;      /* sent while an explicit transaction block was open */
   bool begins_block;  /* the BEGIN that opened `block` */
   bool orphan;        /* internal PREPARE whose EXECUTE was never sent */

@@ -1212,11 +1212,48 @@ Test(faults, a_commit_lost_in_flight_is_looked_up_not_retried_blindly) {
   }
 }
 
+/* A versioned update that wrote nothing reads the row to tell a conflict
+ * from a missing row; when that read is lost, the update still certainly
+ * did not take effect: KEEL_ECONN (safe to retry), never KEEL_EINDOUBT. */
+Test(faults, a_conflict_whose_read_is_lost_is_certain_not_in_doubt) {
+  cutfx c;
+  setup_cut(&c);
+  fx *f = &c.f;
+  const char *cols[] = {"n"};
+  const char *vals[] = {"5"};
+  keel_occ_spec s = {.table = f->table,
+                     .key_column = "id",
+                     .key_value = "1",
+                     .version_column = "version",
+                     .expected_version = "7", /* the row has version 1 */
+                     .set_columns = cols,
+                     .set_values = vals,
+                     .set_count = 1};
+  pgproxy_cut_at(c.proxy, "SELECT", false);
+  cr_assert_eq(keel_occ_update(f->ig, &s, on_occ, f), 0);
+  wait_done(f, 1);
+  cr_assert_eq(pgproxy_cuts(c.proxy), 1, "the read's reply was cut");
+  cr_assert_eq(f->statuses[0], KEEL_ECONN, "%s: %s", keel_err_name(f->statuses[0]),
+               keel_integrity_last_error(f->ig));
+  keel_integrity_stats st;
+  keel_integrity_get_stats(f->ig, &st);
+  cr_assert_eq(st.in_doubt, 0);
+  char *row = scalar(f, "SELECT n || '/' || version FROM %s WHERE id = 1");
+  cr_assert_str_eq(row, "0/1", "nothing written");
+  free(row);
+  /* The same call again (the connection is back) reports the conflict. */
+  warm_up(f, 1);
+  cr_assert_eq(keel_occ_update(f->ig, &s, on_occ, f), 0);
+  wait_done(f, 2);
+  cr_assert_eq(f->statuses[1], KEEL_ECONFLICT);
+  teardown_cut(&c);
+}
+
 Test(faults, single_statements_lost_in_flight_are_reported_in_doubt) {
   cutfx c;
   setup_cut(&c);
   fx *f = &c.f;
-  /* A versioned update's reply (tag SELECT: it is a WITH ... SELECT). */
+  /* A versioned update's reply (tag UPDATE: a plain UPDATE ... RETURNING). */
   const char *cols[] = {"n"};
   const char *vals[] = {"5"};
   keel_occ_spec s = {.table = f->table,
@@ -1227,7 +1264,7 @@ Test(faults, single_statements_lost_in_flight_are_reported_in_doubt) {
                      .set_columns = cols,
                      .set_values = vals,
                      .set_count = 1};
-  pgproxy_cut_at(c.proxy, "SELECT", false);
+  pgproxy_cut_at(c.proxy, "UPDATE", false);
   cr_assert_eq(keel_occ_update(f->ig, &s, on_occ, f), 0);
   wait_done(f, 1);
   cr_assert_eq(f->statuses[0], KEEL_EINDOUBT, "%s: %s", keel_err_name(f->statuses[0]),

@@ -3,6 +3,7 @@
  * installer, 50 concurrent slug creators, serialization failures and
  * deadlocks retried, a wallet that never goes negative. */
 #include <criterion/criterion.h>
+#include <libpq-fe.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -116,6 +117,73 @@ Test(integrity, versioned_update_success_conflict_not_found_soft_deleted) {
   s.table = "bad.table.name";
   cr_assert_eq(keel_occ_update(f.ig, &s, on_occ, &f), UV_EINVAL);
   cr_assert_str_neq(keel_integrity_last_error(f.ig), "");
+  teardown(&f);
+}
+
+static void pq_ok(PGconn *conn, const char *sql) {
+  PGresult *r = PQexec(conn, sql);
+  cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s: %s", sql, PQerrorMessage(conn));
+  PQclear(r);
+}
+
+/* An update that wrote nothing reads the row to say why. A row deleted and
+ * inserted again with the expected version while the update waited for its
+ * lock (invisible to the update's snapshot, visible to the read) gets the
+ * update sent again: written, not a conflict with the very version the
+ * caller expected, nor "not found" for a row that is there. */
+Test(integrity, versioned_update_of_a_row_that_came_back_is_sent_again) {
+  fx f;
+  setup(&f, 1,
+        "CREATE TABLE %s (id int PRIMARY KEY, name text, version bigint NOT NULL DEFAULT 1); "
+        "INSERT INTO %s (id, name) VALUES (1, 'a'); SELECT '%s'");
+  PGconn *other = PQconnectdb(kt_pg_direct_conninfo());
+  cr_assert_eq(PQstatus(other), CONNECTION_OK);
+  char sql[512];
+  pq_ok(other, "BEGIN");
+  snprintf(sql, sizeof sql, "DELETE FROM %s WHERE id = 1", f.table);
+  pq_ok(other, sql);
+  snprintf(sql, sizeof sql, "INSERT INTO %s (id, name) VALUES (1, 'again')", f.table);
+  pq_ok(other, sql);
+  const char *cols[] = {"name"};
+  const char *vals[] = {"renamed"};
+  keel_occ_spec s = {.table = f.table,
+                     .key_column = "id",
+                     .key_value = "1",
+                     .version_column = "version",
+                     .expected_version = "1",
+                     .set_columns = cols,
+                     .set_values = vals,
+                     .set_count = 1};
+  cr_assert_eq(keel_occ_update(f.ig, &s, on_occ, &f), 0);
+  /* Until the update waits for the row the open transaction deleted (the
+   * transaction's view of pg_stat_activity is refreshed every time). */
+  snprintf(sql, sizeof sql,
+           "SELECT pg_stat_clear_snapshot(); SELECT count(*) FROM pg_stat_activity WHERE "
+           "wait_event_type = 'Lock' AND query LIKE '%%UPDATE %%%s%%'",
+           f.table);
+  bool waiting = false;
+  for (int i = 0; i < 3000 && !waiting && f.done == 0; i++) {
+    uv_run(&f.loop, UV_RUN_NOWAIT);
+    PGresult *r = PQexec(other, sql);
+    waiting = PQresultStatus(r) == PGRES_TUPLES_OK && strcmp(PQgetvalue(r, 0, 0), "0") != 0;
+    PQclear(r);
+    if (!waiting) uv_sleep(2);
+  }
+  cr_assert(waiting, "the update never waited for the row lock");
+  pq_ok(other, "COMMIT");
+  PQfinish(other);
+  wait_done(&f, 1);
+  cr_assert_eq(f.statuses[0], 0, "%s: %s", keel_err_name(f.statuses[0]),
+               keel_integrity_last_error(f.ig));
+  cr_assert_str_eq(f.versions[0], "2");
+  char *name = scalar(&f, "SELECT name || '/' || version FROM %s WHERE id = 1");
+  cr_assert_str_eq(name, "renamed/2");
+  free(name);
+  keel_integrity_stats st;
+  keel_integrity_get_stats(f.ig, &st);
+  cr_assert_eq(st.attempts, 2, "sent twice");
+  cr_assert_eq(st.conflicts, 0);
+  cr_assert_eq(st.not_found, 0);
   teardown(&f);
 }
 

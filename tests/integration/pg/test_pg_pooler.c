@@ -401,3 +401,30 @@ Test(pg_pooler, auto_name_already_taken_never_runs_it_and_goes_unnamed) {
 Test(pg_pooler, named_mode_reports_name_already_taken) {
   name_taken(KEEL_PG_STATEMENTS_NAMED);
 }
+
+/* ---- COPY ------------------------------------------------------------------ */
+
+/* PgBouncer before 1.22.1 forgets at the end of a COPY how many replies the
+ * client still waits for, and gives the server connection back to its pool
+ * at the COPY's ReadyForQuery: a statement pipelined behind the COPY lost
+ * its reply (keel waited for it forever; it could reach another client).
+ * Seen as pg_conn::copy_never_hangs_the_connection losing 1 of 3 results
+ * under load; the statement behind the COPY here answers late (pg_sleep),
+ * so the reply always comes after the COPY's ReadyForQuery. keel sends
+ * nothing behind a COPY until the COPY is done. */
+Test(pg_pooler, a_statement_pipelined_behind_a_copy_gets_its_reply) {
+  cx x;
+  memset(&x, 0, sizeof x);
+  uv_loop_init(&x.loop);
+  keel_pg *c = open_conn(&x, kt_pg_pooler_conninfo(), KEEL_PG_STATEMENTS_AUTO);
+  for (int i = 0; i < 3; i++) {
+    cr_assert_eq(keel_pg_query(c, "COPY (SELECT 1) TO STDOUT", 0, NULL, store, &x), 0);
+    cr_assert_eq(keel_pg_query(c, "SELECT 8 FROM pg_sleep(0.05)", 0, NULL, store, &x), 0);
+    wait_results(&x, 2 * (i + 1));
+    cr_assert_eq(x.statuses[2 * i], 0, "%s", keel_err_name(x.statuses[2 * i]));
+    cr_assert_eq(x.statuses[2 * i + 1], 0, "%s", keel_pg_last_error(c));
+    cr_assert_str_eq(x.values[2 * i + 1], "8");
+  }
+  keel_pg_close(c, NULL, NULL);
+  kt_loop_finish(&x.loop);
+}
