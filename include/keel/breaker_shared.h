@@ -65,7 +65,7 @@ typedef struct keel_breaker_shared_opts {
   uint32_t publish_interval_ms;  /* sync period; default 5 */
   uint32_t publish_batch;        /* also sync as soon as this many outcomes wait,
                                     checked once per loop iteration (before the
-                                    loop waits for I/O); default 100; 0 = on the
+                                    loop waits for I/O); default 1000; 0 = on the
                                     interval only */
   uint64_t window_ms;            /* shared window of outcomes; default 10000 */
   uint32_t minimum_calls;        /* shared trip only from this many calls in the
@@ -127,7 +127,8 @@ KEEL_EXTERN void keel_breaker_shared_get_stats(const keel_breaker_shared *sh,
                                                keel_breaker_shared_stats *out);
 
 /*
- * Stops sharing: the breaker goes on alone. cb (may be NULL) runs on a
+ * Stops sharing: the breaker goes on alone (a local transition not yet
+ * published is not published any more). cb (may be NULL) runs on a
  * later loop iteration once the timers are closed, the sync in flight (if
  * any) answered and the subscription ended. NULL-safe; a second call does
  * nothing. Loop thread only.

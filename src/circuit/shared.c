@@ -107,7 +107,7 @@ void keel_breaker_shared_opts_init(keel_breaker_shared_opts *opts) {
   if (opts == NULL) return;
   memset(opts, 0, sizeof *opts);
   opts->publish_interval_ms = 5;
-  opts->publish_batch = 100;
+  opts->publish_batch = 1000;
   opts->window_ms = 10000;
   opts->minimum_calls = 20;
   opts->failure_rate_threshold = 0.5;
