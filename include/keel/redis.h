@@ -341,7 +341,8 @@ typedef enum keel_redis_sub_event {
                                  published from now on arrive; status 0 */
   KEEL_REDIS_SUB_LOST = 2,    /* the subscriber connection was lost or could not
                                  be made (status KEEL_ECONN, UV_ETIMEDOUT,
-                                 KEEL_EAUTH; text in keel_redis_last_error()):
+                                 KEEL_EAUTH, UV_ENOMEM; text in
+                                 keel_redis_last_error()):
                                  messages are missed until the next READY; once
                                  per loss */
   KEEL_REDIS_SUB_ENDED = 3    /* the last call for this subscription, then it is

@@ -21,6 +21,8 @@ typedef struct subx {
   char channel[MAXM][64];
   bool pattern_seen;
   bool unsubscribe_on_message;
+  keel_redis *close_on_message; /* closes this client from inside MESSAGE */
+  int after_close_rc;
 } subx;
 
 static void on_event(keel_redis_sub *sub, keel_redis_sub_event ev, int status,
@@ -48,6 +50,11 @@ static void on_event(keel_redis_sub *sub, keel_redis_sub_event ev, int status,
       if (m->pattern != NULL) x->pattern_seen = true;
       x->messages++;
       if (x->unsubscribe_on_message) cr_assert_eq(keel_redis_unsubscribe(sub), 0);
+      if (x->close_on_message != NULL) {
+        keel_redis_close(x->close_on_message, NULL, NULL);
+        x->after_close_rc = keel_redis_unsubscribe(sub);
+        x->close_on_message = NULL;
+      }
       break;
   }
 }
@@ -261,6 +268,33 @@ Test(redis_pubsub, no_reconnect_ends_subscriptions, .timeout = 60) {
   keel_redis_close(r, NULL, NULL);
   kt_loop_finish(&loop);
   kt_redis_server_destroy(&srv);
+}
+
+Test(redis_pubsub, close_from_inside_a_message, .timeout = 60) {
+  char url[128], ch[64];
+  shared_url(url, sizeof url);
+  kt_unique_name(ch, sizeof ch, "psc");
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_redis *r = open_client(&loop, url);
+  keel_redis *pub = open_client(&loop, url);
+  subx a = {0}, b = {0};
+  a.close_on_message = r;
+  cr_assert_eq(keel_redis_subscribe(r, ch, strlen(ch), false, on_event, &a, &a.sub), 0);
+  cr_assert_eq(keel_redis_subscribe(r, ch, strlen(ch), false, on_event, &b, &b.sub), 0);
+  cr_assert(kt_wait_for(&loop, is_ready, &a, 5000));
+  cr_assert(kt_wait_for(&loop, is_ready, &b, 5000));
+  cr_assert_eq(publish(&loop, pub, ch, "bye"), 1);
+  cr_assert(kt_wait_for(&loop, has_ended, &a, 5000));
+  cr_assert(kt_wait_for(&loop, has_ended, &b, 5000));
+  cr_assert_eq(a.after_close_rc, KEEL_ECLOSING);
+  cr_assert_eq(a.messages, 1);
+  cr_assert_eq(b.messages, 0, "closed before its turn: no message after close");
+  cr_assert_eq(a.end_status, UV_ECANCELED);
+  cr_assert_eq(b.end_status, UV_ECANCELED);
+  keel_redis_close(pub, NULL, NULL);
+  kt_loop_finish(&loop);
+  cr_assert_eq(a.order_bad + b.order_bad, 0);
 }
 
 static char fm_url[128];
