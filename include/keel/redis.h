@@ -136,7 +136,9 @@ typedef enum keel_redis_state {
  * KEEL_EAUTH when AUTH was refused, KEEL_EREDIS when SELECT was refused,
  * KEEL_EPROTO for a protocol error); the text is in keel_redis_last_error().
  * CONNECTING is reported when a reconnect attempt starts. Never called
- * inside a keel call; never after keel_redis_close() was called.
+ * inside a keel call; never after keel_redis_close() was called. (The
+ * command connection only: the subscriber connection's losses reach the
+ * subscriptions, see keel_redis_subscribe().)
  */
 typedef void (*keel_redis_state_cb)(keel_redis *r, keel_redis_state state, int status, void *data);
 
@@ -188,8 +190,9 @@ KEEL_EXTERN int keel_redis_new(uv_loop_t *loop, const keel_redis_opts *opts, kee
  * are copied before this returns. cb (may be NULL) is called exactly once,
  * on a later loop iteration (see keel_redis_reply_cb). The timeout is
  * opts.command_timeout_ms, counted from this call.
- * Do not send SUBSCRIBE, PSUBSCRIBE, MONITOR or QUIT on a keel_redis:
- * they change the connection's protocol (UV_EINVAL).
+ * Do not send SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE, MONITOR or QUIT with it:
+ * they change the connection's protocol (UV_EINVAL); subscribe with
+ * keel_redis_subscribe().
  * Returns 0; or, with nothing sent and cb never called:
  *   UV_EINVAL     NULL r or argv, argc < 1, a NULL argv[i], or one of the
  *                 commands above;
@@ -285,10 +288,12 @@ typedef struct keel_redis_stats {
 KEEL_EXTERN void keel_redis_get_stats(const keel_redis *r, keel_redis_stats *out);
 
 /*
- * Closes the client: the connection is dropped, then on a later loop
+ * Closes the client: its connections are dropped, then on a later loop
  * iteration every pending command gets UV_ECANCELED (a command already
  * sent may have run), every lock of this client that is waiting or held
- * ends (see keel_redis_lock_acquire()), and last cb (may be NULL; its
+ * ends (see keel_redis_lock_acquire()), every subscription gets
+ * KEEL_REDIS_SUB_ENDED (UV_ECANCELED, or 0 when already unsubscribed), and
+ * last cb (may be NULL; its
  * object argument is the freed r, for identity only). No callback runs
  * during this call; on_state is not called after it; after cb,
  * uv_loop_close() succeeds. Calls on r made from those callbacks return
@@ -297,6 +302,123 @@ KEEL_EXTERN void keel_redis_get_stats(const keel_redis *r, keel_redis_stats *out
  * callback returns). Never fails. Loop thread only.
  */
 KEEL_EXTERN void keel_redis_close(keel_redis *r, keel_close_cb cb, void *data);
+
+/* ---- publish / subscribe --------------------------------------------------- */
+
+/*
+ * Pub/sub runs on a second connection of the client, the subscriber
+ * connection: opened at the first subscription (same URL, AUTH, timeouts
+ * and reconnect backoff as the command connection; no SELECT: channels are
+ * not per database), kept until keel_redis_close(), driven by the same
+ * loop. After it is lost keel reconnects and subscribes again to every
+ * channel and pattern still wanted. Redis pub/sub delivers at most once: a
+ * message published while the subscriber connection is down is lost, so a
+ * subscriber that keeps state re-reads it at each KEEL_REDIS_SUB_READY.
+ * Publishing is an ordinary command on the client (PUBLISH channel
+ * message, or redis.call('PUBLISH', ...) in a script).
+ *
+ *     static void on_event(keel_redis_sub *sub, keel_redis_sub_event ev, int status,
+ *                          const keel_redis_message *m, void *data) {
+ *       if (ev == KEEL_REDIS_SUB_MESSAGE)
+ *         printf("%.*s: %.*s\n", (int)m->channel_len, m->channel,
+ *                (int)m->payload_len, m->payload);
+ *       else if (ev == KEEL_REDIS_SUB_READY) reload_state(data);   // (re)subscribed
+ *     }
+ *     keel_redis_sub *sub;
+ *     keel_redis_subscribe(r, "orders", 6, false, on_event, ctx, &sub);
+ *     ...
+ *     keel_redis_unsubscribe(sub);      // on_event gets KEEL_REDIS_SUB_ENDED later
+ */
+typedef struct keel_redis_sub keel_redis_sub;
+
+/* Most subscriptions a client holds at once (beyond: UV_ENOBUFS). */
+#define KEEL_REDIS_MAX_SUBSCRIPTIONS 4096u
+
+typedef enum keel_redis_sub_event {
+  KEEL_REDIS_SUB_MESSAGE = 0, /* a message; status 0, msg set */
+  KEEL_REDIS_SUB_READY = 1,   /* the server confirmed the subscription (first time,
+                                 and again after every reconnect): messages
+                                 published from now on arrive; status 0 */
+  KEEL_REDIS_SUB_LOST = 2,    /* the subscriber connection was lost or could not
+                                 be made (status KEEL_ECONN, UV_ETIMEDOUT,
+                                 KEEL_EAUTH, UV_ENOMEM; text in
+                                 keel_redis_last_error()):
+                                 messages are missed until the next READY; once
+                                 per loss */
+  KEEL_REDIS_SUB_ENDED = 3    /* the last call for this subscription, then it is
+                                 freed: status 0 after keel_redis_unsubscribe(),
+                                 UV_ECANCELED when the client closed, KEEL_ECONN
+                                 when the subscriber connection failed for good
+                                 (opts.reconnect false) */
+} keel_redis_sub_event;
+
+/* A message, valid only during the callback (copy what you keep). The
+ * strings are binary-safe (use the lengths) and NUL-terminated. */
+typedef struct keel_redis_message {
+  const char *channel; /* the channel it was published on */
+  size_t channel_len;
+  const char *pattern; /* the pattern it matched (psubscribe); NULL otherwise */
+  size_t pattern_len;
+  const char *payload;
+  size_t payload_len;
+} keel_redis_message;
+
+/*
+ * Called for each event of a subscription, always on a later loop iteration
+ * than the call that caused it; msg is NULL for all but MESSAGE. The order
+ * per subscription: READY before any MESSAGE, LOST and READY alternating
+ * with reconnects, ENDED exactly once and last. keel_redis_unsubscribe(),
+ * keel_redis_subscribe() and keel_redis_close() may be called from inside.
+ */
+typedef void (*keel_redis_sub_cb)(keel_redis_sub *sub, keel_redis_sub_event event, int status,
+                                  const keel_redis_message *msg, void *data);
+
+/*
+ * Subscribes to channel (len bytes, binary-safe, 1..1024, copied) with
+ * SUBSCRIBE, or with pattern true to the glob-style pattern with
+ * PSUBSCRIBE. Any number of subscriptions may share a channel (one
+ * SUBSCRIBE on the wire; each gets every message). cb (required) gets
+ * READY once the server confirmed, then the messages, until ENDED. *out is
+ * set before any callback and stays valid until the ENDED callback returns.
+ * Returns 0; or, with cb never called and *out untouched: UV_EINVAL (NULL
+ * r, channel, cb or out, len 0 or > 1024), UV_ENOBUFS
+ * (KEEL_REDIS_MAX_SUBSCRIPTIONS already held), KEEL_ECONN (the subscriber
+ * connection failed for good: opts.reconnect false), KEEL_ECLOSING,
+ * UV_ENOMEM. Loop thread only.
+ */
+KEEL_EXTERN int keel_redis_subscribe(keel_redis *r, const char *channel, size_t len, bool pattern,
+                                     keel_redis_sub_cb cb, void *data, keel_redis_sub **out);
+
+/*
+ * Ends a subscription: no MESSAGE reaches it after this returns; ENDED
+ * (status 0) comes on a later loop iteration, after which sub is freed.
+ * UNSUBSCRIBE (PUNSUBSCRIBE) is sent when no other subscription of the
+ * client wants the channel. Returns 0, or UV_EINVAL (NULL, or already
+ * ended / ending) with nothing changed. Callable from inside its own
+ * callback. Loop thread only.
+ */
+KEEL_EXTERN int keel_redis_unsubscribe(keel_redis_sub *sub);
+
+typedef struct keel_redis_pubsub_stats {
+  uint64_t subscriptions; /* gauge: subscriptions held (not yet ended) */
+  uint64_t channels;      /* gauge: channels and patterns the server confirmed
+                             on the current subscriber connection */
+  uint64_t messages;      /* counter: messages received */
+  uint64_t deliveries;    /* counter: MESSAGE callbacks run (a message counts
+                             once per subscription that got it) */
+  uint64_t dropped;       /* counter: messages no subscription wanted any more
+                             (arrived between unsubscribe and UNSUBSCRIBE) */
+  uint64_t connects;      /* counter: subscriber connections made (AUTH done) */
+  uint64_t disconnects;   /* counter: subscriber connections lost */
+  uint64_t resubscribes;  /* counter: SUBSCRIBE / PSUBSCRIBE sent again after a
+                             reconnect (one per channel or pattern) */
+  bool connected;         /* gauge: the subscriber connection is up */
+  uint64_t reserved_[8];  /* ABI room: filled with zero */
+} keel_redis_pubsub_stats;
+
+/* Fills *out (all zero before the first subscription; reserved_ with
+ * zero). Does nothing when r or out is NULL. Loop thread only. */
+KEEL_EXTERN void keel_redis_get_pubsub_stats(const keel_redis *r, keel_redis_pubsub_stats *out);
 
 /* ---- distributed locks ------------------------------------------------- */
 

@@ -158,6 +158,7 @@ static void transition(keel_breaker *b, keel_breaker_state to, uint64_t now) {
   b->probes_granted = 0;
   b->probe_failures = 0;
   b->probe_slow = 0;
+  b->probe_allowance = 0;
   b->consecutive_failures = 0;
   b->stats.state_changes++;
   switch (to) {
@@ -222,6 +223,7 @@ static int reject(keel_breaker *b) {
 /* Whether HALF_OPEN has a probe slot free. */
 static bool probe_free(const keel_breaker *b) {
   if (b->probes_in_flight >= b->opts.half_open_max_calls) return false;
+  if (b->share_probes && b->probes_granted >= b->probe_allowance) return false;
   return b->opts.half_open_probes == 0 || b->probes_granted < b->opts.half_open_probes;
 }
 

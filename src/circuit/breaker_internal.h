@@ -69,6 +69,11 @@ struct keel_breaker {
   /* Shared state (shared.c): told of every transition; NULL when unshared. */
   void (*share_hook)(void *ctx, keel_breaker_state from, keel_breaker_state to);
   void *share_ctx;
+  /* Shared half-open probe quota (shared.c): when share_probes is set,
+   * HALF_OPEN lets at most probe_allowance probes through (the slots this
+   * process took from the shared quota; 0 again at every transition). */
+  bool share_probes;
+  uint32_t probe_allowance;
 };
 
 /* Shared state (shared.c): moves the breaker to `to` as another process
@@ -77,6 +82,8 @@ struct keel_breaker {
 void keel__breaker_set_state(keel_breaker *b, keel_breaker_state to, uint64_t open_ms);
 
 uint64_t keel__breaker_now(keel_breaker *b);
+/* The shared breaker's sync script (shared.c), for the docs check. */
+const char *keel__breaker_shared_script(void);
 /* Frees the breaker once closing and nothing is outstanding. */
 void keel__breaker_maybe_free(keel_breaker *b);
 /* Called by close (no user callback): stops every call's timeout, drops the

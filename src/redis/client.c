@@ -84,6 +84,7 @@ struct keel_redis {
   keel__rlink inflight;
   keel__rlink finished; /* callbacks owed (close) */
   keel__rlink locks;
+  struct keel__redis_subconn *sc; /* pubsub.c: subscriber connection */
   uint64_t npending;
   keel_close_cb close_cb;
   void *close_data;
@@ -146,7 +147,7 @@ static void ev_cleanup(void *d) {
   uv_close((uv_handle_t *)&p->handle, poll_closed);
 }
 
-static int attach(keel_redis *r, redisAsyncContext *ac) {
+int keel__redis_attach(keel_redis *r, redisAsyncContext *ac) {
   rpoll *p = keel__calloc(1, sizeof *p);
   if (p == NULL) return UV_ENOMEM;
   int rc = uv_poll_init(r->loop, &p->handle, ac->c.fd);
@@ -184,6 +185,26 @@ bool keel__redis_closing(const keel_redis *r) {
 
 uint64_t keel__redis_command_timeout(const keel_redis *r) {
   return r->opts.command_timeout_ms;
+}
+
+const keel__redis_url *keel__redis_url_of(const keel_redis *r) {
+  return &r->url;
+}
+
+const keel_redis_opts *keel__redis_opts_of(const keel_redis *r) {
+  return &r->opts;
+}
+
+uv_loop_t *keel__redis_loop_of(const keel_redis *r) {
+  return r->loop;
+}
+
+char *keel__redis_errbuf(keel_redis *r) {
+  return r->errbuf;
+}
+
+struct keel__redis_subconn **keel__redis_subconn_slot(keel_redis *r) {
+  return &r->sc;
 }
 
 void keel__redis_lock_register(keel_redis *r, keel__rlink *link) {
@@ -515,7 +536,7 @@ static void start_connect(keel_redis *r) {
     conn_lost(r, KEEL_ECONN);
     return;
   }
-  int rc = attach(r, ac);
+  int rc = keel__redis_attach(r, ac);
   if (rc != 0) {
     snprintf(r->errbuf, sizeof r->errbuf, "connect: %s", uv_strerror(rc));
     redisAsyncFree(ac);
@@ -798,6 +819,7 @@ static void maybe_finish_close(keel_redis *r) {
     keel__rlist_remove(n);
     keel__redis_lock_client_closed((struct keel_redis_lock *)(void *)n);
   }
+  keel__redis_pubsub_closed(r);
   keel__redis_url_free(&r->url);
   keel_close_cb cb = r->close_cb;
   void *data = r->close_data;
@@ -824,6 +846,7 @@ KEEL_EXTERN void keel_redis_close(keel_redis *r, keel_close_cb cb, void *data) {
   }
   for (keel__rlink *n = r->locks.next; n != &r->locks; n = n->next)
     keel__redis_lock_client_closing((struct keel_redis_lock *)(void *)n);
+  keel__redis_pubsub_closing(r);
   reset_connection(r);
   uv_close((uv_handle_t *)&r->cmd_timer, handle_closed);
   uv_close((uv_handle_t *)&r->conn_timer, handle_closed);

@@ -82,4 +82,22 @@ bool keel__redis_closing(const keel_redis *r);
 /* The client's default command timeout. */
 uint64_t keel__redis_command_timeout(const keel_redis *r);
 
+/* ---- for pubsub.c -------------------------------------------------------- */
+struct redisAsyncContext;
+struct keel__redis_subconn;
+/* Drives ac with a uv_poll_t counted in r's open handles (client.c's
+ * adapter). Returns 0, UV_ENOMEM or uv_poll_init's error. */
+int keel__redis_attach(keel_redis *r, struct redisAsyncContext *ac);
+const keel__redis_url *keel__redis_url_of(const keel_redis *r);
+const keel_redis_opts *keel__redis_opts_of(const keel_redis *r);
+uv_loop_t *keel__redis_loop_of(const keel_redis *r);
+char *keel__redis_errbuf(keel_redis *r);
+/* The client's subscriber connection (NULL until the first subscription). */
+struct keel__redis_subconn **keel__redis_subconn_slot(keel_redis *r);
+/* keel_redis_close() began: drop the subscriber connection, close its
+ * timers (counted in the client's open handles). */
+void keel__redis_pubsub_closing(keel_redis *r);
+/* All handles are closed: deliver ENDED to every subscription, free all. */
+void keel__redis_pubsub_closed(keel_redis *r);
+
 #endif
