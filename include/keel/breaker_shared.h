@@ -93,9 +93,10 @@ KEEL_EXTERN void keel_breaker_shared_opts_init(keel_breaker_shared_opts *opts);
  * a later loop iteration. A breaker already OPEN when sharing begins
  * publishes its open. Returns 0 and sets *out; UV_EINVAL (NULL argument, a
  * missing or too long name or prefix, a zero interval or window, a rate
- * outside (0, 1], b already shared or closing), UV_ENOMEM, or
- * keel_redis_subscribe()'s UV_ENOBUFS, KEEL_ECONN, KEEL_ECLOSING; *out is
- * untouched on failure. Loop thread only.
+ * outside (0, 1], b already shared or closing), KEEL_ECLOSING
+ * (keel_redis_close() was called on r), UV_ENOMEM, or
+ * keel_redis_subscribe()'s UV_ENOBUFS, KEEL_ECONN; nothing is created and
+ * *out is untouched on failure. Loop thread only.
  */
 KEEL_EXTERN int keel_breaker_shared_new(uv_loop_t *loop, keel_breaker *b, keel_redis *r,
                                         const keel_breaker_shared_opts *opts,

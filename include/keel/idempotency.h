@@ -90,8 +90,9 @@ KEEL_EXTERN void keel_idem_opts_init(keel_idem_opts *opts);
  * A store on a Redis client (keel/redis.h). redis is not owned: it must
  * outlive the store (close the store first). opts may be NULL; copied.
  * Returns 0 and sets *out, UV_EINVAL (NULL loop, redis or out; a TTL of 0
- * or over 2^40 ms, about 34 years; a prefix over 64 bytes) or UV_ENOMEM;
- * *out is untouched on failure.
+ * or over 2^40 ms, about 34 years; a prefix over 64 bytes), KEEL_ECLOSING
+ * (keel_redis_close() was called on redis) or UV_ENOMEM; nothing is created
+ * and *out is untouched on failure.
  * Loop thread only.
  */
 KEEL_EXTERN int keel_idem_new_redis(uv_loop_t *loop, keel_redis *redis, const keel_idem_opts *opts,

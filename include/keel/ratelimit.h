@@ -163,7 +163,9 @@ KEEL_EXTERN void keel_ratelimit_redis_opts_init(keel_ratelimit_redis_opts *opts)
  * Returns 0 and sets *out; UV_EINVAL for a NULL client, opts or out, or
  * rate, period_ms, burst out of range (as keel_ratelimit_validate_opts()
  * for GCRA, at most one call per microsecond), or a prefix longer than 200
- * bytes; UV_ENOMEM. *out is untouched on failure. Loop thread only.
+ * bytes; KEEL_ECLOSING when keel_redis_close() was called on client;
+ * UV_ENOMEM. Nothing is created and *out is untouched on failure. Loop
+ * thread only.
  */
 KEEL_EXTERN int keel_ratelimit_redis_new(keel_redis *client, const keel_ratelimit_redis_opts *opts,
                                          keel_ratelimit_redis **out);

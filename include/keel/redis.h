@@ -151,8 +151,11 @@ typedef struct keel_redis_opts {
    *   unix://[[user]:password@]/path/to/socket[?db=N]
    * host may be an IPv4/IPv6 literal ([::1]) or a name; a name is resolved
    * by hiredis with a blocking getaddrinfo at each connect: prefer literals.
-   * With a password keel sends AUTH [user] password, with db != 0 SELECT db,
-   * before any user command. %XX escapes in user and password are decoded. */
+   * The scheme may be in any case (REDIS://). With a non-empty password keel
+   * sends AUTH [user] password, with db != 0 SELECT db, before any user
+   * command; an empty password (redis://:@host) means no AUTH; a user
+   * without a non-empty password (user@, user:@) is UV_EINVAL. %XX escapes
+   * in user and password are decoded. */
   const char *url;
   uint32_t connect_timeout_ms;    /* connect + AUTH + SELECT; default 2000 (0 = 2000) */
   uint32_t command_timeout_ms;    /* default per command, counted from the call;
@@ -190,9 +193,11 @@ KEEL_EXTERN int keel_redis_new(uv_loop_t *loop, const keel_redis_opts *opts, kee
  * are copied before this returns. cb (may be NULL) is called exactly once,
  * on a later loop iteration (see keel_redis_reply_cb). The timeout is
  * opts.command_timeout_ms, counted from this call.
- * Do not send SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE, MONITOR or QUIT with it:
- * they change the connection's protocol (UV_EINVAL); subscribe with
- * keel_redis_subscribe().
+ * Do not send SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE, UNSUBSCRIBE, PUNSUBSCRIBE,
+ * SUNSUBSCRIBE, MONITOR, QUIT, HELLO or CLIENT REPLY (any case) with it:
+ * they change the connection's protocol (UV_EINVAL, nothing sent);
+ * subscribe and unsubscribe with keel_redis_subscribe() /
+ * keel_redis_unsubscribe().
  * Returns 0; or, with nothing sent and cb never called:
  *   UV_EINVAL     NULL r or argv, argc < 1, a NULL argv[i], or one of the
  *                 commands above;
@@ -441,7 +446,10 @@ typedef void (*keel_redis_lock_cb)(keel_redis_lock *lock, int status, void *data
  * Called at most once per lock, when the watchdog fails to renew it:
  * KEEL_ELOST (the key expired or holds another token: someone else may hold
  * it now) or a client error (UV_ETIMEDOUT, KEEL_EINDOUBT, KEEL_ECONN, ...:
- * the lock may expire before keel can renew it). The watchdog stops; the
+ * the lock may expire before keel can renew it). It comes no later than
+ * the validity end (keel_redis_lock_valid_until()): a renewal unanswered
+ * then is abandoned with UV_ETIMEDOUT (a late success of it is released in
+ * the background). The watchdog stops; the
  * lock object stays valid and must still be ended with
  * keel_redis_lock_release(). Stop writing under this lock at once.
  */
@@ -544,8 +552,10 @@ KEEL_EXTERN int keel_redis_lock_extend(keel_redis_lock *lock, uint64_t ttl_ms,
 /*
  * Cancels an acquire still in progress (waiting or in flight): its callback
  * gets UV_ECANCELED on a later iteration; a lock that the server granted
- * meanwhile is released in the background. Returns 0, or UV_EINVAL (NULL,
- * already granted or already ended). Loop thread only.
+ * meanwhile is released in the background. Returns 0; UV_EINVAL (NULL,
+ * already granted or already ended); or KEEL_ECLOSING when
+ * keel_redis_close() began on the lock's client (nothing changes: the close
+ * ends the acquire with UV_ECANCELED, once). Loop thread only.
  */
 KEEL_EXTERN int keel_redis_lock_cancel(keel_redis_lock *lock);
 

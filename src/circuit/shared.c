@@ -12,6 +12,7 @@
 #include "circuit/breaker_internal.h"
 #include "core/alloc.h"
 #include "keel/breaker_shared.h"
+#include "redis/redis_internal.h"
 
 static const char sync_src[] =
     "local t = redis.call('TIME')\n"
@@ -370,6 +371,7 @@ int keel_breaker_shared_new(uv_loop_t *loop, keel_breaker *b, keel_redis *r,
       opts->window_ms == 0 || !(opts->failure_rate_threshold > 0.0) ||
       opts->failure_rate_threshold > 1.0 || b->share_hook != NULL || b->closing)
     return UV_EINVAL;
+  if (keel__redis_closing(r)) return KEEL_ECLOSING;
   if (!script_ready) {
     keel_redis_script_init(&sync_script, sync_src);
     script_ready = true;

@@ -5,6 +5,7 @@
 
 #include "core/alloc.h"
 #include "idem/idem_internal.h"
+#include "redis/redis_internal.h"
 
 void keel_idem_opts_init(keel_idem_opts *opts) {
   if (opts == NULL) return;
@@ -73,6 +74,7 @@ int keel__idem_new_redis(uv_loop_t *loop, keel_redis *redis, const keel_idem_opt
 int keel__idem_new_redis(uv_loop_t *loop, keel_redis *redis, const keel_idem_opts *opts,
                          keel_idem **out) {
   if (loop == NULL || redis == NULL || out == NULL) return UV_EINVAL;
+  if (keel__redis_closing(redis)) return KEEL_ECLOSING;
   if (opts != NULL &&
       (opts->processing_ttl_ms == 0 || opts->completed_ttl_ms == 0 ||
        opts->processing_ttl_ms > UINT64_C(1) << 40 || opts->completed_ttl_ms > UINT64_C(1) << 40))

@@ -8,6 +8,7 @@
 #include "core/util.h"
 #include "keel/ratelimit.h"
 #include "policy/ratelimit_redis.h"
+#include "redis/redis_internal.h"
 
 #define PREFIX_MAX 200
 #define TENANT_MAX 300
@@ -73,6 +74,7 @@ void keel_ratelimit_redis_opts_init(keel_ratelimit_redis_opts *opts) {
 int keel_ratelimit_redis_new(keel_redis *client, const keel_ratelimit_redis_opts *opts,
                              keel_ratelimit_redis **out) {
   if (client == NULL || opts == NULL || out == NULL) return UV_EINVAL;
+  if (keel__redis_closing(client)) return KEEL_ECLOSING;
   keel_ratelimit_opts lo;
   keel_ratelimit_opts_init(&lo);
   lo.rate = opts->rate;

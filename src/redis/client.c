@@ -635,12 +635,23 @@ static int check_args(int argc, const char *const *argv) {
   return 0;
 }
 
-static bool is_refused(const char *s, size_t len) {
-  static const char *const bad[] = {"SUBSCRIBE", "PSUBSCRIBE", "SSUBSCRIBE", "MONITOR", "QUIT"};
-  for (size_t i = 0; i < KEEL__ARRAY_SIZE(bad); i++) {
-    size_t bl = strlen(bad[i]);
-    if (len == bl && strncasecmp(s, bad[i], bl) == 0) return true;
-  }
+static bool word_is(const char *s, size_t len, const char *w) {
+  size_t wl = strlen(w);
+  return len == wl && strncasecmp(s, w, wl) == 0;
+}
+
+/* Commands that change the connection's protocol (replies no longer one per
+ * command, or none at all): the reply queue would stall behind them. */
+static bool is_refused(int argc, const char *const *argv, const size_t *argvlen) {
+  static const char *const bad[] = {"SUBSCRIBE",   "PSUBSCRIBE",   "SSUBSCRIBE",
+                                    "UNSUBSCRIBE", "PUNSUBSCRIBE", "SUNSUBSCRIBE",
+                                    "MONITOR",     "QUIT",         "HELLO"};
+  size_t len = argvlen != NULL ? argvlen[0] : strlen(argv[0]);
+  for (size_t i = 0; i < KEEL__ARRAY_SIZE(bad); i++)
+    if (word_is(argv[0], len, bad[i])) return true;
+  if (argc >= 2 && word_is(argv[0], len, "CLIENT") &&
+      word_is(argv[1], argvlen != NULL ? argvlen[1] : strlen(argv[1]), "REPLY"))
+    return true;
   return false;
 }
 
@@ -705,8 +716,10 @@ KEEL_EXTERN int keel_redis_command_timeout(keel_redis *r, uint64_t timeout_ms, i
                                            const char *const *argv, const size_t *argvlen,
                                            keel_redis_reply_cb cb, void *data) {
   if (r == NULL || argc < 1 || check_args(argc, argv) != 0) return UV_EINVAL;
-  if (is_refused(argv[0], arg_len(argv, argvlen, 0)))
-    return keel__fail(r->errbuf, UV_EINVAL, "%s changes the connection's protocol", argv[0]);
+  if (is_refused(argc, argv, argvlen))
+    return keel__fail(r->errbuf, UV_EINVAL, "%.*s changes the connection's protocol",
+                      (int)(arg_len(argv, argvlen, 0) > 32 ? 32 : arg_len(argv, argvlen, 0)),
+                      argv[0]);
   int rc = admit(r);
   if (rc != 0) return rc;
   size_t total = 1 + digits((size_t)argc) + 2;

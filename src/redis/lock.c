@@ -64,7 +64,8 @@ enum phase {
   PH_ENDED          /* user told the final outcome */
 };
 
-enum timer_use { T_NONE = 0, T_RETRY, T_DECIDE, T_WATCHDOG, T_CANCEL };
+/* T_EXPIRY: a watchdog renewal is in flight; fires at the validity end. */
+enum timer_use { T_NONE = 0, T_RETRY, T_DECIDE, T_WATCHDOG, T_CANCEL, T_EXPIRY };
 
 enum op_kind { OP_ACQUIRE = 0, OP_RELEASE, OP_EXTEND, OP_BG_RELEASE };
 
@@ -456,7 +457,7 @@ static void release_answer(keel_redis_lock *l, int status, const struct redisRep
 static void report_lost(keel_redis_lock *l, int status) {
   if (l->lost_reported) return;
   l->lost_reported = true;
-  if (l->timer_use == T_WATCHDOG && l->timer_open) {
+  if ((l->timer_use == T_WATCHDOG || l->timer_use == T_EXPIRY) && l->timer_open) {
     uv_timer_stop(&l->timer);
     l->timer_use = T_NONE;
   }
@@ -464,7 +465,13 @@ static void report_lost(keel_redis_lock *l, int status) {
 }
 
 static void extend_answer(keel_redis_lock *l, op *o, int status, const struct redisReply *rep) {
-  if (o->round != l->ext_seq || !l->ext_busy) return;
+  if (o->round != l->ext_seq || !l->ext_busy) {
+    /* A renewal abandoned at the validity end (on_lost told) that still
+     * got through must not keep the key for another ttl. */
+    if (l->lost_reported && status == 0 && keel_redis_reply_integer(rep) == 1)
+      bg_release(l, o->idx, o->token);
+    return;
+  }
   tally *t = &l->ext;
   t->answered++;
   if (status == 0) {
@@ -587,9 +594,24 @@ static void lock_timer_cb(uv_timer_t *t) {
         break;
       }
       int rc = start_extend(l, l->opts.ttl_ms, true);
-      if (rc != 0) report_lost(l, rc);
+      if (rc != 0) {
+        report_lost(l, rc);
+        break;
+      }
+      /* The renewal may wait up to the command timeout (longer than the
+       * ttl): on_lost must come no later than the validity end. */
+      uint64_t now = uv_now(l->loop);
+      start_timer(l, T_EXPIRY, l->valid_until > now ? l->valid_until - now : 0);
       break;
     }
+    case T_EXPIRY:
+      if (l->phase != PH_HELD || l->lost_reported || !l->ext_busy || !l->ext_is_watchdog) break;
+      /* the renewal did not answer in time: abandon it (a late answer is
+       * ignored, a late success released) and report */
+      l->ext_seq++;
+      l->ext_busy = false;
+      report_lost(l, UV_ETIMEDOUT);
+      break;
     case T_NONE:
       break;
   }
@@ -703,7 +725,7 @@ KEEL_EXTERN int keel_redis_lock_release(keel_redis_lock *l, keel_redis_lock_done
     }
   }
   if (sent == 0) return first; /* nothing done: still held */
-  if (l->timer_use == T_WATCHDOG && l->timer_open) {
+  if ((l->timer_use == T_WATCHDOG || l->timer_use == T_EXPIRY) && l->timer_open) {
     uv_timer_stop(&l->timer);
     l->timer_use = T_NONE;
   }
@@ -732,7 +754,10 @@ KEEL_EXTERN int keel_redis_lock_extend(keel_redis_lock *l, uint64_t ttl_ms,
 }
 
 KEEL_EXTERN int keel_redis_lock_cancel(keel_redis_lock *l) {
-  if (l == NULL || l->cancelled) return UV_EINVAL;
+  if (l == NULL) return UV_EINVAL;
+  /* close began: the acquire gets UV_ECANCELED from the close */
+  if (l->home == NULL || keel__redis_closing(l->home)) return KEEL_ECLOSING;
+  if (l->cancelled) return UV_EINVAL;
   if (l->phase != PH_ACQUIRING && l->phase != PH_RETRY_WAIT) return UV_EINVAL;
   if (l->phase == PH_ACQUIRING && l->acq.decided) return UV_EINVAL;
   l->cancelled = true;

@@ -2,6 +2,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 #include "core/alloc.h"
 #include "redis/redis_internal.h"
@@ -66,10 +67,11 @@ int keel__redis_url_parse(const char *url, keel__redis_url *out, char *errbuf) {
   u.port = 6379;
   bool is_unix;
   const char *p;
-  if (strncmp(url, "redis://", 8) == 0) {
+  /* URL schemes are case-insensitive (RFC 3986 section 3.1) */
+  if (strncasecmp(url, "redis://", 8) == 0) {
     is_unix = false;
     p = url + 8;
-  } else if (strncmp(url, "unix://", 7) == 0) {
+  } else if (strncasecmp(url, "unix://", 7) == 0) {
     is_unix = true;
     p = url + 7;
   } else {
@@ -88,6 +90,12 @@ int keel__redis_url_parse(const char *url, keel__redis_url *out, char *errbuf) {
       /* "user@" without a password: an ACL user needs one */
       return keel__fail(errbuf, UV_EINVAL, "url: user without :password");
     }
+    if (colon + 1 == at) {
+      /* ":@": an empty password means no AUTH; a user needs a password */
+      if (colon > p) return keel__fail(errbuf, UV_EINVAL, "url: user with an empty password");
+      p = at + 1;
+      goto host;
+    }
     if (colon > p) {
       u.user = decode(p, (size_t)(colon - p), &bad);
       if (u.user == NULL) goto fail;
@@ -96,6 +104,7 @@ int keel__redis_url_parse(const char *url, keel__redis_url *out, char *errbuf) {
     if (u.password == NULL) goto fail;
     p = at + 1;
   }
+host:
   if (is_unix) {
     size_t plen = strcspn(p, "?");
     if (plen == 0 || p[0] != '/') {

@@ -7,6 +7,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "keel/breaker.h"
+#include "keel/breaker_shared.h"
+#include "keel/idempotency.h"
+#include "keel/ratelimit.h"
 #include "keel/redis.h"
 #include "redis/redis_internal.h"
 #include "redis_server.h"
@@ -349,6 +353,122 @@ Test(redis_client, bounds_and_refused_commands) {
   keel_redis_get_stats(NULL, NULL);
   keel_redis_close(NULL, NULL, NULL);
   finish(&x);
+}
+
+/* R2: (P)UNSUBSCRIBE through the command call were queued but never
+ * answered, stalling every command behind them until the timeout; HELLO
+ * and CLIENT REPLY break the one-reply-per-command protocol too. */
+Test(redis_client, unsubscribe_hello_client_reply_refused_in_any_case) {
+  ctx x;
+  open_shared(&x);
+  const char *one[][3] = {
+      {"UNSUBSCRIBE", "ch", NULL}, {"punsubscribe", "p*", NULL}, {"SUnsubscribe", "ch", NULL},
+      {"unsubscribe", NULL, NULL}, {"HELLO", "3", NULL},         {"hello", NULL, NULL},
+      {"CLIENT", "REPLY", "OFF"},  {"client", "reply", "skip"},  {"Client", "Reply", "ON"},
+      {"monitor", NULL, NULL},     {"Quit", NULL, NULL},         {"ssubscribe", "ch", NULL}};
+  for (size_t i = 0; i < sizeof one / sizeof one[0]; i++) {
+    int argc = one[i][2] ? 3 : one[i][1] ? 2 : 1;
+    cr_assert_eq(keel_redis_command(x.r, argc, one[i], NULL, store, &x), UV_EINVAL,
+                 "%s %s accepted", one[i][0], one[i][1] ? one[i][1] : "");
+  }
+  /* binary-safe lengths: "UNSUBSCRIBE" out of a longer buffer */
+  const char *bin[] = {"UNSUBSCRIBEXYZ"};
+  size_t binlen[] = {11};
+  cr_assert_eq(keel_redis_command(x.r, 1, bin, binlen, store, &x), UV_EINVAL);
+  /* not refused: other CLIENT subcommands, a longer name */
+  const char *cl[] = {"CLIENT", "ID"};
+  cr_assert_eq(keel_redis_command_timeout(x.r, 10000, 2, cl, NULL, store, &x), 0);
+  cmd(&x, "PING", NULL, NULL);
+  wait_replies(&x, 2);
+  cr_assert_eq(x.status[0], 0);
+  cr_assert_gt(x.ival[0], 0);
+  cr_assert_eq(x.status[1], 0);
+  cr_assert_str_eq(x.sval[1], "PONG");
+  finish(&x);
+}
+
+/* R4: an empty password (redis://:@host) sent AUTH "" and the client
+ * stayed DOWN with KEEL_EAUTH; an upper-case scheme was refused. */
+Test(redis_client, empty_password_means_no_auth_and_scheme_in_any_case) {
+  char host[64];
+  int port;
+  kt_redis_addr(host, sizeof host, &port);
+  const char *fmts[] = {"redis://:@%s:%d", "REDIS://%s:%d", "Redis://:@%s:%d/0"};
+  for (size_t i = 0; i < sizeof fmts / sizeof fmts[0]; i++) {
+    char url[160];
+    snprintf(url, sizeof url, fmts[i], host, port);
+    ctx x;
+    open_url(&x, url, 5000);
+    cmd(&x, "PING", NULL, NULL);
+    wait_replies(&x, 1);
+    cr_assert_eq(x.status[0], 0, "%s: %s (%s)", url, keel_err_name(x.status[0]),
+                 keel_redis_last_error(x.r));
+    cr_assert_str_eq(x.sval[0], "PONG");
+    cr_assert_eq(x.down, 0, "%s: DOWN %s", url, keel_err_name(x.last_down));
+    finish(&x);
+  }
+  /* unix:// in any case, with an empty password, on an own server */
+  kt_redis_server s;
+  kt_redis_server_start(&s);
+  char url[256];
+  snprintf(url, sizeof url, "UNIX://:@%s", s.path);
+  ctx x;
+  open_url(&x, url, 5000);
+  cmd(&x, "PING", NULL, NULL);
+  wait_replies(&x, 1);
+  cr_assert_eq(x.status[0], 0, "%s", keel_err_name(x.status[0]));
+  cr_assert_eq(x.down, 0);
+  finish(&x);
+  kt_redis_server_destroy(&s);
+  /* a user needs a non-empty password */
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  keel_redis_opts o;
+  keel_redis_opts_init(&o);
+  keel_redis *r = (keel_redis *)&loop;
+  o.url = "redis://u:@h";
+  cr_assert_eq(keel_redis_new(&loop, &o, &r), UV_EINVAL);
+  o.url = "redisx://h";
+  cr_assert_eq(keel_redis_new(&loop, &o, &r), UV_EINVAL);
+  cr_assert_eq(r, (keel_redis *)&loop);
+  kt_loop_finish(&loop);
+}
+
+static void count_close(void *obj, void *data) {
+  (void)obj;
+  (*(int *)data)++;
+}
+
+/* R5: objects created on a client whose close began: one code, nothing
+ * created, *out untouched. */
+Test(redis_client, creating_on_a_closing_client_is_eclosing) {
+  ctx x;
+  open_shared(&x);
+  keel_breaker_opts bo;
+  keel_breaker_opts_init(&bo);
+  keel_breaker *b = NULL;
+  cr_assert_eq(keel_breaker_new(&x.loop, &bo, &b), 0);
+  keel_redis_close(x.r, on_closed, &x);
+  x.closed = false;
+  keel_breaker_shared_opts so;
+  keel_breaker_shared_opts_init(&so);
+  so.name = "closing";
+  keel_breaker_shared *sh = (keel_breaker_shared *)&so;
+  cr_assert_eq(keel_breaker_shared_new(&x.loop, b, x.r, &so, &sh), KEEL_ECLOSING);
+  cr_assert_eq(sh, (keel_breaker_shared *)&so);
+  keel_idem *idem = (keel_idem *)&so;
+  cr_assert_eq(keel_idem_new_redis(&x.loop, x.r, NULL, &idem), KEEL_ECLOSING);
+  cr_assert_eq(idem, (keel_idem *)&so);
+  keel_ratelimit_redis_opts ro;
+  keel_ratelimit_redis_opts_init(&ro);
+  keel_ratelimit_redis *rl = (keel_ratelimit_redis *)&so;
+  cr_assert_eq(keel_ratelimit_redis_new(x.r, &ro, &rl), KEEL_ECLOSING);
+  cr_assert_eq(rl, (keel_ratelimit_redis *)&so);
+  cr_assert(kt_wait_for(&x.loop, is_closed, &x, 5000));
+  int bclosed = 0;
+  keel_breaker_close(b, count_close, &bclosed);
+  kt_loop_finish(&x.loop);
+  cr_assert_eq(bclosed, 1);
 }
 
 Test(redis_client, waiting_command_times_out_unsent_and_no_reconnect_fails_fast) {

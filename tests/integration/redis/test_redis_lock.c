@@ -26,6 +26,9 @@ typedef struct lctx {
   int ext_status;
   int lost_status;
   int lost_calls;
+  uint64_t lost_at;          /* uv_now at on_lost */
+  uint64_t lost_valid_until; /* keel_redis_lock_valid_until at on_lost */
+  int acq_calls;
   bool rel_taken;
   uint64_t fence;
   bool closed;
@@ -48,6 +51,19 @@ static void on_state(keel_redis *r, keel_redis_state st, int status, void *data)
   (void)status;
   lctx *x = data;
   if (x->close_in_state && st == KEEL_REDIS_READY) keel_redis_close(r, on_closed, x);
+}
+
+static void lopen_timeout(lctx *x, const char *url, uint32_t command_timeout_ms) {
+  memset(x, 0, sizeof *x);
+  x->acq_status = x->rel_status = x->ext_status = 1;
+  uv_loop_init(&x->loop);
+  keel_redis_opts o;
+  keel_redis_opts_init(&o);
+  o.url = url;
+  o.on_state = on_state;
+  o.data = x;
+  o.command_timeout_ms = command_timeout_ms;
+  cr_assert_eq(keel_redis_new(&x->loop, &o, &x->r), 0);
 }
 
 static void lopen(lctx *x, const char *url) {
@@ -73,6 +89,7 @@ static void on_released(keel_redis_lock *lock, int status, void *data);
 static void on_acquired(keel_redis_lock *lock, int status, void *data) {
   lctx *x = data;
   x->acq_status = status;
+  x->acq_calls++;
   x->fence = keel_redis_lock_fence(lock);
   if (status != 0) x->lock = NULL;
   if (x->close_in_acquire) {
@@ -101,6 +118,9 @@ static void on_lost(keel_redis_lock *lock, int status, void *data) {
   lctx *x = data;
   x->lost_status = status;
   x->lost_calls++;
+  uv_update_time(&x->loop);
+  x->lost_at = uv_now(&x->loop);
+  x->lost_valid_until = keel_redis_lock_valid_until(lock);
   if (x->close_in_lost) keel_redis_close(x->r, on_closed, x);
 }
 
@@ -307,6 +327,62 @@ Test(redis_lock, watchdog_reports_lost_once_and_stops) {
   cr_assert(a.rel_taken);
   cr_assert_eq(shared_exists(key), 1);
   lfinish(&a);
+}
+
+/* R1: with the server stopped, the renewal waited the client's command
+ * timeout (longer than the ttl) and on_lost came long after the validity
+ * end; it must come no later than that (here: far before the renewal's
+ * 10 s timeout), and the renewal's late answer must not revive the lock. */
+Test(redis_lock, watchdog_reports_lost_by_the_validity_end_when_the_server_stalls) {
+  kt_redis_server s;
+  kt_redis_server_start(&s);
+  lctx a;
+  lopen_timeout(&a, s.url, 10000);
+  char name[64];
+  kt_unique_name(name, sizeof name, "lws");
+  keel_redis_lock_opts o;
+  keel_redis_lock_opts_init(&o);
+  o.ttl_ms = 600;
+  o.watchdog = true;
+  o.on_lost = on_lost;
+  o.lost_data = &a;
+  acquire(&a, name, &o);
+  cr_assert_eq(a.acq_status, 0);
+  kill(s.pid, SIGSTOP);
+  cr_assert(kt_wait_for(&a.loop, lost_seen, &a, 20000));
+  uint64_t renewals = keel_redis_lock_renewals(a.lock);
+  cr_assert_eq(a.lost_status, UV_ETIMEDOUT, "%s", keel_err_name(a.lost_status));
+  /* timers fire at or after their due time: allow the loop some slack,
+   * far less than the 10 s the renewal would wait */
+  cr_assert_leq(a.lost_at, a.lost_valid_until + 2000, "on_lost %llu ms after the validity end",
+                (unsigned long long)(a.lost_at - a.lost_valid_until));
+  kill(s.pid, SIGCONT);
+  kt_wait_for(&a.loop, never, NULL, 800); /* the late answer arrives */
+  cr_assert_eq(a.lost_calls, 1);
+  cr_assert_eq(keel_redis_lock_valid_until(a.lock), a.lost_valid_until, "revived");
+  cr_assert_eq(keel_redis_lock_renewals(a.lock), renewals, "revived");
+  release(&a);
+  cr_assert_eq(a.rel_status, KEEL_ELOST, "%s", keel_err_name(a.rel_status));
+  lfinish(&a);
+  kt_redis_server_destroy(&s);
+}
+
+/* R3: cancel after close began returned 0; it must say KEEL_ECLOSING and
+ * the acquire's callback still runs once (UV_ECANCELED, from the close). */
+Test(redis_lock, cancel_after_close_began_is_eclosing) {
+  lctx a;
+  lopen_shared(&a);
+  char name[64];
+  kt_unique_name(name, sizeof name, "lcc");
+  cr_assert_eq(keel_redis_lock_acquire(a.r, name, NULL, on_acquired, &a, &a.lock), 0);
+  keel_redis_lock *l = a.lock;
+  keel_redis_close(a.r, on_closed, &a);
+  cr_assert_eq(keel_redis_lock_cancel(l), KEEL_ECLOSING);
+  cr_assert_eq(a.acq_calls, 0, "callback inside cancel/close");
+  cr_assert(kt_wait_for(&a.loop, is_closed, &a, 5000));
+  cr_assert_eq(a.acq_calls, 1);
+  cr_assert_eq(a.acq_status, UV_ECANCELED, "%s", keel_err_name(a.acq_status));
+  kt_loop_finish(&a.loop);
 }
 
 Test(redis_lock, watchdog_cap_lets_it_expire) {
