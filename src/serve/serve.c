@@ -59,6 +59,7 @@ struct conn {
   keel_serve *s;
   struct lws *wsi;
   bool is_ws;
+  bool close_after; /* HTTP: close once the answer is out (a 400) */
   /* HTTP: the body being sent, LWS_PRE bytes of room in front */
   char *body;
   size_t body_len, body_off, body_cap;
@@ -672,6 +673,26 @@ static void ws_forget(conn *c) {
   c->cur = c->queued = NULL;
 }
 
+bool keel__tcp_sent_data(int fd);
+uint64_t keel__tcp_received(int fd);
+
+/* The size of the request head being answered: the bytes the kernel
+ * received on the connection since the last answer (kept as the wsi's
+ * opaque user data). lws's own buffer is 64 KiB, so this is how
+ * max_request_bytes becomes a 400 instead of a silent close. 0 when
+ * unknown. */
+static uint64_t request_bytes(struct lws *wsi) {
+  lws_sockfd_type fd = lws_get_socket_fd(wsi);
+  if (fd < 0) return 0;
+  uint64_t rx = keel__tcp_received(fd), base = (uint64_t)(uintptr_t)lws_get_opaque_user_data(wsi);
+  return rx > base ? rx - base : 0;
+}
+
+static void request_done(struct lws *wsi) {
+  lws_sockfd_type fd = lws_get_socket_fd(wsi);
+  if (fd >= 0) lws_set_opaque_user_data(wsi, (void *)(uintptr_t)keel__tcp_received(fd));
+}
+
 /* ---- HTTP ------------------------------------------------------------ */
 
 static bool token_ok(keel_serve *s, struct lws *wsi) {
@@ -756,6 +777,8 @@ static int http_writeable(conn *c) {
     return 0;
   }
   drop_body(c);
+  if (c->close_after) return -1;
+  request_done(c->wsi);
   if (lws_http_transaction_completed(c->wsi)) return -1;
   return 0;
 }
@@ -763,6 +786,10 @@ static int http_writeable(conn *c) {
 static int http_request(conn *c, const char *path) {
   keel_serve *s = c->s;
   struct lws *wsi = c->wsi;
+  if (request_bytes(wsi) > s->opts.max_request_bytes) {
+    c->close_after = true;
+    return respond_text(c, 400, "request too large", "connection:", "close");
+  }
   if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
     return respond_text(c, 405, "method not allowed", "allow:", "GET");
   if (!token_ok(s, wsi)) {
@@ -794,6 +821,35 @@ oom:
   keel__buf_free(&b);
   keel__buf_free(&s->spare);
   return respond_text(c, 503, "out of memory", NULL, NULL);
+}
+
+/* ---- answers libwebsockets does not give ----------------------------- */
+
+/* libwebsockets 4.1 refuses a WebSocket handshake by closing. When nothing
+ * at all was sent on the connection yet (so no response can be under
+ * way), keel writes a short answer itself before lws closes the socket:
+ * what the client sent and was not read is dropped first, then the
+ * answer, then FIN. */
+static void raw_answer(keel_serve *s, struct lws *wsi, unsigned status, const char *reason,
+                       const char *extra) {
+  lws_sockfd_type fd = lws_get_socket_fd(wsi);
+  if (fd < 0 || keel__tcp_sent_data(fd)) return;
+  char junk[4096];
+  for (int i = 0; i < 64 && recv(fd, junk, sizeof junk, MSG_DONTWAIT) > 0; i++) {
+  }
+  char msg[512];
+  int n = snprintf(msg, sizeof msg,
+                   "HTTP/1.1 %u %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                   "content-length: %zu\r\ncache-control: no-store\r\n%sconnection: close\r\n\r\n"
+                   "%s\n",
+                   status, reason, strlen(reason) + 1, extra ? extra : "", reason);
+  if (n <= 0 || (size_t)n >= sizeof msg) return;
+  ssize_t m = send(fd, msg, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+  shutdown(fd, SHUT_WR);
+  if (m <= 0) return; /* the client is gone */
+  s->st.requests++;
+  s->st.responses_4xx++;
+  s->st.bytes_sent += (uint64_t)m;
 }
 
 /* ---- the lws protocol callback -------------------------------------- */
@@ -844,6 +900,8 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
       if (c == NULL) return -1;
       return http_writeable(c);
     case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
+      if (c && !c->is_ws && c->s != NULL) drop_body(c);
+      return 0;
     case LWS_CALLBACK_CLOSED_HTTP:
       if (c && !c->is_ws && c->s != NULL) drop_body(c);
       return 0;
@@ -852,11 +910,12 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
       if (s == NULL || s->closing) return 1;
       if (lws_hdr_copy(wsi, uri, (int)sizeof uri, WSI_TOKEN_GET_URI) <= 0 ||
           strcmp(uri, "/ws") != 0) {
-        s->st.responses_4xx++;
+        raw_answer(s, wsi, 404, "Not Found", NULL);
         return 1;
       }
       if (!token_ok(s, wsi)) {
         s->st.unauthorized++;
+        raw_answer(s, wsi, 401, "Unauthorized", "www-authenticate: Bearer realm=\"keel\"\r\n");
         return 1;
       }
       return 0;
@@ -992,8 +1051,12 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
   info.protocols = protocols;
   info.user = s;
   info.pcontext = &s->ctx;
-  info.max_http_header_data = (unsigned short)opts->max_request_bytes;
-  info.max_http_header_pool = (unsigned short)(opts->max_clients < 1024 ? opts->max_clients : 1024);
+  /* lws's buffer for a request head: the most it takes (64 KiB), so that
+   * heads over max_request_bytes reach http_request() and get a 400;
+   * beyond 64 KiB lws closes without an answer. At most 256 buffers at
+   * once (16 MiB); connections beyond wait for one. */
+  info.max_http_header_data = 65535;
+  info.max_http_header_pool = (unsigned short)(opts->max_clients < 256 ? opts->max_clients : 256);
   info.timeout_secs = opts->request_timeout_s;
   info.ka_time = 0;
   s->ctx = lws_create_context(&info);
