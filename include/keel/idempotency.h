@@ -280,7 +280,7 @@ struct keel_serve;
  * "idempotency". The registration is dropped from s when idem's close begins;
  * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
  * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
- * KEEL_ECLOSING (s closing). Loop thread only.
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
  */
 KEEL_EXTERN int keel_idem_serve(struct keel_serve *s, keel_idem *idem, const char *name);
 

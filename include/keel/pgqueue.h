@@ -348,7 +348,7 @@ struct keel_serve;
  * "pgqueue". The registration is dropped from s when q's close begins;
  * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
  * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
- * KEEL_ECLOSING (s closing). Loop thread only.
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
  */
 KEEL_EXTERN int keel_pgqueue_serve(struct keel_serve *s, keel_pgqueue *q, const char *name);
 

@@ -130,7 +130,7 @@ struct keel_serve;
  * "ratelimit". The registration is dropped from s when rl's close begins;
  * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
  * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
- * KEEL_ECLOSING (s closing). Loop thread only.
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
  */
 KEEL_EXTERN int keel_ratelimit_serve(struct keel_serve *s, keel_ratelimit *rl, const char *name);
 
@@ -222,7 +222,7 @@ KEEL_EXTERN void keel_ratelimit_redis_get_stats(const keel_ratelimit_redis *rl,
  * "ratelimit_redis". The registration is dropped from s when rl's close begins;
  * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
  * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
- * KEEL_ECLOSING (s closing). Loop thread only.
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
  */
 KEEL_EXTERN int keel_ratelimit_redis_serve(struct keel_serve *s, keel_ratelimit_redis *rl,
                                            const char *name);

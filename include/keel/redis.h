@@ -291,7 +291,7 @@ struct keel_serve;
  * "redis". The registration is dropped from s when r's close begins;
  * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
  * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
- * KEEL_ECLOSING (s closing). Loop thread only.
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
  */
 KEEL_EXTERN int keel_redis_serve(struct keel_serve *s, keel_redis *r, const char *name);
 

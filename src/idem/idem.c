@@ -375,5 +375,5 @@ void keel_idem_close(keel_idem *idem, keel_close_cb cb, void *data) {
 }
 
 keel__stats_hooks *keel__idem_stats_hooks(keel_idem *x) {
-  return &x->stats_hooks;
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

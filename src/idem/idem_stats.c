@@ -25,5 +25,7 @@ static const keel_stats_source idem_source = {"idempotency", write_idem};
 
 int keel_idem_serve(struct keel_serve *s, keel_idem *idem, const char *name) {
   if (s == NULL || idem == NULL || name == NULL) return UV_EINVAL;
-  return keel__serve_register_hooked(s, &idem_source, idem, name, keel__idem_stats_hooks(idem));
+  keel__stats_hooks *hooks = keel__idem_stats_hooks(idem);
+  if (hooks == NULL) return KEEL_ECLOSING;
+  return keel__serve_register_hooked(s, &idem_source, idem, name, hooks);
 }

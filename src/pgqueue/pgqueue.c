@@ -1459,5 +1459,5 @@ void keel_pgqueue_close(keel_pgqueue *q, keel_close_cb cb, void *data) {
 }
 
 keel__stats_hooks *keel__pgqueue_stats_hooks(keel_pgqueue *x) {
-  return &x->stats_hooks;
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

@@ -55,5 +55,7 @@ static const keel_stats_source pgqueue_source = {"pgqueue", write_pgqueue};
 
 int keel_pgqueue_serve(struct keel_serve *s, keel_pgqueue *q, const char *name) {
   if (s == NULL || q == NULL || name == NULL) return UV_EINVAL;
-  return keel__serve_register_hooked(s, &pgqueue_source, q, name, keel__pgqueue_stats_hooks(q));
+  keel__stats_hooks *hooks = keel__pgqueue_stats_hooks(q);
+  if (hooks == NULL) return KEEL_ECLOSING;
+  return keel__serve_register_hooked(s, &pgqueue_source, q, name, hooks);
 }

@@ -1253,5 +1253,5 @@ void keel_pipeline_close(keel_pipeline *p, keel_close_cb cb, void *data) {
 }
 
 keel__stats_hooks *keel__pipeline_stats_hooks(keel_pipeline *x) {
-  return &x->stats_hooks;
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

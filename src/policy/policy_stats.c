@@ -52,17 +52,21 @@ static const keel_stats_source ratelimit_redis_source = {"ratelimit_redis", writ
 
 int keel_pipeline_serve(struct keel_serve *s, keel_pipeline *p, const char *name) {
   if (s == NULL || p == NULL || name == NULL) return UV_EINVAL;
-  return keel__serve_register_hooked(s, &pipeline_source, p, name, keel__pipeline_stats_hooks(p));
+  keel__stats_hooks *hooks = keel__pipeline_stats_hooks(p);
+  if (hooks == NULL) return KEEL_ECLOSING;
+  return keel__serve_register_hooked(s, &pipeline_source, p, name, hooks);
 }
 
 int keel_ratelimit_serve(struct keel_serve *s, keel_ratelimit *rl, const char *name) {
   if (s == NULL || rl == NULL || name == NULL) return UV_EINVAL;
-  return keel__serve_register_hooked(s, &ratelimit_source, rl, name,
-                                     keel__ratelimit_stats_hooks(rl));
+  keel__stats_hooks *hooks = keel__ratelimit_stats_hooks(rl);
+  if (hooks == NULL) return KEEL_ECLOSING;
+  return keel__serve_register_hooked(s, &ratelimit_source, rl, name, hooks);
 }
 
 int keel_ratelimit_redis_serve(struct keel_serve *s, keel_ratelimit_redis *rl, const char *name) {
   if (s == NULL || rl == NULL || name == NULL) return UV_EINVAL;
-  return keel__serve_register_hooked(s, &ratelimit_redis_source, rl, name,
-                                     keel__ratelimit_redis_stats_hooks(rl));
+  keel__stats_hooks *hooks = keel__ratelimit_redis_stats_hooks(rl);
+  if (hooks == NULL) return KEEL_ECLOSING;
+  return keel__serve_register_hooked(s, &ratelimit_redis_source, rl, name, hooks);
 }

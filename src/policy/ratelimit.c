@@ -156,5 +156,5 @@ void keel_ratelimit_close(keel_ratelimit *rl, keel_close_cb cb, void *data) {
 }
 
 keel__stats_hooks *keel__ratelimit_stats_hooks(keel_ratelimit *x) {
-  return &x->stats_hooks;
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

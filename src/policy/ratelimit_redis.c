@@ -219,5 +219,5 @@ void keel_ratelimit_redis_close(keel_ratelimit_redis *rl, keel_close_cb cb, void
 }
 
 keel__stats_hooks *keel__ratelimit_redis_stats_hooks(keel_ratelimit_redis *x) {
-  return &x->stats_hooks;
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

@@ -834,5 +834,5 @@ KEEL_EXTERN void keel_redis_close(keel_redis *r, keel_close_cb cb, void *data) {
 }
 
 keel__stats_hooks *keel__redis_stats_hooks(keel_redis *x) {
-  return &x->stats_hooks;
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

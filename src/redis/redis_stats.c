@@ -35,5 +35,7 @@ static const keel_stats_source redis_source = {"redis", write_redis};
 
 int keel_redis_serve(struct keel_serve *s, keel_redis *r, const char *name) {
   if (s == NULL || r == NULL || name == NULL) return UV_EINVAL;
-  return keel__serve_register_hooked(s, &redis_source, r, name, keel__redis_stats_hooks(r));
+  keel__stats_hooks *hooks = keel__redis_stats_hooks(r);
+  if (hooks == NULL) return KEEL_ECLOSING;
+  return keel__serve_register_hooked(s, &redis_source, r, name, hooks);
 }

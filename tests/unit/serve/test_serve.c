@@ -709,6 +709,10 @@ Test(serve, adapters_redis_pgqueue_policy_idempotency) {
   keel_ratelimit_close(rl, NULL, NULL);
   keel_pipeline_close(pipe, NULL, NULL);
   keel_pgqueue_close(pq, NULL, NULL);
+  /* a closing object is not registered again (its close already detached) */
+  cr_assert_eq(keel_pipeline_serve(f.s, pipe, "api"), KEEL_ECLOSING);
+  cr_assert_eq(keel_idem_serve(f.s, idem, "payments"), KEEL_ECLOSING);
+  cr_assert_eq(keel_pgqueue_serve(f.s, pq, "jobs"), KEEL_ECLOSING);
   keel_serve_stats ss;
   keel_serve_get_stats(f.s, &ss);
   cr_assert_eq(ss.registered, 4); /* the fixture's three and the Redis client */
