@@ -295,6 +295,7 @@ static inline void world_opts(world *w) {
 }
 
 static inline void world_start_objects(world *w) {
+  w->ready = false;
   keel_pg_pool_opts po;
   keel_pg_pool_opts_init(&po);
   po.conn.conninfo = kt_pg_conninfo();
