@@ -58,6 +58,7 @@ struct run {
   bool dead;      /* closed by the saga's close: free when nothing is pending */
   bool lost;      /* the job's lease was lost */
   bool finished;
+  bool optimistic; /* version and data taken from the job: a failed guard loads */
   int status;
   /* the write in flight */
   keel__saga_next nx;
@@ -338,6 +339,12 @@ static void on_advance(keel_pg *c, int status, const keel_pg_result *res, void *
     run_finish(r, status);
     return;
   }
+  if (keel_pg_result_nrows(res) != 1 && r->optimistic) {
+    r->optimistic = false;
+    load(r);
+    return;
+  }
+  r->optimistic = false;
   if (keel_pg_result_nrows(res) != 1) {
     keel__fail(s->err, KEEL_ECONFLICT, "saga %" PRId64 ": version %" PRId64
                " moved: another process advanced it", r->id, r->version);
@@ -668,16 +675,74 @@ static run *run_new(keel_saga *s, int64_t id) {
 
 /* ---- the durable queue side ------------------------------------------------ */
 
+/* A small scanner for the job payload, which PostgreSQL prints from jsonb:
+ * {"v": 1, "data": {...}, "saga": 123}. Returns the end of the JSON value
+ * starting at p, or NULL when malformed. */
+static const char *skip_ws(const char *p) {
+  while (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r') p++;
+  return p;
+}
+
+static const char *skip_value(const char *p) {
+  p = skip_ws(p);
+  if (*p == '"') {
+    for (p++; *p && *p != '"'; p++)
+      if (*p == '\\' && p[1]) p++;
+    return *p == '"' ? p + 1 : NULL;
+  }
+  if (*p == '{' || *p == '[') {
+    int depth = 0;
+    for (; *p; p++) {
+      if (*p == '"') {
+        p = skip_value(p);
+        if (p == NULL) return NULL;
+        p--;
+      } else if (*p == '{' || *p == '[') {
+        depth++;
+      } else if (*p == '}' || *p == ']') {
+        if (--depth == 0) return p + 1;
+      }
+    }
+    return NULL;
+  }
+  const char *b = p;
+  while (*p && *p != ',' && *p != '}' && *p != ']' && *p != ' ') p++;
+  return p > b ? p : NULL;
+}
+
+/* Finds top-level key in object text; sets *vb / *ve around its value. */
+static bool json_field(const char *p, const char *key, const char **vb, const char **ve) {
+  size_t kl = strlen(key);
+  p = skip_ws(p);
+  if (*p != '{') return false;
+  p = skip_ws(p + 1);
+  while (*p == '"') {
+    const char *ke = skip_value(p);
+    if (ke == NULL) return false;
+    bool match = (size_t)(ke - p) == kl + 2 && strncmp(p + 1, key, kl) == 0;
+    p = skip_ws(ke);
+    if (*p != ':') return false;
+    const char *b = skip_ws(p + 1);
+    const char *e = skip_value(b);
+    if (e == NULL) return false;
+    if (match) {
+      *vb = b, *ve = e;
+      return true;
+    }
+    p = skip_ws(e);
+    if (*p != ',') return false;
+    p = skip_ws(p + 1);
+  }
+  return false;
+}
+
 static void on_job(keel_pgqueue *q, keel_pgqueue_job *job, void *data) {
   keel_saga *s = data;
   (void)q;
   const char *p = keel_pgqueue_job_payload(job);
-  const char *k = p ? strstr(p, "\"saga\"") : NULL;
+  const char *vb, *ve;
   int64_t id = 0;
-  if (k) {
-    k = strchr(k, ':');
-    if (k) id = strtoll(k + 1, NULL, 10);
-  }
+  if (p && json_field(p, "saga", &vb, &ve)) id = strtoll(vb, NULL, 10);
   if (id <= 0) {
     keel_pgqueue_job_fail(job, UV_EINVAL, "not a saga job");
     return;
@@ -692,6 +757,22 @@ static void on_job(keel_pgqueue *q, keel_pgqueue_job *job, void *data) {
     return;
   }
   r->job = job;
+  /* A first attempt of a start's job carries the saga as it was written
+   * (version, data): record step 0 at once, guarded by that version; if the
+   * saga moved meanwhile the guard fails and the run loads it instead. */
+  const char *db, *de;
+  if (keel_pgqueue_job_attempt(job) == 1 && json_field(p, "v", &vb, &ve) &&
+      json_field(p, "data", &db, &de)) {
+    r->data = keel__strndup(db, (size_t)(de - db));
+    if (r->data != NULL) {
+      r->version = strtoll(vb, NULL, 10);
+      r->pos.state = KEEL_SAGA_RUNNING;
+      r->optimistic = true;
+      r->t_mark = hr();
+      decide(r);
+      return;
+    }
+  }
   load(r);
 }
 
@@ -917,7 +998,7 @@ int keel_saga_new_ex(uv_loop_t *loop, const keel_saga_opts *opts, keel_saga **ou
   qo.queue = s->queue;
   qo.process = s->o.orchestrate ? on_job : NULL;
   qo.concurrency = s->o.concurrency;
-  qo.prefetch = 0;
+  qo.prefetch = s->o.concurrency; /* the next saga waits here, not on a fetch */
   qo.lease_ms = s->o.lease_ms;
   qo.poll_ms = s->o.poll_ms;
   qo.max_attempts = 1000000;
@@ -925,7 +1006,6 @@ int keel_saga_new_ex(uv_loop_t *loop, const keel_saga_opts *opts, keel_saga **ou
   qo.on_lease_lost = on_lease_lost;
   qo.on_ready = on_q_ready;
   qo.stats_ms = 0;
-  qo.flush_ms = 0;
   qo.migrate = s->o.migrate;
   qo.data = s;
   char qwhy[128];
@@ -1039,18 +1119,41 @@ static void req_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
     keel_pg_tx_done(tx, rc);
     return;
   }
-  char payload[48], ukey[40];
-  snprintf(payload, sizeof payload, "{\"saga\":%" PRId64 "}", rq->id);
-  snprintf(ukey, sizeof ukey, "saga:%" PRId64, rq->id);
+  char small[48], ukey[64];
+  char *payload = small;
+  if (rq->kind == REQ_START)
+    snprintf(ukey, sizeof ukey, "saga:%" PRId64, rq->id);
+  else /* the failed run's job may not be marked done yet: a key of its own
+          (two re-drives cannot both pass the state = 'failed' guard) */
+    snprintf(ukey, sizeof ukey, "saga:%" PRId64 ":%" PRIx64, rq->id, keel_rng_next(&s->rng));
+  if (rq->kind == REQ_START && rq->deadline_ms == 0) {
+    /* the saga as written, so that the worker needs no load to begin */
+    size_t cap = strlen(rq->json) + 64;
+    payload = keel__malloc(cap);
+    if (payload == NULL) {
+      rq->tx = NULL;
+      keel_pg_tx_done(tx, UV_ENOMEM);
+      return;
+    }
+    snprintf(payload, cap, "{\"saga\":%" PRId64 ",\"v\":1,\"data\":%s}", rq->id, rq->json);
+  } else {
+    snprintf(small, sizeof small, "{\"saga\":%" PRId64 "}", rq->id);
+  }
   keel_pgqueue_job_opts j;
   keel_pgqueue_job_opts_init(&j);
   j.payload = payload;
   j.unique_key = ukey;
   rc = keel_pgqueue_enqueue(s->q, conn, &j, 1, on_req_enqueued, rq);
+  if (payload != small) keel__free(payload);
   if (rc == 0) rq->enq_pending = true;
   if (rc != 0) {
     rq->tx = NULL;
     keel_pg_tx_done(tx, rc);
+  } else if (rq->kind == REQ_START) {
+    /* COMMIT in the same round trip: a failed statement makes it roll
+     * back, and the pool reports that statement's error */
+    rq->tx = NULL;
+    keel_pg_tx_done(tx, 0);
   }
 }
 

@@ -284,7 +284,7 @@ static inline void world_opts(world *w) {
   w->o.type = "order";
   w->o.steps = w->steps;
   w->o.nsteps = 3;
-  w->o.lease_ms = 5000; /* a lost lease runs the saga twice (safe, but counts differ) */
+  w->o.lease_ms = 10000; /* a lost lease runs the saga twice (safe, but counts differ) */
   w->o.poll_ms = 200;
   w->o.pool_size = 2;
   w->o.stats_ms = 0;
