@@ -112,6 +112,7 @@ static keel_saga *sg;
 static bool ready;
 static long started, ended, in_flight;
 static double t_first;
+static uint64_t running_sum; /* sagas running here, summed at each end */
 
 typedef struct sop {
   keel_saga_call *call;
@@ -165,6 +166,9 @@ static void on_end(keel_saga *s, int64_t id, keel_saga_state st, void *data) {
   }
   ended++;
   in_flight--;
+  keel_saga_stats ss;
+  keel_saga_get_stats(s, &ss);
+  running_sum += ss.running_here;
   start_more();
 }
 
@@ -204,6 +208,8 @@ static double run_saga(double *p99) {
   keel_saga_stats ss;
   keel_saga_get_stats(sg, &ss);
   *p99 = ss.added.p99_ms;
+  fprintf(stderr, "saga: %.1f sagas running on average (of %d workers)\n",
+          (double)running_sum / (double)ended, WORKERS);
   fprintf(stderr, "saga: step p50 %.2f ms p99 %.2f ms; added p50 %.2f ms p99 %.2f ms\n",
           ss.step.p50_ms, ss.step.p99_ms, ss.added.p50_ms, ss.added.p99_ms);
   keel_saga_close(sg, NULL, NULL);

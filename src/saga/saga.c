@@ -63,12 +63,13 @@ struct run {
   /* the write in flight */
   keel__saga_next nx;
   bool w_outcome;
+  bool w_unknown; /* the outcome written is 'unknown' (an attempt found started) */
+  bool loaded;    /* pos came from a load: an attempt there may have no row */
   int w_status;
   char *w_data;
   uint64_t t_mark;   /* start of keel's own time for the next step (added latency) */
   uint64_t t_record; /* when the attempt's record was sent */
   uint64_t t_done;   /* when done() came */
-  uint64_t added_ns; /* keel's time accumulated for the current attempt */
 };
 
 enum req_kind { REQ_START, REQ_REDRIVE };
@@ -171,7 +172,7 @@ void keel_saga_opts_init(keel_saga_opts *o) {
   o->concurrency = KEEL_SAGA_DEFAULT_CONCURRENCY;
   o->lease_ms = KEEL_SAGA_DEFAULT_LEASE_MS;
   o->poll_ms = 1000;
-  o->pool_size = KEEL_SAGA_DEFAULT_POOL_SIZE;
+  o->pool_size = 0; /* concurrency, at most 16 */
   o->max_pending = KEEL_SAGA_DEFAULT_MAX_PENDING;
   o->stats_ms = KEEL_SAGA_DEFAULT_STATS_MS;
   o->migrate = true;
@@ -295,6 +296,7 @@ static bool overdue(run *r) {
 
 /* Acts on a decision: record-and-call, or end, through one guarded write. */
 static void act(run *r, keel__saga_next nx, bool with_outcome, int status, char *new_data) {
+  if (!with_outcome) r->w_unknown = false;
   r->nx = nx;
   r->w_outcome = with_outcome;
   r->w_status = status;
@@ -311,7 +313,12 @@ static void decide(run *r) {
     return;
   }
   keel__saga_next nx = keel__saga_decide(s->defs, s->nsteps, r->pos, overdue(r));
-  act(r, nx, false, 0, NULL);
+  /* after a load, the attempt the saga row names may have crashed: give it
+   * its row (nothing happens when it has one) */
+  bool unknown = r->loaded && r->pos.attempt > 0;
+  r->loaded = false;
+  r->w_unknown = unknown;
+  act(r, nx, unknown, 0, NULL);
 }
 
 static const char *outcome_name(int status) {
@@ -355,10 +362,9 @@ static void on_advance(keel_pg *c, int status, const keel_pg_result *res, void *
   keel__saga_pos old = r->pos;
   keel__saga_next nx = r->nx;
   uint64_t now = hr();
-  if (r->w_outcome) {
+  if (r->w_outcome && !r->w_unknown) {
     hook(s, KEEL_SAGA_AFTER_COMMIT, r, old.state == KEEL_SAGA_COMPENSATING, old.step, old.attempt);
     if (r->t_record) keel__histogram_record(&s->h_step, now - r->t_record);
-    r->added_ns += now - r->t_done;
   }
   r->pos = nx.pos;
   if (r->w_data) {
@@ -367,7 +373,7 @@ static void on_advance(keel_pg *c, int status, const keel_pg_result *res, void *
     r->w_data = NULL;
   }
   if (nx.kind == KEEL__NEXT_END) {
-    if (r->w_outcome || r->t_mark) keel__histogram_record(&s->h_added, r->added_ns);
+    if (r->w_outcome && !r->w_unknown) keel__histogram_record(&s->h_added, now - r->t_done);
     int st = nx.pos.state;
     if (st == KEEL_SAGA_DONE) s->st.done++;
     if (st == KEEL_SAGA_COMPENSATED) s->st.compensated++;
@@ -404,7 +410,7 @@ static void write_advance(run *r) {
   keel_saga *s = r->s;
   keel__saga_next *nx = &r->nx;
   keel__saga_pos *p = &r->pos;
-  char idb[24], verb[24], ostep[16], oatt[16], nstep[16], natt[16], nbud[16], rstep[16];
+  char idb[24], verb[24], ostep[16], oatt[16], nstep[16], natt[16], nbud[16];
   const char *oerr = NULL;
   snprintf(idb, sizeof idb, "%" PRId64, r->id);
   snprintf(verb, sizeof verb, "%" PRId64, r->version);
@@ -413,18 +419,17 @@ static void write_advance(run *r) {
   snprintf(nstep, sizeof nstep, "%d", nx->pos.step);
   snprintf(natt, sizeof natt, "%u", nx->pos.attempt);
   snprintf(nbud, sizeof nbud, "%u", nx->pos.budget);
-  snprintf(rstep, sizeof rstep, "%d", nx->pos.step);
   bool ocomp = p->state == KEEL_SAGA_COMPENSATING;
   bool rec = nx->kind == KEEL__NEXT_CALL;
   bool rcomp = nx->pos.state == KEEL_SAGA_COMPENSATING;
   if (r->w_outcome && r->w_status < 0) oerr = r->last_error ? r->last_error : keel_strerror(r->w_status);
-  const char *params[16] = {
+  const char *params[15] = {
       idb,
       verb,
       r->w_outcome ? ostep : NULL,
       ocomp ? "compensation" : "action",
       oatt,
-      outcome_name(r->w_status),
+      r->w_unknown ? "unknown" : outcome_name(r->w_status),
       oerr,
       STATE_NAME[nx->pos.state],
       nstep,
@@ -433,14 +438,12 @@ static void write_advance(run *r) {
       r->w_data,
       oerr,
       nx->kind == KEEL__NEXT_END ? "true" : "false",
-      rec ? rstep : NULL,
-      rcomp ? "compensation" : "action",
+      rec ? "true" : "false",
   };
-  if (r->w_outcome)
-    hook(s, KEEL_SAGA_BEFORE_COMMIT, r, ocomp, p->step, p->attempt);
+  if (r->w_outcome && !r->w_unknown) hook(s, KEEL_SAGA_BEFORE_COMMIT, r, ocomp, p->step, p->attempt);
   if (rec) hook(s, KEEL_SAGA_BEFORE_RECORD, r, rcomp, nx->pos.step, nx->pos.attempt);
   r->t_record = rec ? hr() : 0;
-  int rc = keel_pg_pool_query_cached(s->pool, s->sql.advance, 16, params, on_advance, r);
+  int rc = keel_pg_pool_query_cached(s->pool, s->sql.advance, 15, params, on_advance, r);
   if (rc != 0) {
     keel__fail(s->err, rc, "saga log write not sent: %s", keel_pg_pool_last_error(s->pool));
     run_finish(r, rc);
@@ -500,8 +503,7 @@ static void call_now(run *r) {
   else
     s->st.actions++;
   if (r->pos.attempt > 1) s->st.retries++;
-  if (r->t_mark) r->added_ns = hr() - r->t_mark;
-  else r->added_ns = 0;
+  if (r->t_mark) keel__histogram_record(&s->h_added, hr() - r->t_mark);
   hook(s, KEEL_SAGA_BEFORE_CALL, r, comp, r->pos.step, r->pos.attempt);
   keel_saga_step_fn fn = comp ? d->compensation : d->action;
   fn(s, c, s->o.data);
@@ -524,6 +526,7 @@ static void outcome(run *r, int status, char *new_data) {
     return;
   }
   keel__saga_next nx = keel__saga_after(s->defs, s->nsteps, r->pos, status, overdue(r));
+  r->w_unknown = false;
   r->t_mark = nx.kind == KEEL__NEXT_CALL ? r->t_done : 0;
   act(r, nx, true, status, new_data);
 }
@@ -639,6 +642,7 @@ static void on_load(keel_pg *c, int status, const keel_pg_result *res, void *dat
     return;
   }
   r->t_mark = hr();
+  r->loaded = true;
   decide(r);
 }
 
@@ -945,7 +949,7 @@ int keel_saga_new_ex(uv_loop_t *loop, const keel_saga_opts *opts, keel_saga **ou
   if (s == NULL) return keel__why(why, cap, UV_ENOMEM, "out of memory");
   s->loop = loop;
   s->o = *opts;
-  if (s->o.pool_size == 0) s->o.pool_size = KEEL_SAGA_DEFAULT_POOL_SIZE;
+  if (s->o.pool_size == 0) s->o.pool_size = s->o.concurrency < 16 ? s->o.concurrency : 16;
   if (s->o.max_pending == 0) s->o.max_pending = KEEL_SAGA_DEFAULT_MAX_PENDING;
   if (s->o.poll_ms == 0) s->o.poll_ms = 1000;
   snprintf(s->schema, sizeof s->schema, "%s", schema);

@@ -26,6 +26,7 @@ static const char MIGRATE[] =
     " version bigint NOT NULL DEFAULT 1,\n"
     " data jsonb NOT NULL DEFAULT '{}',\n"
     " deadline timestamptz,\n"
+    " attempt_at timestamptz,\n"
     " start_key text,\n"
     " last_error text,\n"
     " created_at timestamptz NOT NULL DEFAULT now(),\n"
@@ -41,7 +42,7 @@ static const char MIGRATE[] =
     " step int NOT NULL,\n"
     " phase text NOT NULL CHECK (phase IN ('action','compensation')),\n"
     " attempt int NOT NULL,\n"
-    " outcome text NOT NULL DEFAULT 'started',\n"
+    " outcome text NOT NULL,\n"
     " error text,\n"
     " started_at timestamptz NOT NULL DEFAULT now(),\n"
     " finished_at timestamptz,\n"
@@ -59,22 +60,26 @@ static const char LOAD[] =
     " FROM %s.saga_instances WHERE id = $1 AND type = $2";
 
 /* The guarded advance, one statement (one commit): $1 id $2 version; the
- * finished attempt (NULL $3 = none): $3 step $4 phase $5 attempt $6 outcome
- * $7 error; the saga's new values: $8 state $9 step $10 attempt $11 budget
- * $12 data (NULL = kept) $13 last_error (NULL = kept) $14 terminal; the new
- * attempt recorded as started (NULL $15 = none): $15 step $16 phase, attempt
- * $10. No row back = the version moved: another process has the saga. */
+ * finished attempt's row (NULL $3 = none): $3 step $4 phase $5 attempt $6
+ * outcome $7 error; the saga's new values: $8 state $9 step $10 attempt $11
+ * budget $12 data (NULL = kept) $13 last_error (NULL = kept) $14 terminal
+ * $15 a new attempt starts (write-ahead: the saga row says which, attempt_at
+ * when). An attempt's row is written once, with its outcome; a crashed
+ * attempt gets its row ('unknown') when the next one starts (ON CONFLICT:
+ * it may have been written before the crash). No row back = the version
+ * moved: another process has the saga. */
 static const char ADVANCE[] =
-    "WITH s AS (UPDATE %s.saga_instances SET version = version + 1, state = $8,"
+    "WITH old AS (SELECT attempt_at FROM %s.saga_instances WHERE id = $1),"
+    " s AS (UPDATE %s.saga_instances SET version = version + 1, state = $8,"
     " step = $9::int, attempt = $10::int, budget = $11::int, data = COALESCE($12::jsonb, data),"
     " last_error = COALESCE($13, last_error), updated_at = now(),"
+    " attempt_at = CASE WHEN $15::bool THEN now() ELSE attempt_at END,"
     " finished_at = CASE WHEN $14::bool THEN now() END"
     " WHERE id = $1 AND version = $2 RETURNING version),"
-    " o AS (UPDATE %s.saga_steps t SET outcome = $6, error = $7, finished_at = now() FROM s"
-    " WHERE $3::int IS NOT NULL AND t.saga_id = $1 AND t.step = $3::int AND t.phase = $4"
-    " AND t.attempt = $5::int),"
-    " r AS (INSERT INTO %s.saga_steps (saga_id, step, phase, attempt)"
-    " SELECT $1, $15::int, $16, $10::int FROM s WHERE $15::int IS NOT NULL)"
+    " o AS (INSERT INTO %s.saga_steps (saga_id, step, phase, attempt, outcome, error,"
+    " started_at, finished_at) SELECT $1, $3::int, $4, $5::int, $6, $7,"
+    " coalesce(old.attempt_at, now()), now() FROM s, old WHERE $3::int IS NOT NULL"
+    " ON CONFLICT DO NOTHING)"
     " SELECT version FROM s";
 
 /* $1 id $2 type $3 data $4 deadline_ms (0 none) $5 start_key */
