@@ -81,7 +81,7 @@ typedef struct keel_saga_call keel_saga_call;
 
 /* The states of a saga instance (column state). */
 typedef enum keel_saga_state {
-  KEEL_SAGA_RUNNING = 0, /* actions go forward */
+  KEEL_SAGA_RUNNING = 0,  /* actions go forward */
   KEEL_SAGA_COMPENSATING, /* compensations run in reverse order */
   KEEL_SAGA_DONE,         /* every action succeeded (terminal) */
   KEEL_SAGA_COMPENSATED,  /* every compensation needed succeeded (terminal) */
@@ -150,8 +150,8 @@ typedef void (*keel_saga_end_cb)(keel_saga *s, int64_t id, keel_saga_state state
  * per failure, by the one process whose guarded write made it failed;
  * last_error is the last compensation error (valid during the call). Called
  * from the loop. */
-typedef void (*keel_saga_stuck_cb)(keel_saga *s, int64_t id, unsigned step,
-                                   const char *last_error, void *data);
+typedef void (*keel_saga_stuck_cb)(keel_saga *s, int64_t id, unsigned step, const char *last_error,
+                                   void *data);
 
 /* The schema is installed (status 0) or could not be (status < 0, reason in
  * keel_saga_last_error(); retried every second). Called once, from the
@@ -181,32 +181,32 @@ typedef void (*keel_saga_hook_fn)(keel_saga *s, keel_saga_point point, int64_t i
                                   bool compensation, unsigned attempt, void *data);
 
 typedef struct keel_saga_opts {
-  const char *conninfo;            /* required */
-  const char *schema;              /* default "keel"; [a-z_][a-z0-9_]{0,39}; the log tables
-                                      live beside the durable queue's jobs table */
-  const char *type;                /* required: the saga type, [A-Za-z0-9_.-]{1,40}; its
-                                      jobs go to durable queue "saga.<type>" */
-  const keel_saga_step *steps;     /* required; copied */
-  size_t nsteps;                   /* 1..KEEL_SAGA_MAX_STEPS */
-  bool orchestrate;                /* run sagas of this type here (default true); false:
-                                      only start, re-drive and read stats */
-  unsigned concurrency;            /* sagas run here at once; default 8 */
-  uint32_t lease_ms;               /* durable-queue lease of a running saga; default 30000,
-                                      >= 200. A crashed orchestrator's sagas resume elsewhere
-                                      within about 1.5 x lease_ms */
-  uint32_t poll_ms;                /* durable-queue polling backstop; default 1000 */
-  unsigned pool_size;              /* log connections; default 4 */
-  uint64_t deadline_ms;            /* default saga deadline from its start (start opts may
-                                      set another); 0 = none (default) */
-  uint32_t max_pending;            /* starts / re-drives waiting for the schema; default 10000 */
-  uint32_t stats_ms;               /* table gauges refreshed this often; default 5000; 0 = never */
-  bool migrate;                    /* install / upgrade the log schema; default true */
-  keel_saga_end_cb on_end;         /* may be NULL */
-  keel_saga_stuck_cb on_stuck;     /* may be NULL */
-  keel_saga_ready_cb on_ready;     /* may be NULL */
-  keel_saga_hook_fn test_hook;     /* NULL (default) in production */
-  void *data;                      /* passed to every callback */
-  uint64_t reserved_[8];           /* ABI room: zero (opts_init does); never set */
+  const char *conninfo;        /* required */
+  const char *schema;          /* default "keel"; [a-z_][a-z0-9_]{0,39}; the log tables
+                                  live beside the durable queue's jobs table */
+  const char *type;            /* required: the saga type, [A-Za-z0-9_.-]{1,40}; its
+                                  jobs go to durable queue "saga.<type>" */
+  const keel_saga_step *steps; /* required; copied */
+  size_t nsteps;               /* 1..KEEL_SAGA_MAX_STEPS */
+  bool orchestrate;            /* run sagas of this type here (default true); false:
+                                  only start, re-drive and read stats */
+  unsigned concurrency;        /* sagas run here at once; default 8 */
+  uint32_t lease_ms;           /* durable-queue lease of a running saga; default 30000,
+                                  >= 200. A crashed orchestrator's sagas resume elsewhere
+                                  within about 1.5 x lease_ms */
+  uint32_t poll_ms;            /* durable-queue polling backstop; default 1000 */
+  unsigned pool_size;          /* log connections; default 4 */
+  uint64_t deadline_ms;        /* default saga deadline from its start (start opts may
+                                  set another); 0 = none (default) */
+  uint32_t max_pending;        /* starts / re-drives waiting for the schema; default 10000 */
+  uint32_t stats_ms;           /* table gauges refreshed this often; default 5000; 0 = never */
+  bool migrate;                /* install / upgrade the log schema; default true */
+  keel_saga_end_cb on_end;     /* may be NULL */
+  keel_saga_stuck_cb on_stuck; /* may be NULL */
+  keel_saga_ready_cb on_ready; /* may be NULL */
+  keel_saga_hook_fn test_hook; /* NULL (default) in production */
+  void *data;                  /* passed to every callback */
+  uint64_t reserved_[8];       /* ABI room: zero (opts_init does); never set */
 } keel_saga_opts;
 
 /* Zeroes *opts, then fills the defaults above. NULL-safe. Any thread. */
@@ -236,13 +236,13 @@ KEEL_EXTERN int keel_saga_new_ex(uv_loop_t *loop, const keel_saga_opts *opts, ke
 /* ---- starting, re-driving ------------------------------------------------ */
 
 typedef struct keel_saga_start_opts {
-  const char *data;       /* the saga's data, JSON text; NULL = "{}"; copied */
-  uint64_t deadline_ms;   /* from now; 0 = opts.deadline_ms. Before the pivot
-                             succeeded, an overdue saga compensates */
-  const char *start_key;  /* NULL: none. A second start with the same key (per type)
-                             writes nothing and reports the first saga's id with
-                             existed = true. [ -~]{1,200}; copied */
-  uint64_t reserved_[8];  /* ABI room: zero (opts_init does); never set */
+  const char *data;      /* the saga's data, JSON text; NULL = "{}"; copied */
+  uint64_t deadline_ms;  /* from now; 0 = opts.deadline_ms. Before the pivot
+                            succeeded, an overdue saga compensates */
+  const char *start_key; /* NULL: none. A second start with the same key (per type)
+                            writes nothing and reports the first saga's id with
+                            existed = true. [ -~]{1,200}; copied */
+  uint64_t reserved_[8]; /* ABI room: zero (opts_init does); never set */
 } keel_saga_start_opts;
 
 /* Zeroes *opts. NULL-safe. Any thread. */
@@ -321,8 +321,7 @@ KEEL_EXTERN int keel_saga_resume(keel_saga *s, int64_t id, keel_saga_id_cb cb, v
  * began (nothing written; freed); UV_EINVAL for NULL. Loop thread only.
  */
 KEEL_EXTERN int keel_saga_call_done(keel_saga_call *call, int status);
-KEEL_EXTERN int keel_saga_call_done_data(keel_saga_call *call, int status,
-                                         const char *data_json);
+KEEL_EXTERN int keel_saga_call_done_data(keel_saga_call *call, int status, const char *data_json);
 
 /* Accessors, valid until done. 0 / NULL / false for NULL. Strings are owned
  * by the handle. Loop thread only. */
@@ -352,8 +351,8 @@ typedef struct keel_saga_stats {
   /* table gauges of this type, as of the last refresh (opts.stats_ms) */
   uint64_t running;
   uint64_t compensating;
-  uint64_t failed_now;                       /* sagas in state failed */
-  int64_t stuck_ids[KEEL_SAGA_STUCK_LIST];  /* the oldest failed sagas' ids (0-filled) */
+  uint64_t failed_now;                     /* sagas in state failed */
+  int64_t stuck_ids[KEEL_SAGA_STUCK_LIST]; /* the oldest failed sagas' ids (0-filled) */
   /* this object (counters unless marked) */
   uint64_t started;        /* sagas started through this object */
   uint64_t done;           /* sagas this object brought to done */

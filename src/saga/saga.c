@@ -19,7 +19,7 @@ typedef struct req req;
 
 struct keel_saga_call {
   keel_saga *s;
-  run *r;     /* NULL once detached (timed out, or the saga closing) */
+  run *r; /* NULL once detached (timed out, or the saga closing) */
   int64_t id;
   unsigned step;
   bool comp;
@@ -143,8 +143,7 @@ static uint64_t hr(void) {
 }
 
 static void hook(keel_saga *s, keel_saga_point p, run *r, bool comp, int step, unsigned attempt) {
-  if (s->o.test_hook)
-    s->o.test_hook(s, p, r->id, (unsigned)step, comp, attempt, s->o.data);
+  if (s->o.test_hook) s->o.test_hook(s, p, r->id, (unsigned)step, comp, attempt, s->o.data);
 }
 
 static void maybe_closed(keel_saga *s);
@@ -186,8 +185,8 @@ static bool valid_name(const char *n) {
   if (n == NULL || *n == '\0' || strlen(n) > KEEL_SAGA_MAX_NAME) return false;
   for (const char *p = n; *p; p++) {
     char c = *p;
-    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-          c == '_' || c == '.' || c == '-'))
+    if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '_' ||
+          c == '.' || c == '-'))
       return false;
   }
   return true;
@@ -221,8 +220,10 @@ static void run_free(run *r) {
 
 static void on_run_timer_closed(uv_handle_t *h) {
   run *r = h->data;
-  if (!r->q_pending) run_free(r);
-  else r->timer_closing = true, r->dead = true;
+  if (!r->q_pending)
+    run_free(r);
+  else
+    r->timer_closing = true, r->dead = true;
 }
 
 static void run_dispose(run *r) {
@@ -353,8 +354,9 @@ static void on_advance(keel_pg *c, int status, const keel_pg_result *res, void *
   }
   r->optimistic = false;
   if (keel_pg_result_nrows(res) != 1) {
-    keel__fail(s->err, KEEL_ECONFLICT, "saga %" PRId64 ": version %" PRId64
-               " moved: another process advanced it", r->id, r->version);
+    keel__fail(s->err, KEEL_ECONFLICT,
+               "saga %" PRId64 ": version %" PRId64 " moved: another process advanced it", r->id,
+               r->version);
     run_finish(r, KEEL_ECONFLICT);
     return;
   }
@@ -422,7 +424,8 @@ static void write_advance(run *r) {
   bool ocomp = p->state == KEEL_SAGA_COMPENSATING;
   bool rec = nx->kind == KEEL__NEXT_CALL;
   bool rcomp = nx->pos.state == KEEL_SAGA_COMPENSATING;
-  if (r->w_outcome && r->w_status < 0) oerr = r->last_error ? r->last_error : keel_strerror(r->w_status);
+  if (r->w_outcome && r->w_status < 0)
+    oerr = r->last_error ? r->last_error : keel_strerror(r->w_status);
   const char *params[15] = {
       idb,
       verb,
@@ -440,7 +443,8 @@ static void write_advance(run *r) {
       nx->kind == KEEL__NEXT_END ? "true" : "false",
       rec ? "true" : "false",
   };
-  if (r->w_outcome && !r->w_unknown) hook(s, KEEL_SAGA_BEFORE_COMMIT, r, ocomp, p->step, p->attempt);
+  if (r->w_outcome && !r->w_unknown)
+    hook(s, KEEL_SAGA_BEFORE_COMMIT, r, ocomp, p->step, p->attempt);
   if (rec) hook(s, KEEL_SAGA_BEFORE_RECORD, r, rcomp, nx->pos.step, nx->pos.attempt);
   r->t_record = rec ? hr() : 0;
   int rc = keel_pg_pool_query_cached(s->pool, s->sql.advance, 15, params, on_advance, r);
@@ -908,7 +912,8 @@ static int check_steps(const keel_saga_opts *o, char *why, size_t cap) {
         return keel__why(why, cap, UV_EINVAL,
                          "a compensatable step comes after the pivot or a retriable step");
     } else if (st->kind == KEEL_SAGA_PIVOT) {
-      if (phase != 0) return keel__why(why, cap, UV_EINVAL, "a second pivot, or a pivot after a retriable step");
+      if (phase != 0)
+        return keel__why(why, cap, UV_EINVAL, "a second pivot, or a pivot after a retriable step");
       phase = 1;
     } else if (st->kind == KEEL_SAGA_RETRIABLE) {
       phase = 2;
@@ -962,7 +967,8 @@ int keel_saga_new_ex(uv_loop_t *loop, const keel_saga_opts *opts, keel_saga **ou
   s->steps = keel__calloc(s->nsteps, sizeof *s->steps);
   s->defs = keel__calloc(s->nsteps, sizeof *s->defs);
   uint64_t h = 1469598103934665603ull;
-  for (const char *p = "keel.saga.migrate:"; *p; p++) h = (h ^ (unsigned char)*p) * 1099511628211ull;
+  for (const char *p = "keel.saga.migrate:"; *p; p++)
+    h = (h ^ (unsigned char)*p) * 1099511628211ull;
   for (const char *p = s->schema; *p; p++) h = (h ^ (unsigned char)*p) * 1099511628211ull;
   if (s->conninfo == NULL || s->steps == NULL || s->defs == NULL ||
       keel__saga_sql_init(&s->sql, s->schema, (long long)(h >> 1)) != 0) {

@@ -33,8 +33,8 @@ static keel__saga_next again(keel__saga_pos pos, keel__saga_next_kind kind) {
   return x;
 }
 
-keel__saga_next keel__saga_decide(const keel__saga_def_step *steps, unsigned n,
-                                  keel__saga_pos pos, bool overdue) {
+keel__saga_next keel__saga_decide(const keel__saga_def_step *steps, unsigned n, keel__saga_pos pos,
+                                  bool overdue) {
   unsigned f = keel__saga_forward_from(steps, n);
   if (pos.state == KEEL_SAGA_RUNNING) {
     int i = pos.step;
@@ -60,8 +60,8 @@ keel__saga_next keel__saga_decide(const keel__saga_def_step *steps, unsigned n,
   return again(pos, KEEL__NEXT_CALL);
 }
 
-keel__saga_next keel__saga_after(const keel__saga_def_step *steps, unsigned n,
-                                 keel__saga_pos pos, int status, bool overdue) {
+keel__saga_next keel__saga_after(const keel__saga_def_step *steps, unsigned n, keel__saga_pos pos,
+                                 int status, bool overdue) {
   if (pos.state == KEEL_SAGA_RUNNING) {
     int i = pos.step;
     keel_saga_step_kind k = steps[i].kind;

@@ -52,12 +52,12 @@ unsigned keel__saga_forward_from(const keel__saga_def_step *steps, unsigned n);
 
 /* From a loaded (non-terminal) position: what to do now. overdue: the
  * saga's deadline has passed. */
-keel__saga_next keel__saga_decide(const keel__saga_def_step *steps, unsigned n,
-                                  keel__saga_pos pos, bool overdue);
+keel__saga_next keel__saga_decide(const keel__saga_def_step *steps, unsigned n, keel__saga_pos pos,
+                                  bool overdue);
 
 /* After the attempt pos.attempt of the current (step, phase) ended with
  * status (0 success, KEEL_EABORTED refused, other < 0 failed/unknown). */
-keel__saga_next keel__saga_after(const keel__saga_def_step *steps, unsigned n,
-                                 keel__saga_pos pos, int status, bool overdue);
+keel__saga_next keel__saga_after(const keel__saga_def_step *steps, unsigned n, keel__saga_pos pos,
+                                 int status, bool overdue);
 
 #endif

@@ -113,10 +113,18 @@ static char *fmt(const char *f, const char *schema, int n) {
   if (p == NULL) return NULL;
   int w;
   switch (n) {
-  case 1: w = snprintf(p, cap, f, schema); break;
-  case 2: w = snprintf(p, cap, f, schema, schema); break;
-  case 3: w = snprintf(p, cap, f, schema, schema, schema); break;
-  default: w = snprintf(p, cap, f, schema, schema, schema, schema); break;
+    case 1:
+      w = snprintf(p, cap, f, schema);
+      break;
+    case 2:
+      w = snprintf(p, cap, f, schema, schema);
+      break;
+    case 3:
+      w = snprintf(p, cap, f, schema, schema, schema);
+      break;
+    default:
+      w = snprintf(p, cap, f, schema, schema, schema, schema);
+      break;
   }
   if (w < 0 || (size_t)w >= cap) {
     keel__free(p);
@@ -142,8 +150,7 @@ int keel__saga_sql_init(keel__saga_sql *sql, const char *schema, long long migra
   sql->start = fmt(START, schema, 2);
   sql->redrive = fmt(REDRIVE, schema, 1);
   sql->stats = fmt(STATS, schema, 4);
-  if (!sql->migrate || !sql->load || !sql->advance || !sql->start || !sql->redrive ||
-      !sql->stats) {
+  if (!sql->migrate || !sql->load || !sql->advance || !sql->start || !sql->redrive || !sql->stats) {
     keel__saga_sql_free(sql);
     return UV_ENOMEM;
   }

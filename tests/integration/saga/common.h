@@ -21,11 +21,11 @@
 
 /* What the participants do, set by each test (also in forked children). */
 typedef struct ctl {
-  int fail_release;      /* compensation of step 0 fails this many times; -1 forever */
-  int fail_reserve;      /* reserve fails this many times */
-  bool hold_charge;      /* the charge is not sent: kept for a late reply */
-  int err_per_mille;     /* soak: random participant errors */
-  int max_latency_ms;    /* soak: random latency */
+  int fail_release;   /* compensation of step 0 fails this many times; -1 forever */
+  int fail_reserve;   /* reserve fails this many times */
+  bool hold_charge;   /* the charge is not sent: kept for a late reply */
+  int err_per_mille;  /* soak: random participant errors */
+  int max_latency_ms; /* soak: random latency */
   unsigned seed;
   /* observations */
   int releases_called;
@@ -141,7 +141,9 @@ static inline void participant(world *w, keel_saga_call *call, const char *kind,
              keel_saga_call_step(call));
   }
   snprintf(o->kind, sizeof o->kind, "%s", kind);
-  const char *field = strcmp(kind, "book") == 0 ? "item" : strcmp(kind, "charge") == 0 ? "wallet" : "slot";
+  const char *field = strcmp(kind, "book") == 0     ? "item"
+                      : strcmp(kind, "charge") == 0 ? "wallet"
+                                                    : "slot";
   o->tgt = json_int(d, field);
   o->amt = json_int(d, "amount");
   uv_timer_init(&w->loop, &o->t);
@@ -219,16 +221,17 @@ static inline void w_end(keel_saga *s, int64_t id, keel_saga_state st, void *dat
  * tombstones) and an effects log to count applications. */
 static inline void participants_install(const char *schema, int n, int balance) {
   kt_pg_execf("CREATE SCHEMA %s", schema);
-  kt_pg_execf("CREATE TABLE %s.items (id int PRIMARY KEY, booked int NOT NULL DEFAULT 0);"
-              "CREATE TABLE %s.wallets (id int PRIMARY KEY, balance int NOT NULL);"
-              "CREATE TABLE %s.slots (id int PRIMARY KEY, reserved int NOT NULL DEFAULT 0);"
-              "CREATE TABLE %s.idem (key text PRIMARY KEY, result text,"
-              " applied bool NOT NULL DEFAULT false);"
-              "CREATE TABLE %s.effects (key text NOT NULL, kind text NOT NULL);"
-              "INSERT INTO %s.items SELECT g FROM generate_series(1, %d) g;"
-              "INSERT INTO %s.wallets SELECT g, %d FROM generate_series(1, %d) g;"
-              "INSERT INTO %s.slots SELECT g FROM generate_series(1, %d) g;",
-              schema, schema, schema, schema, schema, schema, n, schema, balance, n, schema, n);
+  kt_pg_execf(
+      "CREATE TABLE %s.items (id int PRIMARY KEY, booked int NOT NULL DEFAULT 0);"
+      "CREATE TABLE %s.wallets (id int PRIMARY KEY, balance int NOT NULL);"
+      "CREATE TABLE %s.slots (id int PRIMARY KEY, reserved int NOT NULL DEFAULT 0);"
+      "CREATE TABLE %s.idem (key text PRIMARY KEY, result text,"
+      " applied bool NOT NULL DEFAULT false);"
+      "CREATE TABLE %s.effects (key text NOT NULL, kind text NOT NULL);"
+      "INSERT INTO %s.items SELECT g FROM generate_series(1, %d) g;"
+      "INSERT INTO %s.wallets SELECT g, %d FROM generate_series(1, %d) g;"
+      "INSERT INTO %s.slots SELECT g FROM generate_series(1, %d) g;",
+      schema, schema, schema, schema, schema, schema, n, schema, balance, n, schema, n);
   kt_pg_execf(
       "CREATE FUNCTION %s.act(k text, kind text, tgt int, amt int) RETURNS text"
       " LANGUAGE plpgsql AS $f$ DECLARE r text; BEGIN"
@@ -355,9 +358,10 @@ typedef struct all_terminal_ctx {
 } all_terminal_ctx;
 
 static inline long world_open_count(world *w) {
-  char *v = kt_pg_scalarf("SELECT count(*) FROM %s.saga_instances WHERE state IN "
-                          "('running','compensating')",
-                          w->schema);
+  char *v = kt_pg_scalarf(
+      "SELECT count(*) FROM %s.saga_instances WHERE state IN "
+      "('running','compensating')",
+      w->schema);
   long n = strtol(v, NULL, 10);
   free(v);
   return n;

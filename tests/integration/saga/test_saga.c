@@ -327,8 +327,8 @@ Test(saga, two_processes_resume_one_advances, .timeout = 120) {
   cr_assert_eq(count_of(&w, "kind = 'book'"), 1);
   char q[256];
   snprintf(q, sizeof q,
-           "SELECT count(*) FROM %s.saga_steps WHERE saga_id = %" PRId64 " AND step = 0",
-           w.schema, w.ids[0]);
+           "SELECT count(*) FROM %s.saga_steps WHERE saga_id = %" PRId64 " AND step = 0", w.schema,
+           w.ids[0]);
   cr_assert_eq(scalar_l(q), 1, "the loser recorded nothing");
   munmap(g_shm, sizeof *g_shm);
 }
@@ -411,7 +411,8 @@ Test(saga, calls_after_close_and_bad_input, .timeout = 60) {
   st[1].compensation = NULL;
   st[0].kind = KEEL_SAGA_RETRIABLE;
   st[0].compensation = NULL;
-  cr_assert_eq(keel_saga_new_ex(&loop, &o, &s, why, sizeof why), UV_EINVAL, "pivot after retriable");
+  cr_assert_eq(keel_saga_new_ex(&loop, &o, &s, why, sizeof why), UV_EINVAL,
+               "pivot after retriable");
   keel_saga_step_init(&st[0], "a b", s_book, s_release);
   cr_assert_eq(keel_saga_new_ex(&loop, &o, &s, why, sizeof why), UV_EINVAL);
   keel_saga_step_init(&st[0], "a", s_book, s_release);

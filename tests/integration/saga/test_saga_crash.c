@@ -5,7 +5,7 @@
  * and latency (KEEL_SAGA_SOAK_SAGAS sagas, default 1000). */
 #include "common.h"
 
-static const char *const POINT[] = {"before_record", "after_record", "before_call",
+static const char *const POINT[] = {"before_record", "after_record",  "before_call",
                                     "after_call",    "before_commit", "after_commit"};
 
 typedef struct target {
@@ -137,14 +137,12 @@ Test(saga_crash, every_persistence_point, .timeout = 600) {
    * exactly when it was booked, nothing charged */
   cr_assert_eq(sl("SELECT count(*) FROM %s.items WHERE id <= 18 AND booked <> 1", w.schema), 0);
   cr_assert_eq(sl("SELECT count(*) FROM %s.slots WHERE id <= 18 AND reserved <> 1", w.schema), 0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.wallets WHERE id <= 18 AND balance <> 60", w.schema),
-               0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.items WHERE id BETWEEN 19 AND 24 AND booked <> 0",
-                  w.schema),
-               0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.wallets WHERE id BETWEEN 19 AND 24 AND balance <> 10",
-                  w.schema),
-               0);
+  cr_assert_eq(sl("SELECT count(*) FROM %s.wallets WHERE id <= 18 AND balance <> 60", w.schema), 0);
+  cr_assert_eq(
+      sl("SELECT count(*) FROM %s.items WHERE id BETWEEN 19 AND 24 AND booked <> 0", w.schema), 0);
+  cr_assert_eq(
+      sl("SELECT count(*) FROM %s.wallets WHERE id BETWEEN 19 AND 24 AND balance <> 10", w.schema),
+      0);
   cr_assert_eq(sl("SELECT count(*) FROM %s.effects WHERE kind = 'unbook'", w.schema),
                sl("SELECT count(*) FROM %s.effects e WHERE kind = 'book' AND"
                   " split_part(key, ':', 2) IN (SELECT id::text FROM %s.saga_instances"
@@ -227,9 +225,10 @@ Test(saga_crash, soak_with_kills, .timeout = 900) {
       kills++;
     }
     if (round % 5 == 0) {
-      char *v = kt_pg_scalarf("SELECT count(*) FROM %s.saga_instances WHERE state IN"
-                              " ('running','compensating')",
-                              w.schema);
+      char *v = kt_pg_scalarf(
+          "SELECT count(*) FROM %s.saga_instances WHERE state IN"
+          " ('running','compensating')",
+          w.schema);
       open = strtol(v, NULL, 10);
       free(v);
     }
@@ -251,9 +250,10 @@ Test(saga_crash, soak_with_kills, .timeout = 900) {
                   w.schema),
                0);
   /* money conserved: what left the wallets is what was charged and kept */
-  long charged = sl("SELECT coalesce(sum(CASE kind WHEN 'charge' THEN 40 ELSE -40 END), 0)"
-                    " FROM %s.effects WHERE kind IN ('charge','uncharge')",
-                    w.schema);
+  long charged =
+      sl("SELECT coalesce(sum(CASE kind WHEN 'charge' THEN 40 ELSE -40 END), 0)"
+         " FROM %s.effects WHERE kind IN ('charge','uncharge')",
+         w.schema);
   cr_assert_eq(sl("SELECT sum(balance) FROM %s.wallets", w.schema) + charged, money0);
   /* no wallet charged without its item booked; done sagas have all three */
   cr_assert_eq(sl("SELECT count(*) FROM %s.wallets w JOIN %s.items i USING (id)"
