@@ -73,7 +73,6 @@ typedef struct keel_saga_call keel_saga_call;
 #define KEEL_SAGA_DEFAULT_COMP_ATTEMPTS 5u
 #define KEEL_SAGA_DEFAULT_TIMEOUT_MS 30000u
 #define KEEL_SAGA_DEFAULT_LEASE_MS 30000u
-#define KEEL_SAGA_DEFAULT_POOL_SIZE 4u
 #define KEEL_SAGA_DEFAULT_MAX_PENDING 10000u
 #define KEEL_SAGA_DEFAULT_STATS_MS 5000u
 /* Failed sagas listed in keel_saga_stats.stuck_ids. */
@@ -292,8 +291,8 @@ KEEL_EXTERN int keel_saga_redrive(keel_saga *s, int64_t id, keel_saga_id_cb cb, 
  * is terminal (done, compensated or failed), KEEL_ENOTFOUND when there is
  * no such saga of this type, KEEL_ECONFLICT when another process advanced
  * it in between (this run stopped without calling anything further).
- * Needs opts.orchestrate... no: works with orchestrate false too, and uses
- * the steps' callbacks. cb may be NULL. Returns 0; UV_EINVAL (NULL s, id <=
+ * Works with opts.orchestrate false too; uses the steps' callbacks. The run
+ * counts against opts.concurrency. cb may be NULL. Returns 0; UV_EINVAL (NULL s, id <=
  * 0); UV_ENOMEM; KEEL_EBUSY (opts.concurrency sagas already run here);
  * KEEL_ECLOSING. Loop thread only.
  */
