@@ -2,7 +2,7 @@
  * every persistence point of every step and compensation, then another
  * process recovers everything from the log (through the durable queue);
  * and a randomized soak with SIGKILLed orchestrators, participant errors
- * and latency (KEEL_SAGA_SOAK_SAGAS sagas, default 1000). */
+ * and latency (KEEL_SAGA_SOAK_SAGAS sagas, default 600; 1000 takes about 30 s alone under ASan). */
 #include "common.h"
 
 static const char *const POINT[] = {"before_record", "after_record",  "before_call",
@@ -189,7 +189,7 @@ static pid_t spawn_soak(const char *schema, unsigned seed) {
 
 Test(saga_crash, soak_with_kills, .timeout = 900) {
   const char *env = getenv("KEEL_SAGA_SOAK_SAGAS");
-  int n = env && *env ? atoi(env) : 1000;
+  int n = env && *env ? atoi(env) : 600; /* CI default; the 1,000: set the env var */
   if (n < 1) n = 1;
   if (n > 100000) n = 100000;
   world w;
