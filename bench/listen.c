@@ -10,10 +10,13 @@
  *  (a) 1,000 notifications/s, one per transaction, 10,000 of them: latency
  *  (b) 1,000 NOTIFYs per transaction for 10 s: receive rate
  *  (c) pgbench -c 4 -T 10 (one client thread, pgbench's default) with a
- *      one-line NOTIFY script, alone and then with keel's listener attached:
- *      tps ratio, and nothing lost. The same with the floor's listener shows
+ *      one-line NOTIFY script, alone and with keel's listener attached: tps
+ *      ratio, and nothing lost. The same with the floor's listener shows
  *      what any listener costs the server: every notifying commit signals
  *      each listening backend that is behind, and that backend wakes up.
+ *      6 rounds of (alone, keel, floor) in rotating order after a warm-up
+ *      run; medians of the per-round ratios; each listener's own CPU per
+ *      notification (its process's rusage) printed beside.
  * BENCH_LISTEN_SECONDS shortens (a), (b) and (c) for a quick look.
  */
 #include <errno.h>
@@ -23,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -253,55 +257,135 @@ static void floor_count(int fd) {
   PQfinish(conn);
 }
 
-static double server_ratio(bool use_keel, long long *lost) {
-  long long alone_processed, with_processed;
-  double alone = pgbench_tps(&alone_processed);
-  /* Listener in a child process, counting. */
+/* (c) one pgbench run with no listener, keel's or the floor's (in a child
+ * process, counting): its tps, what it sent and what the listener received,
+ * and the listener's own CPU per notification (the child's rusage). */
+typedef enum listener_kind { LISTENER_NONE, LISTENER_KEEL, LISTENER_FLOOR } listener_kind;
+
+typedef struct impact_run {
+  double tps;
+  long long sent, received;
+  double cpu_us_per_notification;
+} impact_run;
+
+static void keel_count(int fd) {
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  count_ctx c = {0, NULL, false};
+  keel_listener_opts o;
+  keel_listener_opts_init(&o);
+  o.conninfo = conninfo;
+  if (keel_listener_new(&loop, &o, &c.l) != 0) _exit(1);
+  keel_listener_listen_channel(c.l, "bench", on_count, &c);
+  keel_listener_start(c.l);
+  while (!keel_listener_is_active(c.l)) uv_run(&loop, UV_RUN_ONCE);
+  if (write(fd, "R", 1) != 1) _exit(1);
+  while (!c.stop) uv_run(&loop, UV_RUN_ONCE);
+  dprintf(fd, "%lld\n", c.received);
+  keel_listener_close(c.l, NULL, NULL);
+  uv_run(&loop, UV_RUN_DEFAULT);
+}
+
+static impact_run pgbench_with(listener_kind kind) {
+  impact_run r = {0, 0, 0, 0};
+  if (kind == LISTENER_NONE) {
+    r.tps = pgbench_tps(&r.sent);
+    return r;
+  }
   int counts[2];
   if (pipe(counts) != 0) exit(1);
+  fflush(stdout);
   pid_t child = fork();
-  if (child == 0 && !use_keel) {
-    close(counts[0]);
-    floor_count(counts[1]);
-    _exit(0);
-  }
   if (child == 0) {
     close(counts[0]);
-    uv_loop_t loop;
-    uv_loop_init(&loop);
-    count_ctx c = {0, NULL, false};
-    keel_listener_opts o;
-    keel_listener_opts_init(&o);
-    o.conninfo = conninfo;
-    keel_listener_new(&loop, &o, &c.l);
-    keel_listener_listen_channel(c.l, "bench", on_count, &c);
-    keel_listener_start(c.l);
-    while (!keel_listener_is_active(c.l)) uv_run(&loop, UV_RUN_ONCE);
-    if (write(counts[1], "R", 1) != 1) _exit(1);
-    while (!c.stop) uv_run(&loop, UV_RUN_ONCE);
-    dprintf(counts[1], "%lld\n", c.received);
-    keel_listener_close(c.l, NULL, NULL);
-    uv_run(&loop, UV_RUN_DEFAULT);
+    if (kind == LISTENER_KEEL)
+      keel_count(counts[1]);
+    else
+      floor_count(counts[1]);
     _exit(0);
   }
   close(counts[1]);
   char ready;
   if (read(counts[0], &ready, 1) != 1) exit(1);
-  double with_listener = pgbench_tps(&with_processed);
+  r.tps = pgbench_tps(&r.sent);
   PGconn *conn = connect_or_die();
   bench_pq_exec(conn, "SELECT pg_notify('bench', 'END')");
   PQfinish(conn);
   char buf[64] = "";
   ssize_t n = read(counts[0], buf, sizeof buf - 1);
   if (n > 0) buf[n] = '\0';
-  waitpid(child, NULL, 0);
-  long long received = atoll(buf);
-  *lost = with_processed - received;
+  close(counts[0]);
+  struct rusage ru;
+  memset(&ru, 0, sizeof ru);
+  wait4(child, NULL, 0, &ru);
+  r.received = atoll(buf);
+  double cpu_us = (double)ru.ru_utime.tv_sec * 1e6 + (double)ru.ru_utime.tv_usec +
+                  (double)ru.ru_stime.tv_sec * 1e6 + (double)ru.ru_stime.tv_usec;
+  r.cpu_us_per_notification = r.received > 0 ? cpu_us / (double)r.received : 0;
+  return r;
+}
+
+static int cmp_double(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+
+static double median(double *values, int count) {
+  qsort(values, (size_t)count, sizeof *values, cmp_double);
+  return count % 2 ? values[count / 2] : (values[count / 2 - 1] + values[count / 2]) / 2;
+}
+
+/*
+ * (c) C_ROUNDS rounds, each one pgbench run with no listener, one with
+ * keel's and one with the floor's, in an order that rotates from round to
+ * round (each kind runs equally often first, second and third: a load that
+ * drifts during the benchmark favours none of them). A round's ratios are
+ * its runs with a listener over its run without (minutes apart at most);
+ * the medians over the rounds are reported. Before the first round a short
+ * pgbench run warms the server up (not counted). *lost: sent - received
+ * over keel's runs.
+ */
+#define C_ROUNDS 6
+
+static void server_impact(double *keel_ratio, double *floor_ratio, long long *lost) {
+  static const listener_kind orders[3][3] = {{LISTENER_NONE, LISTENER_KEEL, LISTENER_FLOOR},
+                                             {LISTENER_KEEL, LISTENER_FLOOR, LISTENER_NONE},
+                                             {LISTENER_FLOOR, LISTENER_NONE, LISTENER_KEEL}};
+  static const char *names[] = {"none", "keel", "floor"};
+  (void)bench_pgbench(conninfo, "SELECT pg_notify('bench', 'p' || random()::text);\n", 4, 0, 2,
+                      NULL);
+  double keel_r[C_ROUNDS], floor_r[C_ROUNDS], keel_cpu[C_ROUNDS], floor_cpu[C_ROUNDS];
+  *lost = 0;
+  for (int round = 0; round < C_ROUNDS; round++) {
+    impact_run runs[3];
+    for (int i = 0; i < 3; i++) {
+      listener_kind kind = orders[round % 3][i];
+      runs[kind] = pgbench_with(kind);
+    }
+    keel_r[round] =
+        runs[LISTENER_NONE].tps > 0 ? runs[LISTENER_KEEL].tps / runs[LISTENER_NONE].tps : 0;
+    floor_r[round] =
+        runs[LISTENER_NONE].tps > 0 ? runs[LISTENER_FLOOR].tps / runs[LISTENER_NONE].tps : 0;
+    keel_cpu[round] = runs[LISTENER_KEEL].cpu_us_per_notification;
+    floor_cpu[round] = runs[LISTENER_FLOOR].cpu_us_per_notification;
+    *lost += runs[LISTENER_KEEL].sent - runs[LISTENER_KEEL].received;
+    printf(
+        "(c) round %d (%s, %s, %s): pgbench NOTIFY tps alone %.0f | keel listening %.0f, ratio "
+        "%.2f, %lld/%lld received, listener cpu %.1f us/notification | floor listening %.0f, "
+        "ratio %.2f, %lld/%lld received, listener cpu %.1f us/notification\n",
+        round + 1, names[orders[round % 3][0]], names[orders[round % 3][1]],
+        names[orders[round % 3][2]], runs[LISTENER_NONE].tps, runs[LISTENER_KEEL].tps,
+        keel_r[round], runs[LISTENER_KEEL].received, runs[LISTENER_KEEL].sent, keel_cpu[round],
+        runs[LISTENER_FLOOR].tps, floor_r[round], runs[LISTENER_FLOOR].received,
+        runs[LISTENER_FLOOR].sent, floor_cpu[round]);
+    fflush(stdout);
+  }
+  *keel_ratio = median(keel_r, C_ROUNDS);
+  *floor_ratio = median(floor_r, C_ROUNDS);
   printf(
-      "(c) pgbench NOTIFY alone %.0f tps, with %s listening %.0f tps; sent %lld, received "
-      "%lld\n",
-      alone, use_keel ? "keel" : "the floor", with_listener, with_processed, received);
-  return alone > 0 ? with_listener / alone : 0;
+      "(c) medians of %d rounds: keel ratio %.2f, listener cpu %.1f us/notification | floor ratio "
+      "%.2f, listener cpu %.1f us/notification\n",
+      C_ROUNDS, *keel_ratio, median(keel_cpu, C_ROUNDS), *floor_ratio, median(floor_cpu, C_ROUNDS));
 }
 
 int main(void) {
@@ -316,13 +400,10 @@ int main(void) {
    * keel's listener and the floor's, to study it without the rest. */
   const char *only = getenv("BENCH_LISTEN_ONLY");
   if (only != NULL && strcmp(only, "c") == 0) {
-    for (int r = 0; r < RUNS; r++) {
-      long long lost_keel = 0, lost_floor = 0;
-      double k = server_ratio(true, &lost_keel);
-      double f = server_ratio(false, &lost_floor);
-      printf("(c) run %d: keel ratio %.2f lost %lld | floor ratio %.2f lost %lld\n", r + 1, k,
-             lost_keel, f, lost_floor);
-    }
+    double k, f;
+    long long lost_c;
+    server_impact(&k, &f, &lost_c);
+    printf("(c) keel ratio %.2f lost %lld | floor ratio %.2f\n", k, lost_c, f);
     return 0;
   }
 
@@ -343,16 +424,10 @@ int main(void) {
            keel_b[r].per_second, keel_b[r].received, keel_b[r].expected);
     lost += keel_b[r].expected - keel_b[r].received;
   }
-  double keel_c[RUNS], floor_c[RUNS];
-  for (int r = 0; r < RUNS; r++) {
-    long long lost_c = 0, floor_lost = 0;
-    keel_c[r] = server_ratio(true, &lost_c);
-    floor_c[r] = server_ratio(false, &floor_lost);
-    printf("(c) run %d: keel ratio %.2f | floor ratio %.2f\n", r + 1, keel_c[r], floor_c[r]);
-    lost += lost_c;
-  }
-  double ratio = bench_median3(keel_c[0], keel_c[1], keel_c[2]);
-  double floor_ratio = bench_median3(floor_c[0], floor_c[1], floor_c[2]);
+  double ratio, floor_ratio;
+  long long lost_c;
+  server_impact(&ratio, &floor_ratio, &lost_c);
+  lost += lost_c;
 
   double p50 = bench_median3(keel_a[0].p50_us, keel_a[1].p50_us, keel_a[2].p50_us);
   double p99 = bench_median3(keel_a[0].p99_us, keel_a[1].p99_us, keel_a[2].p99_us);

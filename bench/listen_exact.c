@@ -17,8 +17,10 @@
  * keel_overflow by id with a blocking PQexecParams.
  *  (a) 1,000 rows/s for BENCH_LISTEN_SECONDS (default 10): latency, and the
  *      listener's CPU per delivered change (getrusage RUSAGE_THREAD around
- *      the run, from the writer's start to the last change: keel's loop
- *      runs on this thread)
+ *      the run, from just after the writer is forked to the last change:
+ *      keel's loop runs on this thread; under valgrind --tool=callgrind the
+ *      same window is dumped, labelled "keel mode 0" / "floor mode 0", for
+ *      instructions per change)
  *  (b) the same with 1 row in 10 carrying a 20 KB body (oversize: written
  *      to keel_overflow by the trigger, fetched by the listener)
  *  (c) every row 20 KB, the writer at full speed: oversize changes per
@@ -42,6 +44,16 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#if defined(__has_include)
+#if __has_include(<valgrind/callgrind.h>)
+#include <valgrind/callgrind.h>
+#endif
+#endif
+#ifndef CALLGRIND_ZERO_STATS
+#define CALLGRIND_ZERO_STATS
+#define CALLGRIND_DUMP_STATS_AT(label) ((void)(label))
+#endif
 
 #include "common.h"
 #include "pq.h"
@@ -194,6 +206,9 @@ typedef struct sink {
   double cpu_us;
 } sink;
 
+/* The label of the run being measured, for callgrind's dump. */
+static char window_label[64];
+
 static double thread_cpu_us(void) {
   struct rusage ru;
   getrusage(RUSAGE_THREAD, &ru);
@@ -209,6 +224,8 @@ static void sink_change(sink *s, const char *seq, const char *sent_ns) {
     s->expected = atoll(sent_ns);
     s->done = true;
     s->cpu_us = thread_cpu_us() - s->cpu_us;
+    /* under valgrind --tool=callgrind: the instructions of this window */
+    CALLGRIND_DUMP_STATS_AT(window_label);
     return;
   }
   uint64_t sent = strtoull(sent_ns, NULL, 10);
@@ -272,8 +289,10 @@ static run_result floor_run(mode m, uint64_t *samples) {
   sink s = {samples, 0, 0, 0, 0, -1, false, 0};
   PGconn *conn = connect_or_die();
   bench_pq_exec(conn, "LISTEN " CHANNEL);
-  s.cpu_us = thread_cpu_us();
   pid_t writer = start_writer(m);
+  snprintf(window_label, sizeof window_label, "floor mode %d", (int)m);
+  CALLGRIND_ZERO_STATS;
+  s.cpu_us = thread_cpu_us();
   struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
   while (!s.done) {
     if (poll(&pfd, 1, 30000) <= 0) break;
@@ -315,8 +334,10 @@ static void check_active(uv_timer_t *timer) {
   if (!keel_listener_is_active(k->l)) return;
   uv_timer_stop(timer);
   uv_close((uv_handle_t *)timer, NULL);
-  k->s.cpu_us = thread_cpu_us();
   k->writer = start_writer(k->m);
+  snprintf(window_label, sizeof window_label, "keel mode %d", (int)k->m);
+  CALLGRIND_ZERO_STATS;
+  k->s.cpu_us = thread_cpu_us();
 }
 
 static run_result keel_run(mode m, uint64_t *samples) {

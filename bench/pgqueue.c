@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -55,6 +56,65 @@ static uint64_t real_ns(void) {
   struct timespec ts;
   clock_gettime(CLOCK_REALTIME, &ts);
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* CPU seconds used by a process ($1 = pid): user + system, with its reaped
+ * children when all is set; -1 when unreadable. */
+static double proc_cpu_s(long pid, bool all) {
+  char path[64], buf[1024];
+  snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+  FILE *f = fopen(path, "r");
+  if (f == NULL) return -1;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  const char *p = strrchr(buf, ')');
+  if (p == NULL) return -1;
+  /* fields after ')': 3 state ... 14 utime 15 stime 16 cutime 17 cstime */
+  unsigned long long v[18] = {0};
+  int field = 2;
+  for (p++; *p && field < 17;) {
+    while (*p == ' ') p++;
+    field++;
+    v[field] = strtoull(p, (char **)&p, 10);
+    if (*p && *p != ' ')
+      while (*p && *p != ' ') p++;
+  }
+  double t = (double)(v[14] + v[15] + (all ? v[16] + v[17] : 0));
+  return t / (double)sysconf(_SC_CLK_TCK);
+}
+
+/* CPU seconds of a PostgreSQL instance (postmaster, its live children and
+ * the reaped ones); -1 when not readable (another user's server, no /proc). */
+static double server_cpu_s(const char *datadir) {
+  if (datadir == NULL || !*datadir) return -1;
+  char path[512];
+  snprintf(path, sizeof path, "%s/postmaster.pid", datadir);
+  FILE *f = fopen(path, "r");
+  long pm = 0;
+  if (f == NULL || fscanf(f, "%ld", &pm) != 1) {
+    if (f) fclose(f);
+    return -1;
+  }
+  fclose(f);
+  double t = proc_cpu_s(pm, true);
+  if (t < 0) return -1;
+  snprintf(path, sizeof path, "/proc/%ld/task/%ld/children", pm, pm);
+  f = fopen(path, "r");
+  long c;
+  while (f != NULL && fscanf(f, "%ld", &c) == 1) {
+    double x = proc_cpu_s(c, true);
+    if (x > 0) t += x;
+  }
+  if (f) fclose(f);
+  return t;
+}
+
+static double self_children_cpu_s(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_CHILDREN, &ru);
+  return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+         (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
 }
 
 static int env_int(const char *name, int def) {
@@ -110,10 +170,12 @@ static void w_tick(uv_timer_t *t) {
     fprintf(stderr,
             "worker %d: fetches %" PRIu64 " fetched %" PRIu64 " completed %" PRIu64
             " flushes %" PRIu64 " fenced %" PRIu64 " lost %" PRIu64 " back %" PRIu64
-            " rescued %" PRIu64 " fetch p50 %.1f ms p99 %.1f ms; last error: %s\n",
+            " rescued %" PRIu64
+            " fetch p50 %.1f ms p99 %.1f ms pickup (server clock) p50 %.1f ms"
+            " p99 %.1f ms; last error: %s\n",
             (int)getpid(), st.fetches, st.fetched, st.completed, st.flushes, st.fenced,
             st.lease_lost, st.given_back, st.rescued, st.fetch.p50_ms, st.fetch.p99_ms,
-            keel_pgqueue_last_error(w->q));
+            st.pickup.p50_ms, st.pickup.p99_ms, keel_pgqueue_last_error(w->q));
     keel_pgqueue_close(w->q, NULL, NULL);
     uv_close((uv_handle_t *)t, NULL);
   }
@@ -167,7 +229,14 @@ typedef struct enq {
   int64_t min_id;
   uv_timer_t timer;
   long pickup_left;
+  uint64_t ack_ns[4096]; /* enqueue call -> its callback (the durable commit) */
+  int nack;
 } enq;
+
+typedef struct pick_req {
+  enq *e;
+  uint64_t sent;
+} pick_req;
 
 static void on_ready(keel_pgqueue *q, int status, void *data) {
   enq *e = data;
@@ -215,7 +284,10 @@ static void send_batches(enq *e) {
 static void on_pickup_enq(keel_pgqueue *q, int status, const keel_pgqueue_enqueued *jobs, size_t n,
                           void *data) {
   (void)jobs, (void)n;
-  enq *e = data;
+  pick_req *r = data;
+  enq *e = r->e;
+  if (e->nack < 4096) e->ack_ns[e->nack++] = real_ns() - r->sent;
+  free(r);
   e->inflight--;
   if (status != 0) fprintf(stderr, "pickup enqueue: %s\n", keel_pgqueue_last_error(q));
 }
@@ -233,7 +305,14 @@ static void pickup_tick(uv_timer_t *t) {
   j.queue = "pickup";
   j.payload = payload;
   keel_pgqueue *q = e->pq[e->rr++ % 4];
-  if (keel_pgqueue_enqueue(q, NULL, &j, 1, on_pickup_enq, e) == 0) e->inflight++;
+  pick_req *r = malloc(sizeof *r);
+  if (r == NULL) return;
+  r->e = e;
+  r->sent = real_ns();
+  if (keel_pgqueue_enqueue(q, NULL, &j, 1, on_pickup_enq, r) == 0)
+    e->inflight++;
+  else
+    free(r);
 }
 
 static bool run_until(uv_loop_t *loop, bool (*cond)(void *), void *ctx, double seconds) {
@@ -286,6 +365,11 @@ int main(void) {
   } else {
     dir[0] = 0;
   }
+  char datadir[300] = "";
+  if (dir[0])
+    snprintf(datadir, sizeof datadir, "%s/data", dir);
+  else if (getenv("KEEL_BENCH_PG_DATA"))
+    snprintf(datadir, sizeof datadir, "%s", getenv("KEEL_BENCH_PG_DATA"));
   PGconn *pc = PQconnectdb(conninfo);
   char *fs = scalar(pc, "SHOW fsync"), *sc = scalar(pc, "SHOW synchronous_commit");
   printf("server: fsync=%s synchronous_commit=%s\n", fs ? fs : "?", sc ? sc : "?");
@@ -322,6 +406,7 @@ int main(void) {
 
   if (nworkers == 0) return 0; /* enqueue only (for EXPLAIN sessions) */
   /* 2. work */
+  double srv0 = server_cpu_s(datadir), wrk0 = self_children_cpu_s();
   pid_t pids[64];
   for (int i = 0; i < nworkers; i++) {
     pids[i] = fork();
@@ -340,6 +425,12 @@ int main(void) {
          (double)njobs / work_s);
   atomic_store(&sh->stop, 1);
   for (int i = 0; i < nworkers; i++) waitpid(pids[i], NULL, 0);
+  double srv1 = server_cpu_s(datadir), wrk1 = self_children_cpu_s();
+  /* CPU per job of the work phase (workers: from their exit; server: all
+   * its processes, including autovacuum and the checkpointer meanwhile) */
+  printf("cpu per job: workers %.1f us, server %.1f us%s\n", (wrk1 - wrk0) * 1e6 / (double)njobs,
+         srv0 >= 0 && srv1 >= 0 ? (srv1 - srv0) * 1e6 / (double)njobs : 0.0,
+         srv0 >= 0 && srv1 >= 0 ? "" : " (server not readable)");
 
   /* 3. pickup latency: one worker, jobs one by one at 200/s */
   atomic_store(&sh->stop, 0);
@@ -367,7 +458,12 @@ int main(void) {
   if (np > 4096) np = 4096;
   double p50, p99;
   bench_percentiles_us(sh->pickup_ns, np, &p50, &p99);
-  printf("pickup: %d jobs, p50 %.2f ms, p99 %.2f ms\n", np, p50 / 1000, p99 / 1000);
+  double a50, a99;
+  bench_percentiles_us(e.ack_ns, e.nack, &a50, &a99);
+  printf(
+      "pickup: %d jobs, p50 %.2f ms, p99 %.2f ms (of which the enqueue's commit: p50 %.2f ms, "
+      "p99 %.2f ms)\n",
+      np, p50 / 1000, p99 / 1000, a50 / 1000, a99 / 1000);
 
   /* 4. check */
   long lost = 0, dup = 0;

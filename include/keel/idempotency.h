@@ -16,12 +16,16 @@
  *
  *     static void on_begin(keel_idem *idem, int status, const keel_idem_reply *r,
  *                          void *req) {
- *       if (status == KEEL_EINPROGRESS) return reply(req, 409, "in progress");
- *       if (status == KEEL_EMISMATCH) return reply(req, 422, "key reused");
- *       if (status < 0) return reply(req, 503, keel_strerror(status));
- *       if (r->completed) return reply(req, r->response_status, r->body);
- *       save_token(req, &r->token);           // we own the key: do the work,
- *       do_the_work(req);                     // then keel_idem_complete(...)
+ *       if (status == KEEL_EINPROGRESS)
+ *         reply(req, 409, "in progress");
+ *       else if (status == KEEL_EMISMATCH)
+ *         reply(req, 422, "key reused");
+ *       else if (status < 0)
+ *         reply(req, 503, keel_strerror(status));
+ *       else if (r->completed)                // body: body_len bytes, no NUL
+ *         reply_bytes(req, r->response_status, r->body, r->body_len);
+ *       else                                  // we own the key: keep the token
+ *         do_the_work(req, r->token);         // (a copy), then keel_idem_complete()
  *     }
  *     keel_idem_begin(idem, "POST /bookings", header_key, body_sha256, on_begin, req);
  *
@@ -59,12 +63,12 @@ typedef struct keel_idem keel_idem;
 #define KEEL_IDEM_PREFIX "keel:idem:"
 
 typedef struct keel_idem_opts {
-  uint64_t processing_ttl_ms; /* how long a key stays "processing" without
+  uint64_t processing_ttl_ms; /* 1..2^40; how long a key stays "processing" without
                                  complete/abort: an owner that dies frees the
                                  key after this; default 60000. Choose it above
                                  your longest processing time: a complete after
                                  it fails with KEEL_ELOST */
-  uint64_t completed_ttl_ms;  /* how long a stored response is kept; default
+  uint64_t completed_ttl_ms;  /* 1..2^40; how long a stored response is kept; default
                                  86400000 (24 h) */
   size_t max_body;            /* largest response body stored; a larger one
                                  is not cached (its status is: duplicates get
@@ -85,8 +89,9 @@ KEEL_EXTERN void keel_idem_opts_init(keel_idem_opts *opts);
 /*
  * A store on a Redis client (keel/redis.h). redis is not owned: it must
  * outlive the store (close the store first). opts may be NULL; copied.
- * Returns 0 and sets *out, UV_EINVAL (NULL loop, redis or out; a zero TTL;
- * a prefix over 64 bytes) or UV_ENOMEM; *out is untouched on failure.
+ * Returns 0 and sets *out, UV_EINVAL (NULL loop, redis or out; a TTL of 0
+ * or over 2^40 ms, about 34 years; a prefix over 64 bytes) or UV_ENOMEM;
+ * *out is untouched on failure.
  * Loop thread only.
  */
 KEEL_EXTERN int keel_idem_new_redis(uv_loop_t *loop, keel_redis *redis, const keel_idem_opts *opts,
@@ -94,10 +99,11 @@ KEEL_EXTERN int keel_idem_new_redis(uv_loop_t *loop, keel_redis *redis, const ke
 
 /*
  * A store on a PostgreSQL pool (keel/pg.h), in opts.table (create it with
- * keel_idem_install() or yourself, see docs/integrity.md). pool is not
+ * keel_idem_install() or yourself, see docs/idempotency.md). pool is not
  * owned: it must outlive the store (close the store first). opts may be
  * NULL; copied. Returns 0 and sets *out, UV_EINVAL (NULL loop, pool or out;
- * a zero TTL; a bad table name) or UV_ENOMEM; *out is untouched on failure.
+ * a TTL of 0 or over 2^40 ms; a bad table name) or UV_ENOMEM; *out is
+ * untouched on failure.
  * Loop thread only.
  */
 KEEL_EXTERN int keel_idem_new_pg(uv_loop_t *loop, keel_pg_pool *pool, const keel_idem_opts *opts,
@@ -109,7 +115,7 @@ typedef void (*keel_idem_done_cb)(keel_idem *idem, int status, void *data);
 
 /*
  * PostgreSQL: creates the table if it does not exist (the DDL is in
- * docs/integrity.md), under an advisory lock, in one transaction. Redis:
+ * docs/idempotency.md), under an advisory lock, in one transaction. Redis:
  * nothing to create; done gets 0. done (may be NULL) gets 0, KEEL_EPG,
  * KEEL_ECONN, KEEL_EINDOUBT, UV_ETIMEDOUT or UV_ECANCELED on a later loop
  * iteration. Returns 0, UV_EINVAL (NULL idem), UV_ENOMEM, KEEL_EFULL or

@@ -166,9 +166,11 @@ KEEL_EXTERN int keel_pgqueue_new_ex(uv_loop_t *loop, const keel_pgqueue_opts *op
 typedef struct keel_pgqueue_job_opts {
   const char *queue;           /* NULL: the queue's opts.queue */
   const char *kind;            /* free text for handlers; NULL = "" */
-  const char *payload;         /* JSON text; NULL = "{}"; checked by the server (the
-                                  whole batch fails with UV_EINVAL when one is not
-                                  JSON) */
+  const char *payload;         /* JSON text; NULL = "{}". Checked twice: by keel's own
+                                  JSON syntax check (keel_pgqueue_enqueue() returns
+                                  UV_EINVAL, no callback), then by the server as jsonb
+                                  (a refusal there: the callback gets UV_EINVAL);
+                                  either way nothing of the batch is written */
   int priority;                /* higher first */
   int64_t delay_ms;            /* run no earlier than now + delay_ms; >= 0 */
   int max_attempts;            /* 0: the queue's; >= 1 otherwise */
@@ -193,7 +195,8 @@ typedef struct keel_pgqueue_enqueued {
 /*
  * The outcome of an enqueue: status 0 and n entries in input order; or an
  * error with jobs NULL: KEEL_EPG (SQLSTATE in keel_pgqueue_last_error()),
- * UV_EINVAL (a payload the server refused as JSON: nothing written),
+ * UV_EINVAL (a value the server refused, SQLSTATE class 22, e.g. a payload
+ * that passed keel's syntax check but not jsonb's: nothing written),
  * KEEL_EINDOUBT (autocommit insert lost in flight: read back before
  * enqueueing again, or use a unique key), KEEL_ECONN, UV_ECANCELED (the
  * queue or the connection closed first). Inside a caller's transaction a
@@ -205,7 +208,10 @@ typedef void (*keel_pgqueue_enqueue_cb)(keel_pgqueue *q, int status,
 /*
  * Inserts n jobs (1..KEEL_PGQUEUE_MAX_BATCH) in one statement, and NOTIFYs
  * each queue concerned once (constant payload, so PostgreSQL folds repeats
- * within a transaction; sent at commit).
+ * within a transaction) once the jobs are committed: in your transaction
+ * (conn given) from the insert trigger, at your commit; on the queue's own
+ * connection from a separate non-durable transaction pipelined right after
+ * the insert's durable commit (docs/pgqueue.md, Wake-ups).
  *
  * conn     NULL: the queue's own connection (autocommit). Otherwise a
  *          keel_pg of yours, e.g. the connection of a keel_pg_pool

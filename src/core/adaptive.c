@@ -95,7 +95,11 @@ bool keel_adaptive_has_room(const keel_adaptive *a) {
 /* The end of a window: move the limit. */
 static void update(keel_adaptive *a) {
   double rtt = a->window_sum / (double)a->window_count;
-  uint64_t rtt_int = rtt < 1.0 ? 1 : (uint64_t)(rtt + 0.5);
+  /* 2^64 and above (an average of samples near UINT64_MAX) does not fit a
+   * uint64_t: converting it would be undefined (0 on x86). */
+  uint64_t rtt_int = rtt < 1.0                       ? 1
+                     : rtt >= 18446744073709551616.0 ? UINT64_MAX
+                                                     : (uint64_t)(rtt + 0.5);
   if (a->min_rtt == 0 || rtt_int < a->min_rtt) a->min_rtt = rtt_int;
   a->last_rtt = rtt_int;
   double old = a->limit;

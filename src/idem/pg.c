@@ -2,7 +2,7 @@
  * (a transaction-scoped advisory lock on the key, an INSERT ... ON CONFLICT
  * that takes the key when it is absent or expired, and the row as it is),
  * complete and abort are token-guarded UPDATE / DELETE. The SQL is shown in
- * docs/integrity.md. */
+ * docs/idempotency.md. */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

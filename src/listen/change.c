@@ -23,12 +23,50 @@ static bool fail(reader *r, const char *error) {
   return false;
 }
 
+/* Byte classes, one lookup per byte: JSON white space, and the bytes that
+ * end a run of plain string bytes ('"', '\\', NUL and the other control
+ * characters). */
+enum { CLASS_WS = 1, CLASS_STRING_STOP = 2 };
+static const unsigned char byte_class[256] = {
+    [0] = CLASS_STRING_STOP,
+    [1] = CLASS_STRING_STOP,
+    [2] = CLASS_STRING_STOP,
+    [3] = CLASS_STRING_STOP,
+    [4] = CLASS_STRING_STOP,
+    [5] = CLASS_STRING_STOP,
+    [6] = CLASS_STRING_STOP,
+    [7] = CLASS_STRING_STOP,
+    [8] = CLASS_STRING_STOP,
+    ['\t'] = CLASS_STRING_STOP | CLASS_WS,
+    ['\n'] = CLASS_STRING_STOP | CLASS_WS,
+    [11] = CLASS_STRING_STOP,
+    [12] = CLASS_STRING_STOP,
+    ['\r'] = CLASS_STRING_STOP | CLASS_WS,
+    [14] = CLASS_STRING_STOP,
+    [15] = CLASS_STRING_STOP,
+    [16] = CLASS_STRING_STOP,
+    [17] = CLASS_STRING_STOP,
+    [18] = CLASS_STRING_STOP,
+    [19] = CLASS_STRING_STOP,
+    [20] = CLASS_STRING_STOP,
+    [21] = CLASS_STRING_STOP,
+    [22] = CLASS_STRING_STOP,
+    [23] = CLASS_STRING_STOP,
+    [24] = CLASS_STRING_STOP,
+    [25] = CLASS_STRING_STOP,
+    [26] = CLASS_STRING_STOP,
+    [27] = CLASS_STRING_STOP,
+    [28] = CLASS_STRING_STOP,
+    [29] = CLASS_STRING_STOP,
+    [30] = CLASS_STRING_STOP,
+    [31] = CLASS_STRING_STOP,
+    [' '] = CLASS_WS,
+    ['"'] = CLASS_STRING_STOP,
+    ['\\'] = CLASS_STRING_STOP,
+};
+
 static void skip_ws(reader *r) {
-  for (;;) {
-    char ch = r->s[r->at];
-    if (ch != ' ' && ch != '\t' && ch != '\n' && ch != '\r') return;
-    r->at++;
-  }
+  while (byte_class[(unsigned char)r->s[r->at]] & CLASS_WS) r->at++;
 }
 
 static int hex_value(char ch) {
@@ -51,10 +89,13 @@ static bool read_hex4(reader *r, size_t at, unsigned *out) {
 
 /* Reads a string at r->at (the opening quote). With decode, unescapes it in
  * place and NUL-terminates it (*out: its first byte); without, only checks
- * it. */
+ * it. Bytes before the first escape stay where they are (nothing moves
+ * until an escape shortens the text). */
 static bool read_string(reader *r, bool decode, char **out) {
-  size_t in = ++r->at, outpos = in, begin = in;
+  size_t in = ++r->at, begin = in;
   char *s = r->s;
+  while (!(byte_class[(unsigned char)s[in]] & CLASS_STRING_STOP)) in++;
+  size_t outpos = in;
   for (;;) {
     unsigned char ch = (unsigned char)s[in];
     if (ch == '"') break;
@@ -156,8 +197,10 @@ static bool read_number(reader *r, bool *integer) {
 }
 
 static bool read_literal(reader *r, const char *word) {
-  size_t n = strlen(word);
-  if (strncmp(r->s + r->at, word, n) != 0) return fail(r, "bad literal");
+  const char *at = r->s + r->at;
+  size_t n = 0;
+  for (; word[n] != '\0'; n++) /* stops at the text's NUL: it differs */
+    if (at[n] != word[n]) return fail(r, "bad literal");
   r->at += n;
   return true;
 }
@@ -386,6 +429,63 @@ enum {
   SEEN_KEY_ONLY = 128
 };
 
+/* strcmp(a, b) == 0 for the short names compared per change, without a
+ * call. */
+static inline bool same(const char *a, const char *b) {
+  while (*a == *b && *a != '\0') a++, b++;
+  return *a == *b;
+}
+
+/* The SEEN_ bit of a member of the change object, 0 for any other name:
+ * one comparison for each member instead of one per known name. */
+static unsigned member_bit(const char *name) {
+  const char *known;
+  unsigned bit;
+  switch (name[0]) {
+    case 'o':
+      known = name[1] == 'p' ? "op" : name[1] == 'l' ? "old" : "overflow";
+      bit = name[1] == 'p' ? SEEN_OP : name[1] == 'l' ? SEEN_OLD : SEEN_OVERFLOW;
+      break;
+    case 's':
+      known = "schema", bit = SEEN_SCHEMA;
+      break;
+    case 't':
+      known = name[1] == 'a' ? "table" : "ts_us";
+      bit = name[1] == 'a' ? SEEN_TABLE : SEEN_TS;
+      break;
+    case 'p':
+      known = "pk", bit = SEEN_PK;
+      break;
+    case 'n':
+      known = "new", bit = SEEN_NEW;
+      break;
+    case 'k':
+      known = "key_only", bit = SEEN_KEY_ONLY;
+      break;
+    default:
+      return 0;
+  }
+  return same(name, known) ? bit : 0;
+}
+
+/* A JSON integer's text (the reader checked its grammar: an optional '-'
+ * and digits) as a value in 0..max; false when it has a fraction or an
+ * exponent, is negative (but -0) or above max. */
+static bool read_bounded(const char *s, int64_t max, int64_t *out) {
+  bool negative = *s == '-';
+  if (negative) s++;
+  if (*s < '0' || *s > '9') return false;
+  int64_t v = 0;
+  for (; *s >= '0' && *s <= '9'; s++) {
+    int digit = *s - '0';
+    if (v > (max - digit) / 10) return false;
+    v = v * 10 + digit;
+  }
+  if (*s != '\0' || (negative && v != 0)) return false;
+  *out = v;
+  return true;
+}
+
 static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
   value_ends ends;
   ends_init(&ends);
@@ -394,7 +494,6 @@ static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
   const char *op = NULL;
   char *ts_start = NULL;
   char *overflow_start = NULL;
-  size_t ts_len = 0;
   bool ts_integer = false;
   skip_ws(&r);
   if (work[r.at] != '{') {
@@ -421,16 +520,7 @@ static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
       }
       r.at++;
       skip_ws(&r);
-      unsigned bit = strcmp(name, "op") == 0         ? SEEN_OP
-                     : strcmp(name, "schema") == 0   ? SEEN_SCHEMA
-                     : strcmp(name, "table") == 0    ? SEEN_TABLE
-                     : strcmp(name, "ts_us") == 0    ? SEEN_TS
-                     : strcmp(name, "pk") == 0       ? SEEN_PK
-                     : strcmp(name, "new") == 0      ? SEEN_NEW
-                     : strcmp(name, "old") == 0      ? SEEN_OLD
-                     : strcmp(name, "key_only") == 0 ? SEEN_KEY_ONLY
-                     : strcmp(name, "overflow") == 0 ? SEEN_OVERFLOW
-                                                     : 0;
+      unsigned bit = member_bit(name);
       if (bit & seen) {
         fail(&r, "a member appears twice");
         goto done;
@@ -466,9 +556,10 @@ static int parse_document(keel_change *c, char *work, char *why, size_t cap) {
             goto done;
           }
           ts_start = v.start;
-          ts_len = v.len;
-          ts_integer = memchr(v.start, '.', v.len) == NULL && memchr(v.start, 'e', v.len) == NULL &&
-                       memchr(v.start, 'E', v.len) == NULL;
+          /* no fraction, no exponent: '-' and digits only */
+          ts_integer = true;
+          for (size_t i = 0; i < v.len; i++)
+            if (v.start[i] != '-' && !is_digit(v.start[i])) ts_integer = false;
         } else if (bit == SEEN_KEY_ONLY) {
           c->key_only = v.kind == KEEL__JSON_TRUE;
         } else if (bit == SEEN_OVERFLOW) {
@@ -507,11 +598,11 @@ done:
     return proto(why, cap, reason);
   }
   if (op == NULL) return proto(why, cap, "no \"op\"");
-  if (strcmp(op, "INSERT") == 0)
+  if (same(op, "INSERT"))
     c->op = KEEL_CHANGE_INSERT;
-  else if (strcmp(op, "UPDATE") == 0)
+  else if (same(op, "UPDATE"))
     c->op = KEEL_CHANGE_UPDATE;
-  else if (strcmp(op, "DELETE") == 0)
+  else if (same(op, "DELETE"))
     c->op = KEEL_CHANGE_DELETE;
   else
     return proto(why, cap, "\"op\" is not INSERT, UPDATE or DELETE");
@@ -519,20 +610,14 @@ done:
   if (ts_start == NULL || !ts_integer) return proto(why, cap, "no integer \"ts_us\"");
   /* Anyone may NOTIFY on the channel: a time outside 1970..9999 is not
    * keel's, and would overflow the latency arithmetic. */
-  (void)ts_len;
-  errno = 0;
-  char *end = NULL;
-  long long ts = strtoll(ts_start, &end, 10);
-  if (errno == ERANGE || end == ts_start || *end != '\0' || ts < 0 || ts > KEEL__CHANGE_MAX_TIME_US)
+  if (!read_bounded(ts_start, KEEL__CHANGE_MAX_TIME_US, &c->time_us))
     return proto(why, cap, "\"ts_us\" out of range");
-  c->time_us = (int64_t)ts;
   if (c->key_only && !c->key.present) return proto(why, cap, "a key-only change without \"pk\"");
   if (overflow_start != NULL) {
-    errno = 0;
-    long long id = strtoll(overflow_start, &end, 10);
-    if (errno == ERANGE || end == overflow_start || *end != '\0' || id <= 0)
+    int64_t id;
+    if (!read_bounded(overflow_start, INT64_MAX, &id) || id <= 0)
       return proto(why, cap, "\"overflow\" out of range");
-    c->overflow_id = (int64_t)id;
+    c->overflow_id = id;
   }
   return 0;
 }
@@ -618,7 +703,7 @@ const char *keel__change_column(const keel_change *c, const keel__row *row, cons
   if (row == NULL || !row->present || column == NULL) return NULL;
   for (uint32_t i = 0; i < row->count; i++) {
     keel__field *f = &c->fields[row->first + i];
-    if (strcmp(f->name, column) == 0) {
+    if (same(f->name, column)) {
       if (present != NULL) *present = true;
       /* The change is const to handlers; its cache of text forms is not part
        * of its value. */
@@ -639,12 +724,13 @@ void keel__columns_free(keel__columns *cols) {
   keel__free(cols->items);
   cols->items = NULL;
   cols->count = 0;
+  cols->as_is = false;
 }
 
 const keel__column *keel__columns_find(const keel__columns *cols, const char *name) {
   if (cols == NULL) return NULL;
   for (size_t i = 0; i < cols->count; i++)
-    if (strcmp(cols->items[i].name, name) == 0) return &cols->items[i];
+    if (same(cols->items[i].name, name)) return &cols->items[i];
   return NULL;
 }
 
@@ -933,7 +1019,7 @@ static const char *remember(keel_change *c, const char *text) {
 /* The text form of a field, made once. NULL when it needs none or when it
  * cannot be made (then the value is given as sent). */
 static const char *text_form(keel_change *c, keel__field *f) {
-  if (c->columns == NULL || f->value == NULL) return NULL;
+  if (c->columns == NULL || c->columns->as_is || f->value == NULL) return NULL;
   const keel__column *col = keel__columns_find(c->columns, f->name);
   if (col == NULL) return NULL;
   bool wanted;

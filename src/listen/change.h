@@ -59,6 +59,7 @@ typedef struct keel__column {
 typedef struct keel__columns {
   keel__column *items;
   size_t count;
+  bool as_is; /* every column's form is AS_IS: no text form to make (set by whoever fills items) */
 } keel__columns;
 
 void keel__columns_free(keel__columns *cols);

@@ -280,6 +280,7 @@ static int compare_untyped(const char *a, const char *b) {
 /* numeric_out text: [-]digits[.digits], NaN, Infinity, -Infinity. Rank:
  * -Infinity < numbers < Infinity < NaN (PostgreSQL's order). */
 static int numeric_rank(const char *s) {
+  if ((s[0] >= '0' && s[0] <= '9') || (s[0] == '-' && s[1] >= '0' && s[1] <= '9')) return 1;
   if (strcmp(s, "NaN") == 0) return 3;
   if (strcmp(s, "Infinity") == 0) return 2;
   if (strcmp(s, "-Infinity") == 0) return 0;
@@ -290,7 +291,9 @@ static int numeric_rank(const char *s) {
 static int compare_magnitude(const char *a, const char *b) {
   while (*a == '0') a++;
   while (*b == '0') b++;
-  size_t ia = strcspn(a, "."), ib = strcspn(b, ".");
+  size_t ia = 0, ib = 0;
+  while (a[ia] != '\0' && a[ia] != '.') ia++;
+  while (b[ib] != '\0' && b[ib] != '.') ib++;
   if (ia != ib) return ia < ib ? -1 : 1;
   int c = strncmp(a, b, ia);
   if (c != 0) return c < 0 ? -1 : 1;

@@ -1,6 +1,7 @@
 /* The listener: one keel_pg connection, LISTEN on every channel after each
  * connect, gap reports after a reconnect, parse → route → filter →
  * handlers, fetching rows whose payload was too large, in arrival order. */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,8 +53,14 @@ typedef struct queued_change {
   long raw_index;          /* >= 0: a raw channel's notification held back */
   bool dropped;            /* its overflow row could not be read: not delivered */
   bool ready;
+  size_t cap; /* bytes allocated for it, payload included */
   char payload[];
 } queued_change;
+
+/* A queued change's block is at least this big (with room for a payload of
+ * a few hundred bytes and its working copy), so that the spare one fits the
+ * next change: no allocation per change in the steady state. */
+#define KEEL__QUEUED_MIN (sizeof(queued_change) + 1024)
 
 /* A row fetch in flight. q is cleared when the change is dropped (stop,
  * close) before the fetch's callback runs, whatever status it then gets. */
@@ -96,6 +103,7 @@ struct keel_listener {
   raw_channel *raws;
   size_t raw_count;
   queued_change *queue_head, *queue_tail;
+  queued_change *spare; /* the last block freed, reused by the next change (at most one) */
   unsigned dispatch_depth;
   bool closing;
   keel_close_cb close_cb;
@@ -320,10 +328,32 @@ static void deliver(keel_listener *l, keel_change *c, subscription *sub) {
   if (l->dispatch_depth == 0) compact_handlers(l);
 }
 
-/* Frees a queued change; a fetch still in flight for it forgets it. */
-static void queued_free(queued_change *q) {
+/* A block for a change with payload_bytes after it: the spare one when it
+ * is big enough, else a new one. Its fields are not initialised. */
+static queued_change *queued_alloc(keel_listener *l, size_t payload_bytes) {
+  size_t need = sizeof(queued_change) + payload_bytes;
+  queued_change *q = l->spare;
+  if (q != NULL && q->cap >= need) {
+    l->spare = NULL;
+    return q;
+  }
+  size_t cap = need < KEEL__QUEUED_MIN ? KEEL__QUEUED_MIN : need;
+  q = keel__malloc(cap);
+  if (q != NULL) q->cap = cap;
+  return q;
+}
+
+/* Frees a queued change; a fetch still in flight for it forgets it. Its
+ * block is kept as the spare when that is the bigger one (a NOTIFY payload
+ * is at most 8000 bytes: the spare stays below 17 KB). */
+static void queued_free(keel_listener *l, queued_change *q) {
   if (q->fetch != NULL) q->fetch->q = NULL;
   keel__change_free(&q->change);
+  if (l->spare == NULL || l->spare->cap < q->cap) {
+    keel__free(l->spare);
+    l->spare = q;
+    return;
+  }
   keel__free(q);
 }
 
@@ -341,7 +371,7 @@ static void drain_queue(keel_listener *l) {
     } else {
       deliver(l, &q->change, q->sub);
     }
-    queued_free(q);
+    queued_free(l, q);
   }
 }
 
@@ -390,7 +420,6 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
     return;
   }
   l->stats.received++;
-  size_t payload_len = strlen(payload);
   for (size_t i = 0; i < l->raw_count; i++) {
     if (strcmp(l->raws[i].channel, channel) != 0) continue;
     if (!l->holding && l->queue_head == NULL) {
@@ -399,21 +428,28 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
       return;
     }
     /* held back until the session's gap event (or behind a row fetch) */
-    queued_change *q = keel__calloc(1, sizeof *q + payload_len + 1);
+    size_t payload_len = strlen(payload);
+    queued_change *q = queued_alloc(l, payload_len + 1);
     if (q == NULL) {
       keel__fail(l->last_error, UV_ENOMEM, "out of memory: a notification was dropped");
       return;
     }
     memcpy(q->payload, payload, payload_len + 1);
+    q->next = NULL;
+    q->sub = NULL;
+    q->fetch = NULL;
+    q->dropped = false;
     q->ready = true;
     q->raw_index = (long)i;
+    memset(&q->change, 0, offsetof(keel_change, inline_fields));
     q->change.fields = q->change.inline_fields;
     enqueue(l, q);
     drain_queue(l);
     return;
   }
   /* the payload as received, then a working copy the parser writes into */
-  queued_change *q = keel__malloc(sizeof *q + 2 * (payload_len + 1));
+  size_t payload_len = strlen(payload);
+  queued_change *q = queued_alloc(l, 2 * (payload_len + 1));
   if (q == NULL) {
     keel__fail(l->last_error, UV_ENOMEM, "out of memory: a change was dropped");
     return;
@@ -443,7 +479,7 @@ static void on_notify(keel_pg *conn, const char *channel, const char *payload, i
       l->stats.malformed++;
     else
       l->stats.filtered++;
-    queued_free(q);
+    queued_free(l, q);
     return;
   }
   enqueue(l, q);
@@ -899,7 +935,9 @@ static int read_columns(const keel_pg_result *res, keel__columns *cols) {
   int rows = keel_pg_result_nrows(res);
   cols->items = rows > 0 ? keel__calloc((size_t)rows, sizeof *cols->items) : NULL;
   cols->count = 0;
+  cols->as_is = false;
   if (rows > 0 && cols->items == NULL) return UV_ENOMEM;
+  bool as_is = true;
   for (int r = 0; r < rows; r++) {
     keel__column *col = &cols->items[cols->count];
     col->name = keel__strdup(keel_pg_result_value(res, r, 0));
@@ -918,7 +956,9 @@ static int read_columns(const keel_pg_result *res, keel__columns *cols) {
     col->element_bool = element == OID_BOOL;
     col->element_json = element == OID_JSON || element == OID_JSONB;
     col->delim = delim != NULL && delim[0] != '\0' ? delim[0] : ',';
+    if (col->form != KEEL__FORM_AS_IS) as_is = false;
   }
+  cols->as_is = as_is;
   return 0;
 }
 
@@ -1431,10 +1471,12 @@ static void free_queue(keel_listener *l) {
   queued_change *q = l->queue_head;
   while (q != NULL) {
     queued_change *next = q->next;
-    queued_free(q);
+    queued_free(l, q);
     q = next;
   }
   l->queue_head = l->queue_tail = NULL;
+  keel__free(l->spare);
+  l->spare = NULL;
 }
 
 static void free_listener(keel_listener *l) {

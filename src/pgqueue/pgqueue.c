@@ -97,6 +97,7 @@ struct keel_pgqueue {
   int conns_open;
   bool ready, migrating, listening;
   bool more;
+  uint64_t wake_seq, fetch_wake; /* wake-ups seen; wake_seq when the fetch in flight was sent */
   bool fetch_inflight, fin_inflight, hb_inflight, rescue_inflight, stats_inflight;
   bool flush_due;
   bool paused, closing, close_flushed;
@@ -186,6 +187,15 @@ static void on_kick(uv_idle_t *h);
 static void kick(keel_pgqueue *q) {
   if (q->closing) return;
   (void)uv_idle_start(&q->kick, on_kick);
+}
+
+/* There may be jobs to fetch (a NOTIFY, the poll, a reconnect, resume): a
+ * fetch already in flight may have run before them, so its empty answer
+ * does not clear this (wake_seq moved on). */
+static void wake(keel_pgqueue *q) {
+  q->more = true;
+  q->wake_seq++;
+  kick(q);
 }
 
 static int default_classify(int status, void *data) {
@@ -359,20 +369,16 @@ static void on_finish(keel_pg *c, int status, const keel_pg_result *res, void *d
   kick(q);
 }
 
-static int64_t fence_key(int64_t id, unsigned attempt) {
-  return (int64_t)(((uint64_t)id << 20) | (attempt & 0xFFFFFu));
-}
-
 static void send_finish(keel_pgqueue *q) {
   if (q->fin_inflight || q->fin.n == 0) return;
-  arr ids, att, ops, del, errs, dids, dkeys;
+  arr ids, att, ops, del, errs, dids, datts;
   arr_open(&ids), arr_open(&att), arr_open(&ops), arr_open(&del), arr_open(&errs);
-  arr_open(&dids), arr_open(&dkeys);
+  arr_open(&dids), arr_open(&datts);
   for (size_t i = 0; i < q->fin.n; i++) {
     fin_entry *e = &q->fin.v[i];
     if (e->op == OP_DONE) {
       arr_i64(&dids, e->id);
-      arr_i64(&dkeys, fence_key(e->id, e->attempt));
+      arr_i64(&datts, e->attempt);
       continue;
     }
     arr_i64(&ids, e->id);
@@ -382,18 +388,18 @@ static void send_finish(keel_pgqueue *q) {
     arr_text(&errs, e->err);
   }
   int rc = arr_close(&ids) | arr_close(&att) | arr_close(&ops) | arr_close(&del) |
-           arr_close(&errs) | arr_close(&dids) | arr_close(&dkeys);
+           arr_close(&errs) | arr_close(&dids) | arr_close(&datts);
   if (rc == 0) {
     const char *params[] = {q->owner, q->o.done_retention_ms > 0 ? "true" : "false",
                             ids.b.p,  att.b.p,
                             ops.b.p,  del.b.p,
                             errs.b.p, dids.b.p,
-                            dkeys.b.p};
+                            datts.b.p};
     rc = keel_pg_query_cached(q->cb, q->sql.finish, 9, params, on_finish, q);
   }
   keel__pgq_buf_free(&ids.b), keel__pgq_buf_free(&att.b), keel__pgq_buf_free(&ops.b);
   keel__pgq_buf_free(&del.b), keel__pgq_buf_free(&errs.b);
-  keel__pgq_buf_free(&dids.b), keel__pgq_buf_free(&dkeys.b);
+  keel__pgq_buf_free(&dids.b), keel__pgq_buf_free(&datts.b);
   if (rc != 0) {
     keel__fail(q->err, rc, "completion batch not sent: %s", keel_err_name(rc));
     return; /* stays pending; retried at the next kick */
@@ -447,7 +453,9 @@ static void on_fetch(keel_pg *c, int status, const keel_pg_result *res, void *da
   }
   q->st.fetches++;
   int rows = keel_pg_result_nrows(res);
-  if (rows == 0) q->more = false; /* drained (until a NOTIFY, the poll or a reconnect) */
+  /* Fewer rows than asked: drained as of this fetch's snapshot, unless a
+   * wake-up arrived after it was sent (then fetch again at once). */
+  if ((unsigned)rows < q->fetch_limit && q->wake_seq == q->fetch_wake) q->more = false;
   for (int i = 0; i < rows; i++) {
     const char *kind = keel_pg_result_value(res, i, 4);
     const char *payload = keel_pg_result_value(res, i, 5);
@@ -500,6 +508,7 @@ static void send_fetch(keel_pgqueue *q, unsigned limit) {
     return;
   }
   q->fetch_inflight = true;
+  q->fetch_wake = q->wake_seq;
   q->fetch_sent_at = now_ms(q);
   q->fetch_limit = limit;
 }
@@ -600,7 +609,7 @@ static void on_hb_timer(uv_timer_t *t) {
     for (keel_pgqueue_job *j = lists[l]->head; j; j = j->next) {
       j->hb_gen = q->hb_gen;
       arr_i64(&ids, j->id);
-      arr_i64(&att, fence_key(j->id, j->attempt));
+      arr_i64(&att, j->attempt);
     }
   int rc = arr_close(&ids) | arr_close(&att);
   if (rc == 0) {
@@ -733,8 +742,7 @@ static void on_stats_timer(uv_timer_t *t) {
 
 static void on_poll(uv_timer_t *t) {
   keel_pgqueue *q = t->data;
-  q->more = true;
-  kick(q);
+  wake(q);
 }
 
 /* ---- connection events, LISTEN, migration -------------------------------------------- */
@@ -782,8 +790,7 @@ static void on_migrate(keel_pg *c, int status, const keel_pg_result *res, void *
   }
   q->waiting_tail = NULL;
   if (q->o.on_ready) q->o.on_ready(q, 0, q->o.data);
-  q->more = true;
-  kick(q);
+  wake(q);
 }
 
 static void on_migrate_timer(uv_timer_t *t);
@@ -819,8 +826,7 @@ static void on_state_a(keel_pg *c, bool up, int status, void *data) {
     if (q->closing) return;
   }
   if (q->o.process != NULL) do_listen(q);
-  q->more = true; /* a gap: notifications may have been missed */
-  kick(q);
+  wake(q); /* a gap: notifications may have been missed */
 }
 
 static void on_state_b(keel_pg *c, bool up, int status, void *data) {
@@ -836,8 +842,7 @@ static void on_notify(keel_pg *c, const char *channel, const char *payload, int 
   (void)pid;
   keel_pgqueue *q = data;
   if (strcmp(channel, q->channel) == 0) {
-    q->more = true;
-    kick(q);
+    wake(q);
   }
 }
 
@@ -1099,17 +1104,24 @@ static int send_enqueue(enq_req *r) {
     }
   }
   int rc = 0;
-  const char *params[12];
+  const char *params[13];
   for (int i = 0; i < 12; i++) {
     rc |= arr_close(&a[i]);
     params[i] = a[i].b.p;
   }
+  /* On our own connection the statement is its own (durable) transaction:
+   * the wake-up follows it as a separate, non-durable one (NOTIFY_LATER in
+   * sql.c). In the caller's transaction the insert trigger notifies. */
+  params[12] = r->conn ? "" : "later";
   if (rc != 0) {
     rc = keel__fail(q->err, UV_ENOMEM, "enqueue: out of memory");
   } else {
     keel_pg *c = r->conn ? r->conn : q->cb;
-    rc = keel_pg_query_cached(c, q->sql.enqueue, 12, params, on_enqueue, r);
+    rc = keel_pg_query_cached(c, q->sql.enqueue, 13, params, on_enqueue, r);
     if (rc != 0) keel__fail(q->err, rc, "enqueue not sent: %s", keel_pg_last_error(c));
+    /* Not sent (no memory, queue full): workers find the jobs by their poll. */
+    if (rc == 0 && r->conn == NULL)
+      (void)keel_pg_query_cached(c, q->sql.notify_later, 1, params, NULL, NULL);
   }
   for (int i = 0; i < 12; i++) keel__pgq_buf_free(&a[i].b);
   return rc;
@@ -1281,8 +1293,7 @@ int keel_pgqueue_resume(keel_pgqueue *q) {
   if (q == NULL) return UV_EINVAL;
   if (q->closing) return KEEL_ECLOSING;
   q->paused = false;
-  q->more = true;
-  kick(q);
+  wake(q);
   return 0;
 }
 
@@ -1291,8 +1302,7 @@ int keel_pgqueue_set_concurrency(keel_pgqueue *q, unsigned c) {
   if (c == 0) return keel__fail(q->err, UV_EINVAL, "concurrency must be >= 1");
   if (q->closing) return KEEL_ECLOSING;
   q->concurrency = c;
-  q->more = true;
-  kick(q);
+  wake(q);
   return 0;
 }
 

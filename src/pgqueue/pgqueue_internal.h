@@ -18,6 +18,7 @@ typedef struct keel__pgq_sql {
   char *stats;
   char *cancel;
   char *redrive;
+  char *notify_later;
 } keel__pgq_sql;
 
 int keel__pgq_sql_init(keel__pgq_sql *sql, const char *schema, long long migrate_key);

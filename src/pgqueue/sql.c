@@ -56,16 +56,40 @@ static const char MIGRATE[] =
     " EXECUTE FUNCTION %s.pgqueue_notify();\n"
     "INSERT INTO %s.pgqueue_migrations (version) VALUES (1);\n"
     "END IF;\n"
+    /* v2: an enqueue on keel's own connection (autocommit) says so with
+     * keel.pgq_notify = 'later' and notifies in a transaction of its own
+     * after the durable commit (see NOTIFY_LATER); the trigger then stays
+     * quiet. */
+    "IF NOT EXISTS (SELECT 1 FROM %s.pgqueue_migrations WHERE version = 2) THEN\n"
+    "CREATE OR REPLACE FUNCTION %s.pgqueue_notify() RETURNS trigger LANGUAGE plpgsql AS $f$ BEGIN"
+    " IF current_setting('keel.pgq_notify', true) = 'later' THEN RETURN NULL; END IF;"
+    " PERFORM pg_notify('keel_pgq:' || s.q, '') FROM (SELECT DISTINCT queue AS q FROM"
+    " new_rows) s; RETURN NULL; END $f$;\n"
+    /* v2: the lease index keyed on "lease_until IS NOT NULL" (the same rows:
+     * a lease is set exactly while running) instead of "state = 'running'":
+     * the planner, which ANALYZE told that running rows are nearly none,
+     * used the old one for every lookup that says state = 'running' (the
+     * fences of completions and heartbeats) and scanned all running rows
+     * once per entry of a batch. The rescue's "lease_until < now()" still
+     * uses this one. */
+    "DROP INDEX IF EXISTS %s.pgqueue_jobs_lease;\n"
+    "CREATE INDEX pgqueue_jobs_lease ON %s.pgqueue_jobs (lease_until)"
+    " WHERE lease_until IS NOT NULL;\n"
+    "INSERT INTO %s.pgqueue_migrations (version) VALUES (2);\n"
+    "END IF;\n"
     "END $keel$";
 
 /* $1 queue[] $2 kind[] $3 payload[] $4 priority[] $5 delay_ms[] $6 max_attempts[]
- * $7 unique_key[] $8 timeout_ms[] $9..$12 backoff kind/base/factor/cap[] */
+ * $7 unique_key[] $8 timeout_ms[] $9..$12 backoff kind/base/factor/cap[]
+ * $13 'later' on keel's own (autocommit) connection: the insert trigger does
+ * not notify, NOTIFY_LATER follows; '' in a caller's transaction. */
 static const char ENQUEUE[] =
-    "WITH i AS MATERIALIZED (SELECT nextval('%s.pgqueue_jobs_id_seq') AS id, t.* FROM"
+    "WITH sc AS MATERIALIZED (SELECT set_config('keel.pgq_notify', $13::text, true)),"
+    " i AS MATERIALIZED (SELECT nextval('%s.pgqueue_jobs_id_seq') AS id, t.* FROM"
     " unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::int[],"
     " $7::text[], $8::bigint[], $9::smallint[], $10::bigint[], $11::float8[], $12::bigint[])"
     " WITH ORDINALITY AS t(queue, kind, payload, priority, delay_ms, max_attempts,"
-    " unique_key, timeout_ms, bk, bb, bf, bc, ord)),"
+    " unique_key, timeout_ms, bk, bb, bf, bc, ord), sc),"
     " ins AS (INSERT INTO %s.pgqueue_jobs (id, queue, kind, payload, priority, run_at,"
     " max_attempts, unique_key, timeout_ms, backoff_kind, backoff_base_ms, backoff_factor,"
     " backoff_cap_ms) SELECT id, queue, kind, payload::jsonb, priority,"
@@ -83,9 +107,24 @@ static const char ENQUEUE[] =
     " AND j.state IN ('available','running') LIMIT 1) ex ON true"
     " ORDER BY i.ord";
 
+/* $1 queue[]: sent right after an ENQUEUE with $13 = 'later' on the same
+ * connection (pipelined, its own implicit transaction, so it runs after the
+ * enqueue committed). PostgreSQL serialises the commits of all transactions
+ * that NOTIFY under one lock held until the commit is flushed; this one's
+ * commit need not be durable (it wrote nothing), so the lock is held for
+ * microseconds instead of an fsync, and durable enqueues commit in groups. */
+static const char NOTIFY_LATER[] =
+    "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))"
+    " SELECT pg_notify('keel_pgq:' || s.q, '') FROM (SELECT DISTINCT unnest($1::text[]) AS q) s,"
+    " sc";
+
 /* $1 owner $2 queue $3 limit $4 lease_ms. The fetch's commit need not be
  * durable: if a crash loses it, the row is available again with its old
- * attempt number and the worker's fenced writes for it change nothing. */
+ * attempt number and the worker's fenced writes for it change nothing.
+ * The UPDATE finds the locked rows through = ANY(ARRAY(subquery)): an
+ * InitPlan evaluated once, then one primary-key probe per row. (A join
+ * with the CTE lets the planner pick a hash join over a sequential scan of
+ * the whole table once ANALYZE saw it large: 200-400 ms per fetch.) */
 static const char FETCH[] =
     "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true)),"
     " c AS (SELECT id FROM %s.pgqueue_jobs WHERE queue = $2 AND state = 'available'"
@@ -93,26 +132,40 @@ static const char FETCH[] =
     " FOR UPDATE SKIP LOCKED)"
     " UPDATE %s.pgqueue_jobs j SET state = 'running', attempt = j.attempt + 1,"
     " lease_owner = $1, lease_until = now() + $4::bigint * interval '1 millisecond',"
-    " started_at = now() FROM c, sc WHERE j.id = c.id"
+    " started_at = now() FROM sc WHERE j.id = ANY (ARRAY(SELECT id FROM c))"
     " RETURNING j.id, j.attempt, j.max_attempts, j.priority, j.kind, j.payload::text,"
     " j.timeout_ms, j.backoff_kind, j.backoff_base_ms, j.backoff_factor, j.backoff_cap_ms,"
     " extract(epoch from (clock_timestamp() - j.run_at)) * 1000 AS pickup_ms, j.run_at";
 
+/* The rows of a batch that still pass the fence (id, attempt, owner,
+ * state = 'running'), locked: one primary-key probe per entry, driven by the
+ * entries (a LATERAL subquery with FOR UPDATE is never flattened into a
+ * join). The plan does not depend on statistics: with "id = ANY($n) AND key
+ * = ANY($m)" or a plain join, a generic plan scanned the partial lease index
+ * (which ANALYZE had seen nearly empty) and searched the array or rescanned
+ * the unnest() for every row, quadratic in the batch (seconds for 4,096).
+ * Locked, the rows cannot change before the write that follows in the same
+ * statement, so that write needs no second check. %s: the id and attempt
+ * arrays. */
+#define FENCED(ids, atts)                                                                    \
+  "ARRAY(SELECT x.id FROM unnest(" ids "::bigint[], " atts                                   \
+  "::int[]) AS f(id, attempt),"                                                              \
+  " LATERAL (SELECT y.id FROM %s.pgqueue_jobs y WHERE y.id = f.id AND y.attempt = f.attempt" \
+  " AND y.lease_owner = $1 AND y.state = 'running' FOR UPDATE) x)"
+
 /* $1 owner $2 keep_done $3 id[] $4 attempt[] $5 op[] ('retry','dead', 'back' =
  * give back a fetched job unstarted, 'release' = available now, attempt
- * kept) $6 delay_ms[] $7 error[] for the failures; $8 id[] $9 key[] for the
- * successes (key = id << 20 | attempt & 0xFFFFF: a hashed = ANY() filter,
- * no join, so a batch of thousands costs one index probe per row). Every
- * write is fenced by (id, attempt, owner, state = 'running'); the ids
- * returned are the rows that changed. */
+ * kept) $6 delay_ms[] $7 error[] for the failures; $8 id[] $9 attempt[] for
+ * the successes. Every write is fenced by (id, attempt, owner, state =
+ * 'running'); the ids returned are the rows that changed. */
 static const char FINISH[] =
-    "WITH del AS (DELETE FROM %s.pgqueue_jobs j WHERE NOT $2::bool"
-    " AND j.id = ANY($8::bigint[]) AND ((j.id << 20) | (j.attempt & 1048575)) = ANY($9::bigint[])"
-    " AND j.lease_owner = $1 AND j.state = 'running' RETURNING j.id),"
+    "WITH del AS (DELETE FROM %s.pgqueue_jobs j WHERE NOT $2::bool AND j.id = ANY ("
+    FENCED("$8", "$9") ") RETURNING j.id),"
     " dn AS (UPDATE %s.pgqueue_jobs j SET state = 'done', lease_owner = NULL,"
-    " lease_until = NULL, finished_at = now() WHERE $2::bool"
-    " AND j.id = ANY($8::bigint[]) AND ((j.id << 20) | (j.attempt & 1048575)) = ANY($9::bigint[])"
-    " AND j.lease_owner = $1 AND j.state = 'running' RETURNING j.id),"
+    " lease_until = NULL, finished_at = now() WHERE $2::bool AND j.id = ANY ("
+    FENCED("$8", "$9") ") RETURNING j.id),"
+    " fl AS (SELECT * FROM unnest($3::bigint[], $4::int[], $5::text[], $6::bigint[],"
+    " $7::text[]) AS f(id, attempt, op, delay_ms, err)),"
     " upd AS (UPDATE %s.pgqueue_jobs j SET"
     " state = CASE f.op WHEN 'dead' THEN 'dead' ELSE 'available' END,"
     " attempt = CASE WHEN f.op = 'back' THEN j.attempt - 1 ELSE j.attempt END,"
@@ -123,20 +176,17 @@ static const char FINISH[] =
     " last_error = COALESCE(f.err, j.last_error),"
     " errors = CASE WHEN f.err IS NULL THEN j.errors ELSE j.errors || jsonb_build_array("
     "jsonb_build_object('attempt', j.attempt, 'at', now(), 'error', f.err)) END"
-    " FROM unnest($3::bigint[], $4::int[], $5::text[], $6::bigint[], $7::text[])"
-    " AS f(id, attempt, op, delay_ms, err)"
-    " WHERE j.id = ANY($3::bigint[]) AND j.id = f.id AND j.attempt = f.attempt"
-    " AND j.lease_owner = $1 AND j.state = 'running' RETURNING j.id)"
+    " FROM fl f WHERE j.id = ANY (" FENCED("$3", "$4") ") AND j.id = f.id"
+    " AND j.attempt = f.attempt RETURNING j.id)"
     " SELECT id FROM del UNION ALL SELECT id FROM dn UNION ALL SELECT id FROM upd";
 
-/* $1 owner $2 lease_ms $3 id[] $4 key[]: one statement renews every
+/* $1 owner $2 lease_ms $3 id[] $4 attempt[]: one statement renews every
  * lease of this owner; the rows not returned are lost. */
 static const char HEARTBEAT[] =
     "WITH sc AS MATERIALIZED (SELECT set_config('synchronous_commit', 'off', true))"
     " UPDATE %s.pgqueue_jobs j SET lease_until = now() + $2::bigint * interval"
-    " '1 millisecond' FROM sc WHERE j.id = ANY($3::bigint[])"
-    " AND ((j.id << 20) | (j.attempt & 1048575)) = ANY($4::bigint[]) AND j.lease_owner = $1"
-    " AND j.state = 'running' RETURNING j.id, j.attempt";
+    " '1 millisecond' FROM sc WHERE j.id = ANY (" FENCED("$3", "$4") ")"
+    " RETURNING j.id, j.attempt";
 
 /* $1 lock key $2 dead_retention_ms $3 done_retention_ms. One process at a
  * time (try-lock, transaction scoped: works through transaction poolers);
@@ -198,9 +248,9 @@ static char *fmt_n(const char *fmt, const char *schema, int n, long long key) {
   const char *s = schema;
   int w;
   if (key != 0) {
-    w = snprintf(buf, cap, fmt, key, s, s, s, s, s, s, s, s, s, s, s, s);
+    w = snprintf(buf, cap, fmt, key, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s);
   } else {
-    w = snprintf(buf, cap, fmt, s, s, s, s, s, s, s, s, s, s, s, s);
+    w = snprintf(buf, cap, fmt, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s);
   }
   if (w < 0 || (size_t)w >= cap) {
     keel__free(buf);
@@ -211,17 +261,18 @@ static char *fmt_n(const char *fmt, const char *schema, int n, long long key) {
 
 int keel__pgq_sql_init(keel__pgq_sql *sql, const char *schema, long long migrate_key) {
   memset(sql, 0, sizeof *sql);
-  sql->migrate = fmt_n(MIGRATE, schema, 12, migrate_key);
+  sql->migrate = fmt_n(MIGRATE, schema, 17, migrate_key);
   sql->enqueue = fmt_n(ENQUEUE, schema, 3, 0);
   sql->fetch = fmt_n(FETCH, schema, 2, 0);
-  sql->finish = fmt_n(FINISH, schema, 3, 0);
-  sql->heartbeat = fmt_n(HEARTBEAT, schema, 1, 0);
+  sql->finish = fmt_n(FINISH, schema, 6, 0);
+  sql->heartbeat = fmt_n(HEARTBEAT, schema, 2, 0);
   sql->rescue = fmt_n(RESCUE, schema, 4, 0);
   sql->stats = fmt_n(STATS, schema, 3, 0);
   sql->cancel = fmt_n(CANCEL, schema, 2, 0);
   sql->redrive = fmt_n(REDRIVE, schema, 2, 0);
+  sql->notify_later = keel__strdup(NOTIFY_LATER);
   if (!sql->migrate || !sql->enqueue || !sql->fetch || !sql->finish || !sql->heartbeat ||
-      !sql->rescue || !sql->stats || !sql->cancel || !sql->redrive) {
+      !sql->rescue || !sql->stats || !sql->cancel || !sql->redrive || !sql->notify_later) {
     keel__pgq_sql_free(sql);
     return UV_ENOMEM;
   }
@@ -238,5 +289,6 @@ void keel__pgq_sql_free(keel__pgq_sql *sql) {
   keel__free(sql->stats);
   keel__free(sql->cancel);
   keel__free(sql->redrive);
+  keel__free(sql->notify_later);
   memset(sql, 0, sizeof *sql);
 }

@@ -44,7 +44,8 @@ enum {
   F_BH_QUEUED = 1u << 9, /* waits in a bulkhead queue */
   F_IN_DL = 1u << 10,    /* on a timeout's deadline list */
   F_BLOCK = 1u << 11,    /* part of a call block (not from the spare list) */
-  F_INUSE = 1u << 12     /* block frame: in use */
+  F_INUSE = 1u << 12,    /* block frame: in use */
+  F_ROOTED = 1u << 13    /* root: on the list of active roots */
 };
 
 typedef struct res {
@@ -111,8 +112,11 @@ struct keel_pipeline {
   frame *ready_head, *ready_tail; /* for the next pass of on_idle */
   frame *now_head, *now_tail;     /* reports made inside this pass */
   bool in_drain;
-  bool dl_dirty;      /* a deadline list became empty in this pass */
-  uint64_t now;       /* uv_now() at the start of this pass */
+  bool dl_dirty; /* a deadline list became empty in this pass */
+  uint64_t now;  /* uv_now() at the start of this pass */
+  bool flat;     /* every policy takes the flat path (flat_run()) */
+  uint8_t nup;   /* flat: the stages with work on the way up, in order */
+  uint8_t up[MAX_POLICIES];
   frame *free_list;   /* spare frames (hedged attempts, a retry's new leaf
                          while the old one still owes its report) */
   frame *free_blocks; /* call blocks: root + one frame per policy + leaf */
@@ -440,14 +444,30 @@ static void defer_result(frame *f, int status, uint64_t retry_after) {
   ready_push(f->p, f);
 }
 
-/* Creates and starts the child of f. Returns 0 or UV_ENOMEM (nothing
- * created). */
-static int spawn(frame *f) {
+/* Creates the child of f and links it (not started yet). Returns it, or
+ * NULL with *rc = KEEL_ECLOSING (the sweep answers the call) or UV_ENOMEM
+ * (nothing created). */
+static inline frame *spawn_frame(frame *f, int *rc) {
   keel_pipeline *p = f->p;
-  if (p->closing) return KEEL_ECLOSING; /* the sweep answers the call */
+  if (p->closing) {
+    *rc = KEEL_ECLOSING;
+    return NULL;
+  }
   frame *c = frame_get(p, f->root, f->stage + 1);
-  if (c == NULL) return UV_ENOMEM;
+  if (c == NULL) {
+    *rc = UV_ENOMEM;
+    return NULL;
+  }
   kid_link(f, c);
+  return c;
+}
+
+/* Creates and starts the child of f. Returns 0, KEEL_ECLOSING or UV_ENOMEM
+ * (nothing created). */
+static int spawn(frame *f) {
+  int rc = 0;
+  frame *c = spawn_frame(f, &rc);
+  if (c == NULL) return rc;
   start(c);
   return 0;
 }
@@ -537,103 +557,127 @@ static void hedge_next(frame *f) {
   }
 }
 
+/* Rate limit stage f said no (rc) with the time until allowed. */
+static void ratelimit_refused(frame *f, int rc, uint64_t after) {
+  keel_pipeline *p = f->p;
+  if (rc == KEEL_ERATELIMIT) {
+    p->stats.ratelimited++;
+    emit(p, KEEL_EVENT_RATELIMITED, f->stage, f->root, 0, rc, after);
+  }
+  defer_result(f, rc, rc == KEEL_ERATELIMIT ? after : 0);
+}
+
+/* Breaker stage f could not acquire a permit (rc). */
+static void breaker_refused(frame *f, int rc) {
+  keel_pipeline *p = f->p;
+  if (rc != KEEL_ECLOSING && rc != UV_EINVAL) {
+    p->stats.breaker_rejected++;
+    emit(p, KEEL_EVENT_BREAKER_REJECTED, f->stage, f->root, 0, rc, 0);
+  }
+  defer_result(f, rc, 0);
+}
+
+/*
+ * Starts f. The policies that go on to their child at once when they let
+ * the call through (rate limit, timeout, retry, breaker, fallback) do not
+ * recurse: the loop walks down to the child (spawn_or_fail() inline), so
+ * the common path runs down a whole call in one frame of C.
+ */
 static void start(frame *f) {
   keel_pipeline *p = f->p;
-  if ((size_t)f->stage == p->n) { /* a leaf: run the operation */
-    frame *root = f->root;
-    f->number = ++root->count;
-    f->cancel_reason = 0;
-    f->cancel_fn = NULL;
-    p->stats.attempts++;
-    p->ops_out++;
-    root->op(f, root->data);
-    return;
-  }
-  pstage *s = &p->st[f->stage];
-  switch (s->pol.kind) {
-    case KEEL_POLICY_RATELIMIT: {
-      uint64_t after = 0;
-      int rc = keel__ratelimit_take1(s->pol.u.ratelimit, p->loop, clock_loop(p), &after);
-      if (rc == 0) {
-        spawn_or_fail(f);
-      } else {
-        if (rc == KEEL_ERATELIMIT) {
-          p->stats.ratelimited++;
-          emit(p, KEEL_EVENT_RATELIMITED, f->stage, f->root, 0, rc, after);
-        }
-        defer_result(f, rc, rc == KEEL_ERATELIMIT ? after : 0);
-      }
+  for (;;) {
+    if ((size_t)f->stage == p->n) { /* a leaf: run the operation */
+      frame *root = f->root;
+      f->number = ++root->count;
+      f->cancel_reason = 0;
+      f->cancel_fn = NULL;
+      p->stats.attempts++;
+      p->ops_out++;
+      root->op(f, root->data);
       return;
     }
-    case KEEL_POLICY_TIMEOUT:
-      f->deadline = uv_now(p->loop) + s->pol.u.timeout_ms;
-      list_append(&s->l_head, &s->l_tail, f);
-      f->flags |= F_IN_DL;
-      if (!s->armed) {
-        s->armed = true;
-        uv_timer_start(&s->timer, on_deadline, s->pol.u.timeout_ms, 0);
+    pstage *s = &p->st[f->stage];
+    switch (s->pol.kind) {
+      case KEEL_POLICY_RATELIMIT: {
+        uint64_t after = 0;
+        int rc = keel__ratelimit_take1(s->pol.u.ratelimit, p->loop, clock_loop(p), &after);
+        if (rc != 0) {
+          ratelimit_refused(f, rc, after);
+          return;
+        }
+        break;
       }
-      spawn_or_fail(f);
-      return;
-    case KEEL_POLICY_RETRY:
-      f->count = 1;
-      f->prev_delay = 0;
-      if (s->pol.u.retry.budget != NULL) keel_retry_budget_record_call(s->pol.u.retry.budget);
-      f->deadline =
-          s->pol.u.retry.deadline_ms != 0 ? uv_now(p->loop) + s->pol.u.retry.deadline_ms : 0;
-      spawn_or_fail(f);
-      return;
-    case KEEL_POLICY_BREAKER: {
-      int rc = keel_breaker_acquire(s->pol.u.breaker, &f->permit);
-      if (rc == 0) {
+      case KEEL_POLICY_TIMEOUT:
+        f->deadline = uv_now(p->loop) + s->pol.u.timeout_ms;
+        list_append(&s->l_head, &s->l_tail, f);
+        f->flags |= F_IN_DL;
+        if (!s->armed) {
+          s->armed = true;
+          uv_timer_start(&s->timer, on_deadline, s->pol.u.timeout_ms, 0);
+        }
+        break;
+      case KEEL_POLICY_RETRY:
+        f->count = 1;
+        f->prev_delay = 0;
+        if (s->pol.u.retry.budget != NULL) keel_retry_budget_record_call(s->pol.u.retry.budget);
+        f->deadline =
+            s->pol.u.retry.deadline_ms != 0 ? uv_now(p->loop) + s->pol.u.retry.deadline_ms : 0;
+        break;
+      case KEEL_POLICY_BREAKER: {
+        int rc = keel_breaker_acquire(s->pol.u.breaker, &f->permit);
+        if (rc != 0) {
+          breaker_refused(f, rc);
+          return;
+        }
         f->flags |= F_ACQUIRED;
         f->t0 = clock_now(p);
-        spawn_or_fail(f);
-      } else {
-        if (rc != KEEL_ECLOSING && rc != UV_EINVAL) {
-          p->stats.breaker_rejected++;
-          emit(p, KEEL_EVENT_BREAKER_REJECTED, f->stage, f->root, 0, rc, 0);
-        }
-        defer_result(f, rc, 0);
+        break;
       }
-      return;
-    }
-    case KEEL_POLICY_FALLBACK:
-      spawn_or_fail(f);
-      return;
-    case KEEL_POLICY_HEDGING: {
-      uint32_t max = s->pol.u.hedging.max_attempts;
-      uint64_t delay = s->pol.u.hedging.delay_ms;
-      f->count = 1;
-      f->pres.status = 0;
-      int rc = spawn(f);
-      if (rc != 0) {
-        defer_result(f, rc, 0);
+      case KEEL_POLICY_FALLBACK:
+        break;
+      case KEEL_POLICY_HEDGING: {
+        uint32_t max = s->pol.u.hedging.max_attempts;
+        uint64_t delay = s->pol.u.hedging.delay_ms;
+        f->count = 1;
+        f->pres.status = 0;
+        int rc = spawn(f);
+        if (rc != 0) {
+          defer_result(f, rc, 0);
+          return;
+        }
+        if (delay == 0) {
+          while (f->count < max) hedge_next(f);
+        } else if (delay != KEEL_HEDGE_ON_FAILURE && f->count < max) {
+          if (timer_arm(f, delay, on_hedge_timer) != 0) f->count = max; /* no more */
+        }
         return;
       }
-      if (delay == 0) {
-        while (f->count < max) hedge_next(f);
-      } else if (delay != KEEL_HEDGE_ON_FAILURE && f->count < max) {
-        if (timer_arm(f, delay, on_hedge_timer) != 0) f->count = max; /* no more */
-      }
+      case KEEL_POLICY_BULKHEAD:
+        if (bulkhead_has_room(s)) {
+          bulkhead_enter(f);
+        } else if (s->queued < s->pol.u.bulkhead.max_queued) {
+          s->queued++;
+          p->stats.bulkhead_queued++;
+          if (s->queued > p->stats.bulkhead_queued_max) p->stats.bulkhead_queued_max = s->queued;
+          f->flags |= F_BH_QUEUED;
+          list_append(&s->l_head, &s->l_tail, f);
+          emit(p, KEEL_EVENT_BULKHEAD_QUEUED, f->stage, f->root, 0, 0, 0);
+        } else {
+          p->stats.bulkhead_rejected++;
+          emit(p, KEEL_EVENT_BULKHEAD_REJECTED, f->stage, f->root, 0, KEEL_EFULL, 0);
+          defer_result(f, KEEL_EFULL, 0);
+        }
+        return;
+    }
+    /* spawn_or_fail(f): its child starts on the next turn of the loop */
+    int rc = 0;
+    frame *c = spawn_frame(f, &rc);
+    if (c == NULL) {
+      release_own(f, rc, false);
+      defer_result(f, rc, 0);
       return;
     }
-    case KEEL_POLICY_BULKHEAD:
-      if (bulkhead_has_room(s)) {
-        bulkhead_enter(f);
-      } else if (s->queued < s->pol.u.bulkhead.max_queued) {
-        s->queued++;
-        p->stats.bulkhead_queued++;
-        if (s->queued > p->stats.bulkhead_queued_max) p->stats.bulkhead_queued_max = s->queued;
-        f->flags |= F_BH_QUEUED;
-        list_append(&s->l_head, &s->l_tail, f);
-        emit(p, KEEL_EVENT_BULKHEAD_QUEUED, f->stage, f->root, 0, 0, 0);
-      } else {
-        p->stats.bulkhead_rejected++;
-        emit(p, KEEL_EVENT_BULKHEAD_REJECTED, f->stage, f->root, 0, KEEL_EFULL, 0);
-        defer_result(f, KEEL_EFULL, 0);
-      }
-      return;
+    f = c;
   }
 }
 
@@ -673,9 +717,10 @@ static void bulkhead_leave(frame *f, int status, bool cancelled) {
 
 /* ---- results travelling up ------------------------------------------------ */
 
-static void deliver(frame *root, res r) {
+static inline void deliver(frame *root, res r) {
   keel_pipeline *p = root->p;
-  if (root->flags & F_STARTED) {
+  if (root->flags & F_ROOTED) {
+    root->flags &= ~F_ROOTED;
     if (root->l_prev != NULL) {
       root->l_prev->l_next = root->l_next;
     } else {
@@ -699,88 +744,96 @@ static void deliver(frame *root, res r) {
   frame_put(root);
 }
 
-/* A child of f ended with r (the child is already gone). */
+/* A child of f ended with r (the child is already gone). A policy that
+ * passes the result on (finish(f, r)) does so by the next turn of the loop,
+ * so the common path runs up a whole call in one frame of C. */
 static void child_done(frame *f, res r) {
   keel_pipeline *p = f->p;
-  if (f->stage < 0) {
-    deliver(f, r);
-    return;
-  }
-  pstage *s = &p->st[f->stage];
-  switch (s->pol.kind) {
-    case KEEL_POLICY_RATELIMIT:
-      break;
-    case KEEL_POLICY_TIMEOUT:
-      list_remove(&s->l_head, &s->l_tail, f);
-      f->flags &= ~F_IN_DL;
-      if (s->l_head == NULL) deadlines_emptied(p, s);
-      break;
-    case KEEL_POLICY_RETRY: {
-      const keel_retry_opts *o = &s->pol.u.retry;
-      if (p->closing || f->count >= o->max_attempts) break;
-      if (r.status >= 0) {
-        if (o->retry_result == NULL || !o->retry_result(r.status, NULL, o->classify_data)) break;
-      } else {
-        keel_retry_classify_fn classify =
-            o->classify != NULL ? o->classify : keel_retry_default_classify;
-        if (!classify(r.status, o->classify_data)) break;
-      }
-      if (p->closing) break;
-      uint64_t delay = keel_backoff_delay(&o->backoff, f->count, f->prev_delay, &s->rng);
-      if (o->jitter > 0 && o->jitter <= 1 && delay > 0) {
-        uint64_t lo = (uint64_t)((double)delay * (1 - o->jitter));
-        uint64_t hi = (uint64_t)((double)delay * (1 + o->jitter));
-        delay = keel_rng_between(&s->rng, lo, hi);
-      }
-      if (r.retry_after > delay) delay = r.retry_after;
-      if (o->budget != NULL && !keel_retry_budget_try_retry(o->budget)) break;
-      if (f->deadline != 0 && uv_now(p->loop) + delay > f->deadline) break;
-      f->prev_delay = delay;
-      f->count++;
-      p->stats.retries++;
-      emit(p, KEEL_EVENT_RETRY, f->stage, f->root, f->count, r.status, delay);
-      if (p->closing) break;
-      if (delay == 0) {
-        if (spawn(f) != 0) break; /* report the last failure */
-      } else {
-        f->pres = r;
-        if (timer_arm(f, delay, on_retry_timer) != 0) break; /* report the failure */
-      }
+  for (;;) {
+    if (f->stage < 0) {
+      deliver(f, r);
       return;
     }
-    case KEEL_POLICY_BREAKER:
-      f->flags &= ~F_ACQUIRED;
-      keel_breaker_release(&f->permit, r.status, clock_now(p) - f->t0);
-      break;
-    case KEEL_POLICY_FALLBACK:
-      if (r.status < 0) {
-        p->stats.fallbacks++;
-        emit(p, KEEL_EVENT_FALLBACK, f->stage, f->root, 0, r.status, 0);
-        int st = s->pol.u.fallback.fn(p, r.status, f->root->data, s->pol.u.fallback.data);
-        if (st != r.status) {
-          r.status = st;
-          r.origin = f->stage;
-          r.retry_after = 0;
-        }
-      }
-      break;
-    case KEEL_POLICY_HEDGING:
-      if (r.status >= 0) {
-        while (f->kids != NULL) cancel_subtree(f->kids, UV_ECANCELED);
+    pstage *s = &p->st[f->stage];
+    switch (s->pol.kind) {
+      case KEEL_POLICY_RATELIMIT:
         break;
+      case KEEL_POLICY_TIMEOUT:
+        list_remove(&s->l_head, &s->l_tail, f);
+        f->flags &= ~F_IN_DL;
+        if (s->l_head == NULL) deadlines_emptied(p, s);
+        break;
+      case KEEL_POLICY_RETRY: {
+        const keel_retry_opts *o = &s->pol.u.retry;
+        if (p->closing || f->count >= o->max_attempts) break;
+        if (r.status >= 0) {
+          if (o->retry_result == NULL || !o->retry_result(r.status, NULL, o->classify_data)) break;
+        } else {
+          keel_retry_classify_fn classify =
+              o->classify != NULL ? o->classify : keel_retry_default_classify;
+          if (!classify(r.status, o->classify_data)) break;
+        }
+        if (p->closing) break;
+        uint64_t delay = keel_backoff_delay(&o->backoff, f->count, f->prev_delay, &s->rng);
+        if (o->jitter > 0 && o->jitter <= 1 && delay > 0) {
+          uint64_t lo = (uint64_t)((double)delay * (1 - o->jitter));
+          uint64_t hi = (uint64_t)((double)delay * (1 + o->jitter));
+          delay = keel_rng_between(&s->rng, lo, hi);
+        }
+        if (r.retry_after > delay) delay = r.retry_after;
+        if (o->budget != NULL && !keel_retry_budget_try_retry(o->budget)) break;
+        if (f->deadline != 0 && uv_now(p->loop) + delay > f->deadline) break;
+        f->prev_delay = delay;
+        f->count++;
+        p->stats.retries++;
+        emit(p, KEEL_EVENT_RETRY, f->stage, f->root, f->count, r.status, delay);
+        if (p->closing) break;
+        if (delay == 0) {
+          if (spawn(f) != 0) break; /* report the last failure */
+        } else {
+          f->pres = r;
+          if (timer_arm(f, delay, on_retry_timer) != 0) break; /* report the failure */
+        }
+        return;
       }
-      f->pres = r;
-      if (f->count < s->pol.u.hedging.max_attempts && !p->closing) hedge_next(f);
-      if (f->kids != NULL || (f->flags & F_PENDING)) return;
-      r = f->pres;
-      break;
-    case KEEL_POLICY_BULKHEAD:
-      bulkhead_leave(f, r.status, false);
-      finish(f, r);
-      bulkhead_admit(p, s);
-      return;
+      case KEEL_POLICY_BREAKER:
+        f->flags &= ~F_ACQUIRED;
+        keel_breaker_release(&f->permit, r.status, clock_now(p) - f->t0);
+        break;
+      case KEEL_POLICY_FALLBACK:
+        if (r.status < 0) {
+          p->stats.fallbacks++;
+          emit(p, KEEL_EVENT_FALLBACK, f->stage, f->root, 0, r.status, 0);
+          int st = s->pol.u.fallback.fn(p, r.status, f->root->data, s->pol.u.fallback.data);
+          if (st != r.status) {
+            r.status = st;
+            r.origin = f->stage;
+            r.retry_after = 0;
+          }
+        }
+        break;
+      case KEEL_POLICY_HEDGING:
+        if (r.status >= 0) {
+          while (f->kids != NULL) cancel_subtree(f->kids, UV_ECANCELED);
+          break;
+        }
+        f->pres = r;
+        if (f->count < s->pol.u.hedging.max_attempts && !p->closing) hedge_next(f);
+        if (f->kids != NULL || (f->flags & F_PENDING)) return;
+        r = f->pres;
+        break;
+      case KEEL_POLICY_BULKHEAD:
+        bulkhead_leave(f, r.status, false);
+        finish(f, r);
+        bulkhead_admit(p, s);
+        return;
+    }
+    /* finish(f, r) */
+    frame *parent = f->parent;
+    kid_unlink(f);
+    frame_put(f);
+    f = parent;
   }
-  finish(f, r);
 }
 
 /* f ended with r: detach it from its parent, recycle it, tell the parent. */
@@ -901,6 +954,197 @@ static void on_hedge_timer(uv_timer_t *t) {
   after_callbacks(p);
 }
 
+/* Puts root on the list of active roots (the close sweep answers those). */
+static void roots_add(keel_pipeline *p, frame *root) {
+  root->flags |= F_ROOTED;
+  root->l_prev = NULL;
+  root->l_next = p->roots;
+  if (p->roots != NULL) p->roots->l_prev = root;
+  p->roots = root;
+}
+
+/* ---- the flat path ------------------------------------------------------------
+ *
+ * A pipeline whose policies all go on to their one child at once when they
+ * let a call through (rate limit, timeout, retry, breaker, fallback: p->flat)
+ * starts a call here instead of through start(). Nothing walks the tree of
+ * a call while its own pass runs it (timers fire between passes, the close
+ * sweep runs between two ready frames, cancellation comes from those), so
+ * the walk down takes each policy's decision and leaves the tree links and
+ * the timeouts' deadline entries out. When the operation reported at once
+ * (the common synchronous case: its report is the only one waiting, and no
+ * close began), the walk back up runs right away, in the order finish()
+ * would; otherwise flat_link() builds exactly the tree start() would have
+ * built, and the ordinary machinery takes over from there.
+ */
+
+/*
+ * Makes the call root of the flat path what start() would have made of it:
+ * root on the list of active roots, the frames of stages 0..upto (upto ==
+ * p->n: the leaf too) in use and linked below it, their timeouts on their
+ * deadline lists (timer armed), their breakers' permits marked as held
+ * (the one of stage upto only when last_holds: it was refused).
+ */
+static void flat_link(keel_pipeline *p, frame *root, size_t upto, bool last_holds) {
+  frame *parent = root;
+  if (!(root->flags & F_ROOTED)) roots_add(p, root);
+  for (size_t j = 0; j <= upto; j++) {
+    frame *f = root + j + 1;
+    if (j < p->n) {
+      f->flags = (f->flags & F_TIMER) | F_BLOCK | F_INUSE;
+    } else {
+      f->flags |= F_INUSE; /* the leaf: its flags are its own already */
+    }
+    f->kids = NULL;
+    root->refs++;
+    kid_link(parent, f);
+    if (j < p->n) {
+      pstage *s = &p->st[j];
+      if (s->pol.kind == KEEL_POLICY_BREAKER && (j < upto || last_holds)) f->flags |= F_ACQUIRED;
+      if (s->pol.kind == KEEL_POLICY_TIMEOUT) {
+        list_append(&s->l_head, &s->l_tail, f);
+        f->flags |= F_IN_DL;
+        if (!s->armed) {
+          uint64_t now = uv_now(p->loop);
+          s->armed = true;
+          uv_timer_start(&s->timer, on_deadline, f->deadline > now ? f->deadline - now : 0, 0);
+        }
+      }
+    }
+    parent = f;
+  }
+}
+
+/*
+ * Starts the new call root of a flat pipeline (what roots_add() and
+ * spawn(root) do). The frames of the policies stay as they are (not marked
+ * in use, not linked) unless flat_link() makes them so; the leaf gets its
+ * flags before the operation sees it.
+ */
+static void flat_run(keel_pipeline *p, frame *root) {
+  size_t n = p->n;
+  pstage *st = p->st;
+  for (size_t i = 0; i < n; i++) {
+    frame *f = root + i + 1;
+    pstage *s = &st[i];
+    if (i > 0 && p->closing) { /* spawn_or_fail() of the stage above */
+      frame *up = f - 1;
+      flat_link(p, root, i - 1, true);
+      release_own(up, KEEL_ECLOSING, false);
+      defer_result(up, KEEL_ECLOSING, 0);
+      return;
+    }
+    switch (s->pol.kind) {
+      case KEEL_POLICY_RATELIMIT: {
+        uint64_t after = 0;
+        int rc = keel__ratelimit_take1(s->pol.u.ratelimit, p->loop, clock_loop(p), &after);
+        if (rc != 0) {
+          flat_link(p, root, i, false);
+          ratelimit_refused(f, rc, after);
+          return;
+        }
+        break;
+      }
+      case KEEL_POLICY_TIMEOUT: /* its deadline entry: flat_link() */
+        f->deadline = uv_now(p->loop) + s->pol.u.timeout_ms;
+        break;
+      case KEEL_POLICY_RETRY:
+        f->count = 1;
+        f->prev_delay = 0;
+        if (s->pol.u.retry.budget != NULL) keel_retry_budget_record_call(s->pol.u.retry.budget);
+        f->deadline =
+            s->pol.u.retry.deadline_ms != 0 ? uv_now(p->loop) + s->pol.u.retry.deadline_ms : 0;
+        break;
+      case KEEL_POLICY_BREAKER: {
+        int rc = keel_breaker_acquire(s->pol.u.breaker, &f->permit);
+        if (rc != 0) {
+          flat_link(p, root, i, false);
+          breaker_refused(f, rc);
+          return;
+        }
+        f->t0 = clock_now(p);
+        break;
+      }
+      default: /* FALLBACK */
+        break;
+    }
+  }
+  frame *leaf = root + n + 1;
+  if (n > 0 && p->closing) {
+    frame *up = leaf - 1;
+    flat_link(p, root, n - 1, true);
+    release_own(up, KEEL_ECLOSING, false);
+    defer_result(up, KEEL_ECLOSING, 0);
+    return;
+  }
+  leaf->flags = (leaf->flags & F_TIMER) | F_BLOCK;
+  leaf->number = ++root->count;
+  leaf->cancel_reason = 0;
+  leaf->cancel_fn = NULL;
+  p->stats.attempts++;
+  p->ops_out++;
+  root->op(leaf, root->data);
+  if (p->now_head != leaf || p->now_tail != leaf || p->closing) {
+    flat_link(p, root, n, true); /* reported later (or after others), or closing */
+    return;
+  }
+  /* on_idle's next step: process(leaf), i.e. finish(leaf) up to the root */
+  p->now_head = p->now_tail = NULL;
+  res r = {leaf->status, -1, 0};
+  for (size_t k = p->nup; k-- > 0;) { /* the stages with work on the way up */
+    size_t i = p->up[k];
+    frame *f = root + i + 1;
+    pstage *s = &st[i];
+    switch (s->pol.kind) {
+      case KEEL_POLICY_RETRY: {
+        const keel_retry_opts *o = &s->pol.u.retry;
+        if (!p->closing && f->count < o->max_attempts &&
+            (r.status < 0 || o->retry_result != NULL)) {
+          flat_link(p, root, i, true); /* a retry may follow: the ordinary way */
+          child_done(f, r);
+          return;
+        }
+        if (f->flags & F_TIMER) uv_timer_stop(f->timer); /* frame_put() */
+        break;
+      }
+      case KEEL_POLICY_BREAKER:
+        keel_breaker_release(&f->permit, r.status, clock_now(p) - f->t0);
+        break;
+      case KEEL_POLICY_FALLBACK:
+        if (r.status < 0) {
+          flat_link(p, root, i, true);
+          child_done(f, r);
+          return;
+        }
+        break;
+      default:
+        break;
+    }
+  }
+  deliver(root, r); /* (rate limit, timeout: nothing to do on the way up) */
+}
+
+/* Whether every policy of p takes the flat path (see flat_run()); fills
+ * p->up with the stages that have work when a result passes up. */
+static bool flat_plan(keel_pipeline *p) {
+  p->nup = 0;
+  for (size_t i = 0; i < p->n; i++) {
+    switch (p->st[i].pol.kind) {
+      case KEEL_POLICY_RATELIMIT:
+      case KEEL_POLICY_TIMEOUT:
+        break;
+      case KEEL_POLICY_RETRY:
+      case KEEL_POLICY_BREAKER:
+      case KEEL_POLICY_FALLBACK:
+        p->up[p->nup++] = (uint8_t)i;
+        break;
+      default:
+        return false;
+    }
+  }
+  return true;
+}
+
 /* ---- the ready list ----------------------------------------------------------- */
 
 static void process(frame *f) {
@@ -911,10 +1155,11 @@ static void process(frame *f) {
   }
   if (f->stage < 0 && !(f->flags & F_STARTED)) { /* a new call */
     f->flags |= F_STARTED;
-    f->l_prev = NULL;
-    f->l_next = p->roots;
-    if (p->roots != NULL) p->roots->l_prev = f;
-    p->roots = f;
+    if (p->flat && !p->closing) {
+      flat_run(p, f); /* puts f on the roots list when the call outlives it */
+      return;
+    }
+    roots_add(p, f);
     if (p->closing) {
       res r = {UV_ECANCELED, -1, 0};
       deliver(f, r);
@@ -1173,6 +1418,7 @@ int keel_pipeline_new(uv_loop_t *loop, const keel_pipeline_opts *opts, keel_pipe
                                                       : uv_hrtime() ^ (uint64_t)(uintptr_t)p);
     }
   }
+  p->flat = flat_plan(p);
   *out = p;
   return 0;
 }

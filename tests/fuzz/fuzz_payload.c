@@ -14,7 +14,7 @@ static keel__column columns[] = {
     {"score", "double precision", 701, KEEL__FORM_FLOAT8, KEEL__FORM_AS_IS, false, false, ','},
     {"flags", "boolean[]", 1000, KEEL__FORM_ARRAY, KEEL__FORM_FLOAT4, true, false, ';'},
 };
-static keel__columns table = {columns, sizeof columns / sizeof columns[0]};
+static keel__columns table = {columns, sizeof columns / sizeof columns[0], false};
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

@@ -54,6 +54,34 @@ void kt_redis_addr(char *host, size_t host_cap, int *port) {
   *port = (int)value;
 }
 
+void kt_redis_url(char *buf, size_t cap) {
+  char host[64];
+  int port;
+  kt_redis_addr(host, sizeof host, &port);
+  snprintf(buf, cap, "redis://%s:%d", host, port);
+}
+
+void kt_pipe_write(int fd, const char *s) {
+  size_t n = strlen(s);
+  while (n > 0) {
+    ssize_t w = write(fd, s, n);
+    if (w <= 0) _exit(90);
+    s += w;
+    n -= (size_t)w;
+  }
+}
+
+void kt_pipe_read_line(int fd, char *buf, size_t cap) {
+  size_t n = 0;
+  while (n + 1 < cap) {
+    ssize_t r = read(fd, buf + n, 1);
+    cr_assert_gt(r, 0, "child pipe closed");
+    if (buf[n] == '\n') break;
+    n++;
+  }
+  buf[n] = '\0';
+}
+
 void kt_unique_name(char *buf, size_t cap, const char *prefix) {
   static atomic_uint counter;
   unsigned n = atomic_fetch_add(&counter, 1);

@@ -43,6 +43,17 @@ bool kt_behind_pooler(void);
  * current test when not set. */
 void kt_redis_addr(char *host, size_t host_cap, int *port);
 
+/* "redis://<host>:<port>" of KEEL_TEST_REDIS into buf (fails the current
+ * test like kt_redis_addr()). */
+void kt_redis_url(char *buf, size_t cap);
+
+/* Child processes of a test report to it through a pipe, one line each.
+ * kt_pipe_write() writes all of s to fd (the child exits with 90 when it
+ * cannot); kt_pipe_read_line() reads one line, without its '\n', into buf
+ * (fails the test when the pipe closes first). */
+void kt_pipe_write(int fd, const char *s);
+void kt_pipe_read_line(int fd, char *buf, size_t cap);
+
 /* Writes a name unique to this process and call ("kt_<prefix>_<pid>_<n>")
  * usable as a table or channel name. */
 void kt_unique_name(char *buf, size_t cap, const char *prefix);

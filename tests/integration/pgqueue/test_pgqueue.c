@@ -89,9 +89,11 @@ Test(pgqueue, migrate_twice_and_concurrently) {
   g.o.process = NULL;
   fx_start(&g);
   cr_assert_eq(g.ready_status, 0);
-  char *v =
-      kt_pg_scalarf("SELECT string_agg(version::text, ',') FROM %s.pgqueue_migrations", f.schema);
-  cr_assert_str_eq(v, "1");
+  char *v = kt_pg_scalarf(
+      "SELECT string_agg(version::text, ',' ORDER BY version) FROM"
+      " %s.pgqueue_migrations",
+      f.schema);
+  cr_assert_str_eq(v, "1,2");
   free(v);
   v = kt_pg_scalarf("SELECT reloptions::text FROM pg_class WHERE oid = '%s.pgqueue_jobs'::regclass",
                     f.schema);
@@ -652,6 +654,84 @@ Test(pgqueue, notify_wakes_an_idle_worker) {
   cr_assert(kt_wait_for(&f.loop, one_ran, &f, 10000), "not woken: %s",
             keel_pgqueue_last_error(f.q));
   keel_pgqueue_close(e, NULL, NULL);
+  fx_finish(&f);
+  fx_drop(&f);
+}
+
+/* An enqueue in the caller's transaction (the insert trigger notifies, at
+ * the commit) wakes an idle worker with no polling; so does one on the
+ * object's own connection (the trigger stays quiet, a separate
+ * notification follows the durable commit: notify_wakes_an_idle_worker). */
+Test(pgqueue, notify_from_a_callers_transaction) {
+  fx f;
+  fx_init(&f, "pgq_txnotify", NULL);
+  f.o.poll_ms = 600000; /* no polling: only the NOTIFY can wake it */
+  fx_start(&f);
+  settle(&f, 300);
+  keel_pg_pool_opts po;
+  keel_pg_pool_opts_init(&po);
+  po.conn.conninfo = f.conninfo;
+  po.size = 1;
+  keel_pg_pool *pool;
+  cr_assert_eq(keel_pg_pool_new(&f.loop, &po, &pool), 0);
+  txctx t = {&f, 1, false, 1, false};
+  cr_assert_eq(keel_pg_pool_transaction(pool, KEEL_PG_READ_COMMITTED, tx_body, tx_done, &t), 0);
+  cr_assert(kt_wait_for(&f.loop, tx_is_done, &t, 10000));
+  cr_assert_eq(t.status, 0);
+  cr_assert(kt_wait_for(&f.loop, one_ran, &f, 10000), "not woken: %s",
+            keel_pgqueue_last_error(f.q));
+  keel_pg_pool_close(pool, NULL, NULL);
+  fx_finish(&f);
+  fx_drop(&f);
+}
+
+static bool completed_all(void *ctx) {
+  fx *f = ctx;
+  keel_pgqueue_stats st;
+  keel_pgqueue_get_stats(f->q, &st);
+  return st.completed >= 3000;
+}
+
+/* A batch of thousands of completions, fenced, against a table whose
+ * statistics say that no row is running (ANALYZE while all were
+ * available): every completion and heartbeat matches its row (the lease
+ * index of migration 2 is keyed so that the fences cannot use it). */
+Test(pgqueue, large_batches_with_stale_statistics) {
+  fx f;
+  fx_init(&f, "pgq_bigbatch", NULL);
+  f.o.concurrency = 3000;
+  f.o.prefetch = 0;
+  f.o.flush_jobs = 100000; /* one batch: flushed by flush_ms */
+  f.o.flush_ms = 200;
+  f.o.heartbeat_ms = 100;
+  f.o.lease_ms = 30000;
+  f.o.done_retention_ms = 0;
+  f.hold = true;
+  fx_start(&f);
+  keel_pgqueue_pause(f.q);
+  static keel_pgqueue_job_opts jobs[1000];
+  for (int b = 0; b < 3; b++) {
+    for (int i = 0; i < 1000; i++) keel_pgqueue_job_opts_init(&jobs[i]);
+    cr_assert_eq(fx_enqueue(&f, jobs, 1000), 0, "%s", keel_pgqueue_last_error(f.q));
+  }
+  kt_pg_execf("ANALYZE %s.pgqueue_jobs", f.schema);
+  char *def = kt_pg_scalarf(
+      "SELECT indexdef FROM pg_indexes WHERE schemaname = '%s'"
+      " AND indexname = 'pgqueue_jobs_lease'",
+      f.schema);
+  cr_assert(def != NULL && strstr(def, "lease_until IS NOT NULL") != NULL, "lease index: %s",
+            def ? def : "(none)");
+  free(def);
+  f.hold = false;
+  keel_pgqueue_resume(f.q);
+  uv_update_time(&f.loop);
+  cr_assert(kt_wait_for(&f.loop, completed_all, &f, 60000), "completed: %s",
+            keel_pgqueue_last_error(f.q));
+  keel_pgqueue_stats st;
+  keel_pgqueue_get_stats(f.q, &st);
+  cr_assert_eq(st.fenced, 0);
+  cr_assert_eq(st.lease_lost, 0);
+  cr_assert_eq(fx_count(&f, "true"), 0, "done rows deleted");
   fx_finish(&f);
   fx_drop(&f);
 }

@@ -217,34 +217,6 @@ Test(redis_faults, lock_after_script_flush_and_restart) {
 
 /* ---- real processes --------------------------------------------------------- */
 
-static void shared_url(char *buf, size_t cap) {
-  char host[64];
-  int port;
-  kt_redis_addr(host, sizeof host, &port);
-  snprintf(buf, cap, "redis://%s:%d", host, port);
-}
-
-static void wr(int fd, const char *s) {
-  size_t n = strlen(s);
-  while (n > 0) {
-    ssize_t w = write(fd, s, n);
-    if (w <= 0) _exit(90);
-    s += w;
-    n -= (size_t)w;
-  }
-}
-
-static void rd_line(int fd, char *buf, size_t cap) {
-  size_t n = 0;
-  while (n + 1 < cap) {
-    ssize_t r = read(fd, buf + n, 1);
-    cr_assert_gt(r, 0, "child pipe closed");
-    if (buf[n] == '\n') break;
-    n++;
-  }
-  buf[n] = '\0';
-}
-
 /* Child: takes `name` on the shared server with ttl, writes "<fence>\n";
  * with go_fd >= 0 waits for a byte on it, releases, writes
  * "<release status> <taken>\n", then runs the fenced write with its fence
@@ -252,7 +224,7 @@ static void rd_line(int fd, char *buf, size_t cap) {
 static void child_holder(const char *name, uint64_t ttl, int out_fd, int go_fd, const char *table) {
   fx x;
   char url[128];
-  shared_url(url, sizeof url);
+  kt_redis_url(url, sizeof url);
   memset(&x, 0, sizeof x);
   uv_loop_init(&x.loop);
   keel_redis_opts o;
@@ -268,7 +240,7 @@ static void child_holder(const char *name, uint64_t ttl, int out_fd, int go_fd, 
   if (x.acq != 0) _exit(93);
   char line[64];
   snprintf(line, sizeof line, "%llu\n", (unsigned long long)x.fence);
-  wr(out_fd, line);
+  kt_pipe_write(out_fd, line);
   if (go_fd < 0) {
     for (;;) pause();
   }
@@ -279,7 +251,7 @@ static void child_holder(const char *name, uint64_t ttl, int out_fd, int go_fd, 
   if (keel_redis_lock_release(x.lock, on_rel, &x) != 0) _exit(95);
   while (x.rel == 1) uv_run(&x.loop, UV_RUN_ONCE);
   snprintf(line, sizeof line, "%d %d\n", x.rel, x.rel_taken ? 1 : 0);
-  wr(out_fd, line);
+  kt_pipe_write(out_fd, line);
   PGconn *pg = PQconnectdb(kt_pg_conninfo());
   char sql[256];
   snprintf(sql, sizeof sql,
@@ -290,7 +262,7 @@ static void child_holder(const char *name, uint64_t ttl, int out_fd, int go_fd, 
            PQresultStatus(res) == PGRES_COMMAND_OK ? PQcmdTuples(res) : "error");
   PQclear(res);
   PQfinish(pg);
-  wr(out_fd, line);
+  kt_pipe_write(out_fd, line);
   keel_redis_close(x.r, NULL, NULL);
   uv_run(&x.loop, UV_RUN_DEFAULT);
   _exit(0);
@@ -309,7 +281,7 @@ Test(redis_faults, holder_killed_another_acquires_within_ttl_and_a_retry) {
   }
   close(p[1]);
   char line[64];
-  rd_line(p[0], line, sizeof line);
+  kt_pipe_read_line(p[0], line, sizeof line);
   unsigned long long f = strtoull(line, NULL, 10);
   cr_assert_geq(f, 1);
   kill(pid, SIGKILL);
@@ -317,7 +289,7 @@ Test(redis_faults, holder_killed_another_acquires_within_ttl_and_a_retry) {
   close(p[0]);
   fx x;
   char url[128];
-  shared_url(url, sizeof url);
+  kt_redis_url(url, sizeof url);
   fopen_url(&x, url);
   keel_redis_lock_opts o;
   keel_redis_lock_opts_init(&o);
@@ -350,13 +322,13 @@ Test(redis_faults, holder_stopped_past_ttl_is_fenced_out) {
   close(out[1]);
   close(go[0]);
   char line[64];
-  rd_line(out[0], line, sizeof line);
+  kt_pipe_read_line(out[0], line, sizeof line);
   unsigned long long f = strtoull(line, NULL, 10);
   kill(pid, SIGSTOP);
   usleep(450 * 1000); /* past the ttl */
   fx x;
   char url[128];
-  shared_url(url, sizeof url);
+  kt_redis_url(url, sizeof url);
   fopen_url(&x, url);
   keel_redis_lock_opts o;
   keel_redis_lock_opts_init(&o);
@@ -372,12 +344,12 @@ Test(redis_faults, holder_stopped_past_ttl_is_fenced_out) {
   free(rows);
   kill(pid, SIGCONT);
   cr_assert_eq(write(go[1], "g", 1), 1);
-  rd_line(out[0], line, sizeof line);
+  kt_pipe_read_line(out[0], line, sizeof line);
   int rel = 0, taken = 0;
   cr_assert_eq(sscanf(line, "%d %d", &rel, &taken), 2);
   cr_assert_eq(rel, KEEL_ELOST, "%s", keel_err_name(rel));
   cr_assert_eq(taken, 1);
-  rd_line(out[0], line, sizeof line);
+  kt_pipe_read_line(out[0], line, sizeof line);
   cr_assert_str_eq(line, "0", "the stale holder's fenced write updated %s rows", line);
   int wst = 0;
   waitpid(pid, &wst, 0);

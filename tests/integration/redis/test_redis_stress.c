@@ -18,34 +18,6 @@ typedef struct fx {
   keel_redis *r;
 } fx;
 
-static void shared_url(char *buf, size_t cap) {
-  char host[64];
-  int port;
-  kt_redis_addr(host, sizeof host, &port);
-  snprintf(buf, cap, "redis://%s:%d", host, port);
-}
-
-static void wr(int fd, const char *s) {
-  size_t n = strlen(s);
-  while (n > 0) {
-    ssize_t w = write(fd, s, n);
-    if (w <= 0) _exit(90);
-    s += w;
-    n -= (size_t)w;
-  }
-}
-
-static void rd_line(int fd, char *buf, size_t cap) {
-  size_t n = 0;
-  while (n + 1 < cap) {
-    ssize_t r = read(fd, buf + n, 1);
-    cr_assert_gt(r, 0, "child pipe closed");
-    if (buf[n] == '\n') break;
-    n++;
-  }
-  buf[n] = '\0';
-}
-
 /* Many processes, one key, a non-atomic read-modify-write in PostgreSQL. */
 
 typedef struct stress {
@@ -112,7 +84,7 @@ static void child_stress(const char *name, const char *table, int pairs, int out
   s.pg = PQconnectdb(kt_pg_conninfo());
   if (PQstatus(s.pg) != CONNECTION_OK) _exit(81);
   char url[128];
-  shared_url(url, sizeof url);
+  kt_redis_url(url, sizeof url);
   uv_loop_init(&s.x.loop);
   keel_redis_opts o;
   keel_redis_opts_init(&o);
@@ -126,7 +98,7 @@ static void child_stress(const char *name, const char *table, int pairs, int out
   uv_run(&s.x.loop, UV_RUN_DEFAULT);
   char line[64];
   snprintf(line, sizeof line, "%d %d %d\n", s.bad, s.lost, s.left);
-  wr(out_fd, line);
+  kt_pipe_write(out_fd, line);
   PQfinish(s.pg);
   _exit(uv_loop_close(&s.x.loop) == 0 ? 0 : 83);
 }
@@ -157,7 +129,7 @@ Test(redis_stress, eight_processes_one_key_no_overlap_fences_increase, .timeout 
   int bad = 0, lost = 0, left = 0;
   for (int i = 0; i < NPROC; i++) {
     char line[64];
-    rd_line(p[0], line, sizeof line);
+    kt_pipe_read_line(p[0], line, sizeof line);
     int b, l, lf;
     cr_assert_eq(sscanf(line, "%d %d %d", &b, &l, &lf), 3);
     bad += b;

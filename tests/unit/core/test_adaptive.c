@@ -215,6 +215,30 @@ Test(adaptive, aimd_backs_off_on_drops) {
   keel_adaptive_free(a);
 }
 
+Test(adaptive, largest_latencies_count_as_flat_latency) {
+  /* "any unit": samples near UINT64_MAX are flat latency like any other.
+   * A window average of 2^64 was converted to uint64_t out of range
+   * (undefined; 0 on x86): min_rtt stayed 0 and the gradient halved a
+   * limit whose latency never moved. */
+  keel_adaptive_opts o;
+  keel_adaptive_opts_init(&o);
+  o.window_samples = 10;
+  keel_adaptive *a;
+  cr_assert_eq(keel_adaptive_new(&o, &a), 0);
+  for (int w = 0; w < 5; w++) {
+    uint32_t l = keel_adaptive_limit(a);
+    for (uint32_t i = 0; i < l; i++) cr_assert(keel_adaptive_try_acquire(a));
+    for (uint32_t i = 0; i < l; i++) keel_adaptive_release(a, UINT64_MAX, KEEL_ADAPTIVE_SUCCESS);
+  }
+  keel_adaptive_stats st;
+  keel_adaptive_get_stats(a, &st);
+  cr_expect_eq(st.min_rtt, UINT64_MAX);
+  cr_expect_eq(st.last_rtt, UINT64_MAX);
+  cr_expect_eq(st.decreases, 0);
+  cr_expect_gt(st.limit, 20, "flat latency raises a used limit (got %u)", st.limit);
+  keel_adaptive_free(a);
+}
+
 Test(adaptive, bounds_hold) {
   keel_adaptive_opts o;
   keel_adaptive_opts_init(&o);

@@ -285,3 +285,51 @@ Test(change_edges, nesting_is_bounded) {
   cr_assert(strstr(why, "nested too deeply") != NULL, "%s", why);
   keel__change_free(&c);
 }
+
+/* The reader's fast paths (listen CPU work): plain bytes before and after
+ * an escape, member names that share a first byte with keel's own, and
+ * ts_us read by a bounded digit loop with strtoll's old range rules. */
+Test(change_edges, fast_paths_keep_their_answers) {
+  keel_change c;
+  char why[128];
+  cr_assert_eq(keel__change_parse(&c,
+                                  "{\"o\":1,\"ol\":2,\"opx\":3,\"t\":4,\"tsx\":5,\"overflowx\":6,"
+                                  "\"s\":7,\"newx\":8,\"k\":9,\"op\":\"UPDATE\",\"schema\":\"s\","
+                                  "\"table\":\"t\",\"ts_us\":-0,\"new\":{\"name\":"
+                                  "\"plain \\\"quoted\\\" \\u00e9nd\",\"p\":\"abc\\\\\"}}",
+                                  why, sizeof why),
+               0, "%s", why);
+  cr_assert_eq(keel_change_operation(&c), KEEL_CHANGE_UPDATE);
+  cr_assert_eq(keel_change_time_us(&c), 0);
+  cr_assert_eq(c.overflow_id, 0);
+  cr_assert_str_eq(keel_change_new(&c, "name"), "plain \"quoted\" \xc3\xa9nd");
+  cr_assert_str_eq(keel_change_new(&c, "p"), "abc\\");
+  keel__change_free(&c);
+  cr_assert_eq(keel__change_parse(&c, HEAD "}", why, sizeof why), 0, "%s", why);
+  keel__change_free(&c);
+  const char *edges[][2] = {
+      {"{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":253402300799999999}", NULL},
+      {"{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":253402300800000000}",
+       "out of range"},
+      {"{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":99999999999999999999999}",
+       "out of range"},
+      {"{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":-1}", "out of range"},
+      {"{\"op\":\"INSERT\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1.0}", "no integer"},
+      {"{\"op\":\"INSERTX\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}", "not INSERT"},
+      {"{\"op\":\"INSER\",\"schema\":\"s\",\"table\":\"t\",\"ts_us\":1}", "not INSERT"},
+      {HEAD ",\"overflow\":9223372036854775807}", NULL},
+      {HEAD ",\"overflow\":9223372036854775808}", "out of range"},
+      {HEAD ",\"overflow\":-0}", "out of range"},
+      {HEAD ",\"overflow\":1.5}", "out of range"},
+  };
+  for (size_t i = 0; i < sizeof edges / sizeof edges[0]; i++) {
+    int rc = keel__change_parse(&c, edges[i][0], why, sizeof why);
+    if (edges[i][1] == NULL) {
+      cr_assert_eq(rc, 0, "%s: %s", edges[i][0], why);
+    } else {
+      cr_assert_eq(rc, KEEL_EPROTO, "%s", edges[i][0]);
+      cr_assert(strstr(why, edges[i][1]) != NULL, "%s: %s", edges[i][0], why);
+    }
+    keel__change_free(&c);
+  }
+}

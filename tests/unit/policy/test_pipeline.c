@@ -13,17 +13,20 @@
 #define FAIL_ST UV_EIO
 
 enum beh {
-  B_OK = 1,   /* reports 0 inside op */
-  B_FAIL,     /* reports FAIL_ST inside op */
-  B_HANG,     /* reports only when told to stop (inside the cancel callback) */
-  B_SLOW_OK,  /* reports 0 after 30 ms */
-  B_SLOW_FAIL /* reports FAIL_ST after 30 ms */
+  B_OK = 1,    /* reports 0 inside op */
+  B_FAIL,      /* reports FAIL_ST inside op */
+  B_HANG,      /* reports only when told to stop (inside the cancel callback) */
+  B_SLOW_OK,   /* reports 0 after 30 ms */
+  B_SLOW_FAIL, /* reports FAIL_ST after 30 ms */
+  B_PARK,      /* keeps the attempt for the next B_FLUSH (reports when told to stop) */
+  B_FLUSH      /* reports the parked attempt (0), then its own (0), inside op */
 };
 
 typedef struct world world;
 
 typedef struct call {
   world *w;
+  int id; /* for the log */
   int script[8];
   int nscript;
   int ops;
@@ -56,9 +59,33 @@ struct world {
   int fallback_calls;
   bool in_execute;
   bool close_called;
+  keel_attempt *parked; /* B_PARK */
+  int log[1024][5];     /* what happened, in order (the flat path's test) */
+  int nlog;
 };
 
-enum { IN_NONE = 0, IN_OP, IN_DONE, IN_CANCEL, IN_FALLBACK, IN_EVENT, IN_CLASSIFY, IN_SLOW };
+static void log_add(world *w, int what, int a, int b, int c, int d) {
+  if (w->nlog >= 1024) return;
+  int *e = w->log[w->nlog++];
+  e[0] = what;
+  e[1] = a;
+  e[2] = b;
+  e[3] = c;
+  e[4] = d;
+}
+
+enum {
+  IN_NONE = 0,
+  IN_OP,
+  IN_DONE,
+  IN_CANCEL,
+  IN_FALLBACK,
+  IN_EVENT,
+  IN_CLASSIFY,
+  IN_SLOW,
+  IN_BREAKER, /* the breaker's on_state_change / on_rejected */
+  IN_CLOCK    /* the limiter's clock */
+};
 
 static world *g_w;
 static uint64_t g_slow_ms = 30;
@@ -68,13 +95,22 @@ static uint64_t fake_now(void *data) {
   return ((world *)data)->now;
 }
 
+static void maybe_close(world *w, int where);
+
+/* The limiter's clock, which may close the pipeline (IN_CLOCK). */
+static uint64_t closing_now(void *data) {
+  world *w = data;
+  maybe_close(w, IN_CLOCK);
+  return w->now;
+}
+
 static void on_closed(void *obj, void *data) {
   (void)obj;
   ((world *)data)->closed++;
 }
 
 static void maybe_close(world *w, int where) {
-  if (w->close_in == where && !w->close_called) {
+  if (w->close_in == where && !w->close_called && w->p != NULL) {
     w->close_called = true;
     keel_pipeline_close(w->p, on_closed, w);
   }
@@ -84,6 +120,7 @@ static void on_cancel(keel_attempt *a, int reason, void *data) {
   call *c = data;
   c->cancels++;
   c->cancel_reason = reason;
+  log_add(c->w, 3, c->id, (int)keel_attempt_number(a), reason, 0);
   cr_assert_neq(keel_attempt_cancelled(a), 0);
   maybe_close(c->w, IN_CANCEL);
 }
@@ -98,6 +135,12 @@ static void on_cancel_report(keel_attempt *a, int reason, void *data) {
 
 static void slow_closed(uv_handle_t *h) {
   free(h);
+}
+
+static void on_park_cancel(keel_attempt *a, int reason, void *data) {
+  call *c = data;
+  if (c->w->parked == a) c->w->parked = NULL;
+  on_cancel_report(a, reason, data);
 }
 
 static void on_slow(uv_timer_t *t) {
@@ -119,6 +162,7 @@ static void op(keel_attempt *a, void *data) {
   world *w = c->w;
   cr_assert(!w->in_execute, "op ran inside execute");
   int n = c->ops++;
+  log_add(w, 1, c->id, (int)keel_attempt_number(a), 0, 0);
   cr_assert_eq(keel_attempt_number(a), (unsigned)c->ops > 0 ? keel_attempt_number(a) : 0);
   cr_assert_eq(keel_attempt_pipeline(a), w->p);
   cr_assert_eq(keel_attempt_cancelled(a), 0);
@@ -133,6 +177,22 @@ static void op(keel_attempt *a, void *data) {
       break;
     case B_HANG:
       keel_attempt_on_cancel(a, on_cancel_report, c);
+      break;
+    case B_PARK:
+      if (w->parked == NULL) {
+        w->parked = a;
+        keel_attempt_on_cancel(a, on_park_cancel, c);
+      } else {
+        cr_assert_eq(keel_attempt_done(a, 0), 0);
+      }
+      break;
+    case B_FLUSH:
+      if (w->parked != NULL) {
+        keel_attempt *x = w->parked;
+        w->parked = NULL;
+        cr_assert_eq(keel_attempt_done(x, 0), 0);
+      }
+      cr_assert_eq(keel_attempt_done(a, 0), 0);
       break;
     default: {
       slow *s = calloc(1, sizeof *s);
@@ -154,6 +214,7 @@ static void done(keel_pipeline *p, const keel_pipeline_result *r, void *data) {
   cr_assert_eq(p, c->w->p);
   c->dones++;
   c->r = *r;
+  log_add(c->w, 2, c->id, r->status, (int)r->attempts, r->policy);
   maybe_close(c->w, IN_DONE);
 }
 
@@ -162,6 +223,9 @@ static void on_event(keel_pipeline *p, const keel_policy_event *ev, void *data) 
   (void)p;
   cr_assert(ev->kind > 0 && ev->kind < 16);
   w->events[ev->kind]++;
+  /* (a cancel names the operation's place below the policies: -1 here) */
+  log_add(w, 10 + (int)ev->kind, ev->kind == KEEL_EVENT_CANCEL ? -1 : (int)ev->policy,
+          (int)ev->attempt, ev->status, (int)ev->delay_ms);
   maybe_close(w, IN_EVENT);
 }
 
@@ -170,6 +234,7 @@ static int fallback_fn(keel_pipeline *p, int status, void *call_data, void *fb_d
   (void)call_data;
   world *w = fb_data;
   w->fallback_calls++;
+  log_add(w, 4, status, 0, 0, 0);
   maybe_close(w, IN_FALLBACK);
   return status == FAIL_ST || status == UV_ETIMEDOUT ? 7 : status;
 }
@@ -939,6 +1004,168 @@ Test(pipeline, close_waits_for_a_hanging_attempt) {
   cr_assert_eq(c.cancels, 1, "told to stop once by the close");
   cr_assert_eq(c.stale_reports, 1);
   cr_assert_eq(w.closed, 1);
+}
+
+/* ---- the flat path against the general one -------------------------------
+ *
+ * A pipeline of rate limit, timeout, retry, breaker and fallback only runs
+ * its calls on a flat path (src/policy/pipeline.c, flat_run()); an innermost
+ * bulkhead that never fills keeps the same policies on the general path.
+ * Both must do the same things in the same order: operations, reports,
+ * cancellations, events, fallbacks, the breaker's hooks, results, stats,
+ * also when the pipeline is closed from inside any callback. */
+
+static void breaker_state_hook(keel_breaker *b, keel_breaker_state from, keel_breaker_state to,
+                               void *data) {
+  (void)b;
+  world *w = data;
+  log_add(w, 5, (int)from, (int)to, 0, 0);
+  maybe_close(w, IN_BREAKER);
+}
+
+static void breaker_reject_hook(keel_breaker *b, keel_breaker_state state, void *data) {
+  (void)b;
+  world *w = data;
+  log_add(w, 6, (int)state, 0, 0, 0);
+  maybe_close(w, IN_BREAKER);
+}
+
+#define DIFF_CALLS 10
+static const int diff_scripts[DIFF_CALLS][3] = {
+    {B_OK, B_OK, B_OK},      {B_PARK, B_OK, B_OK},        {B_FLUSH, B_OK, B_OK},
+    {B_FAIL, B_OK, B_OK},    {B_FAIL, B_FAIL, B_FAIL},    {B_HANG, B_OK, B_OK},
+    {B_SLOW_OK, B_OK, B_OK}, {B_SLOW_FAIL, B_FAIL, B_OK}, {B_FAIL, B_FAIL, B_FAIL},
+    {B_OK, B_OK, B_OK},
+};
+
+/* Retries the operation's failure and timeouts, not the limiter's or the
+ * breaker's answers: no retry waits for a timer that could race with the
+ * loop's passes (the backoff is 0), so both runs see the same order. */
+static int diff_classify(int status, void *data) {
+  world *w = data;
+  log_add(w, 30, status, 0, 0, 0);
+  maybe_close(w, IN_CLASSIFY);
+  return status == FAIL_ST || status == UV_ETIMEDOUT;
+}
+
+static void diff_policy(world *w, keel_policy *pol, int kind) {
+  if (kind == KEEL_POLICY_RETRY) {
+    keel_retry_opts ro = fast_retry(3);
+    keel_backoff_fixed(&ro.backoff, 0);
+    ro.classify = diff_classify;
+    ro.classify_data = w;
+    keel_policy_retry(pol, &ro);
+  } else {
+    fill_policy(w, pol, kind);
+  }
+}
+
+/* Runs the scripted calls through kinds (general: with the innermost
+ * bulkhead) and logs what happened into w. */
+static void run_diff(world *w, const int *kinds, size_t n, bool general, int close_in) {
+  world_init(w);
+  w->close_in = close_in;
+  keel_breaker_opts bo;
+  keel_breaker_opts_init(&bo);
+  bo.failure_threshold = 3;
+  bo.on_state_change = breaker_state_hook;
+  bo.on_rejected = breaker_reject_hook;
+  bo.data = w;
+  bo.clock.now = fake_now;
+  bo.clock.data = w;
+  cr_assert_eq(keel_breaker_new(&w->loop, &bo, &w->b), 0);
+  keel_ratelimit_opts ro;
+  keel_ratelimit_opts_init(&ro);
+  ro.rate = 1;
+  ro.burst = DIFF_CALLS - 2;
+  ro.clock.now = closing_now;
+  ro.clock.data = w;
+  cr_assert_eq(keel_ratelimit_new(&w->loop, &ro, &w->rl), 0);
+  keel_policy pol[8];
+  for (size_t i = 0; i < n; i++) diff_policy(w, &pol[i], kinds[i]);
+  if (general) keel_policy_bulkhead(&pol[n], 1000, 0);
+  make_pipeline(w, pol, n + (general ? 1 : 0));
+  call c[DIFF_CALLS];
+  for (int i = 0; i < DIFF_CALLS; i++) {
+    exec(w, &c[i], diff_scripts[i], 3);
+    c[i].id = i;
+  }
+  run(w);
+  if (!w->close_called) { /* (closed from inside: freed by now) */
+    keel_pipeline_stats st;
+    keel_pipeline_get_stats(w->p, &st);
+    log_add(w, 7, (int)st.calls, (int)st.succeeded, (int)st.failed, (int)st.attempts);
+    log_add(w, 8, (int)st.ratelimited, (int)st.timeouts, (int)st.retries, (int)st.breaker_rejected);
+    log_add(w, 9, (int)st.fallbacks, (int)st.cancels, (int)st.in_flight, 0);
+    w->close_called = true;
+    keel_pipeline_close(w->p, on_closed, w);
+  }
+  run(w); /* the pipeline's close: every permit and token given back */
+  cr_assert_eq(w->closed, 1);
+  keel_breaker_stats bs;
+  keel_breaker_get_stats(w->b, &bs);
+  log_add(w, 20, (int)bs.state, (int)bs.calls_permitted, (int)bs.calls_rejected,
+          (int)bs.calls_succeeded);
+  log_add(w, 21, (int)bs.calls_failed, (int)bs.calls_ignored, (int)bs.state_changes,
+          (int)bs.probes_in_flight);
+  keel_ratelimit_stats rs;
+  keel_ratelimit_get_stats(w->rl, &rs);
+  log_add(w, 22, (int)rs.allowed, (int)rs.rejected, (int)rs.available, 0);
+  world_finish(w);
+  for (int i = 0; i < DIFF_CALLS; i++) cr_assert_eq(c[i].dones, 1);
+}
+
+static void diff_one(const int *kinds, size_t n, int close_in) {
+  static world flat, general; /* large: not on the stack */
+  run_diff(&flat, kinds, n, false, close_in);
+  run_diff(&general, kinds, n, true, close_in);
+  char name[128] = "";
+  for (size_t i = 0; i < n; i++) {
+    size_t len = strlen(name);
+    snprintf(name + len, sizeof name - len, "%s%s", i ? "," : "", keel_policy_kind_name(kinds[i]));
+  }
+  cr_assert(flat.nlog < 1024);
+  if (getenv("DIFF_DUMP") != NULL)
+    for (int i = 0; i < flat.nlog || i < general.nlog; i++)
+      fprintf(stderr, "%3d: %3d %3d %6d %6d %3d | %3d %3d %6d %6d %3d\n", i, flat.log[i][0],
+              flat.log[i][1], flat.log[i][2], flat.log[i][3], flat.log[i][4], general.log[i][0],
+              general.log[i][1], general.log[i][2], general.log[i][3], general.log[i][4]);
+  for (int i = 0; i < flat.nlog && i < general.nlog; i++)
+    cr_assert(memcmp(flat.log[i], general.log[i], sizeof flat.log[i]) == 0,
+              "%s (close in %d), entry %d: flat %d %d %d %d %d, general %d %d %d %d %d", name,
+              close_in, i, flat.log[i][0], flat.log[i][1], flat.log[i][2], flat.log[i][3],
+              flat.log[i][4], general.log[i][0], general.log[i][1], general.log[i][2],
+              general.log[i][3], general.log[i][4]);
+  cr_assert_eq(flat.nlog, general.nlog, "%s (close in %d)", name, close_in);
+}
+
+Test(pipeline, flat_path_does_what_the_general_one_does, .timeout = 240) {
+  static const int k[] = {KEEL_POLICY_RATELIMIT, KEEL_POLICY_TIMEOUT, KEEL_POLICY_RETRY,
+                          KEEL_POLICY_BREAKER, KEEL_POLICY_FALLBACK};
+  /* every ordered choice of three of the five */
+  for (int a = 0; a < 5; a++)
+    for (int b = 0; b < 5; b++)
+      for (int c = 0; c < 5; c++)
+        if (a != b && b != c && a != c) diff_one((int[]){k[a], k[b], k[c]}, 3, IN_NONE);
+  /* the benchmark's four, in both directions, and all five */
+  diff_one((int[]){k[0], k[1], k[2], k[3]}, 4, IN_NONE);
+  diff_one((int[]){k[3], k[2], k[1], k[0]}, 4, IN_NONE);
+  diff_one((int[]){k[4], k[0], k[1], k[2], k[3]}, 5, IN_NONE);
+  diff_one((int[]){k[1], k[3], k[4], k[2], k[0]}, 5, IN_NONE);
+  diff_one(NULL, 0, IN_NONE);
+}
+
+Test(pipeline, flat_path_closed_from_inside_every_callback, .timeout = 240) {
+  static const int lists[][5] = {
+      {KEEL_POLICY_RATELIMIT, KEEL_POLICY_TIMEOUT, KEEL_POLICY_RETRY, KEEL_POLICY_BREAKER,
+       KEEL_POLICY_FALLBACK},
+      {KEEL_POLICY_FALLBACK, KEEL_POLICY_BREAKER, KEEL_POLICY_RETRY, KEEL_POLICY_TIMEOUT,
+       KEEL_POLICY_RATELIMIT},
+      {KEEL_POLICY_TIMEOUT, KEEL_POLICY_BREAKER, KEEL_POLICY_RATELIMIT, KEEL_POLICY_FALLBACK,
+       KEEL_POLICY_RETRY},
+  };
+  for (int where = IN_OP; where <= IN_CLOCK; where++)
+    for (size_t i = 0; i < sizeof lists / sizeof lists[0]; i++) diff_one(lists[i], 5, where);
 }
 
 /* ---- bulkhead under 4 threads pushing through the thread-safe path ------ */
