@@ -48,6 +48,7 @@
 #include "keel/ratelimit.h"
 #include "keel/policy.h"
 #include "keel/pgqueue.h"
+#include "keel/saga.h"
 #include "keel/serve.h"
 
 #endif /* KEEL_H */

@@ -280,6 +280,17 @@ typedef struct keel_idem_stats {
  * only. */
 KEEL_EXTERN void keel_idem_get_stats(const keel_idem *idem, keel_idem_stats *out);
 
+struct keel_serve;
+
+/*
+ * Shows idem on the keel_serve server s under name (keel/serve.h), as kind
+ * "idempotency". The registration is dropped from s when idem's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_idem_serve(struct keel_serve *s, keel_idem *idem, const char *name);
+
 /* Text of the last error; "" when none; "idem is NULL" for NULL. Valid until
  * the next call on idem. Loop thread only. */
 KEEL_EXTERN const char *keel_idem_last_error(const keel_idem *idem);

@@ -347,6 +347,17 @@ typedef struct keel_pgqueue_stats {
 /* Fills *out (NULL-safe: nothing for NULL q or out). Loop thread only. */
 KEEL_EXTERN void keel_pgqueue_get_stats(const keel_pgqueue *q, keel_pgqueue_stats *out);
 
+struct keel_serve;
+
+/*
+ * Shows q on the keel_serve server s under name (keel/serve.h), as kind
+ * "pgqueue". The registration is dropped from s when q's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_pgqueue_serve(struct keel_serve *s, keel_pgqueue *q, const char *name);
+
 /* Text of the last error; "" when none; "queue is NULL" for NULL. Valid
  * until the next call on q. Loop thread only. */
 KEEL_EXTERN const char *keel_pgqueue_last_error(const keel_pgqueue *q);

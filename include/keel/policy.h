@@ -360,6 +360,17 @@ typedef struct keel_pipeline_stats {
 /* Fills *out. Does nothing when p or out is NULL. Loop thread only. */
 KEEL_EXTERN void keel_pipeline_get_stats(keel_pipeline *p, keel_pipeline_stats *out);
 
+struct keel_serve;
+
+/*
+ * Shows p on the keel_serve server s under name (keel/serve.h), as kind
+ * "pipeline". The registration is dropped from s when p's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_pipeline_serve(struct keel_serve *s, keel_pipeline *p, const char *name);
+
 /*
  * Closes the pipeline. NULL-safe; idempotent; may be called from inside
  * every callback of the pipeline. Calls nothing back inside this call. From

@@ -123,6 +123,17 @@ typedef struct keel_ratelimit_stats {
  * NULL. Loop thread only. */
 KEEL_EXTERN void keel_ratelimit_get_stats(keel_ratelimit *rl, keel_ratelimit_stats *out);
 
+struct keel_serve;
+
+/*
+ * Shows rl on the keel_serve server s under name (keel/serve.h), as kind
+ * "ratelimit". The registration is dropped from s when rl's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_ratelimit_serve(struct keel_serve *s, keel_ratelimit *rl, const char *name);
+
 /*
  * Closes the limiter. NULL-safe; idempotent. From now on take and reset
  * return KEEL_ECLOSING. cb (may be NULL) runs with (rl, data) on a later
@@ -207,6 +218,16 @@ typedef struct keel_ratelimit_redis_stats {
 /* Fills *out. Does nothing for NULL rl or out. Loop thread only. */
 KEEL_EXTERN void keel_ratelimit_redis_get_stats(const keel_ratelimit_redis *rl,
                                                 keel_ratelimit_redis_stats *out);
+
+/*
+ * Shows rl on the keel_serve server s under name (keel/serve.h), as kind
+ * "ratelimit_redis". The registration is dropped from s when rl's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_ratelimit_redis_serve(struct keel_serve *s, keel_ratelimit_redis *rl,
+                                           const char *name);
 
 /*
  * Closes the limiter. NULL-safe; idempotent; may be called from inside its

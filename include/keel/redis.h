@@ -292,6 +292,17 @@ typedef struct keel_redis_stats {
  * Loop thread only. */
 KEEL_EXTERN void keel_redis_get_stats(const keel_redis *r, keel_redis_stats *out);
 
+struct keel_serve;
+
+/*
+ * Shows r on the keel_serve server s under name (keel/serve.h), as kind
+ * "redis". The registration is dropped from s when r's close begins;
+ * closing s first is safe too. Returns 0, UV_EINVAL (NULL argument, bad
+ * name), KEEL_ECONFLICT (name taken for this kind), UV_ENOMEM or
+ * KEEL_ECLOSING (s or the object closing). Loop thread only.
+ */
+KEEL_EXTERN int keel_redis_serve(struct keel_serve *s, keel_redis *r, const char *name);
+
 /*
  * Closes the client: its connections are dropped, then on a later loop
  * iteration every pending command gets UV_ECANCELED (a command already

@@ -122,11 +122,14 @@ typedef struct keel_serve_opts {
                                  (copied) */
   unsigned max_clients;       /* HTTP and WebSocket connections at once; more get 503
                                  or are refused; default 64 */
-  size_t max_request_bytes;   /* request line + headers; longer requests are closed
-                                 with 400; default 4096, at least 256 */
+  size_t max_request_bytes;   /* request line + headers; longer requests get 400 and
+                                 are closed (heads over 64 KiB are closed by
+                                 libwebsockets without an answer); default 4096,
+                                 256..65535 */
   unsigned ws_interval_ms;    /* WebSocket delta period; default 500, at least 10 */
   size_t ws_max_frame_bytes;  /* a delta or snapshot frame larger than this is not
-                                 sent (counted in frames_dropped); default 4 MiB */
+                                 sent (counted in frames_dropped); default 4 MiB.
+                                 Frames go out in fragments of up to 64 KiB */
   unsigned request_timeout_s; /* a request must arrive complete within this; default 5 */
   uint64_t reserved_[8];      /* ABI room: zero (opts_init does); never set */
 } keel_serve_opts;

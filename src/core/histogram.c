@@ -49,7 +49,9 @@ void keel__histogram_write(struct keel_stats_writer *w, const char *metric, cons
                            const keel__histogram *h) {
   uint64_t counts[PROM_N] = {0};
   unsigned b = 0;
-  for (unsigned i = 0; i < KEEL__HIST_BUCKETS; i++) {
+  /* No bucket above the maximum's holds anything. */
+  unsigned last = h->count ? bucket_of(h->max_ns) : 0;
+  for (unsigned i = 0; i <= last && h->count; i++) {
     if (h->buckets[i] == 0) continue;
     double upper_s = bucket_upper(i) / 1e9;
     while (b < PROM_N && prom_bounds[b] < upper_s) b++;

@@ -1,5 +1,6 @@
 /* Idempotency keys: the front every store shares (validation, operations,
  * statistics, close); pg.c and redis.c speak to the two stores. */
+#include "idem/idem_stats.h"
 #include <stdio.h>
 #include <string.h>
 
@@ -369,7 +370,12 @@ const char *keel_idem_last_error(const keel_idem *idem) {
 void keel_idem_close(keel_idem *idem, keel_close_cb cb, void *data) {
   if (idem == NULL || idem->closing) return;
   idem->closing = true;
+  keel__stats_hooks_detach(&idem->stats_hooks); /* drops serve registrations */
   idem->close_cb = cb;
   idem->close_data = data;
   if (idem->stats.in_flight == 0) finish_close(idem);
+}
+
+keel__stats_hooks *keel__idem_stats_hooks(keel_idem *x) {
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

@@ -3,6 +3,7 @@
 #ifndef KEEL_IDEM_INTERNAL_H
 #define KEEL_IDEM_INTERNAL_H
 
+#include "core/stats_hook.h"
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -14,6 +15,7 @@ typedef enum idem_backend { IDEM_PG = 1, IDEM_REDIS } idem_backend;
 typedef enum idem_kind { IDEM_BEGIN = 1, IDEM_COMPLETE, IDEM_ABORT, IDEM_INSTALL } idem_kind;
 
 struct keel_idem {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   idem_backend backend;
   keel_pg_pool *pool;

@@ -2,6 +2,8 @@
  * LISTEN, fetch, heartbeat, rescue, stats, cancel; B: completions and
  * enqueues, so a fetch never waits behind a durable commit), a local list
  * of held jobs, one fetch and one completion batch in flight at a time. */
+#include "pgqueue/pgqueue_stats.h"
+#include "core/stats_hook.h"
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -84,6 +86,7 @@ typedef struct id_req {
 } id_req;
 
 struct keel_pgqueue {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   keel_pgqueue_opts o;
   char *conninfo, *schema, *queue, *channel;
@@ -1439,6 +1442,7 @@ static void on_close_kick(uv_idle_t *h) {
 void keel_pgqueue_close(keel_pgqueue *q, keel_close_cb cb, void *data) {
   if (q == NULL || q->closing) return;
   q->closing = true;
+  keel__stats_hooks_detach(&q->stats_hooks); /* drops serve registrations */
   q->close_cb = cb;
   q->close_data = data;
   uv_idle_stop(&q->kick);
@@ -1462,4 +1466,8 @@ void keel_pgqueue_close(keel_pgqueue *q, keel_close_cb cb, void *data) {
   /* the rest runs on the next loop iteration, from the kick handle (no
    * allocation needed, so close cannot fail) */
   (void)uv_idle_start(&q->kick, on_close_kick);
+}
+
+keel__stats_hooks *keel__pgqueue_stats_hooks(keel_pgqueue *x) {
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

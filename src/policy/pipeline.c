@@ -19,6 +19,8 @@
  * frame on the ready list with its result (F_PENDING), so start() never
  * reports to its parent synchronously.
  */
+#include "policy/policy_stats.h"
+#include "core/stats_hook.h"
 #include <stdbool.h>
 #include <stdlib.h>
 #include <string.h>
@@ -102,6 +104,7 @@ typedef struct ts_node {
 } ts_node;
 
 struct keel_pipeline {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   size_t n;
   pstage *st;
@@ -1486,10 +1489,15 @@ static void close_handles(keel_pipeline *p) {
 void keel_pipeline_close(keel_pipeline *p, keel_close_cb cb, void *data) {
   if (p == NULL || p->closing) return;
   p->closing = true;
+  keel__stats_hooks_detach(&p->stats_hooks); /* drops serve registrations */
   p->close_cb = cb;
   p->close_data = data;
   uv_mutex_lock(&p->mu);
   p->ts_closed = true;
   uv_mutex_unlock(&p->mu);
   uv_idle_start(&p->idle, on_idle); /* the sweep runs on the next iteration */
+}
+
+keel__stats_hooks *keel__pipeline_stats_hooks(keel_pipeline *x) {
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

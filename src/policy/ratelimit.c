@@ -1,5 +1,6 @@
 /* Local rate limiter: GCRA and a stepwise token bucket on the loop's cached
  * time. State is a few integers; a decision reads the clock once. */
+#include "policy/policy_stats.h"
 #include "keel/ratelimit.h"
 
 #include <string.h>
@@ -148,7 +149,12 @@ static void on_closed(uv_handle_t *h) {
 void keel_ratelimit_close(keel_ratelimit *rl, keel_close_cb cb, void *data) {
   if (rl == NULL || rl->closing) return;
   rl->closing = 1;
+  keel__stats_hooks_detach(&rl->stats_hooks); /* drops serve registrations */
   rl->close_cb = cb;
   rl->close_data = data;
   uv_close((uv_handle_t *)&rl->close_handle, on_closed);
+}
+
+keel__stats_hooks *keel__ratelimit_stats_hooks(keel_ratelimit *x) {
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

@@ -3,12 +3,14 @@
 #ifndef KEEL_POLICY_RATELIMIT_INTERNAL_H
 #define KEEL_POLICY_RATELIMIT_INTERNAL_H
 
+#include "core/stats_hook.h"
 #include "core/util.h"
 #include "keel/ratelimit.h"
 
 #define NS_PER_MS UINT64_C(1000000)
 
 struct keel_ratelimit {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   /* hot */
   keel_ratelimit_kind kind;
   int closing;

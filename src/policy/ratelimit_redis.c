@@ -1,5 +1,7 @@
 /* The GCRA limiter shared through Redis: one script on Redis's clock, one
  * key per tenant. Requests come from a free list on the limiter. */
+#include "policy/policy_stats.h"
+#include "core/stats_hook.h"
 #include <inttypes.h>
 #include <stdio.h>
 #include <string.h>
@@ -48,6 +50,7 @@ typedef struct req {
 } req;
 
 struct keel_ratelimit_redis {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   keel_redis *client;
   keel_redis_script script;
   uint64_t burst;
@@ -211,7 +214,12 @@ void keel_ratelimit_redis_get_stats(const keel_ratelimit_redis *rl,
 void keel_ratelimit_redis_close(keel_ratelimit_redis *rl, keel_close_cb cb, void *data) {
   if (rl == NULL || rl->closing) return;
   rl->closing = 1;
+  keel__stats_hooks_detach(&rl->stats_hooks); /* drops serve registrations */
   rl->close_cb = cb;
   rl->close_data = data;
   maybe_finish_close(rl);
+}
+
+keel__stats_hooks *keel__ratelimit_redis_stats_hooks(keel_ratelimit_redis *x) {
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

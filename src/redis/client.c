@@ -18,6 +18,8 @@
  * user code while hiredis frees a context, so a close or command from that
  * user code never touches a dying context.
  */
+#include "redis/redis_stats.h"
+#include "core/stats_hook.h"
 #include <hiredis/async.h>
 #include <hiredis/hiredis.h>
 #include <stdio.h>
@@ -63,6 +65,7 @@ typedef struct rpoll {
 } rpoll;
 
 struct keel_redis {
+  keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
   uv_loop_t *loop;
   keel_redis_opts opts;
   keel__redis_url url;
@@ -843,6 +846,7 @@ static void maybe_finish_close(keel_redis *r) {
 KEEL_EXTERN void keel_redis_close(keel_redis *r, keel_close_cb cb, void *data) {
   if (r == NULL || r->closing) return;
   r->closing = true;
+  keel__stats_hooks_detach(&r->stats_hooks); /* drops serve registrations */
   r->st.in_flight = 0;
   r->close_cb = cb;
   r->close_data = data;
@@ -863,4 +867,8 @@ KEEL_EXTERN void keel_redis_close(keel_redis *r, keel_close_cb cb, void *data) {
   reset_connection(r);
   uv_close((uv_handle_t *)&r->cmd_timer, handle_closed);
   uv_close((uv_handle_t *)&r->conn_timer, handle_closed);
+}
+
+keel__stats_hooks *keel__redis_stats_hooks(keel_redis *x) {
+  return x->closing ? NULL : &x->stats_hooks; /* no registration once closing */
 }

@@ -26,7 +26,6 @@
 #include "serve/serve_internal.h"
 
 #define KEEL__SERVE_MAX_REMOVED 4096
-#define KEEL__HTTP_CHUNK (256 * 1024)
 
 extern const char keel__serve_page[];
 extern const size_t keel__serve_page_len;
@@ -40,23 +39,36 @@ struct keel_stats_reg {
   char *label; /* name escaped for a Prometheus label */
   size_t label_len;
   uint64_t id;
-  uint64_t hash;
-  char *json; /* WebSocket entry as of the last tick; NULL before the first */
-  size_t json_len;
+  keel__buf json; /* WebSocket entry as of the last refresh; len 0 before the first */
   keel_stats_reg *next, *prev;
 };
+
+/* A WebSocket frame shared by every client it goes to: LWS_PRE bytes of
+ * room, then the payload. Freed (or kept for reuse) with its last ref. */
+typedef struct frame frame;
+struct frame {
+  unsigned refs;
+  keel__buf b;
+  frame *next_free;
+};
+
+#define KEEL__FRAME_POOL 4
 
 typedef struct conn conn;
 struct conn {
   keel_serve *s;
   struct lws *wsi;
   bool is_ws;
+  bool close_after; /* HTTP: close once the answer is out (a 400) */
   /* HTTP: the body being sent, LWS_PRE bytes of room in front */
   char *body;
   size_t body_len, body_off, body_cap;
-  /* WebSocket */
-  bool want_write;    /* a frame is due and not yet written */
+  /* WebSocket: the frame being written (from off), the one queued behind
+   * it; a client that falls two frames behind gets a snapshot instead. */
+  frame *cur, *queued;
+  size_t off;
   bool need_snapshot; /* the next frame is a full snapshot */
+  bool behind;        /* deltas are being dropped until that snapshot */
   conn *next, *prev;
 };
 
@@ -74,18 +86,28 @@ struct keel_serve {
   bool removed_overflow; /* too many removals: everyone gets a snapshot */
   conn *ws;
   uv_timer_t tick;
+  uv_idle_t slice;        /* runs a refresh pass in slices of bounded time */
+  uv_prepare_t iter;      /* resets the write budget once per loop iteration */
+  uint64_t iter_spent_ns; /* spent writing WebSocket chunks this iteration */
   uv_idle_t destroy_idle;
   int quiet_iterations; /* closing: iterations seen with no handle closing */
   bool ticking;
-  uint64_t seq;
-  keel__buf delta;   /* LWS_PRE room + the current delta frame */
-  keel__buf changed; /* the changed objects of the current delta */
+  /* The refresh pass: every object's JSON entry is rendered again, a slice
+   * at a time, and the changed ones appended to the delta being built. */
+  bool pass_active;
+  keel_stats_reg *cursor; /* next object of the pass */
+  frame *delta;           /* the delta being built */
+  bool delta_empty;       /* nothing appended to "changed" yet */
+  keel__buf scratch;      /* one object's JSON, compared with its entry */
+  uint64_t seq;           /* of the last delta sent */
+  frame *free_frames;
+  unsigned nfree_frames;
+  frame *snapshot; /* of seq snapshot_seq, while current */
+  uint64_t snapshot_seq;
   /* Kept between renders: in a VM a page fault costs tens of microseconds,
    * and a fresh megabyte-sized buffer per scrape faults on every page. */
   keel_stats_writer prom; /* its families and their sample buffers */
   keel__buf spare;        /* a body buffer to reuse (len 0) */
-  keel__buf snapshot;     /* LWS_PRE room + the snapshot of seq snapshot_seq */
-  uint64_t snapshot_seq;
   keel_serve_stats st;
   bool closing;
   int handles;
@@ -147,7 +169,7 @@ static bool valid_utf8(const char *s, size_t n) {
 static void reg_free(keel_stats_reg *r) {
   keel__free(r->name);
   keel__free(r->label);
-  keel__free(r->json);
+  keel__buf_free(&r->json);
   keel__free(r);
 }
 
@@ -171,6 +193,7 @@ static void note_removed(keel_serve *s, uint64_t id) {
 static void reg_drop(keel_stats_reg *r) {
   keel_serve *s = r->s;
   keel__stats_hook_unlink(&r->hook);
+  if (s->cursor == r) s->cursor = r->next;
   if (r->prev)
     r->prev->next = r->next;
   else
@@ -180,7 +203,7 @@ static void reg_drop(keel_stats_reg *r) {
   else
     s->regs_tail = r->prev;
   s->st.registered--;
-  if (r->json != NULL) note_removed(s, r->id);
+  if (r->json.len != 0) note_removed(s, r->id);
   reg_free(r);
 }
 
@@ -271,20 +294,11 @@ static const keel_stats_source serve_source = {"serve", serve_source_write};
 static int render_metrics(keel_serve *s, keel__buf *out) {
   keel_stats_writer *w = &s->prom;
   if (w->mode != KEEL__W_PROM) keel__writer_init(w, KEEL__W_PROM);
-  for (size_t i = 0; i < w->nfams; i++) {
-    w->fams[i].samples.len = 0;
-    w->fams[i].samples.failed = false;
-  }
-  w->failed = false;
-  w->hint = 0;
-  w->kind = serve_source.kind;
-  w->label = "server";
-  w->label_len = 6;
+  keel__writer_prom_reset(w);
+  keel__writer_prom_object(w, serve_source.kind, "server", 6);
   serve_source.write(s, w);
   for (keel_stats_reg *r = s->regs; r; r = r->next) {
-    w->kind = r->src->kind;
-    w->label = r->label;
-    w->label_len = r->label_len;
+    keel__writer_prom_object(w, r->src->kind, r->label, r->label_len);
     r->src->write(r->obj, w);
   }
   keel__buf_puts(out,
@@ -317,67 +331,22 @@ static void give_buf(keel_serve *s, char *data, size_t cap) {
   keel__free(data);
 }
 
-static json_t *object_json(const keel_stats_reg *r, bool with_id) {
-  keel_stats_writer w;
-  keel__writer_init(&w, KEEL__W_JSON);
-  w.kind = r->src->kind;
-  json_t *stats = json_object();
-  json_t *o = json_object();
-  if (stats == NULL || o == NULL) {
-    json_decref(stats);
-    json_decref(o);
-    return NULL;
-  }
-  w.obj = stats;
-  r->src->write(r->obj, &w);
-  if (w.failed || (with_id && json_object_set_new(o, "id", json_integer((json_int_t)r->id))) ||
-      json_object_set_new(o, "kind", json_string(r->src->kind)) ||
-      json_object_set_new(o, "name", json_string(r->name)) ||
-      json_object_set_new(o, "stats", stats)) {
-    if (w.failed) json_decref(stats);
-    json_decref(o);
-    return NULL;
-  }
-  return o;
-}
-
-static json_t *server_json(const keel_serve *s) {
-  keel_stats_writer w;
-  keel__writer_init(&w, KEEL__W_JSON);
-  w.kind = "serve";
-  json_t *o = json_object();
-  if (o == NULL) return NULL;
-  w.obj = o;
-  serve_source_write(s, &w);
-  if (w.failed) {
-    json_decref(o);
-    return NULL;
-  }
-  return o;
-}
-
 static int render_json(keel_serve *s, keel__buf *out) {
-  json_t *root = json_object();
-  json_t *arr = json_array();
-  int rc = UV_ENOMEM;
-  if (root == NULL || arr == NULL) goto done;
-  if (json_object_set_new(root, "version", json_string(keel_version_string())) ||
-      json_object_set_new(root, "time_ms", json_integer((json_int_t)uv_now(s->loop))) ||
-      json_object_set_new(root, "interval_ms", json_integer((json_int_t)s->opts.ws_interval_ms)) ||
-      json_object_set_new(root, "server", server_json(s)))
-    goto done;
-  for (keel_stats_reg *r = s->regs; r; r = r->next)
-    if (json_array_append_new(arr, object_json(r, false)) != 0) goto done;
-  if (json_object_set(root, "objects", arr) != 0) goto done;
-  char *text = json_dumps(root, JSON_COMPACT);
-  if (text == NULL) goto done;
-  keel__buf_puts(out, text);
-  free(text); /* jansson's allocator */
-  rc = out->failed ? UV_ENOMEM : 0;
-done:
-  json_decref(arr);
-  json_decref(root);
-  return rc;
+  keel__buf_puts(out, "{\"version\":");
+  keel__buf_json_str(out, keel_version_string());
+  keel__buf_puts(out, ",\"time_ms\":");
+  keel__buf_u64(out, uv_now(s->loop));
+  keel__buf_puts(out, ",\"interval_ms\":");
+  keel__buf_u64(out, s->opts.ws_interval_ms);
+  keel__buf_puts(out, ",\"server\":");
+  keel__json_object(out, &serve_source, s, NULL, 0);
+  keel__buf_puts(out, ",\"objects\":[");
+  for (keel_stats_reg *r = s->regs; r; r = r->next) {
+    if (r != s->regs) keel__buf_put(out, ",", 1);
+    keel__json_object(out, r->src, r->obj, r->name, 0);
+  }
+  keel__buf_puts(out, "]}");
+  return out->failed ? UV_ENOMEM : 0;
 }
 
 int keel_serve_metrics_text(keel_serve *s, char **text_out, size_t *len_out) {
@@ -416,134 +385,312 @@ int keel_serve_port(const keel_serve *s) {
   return s ? s->port : -1;
 }
 
-/* ---- WebSocket frames ------------------------------------------------ */
+/* ---- sending --------------------------------------------------------- */
 
 static const char lws_room[LWS_PRE] = {0};
 
-/* Refreshes each registration's cached entry; appends the changed ones. */
-static void refresh(keel_serve *s, keel__buf *changed) {
-  bool first = true;
-  for (keel_stats_reg *r = s->regs; r; r = r->next) {
-    keel_stats_writer w;
-    keel__writer_init(&w, KEEL__W_HASH);
-    w.kind = r->src->kind;
-    r->src->write(r->obj, &w);
-    if (r->json != NULL && w.hash == r->hash) continue;
-    json_t *o = object_json(r, true);
-    char *text = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    json_decref(o);
-    if (text == NULL) continue; /* tried again next tick */
-    size_t n = strlen(text);
-    char *copy = keel__malloc(n + 1);
-    if (copy == NULL) {
-      free(text);
-      continue;
-    }
-    memcpy(copy, text, n + 1);
-    free(text);
-    keel__free(r->json);
-    r->json = copy;
-    r->json_len = n;
-    r->hash = w.hash;
-    if (!first) keel__buf_put(changed, ",", 1);
-    keel__buf_put(changed, r->json, r->json_len);
-    first = false;
-  }
+#define KEEL__CHUNK (64u << 10)
+
+/* How much to hand lws in one write. The socket's free send space is not
+ * known (SO_SNDBUF minus SIOCOUTQ overstates it on loopback); 64 KiB is
+ * usually taken whole, and when it is not, lws copies at most that much
+ * into a buffer of its own until the socket drains. */
+static size_t chunk_size(size_t left) {
+  return left < KEEL__CHUNK ? left : KEEL__CHUNK;
 }
 
-static void frame_head(keel_serve *s, keel__buf *b, const char *type) {
-  b->len = 0;
-  b->failed = false;
-  keel__buf_put(b, lws_room, LWS_PRE);
+/* ---- WebSocket frames ------------------------------------------------ */
+
+static frame *frame_new(keel_serve *s) {
+  frame *f = s->free_frames;
+  if (f != NULL) {
+    s->free_frames = f->next_free;
+    s->nfree_frames--;
+  } else {
+    f = keel__calloc(1, sizeof *f);
+    if (f == NULL) return NULL;
+  }
+  f->refs = 1;
+  f->b.len = 0;
+  f->b.failed = false;
+  keel__buf_put(&f->b, lws_room, LWS_PRE);
+  if (f->b.failed) {
+    keel__buf_free(&f->b);
+    keel__free(f);
+    return NULL;
+  }
+  return f;
+}
+
+static void frame_unref(keel_serve *s, frame *f) {
+  if (f == NULL || --f->refs > 0) return;
+  if (!s->closing && s->nfree_frames < KEEL__FRAME_POOL && f->b.cap <= (16u << 20)) {
+    f->next_free = s->free_frames;
+    s->free_frames = f;
+    s->nfree_frames++;
+    return;
+  }
+  keel__buf_free(&f->b);
+  keel__free(f);
+}
+
+static void frame_head(keel_serve *s, keel__buf *b, const char *type, uint64_t seq) {
   keel__buf_puts(b, "{\"type\":\"");
   keel__buf_puts(b, type);
   keel__buf_puts(b, "\",\"seq\":");
-  keel__buf_u64(b, s->seq);
+  keel__buf_u64(b, seq);
   keel__buf_puts(b, ",\"time_ms\":");
   keel__buf_u64(b, uv_now(s->loop));
   keel__buf_puts(b, ",\"interval_ms\":");
   keel__buf_u64(b, s->opts.ws_interval_ms);
 }
 
-static void build_snapshot(keel_serve *s) {
-  if (s->snapshot.data != NULL && s->snapshot_seq == s->seq && !s->snapshot.failed) return;
-  keel__buf *b = &s->snapshot;
-  frame_head(s, b, "snapshot");
+/* The snapshot as of the last delta (built once per seq, shared). */
+static frame *snapshot(keel_serve *s) {
+  if (s->snapshot != NULL && s->snapshot_seq == s->seq) return s->snapshot;
+  frame_unref(s, s->snapshot);
+  s->snapshot = NULL;
+  frame *f = frame_new(s);
+  if (f == NULL) return NULL;
+  keel__buf *b = &f->b;
+  frame_head(s, b, "snapshot", s->seq);
   keel__buf_puts(b, ",\"objects\":[");
   bool first = true;
   for (keel_stats_reg *r = s->regs; r; r = r->next) {
-    if (r->json == NULL) continue; /* registered after the last tick: next delta */
+    if (r->json.len == 0) continue; /* registered after the last pass: next delta */
     if (!first) keel__buf_put(b, ",", 1);
-    keel__buf_put(b, r->json, r->json_len);
+    keel__buf_put(b, r->json.data, r->json.len);
     first = false;
   }
   keel__buf_puts(b, "]}");
+  if (b->failed) {
+    frame_unref(s, f);
+    return NULL;
+  }
+  s->snapshot = f;
   s->snapshot_seq = s->seq;
+  return f;
 }
 
-static void on_tick(uv_timer_t *t) {
-  keel_serve *s = t->data;
-  s->seq++;
-  keel__buf changed = s->changed;
-  changed.len = 0;
-  changed.failed = false;
-  refresh(s, &changed);
-  keel__buf *b = &s->delta;
-  frame_head(s, b, "delta");
-  keel__buf_puts(b, ",\"changed\":[");
-  if (changed.data) keel__buf_put(b, changed.data, changed.len);
+static void ws_want_write(conn *c) {
+  lws_callback_on_writable(c->wsi);
+}
+
+/* Hands the finished delta to every client. */
+static void distribute(keel_serve *s, frame *f, bool all_snapshot) {
+  for (conn *c = s->ws; c; c = c->next) {
+    if (c->cur == NULL && c->queued != NULL) { /* keep the order */
+      c->cur = c->queued;
+      c->queued = NULL;
+      c->off = 0;
+    }
+    if (all_snapshot && !c->need_snapshot) {
+      c->need_snapshot = true;
+      frame_unref(s, c->queued);
+      c->queued = NULL;
+    }
+    if (c->need_snapshot) {
+      if (c->behind) s->st.frames_dropped++;
+      if (c->cur == NULL) ws_want_write(c);
+      continue;
+    }
+    if (c->cur == NULL) {
+      f->refs++;
+      c->cur = f;
+      c->off = 0;
+      ws_want_write(c);
+    } else if (c->queued == NULL) {
+      f->refs++;
+      c->queued = f;
+    } else { /* two frames behind: drop both, a snapshot follows */
+      frame_unref(s, c->queued);
+      c->queued = NULL;
+      c->need_snapshot = true;
+      c->behind = true;
+      s->st.frames_dropped += 2;
+    }
+  }
+}
+
+/* Ends the refresh pass: closes the delta, sends it. */
+static void pass_end(keel_serve *s) {
+  s->pass_active = false;
+  uv_idle_stop(&s->slice);
+  frame *f = s->delta;
+  s->delta = NULL;
+  keel__buf *b = &f->b;
   keel__buf_puts(b, "],\"removed\":[");
   for (size_t i = 0; i < s->nremoved; i++) {
     if (i) keel__buf_put(b, ",", 1);
     keel__buf_u64(b, s->removed[i]);
   }
   keel__buf_puts(b, "]}");
-  s->changed = changed;
   bool all_snapshot = s->removed_overflow || b->failed;
   s->nremoved = 0;
   s->removed_overflow = false;
-  for (conn *c = s->ws; c; c = c->next) {
-    if (c->want_write) { /* the last frame is not out yet: this delta is lost */
-      if (!c->need_snapshot) s->st.frames_dropped++;
-      c->need_snapshot = true;
-      continue;
+  s->seq++;
+  distribute(s, f, all_snapshot);
+  frame_unref(s, f);
+}
+
+#define KEEL__SLICE_NS 250000u
+
+/* One slice of the pass: objects until about 250 us have gone. */
+static void pass_slice(keel_serve *s) {
+  uint64_t t0 = uv_hrtime();
+  unsigned n = 0;
+  keel__buf *d = &s->delta->b;
+  while (s->cursor != NULL) {
+    keel_stats_reg *r = s->cursor;
+    s->cursor = r->next;
+    keel__buf *x = &s->scratch;
+    x->len = 0;
+    x->failed = false;
+    if (keel__json_object(x, r->src, r->obj, r->name, r->id) &&
+        (x->len != r->json.len || memcmp(x->data, r->json.data, x->len) != 0)) {
+      keel__buf t = r->json; /* swap: both buffers keep their capacity */
+      r->json = *x;
+      *x = t;
+      if (!s->delta_empty) keel__buf_put(d, ",", 1);
+      keel__buf_put(d, r->json.data, r->json.len);
+      s->delta_empty = false;
     }
-    if (all_snapshot) c->need_snapshot = true;
-    c->want_write = true;
-    lws_callback_on_writable(c->wsi);
+    if (++n % 16 == 0 && uv_hrtime() - t0 > KEEL__SLICE_NS) return;
   }
+  pass_end(s);
+}
+
+static void on_slice(uv_idle_t *idle) {
+  pass_slice(idle->data);
+}
+
+static void on_tick(uv_timer_t *t) {
+  keel_serve *s = t->data;
+  if (s->pass_active) return; /* the last one is not done: skip this tick */
+  frame *f = frame_new(s);
+  if (f == NULL) return; /* tried again next tick */
+  frame_head(s, &f->b, "delta", s->seq + 1);
+  keel__buf_puts(&f->b, ",\"changed\":[");
+  s->delta = f;
+  s->delta_empty = true;
+  s->cursor = s->regs;
+  s->pass_active = true;
+  uv_idle_start(&s->slice, on_slice);
+  pass_slice(s);
+}
+
+/* Abandons a pass (no client left, or close). */
+static void pass_stop(keel_serve *s) {
+  if (!s->pass_active) return;
+  s->pass_active = false;
+  uv_idle_stop(&s->slice);
+  frame_unref(s, s->delta);
+  s->delta = NULL;
+  s->cursor = NULL;
 }
 
 static void ws_start_ticking(keel_serve *s) {
   if (s->ticking) return;
   s->ticking = true;
-  on_tick(&s->tick); /* the first client's snapshot is current */
+  on_tick(&s->tick); /* the first client's snapshot waits for this pass */
   uv_timer_start(&s->tick, on_tick, s->opts.ws_interval_ms, s->opts.ws_interval_ms);
 }
 
+/* WebSocket writes one loop iteration may spend: libuv runs the callbacks
+ * of every ready socket before it looks at timers again, so 100 clients
+ * each given a chunk in one iteration would hold the loop for
+ * milliseconds. Over budget, a client waits for the next iteration. */
+#define KEEL__ITER_BUDGET_NS 250000u
+
+static void on_iter(uv_prepare_t *p) {
+  ((keel_serve *)p->data)->iter_spent_ns = 0;
+}
+
+/* Writes the next chunk of the client's frame (one chunk per callback). */
 static int ws_write(conn *c) {
   keel_serve *s = c->s;
-  if (!c->want_write) return 0;
-  keel__buf *b;
-  if (c->need_snapshot) {
-    build_snapshot(s);
-    b = &s->snapshot;
-  } else {
-    b = &s->delta;
-  }
-  c->want_write = false;
-  if (b->failed || b->data == NULL || b->len - LWS_PRE > s->opts.ws_max_frame_bytes) {
-    s->st.frames_dropped++;
-    c->need_snapshot = true;
+  if (s->iter_spent_ns > KEEL__ITER_BUDGET_NS) {
+    ws_want_write(c);
     return 0;
   }
-  c->need_snapshot = false;
-  size_t n = b->len - LWS_PRE;
-  int m = lws_write(c->wsi, (unsigned char *)b->data + LWS_PRE, n, LWS_WRITE_TEXT);
+  if (c->cur == NULL) {
+    if (c->queued != NULL) {
+      c->cur = c->queued;
+      c->queued = NULL;
+    } else if (c->need_snapshot && !s->pass_active) {
+      frame *f = snapshot(s);
+      if (f == NULL) return 0; /* no memory: tried again next tick */
+      f->refs++;
+      c->cur = f;
+      c->need_snapshot = false;
+      c->behind = false;
+    } else {
+      return 0;
+    }
+    c->off = 0;
+    if (c->cur->b.failed || c->cur->b.len - LWS_PRE > s->opts.ws_max_frame_bytes) {
+      s->st.frames_dropped++;
+      frame_unref(s, c->cur);
+      c->cur = NULL;
+      frame_unref(s, c->queued);
+      c->queued = NULL;
+      c->need_snapshot = true;
+      c->behind = true;
+      return 0;
+    }
+  }
+  keel__buf *b = &c->cur->b;
+  size_t len = b->len - LWS_PRE, left = len - c->off;
+  size_t n = chunk_size(left);
+  int flags = c->off == 0 ? LWS_WRITE_TEXT : LWS_WRITE_CONTINUATION;
+  if (n < left) flags |= LWS_WRITE_NO_FIN;
+  /* lws writes the frame header into the LWS_PRE bytes in front of the
+   * chunk: room, or payload other clients still need; put them back. */
+  unsigned char *p = (unsigned char *)b->data + LWS_PRE + c->off;
+  unsigned char saved[LWS_PRE];
+  memcpy(saved, p - LWS_PRE, LWS_PRE);
+  uint64_t t0 = uv_hrtime();
+  int m = lws_write(c->wsi, p, n, (enum lws_write_protocol)flags);
+  s->iter_spent_ns += uv_hrtime() - t0;
+  memcpy(p - LWS_PRE, saved, LWS_PRE);
   if (m < 0) return -1;
-  s->st.frames_sent++;
   s->st.bytes_sent += n;
+  c->off += n;
+  if (c->off == len) {
+    s->st.frames_sent++;
+    frame_unref(s, c->cur);
+    c->cur = NULL;
+  }
+  if (c->cur != NULL || c->queued != NULL || (c->need_snapshot && !s->pass_active))
+    ws_want_write(c);
   return 0;
+}
+
+static void ws_forget(conn *c) {
+  keel_serve *s = c->s;
+  frame_unref(s, c->cur);
+  frame_unref(s, c->queued);
+  c->cur = c->queued = NULL;
+}
+
+bool keel__tcp_sent_data(int fd);
+uint64_t keel__tcp_received(int fd);
+
+/* The size of the request head being answered: the bytes the kernel
+ * received on the connection since the last answer (kept as the wsi's
+ * opaque user data). lws's own buffer is 64 KiB, so this is how
+ * max_request_bytes becomes a 400 instead of a silent close. 0 when
+ * unknown. */
+static uint64_t request_bytes(struct lws *wsi) {
+  lws_sockfd_type fd = lws_get_socket_fd(wsi);
+  if (fd < 0) return 0;
+  uint64_t rx = keel__tcp_received(fd), base = (uint64_t)(uintptr_t)lws_get_opaque_user_data(wsi);
+  return rx > base ? rx - base : 0;
+}
+
+static void request_done(struct lws *wsi) {
+  lws_sockfd_type fd = lws_get_socket_fd(wsi);
+  if (fd >= 0) lws_set_opaque_user_data(wsi, (void *)(uintptr_t)keel__tcp_received(fd));
 }
 
 /* ---- HTTP ------------------------------------------------------------ */
@@ -617,7 +764,24 @@ static int respond_text(conn *c, unsigned status, const char *text, const char *
 static int http_writeable(conn *c) {
   if (c->body == NULL) return 0;
   size_t left = c->body_len - c->body_off;
-  size_t n = left > KEEL__HTTP_CHUNK ? KEEL__HTTP_CHUNK : left;
+  /* All but the last byte go straight to the socket, as much as it takes
+   * (no copy, no 64 KiB steps); lws writes the last one and ends the
+   * answer. Only once lws has nothing of its own left to send (headers). */
+  lws_sockfd_type fd = lws_get_socket_fd(c->wsi);
+  if (left > 1 && fd >= 0 && !lws_partial_buffered(c->wsi)) {
+    ssize_t m = send(fd, c->body + LWS_PRE + c->body_off, left - 1, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (m < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
+    if (m > 0) {
+      c->body_off += (size_t)m;
+      c->s->st.bytes_sent += (uint64_t)m;
+      left -= (size_t)m;
+    }
+    if (left > 1) {
+      lws_callback_on_writable(c->wsi);
+      return 0;
+    }
+  }
+  size_t n = chunk_size(left);
   bool final = n == left;
   /* The LWS_PRE bytes before this chunk are room (first chunk) or bytes
    * already sent: lws may write there. */
@@ -630,6 +794,8 @@ static int http_writeable(conn *c) {
     return 0;
   }
   drop_body(c);
+  if (c->close_after) return -1;
+  request_done(c->wsi);
   if (lws_http_transaction_completed(c->wsi)) return -1;
   return 0;
 }
@@ -637,6 +803,10 @@ static int http_writeable(conn *c) {
 static int http_request(conn *c, const char *path) {
   keel_serve *s = c->s;
   struct lws *wsi = c->wsi;
+  if (request_bytes(wsi) > s->opts.max_request_bytes) {
+    c->close_after = true;
+    return respond_text(c, 400, "request too large", "connection:", "close");
+  }
   if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
     return respond_text(c, 405, "method not allowed", "allow:", "GET");
   if (!token_ok(s, wsi)) {
@@ -668,6 +838,35 @@ oom:
   keel__buf_free(&b);
   keel__buf_free(&s->spare);
   return respond_text(c, 503, "out of memory", NULL, NULL);
+}
+
+/* ---- answers libwebsockets does not give ----------------------------- */
+
+/* libwebsockets 4.1 refuses a WebSocket handshake by closing. When nothing
+ * at all was sent on the connection yet (so no response can be under
+ * way), keel writes a short answer itself before lws closes the socket:
+ * what the client sent and was not read is dropped first, then the
+ * answer, then FIN. */
+static void raw_answer(keel_serve *s, struct lws *wsi, unsigned status, const char *reason,
+                       const char *extra) {
+  lws_sockfd_type fd = lws_get_socket_fd(wsi);
+  if (fd < 0 || keel__tcp_sent_data(fd)) return;
+  char junk[4096];
+  for (int i = 0; i < 64 && recv(fd, junk, sizeof junk, MSG_DONTWAIT) > 0; i++) {
+  }
+  char msg[512];
+  int n = snprintf(msg, sizeof msg,
+                   "HTTP/1.1 %u %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
+                   "content-length: %zu\r\ncache-control: no-store\r\n%sconnection: close\r\n\r\n"
+                   "%s\n",
+                   status, reason, strlen(reason) + 1, extra ? extra : "", reason);
+  if (n <= 0 || (size_t)n >= sizeof msg) return;
+  ssize_t m = send(fd, msg, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+  shutdown(fd, SHUT_WR);
+  if (m <= 0) return; /* the client is gone */
+  s->st.requests++;
+  s->st.responses_4xx++;
+  s->st.bytes_sent += (uint64_t)m;
 }
 
 /* ---- the lws protocol callback -------------------------------------- */
@@ -718,6 +917,8 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
       if (c == NULL) return -1;
       return http_writeable(c);
     case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
+      if (c && !c->is_ws && c->s != NULL) drop_body(c);
+      return 0;
     case LWS_CALLBACK_CLOSED_HTTP:
       if (c && !c->is_ws && c->s != NULL) drop_body(c);
       return 0;
@@ -726,11 +927,12 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
       if (s == NULL || s->closing) return 1;
       if (lws_hdr_copy(wsi, uri, (int)sizeof uri, WSI_TOKEN_GET_URI) <= 0 ||
           strcmp(uri, "/ws") != 0) {
-        s->st.responses_4xx++;
+        raw_answer(s, wsi, 404, "Not Found", NULL);
         return 1;
       }
       if (!token_ok(s, wsi)) {
         s->st.unauthorized++;
+        raw_answer(s, wsi, 401, "Unauthorized", "www-authenticate: Bearer realm=\"keel\"\r\n");
         return 1;
       }
       return 0;
@@ -749,8 +951,7 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
       s->st.ws_accepted++;
       c->need_snapshot = true;
       ws_start_ticking(s);
-      c->want_write = true;
-      lws_callback_on_writable(wsi);
+      if (!s->pass_active) ws_want_write(c); /* else when the pass ends */
       return 0;
     case LWS_CALLBACK_SERVER_WRITEABLE:
       if (c == NULL || !c->is_ws) return 0;
@@ -765,10 +966,12 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
         s->ws = c->next;
       if (c->next) c->next->prev = c->prev;
       c->is_ws = false;
+      ws_forget(c);
       s->st.ws_clients--;
       if (s->ws == NULL && s->ticking) {
         s->ticking = false;
         uv_timer_stop(&s->tick);
+        pass_stop(s);
       }
       return 0;
     default:
@@ -785,11 +988,18 @@ static const struct lws_protocols protocols[] = {
 /* ---- life cycle ------------------------------------------------------ */
 
 static void serve_free(keel_serve *s) {
-  keel__buf_free(&s->delta);
-  keel__buf_free(&s->changed);
+  s->closing = true; /* frames are freed, not pooled */
+  frame_unref(s, s->delta);
+  frame_unref(s, s->snapshot);
+  while (s->free_frames) {
+    frame *f = s->free_frames;
+    s->free_frames = f->next_free;
+    keel__buf_free(&f->b);
+    keel__free(f);
+  }
+  keel__buf_free(&s->scratch);
   keel__buf_free(&s->spare);
   keel__writer_dispose(&s->prom);
-  keel__buf_free(&s->snapshot);
   keel__free(s->removed);
   keel__free(s->host);
   keel__free(s->token);
@@ -858,8 +1068,12 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
   info.protocols = protocols;
   info.user = s;
   info.pcontext = &s->ctx;
-  info.max_http_header_data = (unsigned short)opts->max_request_bytes;
-  info.max_http_header_pool = (unsigned short)(opts->max_clients < 1024 ? opts->max_clients : 1024);
+  /* lws's buffer for a request head: the most it takes (64 KiB), so that
+   * heads over max_request_bytes reach http_request() and get a 400;
+   * beyond 64 KiB lws closes without an answer. At most 256 buffers at
+   * once (16 MiB); connections beyond wait for one. */
+  info.max_http_header_data = 65535;
+  info.max_http_header_pool = (unsigned short)(opts->max_clients < 256 ? opts->max_clients : 256);
   info.timeout_secs = opts->request_timeout_s;
   info.ka_time = 0;
   s->ctx = lws_create_context(&info);
@@ -868,7 +1082,13 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
     return UV_EADDRINUSE;
   }
   uv_timer_init(loop, &s->tick);
+  uv_idle_init(loop, &s->slice);
   uv_idle_init(loop, &s->destroy_idle);
+  uv_prepare_init(loop, &s->iter);
+  uv_prepare_start(&s->iter, on_iter);
+  uv_unref((uv_handle_t *)&s->iter);
+  s->iter.data = s;
+  s->slice.data = s;
   s->tick.data = s;
   s->destroy_idle.data = s;
   struct lws_vhost *vh = lws_get_vhost_by_name(s->ctx, "default");
@@ -899,8 +1119,10 @@ static void on_destroy_idle(uv_idle_t *idle) {
   if (s->ctx != NULL) lws_context_destroy(s->ctx); /* frees it; pcontext -> NULL */
   s->ctx = NULL;
   uv_idle_stop(idle);
-  s->handles = 2;
+  s->handles = 4;
   uv_close((uv_handle_t *)&s->tick, on_handle_closed);
+  uv_close((uv_handle_t *)&s->iter, on_handle_closed);
+  uv_close((uv_handle_t *)&s->slice, on_handle_closed);
   uv_close((uv_handle_t *)&s->destroy_idle, on_handle_closed);
 }
 
@@ -919,6 +1141,7 @@ void keel_serve_close(keel_serve *s, keel_close_cb cb, void *data) {
   s->st.registered = 0;
   uv_timer_stop(&s->tick);
   s->ticking = false;
+  pass_stop(s);
   lws_context_destroy(s->ctx); /* closes every connection; ws list empties */
   s->quiet_iterations = 0;
   uv_idle_start(&s->destroy_idle, on_destroy_idle);

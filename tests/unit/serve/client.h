@@ -139,30 +139,39 @@ static bool tc_recv_n(int fd, void *p, size_t n) {
   return true;
 }
 
-/* Reads one unfragmented server frame; returns its malloc'ed payload
+/* Reads one server message (reassembling fragments: large frames come as
+ * a text frame and continuation frames); returns its malloc'ed payload
  * (NUL-terminated) or NULL. */
 static char *tc_ws_read(int fd, size_t *len_out) {
-  unsigned char h[2];
-  if (!tc_recv_n(fd, h, 2)) return NULL;
-  uint64_t len = h[1] & 0x7f;
-  if (len == 126) {
-    unsigned char e[2];
-    if (!tc_recv_n(fd, e, 2)) return NULL;
-    len = ((uint64_t)e[0] << 8) | e[1];
-  } else if (len == 127) {
-    unsigned char e[8];
-    if (!tc_recv_n(fd, e, 8)) return NULL;
-    len = 0;
-    for (int i = 0; i < 8; i++) len = (len << 8) | e[i];
+  char *msg = NULL;
+  size_t total = 0;
+  for (;;) {
+    unsigned char h[2];
+    if (!tc_recv_n(fd, h, 2)) break;
+    uint64_t len = h[1] & 0x7f;
+    if (len == 126) {
+      unsigned char e[2];
+      if (!tc_recv_n(fd, e, 2)) break;
+      len = ((uint64_t)e[0] << 8) | e[1];
+    } else if (len == 127) {
+      unsigned char e[8];
+      if (!tc_recv_n(fd, e, 8)) break;
+      len = 0;
+      for (int i = 0; i < 8; i++) len = (len << 8) | e[i];
+    }
+    char *p = realloc(msg, total + len + 1);
+    if (p == NULL) break;
+    msg = p;
+    if (!tc_recv_n(fd, msg + total, len)) break;
+    total += len;
+    msg[total] = '\0';
+    if (h[0] & 0x80) { /* FIN */
+      if (len_out) *len_out = total;
+      return msg;
+    }
   }
-  char *p = malloc(len + 1);
-  if (!tc_recv_n(fd, p, len)) {
-    free(p);
-    return NULL;
-  }
-  p[len] = '\0';
-  if (len_out) *len_out = len;
-  return p;
+  free(msg);
+  return NULL;
 }
 
 /* Runs fn(arg) on a thread while the loop serves; returns when fn did. */
