@@ -329,24 +329,35 @@ static const char *outcome_name(int status) {
   return "failed";
 }
 
-static void on_advance(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+/* The common start of a log statement's callback: frees a run that died
+ * while the statement was out, ends it on close or on a failed statement.
+ * Returns the run when the caller goes on with the result, else NULL. */
+static run *log_returned(keel_pg *c, int status, const keel_pg_result *res, void *data,
+                         const char *what) {
   run *r = data;
   keel_saga *s = r->s;
   r->q_pending = false;
   if (r->dead) {
     run_free(r);
-    return;
+    return NULL;
   }
-  if (r->finished) return;
+  if (r->finished) return NULL;
   if (s->closing) {
     run_finish(r, UV_ECANCELED);
-    return;
+    return NULL;
   }
   if (status != 0) {
-    set_err(s, "saga log write", c, res, status);
+    set_err(s, what, c, res, status);
     run_finish(r, status);
-    return;
+    return NULL;
   }
+  return r;
+}
+
+static void on_advance(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  run *r = log_returned(c, status, res, data, "saga log write");
+  if (r == NULL) return;
+  keel_saga *s = r->s;
   if (keel_pg_result_nrows(res) != 1 && r->optimistic) {
     r->optimistic = false;
     load(r);
@@ -594,23 +605,9 @@ const char *keel_saga_call_data(const keel_saga_call *c) {
 /* ---- load ------------------------------------------------------------------ */
 
 static void on_load(keel_pg *c, int status, const keel_pg_result *res, void *data) {
-  run *r = data;
+  run *r = log_returned(c, status, res, data, "saga load");
+  if (r == NULL) return;
   keel_saga *s = r->s;
-  r->q_pending = false;
-  if (r->dead) {
-    run_free(r);
-    return;
-  }
-  if (r->finished) return;
-  if (s->closing) {
-    run_finish(r, UV_ECANCELED);
-    return;
-  }
-  if (status != 0) {
-    set_err(s, "saga load", c, res, status);
-    run_finish(r, status);
-    return;
-  }
   if (keel_pg_result_nrows(res) != 1) {
     keel__fail(s->err, KEEL_ENOTFOUND, "saga %" PRId64 " of type %s not found", r->id, s->type);
     run_finish(r, KEEL_ENOTFOUND);
