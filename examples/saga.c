@@ -264,24 +264,37 @@ static int run_orchestrator(void) {
 
 /* ---- the parent: starts orders, kills an orchestrator, checks ----------- */
 
+/* Which order a start callback is for: starts may finish in any order. */
+typedef struct order_ref {
+  struct app *a;
+  int n; /* 1..3: the scenario's orders; 0: a later one */
+} order_ref;
+
 typedef struct app {
   orch o;
   int started;
-  int64_t ids[4];
+  int64_t ids[3];    /* saga ids of orders 1..3 */
+  order_ref refs[4]; /* orders 1..3 and the repeated order 1 */
+  order_ref later;   /* --forever's orders */
 } app;
 
 static void on_started(keel_saga *s, int status, int64_t id, bool existed, void *data) {
-  app *a = data;
+  order_ref *ref = data;
+  app *a = ref->a;
   if (status != 0) {
     fprintf(stderr, "start: %s\n", keel_saga_last_error(s));
     exit(1);
   }
-  printf("order %d: saga %lld%s\n", a->started + 1, (long long)id, existed ? " (existed)" : "");
-  if (a->started < 4) a->ids[a->started] = id;
+  if (ref->n > 0)
+    printf("order %d: saga %lld%s\n", ref->n, (long long)id, existed ? " (existed)" : "");
+  else
+    printf("another order: saga %lld\n", (long long)id);
+  /* a repeated start reports the existing saga, or id 0 when it raced the first */
+  if (ref->n > 0 && !existed) a->ids[ref->n - 1] = id;
   a->started++;
 }
 
-static void start_order(app *a, int n, int wallet, int slow) {
+static void start_order(app *a, order_ref *ref, int n, int wallet, int slow) {
   char data[160], key[32];
   snprintf(data, sizeof data,
            "{\"item\": %d, \"wallet\": %d, \"slot\": %d, \"amount\": 40, \"slow\": %d}", n, wallet,
@@ -291,7 +304,9 @@ static void start_order(app *a, int n, int wallet, int slow) {
   keel_saga_start_opts_init(&so);
   so.data = data;
   so.start_key = key; /* starting order n again starts nothing */
-  if (keel_saga_start(a->o.saga, &so, on_started, a) != 0) exit(1);
+  ref->a = a;
+  ref->n = ref == &a->later ? 0 : (n - 1) % 3 + 1;
+  if (keel_saga_start(a->o.saga, &so, on_started, ref) != 0) exit(1);
 }
 
 static char g_val[128];
@@ -345,10 +360,10 @@ int main(int argc, char **argv) {
   if (saga_new(&a.o, false) != 0) return 1;
   while (!a.o.ready) uv_run(loop, UV_RUN_ONCE);
   printf("schema %s (./saga --orchestrate %s runs an orchestrator)\n", schema, schema);
-  start_order(&a, 1, 1, 0);
-  start_order(&a, 2, 2, 0);
-  start_order(&a, 3, 3, 1);
-  start_order(&a, 1, 1, 0); /* a repeated order: reported as existing */
+  start_order(&a, &a.refs[0], 1, 1, 0);
+  start_order(&a, &a.refs[1], 2, 2, 0);
+  start_order(&a, &a.refs[2], 3, 3, 1);
+  start_order(&a, &a.refs[3], 1, 1, 0); /* a repeated order: reported as existing */
   while (a.started < 4) uv_run(loop, UV_RUN_ONCE);
 
   pid_t first = spawn_orchestrator();
@@ -366,7 +381,7 @@ int main(int argc, char **argv) {
     if (strcmp(open, "0") == 0 && !forever) break;
     if (forever) {
       n++;
-      start_order(&a, n, 1 + n % 7, 0);
+      start_order(&a, &a.later, n, 1 + n % 7, 0);
     }
     usleep(forever ? 500 * 1000 : 100 * 1000);
     uv_run(loop, UV_RUN_NOWAIT);
