@@ -92,7 +92,7 @@ keel_start_services() {
   for _ in 1 2 3 4 5; do
     pg_port="$(keel_free_port)"
     if keel_as_pg "$bindir/pg_ctl" -D "$KEEL_PG_DATA" -l "$KEEL_PG_DATA/server.log" -w -t 60 \
-      -o "-p $pg_port -k $KEEL_PG_DATA -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" \
+      -o "-p $pg_port -k $KEEL_PG_DATA -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=600" \
       start >/dev/null; then
       started=1
       break
