@@ -114,13 +114,15 @@ void keel__buf_free(keel__buf *b) {
   b->failed = false;
 }
 
-void keel__buf_label_escape(keel__buf *b, const char *s) {
+/* Prometheus escapes \ and newline in HELP text, and also " in label
+ * values. */
+static void escape(keel__buf *b, const char *s, bool quotes) {
   const char *run = s;
   for (; *s; s++) {
     const char *rep = NULL;
     if (*s == '\\')
       rep = "\\\\";
-    else if (*s == '"')
+    else if (*s == '"' && quotes)
       rep = "\\\"";
     else if (*s == '\n')
       rep = "\\n";
@@ -132,20 +134,12 @@ void keel__buf_label_escape(keel__buf *b, const char *s) {
   keel__buf_put(b, run, (size_t)(s - run));
 }
 
+void keel__buf_label_escape(keel__buf *b, const char *s) {
+  escape(b, s, true);
+}
+
 static void help_escape(keel__buf *b, const char *s) {
-  const char *run = s;
-  for (; *s; s++) {
-    const char *rep = NULL;
-    if (*s == '\\')
-      rep = "\\\\";
-    else if (*s == '\n')
-      rep = "\\n";
-    if (rep == NULL) continue;
-    keel__buf_put(b, run, (size_t)(s - run));
-    keel__buf_put(b, rep, 2);
-    run = s + 1;
-  }
-  keel__buf_put(b, run, (size_t)(s - run));
+  escape(b, s, false);
 }
 
 static bool utf8_ok(const unsigned char *p) {
