@@ -123,13 +123,19 @@ static int mutate_heap(keel_integrity *ig, const keel_pg_result *row, const char
 
 static void *seen_on_retry_data;
 static int on_retry_calls;
+static int on_retry_statuses[8];
+static char on_retry_sqlstates[8][6];
 
 static void user_on_retry(keel_retry *r, unsigned next, int status, uint64_t delay_ms, void *data) {
   (void)r;
   (void)next;
   (void)delay_ms;
-  cr_assert_eq(status, KEEL_ECONFLICT);
   seen_on_retry_data = data;
+  if (on_retry_calls < 8) {
+    fx *f = data;
+    on_retry_statuses[on_retry_calls] = status;
+    snprintf(on_retry_sqlstates[on_retry_calls], 6, "%s", keel_integrity_last_sqlstate(f->ig));
+  }
   on_retry_calls++;
 }
 
@@ -153,8 +159,24 @@ Test(faults, mutate_values_are_copied_before_it_returns_and_on_retry_gets_user_d
   cr_assert_eq(keel_occ_retry(f.ig, &s, &ro, mutate_heap, on_retried, &f), 0);
   wait_done(&f, 1);
   cr_assert_eq(f.statuses[0], 0, "%s", keel_integrity_last_error(f.ig));
-  cr_assert_eq(f.attempts[0], 2);
-  cr_assert_eq(on_retry_calls, 1);
+  /* The conflict is retried once. Through a transaction pooler a retry may
+   * also meet keel's detection of it (a prepared name unknown to the next
+   * server connection: KEEL_ECONN, SQLSTATE 26000, documented in
+   * docs/poolers.md), which is retried too. */
+  cr_assert_geq(on_retry_calls, 1);
+  cr_assert_leq(on_retry_calls, 3);
+  cr_assert_eq(f.attempts[0], (unsigned)on_retry_calls + 1);
+  int conflicts = 0;
+  for (int i = 0; i < on_retry_calls; i++) {
+    if (on_retry_statuses[i] == KEEL_ECONFLICT) {
+      conflicts++;
+      continue;
+    }
+    cr_assert(kt_behind_pooler(), "retry %d: %s", i, keel_err_name(on_retry_statuses[i]));
+    cr_assert_eq(on_retry_statuses[i], KEEL_ECONN, "%s", keel_err_name(on_retry_statuses[i]));
+    cr_assert_str_eq(on_retry_sqlstates[i], "26000");
+  }
+  cr_assert_eq(conflicts, 1);
   cr_assert_eq(seen_on_retry_data, &f, "on_retry gets the caller's data, not keel's");
   char *counter = scalar(&f, "SELECT counter FROM %s");
   cr_assert_str_eq(counter, "42");
