@@ -6,6 +6,7 @@
 
 #include "core/alloc.h"
 #include "integrity/integrity_internal.h"
+#include "pg/pg_literal.h"
 
 typedef struct occ_call {
   keel_integrity *ig;
@@ -163,11 +164,13 @@ static void build_lean_update(keel__sql *b, const keel_occ_spec *s) {
   keel__sql_ident(b, s->key_column, false);
   keel__sql_add(b, " = $1 AND ");
   keel__sql_ident(b, s->version_column, false);
-  keel__sql_addf(b, " = $2::%s", version_type(s->version_kind));
+  /* No casts: $2 takes the column's type, and the column's text output is
+   * the version's text. Each cast costs the server a coercion lookup on
+   * every parse (about a tenth of this statement's server cost). */
+  keel__sql_add(b, " = $2");
   add_alive(b, s, NULL);
   keel__sql_add(b, " RETURNING ");
   keel__sql_ident(b, s->version_column, false);
-  keel__sql_add(b, "::text");
 }
 
 /* The row as it is now, after an update that wrote nothing: its version,
@@ -301,14 +304,21 @@ static void occ_finish(occ_call *call, int status, const char *version, bool ins
 
 static void on_occ_result(keel_pg *conn, int status, const keel_pg_result *res, void *data);
 
+/* The write: an update through a transaction pooler goes as one simple
+ * query (keel__pg_pool_query_literal); an upsert as a cached statement. */
+static int send_write(occ_call *call) {
+  return (call->upsert ? keel_pg_pool_query_cached : keel__pg_pool_query_literal)(
+      call->ig->pool, call->sql, call->nvalues, (const char *const *)call->values, on_occ_result,
+      call);
+}
+
 /* Sends the write again (see OCC_RERUNS): 0, UV_EAGAIN when it may not
  * (reruns used up, context closing), or the pool's error. */
 static int occ_resend(occ_call *call) {
   keel_integrity *ig = call->ig;
   if (call->reruns >= OCC_RERUNS || ig->closing) return UV_EAGAIN;
   call->reruns++;
-  int rc = keel_pg_pool_query_cached(ig->pool, call->sql, call->nvalues,
-                                     (const char *const *)call->values, on_occ_result, call);
+  int rc = send_write(call);
   if (rc == 0) ig->stats.attempts++;
   return rc;
 }
@@ -451,8 +461,7 @@ static int occ_send(keel_integrity *ig, const keel_occ_spec *s, bool upsert, kee
     if (call != NULL) occ_call_free(call);
     return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
   }
-  int rc = keel_pg_pool_query_cached(ig->pool, call->sql, call->nvalues,
-                                     (const char *const *)call->values, on_occ_result, call);
+  int rc = send_write(call);
   if (rc != 0) {
     occ_call_free(call);
     return rc == KEEL_ECLOSING

@@ -875,11 +875,91 @@ static int send_failure(keel_pg *c) {
   return PQstatus(c->conn) == CONNECTION_BAD ? KEEL_ECONN : KEEL_ESEND;
 }
 
+/* keel's own SQL on a connection that sends unnamed statements (through a
+ * transaction pooler every unnamed statement is parsed and planned on every
+ * call) with nothing in flight: one simple-protocol Query with the values
+ * as quoted literals, instead of Parse/Bind/Describe/Execute/Sync. The
+ * server then skips the unnamed statement's plan-cache copies, and the
+ * pooler relays one message each way instead of five and six. A literal
+ * '...' is typed by its context exactly as a parameter sent without a
+ * type is. Pipeline mode is left for it (libpq sends no simple Query in
+ * it) and entered again by flush_queries() once it is back. Returns 0,
+ * KEEL_ESEND, KEEL_ECONN, or 1 when it cannot go this way (a value with a
+ * backslash, which '...' means differently under
+ * standard_conforming_strings = off; an encoding error; no memory): then
+ * it is sent unnamed as usual.
+ * The SQL must be keel's: parameters only as $n, outside '...' and "..."
+ * only, no comments, no dollar quoting, no E'...' strings. */
+static int send_literal(keel_pg *c, keel__pg_query *q) {
+  size_t dollars = 0, widest = 4; /* NULL */
+  for (const char *s = q->sql; *s; s++) dollars += *s == '$';
+  for (int i = 0; i < q->nparams; i++) {
+    const char *v = q->values[i];
+    if (v == NULL) continue;
+    if (strchr(v, '\\') != NULL) return 1;
+    size_t need = 2 * strlen(v) + 3;
+    if (need > widest) widest = need;
+  }
+  size_t cap = strlen(q->sql) + 1 + dollars * widest;
+  char small[1024];
+  char *buf = cap <= sizeof small ? small : keel__malloc(cap);
+  if (buf == NULL) return 1;
+  char *o = buf;
+  const char *s = q->sql;
+  bool ok = true;
+  while (*s != '\0' && ok) {
+    char ch = *s;
+    if (ch == '\'' || ch == '"') {
+      /* A quoted run goes verbatim; a doubled quote ends one run and opens
+       * the next. */
+      *o++ = *s++;
+      while (*s != '\0' && *s != ch) *o++ = *s++;
+      if (*s != '\0') *o++ = *s++;
+      continue;
+    }
+    if (ch != '$' || s[1] < '0' || s[1] > '9') {
+      *o++ = *s++;
+      continue;
+    }
+    long n = 0;
+    for (s++; *s >= '0' && *s <= '9' && n <= KEEL__PG_MAX_PARAMS; s++) n = n * 10 + (*s - '0');
+    if (n < 1 || n > q->nparams) {
+      ok = false;
+      break;
+    }
+    const char *v = q->values[n - 1];
+    if (v == NULL) {
+      memcpy(o, "NULL", 4);
+      o += 4;
+      continue;
+    }
+    int err = 0;
+    *o++ = '\'';
+    o += PQescapeStringConn(c->conn, o, v, strlen(v), &err);
+    *o++ = '\'';
+    ok = err == 0;
+  }
+  *o = '\0';
+  int rc = 1;
+  if (ok) {
+#if defined(LIBPQ_HAS_PIPELINING)
+    if (c->pipeline_on && PQexitPipelineMode(c->conn) == 1) c->pipeline_on = false;
+#endif
+    if (!c->pipeline_on) rc = PQsendQuery(c->conn, buf) ? 0 : send_failure(c);
+  }
+  if (buf != small) keel__free(buf);
+  return rc;
+}
+
 /* Sends one statement: by name when it is cached (preparing it first, in
  * the same pipeline, the first time in a session), otherwise with its text.
  * Returns 0, KEEL_ESEND (libpq refused it; nothing of it was queued) or
  * KEEL_ECONN (the connection is unusable). */
 static int send_statement(keel_pg *c, keel__pg_query *q) {
+  if (q->literal && c->unnamed && c->sent_head == NULL) {
+    int rc = send_literal(c, q);
+    if (rc != 1) return rc;
+  }
 #if defined(LIBPQ_HAS_PIPELINING)
   if (q->cached && c->pipeline_on && !c->unnamed) {
     bool fresh = false;
@@ -969,6 +1049,12 @@ static void flush_queries(keel_pg *c) {
   fail_stale_bound(c);
   if (c->state != KEEL__PG_CONNECTED) return;
   while (c->pending_head != NULL) {
+#if defined(LIBPQ_HAS_PIPELINING)
+    /* Back to pipeline mode after a simple query (send_literal). */
+    if (!c->pipeline_on && c->opts.pipeline && c->sent_head == NULL &&
+        PQenterPipelineMode(c->conn) == 1)
+      c->pipeline_on = true;
+#endif
     /* Without pipelining, one statement at a time. */
     if (!c->pipeline_on && c->sent_head != NULL) break;
     /* Nothing behind a COPY until it is done: PgBouncer (before 1.22.1)
@@ -1365,7 +1451,7 @@ static void arm_deadline(keel_pg *c) {
 
 static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *values,
                    keel_pg_result_cb cb, void *data, uint64_t timeout_ms, bool internal,
-                   bool cached);
+                   bool cached, bool literal);
 
 static void on_health_timer(uv_timer_t *timer) {
   keel_pg *c = timer->data;
@@ -1373,7 +1459,7 @@ static void on_health_timer(uv_timer_t *timer) {
   if (now_ms(c) - c->last_activity_ms < c->opts.health_check_interval_ms) return;
   /* An idle probe with a deadline finds half-open sockets that TCP alone
    * would take minutes to notice. */
-  enqueue(c, "SELECT 1", 0, NULL, NULL, NULL, c->opts.connect_timeout_ms, true, false);
+  enqueue(c, "SELECT 1", 0, NULL, NULL, NULL, c->opts.connect_timeout_ms, true, false, false);
 }
 
 /* ---- public API --------------------------------------------------------- */
@@ -1556,7 +1642,7 @@ static void on_flush_timer(uv_timer_t *timer) {
 
 static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *values,
                    keel_pg_result_cb cb, void *data, uint64_t timeout_ms, bool internal,
-                   bool cached) {
+                   bool cached, bool literal) {
   /* One block: the query, the value pointers, then the SQL and values. */
   size_t sql_len = strlen(sql) + 1;
   size_t size = sizeof(keel__pg_query) + (size_t)nparams * sizeof(char *) + sql_len;
@@ -1586,6 +1672,7 @@ static int enqueue(keel_pg *c, const char *sql, int nparams, const char *const *
   q->data = data;
   q->internal = internal;
   q->cached = cached;
+  q->literal = literal;
   q->prepare_slot = -1;
   q->session = internal ? 0 : c->bound_session;
   if (!internal) {
@@ -1647,11 +1734,11 @@ int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *v
   if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
   int rc = can_enqueue(c);
   if (rc != 0) return rc;
-  return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, false);
+  return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, false, false);
 }
 
-int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams, const char *const *values,
-                         keel_pg_result_cb cb, void *data) {
+static int query_cached(keel_pg *c, const char *sql, int nparams, const char *const *values,
+                        keel_pg_result_cb cb, void *data, bool literal) {
   if (c == NULL) return UV_EINVAL;
   if (sql == NULL || nparams < 0 || nparams > KEEL__PG_MAX_PARAMS ||
       (nparams > 0 && values == NULL))
@@ -1661,7 +1748,17 @@ int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams, const char *c
   if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
   int rc = can_enqueue(c);
   if (rc != 0) return rc;
-  return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, true);
+  return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, true, literal);
+}
+
+int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams, const char *const *values,
+                         keel_pg_result_cb cb, void *data) {
+  return query_cached(c, sql, nparams, values, cb, data, false);
+}
+
+int keel__pg_query_literal(keel_pg *c, const char *sql, int nparams, const char *const *values,
+                           keel_pg_result_cb cb, void *data) {
+  return query_cached(c, sql, nparams, values, cb, data, true);
 }
 
 bool keel_pg_is_connected(const keel_pg *c) {

@@ -26,6 +26,7 @@ typedef struct keel__pg_query {
   bool internal;        /* health check: no user callback */
   uint64_t session;     /* != 0: may run only in this session (transactions) */
   bool cached;          /* prepare once per session, then execute by name */
+  bool literal;         /* keel's own SQL: may go as one simple query (send_literal) */
   bool named;           /* sent by name (Bind of a prepared statement) */
   bool retried;         /* sent again unnamed after its name was unknown */
   int prepare_slot;     /* internal PREPARE of this cache slot; -1 otherwise */
@@ -170,5 +171,8 @@ bool keel__pg_unnamed(const keel_pg *c);
 void keel__pg_set_unnamed(keel_pg *c);
 /* 64-bit FNV-1a of a statement's text (part of its prepared name). */
 uint64_t keel__pg_hash(const char *sql);
+/* keel_pg_query_cached() for SQL keel built (see pg/pg_literal.h). */
+int keel__pg_query_literal(keel_pg *c, const char *sql, int nparams, const char *const *values,
+                           keel_pg_result_cb cb, void *data);
 
 #endif

@@ -7,6 +7,7 @@
 #include "core/alloc.h"
 #include "pg/pg_stats.h"
 #include "pg/pg_internal.h"
+#include "pg/pg_literal.h"
 
 typedef enum waiter_kind { WAIT_QUERY, WAIT_ACQUIRE } waiter_kind;
 
@@ -20,7 +21,8 @@ typedef struct waiter {
   int nparams;
   char *sql;
   char **values;
-  bool cached; /* WAIT_QUERY: keel_pg_query_cached */
+  bool cached;  /* WAIT_QUERY: keel_pg_query_cached */
+  bool literal; /* and keel's own SQL (keel__pg_query_literal) */
 } waiter;
 
 typedef struct member {
@@ -262,9 +264,11 @@ static void dispatch(keel_pg_pool *p) {
     }
     free_member->result_cb = w->result_cb;
     free_member->result_data = w->data;
-    int rc = (w->cached ? keel_pg_query_cached : keel_pg_query)(
-        free_member->conn, w->sql, w->nparams, (const char *const *)w->values, on_member_result,
-        free_member);
+    int rc = (w->literal  ? keel__pg_query_literal
+              : w->cached ? keel_pg_query_cached
+                          : keel_pg_query)(free_member->conn, w->sql, w->nparams,
+                                           (const char *const *)w->values, on_member_result,
+                                           free_member);
     if (rc != 0) {
       free_member->busy = false;
       free_member->result_cb = NULL;
@@ -357,7 +361,7 @@ static int add_waiter(keel_pg_pool *p, waiter *w) {
 }
 
 static int pool_query(keel_pg_pool *p, const char *sql, int nparams, const char *const *values,
-                      keel_pg_result_cb cb, void *data, bool cached) {
+                      keel_pg_result_cb cb, void *data, bool cached, bool literal) {
   if (p == NULL) return UV_EINVAL;
   if (p->closing) return KEEL_ECLOSING;
   if (sql == NULL || nparams < 0 || (nparams > 0 && values == NULL))
@@ -383,17 +387,23 @@ static int pool_query(keel_pg_pool *p, const char *sql, int nparams, const char 
   memcpy(text, sql, strlen(sql) + 1);
   w->sql = text;
   w->cached = cached;
+  w->literal = literal;
   return add_waiter(p, w);
 }
 
 int keel_pg_pool_query(keel_pg_pool *p, const char *sql, int nparams, const char *const *values,
                        keel_pg_result_cb cb, void *data) {
-  return pool_query(p, sql, nparams, values, cb, data, false);
+  return pool_query(p, sql, nparams, values, cb, data, false, false);
 }
 
 int keel_pg_pool_query_cached(keel_pg_pool *p, const char *sql, int nparams,
                               const char *const *values, keel_pg_result_cb cb, void *data) {
-  return pool_query(p, sql, nparams, values, cb, data, true);
+  return pool_query(p, sql, nparams, values, cb, data, true, false);
+}
+
+int keel__pg_pool_query_literal(keel_pg_pool *p, const char *sql, int nparams,
+                                const char *const *values, keel_pg_result_cb cb, void *data) {
+  return pool_query(p, sql, nparams, values, cb, data, true, true);
 }
 
 int keel_pg_pool_acquire(keel_pg_pool *p, keel_pg_acquire_cb cb, void *data) {

@@ -419,3 +419,115 @@ Test(integrity_pooler, tx_run_and_occ_retry_and_no_transaction_left_open) {
   expect_no_idle_in_transaction(&f, "occ_retry on a missing row");
   teardown(&f);
 }
+
+/* ---- versioned updates as one simple query ------------------------------ */
+
+typedef struct one_update {
+  fx *f;
+  int status;
+  char version[64];
+  bool over;
+} one_update;
+
+static void on_one_update(keel_integrity *ig, int status, const char *version, bool inserted,
+                          void *data) {
+  (void)ig;
+  (void)inserted;
+  one_update *u = data;
+  u->status = status;
+  snprintf(u->version, sizeof u->version, "%s", version != NULL ? version : "");
+  u->over = true;
+}
+
+static one_update update_name(fx *f, keel_integrity *ig, const char *key, const char *expected,
+                              const char *name) {
+  const char *cols[] = {"name"};
+  const char *vals[] = {name};
+  keel_occ_spec s = {.table = "cards",
+                     .key_column = "id",
+                     .key_value = key,
+                     .version_column = "version",
+                     .expected_version = expected,
+                     .set_columns = cols,
+                     .set_values = vals,
+                     .set_count = 1};
+  one_update u = {.f = f};
+  cr_assert_eq(keel_occ_update(ig, &s, on_one_update, &u), 0);
+  uint64_t start = uv_now(&f->loop);
+  while (!u.over && uv_now(&f->loop) - start < 30000) uv_run(&f->loop, UV_RUN_ONCE);
+  cr_assert(u.over, "the update did not finish");
+  return u;
+}
+
+/* Through a transaction pooler a versioned update goes as one simple query
+ * with its values as quoted literals (keel__pg_pool_query_literal): every
+ * value arrives exactly as given (quotes, $n, an injection attempt, UTF-8,
+ * the empty string, NULL; a backslash goes the unnamed extended way), the
+ * outcomes are those of the parameterised statement, and the server saw
+ * the literal form (the last statement of its server connection has no
+ * $n). */
+Test(integrity_pooler, versioned_update_values_arrive_exactly_as_literals) {
+  fx f;
+  setup(&f, CARDS_SCHEMA);
+  keel_pg_pool_opts po;
+  keel_pg_pool_opts_init(&po);
+  po.conn.conninfo = f.pooled;
+  po.conn.statement_mode = KEEL_PG_STATEMENTS_UNNAMED;
+  po.size = 1;
+  keel_pg_pool *pool;
+  keel_integrity *ig;
+  cr_assert_eq(keel_pg_pool_new(&f.loop, &po, &pool), 0);
+  cr_assert_eq(keel_integrity_new(&f.loop, pool, NULL, &ig), 0);
+  static const char *const names[] = {"O'Brien",
+                                      "it''s '' \"quoted\"",
+                                      "$1 $2 $3 '$1'",
+                                      "'); DELETE FROM cards; --",
+                                      "zażółć gęślą",
+                                      "",
+                                      "back\\slash \\' \\\\",
+                                      NULL,
+                                      "E'\\x41'",
+                                      "end"};
+  int n = (int)(sizeof names / sizeof names[0]);
+  char expected[16] = "1";
+  for (int i = 0; i < n; i++) {
+    one_update u = update_name(&f, ig, "3", expected, names[i]);
+    cr_assert_eq(u.status, 0, "value %d: %s (%s)", i, keel_err_name(u.status),
+                 keel_integrity_last_error(ig));
+    snprintf(expected, sizeof expected, "%d", i + 2);
+    cr_assert_str_eq(u.version, expected, "value %d", i);
+    PGresult *res = PQexec(f.admin, "SELECT name, version FROM cards WHERE id = 3");
+    cr_assert_eq(PQresultStatus(res), PGRES_TUPLES_OK);
+    if (names[i] == NULL)
+      cr_expect(PQgetisnull(res, 0, 0), "value %d: NULL became '%s'", i, PQgetvalue(res, 0, 0));
+    else
+      cr_expect_str_eq(PQgetvalue(res, 0, 0), names[i], "value %d", i);
+    cr_expect_str_eq(PQgetvalue(res, 0, 1), expected);
+    PQclear(res);
+  }
+  /* The last one went as a simple query: the server shows its literals. */
+  char sql[300];
+  snprintf(sql, sizeof sql,
+           "SELECT count(*) FROM pg_stat_activity WHERE datname = '%s' AND query LIKE "
+           "'UPDATE \"cards\" SET \"name\" = ''end''%%'",
+           f.db);
+  char *seen = pq_scalar(f.admin, sql);
+  cr_expect_str_eq(seen, "1", "the update was not sent as one simple query");
+  free(seen);
+  /* A conflict, a missing row, a bad version: as with parameters. */
+  one_update u = update_name(&f, ig, "3", "1", "x");
+  cr_expect_eq(u.status, KEEL_ECONFLICT, "%s", keel_err_name(u.status));
+  cr_expect_str_eq(u.version, expected);
+  u = update_name(&f, ig, "99", "1", "x");
+  cr_expect_eq(u.status, KEEL_ENOTFOUND, "%s", keel_err_name(u.status));
+  u = update_name(&f, ig, "3", "not a number", "x");
+  cr_expect_neq(u.status, 0);
+  cr_expect_str_eq(keel_integrity_last_sqlstate(ig), "22P02", "%s", keel_integrity_last_error(ig));
+  char *count = pq_scalar(f.admin, "SELECT count(*) FROM cards");
+  cr_expect_str_eq(count, "12");
+  free(count);
+  expect_no_idle_in_transaction(&f, "versioned updates as simple queries");
+  keel_integrity_close(ig, NULL, NULL);
+  keel_pg_pool_close(pool, NULL, NULL);
+  teardown(&f);
+}
