@@ -18,6 +18,10 @@
  *      run; medians of the per-round ratios; each listener's own CPU per
  *      notification (its process's rusage) printed beside.
  * BENCH_LISTEN_SECONDS shortens (a), (b) and (c) for a quick look.
+ * Under valgrind --tool=callgrind each listener's window (from the sender's
+ * start, or from "ready" in (c), to the last notification) is dumped,
+ * labelled "keel a" / "floor a" / "keel c" / "floor c", for instructions
+ * per notification; BENCH_LISTEN_ONLY=a|c runs one part.
  */
 #include <errno.h>
 #include <libpq-fe.h>
@@ -30,6 +34,16 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+
+#if defined(__has_include)
+#if __has_include(<valgrind/callgrind.h>)
+#include <valgrind/callgrind.h>
+#endif
+#endif
+#ifndef CALLGRIND_ZERO_STATS
+#define CALLGRIND_ZERO_STATS
+#define CALLGRIND_DUMP_STATS_AT(label) ((void)(label))
+#endif
 
 #include "common.h"
 #include "pq.h"
@@ -151,6 +165,7 @@ static run_result floor_run(int batched) {
   PGconn *conn = connect_or_die();
   bench_pq_exec(conn, "LISTEN bench");
   pid_t sender = start_sender(batched);
+  CALLGRIND_ZERO_STATS;
   struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
   while (!s.done) {
     if (poll(&pfd, 1, 30000) <= 0) break;
@@ -161,6 +176,7 @@ static run_result floor_run(int batched) {
       PQfreemem(n);
     }
   }
+  CALLGRIND_DUMP_STATS_AT(batched ? "floor b" : "floor a");
   waitpid(sender, NULL, 0);
   PQfinish(conn);
   return summarize(&s);
@@ -178,7 +194,10 @@ static void on_bench(keel_listener *l, const char *channel, const char *payload,
   (void)channel;
   keel_ctx *k = data;
   sink_payload(&k->s, payload);
-  if (k->s.done) keel_listener_close(l, NULL, NULL);
+  if (k->s.done) {
+    CALLGRIND_DUMP_STATS_AT(k->batched ? "keel b" : "keel a");
+    keel_listener_close(l, NULL, NULL);
+  }
 }
 
 static void check_active(uv_timer_t *timer) {
@@ -187,6 +206,7 @@ static void check_active(uv_timer_t *timer) {
   uv_timer_stop(timer);
   uv_close((uv_handle_t *)timer, NULL);
   k->sender = start_sender(k->batched);
+  CALLGRIND_ZERO_STATS;
 }
 
 static run_result keel_run(int batched) {
@@ -239,6 +259,7 @@ static void floor_count(int fd) {
   PGconn *conn = connect_or_die();
   bench_pq_exec(conn, "LISTEN bench");
   if (write(fd, "R", 1) != 1) _exit(1);
+  CALLGRIND_ZERO_STATS;
   long long received = 0;
   bool stop = false;
   struct pollfd pfd = {PQsocket(conn), POLLIN, 0};
@@ -253,6 +274,7 @@ static void floor_count(int fd) {
       PQfreemem(n);
     }
   }
+  CALLGRIND_DUMP_STATS_AT("floor c");
   dprintf(fd, "%lld\n", received);
   PQfinish(conn);
 }
@@ -280,7 +302,9 @@ static void keel_count(int fd) {
   keel_listener_start(c.l);
   while (!keel_listener_is_active(c.l)) uv_run(&loop, UV_RUN_ONCE);
   if (write(fd, "R", 1) != 1) _exit(1);
+  CALLGRIND_ZERO_STATS;
   while (!c.stop) uv_run(&loop, UV_RUN_ONCE);
+  CALLGRIND_DUMP_STATS_AT("keel c");
   dprintf(fd, "%lld\n", c.received);
   keel_listener_close(c.l, NULL, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
@@ -372,12 +396,14 @@ static void server_impact(double *keel_ratio, double *floor_ratio, long long *lo
     printf(
         "(c) round %d (%s, %s, %s): pgbench NOTIFY tps alone %.0f | keel listening %.0f, ratio "
         "%.2f, %lld/%lld received, listener cpu %.1f us/notification | floor listening %.0f, "
-        "ratio %.2f, %lld/%lld received, listener cpu %.1f us/notification\n",
+        "ratio %.2f, %lld/%lld received, listener cpu %.1f us/notification | keel/floor tps "
+        "%.2f\n",
         round + 1, names[orders[round % 3][0]], names[orders[round % 3][1]],
         names[orders[round % 3][2]], runs[LISTENER_NONE].tps, runs[LISTENER_KEEL].tps,
         keel_r[round], runs[LISTENER_KEEL].received, runs[LISTENER_KEEL].sent, keel_cpu[round],
         runs[LISTENER_FLOOR].tps, floor_r[round], runs[LISTENER_FLOOR].received,
-        runs[LISTENER_FLOOR].sent, floor_cpu[round]);
+        runs[LISTENER_FLOOR].sent, floor_cpu[round],
+        runs[LISTENER_FLOOR].tps > 0 ? runs[LISTENER_KEEL].tps / runs[LISTENER_FLOOR].tps : 0);
     fflush(stdout);
   }
   *keel_ratio = median(keel_r, C_ROUNDS);
@@ -404,6 +430,21 @@ int main(void) {
     long long lost_c;
     server_impact(&k, &f, &lost_c);
     printf("(c) keel ratio %.2f lost %lld | floor ratio %.2f\n", k, lost_c, f);
+    return 0;
+  }
+  /* BENCH_LISTEN_ONLY=a: one (a) run of each listener, or of the one named
+   * by BENCH_LISTEN_SIDE=keel|floor (to profile it). */
+  if (only != NULL && strcmp(only, "a") == 0) {
+    const char *side = getenv("BENCH_LISTEN_SIDE");
+    if (side == NULL || strcmp(side, "floor") == 0) {
+      run_result f = floor_run(0);
+      printf("(a) floor p50 %.0f us p99 %.0f us (%lld)\n", f.p50_us, f.p99_us, f.received);
+    }
+    if (side == NULL || strcmp(side, "keel") == 0) {
+      run_result k = keel_run(0);
+      printf("(a) keel p50 %.0f us p99 %.0f us (%lld/%lld)\n", k.p50_us, k.p99_us, k.received,
+             k.expected);
+    }
     return 0;
   }
 

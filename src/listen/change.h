@@ -108,8 +108,9 @@ struct keel_change {
   keel__field *fields; /* inline_fields, or allocated when more are needed */
   uint32_t field_count;
   uint32_t field_cap;
-  char *owned_work;             /* the working copy when keel__change_parse made it */
-  char *fetched_row;            /* a fetched row's text (parsed in place), owned */
+  char *owned_work;  /* the working copy when keel__change_parse made it */
+  char *owned_raw;   /* raw's own copy once it stopped borrowing (keel__change_own_raw) */
+  char *fetched_row; /* a fetched row's text (parsed in place), owned */
   const keel__columns *columns; /* the table's columns while delivered, or NULL */
   keel__text *texts;            /* text forms made on demand, freed with the change */
   keel__field inline_fields[KEEL__CHANGE_INLINE_FIELDS];
@@ -135,6 +136,17 @@ int keel__change_set_fetched(keel_change *c, char *row);
  * (allocated, taken over by c, freed with it also on failure). Returns 0,
  * KEEL_EPROTO or UV_ENOMEM; c stays valid (freeable) in every case. */
 int keel__change_set_overflow(keel_change *c, char *payload, char *why, size_t why_cap);
+
+/* Like keel__change_set_overflow without copying: `work` (a writable copy of
+ * `raw`, taken over: freed with c, also on failure) is parsed in place, and
+ * `raw` (the text keel_change_json gives) is borrowed: it must outlive c's
+ * use, or be copied first by keel__change_own_raw. */
+int keel__change_set_overflow_in(keel_change *c, const char *raw, char *work, char *why,
+                                 size_t why_cap);
+
+/* Gives c its own copy of its raw text (borrowed until now). Returns 0 or
+ * UV_ENOMEM (nothing changed). */
+int keel__change_own_raw(keel_change *c);
 
 void keel__change_free(keel_change *c);
 

@@ -103,7 +103,8 @@ struct keel_listener {
   raw_channel *raws;
   size_t raw_count;
   queued_change *queue_head, *queue_tail;
-  queued_change *spare; /* the last block freed, reused by the next change (at most one) */
+  queued_change *spare;     /* the last block freed, reused by the next change (at most one) */
+  queued_change *borrowing; /* its change's raw text is in a result being handled */
   unsigned dispatch_depth;
   bool closing;
   keel_close_cb close_cb;
@@ -348,6 +349,7 @@ static queued_change *queued_alloc(keel_listener *l, size_t payload_bytes) {
  * is at most 8000 bytes: the spare stays below 17 KB). */
 static void queued_free(keel_listener *l, queued_change *q) {
   if (q->fetch != NULL) q->fetch->q = NULL;
+  if (q == l->borrowing) l->borrowing = NULL;
   keel__change_free(&q->change);
   if (l->spare == NULL || l->spare->cap < q->cap) {
     keel__free(l->spare);
@@ -516,13 +518,17 @@ static void on_overflow_done(keel_pg *conn, int status, const keel_pg_result *re
   if (q == NULL) return; /* dropped by stop / close meanwhile */
   q->fetch = NULL;
   q->ready = true;
+  /* One copy of the row's text, parsed in place; keel_change_json's text
+   * stays in the result while it lasts (the change is normally delivered
+   * below, inside this callback) and is copied only when it is not. */
   const char *payload = status == 0 ? keel_pg_result_value(res, 0, 0) : NULL;
   char *copy = payload != NULL ? keel__strdup(payload) : NULL;
-  int rc = copy != NULL
-               ? keel__change_set_overflow(&q->change, copy, l->last_error, sizeof l->last_error)
-               : (status != 0       ? status
-                  : payload == NULL ? KEEL_ENOTFOUND
-                                    : UV_ENOMEM);
+  int rc = copy != NULL ? keel__change_set_overflow_in(&q->change, payload, copy, l->last_error,
+                                                       sizeof l->last_error)
+                        : (status != 0       ? status
+                           : payload == NULL ? KEEL_ENOTFOUND
+                                             : UV_ENOMEM);
+  if (copy != NULL) l->borrowing = q; /* cleared if q is freed meanwhile */
   if (rc != 0) {
     /* Delivered as notified (operation, table, time, the key when it fit):
      * handlers learn that the row changed, not how (has_new and has_old are
@@ -537,6 +543,14 @@ static void on_overflow_done(keel_pg *conn, int status, const keel_pg_result *re
     report_error(l, rc);
   }
   if (!l->closing) drain_queue(l);
+  if (l->borrowing != NULL) {
+    /* Still queued (held behind a gap event, or closing): the result goes
+     * away after this callback. Without memory for a copy, the change's
+     * JSON is the notification's. */
+    if (keel__change_own_raw(&l->borrowing->change) != 0)
+      l->borrowing->change.raw = l->borrowing->payload;
+    l->borrowing = NULL;
+  }
 }
 
 static void fetch_overflow(keel_listener *l, queued_change *q) {

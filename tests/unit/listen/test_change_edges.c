@@ -197,6 +197,92 @@ Test(change_edges, overflow_rows) {
   }
 }
 
+/* The listener's oversize path: the row's text parsed in place in one copy,
+ * keel_change_json borrowing the result's text until keel__change_own_raw. */
+Test(change_edges, overflow_rows_in_place) {
+  keel_change c;
+  char why[128];
+  cr_assert_eq(keel__change_parse(&c, HEAD ",\"overflow\":42}", why, sizeof why), 0, "%s", why);
+  char raw[] = HEAD ",\"new\":{\"id\":1,\"big\":\"a \\\"quoted\\\" value, longer than sixteen\"}}";
+  cr_assert_eq(keel__change_set_overflow_in(&c, raw, kdup(raw), why, sizeof why), 0, "%s", why);
+  cr_assert(keel_change_was_fetched(&c));
+  cr_assert_str_eq(keel_change_new(&c, "big"), "a \"quoted\" value, longer than sixteen");
+  cr_assert_eq(keel_change_json(&c), raw, "borrowed, not copied");
+  cr_assert_eq(keel__change_own_raw(&c), 0);
+  cr_assert_neq(keel_change_json(&c), raw);
+  cr_assert_eq(keel__change_own_raw(&c), 0, "owning twice is a no-op");
+  memset(raw, 'x', sizeof raw - 1); /* the result is gone */
+  cr_assert_str_eq(keel_change_json(&c), HEAD
+                   ",\"new\":{\"id\":1,\"big\":\"a \\\"quoted\\\" value, longer than sixteen\"}}");
+  cr_assert_str_eq(keel_change_new(&c, "big"), "a \"quoted\" value, longer than sixteen");
+  /* pointing to another overflow row: refused, the copy freed with c */
+  char again[] = HEAD ",\"overflow\":7}";
+  cr_assert_eq(keel__change_set_overflow_in(&c, again, kdup(again), why, sizeof why), KEEL_EPROTO);
+  cr_assert_not(keel_change_was_fetched(&c));
+  keel__change_free(&c);
+}
+
+static void own_raw_scenario(void *arg) {
+  (void)arg;
+  keel_change c;
+  memset(&c, 0, sizeof c); /* freeable */
+  char why[128];
+  static const char raw[] = HEAD ",\"new\":{\"id\":1}}";
+  char *work = keel__malloc(sizeof raw);
+  if (work == NULL) return;
+  memcpy(work, raw, sizeof raw);
+  if (keel__change_set_overflow_in(&c, raw, work, why, sizeof why) == 0) {
+    int rc = keel__change_own_raw(&c);
+    cr_assert(rc == 0 || rc == UV_ENOMEM);
+    cr_assert_str_eq(keel_change_json(&c), raw);
+    cr_assert(rc != 0 ? keel_change_json(&c) == raw : keel_change_json(&c) != raw);
+  }
+  keel__change_free(&c);
+}
+
+Test(change_edges, own_raw_allocation_failure) {
+  kt_failmalloc_run(own_raw_scenario, NULL);
+}
+
+/* Strings are scanned 16 bytes at a time while 16 remain: an escape, a
+ * quote or a control character at every offset, and strings ending just
+ * before, at and after a 16-byte step and the end of the text. */
+Test(change_edges, string_scan_every_offset) {
+  for (size_t len = 0; len < 70; len++) {
+    for (size_t at = 0; at <= len; at++) {
+      char value[80], expect[80], json[256];
+      memset(value, 'v', len);
+      value[len] = '\0';
+      memcpy(expect, value, len + 1);
+      if (at < len) {
+        /* an escaped quote at `at`: two bytes in JSON, one decoded */
+        memcpy(value + at, "\\\"", 2);
+        memset(value + at + 2, 'w', len - at);
+        value[len + 2 > sizeof value - 1 ? sizeof value - 1 : len + 2] = '\0';
+        expect[at] = '"';
+        memset(expect + at + 1, 'w', len - at);
+        expect[len + 1] = '\0';
+      }
+      snprintf(json, sizeof json, HEAD ",\"new\":{\"c\":\"%s\"}}", value);
+      keel_change c;
+      char why[128];
+      cr_assert_eq(keel__change_parse(&c, json, why, sizeof why), 0, "%s: %s", json, why);
+      cr_assert_str_eq(keel_change_new(&c, "c"), expect, "%s", json);
+      keel__change_free(&c);
+      /* a raw control character at `at` is refused wherever it is */
+      if (at < len) {
+        memset(value, 'v', len);
+        value[len] = '\0';
+        value[at] = '\t';
+        snprintf(json, sizeof json, HEAD ",\"new\":{\"c\":\"%s\"}}", value);
+        cr_assert_eq(keel__change_parse(&c, json, why, sizeof why), KEEL_EPROTO, "%zu/%zu", len,
+                     at);
+        keel__change_free(&c);
+      }
+    }
+  }
+}
+
 Test(change_edges, escapes_and_numbers) {
   keel_change c;
   char why[128];
