@@ -1074,7 +1074,7 @@ static void h_answer(hconn *c) {
     h_bad(c, "one Host header required");
     return;
   }
-  c->keep = r.minor == 1 && !r.conn_close && !r.has_body;
+  c->keep = r.minor == 1 && !r.conn_close && !r.has_body && !r.upgrade_ws;
   bool get = ieq(r.method, r.method_len, "GET");
   bool ws_path = r.path_len == 3 && memcmp(r.path, "/ws", 3) == 0;
   if (!get) {
@@ -1082,7 +1082,6 @@ static void h_answer(hconn *c) {
     return;
   }
   if (r.upgrade_ws) {
-    c->keep = false;
     if (!ws_path) {
       h_text(c, 404, "not found", NULL);
       return;
