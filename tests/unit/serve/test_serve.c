@@ -381,6 +381,83 @@ Test(serve, incomplete_request_closed_after_timeout) {
   kt_loop_finish(&f.loop);
 }
 
+/* ---- an HTTP client that never reads ---------------------------------- */
+
+static char wide_names[2000][8];
+
+static void write_wide(const void *obj, keel_stats_writer *w) {
+  (void)obj;
+  for (int i = 0; i < 2000; i++) keel_stats_gauge(w, wide_names[i], "One of many.", i);
+}
+
+typedef struct stuck {
+  int port;
+  int fd;
+} stuck;
+
+static void do_stuck(void *arg) {
+  stuck *x = arg;
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  int small = 4096;
+  setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+  struct sockaddr_in a;
+  memset(&a, 0, sizeof a);
+  a.sin_family = AF_INET;
+  a.sin_port = htons((uint16_t)x->port);
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, (struct sockaddr *)&a, sizeof a) != 0) {
+    close(fd);
+    return;
+  }
+  /* 100 pipelined scrapes of about 150 KB each, never read */
+  char req[4000];
+  size_t n = 0;
+  for (int i = 0; i < 100; i++)
+    n += (size_t)snprintf(req + n, sizeof req - n, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+  tc_send_all(fd, req, n);
+  x->fd = fd;
+}
+
+static void do_ok(void *arg) {
+  fetch *x = arg;
+  x->reply = tc_get(x->port, x->path, NULL, &x->status);
+}
+
+Test(serve, metrics_client_that_never_reads) {
+  fixture f;
+  memset(&f, 0, sizeof f);
+  cr_assert_eq(uv_loop_init(&f.loop), 0);
+  keel_serve_opts o;
+  keel_serve_opts_init(&o);
+  o.port = 0;
+  o.request_timeout_s = 1;
+  cr_assert_eq(keel_serve_new(&f.loop, &o, &f.s), 0);
+  for (int i = 0; i < 2000; i++) snprintf(wide_names[i], sizeof wide_names[i], "g%d", i);
+  static const keel_stats_source wide = {"wide", write_wide};
+  int obj = 0;
+  cr_assert_eq(keel_serve_register(f.s, &wide, &obj, "w", NULL), 0);
+  stuck x = {keel_serve_port(f.s), -1};
+  tc_run(&f.loop, do_stuck, &x);
+  cr_assert_geq(x.fd, 0);
+  /* the loop keeps serving others while that answer is stuck */
+  fetch g = {x.port, "/stats.json", NULL, 0, NULL};
+  tc_run(&f.loop, do_ok, &g);
+  cr_assert_eq(g.status, 200);
+  free(g.reply);
+  /* and the stuck connection is closed once its answer's deadline passed */
+  keel_serve_stats ss;
+  uint64_t t0 = uv_hrtime();
+  do {
+    uv_run(&f.loop, UV_RUN_ONCE);
+    keel_serve_get_stats(f.s, &ss);
+  } while (ss.clients > 0 && uv_hrtime() - t0 < 10000000000ull);
+  cr_assert_eq(ss.clients, 0);
+  cr_assert_lt(ss.requests, 100); /* it did not get them all */
+  close(x.fd);
+  keel_serve_close(f.s, NULL, NULL);
+  kt_loop_finish(&f.loop);
+}
+
 Test(serve, bearer_token) {
   fixture f;
   setup_fixture(&f, "s3cret");
