@@ -1434,7 +1434,8 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
   info.pcontext = &s->ctx;
   /* lws parses only WebSocket handshakes keel has checked (at most
    * max_request_bytes): one header buffer per WebSocket being set up. */
-  info.max_http_header_data = (unsigned short)(opts->max_request_bytes + 64);
+  info.max_http_header_data =
+      (unsigned short)(opts->max_request_bytes < 65535 - 64 ? opts->max_request_bytes + 64 : 65535);
   info.max_http_header_pool = (unsigned short)(opts->max_clients < 256 ? opts->max_clients : 256);
   info.timeout_secs = opts->request_timeout_s;
   info.ka_time = 0;

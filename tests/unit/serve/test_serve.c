@@ -619,6 +619,28 @@ Test(serve, websocket_refused_on_other_path_or_token) {
   teardown_fixture(&f);
 }
 
+Test(serve, websocket_with_largest_max_request_bytes) {
+  /* regression: lws's header buffer was max_request_bytes + 64 as an
+   * unsigned short, 63 bytes for 65535: no handshake fit */
+  fixture f;
+  memset(&f, 0, sizeof f);
+  cr_assert_eq(uv_loop_init(&f.loop), 0);
+  keel_serve_opts o;
+  keel_serve_opts_init(&o);
+  o.port = 0;
+  o.max_request_bytes = 65535;
+  cr_assert_eq(keel_serve_new(&f.loop, &o, &f.s), 0);
+  f.port = keel_serve_port(f.s);
+  wsx x = {&f, -1, 0, NULL, "/ws"};
+  tc_run(&f.loop, do_ws_open, &x);
+  cr_assert_eq(x.status, 101);
+  cr_assert_not_null(x.first);
+  free(x.first);
+  close(x.fd);
+  keel_serve_close(f.s, NULL, NULL);
+  kt_loop_finish(&f.loop);
+}
+
 typedef struct idle {
   uv_timer_t t;
   int n;
