@@ -83,9 +83,10 @@ typedef void (*keel_pgqueue_lease_lost_cb)(keel_pgqueue *q, keel_pgqueue_job *jo
 /* Returns nonzero when a failed attempt with this status may be retried. */
 typedef int (*keel_pgqueue_classify_fn)(int status, void *data);
 
-/* The schema is installed (status 0) or could not be (status < 0, reason in
- * keel_pgqueue_last_error()); the worker then retries every poll interval.
- * Called once, from the loop. */
+/* The schema could not be installed (status < 0, reason in
+ * keel_pgqueue_last_error(); retried every poll interval: called again
+ * after each failed attempt), or it is installed (status 0: called once,
+ * and never again after that). From the loop. */
 typedef void (*keel_pgqueue_ready_cb)(keel_pgqueue *q, int status, void *data);
 
 /* Defaults. */
@@ -220,12 +221,17 @@ typedef void (*keel_pgqueue_enqueue_cb)(keel_pgqueue *q, int status,
  * jobs     n job descriptions; copied.
  * cb       may be NULL; called once on a later loop iteration.
  *
+ * Before the schema is ready (on_ready not yet called with 0), an enqueue
+ * with conn NULL waits for it; one on your connection is refused with
+ * UV_EAGAIN (it could not be sent inside your transaction in time).
+ *
  * Returns 0; UV_EINVAL with nothing written and the reason in
  * keel_pgqueue_last_error() (NULL q or jobs, n out of range, a queue name
  * outside [A-Za-z0-9_.:-]{1,48}, kind or unique key too long, negative
- * delay_ms, max_attempts < 0, a bad backoff); UV_ENOMEM; KEEL_ECLOSING once
- * close began; or what keel_pg_query() returned (KEEL_EFULL, ...). Loop
- * thread only.
+ * delay_ms, max_attempts < 0, a bad backoff); UV_EAGAIN (conn given before
+ * the schema is ready: nothing sent); UV_ENOMEM; KEEL_ECLOSING once close
+ * began; or what keel_pg_query() returned (KEEL_EFULL, ...). Loop thread
+ * only.
  */
 KEEL_EXTERN int keel_pgqueue_enqueue(keel_pgqueue *q, keel_pg *conn,
                                      const keel_pgqueue_job_opts *jobs, size_t n,

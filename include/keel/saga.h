@@ -27,7 +27,7 @@
  *     }   // ... the reply calls keel_saga_call_done(c, 0) or (c, KEEL_EABORTED)
  *     keel_saga_step steps[3];
  *     keel_saga_step_init(&steps[0], "book_item", book, release);
- *     keel_saga_step_init(&steps[1], "charge_wallet", charge, refund);
+ *     keel_saga_step_init(&steps[1], "charge_wallet", charge, NULL); // the pivot
  *     keel_saga_step_init(&steps[2], "reserve_slot", reserve, NULL);
  *     steps[1].kind = KEEL_SAGA_PIVOT; steps[2].kind = KEEL_SAGA_RETRIABLE;
  *     keel_saga_opts o; keel_saga_opts_init(&o);
@@ -152,9 +152,10 @@ typedef void (*keel_saga_end_cb)(keel_saga *s, int64_t id, keel_saga_state state
 typedef void (*keel_saga_stuck_cb)(keel_saga *s, int64_t id, unsigned step, const char *last_error,
                                    void *data);
 
-/* The schema is installed (status 0) or could not be (status < 0, reason in
- * keel_saga_last_error(); retried every second). Called once, from the
- * loop. */
+/* The schema (the durable queue's, then the saga log's) could not be
+ * installed (status < 0, reason in keel_saga_last_error(); retried: called
+ * again after each failed attempt), or it is installed (status 0: called
+ * once, and never again after that). From the loop. */
 typedef void (*keel_saga_ready_cb)(keel_saga *s, int status, void *data);
 
 /*
@@ -194,7 +195,7 @@ typedef struct keel_saga_opts {
                                   >= 200. A crashed orchestrator's sagas resume elsewhere
                                   within about 1.5 x lease_ms */
   uint32_t poll_ms;            /* durable-queue polling backstop; default 1000 */
-  unsigned pool_size;          /* log connections; default 4 */
+  unsigned pool_size;          /* log connections; 0 (default): concurrency, at most 16 */
   uint64_t deadline_ms;        /* default saga deadline from its start (start opts may
                                   set another); 0 = none (default) */
   uint32_t max_pending;        /* starts / re-drives waiting for the schema; default 10000 */

@@ -1174,6 +1174,14 @@ int keel_pgqueue_enqueue(keel_pgqueue *q, keel_pg *conn, const keel_pgqueue_job_
     int rc = check_job(q, &jobs[i], i);
     if (rc != 0) return rc;
   }
+  /* Held back until the schema is ready, an insert on the caller's
+   * connection would be sent after whatever the caller queued next (its
+   * COMMIT or ROLLBACK), outside its transaction, and on a connection that
+   * may be closed or lent to someone else by then. */
+  if (conn != NULL && !q->ready)
+    return keel__fail(q->err, UV_EAGAIN,
+                      "the queue's schema is not ready: enqueue on your connection after "
+                      "on_ready reported 0 (or with conn NULL, which waits)");
   enq_req *r = keel__calloc(1, sizeof *r);
   if (r == NULL) return keel__fail(q->err, UV_ENOMEM, "out of memory");
   r->q = q;
@@ -1206,7 +1214,6 @@ int keel_pgqueue_enqueue(keel_pgqueue *q, keel_pg *conn, const keel_pgqueue_job_
     }
   }
   if (!q->ready) {
-    if (conn != NULL) q->ext_pending++;
     if (q->waiting_tail)
       q->waiting_tail->next = r;
     else

@@ -547,8 +547,67 @@ static void tx_done(keel_pg_pool *pool, int status, const char *sqlstate, void *
   t->done = true;
 }
 
+static bool fx_int_set(void *ctx) {
+  return *(int *)ctx != 0;
+}
+
 static bool tx_is_done(void *ctx) {
   return ((txctx *)ctx)->done;
+}
+
+/* Before the schema was ready, an enqueue on the caller's connection was
+ * held back and sent after the caller's ROLLBACK (so it committed on its
+ * own), or after the caller closed that connection (use after free). It is
+ * refused now, and nothing reaches the table. */
+static void count_result(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  (void)c, (void)res;
+  *(int *)data = status == 0 ? 1 : -1;
+}
+
+Test(pgqueue, enqueue_on_your_connection_before_ready_is_refused) {
+  fx f;
+  fx_init(&f, "pgq_early", NULL);
+  f.o.process = NULL;
+  char why[256];
+  cr_assert_eq(keel_pgqueue_new_ex(&f.loop, &f.o, &f.q, why, sizeof why), 0, "%s", why);
+  keel_pg_opts co;
+  keel_pg_opts_init(&co);
+  co.conninfo = f.conninfo;
+  keel_pg *conn;
+  cr_assert_eq(keel_pg_new(&f.loop, &co, &conn), 0);
+  int began = 0, rolled_back = 0;
+  cr_assert_eq(keel_pg_query(conn, "BEGIN", 0, NULL, count_result, &began), 0);
+  keel_pgqueue_job_opts j;
+  keel_pgqueue_job_opts_init(&j);
+  j.kind = "early";
+  txctx t = {&f, 1, false, 1, true};
+  cr_assert_eq(keel_pgqueue_enqueue(f.q, conn, &j, 1, tx_enq, &t), UV_EAGAIN);
+  cr_assert(strstr(keel_pgqueue_last_error(f.q), "not ready") != NULL, "%s",
+            keel_pgqueue_last_error(f.q));
+  cr_assert_eq(keel_pg_query(conn, "ROLLBACK", 0, NULL, count_result, &rolled_back), 0);
+  /* The second finding: the caller's connection closed before ready. */
+  keel_pg_close(conn, NULL, NULL);
+  cr_assert(kt_wait_for(&f.loop, fx_is_ready, &f, 15000), "not ready");
+  cr_assert_eq(f.ready_status, 0, "migration: %s", keel_pgqueue_last_error(f.q));
+  settle(&f, 200);
+  cr_assert_eq(t.enq_status, 1, "no callback for a refused enqueue");
+  cr_assert_eq(fx_count(&f, "kind = 'early'"), 0);
+  /* Ready: the same enqueue on a connection of one's own goes through and
+   * rolls back with the transaction. */
+  cr_assert_eq(keel_pg_new(&f.loop, &co, &conn), 0);
+  began = rolled_back = 0;
+  cr_assert_eq(keel_pg_query(conn, "BEGIN", 0, NULL, count_result, &began), 0);
+  cr_assert_eq(keel_pgqueue_enqueue(f.q, conn, &j, 1, tx_enq, &t), 0);
+  cr_assert_eq(keel_pg_query(conn, "ROLLBACK", 0, NULL, count_result, &rolled_back), 0);
+  uv_update_time(&f.loop);
+  cr_assert(kt_wait_for(&f.loop, fx_int_set, &rolled_back, 10000));
+  cr_assert_eq(began, 1);
+  cr_assert_eq(t.enq_status, 0);
+  cr_assert_eq(rolled_back, 1);
+  cr_assert_eq(fx_count(&f, "kind = 'early'"), 0, "rolled back with the transaction");
+  keel_pg_close(conn, NULL, NULL);
+  fx_finish(&f);
+  fx_drop(&f);
 }
 
 Test(pgqueue, enqueue_inside_a_pool_transaction) {
