@@ -9,12 +9,22 @@
  * - a listener ("orders") on a table the demo writes to;
  * - a verifier ("orders-check") that walks that table every 5 s and fixes
  *   negative amounts;
- * - retry runners ("sync-N") that come and go.
+ * - retry runners ("sync-N") that come and go;
+ * - a policy pipeline ("api": rate limit, retry, timeout) around a flaky
+ *   call, and its rate limiter ("api");
+ * - a durable queue ("reports", keel/pgqueue.h) fed and worked here, jobs
+ *   failing now and then and retried;
+ * - a saga ("checkout": reserve, then charge, which refuses one in five:
+ *   the reservation is compensated);
+ * - with Redis (KEEL_REDIS or KEEL_TEST_REDIS, host:port or a URL): the
+ *   client ("cache"), which also takes and releases a lock every 2 s, a
+ *   shared rate limiter ("tenants") and an idempotency store ("payments").
  *
  * The first line it prints is the dashboard's URL. Open it in a browser;
  * /metrics and /stats.json are next to it.
  *
- * Run: KEEL_PG="host=... dbname=..." ./dashboard [--seconds N] [--forever]
+ * Run: KEEL_PG="host=... dbname=..." [KEEL_REDIS=host:port] ./dashboard
+ *        [--seconds N] [--forever]
  *        [--port P] [--token T]
  *      default: 3 seconds, then checks that /metrics showed every kind and
  *      exits 0. SIGUSR1 forces the payments breaker open, SIGUSR2 stops
@@ -40,6 +50,17 @@ typedef struct app {
   keel_queue *emails;
   keel_retry *sync;
   unsigned syncs;
+  keel_ratelimit *api_rl;
+  keel_pipeline *api;
+  keel_pgqueue *reports;
+  keel_saga *checkout;
+  keel_redis *cache;
+  keel_ratelimit_redis *tenants;
+  keel_idem *payments_idem;
+  keel_redis_lock *lock; /* held or being taken; NULL when free */
+  int redis_users;       /* tenants and payments_idem still closing */
+  uint64_t idem_seq;
+  char schema[64];
   uv_timer_t tick, stop;
   uv_signal_t sigint, sigusr1, sigusr2;
   uint64_t ticks, changes_seen, outage_until;
@@ -187,6 +208,88 @@ static void fix_order(keel_verify *v, keel_verify_fix *fix, const keel_verify_ro
   if (rc < 0) keel_verify_fix_done(fix, rc);
 }
 
+/* ---- pipeline, durable queue, saga ------------------------------------- */
+
+static void api_op(keel_attempt *at, void *data) {
+  (void)data;
+  keel_attempt_done(at, rnd(100) < 10 ? UV_ECONNRESET : 0); /* retried by the pipeline */
+}
+
+static void api_done(keel_pipeline *p, const keel_pipeline_result *r, void *data) {
+  (void)p, (void)r, (void)data;
+}
+
+static void run_report(keel_pgqueue *q, keel_pgqueue_job *job, void *data) {
+  (void)q, (void)data;
+  if (rnd(100) < 10)
+    keel_pgqueue_job_fail(job, UV_EIO, "report service: I/O error"); /* retried */
+  else
+    keel_pgqueue_job_done(job, 0);
+}
+
+static void reserve(keel_saga *s, keel_saga_call *call, void *data) {
+  (void)s, (void)data;
+  keel_saga_call_done(call, 0);
+}
+
+static void charge(keel_saga *s, keel_saga_call *call, void *data) {
+  (void)s, (void)data;
+  keel_saga_call_done(call, rnd(5) == 0 ? KEEL_EABORTED : 0); /* refused: compensate */
+}
+
+/* ---- Redis: a lock, a shared rate limit, idempotency ------------------- */
+
+static void lock_released(keel_redis_lock *lock, int status, void *data) {
+  (void)lock, (void)status;
+  app *a = data;
+  a->lock = NULL;
+}
+
+static void lock_taken(keel_redis_lock *lock, int status, void *data) {
+  app *a = data;
+  if (status != 0) { /* the object is gone after a failed acquire */
+    a->lock = NULL;
+    return;
+  }
+  /* the nightly report would run here */
+  if (keel_redis_lock_release(lock, lock_released, a) != 0) a->lock = NULL;
+}
+
+static void tenant_taken(keel_ratelimit_redis *rl, int status, uint64_t retry_after_ms,
+                         uint64_t remaining, void *data) {
+  (void)rl, (void)status, (void)retry_after_ms, (void)remaining, (void)data;
+}
+
+typedef struct idem_req {
+  app *a;
+  char key[32];
+} idem_req;
+
+static void idem_completed(keel_idem *idem, int status, void *data) {
+  (void)idem, (void)status;
+  free(data);
+}
+
+static void idem_begun(keel_idem *idem, int status, const keel_idem_reply *reply, void *data) {
+  idem_req *q = data;
+  if (status == 0 && !reply->completed && !q->a->closing &&
+      keel_idem_complete(idem, "payments", q->key, &reply->token, 200, "ok", 2, idem_completed,
+                         q) == 0)
+    return;
+  free(q);
+}
+
+static void idem_payment(app *a) {
+  idem_req *q = malloc(sizeof *q);
+  if (q == NULL) return;
+  q->a = a;
+  /* one request in four is a client's retry of the previous key */
+  uint64_t n = rnd(4) == 0 && a->idem_seq > 0 ? a->idem_seq : ++a->idem_seq;
+  snprintf(q->key, sizeof q->key, "pay-%d-%llu", (int)getpid(), (unsigned long long)n);
+  if (keel_idem_begin(a->payments_idem, "payments", q->key, "amount=10", idem_begun, q) != 0)
+    free(q);
+}
+
 /* ---- the service's heartbeat -------------------------------------------- */
 
 static void on_tick(uv_timer_t *t) {
@@ -216,6 +319,26 @@ static void on_tick(uv_timer_t *t) {
     keel_slug_insert(a->cards, &spec, slug_done, a);
   }
   if (a->sync == NULL && a->ticks % 40 == 0) start_sync(a);
+  if (a->ticks % 2 == 0) keel_pipeline_execute(a->api, api_op, api_done, a);
+  if (a->ticks % 20 == 0) {
+    keel_pgqueue_job_opts j;
+    keel_pgqueue_job_opts_init(&j);
+    j.kind = "report";
+    j.max_attempts = 3;
+    keel_pgqueue_enqueue(a->reports, NULL, &j, 1, NULL, NULL);
+  }
+  if (a->ticks % 200 == 0) keel_saga_start(a->checkout, NULL, NULL, NULL);
+  if (a->cache != NULL) {
+    if (a->ticks % 10 == 0) {
+      char tenant[32];
+      snprintf(tenant, sizeof tenant, "tenant-%u", rnd(5));
+      keel_ratelimit_redis_take(a->tenants, tenant, 1, tenant_taken, NULL);
+    }
+    if (a->ticks % 20 == 0) idem_payment(a);
+    if (a->ticks % 400 == 0 && a->lock == NULL &&
+        keel_redis_lock_acquire(a->cache, "nightly-report", NULL, lock_taken, a, &a->lock) != 0)
+      a->lock = NULL;
+  }
 }
 
 /* ---- start and stop ------------------------------------------------------ */
@@ -223,6 +346,18 @@ static void on_tick(uv_timer_t *t) {
 static void close_admin(keel_pg *c, int status, const keel_pg_result *res, void *data) {
   (void)status, (void)res, (void)data;
   keel_pg_close(c, NULL, NULL);
+}
+
+static void close_limiter(void *obj, void *data) {
+  (void)obj;
+  app *a = data;
+  keel_ratelimit_close(a->api_rl, NULL, NULL);
+}
+
+static void redis_user_closed(void *obj, void *data) {
+  (void)obj;
+  app *a = data;
+  if (--a->redis_users == 0) keel_redis_close(a->cache, NULL, NULL);
 }
 
 static void shut_down(app *a) {
@@ -236,9 +371,17 @@ static void shut_down(app *a) {
                                         "keel_pg_pool_size{",
                                         "keel_listener_received_total{",
                                         "keel_verifier_runs_started_total{",
-                                        "keel_integrity_operations_total{"};
+                                        "keel_integrity_operations_total{",
+                                        "keel_pipeline_calls_total{",
+                                        "keel_ratelimit_allowed_total{",
+                                        "keel_pgqueue_enqueued_total{",
+                                        "keel_saga_started_total{",
+                                        "keel_redis_state{",
+                                        "keel_ratelimit_redis_allowed_total{",
+                                        "keel_idempotency_begins_total{"};
     a->metrics_ok = true;
-    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+    size_t nkinds = sizeof kinds / sizeof kinds[0] - (a->cache != NULL ? 0 : 3);
+    for (size_t i = 0; i < nkinds; i++)
       if (strstr(text, kinds[i]) == NULL) {
         fprintf(stderr, "missing in /metrics: %s\n", kinds[i]);
         a->metrics_ok = false;
@@ -259,6 +402,17 @@ static void shut_down(app *a) {
   keel_verify_close(a->verifier, NULL, NULL);
   keel_integrity_close(a->cards, NULL, NULL);
   keel_pg_pool_close(a->pool, NULL, NULL);
+  keel_pipeline_close(a->api, close_limiter, a); /* the limiter outlives the pipeline */
+  keel_pgqueue_close(a->reports, NULL, NULL);
+  keel_saga_close(a->checkout, NULL, NULL);
+  if (a->cache != NULL) { /* the client outlives the limiter and the store */
+    a->redis_users = 2;
+    keel_ratelimit_redis_close(a->tenants, redis_user_closed, a);
+    keel_idem_close(a->payments_idem, redis_user_closed, a);
+  }
+  if (!a->forever)
+    keel_pg_query(a->admin, sql(a, "DROP SCHEMA IF EXISTS %s CASCADE", a->schema), 0, NULL, ignore,
+                  NULL);
   if (a->forever) {
     keel_pg_close(a->admin, NULL, NULL);
   } else {
@@ -352,9 +506,11 @@ int main(int argc, char **argv) {
   if (a.forever) {
     snprintf(a.orders, sizeof a.orders, "keel_demo_orders");
     snprintf(a.cards_table, sizeof a.cards_table, "keel_demo_dash_cards");
+    snprintf(a.schema, sizeof a.schema, "keel_demo");
   } else {
     snprintf(a.orders, sizeof a.orders, "keel_demo_orders_%d", (int)getpid());
     snprintf(a.cards_table, sizeof a.cards_table, "keel_demo_dash_cards_%d", (int)getpid());
+    snprintf(a.schema, sizeof a.schema, "keel_demo_%d", (int)getpid());
   }
   snprintf(a.fix_sql, sizeof a.fix_sql, "UPDATE %s SET amount = 0 WHERE id = $1", a.orders);
 
@@ -415,6 +571,78 @@ int main(int argc, char **argv) {
     return 1;
   }
 
+  /* the policies, the durable queue and the saga */
+  keel_ratelimit_opts rlo;
+  keel_ratelimit_opts_init(&rlo);
+  rlo.rate = 150; /* a call every 10 ms is asked for: some are refused */
+  keel_policy pols[3];
+  keel_retry_opts rto;
+  keel_retry_opts_init(&rto);
+  rto.max_attempts = 3;
+  rto.backoff.base_ms = 5;
+  keel_pipeline_opts plo;
+  keel_pipeline_opts_init(&plo);
+  plo.policies = pols;
+  plo.npolicies = 3;
+  if (keel_ratelimit_new(a.loop, &rlo, &a.api_rl) != 0) return 1;
+  keel_policy_ratelimit(&pols[0], a.api_rl);
+  keel_policy_retry(&pols[1], &rto);
+  keel_policy_timeout(&pols[2], 200);
+  if (keel_pipeline_new(a.loop, &plo, &a.api) != 0) {
+    fprintf(stderr, "pipeline failed\n");
+    return 1;
+  }
+  keel_pgqueue_opts pqo;
+  keel_pgqueue_opts_init(&pqo);
+  pqo.conninfo = conninfo;
+  pqo.schema = a.schema;
+  pqo.queue = "reports";
+  pqo.process = run_report;
+  pqo.concurrency = 4;
+  pqo.retry_backoff.base_ms = 200;
+  pqo.stats_ms = 1000;
+  if (keel_pgqueue_new_ex(a.loop, &pqo, &a.reports, why, sizeof why) != 0) {
+    fprintf(stderr, "durable queue: %s\n", why);
+    return 1;
+  }
+  keel_saga_step steps[2];
+  keel_saga_step_init(&steps[0], "reserve", reserve, reserve);
+  keel_saga_step_init(&steps[1], "charge", charge, NULL);
+  steps[1].kind = KEEL_SAGA_PIVOT;
+  keel_saga_opts sgo;
+  keel_saga_opts_init(&sgo);
+  sgo.conninfo = conninfo;
+  sgo.schema = a.schema;
+  sgo.type = "checkout";
+  sgo.steps = steps;
+  sgo.nsteps = 2;
+  sgo.pool_size = 2;
+  sgo.stats_ms = 1000;
+  if (keel_saga_new_ex(a.loop, &sgo, &a.checkout, why, sizeof why) != 0) {
+    fprintf(stderr, "saga: %s\n", why);
+    return 1;
+  }
+  const char *redis = getenv("KEEL_REDIS");
+  if (redis == NULL || redis[0] == '\0') redis = getenv("KEEL_TEST_REDIS");
+  if (redis != NULL && redis[0] != '\0') {
+    char url[256];
+    snprintf(url, sizeof url, "%s%s", strstr(redis, "://") ? "" : "redis://", redis);
+    keel_redis_opts ro;
+    keel_redis_opts_init(&ro);
+    ro.url = url;
+    keel_ratelimit_redis_opts rro;
+    keel_ratelimit_redis_opts_init(&rro);
+    rro.rate = 5;
+    keel_idem_opts io;
+    keel_idem_opts_init(&io);
+    if (keel_redis_new(a.loop, &ro, &a.cache) != 0 ||
+        keel_ratelimit_redis_new(a.cache, &rro, &a.tenants) != 0 ||
+        keel_idem_new_redis(a.loop, a.cache, &io, &a.payments_idem) != 0) {
+      fprintf(stderr, "redis start-up failed\n");
+      return 1;
+    }
+  }
+
   keel_pg_pool_serve(a.server, a.pool, "main");
   keel_pg_serve(a.server, a.admin, "admin");
   keel_integrity_serve(a.server, a.cards, "cards");
@@ -422,6 +650,15 @@ int main(int argc, char **argv) {
   keel_queue_serve(a.server, a.emails, "emails");
   keel_listener_serve(a.server, a.listener, "orders");
   keel_verify_serve(a.server, a.verifier, "orders-check");
+  keel_ratelimit_serve(a.server, a.api_rl, "api");
+  keel_pipeline_serve(a.server, a.api, "api");
+  keel_pgqueue_serve(a.server, a.reports, "reports");
+  keel_saga_serve(a.server, a.checkout, "checkout");
+  if (a.cache != NULL) {
+    keel_redis_serve(a.server, a.cache, "cache");
+    keel_ratelimit_redis_serve(a.server, a.tenants, "tenants");
+    keel_idem_serve(a.server, a.payments_idem, "payments");
+  }
 
   keel_pg_query(a.admin, sql(&a, "DROP TABLE IF EXISTS %s", a.orders), 0, NULL, ignore, NULL);
   keel_pg_query(a.admin,

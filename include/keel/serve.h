@@ -1,8 +1,9 @@
 /*
  * keel/serve.h — observability over HTTP and WebSocket on your loop.
  *
- * A small server on the caller's uv_loop_t (libwebsockets with a foreign
- * libuv loop: no thread of its own, no polling) that shows the objects you
+ * A small server on the caller's uv_loop_t (keel's own HTTP/1.1 on libuv;
+ * libwebsockets 4.1 on the same loop for the WebSocket: no thread of its
+ * own, no polling) that shows the objects you
  * register: GET /metrics (Prometheus text format 0.0.4), GET /stats.json
  * (every object's stats as JSON), GET / (a self-contained live dashboard)
  * and /ws (a WebSocket that sends a full snapshot, then deltas every
@@ -120,31 +121,38 @@ typedef struct keel_serve_opts {
   const char *token;          /* NULL (default) = no auth; else every request needs
                                  "Authorization: Bearer <token>" or "?token=<token>"
                                  (copied) */
-  unsigned max_clients;       /* HTTP and WebSocket connections at once; more get 503
-                                 or are refused; default 64 */
-  size_t max_request_bytes;   /* request line + headers; longer requests get 400 and
-                                 are closed (heads over 64 KiB are closed by
-                                 libwebsockets without an answer); default 4096,
+  unsigned max_clients;       /* HTTP and WebSocket connections at once; one accepted
+                                 beyond is closed at once without an answer
+                                 (stats.refused); default 64 */
+  size_t max_request_bytes;   /* request head: request line, header fields and the
+                                 empty line; a longer head, like a malformed one,
+                                 gets "400 Bad Request" and the connection closes
+                                 (docs/serve.md, Security defaults); default 4096,
                                  256..65535 */
   unsigned ws_interval_ms;    /* WebSocket delta period; default 500, at least 10 */
   size_t ws_max_frame_bytes;  /* a delta or snapshot frame larger than this is not
                                  sent (counted in frames_dropped); default 4 MiB.
                                  Frames go out in fragments of up to 64 KiB */
-  unsigned request_timeout_s; /* a request must arrive complete within this; default 5 */
+  unsigned request_timeout_s; /* a request head must arrive complete within this of
+                                 the accept or of the previous answer's end, and an
+                                 answer be taken within this of its start; else the
+                                 connection closes without an answer; default 5 */
   uint64_t reserved_[8];      /* ABI room: zero (opts_init does); never set */
 } keel_serve_opts;
 
 typedef struct keel_serve_stats {
-  uint64_t requests;       /* counter: HTTP requests answered (any status) */
+  uint64_t requests;       /* counter: HTTP answers written (any status; not the
+                              WebSocket 101) */
   uint64_t responses_4xx;  /* counter: 400, 401, 404, 405 answers */
-  uint64_t unauthorized;   /* counter: 401 answers and refused WebSocket handshakes */
-  uint64_t refused;        /* counter: connections over max_clients */
+  uint64_t unauthorized;   /* counter: 401 answers (requests and WebSocket
+                              handshakes) */
+  uint64_t refused;        /* counter: connections closed at accept over max_clients */
   uint64_t ws_accepted;    /* counter: WebSocket clients accepted */
   uint64_t frames_sent;    /* counter: WebSocket frames written */
   uint64_t frames_dropped; /* counter: deltas a slow client did not get (it gets a
                               fresh snapshot when it catches up) */
   uint64_t bytes_sent;     /* counter: body and frame bytes written */
-  unsigned clients;        /* gauge: connections open now */
+  unsigned clients;        /* gauge: HTTP and WebSocket connections open now */
   unsigned ws_clients;     /* gauge: WebSocket clients now */
   unsigned registered;     /* gauge: objects registered */
   uint64_t reserved_[8];   /* ABI room: filled with zero */
@@ -159,11 +167,11 @@ KEEL_EXTERN void keel_serve_opts_init(keel_serve_opts *opts);
  * defaults. *out is set on success and untouched on failure.
  *
  * Returns 0; UV_EINVAL for a NULL loop/out, a host that is not an IPv4
- * address or an option out of range; UV_ENOMEM; UV_EADDRINUSE when the
- * port is taken, UV_EADDRNOTAVAIL or another UV_E* code when the address
- * cannot be bound; UV_EADDRINUSE also when libwebsockets fails to start
- * (its log line on stderr says why). No callback runs inside this call.
- * Loop thread only.
+ * address or an option out of range; UV_ENOMEM, also when libwebsockets
+ * fails to start (e.g. its libuv plugin, package libwebsockets-evlib-uv,
+ * is missing); UV_EADDRINUSE when the port is taken, UV_EADDRNOTAVAIL or
+ * another UV_E* code of socket(), bind() or listen() when the address
+ * cannot be bound. No callback runs inside this call. Loop thread only.
  */
 KEEL_EXTERN int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **out);
 

@@ -14,6 +14,7 @@
  * callback. */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <libwebsockets.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -59,10 +60,6 @@ struct conn {
   keel_serve *s;
   struct lws *wsi;
   bool is_ws;
-  bool close_after; /* HTTP: close once the answer is out (a 400) */
-  /* HTTP: the body being sent, LWS_PRE bytes of room in front */
-  char *body;
-  size_t body_len, body_off, body_cap;
   /* WebSocket: the frame being written (from off), the one queued behind
    * it; a client that falls two frames behind gets a snapshot instead. */
   frame *cur, *queued;
@@ -72,9 +69,16 @@ struct conn {
   conn *next, *prev;
 };
 
+typedef struct hconn hconn;
+
 struct keel_serve {
   uv_loop_t *loop;
   struct lws_context *ctx;
+  int listen_fd;
+  uv_poll_t lpoll;    /* the listening socket: keel accepts */
+  bool accept_paused; /* out of descriptors: accepting again on the next sweep */
+  uv_timer_t sweep;   /* closes HTTP connections past their deadline */
+  hconn *http;        /* HTTP connections (WebSocket ones belong to lws) */
   char *host;
   char *token;
   keel_serve_opts opts;
@@ -673,211 +677,585 @@ static void ws_forget(conn *c) {
   c->cur = c->queued = NULL;
 }
 
-bool keel__tcp_sent_data(int fd);
-uint64_t keel__tcp_received(int fd);
+/* ---- HTTP (keel's own, on libuv) ------------------------------------- */
 
-/* The size of the request head being answered: the bytes the kernel
- * received on the connection since the last answer (kept as the wsi's
- * opaque user data). lws's own buffer is 64 KiB, so this is how
- * max_request_bytes becomes a 400 instead of a silent close. 0 when
- * unknown. */
-static uint64_t request_bytes(struct lws *wsi) {
-  lws_sockfd_type fd = lws_get_socket_fd(wsi);
-  if (fd < 0) return 0;
-  uint64_t rx = keel__tcp_received(fd), base = (uint64_t)(uintptr_t)lws_get_opaque_user_data(wsi);
-  return rx > base ? rx - base : 0;
+/* keel reads every request head itself, so that whatever libwebsockets
+ * would refuse in its own way (its 403 for a request line it cannot
+ * sanitise, a silent close for a head over its buffer) gets a 400: plain
+ * requests are answered here, and only a valid WebSocket handshake on /ws
+ * is handed to lws (lws_adopt_socket_vhost_readbuf() with the head
+ * already read). */
+
+enum { H_READ, H_WRITE, H_LINGER, H_CLOSING };
+
+#define KEEL__SWEEP_MS 250
+
+struct hconn {
+  uv_tcp_t tcp;
+  keel_serve *s;
+  int state;
+  bool keep;         /* keep the connection after this answer */
+  char *in;          /* max_request_bytes: the head being read (and any
+                        pipelined bytes after it) */
+  size_t in_len;     /* bytes in `in` */
+  size_t head_len;   /* of the request being answered */
+  uint64_t deadline; /* uv_now(): closed when reached */
+  uv_write_t wr;
+  uv_shutdown_t sh;
+  char hdr[512];
+  char *body; /* the answer's body (a render buffer) */
+  size_t body_len, body_cap;
+  hconn *next, *prev;
+};
+
+/* The parts of a request head keel looks at. */
+typedef struct hreq {
+  const char *method, *path, *query; /* query: after '?', NULL without */
+  size_t method_len, path_len, query_len;
+  int minor;     /* HTTP/1.<minor> */
+  int hosts;     /* Host fields */
+  bool has_body; /* Content-Length > 0 or Transfer-Encoding */
+  bool conn_close, conn_upgrade, upgrade_ws;
+  bool ws_key, ws_version_13;
+  const char *auth; /* Authorization value */
+  size_t auth_len;
+} hreq;
+
+static bool is_tchar(unsigned char c) {
+  if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) return true;
+  return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL;
 }
 
-static void request_done(struct lws *wsi) {
-  lws_sockfd_type fd = lws_get_socket_fd(wsi);
-  if (fd >= 0) lws_set_opaque_user_data(wsi, (void *)(uintptr_t)keel__tcp_received(fd));
+static bool is_hex(unsigned char c) {
+  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
 }
 
-/* ---- HTTP ------------------------------------------------------------ */
+static int hex_val(unsigned char c) {
+  return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
+}
 
-static bool token_ok(keel_serve *s, struct lws *wsi) {
-  if (s->token == NULL) return true;
-  char buf[512];
-  const char *given = NULL;
-  int n = lws_hdr_copy(wsi, buf, (int)sizeof buf, WSI_TOKEN_HTTP_AUTHORIZATION);
-  if (n > 7 && strncasecmp(buf, "Bearer ", 7) == 0)
-    given = buf + 7;
-  else
-    given = lws_get_urlarg_by_name(wsi, "token=", buf, (int)sizeof buf);
-  if (given == NULL) return false;
-  size_t a = strlen(given), b = strlen(s->token);
+static bool ieq(const char *a, size_t n, const char *lit) {
+  return strlen(lit) == n && strncasecmp(a, lit, n) == 0;
+}
+
+/* Whether the comma-separated list v (n bytes) holds token tok (any
+ * case). */
+static bool has_token(const char *v, size_t n, const char *tok) {
+  size_t i = 0;
+  while (i < n) {
+    while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ',')) i++;
+    size_t b = i;
+    while (i < n && v[i] != ',') i++;
+    size_t e = i;
+    while (e > b && (v[e - 1] == ' ' || v[e - 1] == '\t')) e--;
+    if (e > b && ieq(v + b, e - b, tok)) return true;
+  }
+  return false;
+}
+
+/* Whether the first `len` bytes received can still begin a valid request
+ * line (checked as bytes arrive, so that junk is answered at once rather
+ * than at the size limit or the timeout). */
+static bool line_prefix_ok(const char *p, size_t len) {
+  static const char ver[] = "HTTP/1.";
+  size_t i = 0;
+  while (i < len && is_tchar((unsigned char)p[i])) i++; /* method */
+  if (i == len) return true;
+  if (i == 0 || p[i] != ' ') return false;
+  if (++i == len) return true;
+  if (p[i] != '/') return false;
+  while (i < len && (unsigned char)p[i] > 0x20 && (unsigned char)p[i] < 0x7f) i++; /* target */
+  if (i == len) return true;
+  if (p[i] != ' ') return false;
+  i++;
+  for (size_t k = 0; k < sizeof ver - 1; k++, i++) {
+    if (i == len) return true;
+    if (p[i] != ver[k]) return false;
+  }
+  if (i == len) return true;
+  if (p[i] != '0' && p[i] != '1') return false;
+  if (++i == len) return true;
+  if (p[i] != '\r') return false;
+  if (++i == len) return true;
+  return p[i] == '\n';
+}
+
+/* Parses the head p[0..n) (ending in the empty line). Returns false for
+ * anything that is not a well-formed HTTP/1.0 or 1.1 request head. */
+static bool parse_head(const char *p, size_t n, hreq *r) {
+  memset(r, 0, sizeof *r);
+  size_t i = 0;
+  /* request line */
+  r->method = p;
+  while (i < n && is_tchar((unsigned char)p[i])) i++;
+  r->method_len = i;
+  if (i == 0 || i >= n || p[i] != ' ') return false;
+  size_t t = ++i;
+  if (i >= n || p[i] != '/') return false;
+  while (i < n && (unsigned char)p[i] > 0x20 && (unsigned char)p[i] < 0x7f) {
+    if (p[i] == '%' &&
+        !(i + 2 < n && is_hex((unsigned char)p[i + 1]) && is_hex((unsigned char)p[i + 2])))
+      return false;
+    i++;
+  }
+  if (i >= n || p[i] != ' ') return false;
+  r->path = p + t;
+  const char *q = memchr(p + t, '?', i - t);
+  r->path_len = q ? (size_t)(q - (p + t)) : i - t;
+  if (q) {
+    r->query = q + 1;
+    r->query_len = (size_t)(p + i - r->query);
+  }
+  i++;
+  if (n - i < 10 || memcmp(p + i, "HTTP/1.", 7) != 0 || (p[i + 7] != '0' && p[i + 7] != '1') ||
+      p[i + 8] != '\r' || p[i + 9] != '\n')
+    return false;
+  r->minor = p[i + 7] - '0';
+  i += 10;
+  /* header fields, up to the empty line */
+  for (;;) {
+    if (n - i < 2) return false;
+    if (p[i] == '\r' && p[i + 1] == '\n') return i + 2 == n;
+    size_t b = i;
+    while (i < n && is_tchar((unsigned char)p[i])) i++;
+    if (i == b || i >= n || p[i] != ':') return false; /* also obs-fold, space before ':' */
+    size_t name_len = i - b;
+    i++;
+    while (i < n && (p[i] == ' ' || p[i] == '\t')) i++;
+    size_t vb = i;
+    while (i < n && p[i] != '\r' && p[i] != '\n') {
+      unsigned char c = (unsigned char)p[i];
+      if ((c < 0x20 && c != '\t') || c == 0x7f) return false;
+      i++;
+    }
+    if (n - i < 2 || p[i] != '\r' || p[i + 1] != '\n') return false;
+    size_t ve = i;
+    while (ve > vb && (p[ve - 1] == ' ' || p[ve - 1] == '\t')) ve--;
+    const char *name = p + b, *v = p + vb;
+    size_t vlen = ve - vb;
+    if (ieq(name, name_len, "host")) {
+      r->hosts++;
+    } else if (ieq(name, name_len, "content-length")) {
+      if (vlen == 0 || vlen > 18) return false;
+      uint64_t cl = 0;
+      for (size_t k = 0; k < vlen; k++) {
+        if (v[k] < '0' || v[k] > '9') return false;
+        cl = cl * 10 + (uint64_t)(v[k] - '0');
+      }
+      if (cl > 0) r->has_body = true;
+    } else if (ieq(name, name_len, "transfer-encoding")) {
+      r->has_body = true;
+    } else if (ieq(name, name_len, "connection")) {
+      if (has_token(v, vlen, "close")) r->conn_close = true;
+      if (has_token(v, vlen, "upgrade")) r->conn_upgrade = true;
+    } else if (ieq(name, name_len, "upgrade")) {
+      if (has_token(v, vlen, "websocket")) r->upgrade_ws = true;
+    } else if (ieq(name, name_len, "sec-websocket-key")) {
+      r->ws_key = vlen > 0;
+    } else if (ieq(name, name_len, "sec-websocket-version")) {
+      r->ws_version_13 = vlen == 2 && memcmp(v, "13", 2) == 0;
+    } else if (ieq(name, name_len, "authorization")) {
+      r->auth = v;
+      r->auth_len = vlen;
+    }
+    i += 2;
+  }
+}
+
+/* Constant-time comparison of the given token with the server's. */
+static bool token_eq(const keel_serve *s, const char *given, size_t a) {
+  size_t b = strlen(s->token);
   unsigned diff = (unsigned)(a != b);
   for (size_t i = 0; i < a && i < b; i++) diff |= (unsigned)(given[i] ^ s->token[i]);
   return diff == 0;
 }
 
-static void drop_body(conn *c) {
-  if (c->body == NULL) return;
-  give_buf(c->s, c->body, c->body_cap);
-  c->body = NULL;
+static bool token_ok(const keel_serve *s, const hreq *r) {
+  if (s->token == NULL) return true;
+  if (r->auth != NULL && r->auth_len > 7 && strncasecmp(r->auth, "Bearer ", 7) == 0) {
+    const char *t = r->auth + 7;
+    size_t n = r->auth_len - 7;
+    while (n > 0 && *t == ' ') t++, n--;
+    return token_eq(s, t, n);
+  }
+  /* ?token=<token> (percent-decoded) */
+  const char *q = r->query, *end = q ? q + r->query_len : NULL;
+  while (q != NULL && q < end) {
+    const char *amp = memchr(q, '&', (size_t)(end - q));
+    const char *arg_end = amp ? amp : end;
+    if (arg_end - q >= 6 && memcmp(q, "token=", 6) == 0) {
+      char buf[512];
+      size_t n = 0;
+      for (const char *c = q + 6; c < arg_end; c++) {
+        if (n == sizeof buf) return false;
+        if (*c == '%' && arg_end - c >= 3) { /* escapes were checked by parse_head() */
+          buf[n++] = (char)(hex_val((unsigned char)c[1]) * 16 + hex_val((unsigned char)c[2]));
+          c += 2;
+        } else {
+          buf[n++] = *c;
+        }
+      }
+      return token_eq(s, buf, n);
+    }
+    q = amp ? amp + 1 : NULL;
+  }
+  return false;
 }
 
-/* Sends status + headers, then the body (taken over; LWS_PRE room in
- * front) over the following WRITEABLE callbacks. */
-static int respond(conn *c, unsigned status, const char *ctype, keel__buf *b,
-                   const char *extra_name, const char *extra_value) {
+static void h_closed(uv_handle_t *h) {
+  hconn *c = h->data;
   keel_serve *s = c->s;
-  size_t len = b->len - LWS_PRE;
-  unsigned char hdr[LWS_PRE + 1024], *start = hdr + LWS_PRE, *p = start,
-                                     *end = hdr + sizeof hdr - 1;
+  keel__free(c->in);
+  if (c->body) give_buf(s, c->body, c->body_cap);
+  keel__free(c);
+}
+
+static void h_close(hconn *c) {
+  if (c->state == H_CLOSING) return;
+  keel_serve *s = c->s;
+  c->state = H_CLOSING;
+  if (c->prev)
+    c->prev->next = c->next;
+  else
+    s->http = c->next;
+  if (c->next) c->next->prev = c->prev;
+  if (s->st.clients > 0) s->st.clients--;
+  if (s->http == NULL && !s->accept_paused) uv_timer_stop(&s->sweep);
+  uv_close((uv_handle_t *)&c->tcp, h_closed);
+}
+
+static void h_process(hconn *c);
+static void h_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf);
+
+static void h_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf) {
+  (void)suggested;
+  hconn *c = h->data;
+  size_t cap = c->s->opts.max_request_bytes;
+  if (c->state == H_LINGER) { /* read and dropped */
+    buf->base = c->in;
+    buf->len = cap;
+    return;
+  }
+  buf->base = c->in + c->in_len;
+  buf->len = cap - c->in_len;
+}
+
+static void h_shut(uv_shutdown_t *req, int status) {
+  hconn *c = req->data;
+  if (status < 0) h_close(c); /* nothing if closing already */
+}
+
+static void h_written(uv_write_t *req, int status) {
+  hconn *c = req->data;
+  keel_serve *s = c->s;
+  if (c->state == H_CLOSING) return; /* the close callback frees the body */
+  if (status < 0) {
+    h_close(c);
+    return;
+  }
+  s->st.bytes_sent += c->body_len;
+  give_buf(s, c->body, c->body_cap);
+  c->body = NULL;
+  c->body_len = c->body_cap = 0;
+  c->deadline = uv_now(s->loop) + (uint64_t)s->opts.request_timeout_s * 1000u;
+  if (!c->keep) {
+    /* FIN after the answer, then read and drop what the client still
+     * sends until it closes (or the deadline): closing with unread bytes
+     * would send a reset, and the client could lose the answer. */
+    c->state = H_LINGER;
+    c->sh.data = c;
+    if (uv_shutdown(&c->sh, (uv_stream_t *)&c->tcp, h_shut) != 0 ||
+        uv_read_start((uv_stream_t *)&c->tcp, h_alloc, h_read) != 0)
+      h_close(c);
+    return;
+  }
+  c->state = H_READ;
+  memmove(c->in, c->in + c->head_len, c->in_len - c->head_len); /* pipelined */
+  c->in_len -= c->head_len;
+  c->head_len = 0;
+  if (uv_read_start((uv_stream_t *)&c->tcp, h_alloc, h_read) != 0) {
+    h_close(c);
+    return;
+  }
+  if (c->in_len > 0) h_process(c);
+}
+
+static const char *reason_of(unsigned status) {
+  switch (status) {
+    case 200:
+      return "OK";
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 404:
+      return "Not Found";
+    case 405:
+      return "Method Not Allowed";
+    default:
+      return "Service Unavailable";
+  }
+}
+
+/* Writes status, headers and body (a render buffer, taken over; body_off
+ * bytes of room in front are skipped). `extra` is whole header lines. */
+static void h_respond(hconn *c, unsigned status, const char *ctype, keel__buf *b, size_t body_off,
+                      const char *extra) {
+  keel_serve *s = c->s;
+  size_t len = b->len - body_off;
+  int n = snprintf(c->hdr, sizeof c->hdr,
+                   "HTTP/1.1 %u %s\r\ncontent-type: %s\r\ncontent-length: %zu\r\n"
+                   "cache-control: no-store\r\nx-content-type-options: nosniff\r\n%s%s\r\n",
+                   status, reason_of(status), ctype, len, extra ? extra : "",
+                   c->keep ? "" : "connection: close\r\n");
   s->st.requests++;
   if (status >= 400 && status < 500) s->st.responses_4xx++;
-  if (lws_add_http_common_headers(c->wsi, status, ctype, (lws_filepos_t)len, &p, end) ||
-      lws_add_http_header_by_name(c->wsi, (const unsigned char *)"cache-control:",
-                                  (const unsigned char *)"no-store", 8, &p, end) ||
-      lws_add_http_header_by_name(c->wsi, (const unsigned char *)"x-content-type-options:",
-                                  (const unsigned char *)"nosniff", 7, &p, end) ||
-      (extra_name != NULL && lws_add_http_header_by_name(c->wsi, (const unsigned char *)extra_name,
-                                                         (const unsigned char *)extra_value,
-                                                         (int)strlen(extra_value), &p, end)) ||
-      lws_finalize_write_http_header(c->wsi, start, &p, end)) {
-    give_buf(s, b->data, b->cap);
-    return -1;
-  }
-  drop_body(c);
   c->body = b->data;
   c->body_cap = b->cap;
   c->body_len = len;
-  c->body_off = 0;
-  lws_callback_on_writable(c->wsi);
-  return 0;
+  if (n <= 0 || (size_t)n >= sizeof c->hdr) {
+    h_close(c);
+    return;
+  }
+  uv_read_stop((uv_stream_t *)&c->tcp);
+  c->state = H_WRITE;
+  c->deadline = uv_now(s->loop) + (uint64_t)s->opts.request_timeout_s * 1000u;
+  uv_buf_t bufs[2] = {uv_buf_init(c->hdr, (unsigned)n),
+                      uv_buf_init(b->data ? b->data + body_off : c->hdr, (unsigned)len)};
+  c->wr.data = c;
+  if (uv_write(&c->wr, (uv_stream_t *)&c->tcp, bufs, len > 0 ? 2 : 1, h_written) != 0) h_close(c);
 }
 
-static int respond_text(conn *c, unsigned status, const char *text, const char *extra_name,
-                        const char *extra_value) {
+static void h_text(hconn *c, unsigned status, const char *text, const char *extra) {
   keel__buf b = take_buf(c->s);
-  keel__buf_put(&b, lws_room, LWS_PRE);
   keel__buf_puts(&b, text);
   keel__buf_put(&b, "\n", 1);
   if (b.failed) {
     keel__buf_free(&b);
-    return -1;
+    h_close(c);
+    return;
   }
-  return respond(c, status, "text/plain; charset=utf-8", &b, extra_name, extra_value);
+  h_respond(c, status, "text/plain; charset=utf-8", &b, 0, extra);
 }
 
-static int http_writeable(conn *c) {
-  if (c->body == NULL) return 0;
-  size_t left = c->body_len - c->body_off;
-  /* All but the last byte go straight to the socket, as much as it takes
-   * (no copy, no 64 KiB steps); lws writes the last one and ends the
-   * answer. Only once lws has nothing of its own left to send (headers). */
-  lws_sockfd_type fd = lws_get_socket_fd(c->wsi);
-  if (left > 1 && fd >= 0 && !lws_partial_buffered(c->wsi)) {
-    ssize_t m = send(fd, c->body + LWS_PRE + c->body_off, left - 1, MSG_DONTWAIT | MSG_NOSIGNAL);
-    if (m < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return -1;
-    if (m > 0) {
-      c->body_off += (size_t)m;
-      c->s->st.bytes_sent += (uint64_t)m;
-      left -= (size_t)m;
-    }
-    if (left > 1) {
-      lws_callback_on_writable(c->wsi);
-      return 0;
-    }
-  }
-  size_t n = chunk_size(left);
-  bool final = n == left;
-  /* The LWS_PRE bytes before this chunk are room (first chunk) or bytes
-   * already sent: lws may write there. */
-  unsigned char *p = (unsigned char *)c->body + LWS_PRE + c->body_off;
-  if (lws_write(c->wsi, p, n, final ? LWS_WRITE_HTTP_FINAL : LWS_WRITE_HTTP) != (int)n) return -1;
-  c->s->st.bytes_sent += n;
-  c->body_off += n;
-  if (!final) {
-    lws_callback_on_writable(c->wsi);
-    return 0;
-  }
-  drop_body(c);
-  if (c->close_after) return -1;
-  request_done(c->wsi);
-  if (lws_http_transaction_completed(c->wsi)) return -1;
-  return 0;
+static void h_bad(hconn *c, const char *why) {
+  c->keep = false;
+  h_text(c, 400, why, NULL);
 }
 
-static int http_request(conn *c, const char *path) {
+/* A WebSocket handshake on /ws: lws takes the socket over with the bytes
+ * read so far. */
+static void h_upgrade(hconn *c) {
   keel_serve *s = c->s;
-  struct lws *wsi = c->wsi;
-  if (request_bytes(wsi) > s->opts.max_request_bytes) {
-    c->close_after = true;
-    return respond_text(c, 400, "request too large", "connection:", "close");
+  int fd = -1;
+  uv_os_fd_t ofd;
+  if (uv_fileno((uv_handle_t *)&c->tcp, &ofd) == 0) fd = fcntl(ofd, F_DUPFD_CLOEXEC, 0);
+  struct lws_vhost *vh = lws_get_vhost_by_name(s->ctx, "default");
+  if (fd < 0 || vh == NULL) {
+    if (fd >= 0) close(fd);
+    c->keep = false;
+    h_text(c, 503, "cannot take the WebSocket", NULL);
+    return;
   }
-  if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
-    return respond_text(c, 405, "method not allowed", "allow:", "GET");
-  if (!token_ok(s, wsi)) {
+  h_close(c); /* its fd closes now; the socket lives on in fd */
+  /* lws owns fd from here, and closes it on failure */
+  (void)lws_adopt_socket_vhost_readbuf(vh, fd, c->in, c->in_len);
+}
+
+/* Answers the complete head in[0..head_len). */
+static void h_answer(hconn *c) {
+  keel_serve *s = c->s;
+  hreq r;
+  if (!parse_head(c->in, c->head_len, &r)) {
+    h_bad(c, "malformed request");
+    return;
+  }
+  if (r.hosts > 1 || (r.minor == 1 && r.hosts == 0)) {
+    h_bad(c, "one Host header required");
+    return;
+  }
+  c->keep = r.minor == 1 && !r.conn_close && !r.has_body && !r.upgrade_ws;
+  bool get = ieq(r.method, r.method_len, "GET");
+  bool ws_path = r.path_len == 3 && memcmp(r.path, "/ws", 3) == 0;
+  if (!get) {
+    h_text(c, 405, "method not allowed", "allow: GET\r\n");
+    return;
+  }
+  if (r.upgrade_ws) {
+    if (!ws_path) {
+      h_text(c, 404, "not found", NULL);
+      return;
+    }
+    if (!token_ok(s, &r)) {
+      s->st.unauthorized++;
+      h_text(c, 401, "unauthorized", "www-authenticate: Bearer realm=\"keel\"\r\n");
+      return;
+    }
+    if (!r.conn_upgrade || !r.ws_key || !r.ws_version_13 || r.has_body || r.minor != 1) {
+      h_bad(c, "bad WebSocket handshake");
+      return;
+    }
+    h_upgrade(c);
+    return;
+  }
+  if (!token_ok(s, &r)) {
     s->st.unauthorized++;
-    return respond_text(c, 401, "unauthorized", "www-authenticate:", "Bearer realm=\"keel\"");
+    h_text(c, 401, "unauthorized", "www-authenticate: Bearer realm=\"keel\"\r\n");
+    return;
   }
+#define PATH_IS(lit) (r.path_len == sizeof lit - 1 && memcmp(r.path, lit, sizeof lit - 1) == 0)
   keel__buf b = take_buf(s);
-  keel__buf_put(&b, lws_room, LWS_PRE);
-  if (strcmp(path, "/metrics") == 0) {
+  if (PATH_IS("/metrics")) {
     if (render_metrics(s, &b) != 0) goto oom;
-    return respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", &b, NULL, NULL);
+    h_respond(c, 200, "text/plain; version=0.0.4; charset=utf-8", &b, 0, NULL);
+    return;
   }
-  if (strcmp(path, "/stats.json") == 0) {
+  if (PATH_IS("/stats.json")) {
     if (render_json(s, &b) != 0) goto oom;
-    return respond(c, 200, "application/json", &b, NULL, NULL);
+    h_respond(c, 200, "application/json", &b, 0, NULL);
+    return;
   }
-  if (strcmp(path, "/") == 0 || strcmp(path, "/index.html") == 0) {
+  if (PATH_IS("/") || PATH_IS("/index.html")) {
     keel__buf_put(&b, keel__serve_page, keel__serve_page_len);
     if (b.failed) goto oom;
-    return respond(c, 200, "text/html; charset=utf-8", &b, "content-security-policy:",
-                   "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-                   "connect-src 'self'; img-src data:");
+    h_respond(c, 200, "text/html; charset=utf-8", &b, 0,
+              "content-security-policy: default-src 'none'; script-src 'unsafe-inline'; "
+              "style-src 'unsafe-inline'; connect-src 'self'; img-src data:\r\n");
+    return;
   }
+#undef PATH_IS
   give_buf(s, b.data, b.cap);
-  if (strcmp(path, "/ws") == 0)
-    return respond_text(c, 400, "WebSocket upgrade required", NULL, NULL);
-  return respond_text(c, 404, "not found", NULL, NULL);
+  if (ws_path) {
+    h_text(c, 400, "WebSocket upgrade required", NULL);
+    return;
+  }
+  h_text(c, 404, "not found", NULL);
+  return;
 oom:
   keel__buf_free(&b);
   keel__buf_free(&s->spare);
-  return respond_text(c, 503, "out of memory", NULL, NULL);
+  c->keep = false;
+  h_text(c, 503, "out of memory", NULL);
 }
 
-/* ---- answers libwebsockets does not give ----------------------------- */
-
-/* libwebsockets 4.1 refuses a WebSocket handshake by closing. When nothing
- * at all was sent on the connection yet (so no response can be under
- * way), keel writes a short answer itself before lws closes the socket:
- * what the client sent and was not read is dropped first, then the
- * answer, then FIN. */
-static void raw_answer(keel_serve *s, struct lws *wsi, unsigned status, const char *reason,
-                       const char *extra) {
-  lws_sockfd_type fd = lws_get_socket_fd(wsi);
-  if (fd < 0 || keel__tcp_sent_data(fd)) return;
-  char junk[4096];
-  for (int i = 0; i < 64 && recv(fd, junk, sizeof junk, MSG_DONTWAIT) > 0; i++) {
+/* Looks for the end of the head in what was read. */
+static void h_process(hconn *c) {
+  size_t cap = c->s->opts.max_request_bytes;
+  /* empty lines before a request line are ignored (RFC 9112 2.2) */
+  size_t skip = 0;
+  while (c->in_len - skip >= 2 && c->in[skip] == '\r' && c->in[skip + 1] == '\n') skip += 2;
+  if (skip > 0) {
+    memmove(c->in, c->in + skip, c->in_len - skip);
+    c->in_len -= skip;
   }
-  char msg[512];
-  int n = snprintf(msg, sizeof msg,
-                   "HTTP/1.1 %u %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                   "content-length: %zu\r\ncache-control: no-store\r\n%sconnection: close\r\n\r\n"
-                   "%s\n",
-                   status, reason, strlen(reason) + 1, extra ? extra : "", reason);
-  if (n <= 0 || (size_t)n >= sizeof msg) return;
-  ssize_t m = send(fd, msg, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
-  shutdown(fd, SHUT_WR);
-  if (m <= 0) return; /* the client is gone */
-  s->st.requests++;
-  s->st.responses_4xx++;
-  s->st.bytes_sent += (uint64_t)m;
+  for (size_t i = 0; i < c->in_len; i++) {
+    unsigned char ch = (unsigned char)c->in[i];
+    if (ch == '\n' && i + 2 < c->in_len + 0 && c->in[i + 1] == '\r' && c->in[i + 2] == '\n') {
+      c->head_len = i + 3;
+      h_answer(c);
+      return;
+    }
+    if (ch == '\n' && i + 1 < c->in_len && c->in[i + 1] == '\n') {
+      h_bad(c, "malformed request"); /* a bare LF */
+      return;
+    }
+    if ((ch < 0x20 && ch != '\t' && ch != '\r' && ch != '\n') || ch == 0x7f) {
+      h_bad(c, "malformed request"); /* control bytes */
+      return;
+    }
+  }
+  const char *nl = memchr(c->in, '\n', c->in_len);
+  if (!line_prefix_ok(c->in, nl ? (size_t)(nl - c->in) + 1 : c->in_len)) {
+    h_bad(c, "malformed request");
+    return;
+  }
+  if (c->in_len >= cap) h_bad(c, "request too large");
+}
+
+static void h_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
+  (void)buf;
+  hconn *c = st->data;
+  if (nread < 0) {
+    h_close(c);
+    return;
+  }
+  if (nread == 0 || c->state != H_READ) return; /* H_LINGER: dropped */
+  c->in_len += (size_t)nread;
+  h_process(c);
+}
+
+static void on_listen(uv_poll_t *p, int status, int events);
+
+static void on_sweep(uv_timer_t *t) {
+  keel_serve *s = t->data;
+  uint64_t now = uv_now(s->loop);
+  if (s->accept_paused && !s->closing) {
+    s->accept_paused = false;
+    uv_poll_start(&s->lpoll, UV_READABLE, on_listen);
+    if (s->http == NULL) uv_timer_stop(&s->sweep);
+  }
+  hconn *next;
+  for (hconn *c = s->http; c; c = next) {
+    next = c->next;
+    if (c->deadline <= now) h_close(c);
+  }
+}
+
+static void accept_one(keel_serve *s, int fd) {
+  if (s->st.clients >= s->opts.max_clients) {
+    s->st.refused++;
+    close(fd);
+    return;
+  }
+  hconn *c = keel__calloc(1, sizeof *c);
+  char *in = c ? keel__malloc(s->opts.max_request_bytes) : NULL;
+  if (c == NULL || in == NULL || uv_tcp_init(s->loop, &c->tcp) != 0) {
+    keel__free(in);
+    keel__free(c);
+    close(fd);
+    return;
+  }
+  c->s = s;
+  c->in = in;
+  c->tcp.data = c;
+  c->state = H_READ;
+  c->deadline = uv_now(s->loop) + (uint64_t)s->opts.request_timeout_s * 1000u;
+  c->next = s->http;
+  if (s->http) s->http->prev = c;
+  s->http = c;
+  s->st.clients++;
+  if (!uv_is_active((uv_handle_t *)&s->sweep))
+    uv_timer_start(&s->sweep, on_sweep, KEEL__SWEEP_MS, KEEL__SWEEP_MS);
+  if (uv_tcp_open(&c->tcp, fd) != 0) {
+    close(fd);
+    h_close(c);
+    return;
+  }
+  uv_tcp_nodelay(&c->tcp, 1);
+  if (uv_read_start((uv_stream_t *)&c->tcp, h_alloc, h_read) != 0) h_close(c);
+}
+
+static void on_listen(uv_poll_t *p, int status, int events) {
+  (void)events;
+  keel_serve *s = p->data;
+  if (status < 0 || s->closing) return;
+  for (int i = 0; i < 64; i++) { /* a bounded batch per wakeup */
+    int fd = accept4(s->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
+        /* the socket stays readable: wait for the next sweep, not spin */
+        uv_poll_stop(&s->lpoll);
+        s->accept_paused = true;
+        if (!uv_is_active((uv_handle_t *)&s->sweep))
+          uv_timer_start(&s->sweep, on_sweep, KEEL__SWEEP_MS, KEEL__SWEEP_MS);
+      }
+      return; /* EAGAIN, ECONNABORTED...: the next wakeup */
+    }
+    accept_one(s, fd);
+  }
 }
 
 /* ---- the lws protocol callback -------------------------------------- */
-
-/* Headers and body go out in separate writes: without TCP_NODELAY, Nagle
- * holds the body until the client's delayed ACK of the headers (40 ms). */
-static void no_delay(struct lws *wsi) {
-  int one = 1;
-  lws_sockfd_type fd = lws_get_socket_fd(wsi);
-  if (fd >= 0) setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-}
 
 static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
                   size_t len) {
@@ -885,13 +1263,6 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
   keel_serve *s = ctx ? lws_context_user(ctx) : NULL;
   conn *c = user;
   switch (reason) {
-    case LWS_CALLBACK_FILTER_NETWORK_CONNECTION:
-      if (s == NULL || s->closing) return 1;
-      if (s->st.clients >= s->opts.max_clients) {
-        s->st.refused++;
-        return 1;
-      }
-      return 0;
     case LWS_CALLBACK_WSI_CREATE:
       if (s) s->st.clients++;
       return 0;
@@ -906,44 +1277,17 @@ static int on_lws(struct lws *wsi, enum lws_callback_reasons reason, void *user,
       }
       return 0;
     case LWS_CALLBACK_HTTP:
-      if (c == NULL || s == NULL) return -1;
-      c->s = s;
-      c->wsi = wsi;
-      no_delay(wsi);
-      return http_request(c, in ? (const char *)in : "/");
-    case LWS_CALLBACK_HTTP_BODY:
-      return 0;
     case LWS_CALLBACK_HTTP_WRITEABLE:
-      if (c == NULL) return -1;
-      return http_writeable(c);
-    case LWS_CALLBACK_HTTP_DROP_PROTOCOL:
-      if (c && !c->is_ws && c->s != NULL) drop_body(c);
-      return 0;
-    case LWS_CALLBACK_CLOSED_HTTP:
-      if (c && !c->is_ws && c->s != NULL) drop_body(c);
-      return 0;
-    case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION: {
-      char uri[64];
-      if (s == NULL || s->closing) return 1;
-      if (lws_hdr_copy(wsi, uri, (int)sizeof uri, WSI_TOKEN_GET_URI) <= 0 ||
-          strcmp(uri, "/ws") != 0) {
-        raw_answer(s, wsi, 404, "Not Found", NULL);
-        return 1;
-      }
-      if (!token_ok(s, wsi)) {
-        s->st.unauthorized++;
-        raw_answer(s, wsi, 401, "Unauthorized", "www-authenticate: Bearer realm=\"keel\"\r\n");
-        return 1;
-      }
-      return 0;
-    }
+      return -1; /* keel answers HTTP itself; lws only gets WebSocket handshakes */
+    case LWS_CALLBACK_FILTER_PROTOCOL_CONNECTION:
+      /* keel checked the path, the token and the handshake already */
+      return s == NULL || s->closing ? 1 : 0;
     case LWS_CALLBACK_ESTABLISHED:
       if (c == NULL || s == NULL) return -1;
       memset(c, 0, sizeof *c);
       c->s = s;
       c->wsi = wsi;
       c->is_ws = true;
-      no_delay(wsi);
       c->next = s->ws;
       if (s->ws) s->ws->prev = c;
       s->ws = c;
@@ -1003,29 +1347,37 @@ static void serve_free(keel_serve *s) {
   keel__free(s->removed);
   keel__free(s->host);
   keel__free(s->token);
+  if (s->listen_fd >= 0) close(s->listen_fd);
   keel__free(s);
 }
 
 static int lws_log_set;
 
-/* Binds host:port once and lets go: libwebsockets 4.1 fails context
- * creation on a taken port but leaves a close callback pending on the
- * foreign loop that touches freed memory, so keel refuses the port before
- * lws sees it. Returns 0 or a UV_E* code. */
-static int probe_bind(const char *host, int port) {
+/* The listening socket (keel accepts; lws listens on nothing). Returns
+ * the fd or a UV_E* code. */
+static int listen_socket(const char *host, int port, int *port_out) {
   struct sockaddr_in a;
   memset(&a, 0, sizeof a);
   a.sin_family = AF_INET;
   a.sin_port = htons((uint16_t)port);
   if (inet_pton(AF_INET, host, &a.sin_addr) != 1) return UV_EINVAL;
-  if (port == 0) return 0;
-  int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
   if (fd < 0) return uv_translate_sys_error(errno);
   int one = 1;
-  setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-  int rc = bind(fd, (struct sockaddr *)&a, sizeof a) == 0 ? 0 : uv_translate_sys_error(errno);
-  close(fd);
-  return rc;
+  socklen_t alen = sizeof a;
+  if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+      bind(fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(fd, SOMAXCONN) != 0 ||
+      getsockname(fd, (struct sockaddr *)&a, &alen) != 0) {
+    int rc = uv_translate_sys_error(errno);
+    close(fd);
+    return rc;
+  }
+  *port_out = ntohs(a.sin_port);
+  return fd;
+}
+
+static void free_on_close(uv_handle_t *h) {
+  serve_free(h->data);
 }
 
 int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **out) {
@@ -1039,10 +1391,11 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
       opts->ws_interval_ms < 10 || opts->ws_max_frame_bytes == 0 || opts->request_timeout_s == 0 ||
       (opts->token != NULL && (opts->token[0] == '\0' || strlen(opts->token) > 256)))
     return UV_EINVAL;
-  int rc = probe_bind(opts->host, opts->port);
-  if (rc != 0) return rc;
+  struct in_addr probe;
+  if (inet_pton(AF_INET, opts->host, &probe) != 1) return UV_EINVAL;
   keel_serve *s = keel__calloc(1, sizeof *s);
   if (s == NULL) return UV_ENOMEM;
+  s->listen_fd = -1;
   s->loop = loop;
   s->opts = *opts;
   s->host = keel__strdup(opts->host);
@@ -1053,6 +1406,18 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
   }
   s->opts.host = s->host;
   s->opts.token = s->token;
+  int fd = listen_socket(s->host, opts->port, &s->port);
+  if (fd < 0) {
+    serve_free(s);
+    return fd;
+  }
+  s->listen_fd = fd;
+  int rc = uv_poll_init_socket(loop, &s->lpoll, fd);
+  if (rc != 0) {
+    serve_free(s);
+    return rc;
+  }
+  s->lpoll.data = s;
 
   if (!lws_log_set) {
     lws_log_set = 1;
@@ -1063,25 +1428,25 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
   void *foreign[1] = {loop};
   info.foreign_loops = foreign;
   info.options = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_DISABLE_IPV6;
-  info.port = opts->port; /* 0: the kernel picks one */
-  info.iface = s->host;
+  info.port = CONTEXT_PORT_NO_LISTEN_SERVER; /* keel accepts and hands WebSockets over */
   info.protocols = protocols;
   info.user = s;
   info.pcontext = &s->ctx;
-  /* lws's buffer for a request head: the most it takes (64 KiB), so that
-   * heads over max_request_bytes reach http_request() and get a 400;
-   * beyond 64 KiB lws closes without an answer. At most 256 buffers at
-   * once (16 MiB); connections beyond wait for one. */
-  info.max_http_header_data = 65535;
+  /* lws parses only WebSocket handshakes keel has checked (at most
+   * max_request_bytes): one header buffer per WebSocket being set up. */
+  info.max_http_header_data =
+      (unsigned short)(opts->max_request_bytes < 65535 - 64 ? opts->max_request_bytes + 64 : 65535);
   info.max_http_header_pool = (unsigned short)(opts->max_clients < 256 ? opts->max_clients : 256);
   info.timeout_secs = opts->request_timeout_s;
   info.ka_time = 0;
   s->ctx = lws_create_context(&info);
   if (s->ctx == NULL) {
-    serve_free(s);
-    return UV_EADDRINUSE;
+    uv_close((uv_handle_t *)&s->lpoll, free_on_close); /* frees s, closes the fd */
+    return UV_ENOMEM;
   }
+  uv_poll_start(&s->lpoll, UV_READABLE, on_listen);
   uv_timer_init(loop, &s->tick);
+  uv_timer_init(loop, &s->sweep);
   uv_idle_init(loop, &s->slice);
   uv_idle_init(loop, &s->destroy_idle);
   uv_prepare_init(loop, &s->iter);
@@ -1090,9 +1455,8 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
   s->iter.data = s;
   s->slice.data = s;
   s->tick.data = s;
+  s->sweep.data = s;
   s->destroy_idle.data = s;
-  struct lws_vhost *vh = lws_get_vhost_by_name(s->ctx, "default");
-  s->port = vh ? lws_get_vhost_listen_port(vh) : opts->port;
   *out = s;
   return 0;
 }
@@ -1119,7 +1483,9 @@ static void on_destroy_idle(uv_idle_t *idle) {
   if (s->ctx != NULL) lws_context_destroy(s->ctx); /* frees it; pcontext -> NULL */
   s->ctx = NULL;
   uv_idle_stop(idle);
-  s->handles = 4;
+  s->handles = 6;
+  uv_close((uv_handle_t *)&s->lpoll, on_handle_closed);
+  uv_close((uv_handle_t *)&s->sweep, on_handle_closed);
   uv_close((uv_handle_t *)&s->tick, on_handle_closed);
   uv_close((uv_handle_t *)&s->iter, on_handle_closed);
   uv_close((uv_handle_t *)&s->slice, on_handle_closed);
@@ -1142,6 +1508,11 @@ void keel_serve_close(keel_serve *s, keel_close_cb cb, void *data) {
   uv_timer_stop(&s->tick);
   s->ticking = false;
   pass_stop(s);
+  uv_poll_stop(&s->lpoll);
+  close(s->listen_fd); /* stopped: no longer watched */
+  s->listen_fd = -1;
+  while (s->http) h_close(s->http);
+  uv_timer_stop(&s->sweep);
   lws_context_destroy(s->ctx); /* closes every connection; ws list empties */
   s->quiet_iterations = 0;
   uv_idle_start(&s->destroy_idle, on_destroy_idle);
