@@ -13,7 +13,8 @@
  * in one statement guarded by the saga's version: a writer that lost the
  * saga to another process changes nothing and gets KEEL_ECONFLICT.
  * Execution rides on the durable queue (keel/pgqueue.h): starting a saga
- * enqueues one job (unique key "saga:<id>") in the same transaction; the
+ * writes its row (with step 0's first attempt recorded as started) and one
+ * job (unique key "saga:<id>") in one statement; the
  * worker that leases it drives the saga; a crashed orchestrator is an
  * expired lease, and the process that takes the job next resumes from the
  * log. Each action and compensation gets a stable idempotency key
@@ -164,6 +165,10 @@ typedef void (*keel_saga_ready_cb)(keel_saga *s, int status, void *data);
  * participant call, before / after the outcome commit. The outcome commit of
  * a step also records the next attempt as started, so BEFORE_COMMIT of one
  * attempt is followed by BEFORE_RECORD of the next, at the same moment.
+ * Step 0's first attempt is recorded by the start's statement: its
+ * BEFORE_RECORD / AFTER_RECORD (step 0, attempt 1) fire in the process that
+ * calls keel_saga_start(), around that statement (AFTER_RECORD only when
+ * the saga was written, not for an existing start key).
  */
 typedef enum keel_saga_point {
   KEEL_SAGA_BEFORE_RECORD = 0,
@@ -253,15 +258,16 @@ KEEL_EXTERN void keel_saga_start_opts_init(keel_saga_start_opts *opts);
  * the start key was there; then nothing was written and id is its id, or 0
  * when it committed too late to be read back); or an error with id 0:
  * UV_EINVAL (data is not JSON: nothing written), KEEL_EPG (reason in
- * keel_saga_last_error()), KEEL_EINDOUBT (the COMMIT was lost in flight:
+ * keel_saga_last_error()), KEEL_EINDOUBT (the statement was lost in flight:
  * start again with the same start_key), KEEL_ECONN, UV_ETIMEDOUT,
  * UV_ECANCELED (closed first).
  */
 typedef void (*keel_saga_start_cb)(keel_saga *s, int status, int64_t id, bool existed, void *data);
 
 /*
- * Starts a saga: inserts its row (state running, step 0) and enqueues its
- * job in one transaction; a worker (this process or another) runs it.
+ * Starts a saga: inserts its row (state running, step 0, its first attempt
+ * recorded as started) and its durable-queue job in one statement (one
+ * commit); a worker (this process or another) runs it.
  * Before the schema is ready, the start waits (opts.max_pending).
  * opts may be NULL (defaults). cb may be NULL; called once on a later loop
  * iteration. Returns 0; UV_EINVAL (NULL s, a start_key too long or with

@@ -13,6 +13,9 @@
 #include "saga_internal.h"
 
 #define MAX_KEY 96
+/* the job's max_attempts: the queue retries a run that failed on the log
+ * (connection lost, ...) practically forever; the saga decides the end */
+#define JOB_MAX_ATTEMPTS 1000000
 
 typedef struct run run;
 typedef struct req req;
@@ -144,6 +147,11 @@ static uint64_t hr(void) {
 
 static void hook(keel_saga *s, keel_saga_point p, run *r, bool comp, int step, unsigned attempt) {
   if (s->o.test_hook) s->o.test_hook(s, p, r->id, (unsigned)step, comp, attempt, s->o.data);
+}
+
+static void hook_id(keel_saga *s, keel_saga_point p, int64_t id, unsigned step, bool comp,
+                    unsigned attempt) {
+  if (s->o.test_hook) s->o.test_hook(s, p, id, step, comp, attempt, s->o.data);
 }
 
 static void maybe_closed(keel_saga *s);
@@ -524,6 +532,15 @@ static void call_now(run *r) {
   fn(s, c, s->o.data);
 }
 
+/* Calls step 0's first attempt, which the start recorded (the saga row at
+ * version 1 says attempt 1 of step 0 started): no statement before the
+ * call. Only on the first delivery of the start's job (see on_job and
+ * on_load); the outcome's write is guarded by version 1. */
+static void first_call(run *r) {
+  r->t_record = hr();
+  call_now(r);
+}
+
 /* An attempt's outcome is in (from done, or its timeout): write it. */
 static void outcome(run *r, int status, char *new_data) {
   keel_saga *s = r->s;
@@ -643,6 +660,13 @@ static void on_load(keel_pg *c, int status, const keel_pg_result *res, void *dat
     return;
   }
   r->t_mark = hr();
+  if (r->job && keel_pgqueue_job_attempt(r->job) == 1 && r->version == 1 &&
+      st == KEEL_SAGA_RUNNING && r->pos.step == 0 && r->pos.attempt == 1 && r->pos.budget == 0 &&
+      !overdue(r)) {
+    /* the start's record, and this is the first delivery of its job */
+    first_call(r);
+    return;
+  }
   r->loaded = true;
   decide(r);
 }
@@ -762,10 +786,13 @@ static void on_job(keel_pgqueue *q, keel_pgqueue_job *job, void *data) {
     return;
   }
   r->job = job;
-  /* A first attempt of a start's job carries the saga as it was written
-   * (version, data): record step 0 at once, guarded by that version; if the
-   * saga moved meanwhile the guard fails and the run loads it instead. */
-  const char *db, *de;
+  /* A first delivery of a start's job carries the saga as it was written
+   * (version, data). "a": 1 says the start recorded step 0's first attempt
+   * (keel since the one-statement start): call it at once, with no
+   * statement before; without "a" (a job of an older keel) record step 0
+   * first, guarded by that version. If the saga moved meanwhile the guard
+   * of that write fails and the run loads it instead. */
+  const char *db, *de, *ab, *ae;
   if (keel_pgqueue_job_attempt(job) == 1 && json_field(p, "v", &vb, &ve) &&
       json_field(p, "data", &db, &de)) {
     r->data = keel__strndup(db, (size_t)(de - db));
@@ -774,7 +801,12 @@ static void on_job(keel_pgqueue *q, keel_pgqueue_job *job, void *data) {
       r->pos.state = KEEL_SAGA_RUNNING;
       r->optimistic = true;
       r->t_mark = hr();
-      decide(r);
+      if (json_field(p, "a", &ab, &ae) && strtol(ab, NULL, 10) == 1) {
+        r->pos.attempt = 1;
+        first_call(r);
+      } else {
+        decide(r);
+      }
       return;
     }
   }
@@ -1106,61 +1138,35 @@ static void on_req_row(keel_pg *c, int status, const keel_pg_result *res, void *
   }
 }
 
+/* A re-drive: the guarded UPDATE and a new job, in one transaction. */
 static void req_body(keel_pg_tx *tx, keel_pg *conn, void *data) {
   req *rq = data;
   keel_saga *s = rq->s;
   rq->tx = tx;
-  char idb[24], dl[24];
+  char idb[24];
   snprintf(idb, sizeof idb, "%" PRId64, rq->id);
-  int rc;
-  if (rq->kind == REQ_START) {
-    snprintf(dl, sizeof dl, "%" PRIu64, rq->deadline_ms);
-    const char *params[5] = {idb, s->type, rq->json, dl, rq->start_key};
-    rc = keel_pg_query_cached(conn, s->sql.start, 5, params, on_req_row, rq);
-  } else {
-    const char *params[2] = {idb, s->type};
-    rc = keel_pg_query_cached(conn, s->sql.redrive, 2, params, on_req_row, rq);
-  }
+  const char *params[2] = {idb, s->type};
+  int rc = keel_pg_query_cached(conn, s->sql.redrive, 2, params, on_req_row, rq);
   if (rc != 0) {
     rq->tx = NULL;
     keel_pg_tx_done(tx, rc);
     return;
   }
   char small[48], ukey[64];
-  char *payload = small;
-  if (rq->kind == REQ_START)
-    snprintf(ukey, sizeof ukey, "saga:%" PRId64, rq->id);
-  else /* the failed run's job may not be marked done yet: a key of its own
-          (two re-drives cannot both pass the state = 'failed' guard) */
-    snprintf(ukey, sizeof ukey, "saga:%" PRId64 ":%" PRIx64, rq->id, keel_rng_next(&s->rng));
-  if (rq->kind == REQ_START && rq->deadline_ms == 0) {
-    /* the saga as written, so that the worker needs no load to begin */
-    size_t cap = strlen(rq->json) + 64;
-    payload = keel__malloc(cap);
-    if (payload == NULL) {
-      rq->tx = NULL;
-      keel_pg_tx_done(tx, UV_ENOMEM);
-      return;
-    }
-    snprintf(payload, cap, "{\"saga\":%" PRId64 ",\"v\":1,\"data\":%s}", rq->id, rq->json);
-  } else {
-    snprintf(small, sizeof small, "{\"saga\":%" PRId64 "}", rq->id);
-  }
+  /* the failed run's job may not be marked done yet: a key of its own (two
+   * re-drives cannot both pass the state = 'failed' guard) */
+  snprintf(ukey, sizeof ukey, "saga:%" PRId64 ":%" PRIx64, rq->id, keel_rng_next(&s->rng));
+  snprintf(small, sizeof small, "{\"saga\":%" PRId64 "}", rq->id);
   keel_pgqueue_job_opts j;
   keel_pgqueue_job_opts_init(&j);
-  j.payload = payload;
+  j.payload = small;
   j.unique_key = ukey;
+  j.max_attempts = JOB_MAX_ATTEMPTS;
   rc = keel_pgqueue_enqueue(s->q, conn, &j, 1, on_req_enqueued, rq);
-  if (payload != small) keel__free(payload);
   if (rc == 0) rq->enq_pending = true;
   if (rc != 0) {
     rq->tx = NULL;
     keel_pg_tx_done(tx, rc);
-  } else if (rq->kind == REQ_START) {
-    /* COMMIT in the same round trip: a failed statement makes it roll
-     * back, and the pool reports that statement's error */
-    rq->tx = NULL;
-    keel_pg_tx_done(tx, 0);
   }
 }
 
@@ -1182,13 +1188,45 @@ static void req_tx_done(keel_pg_pool *pool, int status, const char *sqlstate, vo
   req_maybe_report(rq);
 }
 
+/* The start's one statement has answered (docs/saga.md, Starting). */
+static void on_start_row(keel_pg *c, int status, const keel_pg_result *res, void *data) {
+  req *rq = data;
+  keel_saga *s = rq->s;
+  s->ninflight_req--;
+  on_req_row(c, status, res, rq);
+  if (status != 0 && status != KEEL_EPG)
+    keel__fail(s->err, rq->status, "saga start: %s", keel_pg_pool_last_error(s->pool));
+  if (rq->status == 0 && !rq->existed)
+    hook_id(s, KEEL_SAGA_AFTER_RECORD, rq->id, 0, false, 1); /* step 0's first attempt */
+  req_report(rq);
+  maybe_closed(s);
+}
+
+static int send_start(req *rq) {
+  keel_saga *s = rq->s;
+  char idb[24], dl[24], ma[24];
+  snprintf(idb, sizeof idb, "%" PRId64, rq->id);
+  snprintf(dl, sizeof dl, "%" PRIu64, rq->deadline_ms);
+  snprintf(ma, sizeof ma, "%d", JOB_MAX_ATTEMPTS);
+  const char *params[7] = {idb, s->type, rq->json, dl, rq->start_key, s->queue, ma};
+  hook_id(s, KEEL_SAGA_BEFORE_RECORD, rq->id, 0, false, 1);
+  int rc = keel_pg_pool_query_cached(s->pool, s->sql.start, 7, params, on_start_row, rq);
+  if (rc == 0) s->ninflight_req++;
+  return rc;
+}
+
 static void issue_req(req *rq) {
   keel_saga *s = rq->s;
-  s->ninflight_req++;
-  int rc = keel_pg_pool_transaction(s->pool, KEEL_PG_READ_COMMITTED, req_body, req_tx_done, rq);
+  int rc;
+  if (rq->kind == REQ_START) {
+    rc = send_start(rq);
+  } else {
+    s->ninflight_req++;
+    rc = keel_pg_pool_transaction(s->pool, KEEL_PG_READ_COMMITTED, req_body, req_tx_done, rq);
+    if (rc != 0) s->ninflight_req--;
+  }
   if (rc != 0) {
     /* from a callback (the migration's): report now, never inside a user call */
-    s->ninflight_req--;
     rq->status = rc;
     req_report(rq);
     maybe_closed(s);
@@ -1209,10 +1247,15 @@ static int submit(keel_saga *s, req *rq) {
     s->nwaiting++;
     return 0;
   }
-  s->ninflight_req++;
-  int rc = keel_pg_pool_transaction(s->pool, KEEL_PG_READ_COMMITTED, req_body, req_tx_done, rq);
+  int rc;
+  if (rq->kind == REQ_START) {
+    rc = send_start(rq);
+  } else {
+    s->ninflight_req++;
+    rc = keel_pg_pool_transaction(s->pool, KEEL_PG_READ_COMMITTED, req_body, req_tx_done, rq);
+    if (rc != 0) s->ninflight_req--;
+  }
   if (rc != 0) {
-    s->ninflight_req--;
     req_free(rq);
     return keel__fail(s->err, rc, "saga request not queued: %s", keel_pg_pool_last_error(s->pool));
   }

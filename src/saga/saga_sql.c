@@ -82,12 +82,24 @@ static const char ADVANCE[] =
     " ON CONFLICT DO NOTHING)"
     " SELECT version FROM s";
 
-/* $1 id $2 type $3 data $4 deadline_ms (0 none) $5 start_key */
+/* $1 id $2 type $3 data $4 deadline_ms (0 none) $5 start_key $6 queue
+ * $7 job max_attempts. One statement, one commit: the saga row with step 0's
+ * first attempt recorded as started (the write-ahead record of that
+ * attempt: attempt = 1, attempt_at), and its durable-queue job (the queue's
+ * own row, as keel_pgqueue_enqueue() writes it; the queue's insert trigger
+ * notifies the workers at the commit). Without a deadline the job carries
+ * the saga as written (version 1, data), so that its first delivery calls
+ * step 0 with no further statement. A start key already there writes
+ * nothing (no job either) and returns that saga's id. */
 static const char START[] =
-    "WITH ins AS (INSERT INTO %s.saga_instances (id, type, data, deadline, start_key)"
-    " VALUES ($1, $2, $3::jsonb, CASE WHEN $4::bigint > 0 THEN now() + $4::bigint *"
-    " interval '1 millisecond' END, $5)"
-    " ON CONFLICT (type, start_key) WHERE start_key IS NOT NULL DO NOTHING RETURNING id)"
+    "WITH ins AS (INSERT INTO %s.saga_instances (id, type, data, deadline, start_key, attempt,"
+    " attempt_at) VALUES ($1, $2, $3::jsonb, CASE WHEN $4::bigint > 0 THEN now() + $4::bigint *"
+    " interval '1 millisecond' END, $5, 1, now())"
+    " ON CONFLICT (type, start_key) WHERE start_key IS NOT NULL DO NOTHING RETURNING id, data),"
+    " job AS (INSERT INTO %s.pgqueue_jobs (queue, payload, max_attempts, unique_key)"
+    " SELECT $6, CASE WHEN $4::bigint > 0 THEN jsonb_build_object('saga', id) ELSE"
+    " jsonb_build_object('saga', id, 'v', 1, 'a', 1, 'data', data) END, $7::int, 'saga:' || id "
+    "FROM ins)"
     " SELECT id, false AS existed FROM ins UNION ALL"
     " SELECT id, true FROM %s.saga_instances WHERE $5 IS NOT NULL AND type = $2"
     " AND start_key = $5 AND NOT EXISTS (SELECT 1 FROM ins)";
@@ -147,7 +159,7 @@ int keel__saga_sql_init(keel__saga_sql *sql, const char *schema, long long migra
   }
   sql->load = fmt(LOAD, schema, 1);
   sql->advance = fmt(ADVANCE, schema, 3);
-  sql->start = fmt(START, schema, 2);
+  sql->start = fmt(START, schema, 3);
   sql->redrive = fmt(REDRIVE, schema, 1);
   sql->stats = fmt(STATS, schema, 4);
   if (!sql->migrate || !sql->load || !sql->advance || !sql->start || !sql->redrive || !sql->stats) {
