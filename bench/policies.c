@@ -30,43 +30,16 @@
 
 #include "keel/policy.h"
 #include "policy/ratelimit_redis.h"
+#include "microbench.h"
 
 #define LIMITER_CALLS 10000000
 #define PIPE_CALLS 2000000
 #define BATCH 256
 #define RUNS 7
 
-static uint64_t allocations;
-static void *count_malloc(size_t n) {
-  allocations++;
-  return malloc(n);
-}
-static void *count_realloc(void *p, size_t n) {
-  allocations++;
-  return realloc(p, n);
-}
-static void *count_calloc(size_t c, size_t n) {
-  allocations++;
-  return calloc(c, n);
-}
-
 static double now_ns(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
+  return bench_clock_ns(CLOCK_THREAD_CPUTIME_ID);
 }
-
-static int cmp_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-static double median(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, cmp_double);
-  return v[n / 2];
-}
-
-static volatile int sink;
 
 __attribute__((noinline)) static int operation(int i) {
   sink = i;
@@ -262,7 +235,7 @@ static void redis_bench(double *keel_per_s, double *floor_per_s) {
 }
 
 int main(void) {
-  keel_replace_allocator(count_malloc, count_realloc, count_calloc, free);
+  keel_replace_allocator(bench_count_malloc, bench_count_realloc, bench_count_calloc, free);
   uv_loop_t loop;
   uv_loop_init(&loop);
 

@@ -121,10 +121,7 @@ static void failmalloc_redis(void *arg) {
 }
 
 Test(idem_failmalloc, redis, .timeout = 600) {
-  char host[64];
-  int port;
-  kt_redis_addr(host, sizeof host, &port);
-  snprintf(redis_url, sizeof redis_url, "redis://%s:%d", host, port);
+  kt_redis_url(redis_url, sizeof redis_url);
   kt_unique_name(failmalloc_table, sizeof failmalloc_table, "fmr");
   kt_failmalloc_run(failmalloc_redis, NULL);
   cr_assert_gt(kt_failmalloc_count(), 0);

@@ -5,11 +5,8 @@
 #include "scenarios.h"
 
 static void store_open(fx *f) {
-  char host[64];
-  int port;
-  kt_redis_addr(host, sizeof host, &port);
   char url[128];
-  snprintf(url, sizeof url, "redis://%s:%d", host, port);
+  kt_redis_url(url, sizeof url);
   keel_redis_opts ro;
   keel_redis_opts_init(&ro);
   ro.url = url;

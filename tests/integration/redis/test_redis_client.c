@@ -62,13 +62,6 @@ static void store(keel_redis *r, int status, const struct redisReply *rep, void 
   }
 }
 
-static void shared_url(char *buf, size_t cap) {
-  char host[64];
-  int port;
-  kt_redis_addr(host, sizeof host, &port);
-  snprintf(buf, cap, "redis://%s:%d", host, port);
-}
-
 static void open_url(ctx *x, const char *url, uint32_t timeout_ms) {
   memset(x, 0, sizeof *x);
   x->close_at = -1;
@@ -84,7 +77,7 @@ static void open_url(ctx *x, const char *url, uint32_t timeout_ms) {
 
 static void open_shared(ctx *x) {
   char url[128];
-  shared_url(url, sizeof url);
+  kt_redis_url(url, sizeof url);
   open_url(x, url, 0);
 }
 
@@ -320,7 +313,7 @@ Test(redis_client, urls_refused) {
 
 Test(redis_client, bounds_and_refused_commands) {
   char url[128];
-  shared_url(url, sizeof url);
+  kt_redis_url(url, sizeof url);
   ctx x;
   memset(&x, 0, sizeof x);
   x.close_at = -1;
@@ -569,7 +562,7 @@ static void fmc_scenario(void *arg) {
   memset(&f, 0, sizeof f);
   uv_loop_init(&f.loop);
   char url[128];
-  shared_url(url, sizeof url);
+  kt_redis_url(url, sizeof url);
   keel_redis_opts o;
   keel_redis_opts_init(&o);
   o.url = url;
