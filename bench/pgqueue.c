@@ -35,6 +35,9 @@
 
 #include "common.h"
 #include "keel/pgqueue.h"
+#include "pgqueue/pgqueue_internal.h" /* keel__pgq_job_trace */
+
+enum { PICKUP_MAX = 4096, PK_SEND = 0, PK_ACK, PK_NOTIFY, PK_SENT, PK_FETCHED, PK_START };
 
 typedef struct shared {
   atomic_int ready;
@@ -44,6 +47,11 @@ typedef struct shared {
   atomic_uint_fast64_t first_fetch_ns;
   atomic_uint_fast64_t pickup_n;
   uint64_t pickup_ns[4096];
+  /* per pickup job (index i of its payload), wall clock ns: the enqueue
+   * call, its callback (commit acknowledged), the NOTIFY the worker's keel
+   * had received when it sent the fetch that returned the job, that fetch
+   * sent, its answer, the process callback */
+  uint64_t pk[PICKUP_MAX][6];
   atomic_uchar runs[]; /* executions per job (index = id - id0) */
 } shared;
 
@@ -122,6 +130,111 @@ static int env_int(const char *name, int def) {
   return v && *v ? (int)strtol(v, NULL, 10) : def;
 }
 
+static int cmp_i64(const void *a, const void *b) {
+  int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+  return x < y ? -1 : x > y;
+}
+
+/* p50 and p99 (ms) of a signed sample (sorted in place). */
+static void pct_ms(int64_t *v, int n, double *p50, double *p99) {
+  *p50 = *p99 = 0;
+  if (n <= 0) return;
+  qsort(v, (size_t)n, sizeof *v, cmp_i64);
+  *p50 = (double)v[n / 2] / 1e6;
+  *p99 = (double)v[(int)(n * 0.99)] / 1e6;
+}
+
+/* Where the pickup time goes, for the jobs whose six instants are known:
+ * cumulative from the enqueue call (p50/p99) and per segment. A job whose
+ * fetch was sent before its own NOTIFY arrived (woken by an earlier one, or
+ * by the poll) counts in "not woken by its NOTIFY"; its notify segments
+ * are left out. */
+static void print_pickup_split(long n, const char *fsync_note) {
+  static int64_t v[PICKUP_MAX];
+  static const char *const cum_name[] = {"",           "commit acknowledged", "NOTIFY received",
+                                         "fetch sent", "claim returned",      "job start"};
+  char out[1024];
+  size_t o = 0;
+  int m = 0;
+  if (n > PICKUP_MAX) n = PICKUP_MAX;
+  o += (size_t)snprintf(out + o, sizeof out - o,
+                        "pickup split (ms after the enqueue call, p50/p99):");
+  for (int k = PK_ACK; k <= PK_START; k++) {
+    m = 0;
+    for (long i = 0; i < n; i++) {
+      uint64_t *t = sh->pk[i];
+      if (!t[PK_SEND] || !t[PK_ACK] || !t[PK_START] || !t[PK_FETCHED]) continue;
+      if (k == PK_NOTIFY && t[PK_NOTIFY] < t[PK_SEND]) continue;
+      v[m++] = (int64_t)(t[k] - t[PK_SEND]);
+    }
+    double a, b;
+    pct_ms(v, m, &a, &b);
+    o += (size_t)snprintf(out + o, sizeof out - o, "%s %s %.2f/%.2f", k == PK_ACK ? "" : ",",
+                          cum_name[k], a, b);
+  }
+  static const struct {
+    const char *name;
+    int from, to;
+    bool notify;
+  } seg[] = {{"commit", PK_SEND, PK_ACK, false},
+             {"ack->NOTIFY", PK_ACK, PK_NOTIFY, true},
+             {"NOTIFY->fetch", PK_NOTIFY, PK_SENT, true},
+             {"claim round trip", PK_SENT, PK_FETCHED, false},
+             {"dispatch", PK_FETCHED, PK_START, false}};
+  int all = 0, other = 0;
+  for (long i = 0; i < n; i++) {
+    uint64_t *t = sh->pk[i];
+    if (!t[PK_SEND] || !t[PK_ACK] || !t[PK_START] || !t[PK_FETCHED]) continue;
+    all++;
+    if (t[PK_NOTIFY] < t[PK_SEND]) other++;
+  }
+  o += (size_t)snprintf(out + o, sizeof out - o, "; segments:");
+  for (size_t k = 0; k < sizeof seg / sizeof seg[0] && o < sizeof out; k++) {
+    m = 0;
+    for (long i = 0; i < n; i++) {
+      uint64_t *t = sh->pk[i];
+      if (!t[PK_SEND] || !t[PK_ACK] || !t[PK_START] || !t[PK_FETCHED]) continue;
+      if (seg[k].notify && t[PK_NOTIFY] < t[PK_SEND]) continue;
+      v[m++] = (int64_t)(t[seg[k].to] - t[seg[k].from]);
+    }
+    double a, b;
+    pct_ms(v, m, &a, &b);
+    o += (size_t)snprintf(out + o, sizeof out - o, "%s %s %.2f/%.2f", k ? "," : "", seg[k].name, a,
+                          b);
+  }
+  if (o < sizeof out)
+    snprintf(out + o, sizeof out - o, "; %d jobs, %d not woken by their own NOTIFY", all, other);
+  printf("%s; %s\n", out, fsync_note);
+}
+
+/* This disk's durable write: 8 kB + fdatasync() once per 5 ms (the pickup
+ * phase's rate), 200 times, in dir (the server's filesystem). */
+static void fsync_probe(const char *dir, char *note, size_t cap) {
+  char path[512];
+  snprintf(path, sizeof path, "%s/fsync-probe", dir);
+  FILE *f = fopen(path, "w+");
+  static uint64_t lat[200];
+  static char block[8192];
+  int n = 0;
+  snprintf(note, cap, "disk fdatasync: not measured");
+  if (f == NULL) return;
+  memset(block, 'x', sizeof block);
+  int fd = fileno(f);
+  for (int i = 0; i < 200; i++) {
+    if (pwrite(fd, block, sizeof block, (off_t)(i % 16) * 8192) != (ssize_t)sizeof block) break;
+    uint64_t t = bench_mono_ns();
+    if (fdatasync(fd) != 0) break;
+    lat[n++] = bench_mono_ns() - t;
+    usleep(5000);
+  }
+  fclose(f);
+  remove(path);
+  double p50, p99;
+  bench_percentiles_us(lat, n, &p50, &p99);
+  snprintf(note, cap, "disk fdatasync 8 kB at 200/s: p50 %.2f ms, p99 %.2f ms", p50 / 1000,
+           p99 / 1000);
+}
+
 /* ---- worker process ------------------------------------------------------------ */
 
 typedef struct worker {
@@ -138,10 +251,18 @@ static void w_process(keel_pgqueue *q, keel_pgqueue_job *job, void *data) {
   if (w->pickup) {
     const char *p = keel_pgqueue_job_payload(job);
     const char *t = strstr(p, "\"t\":");
+    const char *ix = strstr(p, "\"i\":");
     if (t) {
+      uint64_t now = real_ns();
       uint64_t sent = strtoull(t + 4, NULL, 10);
       uint64_t n = atomic_fetch_add(&sh->pickup_n, 1);
-      if (n < 4096) sh->pickup_ns[n] = real_ns() - sent;
+      if (n < 4096) sh->pickup_ns[n] = now - sent;
+      long i = ix ? strtol(ix + 4, NULL, 10) : -1;
+      if (i >= 0 && i < PICKUP_MAX) {
+        keel__pgq_job_trace(job, &sh->pk[i][PK_NOTIFY], &sh->pk[i][PK_SENT],
+                            &sh->pk[i][PK_FETCHED]);
+        sh->pk[i][PK_START] = now;
+      }
     }
   } else {
     int64_t i = keel_pgqueue_job_id(job) - id0;
@@ -231,11 +352,13 @@ typedef struct enq {
   long pickup_left;
   uint64_t ack_ns[4096]; /* enqueue call -> its callback (the durable commit) */
   int nack;
+  long pick_i;
 } enq;
 
 typedef struct pick_req {
   enq *e;
   uint64_t sent;
+  long i;
 } pick_req;
 
 static void on_ready(keel_pgqueue *q, int status, void *data) {
@@ -286,7 +409,9 @@ static void on_pickup_enq(keel_pgqueue *q, int status, const keel_pgqueue_enqueu
   (void)jobs, (void)n;
   pick_req *r = data;
   enq *e = r->e;
-  if (e->nack < 4096) e->ack_ns[e->nack++] = real_ns() - r->sent;
+  uint64_t now = real_ns();
+  if (e->nack < 4096) e->ack_ns[e->nack++] = now - r->sent;
+  if (r->i >= 0 && r->i < PICKUP_MAX) sh->pk[r->i][PK_ACK] = now;
   free(r);
   e->inflight--;
   if (status != 0) fprintf(stderr, "pickup enqueue: %s\n", keel_pgqueue_last_error(q));
@@ -298,8 +423,11 @@ static void pickup_tick(uv_timer_t *t) {
     uv_timer_stop(t);
     return;
   }
-  char payload[64];
-  snprintf(payload, sizeof payload, "{\"t\":%" PRIu64 "}", real_ns());
+  char payload[80];
+  long i = e->pick_i++;
+  uint64_t t0 = real_ns();
+  if (i < PICKUP_MAX) sh->pk[i][PK_SEND] = t0;
+  snprintf(payload, sizeof payload, "{\"t\":%" PRIu64 ",\"i\":%ld}", t0, i);
   keel_pgqueue_job_opts j;
   keel_pgqueue_job_opts_init(&j);
   j.queue = "pickup";
@@ -308,7 +436,8 @@ static void pickup_tick(uv_timer_t *t) {
   pick_req *r = malloc(sizeof *r);
   if (r == NULL) return;
   r->e = e;
-  r->sent = real_ns();
+  r->i = i;
+  r->sent = t0;
   if (keel_pgqueue_enqueue(q, NULL, &j, 1, on_pickup_enq, r) == 0)
     e->inflight++;
   else
@@ -465,6 +594,9 @@ int main(void) {
       "p99 %.2f ms)\n",
       np, p50 / 1000, p99 / 1000, a50 / 1000, a99 / 1000);
 
+  char fsync_note[160];
+  fsync_probe(dir[0] ? dir : ".", fsync_note, sizeof fsync_note);
+
   /* 4. check */
   long lost = 0, dup = 0;
   for (long i = 0; i < njobs; i++) {
@@ -492,6 +624,7 @@ int main(void) {
     snprintf(cmd, sizeof cmd, "scripts/pg-instance stop %s", dir);
     if (system(cmd) != 0) fprintf(stderr, "could not stop %s\n", dir);
   }
+  print_pickup_split(e.pick_i, fsync_note);
   printf(
       "pgqueue jobs_per_s=%.0f enqueue_per_s=%.0f pickup_p50_ms=%.2f pickup_p99_ms=%.2f "
       "lost=%ld dup=%ld\n",

@@ -7,6 +7,7 @@
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "../core/histogram.h"
@@ -33,6 +34,7 @@ struct keel_pgqueue_job {
   uint64_t fetched_at, started_at, lease_deadline, timeout_at;
   uint64_t hb_gen;
   bool lost_pending;
+  uint64_t tr_notify, tr_sent, tr_fetched; /* keel__pgq_job_trace() */
 };
 
 typedef struct fin_entry {
@@ -109,6 +111,7 @@ struct keel_pgqueue {
   unsigned concurrency;
   uint64_t fetch_sent_at;
   unsigned fetch_limit;
+  uint64_t tr_notify, tr_fetch_notify, tr_fetch_sent; /* wall clock, ns (keel__pgq_job_trace) */
   uint64_t hb_gen, hb_sent_at;
   jlist pre, run, gone; /* gone: timed out / lost / released handles still held by the user */
   fin_list fin, fin_flight;
@@ -195,6 +198,21 @@ static void kick(keel_pgqueue *q) {
 /* There may be jobs to fetch (a NOTIFY, the poll, a reconnect, resume): a
  * fetch already in flight may have run before them, so its empty answer
  * does not clear this (wake_seq moved on). */
+/* Wall-clock ns for keel__pgq_job_trace() (one clock read per NOTIFY and
+ * per fetch: the bench compares them with other processes' clocks). */
+static uint64_t trace_ns(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+void keel__pgq_job_trace(const keel_pgqueue_job *job, uint64_t *notify_ns, uint64_t *sent_ns,
+                         uint64_t *fetched_ns) {
+  *notify_ns = job->tr_notify;
+  *sent_ns = job->tr_sent;
+  *fetched_ns = job->tr_fetched;
+}
+
 static void wake(keel_pgqueue *q) {
   q->more = true;
   q->wake_seq++;
@@ -448,7 +466,7 @@ static void on_fetch(keel_pg *c, int status, const keel_pg_result *res, void *da
     close_step2(q);
     return;
   }
-  uint64_t now = now_ms(q);
+  uint64_t now = now_ms(q), tr_now = trace_ns();
   keel__histogram_record(&q->h_fetch, (now - q->fetch_sent_at) * 1000000u);
   if (status != 0) {
     set_pg_error(q, "fetch", c, res, status);
@@ -493,6 +511,9 @@ static void on_fetch(keel_pg *c, int status, const keel_pg_result *res, void *da
     j->pickup_ms = pk ? strtod(pk, NULL) : 0;
     j->state = J_PREFETCHED;
     j->fetched_at = now;
+    j->tr_notify = q->tr_fetch_notify;
+    j->tr_sent = q->tr_fetch_sent;
+    j->tr_fetched = tr_now;
     j->lease_deadline = q->fetch_sent_at + q->o.lease_ms;
     pre_insert(q, j);
     q->st.fetched++;
@@ -514,6 +535,8 @@ static void send_fetch(keel_pgqueue *q, unsigned limit) {
   q->fetch_wake = q->wake_seq;
   q->fetch_sent_at = now_ms(q);
   q->fetch_limit = limit;
+  q->tr_fetch_sent = trace_ns();
+  q->tr_fetch_notify = q->tr_notify;
 }
 
 /* ---- the kick: dispatch, flush, fetch --------------------------------------------- */
@@ -845,6 +868,7 @@ static void on_notify(keel_pg *c, const char *channel, const char *payload, int 
   (void)pid;
   keel_pgqueue *q = data;
   if (strcmp(channel, q->channel) == 0) {
+    q->tr_notify = trace_ns();
     wake(q);
   }
 }

@@ -3,6 +3,7 @@
 #define KEEL_PGQUEUE_INTERNAL_H
 
 #include <stdbool.h>
+#include <stdint.h>
 #include <string.h>
 
 #include "../core/alloc.h"
@@ -47,5 +48,11 @@ void keel__pgq_buf_free(keel__pgq_buf *b);
 int keel__pgq_valid_queue(const char *s);
 int keel__pgq_valid_schema(const char *s);
 bool keel__pgq_valid_json(const char *s);
+
+/* For bench/pgqueue.c (pickup split): wall-clock ns (CLOCK_REALTIME) of the
+ * last NOTIFY received before the fetch that returned this job was sent
+ * (0: none yet), of that fetch's sending, and of its answer. */
+void keel__pgq_job_trace(const keel_pgqueue_job *job, uint64_t *notify_ns, uint64_t *sent_ns,
+                         uint64_t *fetched_ns);
 
 #endif
