@@ -127,6 +127,14 @@ static void acquire_cb(keel_pg *c, int status, const keel_pg_result *res, void *
   uint64_t sent = r->sent;
   keel__free(r);
   v->renew_inflight = false;
+  if (v->closing && status == 0 && keel_pg_result_nrows(res) == 1 && v->lock_conn == NULL) {
+    /* Taken or renewed after close began (close's release may even have
+     * run first): give it back, or the others wait out its ttl. Through
+     * the pool, which outlives the verifier; nobody waits for it. */
+    const char *fence = keel_pg_result_value(res, 0, 0);
+    const char *p[3] = {v->s_job, v->owner, fence};
+    if (fence != NULL) (void)keel_pg_pool_query(v->pool, v->sql.lease_release, 3, p, NULL, NULL);
+  }
   if (keel__vquery_returned(v)) return;
   if (status < 0) {
     /* the lease stays ours until its deadline: the next renewal may pass */
