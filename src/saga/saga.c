@@ -1215,16 +1215,19 @@ static int send_start(req *rq) {
   return rc;
 }
 
+/* A start is one statement; a re-drive is a transaction. */
+static int send_req(req *rq) {
+  keel_saga *s = rq->s;
+  if (rq->kind == REQ_START) return send_start(rq);
+  s->ninflight_req++;
+  int rc = keel_pg_pool_transaction(s->pool, KEEL_PG_READ_COMMITTED, req_body, req_tx_done, rq);
+  if (rc != 0) s->ninflight_req--;
+  return rc;
+}
+
 static void issue_req(req *rq) {
   keel_saga *s = rq->s;
-  int rc;
-  if (rq->kind == REQ_START) {
-    rc = send_start(rq);
-  } else {
-    s->ninflight_req++;
-    rc = keel_pg_pool_transaction(s->pool, KEEL_PG_READ_COMMITTED, req_body, req_tx_done, rq);
-    if (rc != 0) s->ninflight_req--;
-  }
+  int rc = send_req(rq);
   if (rc != 0) {
     /* from a callback (the migration's): report now, never inside a user call */
     rq->status = rc;
@@ -1247,14 +1250,7 @@ static int submit(keel_saga *s, req *rq) {
     s->nwaiting++;
     return 0;
   }
-  int rc;
-  if (rq->kind == REQ_START) {
-    rc = send_start(rq);
-  } else {
-    s->ninflight_req++;
-    rc = keel_pg_pool_transaction(s->pool, KEEL_PG_READ_COMMITTED, req_body, req_tx_done, rq);
-    if (rc != 0) s->ninflight_req--;
-  }
+  int rc = send_req(rq);
   if (rc != 0) {
     req_free(rq);
     return keel__fail(s->err, rc, "saga request not queued: %s", keel_pg_pool_last_error(s->pool));
