@@ -245,7 +245,15 @@ Test(saga, deadline_moves_to_compensating, .timeout = 120) {
   cr_assert_str_eq(st, "compensated");
   free(st);
   if (w.c.held) cr_assert_eq(keel_saga_call_done(w.c.held, 0), KEEL_ESTALE);
-  cr_assert_eq(count_of(&w, "kind = 'unbook'"), 1);
+  /* The item was booked once and released once; or, on a loaded machine,
+   * the deadline came before the booking ran: the release then left a
+   * tombstone and undid nothing. */
+  long booked = count_of(&w, "kind = 'book'");
+  cr_assert_leq(booked, 1);
+  cr_assert_eq(count_of(&w, "kind = 'unbook'"), booked);
+  char q[256];
+  snprintf(q, sizeof q, "SELECT sum(booked) FROM %s.items", w.schema);
+  cr_assert_eq(scalar_l(q), 0, "the item is free again");
   world_finish(&w);
 }
 
