@@ -99,6 +99,17 @@ static void add_alive(keel__sql *b, const keel_occ_spec *s, const char *alias) {
   keel__sql_add(b, " IS NULL");
 }
 
+/* Whether the row counts as present, as a boolean column: true, or
+ * "not soft-deleted". */
+static void add_alive_value(keel__sql *b, const keel_occ_spec *s) {
+  if (s->soft_delete_column == NULL || s->include_deleted) {
+    keel__sql_add(b, "true");
+  } else {
+    keel__sql_ident(b, s->soft_delete_column, false);
+    keel__sql_add(b, " IS NULL");
+  }
+}
+
 /* cur: the current version, read with FOR SHARE so that under READ
  * COMMITTED it is the newest committed one, not the statement's snapshot.
  * `alive` is false for a soft-deleted row (reported as not found). */
@@ -106,12 +117,7 @@ static void add_current(keel__sql *b, const keel_occ_spec *s, const char *writte
   keel__sql_add(b, ", cur AS (SELECT ");
   keel__sql_ident(b, s->version_column, false);
   keel__sql_add(b, "::text AS v, ");
-  if (s->soft_delete_column == NULL || s->include_deleted) {
-    keel__sql_add(b, "true");
-  } else {
-    keel__sql_ident(b, s->soft_delete_column, false);
-    keel__sql_add(b, " IS NULL");
-  }
+  add_alive_value(b, s);
   keel__sql_add(b, " AS alive FROM ");
   keel__sql_ident(b, s->table, true);
   keel__sql_add(b, " WHERE ");
@@ -180,12 +186,7 @@ static void build_check(keel__sql *b, const keel_occ_spec *s) {
   keel__sql_add(b, "SELECT ");
   keel__sql_ident(b, s->version_column, false);
   keel__sql_add(b, "::text, ");
-  if (s->soft_delete_column == NULL || s->include_deleted) {
-    keel__sql_add(b, "true");
-  } else {
-    keel__sql_ident(b, s->soft_delete_column, false);
-    keel__sql_add(b, " IS NULL");
-  }
+  add_alive_value(b, s);
   keel__sql_add(b, ", ");
   keel__sql_ident(b, s->version_column, false);
   keel__sql_addf(b, " = $2::%s FROM ", version_type(s->version_kind));
