@@ -1167,7 +1167,13 @@ static void serve_free(keel_serve *s) {
   keel__free(s);
 }
 
-static int lws_log_set;
+/* lws's log level is process-wide (see serve.h): set once, under uv_once
+ * since servers may start on several threads. */
+static uv_once_t lws_log_once = UV_ONCE_INIT;
+
+static void quiet_lws_log(void) {
+  lws_set_log_level(0, NULL);
+}
 
 /* The listening socket (keel accepts; lws listens on nothing). Returns
  * the fd or a UV_E* code. */
@@ -1235,10 +1241,7 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
   }
   s->lpoll.data = s;
 
-  if (!lws_log_set) {
-    lws_log_set = 1;
-    lws_set_log_level(0, NULL); /* process-wide: see serve.h */
-  }
+  uv_once(&lws_log_once, quiet_lws_log);
   struct lws_context_creation_info info;
   memset(&info, 0, sizeof info);
   void *foreign[1] = {loop};
