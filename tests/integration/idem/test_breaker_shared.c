@@ -465,6 +465,41 @@ Test(breaker_shared, an_old_broadcast_never_overrides_a_newer_state, .timeout = 
   kt_loop_finish(&loop);
 }
 
+static bool closed_again(void *ctx) {
+  return ((node *)ctx)->closed_ns != 0;
+}
+
+Test(breaker_shared, a_forged_broadcast_is_undone_by_redis_state, .timeout = 60) {
+  char url[128], name[64], chan[128];
+  kt_redis_url(url, sizeof url);
+  kt_unique_name(name, sizeof name, "forged");
+  snprintf(chan, sizeof chan, "keel:breaker:{%s}", name);
+  uv_loop_t loop;
+  uv_loop_init(&loop);
+  node n;
+  node_open(&n, &loop, url, name);
+  cr_assert(kt_wait_for(&loop, synced_and_subscribed, &n, 10000));
+  keel_breaker_shared_stats st;
+  keel_breaker_shared_get_stats(n.sh, &st);
+  uint64_t gen = st.shared_generation;
+  /* Any client of the Redis can PUBLISH on the channel: a generation far
+   * ahead of the shared hash's is followed at first (it looks newer)... */
+  const char *argv[] = {"PUBLISH", chan, "o:18446744073709551615:60000"};
+  pub p = {0};
+  cr_assert_eq(keel_redis_command(n.r, 3, argv, NULL, on_pub, &p), 0);
+  cr_assert(kt_wait_for(&loop, opened, &n, 5000));
+  /* ... but the syncs that follow find the hash closed at its own
+   * generation, and the process goes back to it (regression: it kept the
+   * forged generation, ignored every later answer and broadcast, and
+   * stayed open until the forged time ran out). */
+  cr_assert(kt_wait_for(&loop, closed_again, &n, 5000));
+  keel_breaker_shared_get_stats(n.sh, &st);
+  cr_assert_eq(st.shared_generation, gen);
+  cr_assert_eq(keel_breaker_get_state(n.b), KEEL_BREAKER_CLOSED);
+  node_close(&n);
+  kt_loop_finish(&loop);
+}
+
 Test(breaker_shared, broadcasts_resume_after_a_redis_restart, .timeout = 120) {
   kt_redis_server srv;
   kt_redis_server_start(&srv);
