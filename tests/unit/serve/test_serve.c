@@ -861,6 +861,45 @@ Test(serve, adapters_refuse_objects_whose_close_began) {
   teardown_fixture(&f);
 }
 
+/* A source that writes its metric names and help texts into buffers it
+ * reuses and frees (regression: every sample went to the first family,
+ * and the HELP text was read after the source freed it). */
+static void write_reused(const void *obj, keel_stats_writer *w) {
+  (void)obj;
+  char metric[16];
+  for (int i = 0; i < 3; i++) {
+    snprintf(metric, sizeof metric, "metric%d", i);
+    char *help = malloc(32);
+    snprintf(help, 32, "help of %d", i);
+    keel_stats_gauge(w, metric, help, i + 1);
+    memset(help, 'x', 31);
+    free(help);
+  }
+}
+
+Test(serve, source_names_in_reused_buffers) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  static const keel_stats_source reused = {"reused", write_reused};
+  int obj;
+  cr_assert_eq(keel_serve_register(f.s, &reused, &obj, "one", NULL), 0);
+  cr_assert_eq(keel_serve_register(f.s, &reused, &obj, "two", NULL), 0);
+  for (int render = 0; render < 2; render++) {
+    char *text;
+    size_t len;
+    cr_assert_eq(keel_serve_metrics_text(f.s, &text, &len), 0);
+    for (int i = 0; i < 3; i++) {
+      char want[96];
+      snprintf(want, sizeof want, "# HELP keel_reused_metric%d help of %d\n", i, i);
+      cr_assert_not_null(strstr(text, want), "%s", text);
+      snprintf(want, sizeof want, "keel_reused_metric%d{name=\"two\"} %d\n", i, i + 1);
+      cr_assert_not_null(strstr(text, want), "%s", text);
+    }
+    keel_free(text);
+  }
+  teardown_fixture(&f);
+}
+
 /* ---- custom source and unregister ------------------------------------ */
 
 static void write_custom(const void *obj, keel_stats_writer *w) {
