@@ -62,8 +62,14 @@ static const char sync_src[] =
     "end\n"
     "return {st, gen, left, take, round_left}\n";
 
+/* Written once (under uv_once: breakers may be shared from several
+ * threads, each with its own loop), read-only after. */
 static keel_redis_script sync_script;
-static bool script_ready;
+static uv_once_t script_once = UV_ONCE_INIT;
+
+static void init_script(void) {
+  keel_redis_script_init(&sync_script, sync_src);
+}
 
 const char *keel__breaker_shared_script(void) {
   return sync_src;
@@ -372,10 +378,7 @@ int keel_breaker_shared_new(uv_loop_t *loop, keel_breaker *b, keel_redis *r,
       opts->failure_rate_threshold > 1.0 || b->share_hook != NULL || b->closing)
     return UV_EINVAL;
   if (keel__redis_closing(r)) return KEEL_ECLOSING;
-  if (!script_ready) {
-    keel_redis_script_init(&sync_script, sync_src);
-    script_ready = true;
-  }
+  uv_once(&script_once, init_script);
   keel_breaker_shared *sh = keel__calloc(1, sizeof *sh);
   if (sh == NULL) return UV_ENOMEM;
   size_t cap = strlen(prefix) + nlen + 3;
