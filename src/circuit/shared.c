@@ -96,6 +96,8 @@ struct keel_breaker_shared {
   uv_prepare_t prepare; /* the publish_batch check, once per loop iteration */
   unsigned handles_open;
   bool in_flight, again, closing, applying;
+  /* Syncs in a row whose answer was older than the generation known. */
+  unsigned syncs_behind;
   int event;           /* local transition to publish (EV_*) */
   uint64_t event_base; /* the shared generation it was based on */
   int event_sent;      /* of the sync in flight */
@@ -199,10 +201,18 @@ static void apply(keel_breaker_shared *sh, char st, uint64_t gen, uint64_t left,
     if (!authoritative) sh->stats.stale_messages++;
     return;
   }
-  if (gen < sh->stats.shared_generation || (gen == sh->stats.shared_generation && !authoritative)) {
-    if (!authoritative) sh->stats.stale_messages++;
+  if (authoritative && gen < sh->stats.shared_generation) {
+    /* One such answer can be a reply overtaken by a newer broadcast. Two
+     * in a row mean the generation known is not in Redis (a broadcast
+     * forged by a client of that Redis, or one from a state lost with a
+     * failover): Redis's own state is the truth. */
+    if (++sh->syncs_behind < 2) return;
+  } else if (gen < sh->stats.shared_generation ||
+             (gen == sh->stats.shared_generation && !authoritative)) {
+    sh->stats.stale_messages++;
     return;
   }
+  if (authoritative) sh->syncs_behind = 0;
   sh->stats.shared_generation = gen;
   follow(sh, st, left);
 }

@@ -257,7 +257,7 @@ int keel_serve_register(keel_serve *s, const keel_stats_source *src, const void 
 
 int keel__serve_register_hooked(struct keel_serve *s, const struct keel_stats_source *src,
                                 const void *obj, const char *name, keel__stats_hooks *hooks) {
-  if (hooks == NULL) return UV_EINVAL;
+  if (hooks == NULL) return KEEL_ECLOSING; /* the object's accessor: its close began */
   keel_stats_reg *r;
   int rc = keel_serve_register(s, src, obj, name, &r);
   if (rc != 0) return rc;

@@ -818,6 +818,49 @@ Test(serve, register_refusals) {
   teardown_fixture(&f);
 }
 
+/* Regression: the queue, retry, listener and pool adapters took an object
+ * whose close had begun; its registration outlived it, and the next render
+ * read freed memory. */
+Test(serve, adapters_refuse_objects_whose_close_began) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  keel_queue_opts qo;
+  keel_queue_opts_init(&qo);
+  keel_queue *q;
+  cr_assert_eq(keel_queue_new(&f.loop, process_ok, &qo, &q), 0);
+  keel_retry_opts ro;
+  keel_retry_opts_init(&ro);
+  keel_retry *r;
+  cr_assert_eq(keel_retry_start(&f.loop, &ro, retry_attempt, retry_done, NULL, &r), 0);
+  keel_listener_opts lo;
+  keel_listener_opts_init(&lo);
+  lo.conninfo = "host=127.0.0.1 port=1";
+  lo.table = "t";
+  keel_listener *l;
+  cr_assert_eq(keel_listener_new(&f.loop, &lo, &l), 0);
+  keel_pg_pool_opts po;
+  keel_pg_pool_opts_init(&po);
+  po.conn.conninfo = "host=127.0.0.1 port=1";
+  keel_pg_pool *p;
+  cr_assert_eq(keel_pg_pool_new(&f.loop, &po, &p), 0);
+  keel_queue_close(q, NULL, NULL);
+  keel_retry_close(r, NULL, NULL);
+  keel_listener_close(l, NULL, NULL);
+  keel_pg_pool_close(p, NULL, NULL);
+  cr_assert_eq(keel_queue_serve(f.s, q, "q"), KEEL_ECLOSING);
+  cr_assert_eq(keel_retry_serve(f.s, r, "r"), KEEL_ECLOSING);
+  cr_assert_eq(keel_listener_serve(f.s, l, "l"), KEEL_ECLOSING);
+  cr_assert_eq(keel_pg_pool_serve(f.s, p, "p"), KEEL_ECLOSING);
+  /* the objects are freed by now; a render reads none of them */
+  for (int i = 0; i < 20; i++) uv_run(&f.loop, UV_RUN_NOWAIT);
+  char *text;
+  size_t len;
+  cr_assert_eq(keel_serve_metrics_text(f.s, &text, &len), 0);
+  cr_assert_null(strstr(text, "name=\"l\""));
+  keel_free(text);
+  teardown_fixture(&f);
+}
+
 /* ---- custom source and unregister ------------------------------------ */
 
 static void write_custom(const void *obj, keel_stats_writer *w) {
