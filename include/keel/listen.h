@@ -65,7 +65,8 @@ typedef enum keel_change_transition {
                              INSERT and DELETE delivered, and every change without a filter */
   KEEL_CHANGE_ENTER = 1,  /* UPDATE: the old row did not match, the new row does */
   KEEL_CHANGE_LEAVE = 2   /* UPDATE: the old row matched, the new row does not (or the old
-                             row is unknown, an oversize change, and the new does not match) */
+                             row is unknown, behind a trigger of an older keel that re-read
+                             oversize rows by key, and the new does not match) */
 } keel_change_transition;
 
 /* ---- the change handed to handlers (valid during the call only) ------- */

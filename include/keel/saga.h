@@ -242,8 +242,9 @@ KEEL_EXTERN int keel_saga_new_ex(uv_loop_t *loop, const keel_saga_opts *opts, ke
 
 typedef struct keel_saga_start_opts {
   const char *data;      /* the saga's data, JSON text; NULL = "{}"; copied */
-  uint64_t deadline_ms;  /* from now; 0 = opts.deadline_ms. Before the pivot
-                            succeeded, an overdue saga compensates */
+  uint64_t deadline_ms;  /* from now; 0 = opts.deadline_ms. An overdue saga that has
+                            not reached its pivot compensates (a pivot in flight is
+                            never cut: see docs/saga.md) */
   const char *start_key; /* NULL: none. A second start with the same key (per type)
                             writes nothing and reports the first saga's id with
                             existed = true. [ -~]{1,200}; copied */
