@@ -169,7 +169,8 @@ typedef struct keel_pgqueue_job_opts {
   const char *kind;            /* free text for handlers; NULL = "" */
   const char *payload;         /* JSON text; NULL = "{}". Checked twice: by keel's own
                                   JSON syntax check (keel_pgqueue_enqueue() returns
-                                  UV_EINVAL, no callback), then by the server as jsonb
+                                  UV_EINVAL, no callback; also for arrays and objects
+                                  nested more than 256 deep), then by the server as jsonb
                                   (a refusal there: the callback gets UV_EINVAL);
                                   either way nothing of the batch is written */
   int priority;                /* higher first */

@@ -1211,7 +1211,8 @@ static int check_job(keel_pgqueue *q, const keel_pgqueue_job_opts *j, size_t i) 
   if (j->timeout_ms > (uint64_t)INT64_MAX)
     return keel__fail(q->err, UV_EINVAL, "job %zu: timeout_ms too large", i);
   if (j->payload && !keel__pgq_valid_json(j->payload))
-    return keel__fail(q->err, UV_EINVAL, "job %zu: payload is not valid JSON", i);
+    return keel__fail(q->err, UV_EINVAL,
+                      "job %zu: payload is not valid JSON (or nested more than 256 deep)", i);
   if (j->backoff) {
     const char *why = NULL;
     if (keel_backoff_validate(j->backoff, &why) != 0)
