@@ -326,6 +326,7 @@ static void handle_closed(keel_pg *c) {
   keel__pg_query *sent = c->sent_head;
   c->sent_head = c->sent_tail = NULL;
   c->sent_count = 0;
+  c->sent_deadlines = 0;
   while (sent != NULL) { /* a reply already in is still delivered as it is */
     keel__pg_query *next = sent->next;
     deliver_lost(c, sent, UV_ECANCELED, UV_ECANCELED, "connection closed");
@@ -463,6 +464,7 @@ static void disconnect(keel_pg *c, int status, const char *reason) {
   keel__pg_query *sent = c->sent_head;
   c->sent_head = c->sent_tail = NULL;
   c->sent_count = 0;
+  c->sent_deadlines = 0;
   mark_commit_after(sent);
   while (sent != NULL) {
     keel__pg_query *next = sent->next;
@@ -826,6 +828,7 @@ static void move_to_sent(keel_pg *c, keel__pg_query *q) {
     c->sent_head = q;
   c->sent_tail = q;
   c->sent_count++;
+  if (q->deadline_ms != 0) c->sent_deadlines++;
 }
 
 uint64_t keel__pg_hash(const char *sql) {
@@ -1002,6 +1005,7 @@ static int send_statement(keel_pg *c, keel__pg_query *q) {
           c->sent_head = prepare;
         c->sent_tail = prepare;
         c->sent_count++;
+        if (prepare->deadline_ms != 0) c->sent_deadlines++;
       }
       if (PQsendQueryPrepared(c->conn, name, q->nparams, q->values, NULL, NULL, 0)) {
         q->named = true;
@@ -1121,6 +1125,7 @@ static keel__pg_query *pop_sent(keel_pg *c) {
   c->sent_head = q->next;
   if (c->sent_head == NULL) c->sent_tail = NULL;
   c->sent_count--;
+  if (q->deadline_ms != 0) c->sent_deadlines--;
   return q;
 }
 
@@ -1406,13 +1411,30 @@ static void on_poll(uv_poll_t *poll, int status, int events) {
 
 /* ---- deadlines and health checks --------------------------------------- */
 
+/* The first sent statement past its deadline (NULL: none), taken out of
+ * the sent list. Not only the head: a statement with a deadline may wait
+ * behind one without (a lease's renewal behind a fetch). */
+static keel__pg_query *take_late_sent(keel_pg *c, uint64_t now) {
+  keel__pg_query *prev = NULL;
+  for (keel__pg_query *q = c->sent_head; q != NULL; prev = q, q = q->next) {
+    if (q->deadline_ms == 0 || q->deadline_ms > now) continue;
+    if (prev == NULL) return pop_sent(c);
+    prev->next = q->next;
+    if (c->sent_tail == q) c->sent_tail = prev;
+    c->sent_count--;
+    c->sent_deadlines--;
+    return q;
+  }
+  return NULL;
+}
+
 static void on_deadline(uv_timer_t *timer) {
   keel_pg *c = timer->data;
   uint64_t now = now_ms(c);
   /* A sent statement past its deadline means the server (or the path to it)
    * is not answering: reset the connection. */
-  if (c->sent_head != NULL && c->sent_head->deadline_ms != 0 && c->sent_head->deadline_ms <= now) {
-    keel__pg_query *late = pop_sent(c);
+  keel__pg_query *late = c->sent_deadlines > 0 ? take_late_sent(c, now) : NULL;
+  if (late != NULL) {
     /* Reset below: it fails like a lost statement, with UV_ETIMEDOUT where
      * the loss is certain. */
     deliver_lost(c, late, UV_ETIMEDOUT, KEEL_EINDOUBT, "statement timed out");
@@ -1437,7 +1459,9 @@ static void on_deadline(uv_timer_t *timer) {
 static void arm_deadline(keel_pg *c) {
   if (c->state == KEEL__PG_CLOSING) return;
   uint64_t next = 0;
-  if (c->sent_head != NULL && c->sent_head->deadline_ms != 0) next = c->sent_head->deadline_ms;
+  if (c->sent_deadlines > 0) /* a short list; none without a deadline set */
+    for (keel__pg_query *q = c->sent_head; q != NULL; q = q->next)
+      if (q->deadline_ms != 0 && (next == 0 || q->deadline_ms < next)) next = q->deadline_ms;
   if (c->state != KEEL__PG_CONNECTED && c->pending_head != NULL &&
       c->pending_head->deadline_ms != 0 && (next == 0 || c->pending_head->deadline_ms < next))
     next = c->pending_head->deadline_ms;
@@ -1738,7 +1762,7 @@ int keel_pg_query(keel_pg *c, const char *sql, int nparams, const char *const *v
 }
 
 static int query_cached(keel_pg *c, const char *sql, int nparams, const char *const *values,
-                        keel_pg_result_cb cb, void *data, bool literal) {
+                        keel_pg_result_cb cb, void *data, bool literal, uint64_t timeout_ms) {
   if (c == NULL) return UV_EINVAL;
   if (sql == NULL || nparams < 0 || nparams > KEEL__PG_MAX_PARAMS ||
       (nparams > 0 && values == NULL))
@@ -1748,17 +1772,23 @@ static int query_cached(keel_pg *c, const char *sql, int nparams, const char *co
   if (c->state == KEEL__PG_CLOSING) return KEEL_ECLOSING;
   int rc = can_enqueue(c);
   if (rc != 0) return rc;
-  return enqueue(c, sql, nparams, values, cb, data, c->opts.query_timeout_ms, false, true, literal);
+  return enqueue(c, sql, nparams, values, cb, data, timeout_ms, false, true, literal);
 }
 
 int keel_pg_query_cached(keel_pg *c, const char *sql, int nparams, const char *const *values,
                          keel_pg_result_cb cb, void *data) {
-  return query_cached(c, sql, nparams, values, cb, data, false);
+  return query_cached(c, sql, nparams, values, cb, data, false, c ? c->opts.query_timeout_ms : 0);
+}
+
+int keel__pg_query_cached_within(keel_pg *c, const char *sql, int nparams,
+                                 const char *const *values, keel_pg_result_cb cb, void *data,
+                                 uint32_t timeout_ms) {
+  return query_cached(c, sql, nparams, values, cb, data, false, timeout_ms);
 }
 
 int keel__pg_query_literal(keel_pg *c, const char *sql, int nparams, const char *const *values,
                            keel_pg_result_cb cb, void *data) {
-  return query_cached(c, sql, nparams, values, cb, data, true);
+  return query_cached(c, sql, nparams, values, cb, data, true, c ? c->opts.query_timeout_ms : 0);
 }
 
 bool keel_pg_is_connected(const keel_pg *c) {

@@ -85,6 +85,7 @@ struct keel_pg {
   keel__pg_query *pending_head, *pending_tail; /* not sent yet */
   keel__pg_query *sent_head, *sent_tail;       /* sent, in order */
   uint64_t pending_count, sent_count;
+  uint64_t sent_deadlines;  /* sent statements with a deadline */
   uv_timer_t connect_timer; /* connect timeout, then reconnect backoff */
   uv_timer_t health_timer;
   uv_timer_t deadline_timer;
@@ -172,6 +173,14 @@ void keel__pg_set_unnamed(keel_pg *c);
 /* 64-bit FNV-1a of a statement's text (part of its prepared name). */
 uint64_t keel__pg_hash(const char *sql);
 /* keel_pg_query_cached() for SQL keel built (see pg/pg_literal.h). */
+/* keel_pg_query_cached() with its own deadline (0 = none) instead of
+ * opts.query_timeout_ms: a sent statement past it resets the connection
+ * (UV_ETIMEDOUT / KEEL_EINDOUBT, as for the option). For statements that
+ * must answer within a bound of their own (a lease's renewal). */
+int keel__pg_query_cached_within(keel_pg *c, const char *sql, int nparams,
+                                 const char *const *values, keel_pg_result_cb cb, void *data,
+                                 uint32_t timeout_ms);
+
 int keel__pg_query_literal(keel_pg *c, const char *sql, int nparams, const char *const *values,
                            keel_pg_result_cb cb, void *data);
 

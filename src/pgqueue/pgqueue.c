@@ -12,6 +12,7 @@
 
 #include "../core/histogram.h"
 #include "../core/util.h"
+#include "../pg/pg_internal.h"
 #include "pgqueue_internal.h"
 
 enum { J_PREFETCHED = 1, J_RUNNING, J_TIMEDOUT, J_LOST, J_RELEASED };
@@ -404,7 +405,8 @@ static void on_finish(keel_pg *c, int status, const keel_pg_result *res, void *d
     q->fin_paused = true;
     uv_timer_start(&q->t_flush, on_flush_timer, q->fin_retry_ms, 0);
     return;
-  } else if ((status == KEEL_ECONN || status == KEEL_EINDOUBT) && !q->closing) {
+  } else if ((status == KEEL_ECONN || status == KEEL_EINDOUBT || status == UV_ETIMEDOUT) &&
+             !q->closing) {
     /* Fenced writes are safe to send again; a zero-row answer to a resent
      * one is then not counted as fenced (it may have applied the first
      * time). */
@@ -452,7 +454,8 @@ static void send_finish(keel_pgqueue *q) {
                             ops.b.p,  del.b.p,
                             errs.b.p, dids.b.p,
                             datts.b.p};
-    rc = keel_pg_query_cached(q->cb, q->sql.finish, 9, params, on_finish, q);
+    rc = keel__pg_query_cached_within(q->cb, q->sql.finish, 9, params, on_finish, q,
+                                      q->o.lease_ms); /* see the heartbeat's */
   }
   keel__pgq_buf_free(&ids.b), keel__pgq_buf_free(&att.b), keel__pgq_buf_free(&ops.b);
   keel__pgq_buf_free(&del.b), keel__pgq_buf_free(&errs.b);
@@ -677,7 +680,11 @@ static void on_hb_timer(uv_timer_t *t) {
     char lease[24];
     snprintf(lease, sizeof lease, "%" PRIu32, q->o.lease_ms);
     const char *params[] = {q->owner, lease, ids.b.p, att.b.p};
-    rc = keel_pg_query_cached(q->ca, q->sql.heartbeat, 4, params, on_heartbeat, q);
+    /* Unanswered within half a lease, the session is reset: a server that
+     * stopped answering with its socket up would otherwise park this worker
+     * for as long as it lasts (its jobs rescued elsewhere). */
+    rc = keel__pg_query_cached_within(q->ca, q->sql.heartbeat, 4, params, on_heartbeat, q,
+                                      q->o.lease_ms / 2);
   }
   keel__pgq_buf_free(&ids.b), keel__pgq_buf_free(&att.b);
   if (rc == 0) {

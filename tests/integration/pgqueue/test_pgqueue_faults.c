@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <sys/mman.h>
 
+#include "../pg/pgproxy.h"
 #include "common.h"
 
 static bool never(void *ctx) {
@@ -487,5 +488,57 @@ Test(pgqueue_faults, every_allocation_failing_in_turn, .timeout = 900) {
   kt_failmalloc_run(oom_scenario, &c);
   cr_log_info("%" PRIu64 " allocations, %d runs", kt_failmalloc_count(), c.runs);
   cr_expect_gt(kt_failmalloc_count(), 10);
+  fx_drop(&f);
+}
+
+/* ---- a server that stops answering, its socket still up ---------------------- */
+
+typedef struct beats {
+  fx *f;
+  uint64_t after;
+} beats;
+
+static bool heartbeats_past(void *ctx) {
+  beats *b = ctx;
+  keel_pgqueue_stats st;
+  keel_pgqueue_get_stats(b->f->q, &st);
+  return st.heartbeats > b->after;
+}
+
+/* Regression: a lease renewal sent to a server that stopped answering (a
+ * stopped backend, a proxy holding a dead server connection) waited for
+ * ever, and the worker stayed parked with it; it now gives up after half a
+ * lease and renews on a new session. */
+Test(pgqueue_faults, a_server_that_stops_answering_is_reset) {
+  fx f;
+  fx_init(&f, "pgq_silent", NULL);
+  char via[512];
+  pgproxy *proxy = pgproxy_start(&f.loop, kt_pg_conninfo(), via, sizeof via);
+  f.conninfo = via;
+  f.o.conninfo = via;
+  f.o.lease_ms = 4000;
+  f.o.heartbeat_ms = 300;
+  f.hold = true;
+  fx_start(&f);
+  keel_pgqueue_job_opts job;
+  keel_pgqueue_job_opts_init(&job);
+  cr_assert_eq(fx_enqueue(&f, &job, 1), 0, "%s", keel_pgqueue_last_error(f.q));
+  cr_assert(kt_wait_for(&f.loop, one_started, &f, 10000));
+  keel_pgqueue_stats st;
+  keel_pgqueue_get_stats(f.q, &st);
+  beats b = {&f, st.heartbeats + 1};
+  cr_assert(kt_wait_for(&f.loop, heartbeats_past, &b, 10000), "no heartbeat");
+  pgproxy_silence_open_connections(proxy);
+  keel_pgqueue_get_stats(f.q, &st);
+  b.after = st.heartbeats + 1;
+  cr_assert(kt_wait_for(&f.loop, heartbeats_past, &b, 15000), "the lease was not renewed again: %s",
+            keel_pgqueue_last_error(f.q));
+  cr_assert_eq(keel_pgqueue_job_done(f.held[0], 0), 0, "still the holder: %s",
+               keel_pgqueue_last_error(f.q));
+  keel_pgqueue_close(f.q, fx_on_closed, &f);
+  cr_expect(kt_wait_for(&f.loop, fx_is_closed, &f, 10000));
+  f.q = NULL;
+  pgproxy_stop(proxy);
+  kt_loop_finish(&f.loop);
   fx_drop(&f);
 }
