@@ -585,7 +585,7 @@ static int run_occ(keel_integrity *ig, const keel_occ_spec *s, keel_occ_cb cb, v
   int rc = check_spec(ig, s, true, !upsert);
   if (rc != 0) return rc;
   if (cb == NULL) return keel__fail(ig->last_error, UV_EINVAL, "a callback is required");
-  occ_shape *sh;
+  occ_shape *sh = NULL;
   rc = shape_get(ig, s, upsert, &sh);
   if (rc != 0) return rc;
   rc = keel__ig_begin(ig);
