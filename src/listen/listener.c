@@ -1593,7 +1593,7 @@ void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
 }
 
 keel__stats_hooks *keel__listener_stats_hooks(keel_listener *l) {
-  return &l->stats_hooks;
+  return l->closing ? NULL : &l->stats_hooks; /* no registration once closing */
 }
 
 const keel__histogram *keel__listener_histogram(const keel_listener *l) {
