@@ -7,7 +7,9 @@
  *  plain   pgbench -c 4 with the equivalent plain single-row UPDATE, same
  *          table shape, same run
  *  slug    keel_slug_insert with 8 concurrent creators of the same name
- * BENCH_INTEGRITY_SECONDS sets the duration of each part (default 5).
+ * BENCH_INTEGRITY_SECONDS sets the duration of each part (default 5),
+ * BENCH_INTEGRITY_ROUNDS the rounds of the two (default 3; each side's
+ * median counts; see bench/occ.h for how the parts are kept fair).
  */
 #include "occ.h"
 
@@ -67,6 +69,7 @@ int main(void) {
   }
   if (getenv("BENCH_INTEGRITY_SECONDS") != NULL) seconds = atoi(getenv("BENCH_INTEGRITY_SECONDS"));
   if (seconds < 1) seconds = 1;
+  if (getenv("BENCH_INTEGRITY_ROUNDS") != NULL) rounds = atoi(getenv("BENCH_INTEGRITY_ROUNDS"));
   bench b;
   occ_bench_open(&b, "keel_bench_occ");
   char sql[512];
@@ -76,8 +79,8 @@ int main(void) {
            b.table);
   run_sql(&b, sql);
 
-  double occ = occ_rate(&b);
-  double plain = plain_rate(&b);
+  double occ, plain;
+  occ_compare(&b, &occ, &plain);
   long slugs = 0;
   double slug = slug_rate(&b, &slugs);
   keel_integrity_stats st;

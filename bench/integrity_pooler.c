@@ -10,7 +10,9 @@
  *  plain   pgbench -c 4 -j 2 with the equivalent plain single-row UPDATE
  *          through the same pooler, same table shape
  * KEEL_PG_POOLER is the pooler's conninfo (scripts/bench sets it);
- * BENCH_INTEGRITY_SECONDS sets the duration of each part (default 5).
+ * BENCH_INTEGRITY_SECONDS sets the duration of each part (default 5),
+ * BENCH_INTEGRITY_ROUNDS the rounds of the two (default 3; each side's
+ * median counts; see bench/occ.h for how the parts are kept fair).
  */
 #include "occ.h"
 
@@ -22,11 +24,12 @@ int main(void) {
   }
   if (getenv("BENCH_INTEGRITY_SECONDS") != NULL) seconds = atoi(getenv("BENCH_INTEGRITY_SECONDS"));
   if (seconds < 1) seconds = 1;
+  if (getenv("BENCH_INTEGRITY_ROUNDS") != NULL) rounds = atoi(getenv("BENCH_INTEGRITY_ROUNDS"));
   bench b;
   occ_bench_open(&b, "keel_bench_occp");
 
-  double occ = occ_rate(&b);
-  double plain = plain_rate(&b);
+  double occ, plain;
+  occ_compare(&b, &occ, &plain);
   keel_pg_pool_stats ps;
   keel_pg_pool_get_stats(b.pool, &ps);
 

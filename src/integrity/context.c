@@ -124,6 +124,7 @@ static void on_close_timer_closed(uv_handle_t *h) {
   keel_integrity *ig = h->data;
   keel_close_cb cb = ig->close_cb;
   void *data = ig->close_data;
+  keel__occ_shapes_free(ig);
   keel__free(ig->idempotency_table);
   keel__free(ig);
   if (cb != NULL) cb(ig, data);

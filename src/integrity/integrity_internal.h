@@ -10,6 +10,10 @@
 #include "keel/integrity.h"
 
 struct occ_retry;
+struct occ_shape;
+
+/* Statement texts of versioned writes kept per spec shape (see occ.c). */
+#define KEEL__OCC_SHAPES 8
 
 struct keel_integrity {
   keel__stats_hooks stats_hooks; /* keel_serve registrations (serve.h) */
@@ -26,6 +30,10 @@ struct keel_integrity {
   char last_sqlstate[6];
   uint64_t random_fallback; /* counter used when the system's random source fails */
   char *idempotency_table;  /* copy of opts.idempotency_table (or the default) */
+  /* The SQL of recent versioned-write shapes (occ.c): built once, then only
+   * the values change per call. */
+  struct occ_shape *occ_shapes[KEEL__OCC_SHAPES];
+  unsigned occ_shape_next; /* slot replaced next */
   char last_error[KEEL__ERRBUF_SIZE];
 };
 
@@ -80,6 +88,9 @@ int keel__ig_name(char *out, size_t cap, const char *prefix, const char *part, s
  * xid: cb not called) or UV_ENOMEM (cb not called). */
 typedef void (*keel__xact_cb)(keel_integrity *ig, int outcome, void *data);
 int keel__ig_xact_check(keel_integrity *ig, const char *xid, keel__xact_cb cb, void *data);
+/* Frees the shapes occ.c kept (at the context's free). */
+void keel__occ_shapes_free(keel_integrity *ig);
+
 /* The statement that learns a transaction's id (pipelined first). */
 #define KEEL__XID_SQL "SELECT pg_current_xact_id()::text"
 

@@ -8,16 +8,33 @@
 #include "integrity/integrity_internal.h"
 #include "pg/pg_literal.h"
 
+/* The statement texts of one spec shape (everything but the values): built
+ * once and shared by the calls of that shape (refcounted: the context's
+ * cache holds one reference, each call in flight one). */
+typedef struct occ_shape {
+  unsigned refs;
+  bool upsert;
+  bool include_deleted;
+  keel_version_kind kind;
+  int set_count;
+  const char *table, *key_column, *version_column, *soft_delete_column; /* copies */
+  const char **set_columns;                                             /* copies */
+  char *sql;                                                            /* owned: the write */
+  char *check_sql; /* owned: an update's read of the row when it wrote nothing */
+  /* the column pointers and the names follow in the same block */
+} occ_shape;
+
 typedef struct occ_call {
   keel_integrity *ig;
   keel_occ_cb cb;
   void *data;
   bool operation; /* a public call: ends the operation after cb */
   bool upsert;
-  int reruns;      /* statements re-sent (see OCC_RERUNS) */
-  char *sql;       /* owned: the write, kept for a re-send */
-  char *check_sql; /* owned: an update's read of the row when it wrote nothing */
-  char **values;   /* owned copies of the parameters */
+  int reruns;            /* statements re-sent (see OCC_RERUNS) */
+  occ_shape *shape;      /* a reference: the texts, kept for a re-send and the read */
+  const char *sql;       /* shape->sql */
+  const char *check_sql; /* shape->check_sql */
+  char **values;         /* copies of the parameters, in the call's own block */
   int nvalues;
 } occ_call;
 
@@ -60,6 +77,16 @@ static int check_spec(keel_integrity *ig, const keel_occ_spec *s, bool need_valu
       if (strcmp(c, s->set_columns[j]) == 0)
         return keel__fail(ig->last_error, UV_EINVAL, "set_columns[%d] repeats a column", i);
   }
+  if (s->soft_delete_column != NULL && (strcmp(s->soft_delete_column, s->key_column) == 0 ||
+                                        strcmp(s->soft_delete_column, s->version_column) == 0))
+    return keel__fail(ig->last_error, UV_EINVAL,
+                      "soft_delete_column is the key or the version column");
+  return 0;
+}
+
+/* The names can be quoted (check_spec() first). A cached shape's names
+ * passed this when it was built. */
+static int check_idents(keel_integrity *ig, const keel_occ_spec *s) {
   char q[160];
   bool bad = keel_pg_quote_ident(q, sizeof q, s->table, true) < 0 ||
              keel_pg_quote_ident(q, sizeof q, s->key_column, false) < 0 ||
@@ -69,10 +96,6 @@ static int check_spec(keel_integrity *ig, const keel_occ_spec *s, bool need_valu
   for (int i = 0; !bad && i < s->set_count; i++)
     bad = keel_pg_quote_ident(q, sizeof q, s->set_columns[i], false) < 0;
   if (bad) return keel__fail(ig->last_error, UV_EINVAL, "invalid table or column name");
-  if (s->soft_delete_column != NULL && (strcmp(s->soft_delete_column, s->key_column) == 0 ||
-                                        strcmp(s->soft_delete_column, s->version_column) == 0))
-    return keel__fail(ig->last_error, UV_EINVAL,
-                      "soft_delete_column is the key or the version column");
   return 0;
 }
 
@@ -235,16 +258,107 @@ static void build_upsert(keel__sql *b, const keel_occ_spec *s) {
                 " UNION ALL SELECT CASE WHEN alive THEN 'c' ELSE 'd' END, v, false FROM cur");
 }
 
-static void free_values(char **values, int n) {
-  if (values == NULL) return;
-  for (int i = 0; i < n; i++) keel__free(values[i]);
-  keel__free(values);
+static void shape_release(occ_shape *sh) {
+  if (sh == NULL || --sh->refs > 0) return;
+  keel__free(sh->sql);
+  keel__free(sh->check_sql);
+  keel__free(sh);
+}
+
+void keel__occ_shapes_free(keel_integrity *ig) {
+  for (int i = 0; i < KEEL__OCC_SHAPES; i++) {
+    shape_release(ig->occ_shapes[i]);
+    ig->occ_shapes[i] = NULL;
+  }
+}
+
+static bool same_name(const char *a, const char *b) {
+  return a == NULL ? b == NULL : b != NULL && strcmp(a, b) == 0;
+}
+
+static bool shape_matches(const occ_shape *sh, const keel_occ_spec *s, bool upsert) {
+  if (sh->upsert != upsert || sh->kind != s->version_kind || sh->set_count != s->set_count ||
+      !same_name(sh->soft_delete_column, s->soft_delete_column) ||
+      (s->soft_delete_column != NULL && sh->include_deleted != s->include_deleted) ||
+      strcmp(sh->table, s->table) != 0 || strcmp(sh->key_column, s->key_column) != 0 ||
+      strcmp(sh->version_column, s->version_column) != 0)
+    return false;
+  for (int i = 0; i < s->set_count; i++)
+    if (strcmp(sh->set_columns[i], s->set_columns[i]) != 0) return false;
+  return true;
+}
+
+static char *copy_name(char **at, const char *name) {
+  size_t len = strlen(name) + 1;
+  char *copy = memcpy(*at, name, len);
+  *at += len;
+  return copy;
+}
+
+/* The texts for s (already checked by check_spec and check_idents), with
+ * one reference for the caller; NULL when out of memory. */
+static occ_shape *shape_build(const keel_occ_spec *s, bool upsert) {
+  size_t size = sizeof(occ_shape) + (size_t)s->set_count * sizeof(char *) + strlen(s->table) +
+                strlen(s->key_column) + strlen(s->version_column) + 3 +
+                (s->soft_delete_column != NULL ? strlen(s->soft_delete_column) + 1 : 0);
+  for (int i = 0; i < s->set_count; i++) size += strlen(s->set_columns[i]) + 1;
+  occ_shape *sh = keel__calloc(1, size);
+  if (sh == NULL) return NULL;
+  keel__sql b = {0}, check = {0};
+  if (upsert) {
+    build_upsert(&b, s);
+  } else {
+    build_lean_update(&b, s);
+    build_check(&check, s);
+  }
+  if (b.failed || check.failed) {
+    keel__sql_free(&b);
+    keel__sql_free(&check);
+    keel__free(sh);
+    return NULL;
+  }
+  sh->refs = 1;
+  sh->upsert = upsert;
+  sh->include_deleted = s->include_deleted;
+  sh->kind = s->version_kind;
+  sh->set_count = s->set_count;
+  sh->set_columns = (const char **)(sh + 1);
+  char *at = (char *)(sh->set_columns + s->set_count);
+  sh->table = copy_name(&at, s->table);
+  sh->key_column = copy_name(&at, s->key_column);
+  sh->version_column = copy_name(&at, s->version_column);
+  if (s->soft_delete_column != NULL) sh->soft_delete_column = copy_name(&at, s->soft_delete_column);
+  for (int i = 0; i < s->set_count; i++) sh->set_columns[i] = copy_name(&at, s->set_columns[i]);
+  sh->sql = b.text;
+  sh->check_sql = check.text;
+  return sh;
+}
+
+/* The shape of s with a reference for the caller: from the context's
+ * cache, or built (names checked) and cached. 0, UV_EINVAL or UV_ENOMEM. */
+static int shape_get(keel_integrity *ig, const keel_occ_spec *s, bool upsert, occ_shape **out) {
+  for (int i = 0; i < KEEL__OCC_SHAPES; i++) {
+    occ_shape *sh = ig->occ_shapes[i];
+    if (sh != NULL && shape_matches(sh, s, upsert)) {
+      sh->refs++;
+      *out = sh;
+      return 0;
+    }
+  }
+  int rc = check_idents(ig, s);
+  if (rc != 0) return rc;
+  occ_shape *sh = shape_build(s, upsert);
+  if (sh == NULL) return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
+  unsigned slot = ig->occ_shape_next++ % KEEL__OCC_SHAPES;
+  shape_release(ig->occ_shapes[slot]);
+  ig->occ_shapes[slot] = sh;
+  sh->refs++;
+  *out = sh;
+  return 0;
 }
 
 static void occ_call_free(occ_call *call) {
-  keel__free(call->sql);
-  keel__free(call->check_sql);
-  free_values(call->values, call->nvalues);
+  shape_release(call->shape);
   keel__free(call);
 }
 
@@ -417,50 +531,41 @@ static void on_occ_result(keel_pg *conn, int status, const keel_pg_result *res, 
   occ_finish(call, status, version, inserted);
 }
 
-static char **copy_values(const char *const *values, int n, bool *failed) {
-  char **copy = keel__calloc((size_t)n + 1, sizeof *copy);
-  if (copy == NULL) {
-    *failed = true;
-    return NULL;
-  }
-  for (int i = 0; i < n; i++) {
-    if (values[i] == NULL) continue;
-    copy[i] = keel__strdup(values[i]);
-    if (copy[i] == NULL) *failed = true;
-  }
-  return copy;
-}
-
-/* Builds and sends one versioned write through the pool; counts an attempt. */
-static int occ_send(keel_integrity *ig, const keel_occ_spec *s, bool upsert, keel_occ_cb cb,
+/* Sends one versioned write of shape sh through the pool; counts an
+ * attempt. The call (with its copies of the values, one block) takes over
+ * the caller's reference to sh, also on failure. */
+static int occ_send(keel_integrity *ig, const keel_occ_spec *s, occ_shape *sh, keel_occ_cb cb,
                     void *data) {
-  keel__sql b = {0}, check = {0};
-  if (upsert) {
-    build_upsert(&b, s);
-  } else {
-    build_lean_update(&b, s);
-    build_check(&check, s);
-  }
   const char *values[OCC_MAX_SET + 2];
   values[0] = s->key_value;
   values[1] = s->expected_version;
   for (int i = 0; i < s->set_count; i++) values[i + 2] = s->set_values[i];
-  occ_call *call = b.failed || check.failed ? NULL : keel__calloc(1, sizeof *call);
-  bool failed = call == NULL;
-  if (call != NULL) {
-    /* The texts and values are kept for the read and for a re-send. */
-    *call = (occ_call){.ig = ig, .cb = cb, .data = data, .operation = true, .upsert = upsert};
-    call->nvalues = s->set_count + 2;
-    call->values = copy_values(values, call->nvalues, &failed);
-    call->sql = b.text;
-    call->check_sql = check.text;
-    b.text = check.text = NULL;
-  }
-  keel__sql_free(&b);
-  keel__sql_free(&check);
-  if (failed) {
-    if (call != NULL) occ_call_free(call);
+  int n = s->set_count + 2;
+  size_t size = sizeof(occ_call) + (size_t)n * sizeof(char *);
+  for (int i = 0; i < n; i++)
+    if (values[i] != NULL) size += strlen(values[i]) + 1;
+  occ_call *call = keel__calloc(1, size);
+  if (call == NULL) {
+    shape_release(sh);
     return keel__fail(ig->last_error, UV_ENOMEM, "out of memory");
+  }
+  /* The texts and values are kept for the read and for a re-send. */
+  *call = (occ_call){.ig = ig,
+                     .cb = cb,
+                     .data = data,
+                     .operation = true,
+                     .upsert = sh->upsert,
+                     .shape = sh,
+                     .sql = sh->sql,
+                     .check_sql = sh->check_sql,
+                     .nvalues = n};
+  call->values = (char **)(call + 1);
+  char *text = (char *)(call->values + n);
+  for (int i = 0; i < n; i++) {
+    if (values[i] == NULL) continue;
+    size_t len = strlen(values[i]) + 1;
+    call->values[i] = memcpy(text, values[i], len);
+    text += len;
   }
   int rc = send_write(call);
   if (rc != 0) {
@@ -480,9 +585,15 @@ static int run_occ(keel_integrity *ig, const keel_occ_spec *s, keel_occ_cb cb, v
   int rc = check_spec(ig, s, true, !upsert);
   if (rc != 0) return rc;
   if (cb == NULL) return keel__fail(ig->last_error, UV_EINVAL, "a callback is required");
-  rc = keel__ig_begin(ig);
+  occ_shape *sh = NULL;
+  rc = shape_get(ig, s, upsert, &sh);
   if (rc != 0) return rc;
-  rc = occ_send(ig, s, upsert, cb, data);
+  rc = keel__ig_begin(ig);
+  if (rc != 0) {
+    shape_release(sh);
+    return rc;
+  }
+  rc = occ_send(ig, s, sh, cb, data);
   if (rc != 0) keel__ig_unbegin(ig);
   return rc;
 }
@@ -766,6 +877,7 @@ int keel_occ_retry(keel_integrity *ig, const keel_occ_spec *spec, const keel_ret
   if (ig == NULL) return UV_EINVAL;
   if (ig->closing) return keel__fail(ig->last_error, KEEL_ECLOSING, "the context is closing");
   int rc = check_spec(ig, spec, false, false);
+  if (rc == 0) rc = check_idents(ig, spec);
   if (rc != 0) return rc;
   if (mutate == NULL || done == NULL)
     return keel__fail(ig->last_error, UV_EINVAL, "mutate and done are required");

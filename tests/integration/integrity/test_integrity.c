@@ -120,6 +120,73 @@ Test(integrity, versioned_update_success_conflict_not_found_soft_deleted) {
   teardown(&f);
 }
 
+/* keel builds a write's text once per spec shape (table, columns, soft
+ * delete, kind, update or upsert) and keeps the last few: twelve shapes in
+ * flight at once (more than it keeps), names given in reused buffers whose
+ * contents change between calls, each writes exactly its own columns. */
+Test(integrity, statements_follow_each_calls_spec_shape) {
+  fx f;
+  setup(&f, 2,
+        "CREATE TABLE %s (id int PRIMARY KEY, a text, b text, c text, deleted_at timestamptz, "
+        "version bigint NOT NULL DEFAULT 1); INSERT INTO %s (id) SELECT g FROM "
+        "generate_series(1, 11) g; UPDATE %s SET deleted_at = now() WHERE id = 11");
+  static const char *const shapes[12] = {"a",  "b",   "c",   "ab", "ba", "ac",
+                                         "bc", "abc", "cba", "a",  "a",  "b"};
+  char names[12][3][2];
+  char values[12][3][16];
+  char keys[12][4];
+  const char *cols[12][3], *vals[12][3];
+  for (int i = 0; i < 12; i++) {
+    int n = (int)strlen(shapes[i]);
+    snprintf(keys[i], sizeof keys[i], "%d", i < 11 ? i + 1 : 12);
+    for (int j = 0; j < n; j++) {
+      names[i][j][0] = shapes[i][j];
+      names[i][j][1] = '\0';
+      snprintf(values[i][j], sizeof values[i][j], "r%d_%c", i + 1, shapes[i][j]);
+      cols[i][j] = names[i][j];
+      vals[i][j] = values[i][j];
+    }
+    keel_occ_spec s = {.table = f.table,
+                       .key_column = "id",
+                       .key_value = keys[i],
+                       .version_column = "version",
+                       .expected_version = "1",
+                       .set_columns = cols[i],
+                       .set_values = vals[i],
+                       .set_count = n};
+    if (i >= 9) s.soft_delete_column = "deleted_at";
+    if (i == 10) s.include_deleted = true; /* row 11 is soft-deleted */
+    int rc =
+        i == 11 ? keel_occ_upsert(f.ig, &s, on_occ, &f) : keel_occ_update(f.ig, &s, on_occ, &f);
+    cr_assert_eq(rc, 0, "shape %d: %s", i, keel_integrity_last_error(f.ig));
+    /* The caller's buffers change at once: keel kept what it needed. */
+    for (int j = 0; j < n; j++) {
+      names[i][j][0] = 'x';
+      values[i][j][0] = '?';
+    }
+  }
+  wait_done(&f, 12);
+  for (int i = 0; i < 12; i++)
+    cr_expect_eq(f.statuses[i], 0, "call %d: %s", i, keel_err_name(f.statuses[i]));
+  for (int i = 0; i < 12; i++) {
+    char sql[256];
+    snprintf(
+        sql, sizeof sql,
+        "SELECT coalesce(a, '-') || ' ' || coalesce(b, '-') || ' ' || coalesce(c, '-') || ' ' || "
+        "version FROM %%s WHERE id = %s",
+        keys[i]);
+    char *got = scalar(&f, sql);
+    char want[64];
+    char part[3][16] = {"-", "-", "-"};
+    for (const char *c = shapes[i]; *c; c++)
+      snprintf(part[*c - 'a'], sizeof part[0], "r%d_%c", i + 1, *c);
+    snprintf(want, sizeof want, "%s %s %s %s", part[0], part[1], part[2], i == 11 ? "1" : "2");
+    cr_expect_str_eq(got, want, "row %s", keys[i]);
+    free(got);
+  }
+  teardown(&f);
+}
+
 static void pq_ok(PGconn *conn, const char *sql) {
   PGresult *r = PQexec(conn, sql);
   cr_assert_eq(PQresultStatus(r), PGRES_COMMAND_OK, "%s: %s", sql, PQerrorMessage(conn));
