@@ -82,6 +82,29 @@ static const char ADVANCE[] =
     " ON CONFLICT DO NOTHING)"
     " SELECT version FROM s";
 
+/* The advance that ends a saga run by its durable-queue job: ADVANCE, and in
+ * the same statement (so the same commit) the job's completion as the queue
+ * itself would write it (the saga's queue keeps no done rows: a delete),
+ * fenced by the queue's fence: $16 job id $17 its attempt $18 the queue's
+ * lease owner, state 'running'; only when the guard passed. The second
+ * column says whether the job's row was deleted (the queue is then told
+ * through keel__pgqueue_job_done_written() and sends no completion). */
+static const char ADVANCE_END[] =
+    "WITH old AS (SELECT attempt_at FROM %s.saga_instances WHERE id = $1),"
+    " s AS (UPDATE %s.saga_instances SET version = version + 1, state = $8,"
+    " step = $9::int, attempt = $10::int, budget = $11::int, data = COALESCE($12::jsonb, data),"
+    " last_error = COALESCE($13, last_error), updated_at = now(),"
+    " attempt_at = CASE WHEN $15::bool THEN now() ELSE attempt_at END,"
+    " finished_at = CASE WHEN $14::bool THEN now() END"
+    " WHERE id = $1 AND version = $2 RETURNING version),"
+    " o AS (INSERT INTO %s.saga_steps (saga_id, step, phase, attempt, outcome, error,"
+    " started_at, finished_at) SELECT $1, $3::int, $4, $5::int, $6, $7,"
+    " coalesce(old.attempt_at, now()), now() FROM s, old WHERE $3::int IS NOT NULL"
+    " ON CONFLICT DO NOTHING),"
+    " j AS (DELETE FROM %s.pgqueue_jobs WHERE id = $16::bigint AND attempt = $17::int"
+    " AND lease_owner = $18 AND state = 'running' AND EXISTS (SELECT 1 FROM s) RETURNING id)"
+    " SELECT version, EXISTS (SELECT 1 FROM j) FROM s";
+
 /* $1 id $2 type $3 data $4 deadline_ms (0 none) $5 start_key $6 queue
  * $7 job max_attempts. One statement, one commit: the saga row with step 0's
  * first attempt recorded as started (the write-ahead record of that
@@ -159,10 +182,12 @@ int keel__saga_sql_init(keel__saga_sql *sql, const char *schema, long long migra
   }
   sql->load = fmt(LOAD, schema, 1);
   sql->advance = fmt(ADVANCE, schema, 3);
+  sql->advance_end = fmt(ADVANCE_END, schema, 4);
   sql->start = fmt(START, schema, 3);
   sql->redrive = fmt(REDRIVE, schema, 1);
   sql->stats = fmt(STATS, schema, 4);
-  if (!sql->migrate || !sql->load || !sql->advance || !sql->start || !sql->redrive || !sql->stats) {
+  if (!sql->migrate || !sql->load || !sql->advance || !sql->advance_end || !sql->start ||
+      !sql->redrive || !sql->stats) {
     keel__saga_sql_free(sql);
     return UV_ENOMEM;
   }
@@ -173,6 +198,7 @@ void keel__saga_sql_free(keel__saga_sql *sql) {
   keel__free(sql->migrate);
   keel__free(sql->load);
   keel__free(sql->advance);
+  keel__free(sql->advance_end);
   keel__free(sql->start);
   keel__free(sql->redrive);
   keel__free(sql->stats);
