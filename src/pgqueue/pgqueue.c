@@ -998,9 +998,9 @@ int keel_pgqueue_new_ex(uv_loop_t *loop, const keel_pgqueue_opts *opts, keel_pgq
   }
   if (rc != 0) {
     q_free(q);
-    return keel__why(why, why_cap, rc,
-                     rc == UV_ENOMEM ? "out of memory"
-                                     : "could not create the connection (bad conninfo?)");
+    return keel__why(
+        why, why_cap, rc,
+        rc == UV_ENOMEM ? "out of memory" : "could not create the connection (bad conninfo?)");
   }
   uv_idle_init(loop, &q->kick);
   q->kick.data = q;
