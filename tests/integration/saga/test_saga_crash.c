@@ -205,6 +205,30 @@ Test(saga_crash, every_persistence_point, .timeout = 600) {
   world_finish(&w);
 }
 
+/* close called from on_stuck: on_end does not run afterwards for that saga
+ * (no callback but cancellations after close). */
+static void stuck_closes(keel_saga *s, int64_t id, unsigned step, const char *err, void *data) {
+  world *w = data;
+  w_stuck(s, id, step, err, data);
+  keel_saga_close(s, world_closed, w);
+}
+Test(saga, close_from_on_stuck_no_on_end, .timeout = 120) {
+  world w;
+  world_init(&w, "saga_sc", 4, 10);
+  world_opts(&w);
+  w.steps[0].comp_attempts = 2;
+  w.c.fail_release = -1;
+  w.o.on_stuck = stuck_closes;
+  world_start_objects(&w);
+  world_start(&w, 1, 40, 0);
+  cr_assert(kt_run_until(&w.loop, &w.closed, 30000), "never stuck and closed: %s",
+            keel_saga_last_error(w.s));
+  cr_assert_eq(w.c.stuck, 1);
+  cr_assert_eq(w.c.ended, 0, "on_end ran after close was called from on_stuck");
+  w.s = NULL; /* closed */
+  world_finish(&w);
+}
+
 /* ---- soak ------------------------------------------------------------------ */
 
 static int soak_child(const char *schema, unsigned seed) {
