@@ -16,7 +16,10 @@
  *      each listening backend that is behind, and that backend wakes up.
  *      6 rounds of (alone, keel, floor) in rotating order after a warm-up
  *      run; medians of the per-round ratios; each listener's own CPU per
- *      notification (its process's rusage) printed beside.
+ *      notification (its process's rusage) printed beside, with the kernel's
+ *      share of it and the notifications handled per wake-up (received over
+ *      the process's voluntary context switches: each is one sleep waiting
+ *      for the socket).
  * BENCH_LISTEN_SECONDS shortens (a), (b) and (c) for a quick look.
  * Under valgrind --tool=callgrind each listener's window (from the sender's
  * start, or from "ready" in (c), to the last notification) is dumped,
@@ -278,6 +281,8 @@ typedef struct impact_run {
   double tps;
   long long sent, received;
   double cpu_us_per_notification;
+  double sys_share;               /* of that CPU, the part spent in the kernel */
+  double notifications_per_sleep; /* received / voluntary context switches */
 } impact_run;
 
 static void keel_count(int fd) {
@@ -301,7 +306,7 @@ static void keel_count(int fd) {
 }
 
 static impact_run pgbench_with(listener_kind kind) {
-  impact_run r = {0, 0, 0, 0};
+  impact_run r = {0, 0, 0, 0, 0, 0};
   if (kind == LISTENER_NONE) {
     r.tps = pgbench_tps(&r.sent);
     return r;
@@ -336,6 +341,11 @@ static impact_run pgbench_with(listener_kind kind) {
   double cpu_us = (double)ru.ru_utime.tv_sec * 1e6 + (double)ru.ru_utime.tv_usec +
                   (double)ru.ru_stime.tv_sec * 1e6 + (double)ru.ru_stime.tv_usec;
   r.cpu_us_per_notification = r.received > 0 ? cpu_us / (double)r.received : 0;
+  double sys_us = (double)ru.ru_stime.tv_sec * 1e6 + (double)ru.ru_stime.tv_usec;
+  r.sys_share = cpu_us > 0 ? sys_us / cpu_us : 0;
+  /* each time the listener blocks waiting for its socket is one voluntary
+   * context switch: notifications per wake-up, without counting in the loop */
+  r.notifications_per_sleep = ru.ru_nvcsw > 0 ? (double)r.received / (double)ru.ru_nvcsw : 0;
   return r;
 }
 
@@ -383,16 +393,18 @@ static void server_impact(double *keel_ratio, double *floor_ratio, long long *lo
     keel_cpu[round] = runs[LISTENER_KEEL].cpu_us_per_notification;
     floor_cpu[round] = runs[LISTENER_FLOOR].cpu_us_per_notification;
     *lost += runs[LISTENER_KEEL].sent - runs[LISTENER_KEEL].received;
+    const impact_run *kr = &runs[LISTENER_KEEL], *fr = &runs[LISTENER_FLOOR];
     printf(
         "(c) round %d (%s, %s, %s): pgbench NOTIFY tps alone %.0f | keel listening %.0f, ratio "
-        "%.2f, %lld/%lld received, listener cpu %.1f us/notification | floor listening %.0f, "
-        "ratio %.2f, %lld/%lld received, listener cpu %.1f us/notification | keel/floor tps "
+        "%.2f, %lld/%lld received, listener cpu %.1f us/notification (%.0f %% kernel, %.1f "
+        "notifications/wake-up) | floor listening %.0f, ratio %.2f, %lld/%lld received, listener "
+        "cpu %.1f us/notification (%.0f %% kernel, %.1f notifications/wake-up) | keel/floor tps "
         "%.2f\n",
         round + 1, names[orders[round % 3][0]], names[orders[round % 3][1]],
-        names[orders[round % 3][2]], runs[LISTENER_NONE].tps, runs[LISTENER_KEEL].tps,
-        keel_r[round], runs[LISTENER_KEEL].received, runs[LISTENER_KEEL].sent, keel_cpu[round],
-        runs[LISTENER_FLOOR].tps, floor_r[round], runs[LISTENER_FLOOR].received,
-        runs[LISTENER_FLOOR].sent, floor_cpu[round],
+        names[orders[round % 3][2]], runs[LISTENER_NONE].tps, kr->tps, keel_r[round], kr->received,
+        kr->sent, keel_cpu[round], kr->sys_share * 100, kr->notifications_per_sleep, fr->tps,
+        floor_r[round], fr->received, fr->sent, floor_cpu[round], fr->sys_share * 100,
+        fr->notifications_per_sleep,
         runs[LISTENER_FLOOR].tps > 0 ? runs[LISTENER_KEEL].tps / runs[LISTENER_FLOOR].tps : 0);
     fflush(stdout);
   }

@@ -14,7 +14,9 @@
  * "<state>:<generation>:<open ms left>" (state c, o). Every process
  * subscribes to that channel (keel_redis_subscribe() on the same client)
  * and applies a broadcast at once, if its generation is newer than the
- * state it knows: an old message never overrides a newer state. A local
+ * state it knows: an old message never overrides a newer state. Two sync
+ * answers in a row older than the state it knows (a forged broadcast, a
+ * state lost in a failover) bring it back to Redis's state. A local
  * transition is sent at once, not at the next tick.
  *
  * HALF_OPEN probes are shared too: a process whose breaker is half-open

@@ -153,7 +153,8 @@ typedef struct keel_listener_opts {
   const char *channel;             /* default KEEL_LISTEN_DEFAULT_CHANNEL */
   uint32_t heartbeat_ms;           /* a dead connection is noticed within this plus
                                       connect_timeout_ms; default 5000 */
-  uint32_t connect_timeout_ms;     /* default 5000 */
+  uint32_t connect_timeout_ms;     /* default 5000; also the deadline of each statement of
+                                      the listener's session (then it reconnects) */
   keel_backoff reconnect_backoff;  /* default full jitter 100 ms x2, cap 5000 ms */
   keel_listener_gap_cb on_gap;     /* may be NULL */
   void *data;                      /* passed to on_gap and on_error */

@@ -344,10 +344,12 @@ typedef struct keel_pgqueue_stats {
   uint64_t rescued;            /* counter: expired leases this object rescued */
   uint64_t heartbeats;         /* counter */
   uint64_t flushes;            /* counter: completion batches written */
+  uint64_t flush_retries;      /* counter: completion batches sent again after
+                                  a transient error rolled them back */
   keel_pgqueue_latency fetch;  /* fetch statement round trip */
   keel_pgqueue_latency pickup; /* enqueue (or run_at) → start, server clock */
   keel_pgqueue_latency run;    /* start → done */
-  uint64_t reserved_[8];       /* ABI room: filled with zero */
+  uint64_t reserved_[7];       /* ABI room: filled with zero */
 } keel_pgqueue_stats;
 
 /* Fills *out (NULL-safe: nothing for NULL q or out). Loop thread only. */

@@ -73,6 +73,8 @@ typedef struct keel_stats_source {
 /*
  * The writer calls. metric is [a-z0-9_]+ and carries its base unit
  * ("wait_seconds", "bytes"); help is one line of text (escaped on output).
+ * Both are read during the call only (they may live in a buffer reused for
+ * the next call); a family's HELP is the text of its first call.
  * In /metrics each call is one sample of family keel_<kind>_<metric> with
  * label name="<object name>"; in JSON it is one field of the object.
  * NULL-safe: a NULL writer or metric does nothing.

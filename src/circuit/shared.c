@@ -62,8 +62,14 @@ static const char sync_src[] =
     "end\n"
     "return {st, gen, left, take, round_left}\n";
 
+/* Written once (under uv_once: breakers may be shared from several
+ * threads, each with its own loop), read-only after. */
 static keel_redis_script sync_script;
-static bool script_ready;
+static uv_once_t script_once = UV_ONCE_INIT;
+
+static void init_script(void) {
+  keel_redis_script_init(&sync_script, sync_src);
+}
 
 const char *keel__breaker_shared_script(void) {
   return sync_src;
@@ -90,6 +96,8 @@ struct keel_breaker_shared {
   uv_prepare_t prepare; /* the publish_batch check, once per loop iteration */
   unsigned handles_open;
   bool in_flight, again, closing, applying;
+  /* Syncs in a row whose answer was older than the generation known. */
+  unsigned syncs_behind;
   int event;           /* local transition to publish (EV_*) */
   uint64_t event_base; /* the shared generation it was based on */
   int event_sent;      /* of the sync in flight */
@@ -193,10 +201,18 @@ static void apply(keel_breaker_shared *sh, char st, uint64_t gen, uint64_t left,
     if (!authoritative) sh->stats.stale_messages++;
     return;
   }
-  if (gen < sh->stats.shared_generation || (gen == sh->stats.shared_generation && !authoritative)) {
-    if (!authoritative) sh->stats.stale_messages++;
+  if (authoritative && gen < sh->stats.shared_generation) {
+    /* One such answer can be a reply overtaken by a newer broadcast. Two
+     * in a row mean the generation known is not in Redis (a broadcast
+     * forged by a client of that Redis, or one from a state lost with a
+     * failover): Redis's own state is the truth. */
+    if (++sh->syncs_behind < 2) return;
+  } else if (gen < sh->stats.shared_generation ||
+             (gen == sh->stats.shared_generation && !authoritative)) {
+    sh->stats.stale_messages++;
     return;
   }
+  if (authoritative) sh->syncs_behind = 0;
   sh->stats.shared_generation = gen;
   follow(sh, st, left);
 }
@@ -372,10 +388,7 @@ int keel_breaker_shared_new(uv_loop_t *loop, keel_breaker *b, keel_redis *r,
       opts->failure_rate_threshold > 1.0 || b->share_hook != NULL || b->closing)
     return UV_EINVAL;
   if (keel__redis_closing(r)) return KEEL_ECLOSING;
-  if (!script_ready) {
-    keel_redis_script_init(&sync_script, sync_src);
-    script_ready = true;
-  }
+  uv_once(&script_once, init_script);
   keel_breaker_shared *sh = keel__calloc(1, sizeof *sh);
   if (sh == NULL) return UV_ENOMEM;
   size_t cap = strlen(prefix) + nlen + 3;

@@ -415,7 +415,7 @@ void keel_retry_close(keel_retry *r, keel_close_cb close_cb, void *data) {
 }
 
 keel__stats_hooks *keel__retry_stats_hooks(keel_retry *r) {
-  return &r->stats_hooks;
+  return r->closing ? NULL : &r->stats_hooks; /* no registration once closing */
 }
 
 void keel__retry_peek(const keel_retry *r, unsigned *attempts, int *last_status, bool *done,

@@ -39,15 +39,15 @@ const char *keel__idem_redis_source(int i) {
   return i == 0 ? begin_src : i == 1 ? complete_src : abort_src;
 }
 
+/* Written once (under uv_once: objects may be created on several threads,
+ * each with its own loop), read-only after. */
 static keel_redis_script scripts[3];
-static bool scripts_ready;
+static uv_once_t scripts_once = UV_ONCE_INIT;
 
 static void init_scripts(void) {
-  if (scripts_ready) return;
   keel_redis_script_init(&scripts[0], begin_src);
   keel_redis_script_init(&scripts[1], complete_src);
   keel_redis_script_init(&scripts[2], abort_src);
-  scripts_ready = true;
 }
 
 int keel__idem_new_redis(uv_loop_t *loop, keel_redis *redis, const keel_idem_opts *opts,
@@ -55,7 +55,7 @@ int keel__idem_new_redis(uv_loop_t *loop, keel_redis *redis, const keel_idem_opt
 
 int keel_idem_new_redis(uv_loop_t *loop, keel_redis *redis, const keel_idem_opts *opts,
                         keel_idem **out) {
-  init_scripts();
+  uv_once(&scripts_once, init_scripts);
   return keel__idem_new_redis(loop, redis, opts, out);
 }
 

@@ -1445,6 +1445,12 @@ int keel_listener_start(keel_listener *l) {
   o.conninfo = l->conninfo;
   o.connect_timeout_ms = l->opts.connect_timeout_ms;
   o.health_check_interval_ms = l->opts.heartbeat_ms;
+  /* Every statement of the session (the heartbeat's, the LISTENs) must
+   * answer within connect_timeout_ms, or the session is reset: a server
+   * that stopped answering while its socket stays up (a stopped backend, a
+   * proxy holding a dead connection) is otherwise never noticed, since the
+   * heartbeat keeps the session from looking idle to keel_pg's own check. */
+  o.query_timeout_ms = l->opts.connect_timeout_ms > 0 ? l->opts.connect_timeout_ms : 5000;
   o.reconnect_backoff = l->opts.reconnect_backoff;
   o.on_state = on_state;
   o.on_notify = on_notify;
@@ -1593,7 +1599,7 @@ void keel_listener_close(keel_listener *l, keel_close_cb cb, void *data) {
 }
 
 keel__stats_hooks *keel__listener_stats_hooks(keel_listener *l) {
-  return &l->stats_hooks;
+  return l->closing ? NULL : &l->stats_hooks; /* no registration once closing */
 }
 
 const keel__histogram *keel__listener_histogram(const keel_listener *l) {

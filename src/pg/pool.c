@@ -738,5 +738,5 @@ void keel_pg_pool_close(keel_pg_pool *p, keel_close_cb cb, void *data) {
 }
 
 keel__stats_hooks *keel__pg_pool_stats_hooks(keel_pg_pool *p) {
-  return &p->stats_hooks;
+  return p->closing ? NULL : &p->stats_hooks; /* no registration once closing */
 }

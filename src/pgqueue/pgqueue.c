@@ -106,6 +106,10 @@ struct keel_pgqueue {
   uint64_t wake_seq, fetch_wake; /* wake-ups seen; wake_seq when the fetch in flight was sent */
   bool fetch_inflight, fin_inflight, hb_inflight, rescue_inflight, stats_inflight;
   bool flush_due;
+  /* A completion batch rolled back by a transient error waits
+   * fin_retry_ms (doubling, at most 1 s) before it goes again. */
+  bool fin_paused;
+  unsigned fin_retry_ms;
   bool paused, closing, close_flushed;
   bool in_close_step;
   bool close_step_ran; /* close_step2 waits for the deferred close_step */
@@ -333,6 +337,19 @@ static void send_finish(keel_pgqueue *q);
 static void close_step2(keel_pgqueue *q);
 static void maybe_freed(keel_pgqueue *q);
 
+static void on_flush_timer(uv_timer_t *t);
+
+/* An error that rolled the statement back and may not happen again:
+ * SQLSTATE class 40 (serialization failure, deadlock), 55P03 (lock not
+ * available), 57014 (statement timeout), class 53 (insufficient
+ * resources). */
+static bool transient(const keel_pg_result *res) {
+  const char *ss = res ? keel_pg_result_sqlstate(res) : NULL;
+  if (ss == NULL) return false;
+  return strncmp(ss, "40", 2) == 0 || strncmp(ss, "53", 2) == 0 || strcmp(ss, "55P03") == 0 ||
+         strcmp(ss, "57014") == 0;
+}
+
 static void on_finish(keel_pg *c, int status, const keel_pg_result *res, void *data) {
   keel_pgqueue *q = data;
   q->fin_inflight = false;
@@ -369,6 +386,25 @@ static void on_finish(keel_pg *c, int status, const keel_pg_result *res, void *d
     }
     keel__free(ids);
     fin_clear(fl);
+    q->fin_retry_ms = 0;
+  } else if (status == KEEL_EPG && transient(res) && !q->closing) {
+    /* Rolled back (serialization failure, deadlock, a lock or statement
+     * timeout): certainly not applied, so sent again after a pause rather
+     * than dropped (the jobs would have run again at their lease's end). */
+    for (size_t i = 0; i < fl->n; i++) {
+      fin_entry *e = &fl->v[i];
+      if (fin_push(&q->fin, e->id, e->attempt, e->op, e->delay_ms, e->err) == 0)
+        q->fin.v[q->fin.n - 1].resent = e->resent;
+    }
+    fin_clear(fl);
+    set_pg_error(q, "completion batch", c, res, status);
+    q->st.flush_retries++;
+    q->fin_retry_ms = q->fin_retry_ms == 0     ? 10
+                      : q->fin_retry_ms >= 500 ? 1000
+                                               : q->fin_retry_ms * 2;
+    q->fin_paused = true;
+    uv_timer_start(&q->t_flush, on_flush_timer, q->fin_retry_ms, 0);
+    return;
   } else if ((status == KEEL_ECONN || status == KEEL_EINDOUBT) && !q->closing) {
     /* Fenced writes are safe to send again; a zero-row answer to a resent
      * one is then not counted as fenced (it may have applied the first
@@ -555,15 +591,13 @@ static void dispatch(keel_pgqueue *q) {
   }
 }
 
-static void on_flush_timer(uv_timer_t *t);
-
 static void on_kick(uv_idle_t *h) {
   keel_pgqueue *q = h->data;
   uv_idle_stop(&q->kick);
   if (q->closing) return;
   if (q->o.process != NULL) dispatch(q);
   if (q->closing) return;
-  if (q->fin.n > 0 && !q->fin_inflight) {
+  if (q->fin.n > 0 && !q->fin_inflight && !q->fin_paused) {
     if (q->fin.n >= q->o.flush_jobs || q->o.flush_ms == 0 || q->flush_due)
       send_finish(q);
     else if (!uv_is_active((uv_handle_t *)&q->t_flush))
@@ -581,6 +615,7 @@ static void on_kick(uv_idle_t *h) {
 
 static void on_flush_timer(uv_timer_t *t) {
   keel_pgqueue *q = t->data;
+  q->fin_paused = false;
   q->flush_due = true;
   kick(q);
 }

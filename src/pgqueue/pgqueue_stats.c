@@ -34,6 +34,9 @@ static void write_pgqueue(const void *obj, keel_stats_writer *w) {
   keel_stats_counter(w, "rescued", "Expired leases rescued.", st.rescued);
   keel_stats_counter(w, "heartbeats", "Lease heartbeats written.", st.heartbeats);
   keel_stats_counter(w, "flushes", "Completion batches written.", st.flushes);
+  keel_stats_counter(w, "flush_retries",
+                     "Completion batches sent again after a transient error rolled them back.",
+                     st.flush_retries);
   const struct {
     const char *p50, *p99, *max, *what;
     const keel_pgqueue_latency *l;

@@ -1170,7 +1170,7 @@ void keel_queue_close(keel_queue *q, keel_close_cb cb, void *data) {
 }
 
 keel__stats_hooks *keel__queue_stats_hooks(keel_queue *q) {
-  return &q->stats_hooks;
+  return q->closing ? NULL : &q->stats_hooks; /* no registration once closing */
 }
 
 const keel__histogram *keel__queue_histogram(const keel_queue *q, bool run) {

@@ -24,6 +24,7 @@
 
 #include "core/alloc.h"
 #include "core/util.h"
+#include "serve/http_head.h"
 #include "serve/serve_internal.h"
 
 #define KEEL__SERVE_MAX_REMOVED 4096
@@ -256,7 +257,7 @@ int keel_serve_register(keel_serve *s, const keel_stats_source *src, const void 
 
 int keel__serve_register_hooked(struct keel_serve *s, const struct keel_stats_source *src,
                                 const void *obj, const char *name, keel__stats_hooks *hooks) {
-  if (hooks == NULL) return UV_EINVAL;
+  if (hooks == NULL) return KEEL_ECLOSING; /* the object's accessor: its close began */
   keel_stats_reg *r;
   int rc = keel_serve_register(s, src, obj, name, &r);
   if (rc != 0) return rc;
@@ -694,12 +695,13 @@ struct hconn {
   uv_tcp_t tcp;
   keel_serve *s;
   int state;
-  bool keep;         /* keep the connection after this answer */
-  char *in;          /* max_request_bytes: the head being read (and any
-                        pipelined bytes after it) */
-  size_t in_len;     /* bytes in `in` */
-  size_t head_len;   /* of the request being answered */
-  uint64_t deadline; /* uv_now(): closed when reached */
+  bool keep;               /* keep the connection after this answer */
+  char *in;                /* max_request_bytes: the head being read (and any
+                              pipelined bytes after it) */
+  size_t in_len;           /* bytes in `in` */
+  size_t head_len;         /* of the request being answered */
+  keel__http_scanner scan; /* of the head being read */
+  uint64_t deadline;       /* uv_now(): closed when reached */
   uv_write_t wr;
   uv_shutdown_t sh;
   char hdr[512];
@@ -707,160 +709,6 @@ struct hconn {
   size_t body_len, body_cap;
   hconn *next, *prev;
 };
-
-/* The parts of a request head keel looks at. */
-typedef struct hreq {
-  const char *method, *path, *query; /* query: after '?', NULL without */
-  size_t method_len, path_len, query_len;
-  int minor;     /* HTTP/1.<minor> */
-  int hosts;     /* Host fields */
-  bool has_body; /* Content-Length > 0 or Transfer-Encoding */
-  bool conn_close, conn_upgrade, upgrade_ws;
-  bool ws_key, ws_version_13;
-  const char *auth; /* Authorization value */
-  size_t auth_len;
-} hreq;
-
-static bool is_tchar(unsigned char c) {
-  if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) return true;
-  return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL;
-}
-
-static bool is_hex(unsigned char c) {
-  return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
-}
-
-static int hex_val(unsigned char c) {
-  return c <= '9' ? c - '0' : (c | 0x20) - 'a' + 10;
-}
-
-static bool ieq(const char *a, size_t n, const char *lit) {
-  return strlen(lit) == n && strncasecmp(a, lit, n) == 0;
-}
-
-/* Whether the comma-separated list v (n bytes) holds token tok (any
- * case). */
-static bool has_token(const char *v, size_t n, const char *tok) {
-  size_t i = 0;
-  while (i < n) {
-    while (i < n && (v[i] == ' ' || v[i] == '\t' || v[i] == ',')) i++;
-    size_t b = i;
-    while (i < n && v[i] != ',') i++;
-    size_t e = i;
-    while (e > b && (v[e - 1] == ' ' || v[e - 1] == '\t')) e--;
-    if (e > b && ieq(v + b, e - b, tok)) return true;
-  }
-  return false;
-}
-
-/* Whether the first `len` bytes received can still begin a valid request
- * line (checked as bytes arrive, so that junk is answered at once rather
- * than at the size limit or the timeout). */
-static bool line_prefix_ok(const char *p, size_t len) {
-  static const char ver[] = "HTTP/1.";
-  size_t i = 0;
-  while (i < len && is_tchar((unsigned char)p[i])) i++; /* method */
-  if (i == len) return true;
-  if (i == 0 || p[i] != ' ') return false;
-  if (++i == len) return true;
-  if (p[i] != '/') return false;
-  while (i < len && (unsigned char)p[i] > 0x20 && (unsigned char)p[i] < 0x7f) i++; /* target */
-  if (i == len) return true;
-  if (p[i] != ' ') return false;
-  i++;
-  for (size_t k = 0; k < sizeof ver - 1; k++, i++) {
-    if (i == len) return true;
-    if (p[i] != ver[k]) return false;
-  }
-  if (i == len) return true;
-  if (p[i] != '0' && p[i] != '1') return false;
-  if (++i == len) return true;
-  if (p[i] != '\r') return false;
-  if (++i == len) return true;
-  return p[i] == '\n';
-}
-
-/* Parses the head p[0..n) (ending in the empty line). Returns false for
- * anything that is not a well-formed HTTP/1.0 or 1.1 request head. */
-static bool parse_head(const char *p, size_t n, hreq *r) {
-  memset(r, 0, sizeof *r);
-  size_t i = 0;
-  /* request line */
-  r->method = p;
-  while (i < n && is_tchar((unsigned char)p[i])) i++;
-  r->method_len = i;
-  if (i == 0 || i >= n || p[i] != ' ') return false;
-  size_t t = ++i;
-  if (i >= n || p[i] != '/') return false;
-  while (i < n && (unsigned char)p[i] > 0x20 && (unsigned char)p[i] < 0x7f) {
-    if (p[i] == '%' &&
-        !(i + 2 < n && is_hex((unsigned char)p[i + 1]) && is_hex((unsigned char)p[i + 2])))
-      return false;
-    i++;
-  }
-  if (i >= n || p[i] != ' ') return false;
-  r->path = p + t;
-  const char *q = memchr(p + t, '?', i - t);
-  r->path_len = q ? (size_t)(q - (p + t)) : i - t;
-  if (q) {
-    r->query = q + 1;
-    r->query_len = (size_t)(p + i - r->query);
-  }
-  i++;
-  if (n - i < 10 || memcmp(p + i, "HTTP/1.", 7) != 0 || (p[i + 7] != '0' && p[i + 7] != '1') ||
-      p[i + 8] != '\r' || p[i + 9] != '\n')
-    return false;
-  r->minor = p[i + 7] - '0';
-  i += 10;
-  /* header fields, up to the empty line */
-  for (;;) {
-    if (n - i < 2) return false;
-    if (p[i] == '\r' && p[i + 1] == '\n') return i + 2 == n;
-    size_t b = i;
-    while (i < n && is_tchar((unsigned char)p[i])) i++;
-    if (i == b || i >= n || p[i] != ':') return false; /* also obs-fold, space before ':' */
-    size_t name_len = i - b;
-    i++;
-    while (i < n && (p[i] == ' ' || p[i] == '\t')) i++;
-    size_t vb = i;
-    while (i < n && p[i] != '\r' && p[i] != '\n') {
-      unsigned char c = (unsigned char)p[i];
-      if ((c < 0x20 && c != '\t') || c == 0x7f) return false;
-      i++;
-    }
-    if (n - i < 2 || p[i] != '\r' || p[i + 1] != '\n') return false;
-    size_t ve = i;
-    while (ve > vb && (p[ve - 1] == ' ' || p[ve - 1] == '\t')) ve--;
-    const char *name = p + b, *v = p + vb;
-    size_t vlen = ve - vb;
-    if (ieq(name, name_len, "host")) {
-      r->hosts++;
-    } else if (ieq(name, name_len, "content-length")) {
-      if (vlen == 0 || vlen > 18) return false;
-      uint64_t cl = 0;
-      for (size_t k = 0; k < vlen; k++) {
-        if (v[k] < '0' || v[k] > '9') return false;
-        cl = cl * 10 + (uint64_t)(v[k] - '0');
-      }
-      if (cl > 0) r->has_body = true;
-    } else if (ieq(name, name_len, "transfer-encoding")) {
-      r->has_body = true;
-    } else if (ieq(name, name_len, "connection")) {
-      if (has_token(v, vlen, "close")) r->conn_close = true;
-      if (has_token(v, vlen, "upgrade")) r->conn_upgrade = true;
-    } else if (ieq(name, name_len, "upgrade")) {
-      if (has_token(v, vlen, "websocket")) r->upgrade_ws = true;
-    } else if (ieq(name, name_len, "sec-websocket-key")) {
-      r->ws_key = vlen > 0;
-    } else if (ieq(name, name_len, "sec-websocket-version")) {
-      r->ws_version_13 = vlen == 2 && memcmp(v, "13", 2) == 0;
-    } else if (ieq(name, name_len, "authorization")) {
-      r->auth = v;
-      r->auth_len = vlen;
-    }
-    i += 2;
-  }
-}
 
 /* Constant-time comparison of the given token with the server's. */
 static bool token_eq(const keel_serve *s, const char *given, size_t a) {
@@ -870,7 +718,7 @@ static bool token_eq(const keel_serve *s, const char *given, size_t a) {
   return diff == 0;
 }
 
-static bool token_ok(const keel_serve *s, const hreq *r) {
+static bool token_ok(const keel_serve *s, const keel__http_req *r) {
   if (s->token == NULL) return true;
   if (r->auth != NULL && r->auth_len > 7 && strncasecmp(r->auth, "Bearer ", 7) == 0) {
     const char *t = r->auth + 7;
@@ -879,27 +727,9 @@ static bool token_ok(const keel_serve *s, const hreq *r) {
     return token_eq(s, t, n);
   }
   /* ?token=<token> (percent-decoded) */
-  const char *q = r->query, *end = q ? q + r->query_len : NULL;
-  while (q != NULL && q < end) {
-    const char *amp = memchr(q, '&', (size_t)(end - q));
-    const char *arg_end = amp ? amp : end;
-    if (arg_end - q >= 6 && memcmp(q, "token=", 6) == 0) {
-      char buf[512];
-      size_t n = 0;
-      for (const char *c = q + 6; c < arg_end; c++) {
-        if (n == sizeof buf) return false;
-        if (*c == '%' && arg_end - c >= 3) { /* escapes were checked by parse_head() */
-          buf[n++] = (char)(hex_val((unsigned char)c[1]) * 16 + hex_val((unsigned char)c[2]));
-          c += 2;
-        } else {
-          buf[n++] = *c;
-        }
-      }
-      return token_eq(s, buf, n);
-    }
-    q = amp ? amp + 1 : NULL;
-  }
-  return false;
+  char buf[512];
+  size_t n;
+  return keel__http_query_arg(r, "token", buf, sizeof buf, &n) && token_eq(s, buf, n);
 }
 
 static void h_closed(uv_handle_t *h) {
@@ -973,6 +803,7 @@ static void h_written(uv_write_t *req, int status) {
   memmove(c->in, c->in + c->head_len, c->in_len - c->head_len); /* pipelined */
   c->in_len -= c->head_len;
   c->head_len = 0;
+  memset(&c->scan, 0, sizeof c->scan);
   if (uv_read_start((uv_stream_t *)&c->tcp, h_alloc, h_read) != 0) {
     h_close(c);
     return;
@@ -1065,8 +896,8 @@ static void h_upgrade(hconn *c) {
 /* Answers the complete head in[0..head_len). */
 static void h_answer(hconn *c) {
   keel_serve *s = c->s;
-  hreq r;
-  if (!parse_head(c->in, c->head_len, &r)) {
+  keel__http_req r;
+  if (!keel__http_parse_head(c->in, c->head_len, &r)) {
     h_bad(c, "malformed request");
     return;
   }
@@ -1075,7 +906,7 @@ static void h_answer(hconn *c) {
     return;
   }
   c->keep = r.minor == 1 && !r.conn_close && !r.has_body && !r.upgrade_ws;
-  bool get = ieq(r.method, r.method_len, "GET");
+  bool get = keel__http_ieq(r.method, r.method_len, "GET");
   bool ws_path = r.path_len == 3 && memcmp(r.path, "/ws", 3) == 0;
   if (!get) {
     h_text(c, 405, "method not allowed", "allow: GET\r\n");
@@ -1140,36 +971,21 @@ oom:
 
 /* Looks for the end of the head in what was read. */
 static void h_process(hconn *c) {
-  size_t cap = c->s->opts.max_request_bytes;
-  /* empty lines before a request line are ignored (RFC 9112 2.2) */
-  size_t skip = 0;
-  while (c->in_len - skip >= 2 && c->in[skip] == '\r' && c->in[skip + 1] == '\n') skip += 2;
+  size_t skip = c->scan.line_pos == 0 ? keel__http_leading_empty_lines(c->in, c->in_len) : 0;
   if (skip > 0) {
     memmove(c->in, c->in + skip, c->in_len - skip);
     c->in_len -= skip;
   }
-  for (size_t i = 0; i < c->in_len; i++) {
-    unsigned char ch = (unsigned char)c->in[i];
-    if (ch == '\n' && i + 2 < c->in_len + 0 && c->in[i + 1] == '\r' && c->in[i + 2] == '\n') {
-      c->head_len = i + 3;
+  switch (keel__http_scan(&c->scan, c->in, c->in_len, &c->head_len)) {
+    case KEEL__HTTP_HEAD:
       h_answer(c);
       return;
-    }
-    if (ch == '\n' && i + 1 < c->in_len && c->in[i + 1] == '\n') {
-      h_bad(c, "malformed request"); /* a bare LF */
+    case KEEL__HTTP_BAD:
+      h_bad(c, "malformed request");
       return;
-    }
-    if ((ch < 0x20 && ch != '\t' && ch != '\r' && ch != '\n') || ch == 0x7f) {
-      h_bad(c, "malformed request"); /* control bytes */
-      return;
-    }
+    default:
+      if (c->in_len >= c->s->opts.max_request_bytes) h_bad(c, "request too large");
   }
-  const char *nl = memchr(c->in, '\n', c->in_len);
-  if (!line_prefix_ok(c->in, nl ? (size_t)(nl - c->in) + 1 : c->in_len)) {
-    h_bad(c, "malformed request");
-    return;
-  }
-  if (c->in_len >= cap) h_bad(c, "request too large");
 }
 
 static void h_read(uv_stream_t *st, ssize_t nread, const uv_buf_t *buf) {
@@ -1351,7 +1167,13 @@ static void serve_free(keel_serve *s) {
   keel__free(s);
 }
 
-static int lws_log_set;
+/* lws's log level is process-wide (see serve.h): set once, under uv_once
+ * since servers may start on several threads. */
+static uv_once_t lws_log_once = UV_ONCE_INIT;
+
+static void quiet_lws_log(void) {
+  lws_set_log_level(0, NULL);
+}
 
 /* The listening socket (keel accepts; lws listens on nothing). Returns
  * the fd or a UV_E* code. */
@@ -1419,10 +1241,7 @@ int keel_serve_new(uv_loop_t *loop, const keel_serve_opts *opts, keel_serve **ou
   }
   s->lpoll.data = s;
 
-  if (!lws_log_set) {
-    lws_log_set = 1;
-    lws_set_log_level(0, NULL); /* process-wide: see serve.h */
-  }
+  uv_once(&lws_log_once, quiet_lws_log);
   struct lws_context_creation_info info;
   memset(&info, 0, sizeof info);
   void *foreign[1] = {loop};

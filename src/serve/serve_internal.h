@@ -44,8 +44,8 @@ typedef enum { KEEL__W_PROM, KEEL__W_JSON } keel__wmode;
 typedef struct keel__family {
   char *name; /* keel_<kind>_<metric> (counters without _total) */
   size_t name_len;
-  const char *help; /* the source's static text */
-  char type;        /* 'c' counter, 'g' gauge, 'h' histogram */
+  char *help; /* a copy of the first call's text (the caller's may be gone) */
+  char type;  /* 'c' counter, 'g' gauge, 'h' histogram */
   keel__buf samples;
   const double *le_upper; /* histogram bounds whose texts are in le */
   size_t le_n;
@@ -70,6 +70,7 @@ typedef struct keel__kind {
 struct keel_stats_writer {
   keel__wmode mode;
   const char *kind;
+  size_t kind_len; /* strlen(kind) */
   bool failed;
   /* PROM */
   const char *label; /* the escaped name label value of the object */

@@ -219,6 +219,7 @@ void keel__writer_init(keel_stats_writer *w, keel__wmode mode) {
 void keel__writer_dispose(keel_stats_writer *w) {
   for (size_t i = 0; i < w->nfams; i++) {
     keel__free(w->fams[i].name);
+    keel__free(w->fams[i].help);
     keel__free(w->fams[i].le);
     keel__buf_free(&w->fams[i].samples);
   }
@@ -246,6 +247,7 @@ void keel__writer_prom_object(keel_stats_writer *w, const char *kind, const char
   w->last_metric = NULL;
   if (w->kind == kind && w->cur_kind != SIZE_MAX) return;
   w->kind = kind;
+  w->kind_len = strlen(kind);
   w->cur_kind = SIZE_MAX;
   for (size_t i = 0; i < w->nkinds; i++)
     if (w->kinds[i].kind == kind || strcmp(w->kinds[i].kind, kind) == 0) {
@@ -269,7 +271,7 @@ void keel__writer_prom_object(keel_stats_writer *w, const char *kind, const char
 /* The family by name, created on first use. */
 static keel__family *family_lookup(keel_stats_writer *w, const char *metric, const char *help,
                                    char type, size_t *idx) {
-  size_t klen = strlen(w->kind), mlen = strlen(metric);
+  size_t klen = w->kind_len, mlen = strlen(metric);
   for (size_t i = 0; i < w->nfams; i++) {
     const char *n = w->fams[i].name;
     if (w->fams[i].name_len == 6 + klen + mlen && memcmp(n + 5, w->kind, klen) == 0 &&
@@ -289,7 +291,10 @@ static keel__family *family_lookup(keel_stats_writer *w, const char *metric, con
     w->capfams = cap;
   }
   char *name = keel__malloc(5 + klen + 1 + mlen + 1);
-  if (name == NULL) {
+  char *help_copy = keel__strdup(help ? help : "");
+  if (name == NULL || help_copy == NULL) {
+    keel__free(name);
+    keel__free(help_copy);
     w->failed = true;
     return NULL;
   }
@@ -301,20 +306,28 @@ static keel__family *family_lookup(keel_stats_writer *w, const char *metric, con
   memset(f, 0, sizeof *f);
   f->name = name;
   f->name_len = 6 + klen + mlen;
-  f->help = help ? help : "";
+  f->help = help_copy;
   f->type = type;
   *idx = w->nfams++;
   return f;
 }
 
-/* The family of this call: by position in the kind's call order (a
- * pointer compare), else by name. Consecutive calls for one metric
+/* Whether family f is metric's (of the current kind). */
+static bool is_family_of(const keel_stats_writer *w, const keel__family *f, const char *metric) {
+  return strcmp(f->name + 6 + w->kind_len, metric) == 0;
+}
+
+/* The family of this call: by position in the kind's call order (the
+ * same pointer, and the same text: a source may write its names into one
+ * reused buffer), else by name. Consecutive calls for one metric
  * (counter_by) share one position. */
 static keel__family *family(keel_stats_writer *w, const char *metric, const char *help, char type) {
-  if (metric == w->last_metric) return &w->fams[w->last_fam];
+  if (metric == w->last_metric && is_family_of(w, &w->fams[w->last_fam], metric))
+    return &w->fams[w->last_fam];
   keel__kind *k = w->cur_kind != SIZE_MAX ? &w->kinds[w->cur_kind] : NULL;
   size_t idx;
-  if (k != NULL && w->call < k->n && k->slots[w->call].metric == metric) {
+  if (k != NULL && w->call < k->n && k->slots[w->call].metric == metric &&
+      is_family_of(w, &w->fams[k->slots[w->call].fam], metric)) {
     idx = k->slots[w->call].fam;
   } else {
     if (family_lookup(w, metric, help, type, &idx) == NULL) return NULL;

@@ -420,19 +420,28 @@ static void on_pub(keel_redis *r, int status, const struct redisReply *rep, void
   ((pub *)data)->done = status == 0 ? 1 : -1;
 }
 
-Test(breaker_shared, an_old_broadcast_never_overrides_a_newer_state, .timeout = 60) {
-  char url[128], name[64], chan[128];
+/* One node on a fresh shared breaker named after `what`, synced and
+ * subscribed; *chan its broadcast channel. Returns its generation. */
+static uint64_t broadcast_node_open(node *n, uv_loop_t *loop, const char *what,
+                                    uint32_t interval_ms, char *chan, size_t chan_cap) {
+  char url[128], name[64];
   kt_redis_url(url, sizeof url);
-  kt_unique_name(name, sizeof name, "stale");
-  snprintf(chan, sizeof chan, "keel:breaker:{%s}", name);
-  uv_loop_t loop;
-  uv_loop_init(&loop);
-  node n;
-  node_open_interval(&n, &loop, url, name, LONG_INTERVAL_MS);
-  cr_assert(kt_wait_for(&loop, synced_and_subscribed, &n, 10000));
+  kt_unique_name(name, sizeof name, what);
+  snprintf(chan, chan_cap, "keel:breaker:{%s}", name);
+  uv_loop_init(loop);
+  node_open_interval(n, loop, url, name, interval_ms);
+  cr_assert(kt_wait_for(loop, synced_and_subscribed, n, 10000));
   keel_breaker_shared_stats st;
-  keel_breaker_shared_get_stats(n.sh, &st);
-  uint64_t gen = st.shared_generation;
+  keel_breaker_shared_get_stats(n->sh, &st);
+  return st.shared_generation;
+}
+
+Test(breaker_shared, an_old_broadcast_never_overrides_a_newer_state, .timeout = 60) {
+  char chan[128];
+  uv_loop_t loop;
+  node n;
+  uint64_t gen = broadcast_node_open(&n, &loop, "stale", LONG_INTERVAL_MS, chan, sizeof chan);
+  keel_breaker_shared_stats st;
   cr_assert_gt(gen, 1000000000000ull, "a new shared state starts at Redis's time in ms");
   /* A transition of an older generation (a late message) is ignored... */
   char old_msg[64], new_msg[64];
@@ -461,6 +470,34 @@ Test(breaker_shared, an_old_broadcast_never_overrides_a_newer_state, .timeout = 
   uint64_t left = keel_breaker_retry_after_ms(n.b);
   cr_assert(left > 3000 && left <= 5000, "open for the time the message said: %llu",
             (unsigned long long)left);
+  node_close(&n);
+  kt_loop_finish(&loop);
+}
+
+static bool closed_again(void *ctx) {
+  return ((node *)ctx)->closed_ns != 0;
+}
+
+Test(breaker_shared, a_forged_broadcast_is_undone_by_redis_state, .timeout = 60) {
+  char chan[128];
+  uv_loop_t loop;
+  node n;
+  uint64_t gen = broadcast_node_open(&n, &loop, "forged", INTERVAL_MS, chan, sizeof chan);
+  keel_breaker_shared_stats st;
+  /* Any client of the Redis can PUBLISH on the channel: a generation far
+   * ahead of the shared hash's is followed at first (it looks newer)... */
+  const char *argv[] = {"PUBLISH", chan, "o:18446744073709551615:60000"};
+  pub p = {0};
+  cr_assert_eq(keel_redis_command(n.r, 3, argv, NULL, on_pub, &p), 0);
+  cr_assert(kt_wait_for(&loop, opened, &n, 5000));
+  /* ... but the syncs that follow find the hash closed at its own
+   * generation, and the process goes back to it (regression: it kept the
+   * forged generation, ignored every later answer and broadcast, and
+   * stayed open until the forged time ran out). */
+  cr_assert(kt_wait_for(&loop, closed_again, &n, 5000));
+  keel_breaker_shared_get_stats(n.sh, &st);
+  cr_assert_eq(st.shared_generation, gen);
+  cr_assert_eq(keel_breaker_get_state(n.b), KEEL_BREAKER_CLOSED);
   node_close(&n);
   kt_loop_finish(&loop);
 }

@@ -305,7 +305,10 @@ Test(listen_gaps, kills_and_a_restart_lose_nothing_outside_the_gaps, .timeout = 
     }
   }
   pclose(rows);
-  cr_assert_gt(committed, seconds * 300, "the writer ran (%d rows)", committed);
+  /* The writer aims at 700/s; a loaded 2-core machine gave it 380-630/s,
+   * and less under heavier load. What the drill needs is writes through
+   * every fault: at least 60/s over the run. */
+  cr_assert_gt(committed, seconds * 60, "the writer ran (%d rows)", committed);
   cr_log_info(
       "committed %d, delivered %d, missed %d (all inside the windows), gaps %d, writer "
       "errors %d",

@@ -230,3 +230,58 @@ Test(listen_probe, dropped_notifications_deaf_then_recovers) {
   pgproxy_stop(proxy);
   kt_loop_finish(&f.loop);
 }
+
+/* ---- a server that stops answering, its socket still up ---------------------- */
+
+static void ignore_raw(keel_listener *l, const char *channel, const char *payload, void *data) {
+  (void)l, (void)channel, (void)payload, (void)data;
+}
+
+static bool back_after_reset(void *ctx) {
+  pfx *f = ctx;
+  keel_listener_stats st;
+  keel_listener_get_stats(f->l, &st);
+  return st.reconnects >= 1 && gaps >= 1 && keel_listener_is_active(f->l);
+}
+
+/* Regression: the heartbeat had no deadline and kept the session from
+ * looking idle to keel_pg's own check, so a listener whose server stopped
+ * answering stayed "active" for ever (no_probe), or, with the probe, said
+ * KEEL_ENOTHEARING once and then waited for ever on a LISTEN sent again. */
+Test(listen_probe, a_server_that_stops_answering_is_reset) {
+  for (int no_probe = 1; no_probe >= 0; no_probe--) {
+    pfx f;
+    memset(&f, 0, sizeof f);
+    cr_assert_eq(uv_loop_init(&f.loop), 0);
+    char via[512];
+    pgproxy *proxy = pgproxy_start(&f.loop, kt_pg_direct_conninfo(), via, sizeof via);
+    keel_listener_opts o;
+    keel_listener_opts_init(&o);
+    o.conninfo = via;
+    o.on_error = on_error;
+    o.on_gap = count_gap;
+    o.data = &f;
+    o.no_probe = no_probe != 0;
+    o.heartbeat_ms = 200;
+    o.connect_timeout_ms = 600;
+    o.probe_interval_ms = 200;
+    o.probe_timeout_ms = 600;
+    keel_backoff_fixed(&o.reconnect_backoff, 50);
+    gaps = 0;
+    cr_assert_eq(keel_listener_new(&f.loop, &o, &f.l), 0);
+    cr_assert_eq(keel_listener_listen_channel(f.l, "keel_silent", ignore_raw, NULL), 0);
+    cr_assert_eq(keel_listener_start(f.l), 0);
+    uint64_t until = uv_now(&f.loop) + 10000;
+    while (!keel_listener_is_active(f.l) && uv_now(&f.loop) < until) uv_run(&f.loop, UV_RUN_ONCE);
+    cr_assert(keel_listener_is_active(f.l), "%s", keel_listener_last_error(f.l));
+    /* the listener's session (and the probe's) now hear nothing back */
+    pgproxy_silence_open_connections(proxy);
+    cr_assert(kt_wait_for(&f.loop, back_after_reset, &f, 15000),
+              "no_probe %d: not reset (active %d, gaps %d): %s", no_probe,
+              keel_listener_is_active(f.l), gaps, keel_listener_last_error(f.l));
+    keel_listener_close(f.l, on_closed, &f);
+    cr_expect(kt_wait_for(&f.loop, is_closed, &f, 5000));
+    pgproxy_stop(proxy);
+    kt_loop_finish(&f.loop);
+  }
+}

@@ -17,6 +17,7 @@ typedef struct pair {
   bool cutting; /* closing both sides */
   char *buf;    /* server bytes not yet forwarded (incomplete message) */
   size_t len, cap;
+  bool silent; /* server bytes are swallowed */
 } pair;
 
 struct pgproxy {
@@ -113,6 +114,10 @@ static void on_server_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
     pr->len = 0;
     return;
   }
+  if (pr->silent) {
+    free(buf->base);
+    return;
+  }
   if (pr->len + (size_t)n > pr->cap) {
     pr->cap = (pr->len + (size_t)n) * 2;
     pr->buf = realloc(pr->buf, pr->cap);
@@ -157,6 +162,10 @@ static void on_server_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf) {
 
 void pgproxy_drop_notifications(pgproxy *p, bool on) {
   p->drop_notify = on;
+}
+
+void pgproxy_silence_open_connections(pgproxy *p) {
+  for (pair *pr = p->pairs; pr != NULL; pr = pr->next) pr->silent = true;
 }
 
 int pgproxy_dropped(const pgproxy *p) {

@@ -27,6 +27,12 @@ void pgproxy_cut_at(pgproxy *p, const char *tag, bool after);
  * proxy that lost LISTEN): every other message still goes through. */
 void pgproxy_drop_notifications(pgproxy *p, bool on);
 
+/* From now on, nothing the server sends on the connections open now
+ * reaches their clients, and their sockets stay open: a server that stopped
+ * answering, or a proxy holding a dead server connection. Connections made
+ * later go through as usual. */
+void pgproxy_silence_open_connections(pgproxy *p);
+
 /* Notifications dropped so far. */
 int pgproxy_dropped(const pgproxy *p);
 

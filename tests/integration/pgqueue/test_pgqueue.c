@@ -70,6 +70,51 @@ Test(pgqueue, batch_enqueue_and_work) {
   fx_drop(&f);
 }
 
+Test(pgqueue, completion_rolled_back_by_a_serialization_failure_is_sent_again) {
+  fx f;
+  fx_init(&f, "pgq_serfail", NULL);
+  f.o.concurrency = 4;
+  fx_start(&f);
+  /* The first three statements that mark jobs done fail with 40001, as
+   * under default_transaction_isolation = serializable with concurrent
+   * workers (a sequence: its increments survive the rollback). */
+  kt_pg_execf("CREATE SEQUENCE %s.fail_seq", f.schema);
+  kt_pg_execf(
+      "CREATE FUNCTION %s.fail_done() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN"
+      " IF nextval('%s.fail_seq') <= 3 THEN RAISE EXCEPTION 'injected' USING ERRCODE = '40001';"
+      " END IF; RETURN NEW; END $$",
+      f.schema, f.schema);
+  kt_pg_execf(
+      "CREATE TRIGGER fail_done BEFORE UPDATE ON %s.pgqueue_jobs FOR EACH ROW"
+      " WHEN (NEW.state = 'done') EXECUTE FUNCTION %s.fail_done()",
+      f.schema, f.schema);
+  kt_pg_execf(
+      "CREATE TRIGGER fail_done_del BEFORE DELETE ON %s.pgqueue_jobs FOR EACH ROW"
+      " EXECUTE FUNCTION %s.fail_done()",
+      f.schema, f.schema);
+  keel_pgqueue_job_opts jobs[40];
+  for (int i = 0; i < 40; i++) {
+    keel_pgqueue_job_opts_init(&jobs[i]);
+    jobs[i].payload = "{}";
+    jobs[i].kind = "noop";
+  }
+  cr_assert_eq(fx_enqueue(&f, jobs, 40), 0, "%s", keel_pgqueue_last_error(f.q));
+  /* Regression: the batch was dropped, and its jobs ran again when their
+   * leases ran out (30 s). */
+  wait_rows(&f, "state = 'done'", 40, 15000);
+  cr_assert_eq(f.started, 40, "each job ran once");
+  keel_pgqueue_stats st;
+  keel_pgqueue_get_stats(f.q, &st);
+  cr_assert_eq(st.flush_retries, 3);
+  cr_assert_eq(st.completed, 40);
+  cr_assert_eq(st.lease_lost, 0);
+  char *n = kt_pg_scalarf("SELECT last_value FROM %s.fail_seq", f.schema);
+  cr_assert_geq(atoi(n), 4, "the injected failures happened");
+  free(n);
+  fx_finish(&f);
+  fx_drop(&f);
+}
+
 Test(pgqueue, migrate_twice_and_concurrently) {
   fx f;
   fx_init(&f, "pgq_mig", NULL);

@@ -2,6 +2,10 @@
  * allocation failure. Clients run on a thread of their own (client.h). */
 #include <criterion/criterion.h>
 #include <jansson.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include "client.h"
 #include "support/harness.h"
@@ -338,6 +342,55 @@ Test(serve, keep_alive_pipelining_and_malformed_second_request) {
   int st;
   free(get(&f, "/metrics", NULL, &st));
   cr_assert_eq(st, 200);
+  teardown_fixture(&f);
+}
+
+/* Sends s one byte per write, a little apart, so that the server reads
+ * the head in pieces. */
+static void send_dripped(int fd, const char *s) {
+  int one = 1;
+  setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+  for (; *s; s++) {
+    tc_send_all(fd, s, 1);
+    usleep(200);
+  }
+}
+
+typedef struct drip {
+  int port;
+  int st[4];
+} drip;
+
+static void do_drip(void *arg) {
+  drip *d = arg;
+  int fd = tc_connect(d->port);
+  if (fd < 0) return;
+  static char buf[1 << 21];
+  size_t used = 0;
+  /* an empty line whose CR and LF come apart, then the request */
+  send_dripped(fd, "\r");
+  usleep(50000);
+  send_dripped(fd, "\nGET /stats.json?x=%41 HTTP/1.1\r\nHost: x\r\n\r\n");
+  d->st[0] = read_answer(fd, buf, sizeof buf, &used);
+  /* the next head on the kept connection is read from its own start */
+  send_dripped(fd, "GET /nope HTTP/1.1\r\nHost: x\r\n\r\n");
+  d->st[1] = read_answer(fd, buf, sizeof buf, &used);
+  /* junk is answered once its first bytes show it, not at the timeout */
+  send_dripped(fd, "GET /ok HTTP/1.1\r\nHost: x\r\n\r\nGET x");
+  d->st[2] = read_answer(fd, buf, sizeof buf, &used);
+  d->st[3] = read_answer(fd, buf, sizeof buf, &used);
+  close(fd);
+}
+
+Test(serve, head_read_one_byte_at_a_time) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  drip d = {f.port, {0}};
+  tc_run(&f.loop, do_drip, &d);
+  cr_assert_eq(d.st[0], 200);
+  cr_assert_eq(d.st[1], 404);
+  cr_assert_eq(d.st[2], 404);
+  cr_assert_eq(d.st[3], 400);
   teardown_fixture(&f);
 }
 
@@ -762,6 +815,88 @@ Test(serve, register_refusals) {
   o.port = f.port;
   cr_assert_eq(keel_serve_new(&f.loop, &o, &s2), UV_EADDRINUSE);
   cr_assert_null(s2);
+  teardown_fixture(&f);
+}
+
+/* Regression: the queue, retry, listener and pool adapters took an object
+ * whose close had begun; its registration outlived it, and the next render
+ * read freed memory. */
+Test(serve, adapters_refuse_objects_whose_close_began) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  keel_queue_opts qo;
+  keel_queue_opts_init(&qo);
+  keel_queue *q;
+  cr_assert_eq(keel_queue_new(&f.loop, process_ok, &qo, &q), 0);
+  keel_retry_opts ro;
+  keel_retry_opts_init(&ro);
+  keel_retry *r;
+  cr_assert_eq(keel_retry_start(&f.loop, &ro, retry_attempt, retry_done, NULL, &r), 0);
+  keel_listener_opts lo;
+  keel_listener_opts_init(&lo);
+  lo.conninfo = "host=127.0.0.1 port=1";
+  lo.table = "t";
+  keel_listener *l;
+  cr_assert_eq(keel_listener_new(&f.loop, &lo, &l), 0);
+  keel_pg_pool_opts po;
+  keel_pg_pool_opts_init(&po);
+  po.conn.conninfo = "host=127.0.0.1 port=1";
+  keel_pg_pool *p;
+  cr_assert_eq(keel_pg_pool_new(&f.loop, &po, &p), 0);
+  keel_queue_close(q, NULL, NULL);
+  keel_retry_close(r, NULL, NULL);
+  keel_listener_close(l, NULL, NULL);
+  keel_pg_pool_close(p, NULL, NULL);
+  cr_assert_eq(keel_queue_serve(f.s, q, "q"), KEEL_ECLOSING);
+  cr_assert_eq(keel_retry_serve(f.s, r, "r"), KEEL_ECLOSING);
+  cr_assert_eq(keel_listener_serve(f.s, l, "l"), KEEL_ECLOSING);
+  cr_assert_eq(keel_pg_pool_serve(f.s, p, "p"), KEEL_ECLOSING);
+  /* the objects are freed by now; a render reads none of them */
+  for (int i = 0; i < 20; i++) uv_run(&f.loop, UV_RUN_NOWAIT);
+  char *text;
+  size_t len;
+  cr_assert_eq(keel_serve_metrics_text(f.s, &text, &len), 0);
+  cr_assert_null(strstr(text, "name=\"l\""));
+  keel_free(text);
+  teardown_fixture(&f);
+}
+
+/* A source that writes its metric names and help texts into buffers it
+ * reuses and frees (regression: every sample went to the first family,
+ * and the HELP text was read after the source freed it). */
+static void write_reused(const void *obj, keel_stats_writer *w) {
+  (void)obj;
+  char metric[16];
+  for (int i = 0; i < 3; i++) {
+    snprintf(metric, sizeof metric, "metric%d", i);
+    char *help = malloc(32);
+    snprintf(help, 32, "help of %d", i);
+    keel_stats_gauge(w, metric, help, i + 1);
+    memset(help, 'x', 31);
+    free(help);
+  }
+}
+
+Test(serve, source_names_in_reused_buffers) {
+  fixture f;
+  setup_fixture(&f, NULL);
+  static const keel_stats_source reused = {"reused", write_reused};
+  int obj;
+  cr_assert_eq(keel_serve_register(f.s, &reused, &obj, "one", NULL), 0);
+  cr_assert_eq(keel_serve_register(f.s, &reused, &obj, "two", NULL), 0);
+  for (int render = 0; render < 2; render++) {
+    char *text;
+    size_t len;
+    cr_assert_eq(keel_serve_metrics_text(f.s, &text, &len), 0);
+    for (int i = 0; i < 3; i++) {
+      char want[96];
+      snprintf(want, sizeof want, "# HELP keel_reused_metric%d help of %d\n", i, i);
+      cr_assert_not_null(strstr(text, want), "%s", text);
+      snprintf(want, sizeof want, "keel_reused_metric%d{name=\"two\"} %d\n", i, i + 1);
+      cr_assert_not_null(strstr(text, want), "%s", text);
+    }
+    keel_free(text);
+  }
   teardown_fixture(&f);
 }
 
