@@ -229,32 +229,6 @@ Test(saga_crash, close_from_on_stuck_no_on_end, .timeout = 120) {
   world_finish(&w);
 }
 
-/* A start whose data PostgreSQL refuses as JSON: UV_EINVAL, and
- * last_error says why. */
-static void bad_started(keel_saga *s, int status, int64_t id, bool existed, void *data) {
-  (void)s, (void)id, (void)existed;
-  int *st = data;
-  *st = status;
-}
-Test(saga_crash, start_with_bad_json_says_why, .timeout = 60) {
-  world w;
-  world_init(&w, "saga_bj", 2, 10);
-  world_opts(&w);
-  world_start_objects(&w);
-  keel_saga_start_opts so;
-  keel_saga_start_opts_init(&so);
-  so.data = "{\"item\": 1,"; /* not JSON */
-  int st = 1;
-  cr_assert_eq(keel_saga_start(w.s, &so, bad_started, &st), 0);
-  for (int i = 0; i < 2000 && st == 1; i++) uv_run(&w.loop, UV_RUN_ONCE);
-  cr_assert_eq(st, UV_EINVAL, "status %d", st);
-  const char *e = keel_saga_last_error(w.s);
-  cr_assert(strstr(e, "saga start: ") != NULL && strlen(e) > strlen("saga start: ") + 8 &&
-                strstr(e, "json") != NULL,
-            "last_error without the reason: '%s'", e);
-  world_finish(&w);
-}
-
 /* ---- soak ------------------------------------------------------------------ */
 
 static int soak_child(const char *schema, unsigned seed) {
