@@ -15,10 +15,17 @@
  *          done to the outcome's commit: what the log adds to a step).
  *
  * Last line: saga sagas_per_s=<x> floor_per_s=<y> ratio=<x/y> step_p99_ms=<z>
- * Env: KEEL_PG (scripts/bench sets it), KEEL_BENCH_SAGAS.
+ * Env: KEEL_PG (scripts/bench sets it), KEEL_BENCH_SAGAS; KEEL_BENCH_SNAP (a
+ * command run as `$KEEL_BENCH_SNAP <floor|saga> <begin|end>` right before and
+ * after each measured phase, e.g. to read the server's CPU and statistics);
+ * stderr gets the client's CPU per sequence / saga of each phase;
+ * KEEL_BENCH_PHASES=floor or =saga runs only that phase (for measuring one
+ * phase's cost from outside, e.g. the server's instructions under
+ * callgrind; the last line then reports 0 for the other).
  */
 #include <inttypes.h>
 #include <stdio.h>
+#include <sys/resource.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,6 +37,30 @@
 #define ROWS 1024
 
 static uv_loop_t loop;
+
+/* ---- per-phase CPU of this process, and the KEEL_BENCH_SNAP hook ------------ */
+
+static double cpu_s(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_SELF, &ru);
+  return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6 +
+         (double)ru.ru_stime.tv_sec + (double)ru.ru_stime.tv_usec / 1e6;
+}
+
+static double phase_cpu0;
+
+static void phase(const char *name, bool begin, long n) {
+  const char *snap = getenv("KEEL_BENCH_SNAP");
+  if (!begin)
+    fprintf(stderr, "%s: client CPU %.3f ms per %s\n", name,
+            (cpu_s() - phase_cpu0) * 1e3 / (double)n, strcmp(name, "floor") ? "saga" : "sequence");
+  if (snap && *snap) {
+    char cmd[1024];
+    snprintf(cmd, sizeof cmd, "%s %s %s", snap, name, begin ? "begin" : "end");
+    if (system(cmd) != 0) fprintf(stderr, "KEEL_BENCH_SNAP failed\n");
+  }
+  if (begin) phase_cpu0 = cpu_s();
+}
 static keel_pg_pool *pp;
 static const char *conninfo;
 static long total;
@@ -100,10 +131,13 @@ static double run_floor(void) {
   fworker ws[WORKERS];
   memset(ws, 0, sizeof ws);
   floor_started = floor_done = 0;
+  phase("floor", true, total);
   double t0 = bench_now_s();
   for (int i = 0; i < WORKERS; i++) floor_next(&ws[i]);
   while (floor_done < total) uv_run(&loop, UV_RUN_ONCE);
-  return (double)floor_done / (bench_now_s() - t0);
+  double rate = (double)floor_done / (bench_now_s() - t0);
+  phase("floor", false, total);
+  return rate;
 }
 
 /* ---- saga ------------------------------------------------------------------- */
@@ -202,9 +236,11 @@ static double run_saga(double *p99) {
   o.stats_ms = 0;
   if (keel_saga_new(&loop, &o, &sg) != 0) exit(1);
   while (!ready) uv_run(&loop, UV_RUN_ONCE);
+  phase("saga", true, total);
   start_more();
   while (ended < total) uv_run(&loop, UV_RUN_ONCE);
   double rate = (double)ended / (bench_now_s() - t_first);
+  phase("saga", false, total);
   keel_saga_stats ss;
   keel_saga_get_stats(sg, &ss);
   *p99 = ss.added.p99_ms;
@@ -231,14 +267,17 @@ int main(void) {
   po.conn.conninfo = conninfo;
   po.size = WORKERS;
   if (keel_pg_pool_new(&loop, &po, &pp) != 0) return 1;
-  double floor_rate = run_floor();
+  const char *phases = getenv("KEEL_BENCH_PHASES");
+  bool do_floor = phases == NULL || strcmp(phases, "saga") != 0;
+  bool do_saga = phases == NULL || strcmp(phases, "floor") != 0;
+  double floor_rate = do_floor ? run_floor() : 0;
   fprintf(stderr, "floor: %.0f sequences/s\n", floor_rate);
   double p99 = 0;
-  double saga_rate = run_saga(&p99);
+  double saga_rate = do_saga ? run_saga(&p99) : 0;
   keel_pg_pool_close(pp, NULL, NULL);
   uv_run(&loop, UV_RUN_DEFAULT);
   uv_loop_close(&loop);
   printf("saga sagas_per_s=%.0f floor_per_s=%.0f ratio=%.3f step_p99_ms=%.2f\n", saga_rate,
-         floor_rate, saga_rate / floor_rate, p99);
+         floor_rate, floor_rate > 0 ? saga_rate / floor_rate : 0, p99);
   return 0;
 }

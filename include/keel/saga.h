@@ -143,7 +143,8 @@ KEEL_EXTERN void keel_saga_step_init(keel_saga_step *step, const char *name,
 
 /* Reports a saga that reached a terminal state in this process (done,
  * compensated or failed) after a step of it ran here. Called from the loop;
- * may be NULL. */
+ * may be NULL. Not called once keel_saga_close() began (also when on_stuck,
+ * which runs first for a failed saga, called it). */
 typedef void (*keel_saga_end_cb)(keel_saga *s, int64_t id, keel_saga_state state, void *data);
 
 /* A saga became failed (its compensation ran out of attempts): called once

@@ -13,6 +13,7 @@
 #include "../core/histogram.h"
 #include "../core/util.h"
 #include "../pg/pg_internal.h"
+#include "pgqueue_hook.h"
 #include "pgqueue_internal.h"
 
 enum { J_PREFETCHED = 1, J_RUNNING, J_TIMEDOUT, J_LOST, J_RELEASED };
@@ -1039,7 +1040,9 @@ int keel_pgqueue_new_ex(uv_loop_t *loop, const keel_pgqueue_opts *opts, keel_pgq
   }
   if (rc != 0) {
     q_free(q);
-    return keel__why(why, why_cap, rc, "could not create the connection (bad conninfo?)");
+    return keel__why(
+        why, why_cap, rc,
+        rc == UV_ENOMEM ? "out of memory" : "could not create the connection (bad conninfo?)");
   }
   uv_idle_init(loop, &q->kick);
   q->kick.data = q;
@@ -1333,6 +1336,36 @@ int keel_pgqueue_job_fail(keel_pgqueue_job *j, int status, const char *message) 
 
 int keel_pgqueue_job_done(keel_pgqueue_job *job, int status) {
   return keel_pgqueue_job_fail(job, status, NULL);
+}
+
+/* pgqueue_hook.h: the caller's own statement completed the attempt. */
+int keel__pgqueue_job_done_written(keel_pgqueue_job *j, bool written) {
+  if (j == NULL) return UV_EINVAL;
+  keel_pgqueue *q = j->q;
+  int state = j->state;
+  jl_remove(list_of(q, j), j);
+  int rc = 0;
+  if (state == J_RELEASED || q->closing) {
+    rc = KEEL_ECLOSING;
+  } else if (state == J_TIMEDOUT) {
+    rc = KEEL_ESTALE;
+  } else if (state == J_LOST) {
+    rc = KEEL_ELOST;
+    if (written) q->st.completed++; /* the row was ours after all */
+  } else if (state == J_RUNNING) {
+    keel__histogram_record(&q->h_run, (now_ms(q) - j->started_at) * 1000000u);
+    if (written) {
+      q->st.completed++;
+    } else { /* as on_finish counts a fenced completion (the caller is keel, not a user) */
+      q->st.fenced++;
+      lease_lost(q, NULL, j->id, j->attempt);
+    }
+    kick(q);
+  } else {
+    rc = UV_EINVAL;
+  }
+  job_free(j);
+  return rc;
 }
 
 int64_t keel_pgqueue_job_id(const keel_pgqueue_job *j) {

@@ -10,6 +10,7 @@
 #include "keel/pg.h"
 #include "keel/pgqueue.h"
 #include "keel/serve.h"
+#include "../pgqueue/pgqueue_hook.h"
 #include "saga_internal.h"
 
 #define MAX_KEY 96
@@ -62,6 +63,10 @@ struct run {
   bool lost;      /* the job's lease was lost */
   bool finished;
   bool optimistic; /* version and data taken from the job: a failed guard loads */
+  bool w_job;      /* the write in flight also completes the job (sql.advance_end) */
+  bool job_folded; /* that write committed: the job is completed, job_written says if it
+                      found the job's row (the queue is told, it sends no completion) */
+  bool job_written;
   int status;
   /* the write in flight */
   keel__saga_next nx;
@@ -266,7 +271,11 @@ static void run_finish(run *r, int status) {
   uv_timer_stop(&r->timer);
   if (r->call) call_detach(r->call);
   if (status == KEEL_ECONFLICT) s->st.conflicts++;
-  if (r->job) {
+  if (r->job && r->job_folded) {
+    keel_pgqueue_job *j = r->job;
+    r->job = NULL;
+    (void)keel__pgqueue_job_done_written(j, r->job_written);
+  } else if (r->job) {
     keel_pgqueue_job *j = r->job;
     r->job = NULL;
     if (s->closing || status == 0 || status == KEEL_ECONFLICT || status == KEEL_ENOTFOUND ||
@@ -372,6 +381,11 @@ static void on_advance(keel_pg *c, int status, const keel_pg_result *res, void *
     return;
   }
   r->optimistic = false;
+  if (keel_pg_result_nrows(res) == 1 && r->w_job) {
+    const char *jw = keel_pg_result_value(res, 0, 1);
+    r->job_folded = true;
+    r->job_written = jw != NULL && jw[0] == 't';
+  }
   if (keel_pg_result_nrows(res) != 1) {
     keel__fail(s->err, KEEL_ECONFLICT,
                "saga %" PRId64 ": version %" PRId64 " moved: another process advanced it", r->id,
@@ -402,7 +416,10 @@ static void on_advance(keel_pg *c, int status, const keel_pg_result *res, void *
       s->st.failed++;
       if (s->o.on_stuck) s->o.on_stuck(s, r->id, (unsigned)nx.pos.step, r->last_error, s->o.data);
     }
-    if (!r->finished && s->o.on_end) s->o.on_end(s, r->id, (keel_saga_state)st, s->o.data);
+    /* not after close began (on_stuck may have called it): after close only
+     * cancellations run */
+    if (!r->finished && !s->closing && s->o.on_end)
+      s->o.on_end(s, r->id, (keel_saga_state)st, s->o.data);
     run_finish(r, 0);
     return;
   }
@@ -445,7 +462,14 @@ static void write_advance(run *r) {
   bool rcomp = nx->pos.state == KEEL_SAGA_COMPENSATING;
   if (r->w_outcome && r->w_status < 0)
     oerr = r->last_error ? r->last_error : keel_strerror(r->w_status);
-  const char *params[15] = {
+  char jidb[24], jatt[16];
+  /* the run's last write completes its job in the same statement */
+  r->w_job = nx->kind == KEEL__NEXT_END && r->job != NULL;
+  if (r->w_job) {
+    snprintf(jidb, sizeof jidb, "%" PRId64, keel_pgqueue_job_id(r->job));
+    snprintf(jatt, sizeof jatt, "%u", keel_pgqueue_job_attempt(r->job));
+  }
+  const char *params[18] = {
       idb,
       verb,
       r->w_outcome ? ostep : NULL,
@@ -461,12 +485,17 @@ static void write_advance(run *r) {
       oerr,
       nx->kind == KEEL__NEXT_END ? "true" : "false",
       rec ? "true" : "false",
+      r->w_job ? jidb : NULL,
+      r->w_job ? jatt : NULL,
+      r->w_job ? keel_pgqueue_owner(s->q) : NULL,
   };
   if (r->w_outcome && !r->w_unknown)
     hook(s, KEEL_SAGA_BEFORE_COMMIT, r, ocomp, p->step, p->attempt);
   if (rec) hook(s, KEEL_SAGA_BEFORE_RECORD, r, rcomp, nx->pos.step, nx->pos.attempt);
   r->t_record = rec ? hr() : 0;
-  int rc = keel_pg_pool_query_cached(s->pool, s->sql.advance, 15, params, on_advance, r);
+  int rc = r->w_job
+               ? keel_pg_pool_query_cached(s->pool, s->sql.advance_end, 18, params, on_advance, r)
+               : keel_pg_pool_query_cached(s->pool, s->sql.advance, 15, params, on_advance, r);
   if (rc != 0) {
     keel__fail(s->err, rc, "saga log write not sent: %s", keel_pg_pool_last_error(s->pool));
     run_finish(r, rc);
@@ -1028,7 +1057,8 @@ int keel_saga_new_ex(uv_loop_t *loop, const keel_saga_opts *opts, keel_saga **ou
   rc = keel_pg_pool_new(loop, &po, &s->pool);
   if (rc != 0) {
     s_free(s);
-    return keel__why(why, cap, rc, "cannot create the log connection pool");
+    return keel__why(why, cap, rc,
+                     rc == UV_ENOMEM ? "out of memory" : "cannot create the log connection pool");
   }
   keel_pgqueue_opts qo;
   keel_pgqueue_opts_init(&qo);

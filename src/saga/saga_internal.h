@@ -12,6 +12,7 @@ typedef struct keel__saga_sql {
   char *migrate;
   char *load;
   char *advance;
+  char *advance_end; /* advance + the job's fenced completion */
   char *start;
   char *redrive;
   char *stats;

@@ -73,6 +73,85 @@ Test(saga, insufficient_funds_compensates_once, .timeout = 120) {
   world_finish(&w);
 }
 
+/* A run by the durable queue completes its job in the statement of the
+ * saga's last advance (docs/saga.md, Execution and recovery): when on_end
+ * runs, the job's row is already gone. With the job's lease taken by
+ * someone else just before that statement, the saga still ends (its version
+ * guard passed) but the job's row is left to its owner: the queue counts a
+ * fenced completion, and when that lease expires another delivery finds the
+ * saga done and completes the job without calling anything again. */
+static bool g_steal;
+static long g_jobs_at_end = -1;
+static void steal_hook(keel_saga *s, keel_saga_point p, int64_t id, unsigned step, bool comp,
+                       unsigned attempt, void *data) {
+  world *w = data;
+  (void)s, (void)attempt;
+  if (g_steal && p == KEEL_SAGA_BEFORE_COMMIT && step == 2 && !comp)
+    kt_pg_execf(
+        "UPDATE %s.pgqueue_jobs SET lease_owner = 'thief', lease_until = now() +"
+        " interval '1 hour' WHERE queue = 'saga.order' AND payload->>'saga' = '%" PRId64 "'",
+        w->schema, id);
+}
+static void jobs_end(keel_saga *s, int64_t id, keel_saga_state st, void *data) {
+  world *w = data;
+  char *v = kt_pg_scalarf(
+      "SELECT count(*) FROM %s.pgqueue_jobs WHERE queue = 'saga.order' AND"
+      " payload->>'saga' = '%" PRId64 "'",
+      w->schema, id);
+  g_jobs_at_end = v ? strtol(v, NULL, 10) : -1;
+  free(v);
+  w_end(s, id, st, data);
+}
+
+Test(saga, job_completed_by_last_advance, .timeout = 120) {
+  world w;
+  world_init(&w, "saga_jc", 4, 100);
+  world_opts(&w);
+  w.o.on_end = jobs_end;
+  w.o.test_hook = steal_hook;
+  w.o.lease_ms = 1000;
+  world_start_objects(&w);
+  world_start(&w, 1, 40, 0);
+  cr_assert(settle(&w, 1, 30000), "saga did not settle: %s", keel_saga_last_error(w.s));
+  cr_assert_eq(w.c.ended, 1);
+  cr_assert_eq(g_jobs_at_end, 0, "the job's row must be deleted with the last advance");
+  char *st = saga_state(&w, w.ids[0]);
+  cr_assert_str_eq(st, "done");
+  free(st);
+  /* the lease stolen before the last advance */
+  g_steal = true;
+  world_start(&w, 2, 40, 0);
+  cr_assert(settle(&w, 2, 30000), "saga did not settle: %s", keel_saga_last_error(w.s));
+  g_steal = false;
+  cr_assert_eq(w.c.ended, 2);
+  cr_assert_eq(g_jobs_at_end, 1, "a job whose lease is someone else's is left to its owner");
+  st = saga_state(&w, w.ids[1]);
+  cr_assert_str_eq(st, "done");
+  free(st);
+  keel_saga_stats before, after;
+  keel_saga_get_stats(w.s, &before);
+  /* the thief's lease expires: the rescue makes the job available, a
+   * delivery loads the saga, finds it done and completes the job */
+  kt_pg_execf(
+      "UPDATE %s.pgqueue_jobs SET lease_until = now() - interval '1 second'"
+      " WHERE lease_owner = 'thief'",
+      w.schema);
+  long left = -1;
+  for (int k = 0; k < 300 && left != 0; k++) {
+    for (int i = 0; i < 10; i++) uv_run(&w.loop, UV_RUN_NOWAIT), usleep(5000);
+    char *v =
+        kt_pg_scalarf("SELECT count(*) FROM %s.pgqueue_jobs WHERE queue = 'saga.order'", w.schema);
+    left = v ? strtol(v, NULL, 10) : -1;
+    free(v);
+  }
+  cr_assert_eq(left, 0, "the saga's job was never completed");
+  cr_assert_eq(w.c.ended, 2, "on_end once per saga");
+  keel_saga_get_stats(w.s, &after);
+  cr_assert_eq(after.actions, before.actions, "nothing called again");
+  cr_assert_eq(after.done, 2);
+  world_finish(&w);
+}
+
 /* Reserve Slot fails after the pivot: forward retries only, no refund. */
 Test(saga, failure_after_pivot_retries_forward, .timeout = 120) {
   world w;

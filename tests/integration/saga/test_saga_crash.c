@@ -98,16 +98,22 @@ Test(saga_crash, every_persistence_point, .timeout = 600) {
   world_init(&w, "saga_cp", 64, 100);
   /* saga i's participants are number i; 1..18 succeed, 19..24 are refused
    * at the wallet (balance 10) and compensate, 25..28 succeed (step 0 run by
-   * the first delivery of the start's job). Saga 1 dies before its start's
-   * statement (the write-ahead record of step 0): it never exists. */
+   * the first delivery of the start's job), 29..30 succeed (run by the job,
+   * killed around the last step's outcome commit, which also completes the
+   * job in the same statement: before it the job's lease expires and another
+   * process re-sends step 2; after it the saga is done and its job gone).
+   * Saga 1 dies before its start's statement (the write-ahead record of step
+   * 0): it never exists. */
   kt_pg_execf("UPDATE %s.wallets SET balance = 10 WHERE id BETWEEN 19 AND 24", w.schema);
-  target ts[28];
+  target ts[30];
   int n = 0;
   for (unsigned st = 0; st < 3; st++)
     for (int p = 0; p < 6; p++) ts[n++] = (target){st, false, (keel_saga_point)p, false};
   for (int p = 0; p < 6; p++) ts[n++] = (target){0, true, (keel_saga_point)p, false};
   for (int p = KEEL_SAGA_BEFORE_CALL; p <= KEEL_SAGA_AFTER_COMMIT; p++)
     ts[n++] = (target){0, false, (keel_saga_point)p, true};
+  ts[n++] = (target){2, false, KEEL_SAGA_BEFORE_COMMIT, true};
+  ts[n++] = (target){2, false, KEEL_SAGA_AFTER_COMMIT, true};
   /* the schema first, so that children do not all migrate at once */
   world_opts(&w);
   w.o.orchestrate = false;
@@ -125,8 +131,8 @@ Test(saga_crash, every_persistence_point, .timeout = 600) {
     int stc;
     waitpid(pid, &stc, 0);
     cr_assert(WIFEXITED(stc) && WEXITSTATUS(stc) == 0,
-              "queue-run orchestrator for step 0 action at %s: exit %d (3: never reached)",
-              POINT[ts[k].point], WIFEXITED(stc) ? WEXITSTATUS(stc) : -1);
+              "queue-run orchestrator for step %u action at %s: exit %d (3: never reached)",
+              ts[k].step, POINT[ts[k].point], WIFEXITED(stc) ? WEXITSTATUS(stc) : -1);
   }
   for (int b = 0; b < 24; b += 6) {
     pid_t pids[6];
@@ -157,8 +163,16 @@ Test(saga_crash, every_persistence_point, .timeout = 600) {
   world_start_objects(&w);
   recover_until_settled(&w, 120000);
   cr_assert_eq(world_open_count(&w), 0, "sagas left open: %s", keel_saga_last_error(w.s));
+  /* every saga's job is completed (a run that ends a saga completes its job
+   * in the statement of its last advance; the others by the queue's batch) */
+  long jobs = -1;
+  for (int k = 0; k < 200 && jobs != 0; k++) {
+    for (int i = 0; i < 10; i++) uv_run(&w.loop, UV_RUN_NOWAIT), usleep(5000);
+    jobs = sl("SELECT count(*) FROM %s.pgqueue_jobs WHERE queue = 'saga.order'", w.schema);
+  }
+  cr_assert_eq(jobs, 0, "saga jobs left in the queue");
   /* every saga ended done or compensated, as its wallet decided */
-  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances WHERE state = 'done'", w.schema), 21);
+  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances WHERE state = 'done'", w.schema), 23);
   cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances WHERE state = 'compensated'", w.schema),
                6);
   /* each effect at most once */
@@ -168,7 +182,7 @@ Test(saga_crash, every_persistence_point, .timeout = 600) {
                0);
   /* done sagas: each effect once; compensated ones: the item released
    * exactly when it was booked, nothing charged */
-#define DONE_IDS "(id BETWEEN 2 AND 18 OR id BETWEEN 25 AND 28)"
+#define DONE_IDS "(id BETWEEN 2 AND 18 OR id BETWEEN 25 AND 30)"
   cr_assert_eq(sl("SELECT count(*) FROM %s.items WHERE " DONE_IDS " AND booked <> 1", w.schema), 0);
   cr_assert_eq(sl("SELECT count(*) FROM %s.slots WHERE " DONE_IDS " AND reserved <> 1", w.schema),
                0);
@@ -188,6 +202,30 @@ Test(saga_crash, every_persistence_point, .timeout = 600) {
                   " split_part(key, ':', 2) IN (SELECT id::text FROM %s.saga_instances"
                   " WHERE state = 'compensated')",
                   w.schema));
+  world_finish(&w);
+}
+
+/* close called from on_stuck: on_end does not run afterwards for that saga
+ * (no callback but cancellations after close). */
+static void stuck_closes(keel_saga *s, int64_t id, unsigned step, const char *err, void *data) {
+  world *w = data;
+  w_stuck(s, id, step, err, data);
+  keel_saga_close(s, world_closed, w);
+}
+Test(saga_crash, close_from_on_stuck_no_on_end, .timeout = 120) {
+  world w;
+  world_init(&w, "saga_sc", 4, 10);
+  world_opts(&w);
+  w.steps[0].comp_attempts = 2;
+  w.c.fail_release = -1;
+  w.o.on_stuck = stuck_closes;
+  world_start_objects(&w);
+  world_start(&w, 1, 40, 0);
+  cr_assert(kt_run_until(&w.loop, &w.closed, 30000), "never stuck and closed: %s",
+            keel_saga_last_error(w.s));
+  cr_assert_eq(w.c.stuck, 1);
+  cr_assert_eq(w.c.ended, 0, "on_end ran after close was called from on_stuck");
+  w.s = NULL; /* closed */
   world_finish(&w);
 }
 

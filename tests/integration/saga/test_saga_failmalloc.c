@@ -43,9 +43,13 @@ static void scenario(void *arg) {
   o.pool_size = 1;
   fm f = {0};
   keel_saga *s = NULL;
-  int rc = keel_saga_new(&loop, &o, &s);
+  char why[200];
+  int rc = keel_saga_new_ex(&loop, &o, &s, why, sizeof why);
   if (rc != 0) {
     cr_assert_eq(rc, UV_ENOMEM, "new: %d", rc);
+    /* an allocation that failed is said as such, never as a bad conninfo */
+    cr_assert(strstr(why, "out of memory") != NULL && strstr(why, "conninfo") == NULL, "why: %s",
+              why);
     kt_loop_finish(&loop);
     return;
   }
