@@ -1303,19 +1303,21 @@ int keel_pgqueue_enqueue(keel_pgqueue *q, keel_pg *conn, const keel_pgqueue_job_
 
 /* ---- done ---------------------------------------------------------------------------------- */
 
+/* What ending a job in `state` returns; 0 for a running job, whose end the
+ * caller records. */
+static int end_status(const keel_pgqueue *q, int state) {
+  if (state == J_RELEASED || q->closing) return KEEL_ECLOSING;
+  if (state == J_TIMEDOUT) return KEEL_ESTALE;
+  if (state == J_LOST) return KEEL_ELOST;
+  return state == J_RUNNING ? 0 : UV_EINVAL;
+}
+
 int keel_pgqueue_job_fail(keel_pgqueue_job *j, int status, const char *message) {
   if (j == NULL) return UV_EINVAL;
   keel_pgqueue *q = j->q;
-  int state = j->state;
   jl_remove(list_of(q, j), j);
-  int rc = 0;
-  if (state == J_RELEASED || q->closing) {
-    rc = KEEL_ECLOSING;
-  } else if (state == J_TIMEDOUT) {
-    rc = KEEL_ESTALE;
-  } else if (state == J_LOST) {
-    rc = KEEL_ELOST;
-  } else if (state == J_RUNNING) {
+  int rc = end_status(q, j->state);
+  if (rc == 0) {
     keel__histogram_record(&q->h_run, (now_ms(q) - j->started_at) * 1000000u);
     if (status >= 0) {
       if (fin_push(&q->fin, j->id, j->attempt, OP_DONE, 0, NULL) != 0)
@@ -1327,8 +1329,6 @@ int keel_pgqueue_job_fail(keel_pgqueue_job *j, int status, const char *message) 
       fail_job(q, j, status, message);
     }
     kick(q);
-  } else {
-    rc = UV_EINVAL;
   }
   job_free(j);
   return rc;
@@ -1342,17 +1342,10 @@ int keel_pgqueue_job_done(keel_pgqueue_job *job, int status) {
 int keel__pgqueue_job_done_written(keel_pgqueue_job *j, bool written) {
   if (j == NULL) return UV_EINVAL;
   keel_pgqueue *q = j->q;
-  int state = j->state;
   jl_remove(list_of(q, j), j);
-  int rc = 0;
-  if (state == J_RELEASED || q->closing) {
-    rc = KEEL_ECLOSING;
-  } else if (state == J_TIMEDOUT) {
-    rc = KEEL_ESTALE;
-  } else if (state == J_LOST) {
-    rc = KEEL_ELOST;
-    if (written) q->st.completed++; /* the row was ours after all */
-  } else if (state == J_RUNNING) {
+  int rc = end_status(q, j->state);
+  if (rc == KEEL_ELOST && written) q->st.completed++; /* the row was ours after all */
+  if (rc == 0) {
     keel__histogram_record(&q->h_run, (now_ms(q) - j->started_at) * 1000000u);
     if (written) {
       q->st.completed++;
@@ -1361,8 +1354,6 @@ int keel__pgqueue_job_done_written(keel_pgqueue_job *j, bool written) {
       lease_lost(q, NULL, j->id, j->attempt);
     }
     kick(q);
-  } else {
-    rc = UV_EINVAL;
   }
   job_free(j);
   return rc;

@@ -80,19 +80,20 @@ static const char LOAD[] =
  * attempt gets its row ('unknown') when the next one starts (ON CONFLICT:
  * it may have been written before the crash). No row back = the version
  * moved: another process has the saga. */
-static const char ADVANCE[] =
-    "WITH old AS (SELECT attempt_at FROM %s.saga_instances WHERE id = $1),"
-    " s AS (UPDATE %s.saga_instances SET version = version + 1, state = $8,"
-    " step = $9::int, attempt = $10::int, budget = $11::int, data = COALESCE($12::jsonb, data),"
-    " last_error = COALESCE($13, last_error), updated_at = now(),"
-    " attempt_at = CASE WHEN $15::bool THEN now() ELSE attempt_at END,"
-    " finished_at = CASE WHEN $14::bool THEN now() END"
-    " WHERE id = $1 AND version = $2 RETURNING version),"
-    " o AS (INSERT INTO %s.saga_steps (saga_id, step, phase, attempt, outcome, error,"
-    " started_at, finished_at) SELECT $1, $3::int, $4, $5::int, $6, $7,"
-    " coalesce(old.attempt_at, now()), now() FROM s, old WHERE $3::int IS NOT NULL"
-    " ON CONFLICT DO NOTHING)"
-    " SELECT version FROM s";
+#define ADVANCE_CTES                                                                           \
+  "WITH old AS (SELECT attempt_at FROM %s.saga_instances WHERE id = $1),"                      \
+  " s AS (UPDATE %s.saga_instances SET version = version + 1, state = $8,"                     \
+  " step = $9::int, attempt = $10::int, budget = $11::int, data = COALESCE($12::jsonb, data)," \
+  " last_error = COALESCE($13, last_error), updated_at = now(),"                               \
+  " attempt_at = CASE WHEN $15::bool THEN now() ELSE attempt_at END,"                          \
+  " finished_at = CASE WHEN $14::bool THEN now() END"                                          \
+  " WHERE id = $1 AND version = $2 RETURNING version),"                                        \
+  " o AS (INSERT INTO %s.saga_steps (saga_id, step, phase, attempt, outcome, error,"           \
+  " started_at, finished_at) SELECT $1, $3::int, $4, $5::int, $6, $7,"                         \
+  " coalesce(old.attempt_at, now()), now() FROM s, old WHERE $3::int IS NOT NULL"              \
+  " ON CONFLICT DO NOTHING)"
+
+static const char ADVANCE[] = ADVANCE_CTES " SELECT version FROM s";
 
 /* The advance that ends a saga run by its durable-queue job: ADVANCE, and in
  * the same statement (so the same commit) the job's completion as the queue
@@ -101,18 +102,8 @@ static const char ADVANCE[] =
  * lease owner, state 'running'; only when the guard passed. The second
  * column says whether the job's row was deleted (the queue is then told
  * through keel__pgqueue_job_done_written() and sends no completion). */
-static const char ADVANCE_END[] =
-    "WITH old AS (SELECT attempt_at FROM %s.saga_instances WHERE id = $1),"
-    " s AS (UPDATE %s.saga_instances SET version = version + 1, state = $8,"
-    " step = $9::int, attempt = $10::int, budget = $11::int, data = COALESCE($12::jsonb, data),"
-    " last_error = COALESCE($13, last_error), updated_at = now(),"
-    " attempt_at = CASE WHEN $15::bool THEN now() ELSE attempt_at END,"
-    " finished_at = CASE WHEN $14::bool THEN now() END"
-    " WHERE id = $1 AND version = $2 RETURNING version),"
-    " o AS (INSERT INTO %s.saga_steps (saga_id, step, phase, attempt, outcome, error,"
-    " started_at, finished_at) SELECT $1, $3::int, $4, $5::int, $6, $7,"
-    " coalesce(old.attempt_at, now()), now() FROM s, old WHERE $3::int IS NOT NULL"
-    " ON CONFLICT DO NOTHING),"
+static const char ADVANCE_END[] = ADVANCE_CTES
+    ","
     " j AS (DELETE FROM %s.pgqueue_jobs WHERE id = $16::bigint AND attempt = $17::int"
     " AND lease_owner = $18 AND state = 'running' AND EXISTS (SELECT 1 FROM s) RETURNING id)"
     " SELECT version, EXISTS (SELECT 1 FROM j) FROM s";

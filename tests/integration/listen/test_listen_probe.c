@@ -186,22 +186,30 @@ static bool hearing_again(void *ctx) {
   return st.hearing && keel_listener_is_active(f->l);
 }
 
+/* A fixture whose listener goes through a test proxy; *o is set up for it
+ * (errors and gaps counted, reconnects after 50 ms) for the caller to
+ * adjust before keel_listener_new(). via holds the proxy's conninfo. */
+static pgproxy *proxied_start(pfx *f, keel_listener_opts *o, char *via, size_t via_cap) {
+  memset(f, 0, sizeof *f);
+  cr_assert_eq(uv_loop_init(&f->loop), 0);
+  pgproxy *proxy = pgproxy_start(&f->loop, kt_pg_direct_conninfo(), via, via_cap);
+  keel_listener_opts_init(o);
+  o->conninfo = via;
+  o->on_error = on_error;
+  o->on_gap = count_gap;
+  o->data = f;
+  keel_backoff_fixed(&o->reconnect_backoff, 50);
+  gaps = 0;
+  return proxy;
+}
+
 Test(listen_probe, dropped_notifications_deaf_then_recovers) {
   pfx f;
-  memset(&f, 0, sizeof f);
-  cr_assert_eq(uv_loop_init(&f.loop), 0);
-  char via[512];
-  pgproxy *proxy = pgproxy_start(&f.loop, kt_pg_direct_conninfo(), via, sizeof via);
   keel_listener_opts o;
-  keel_listener_opts_init(&o);
-  o.conninfo = via;
-  o.on_error = on_error;
-  o.on_gap = count_gap;
-  o.data = &f;
+  char via[512];
+  pgproxy *proxy = proxied_start(&f, &o, via, sizeof via);
   o.probe_interval_ms = 100;
   o.probe_timeout_ms = 800;
-  keel_backoff_fixed(&o.reconnect_backoff, 50);
-  gaps = 0;
   cr_assert_eq(keel_listener_new(&f.loop, &o, &f.l), 0);
   cr_assert_eq(keel_listener_start(f.l), 0);
   cr_assert(kt_wait_for(&f.loop, one_probe_back, &f, 10000), "%s", keel_listener_last_error(f.l));
@@ -251,23 +259,14 @@ static bool back_after_reset(void *ctx) {
 Test(listen_probe, a_server_that_stops_answering_is_reset) {
   for (int no_probe = 1; no_probe >= 0; no_probe--) {
     pfx f;
-    memset(&f, 0, sizeof f);
-    cr_assert_eq(uv_loop_init(&f.loop), 0);
-    char via[512];
-    pgproxy *proxy = pgproxy_start(&f.loop, kt_pg_direct_conninfo(), via, sizeof via);
     keel_listener_opts o;
-    keel_listener_opts_init(&o);
-    o.conninfo = via;
-    o.on_error = on_error;
-    o.on_gap = count_gap;
-    o.data = &f;
+    char via[512];
+    pgproxy *proxy = proxied_start(&f, &o, via, sizeof via);
     o.no_probe = no_probe != 0;
     o.heartbeat_ms = 200;
     o.connect_timeout_ms = 600;
     o.probe_interval_ms = 200;
     o.probe_timeout_ms = 600;
-    keel_backoff_fixed(&o.reconnect_backoff, 50);
-    gaps = 0;
     cr_assert_eq(keel_listener_new(&f.loop, &o, &f.l), 0);
     cr_assert_eq(keel_listener_listen_channel(f.l, "keel_silent", ignore_raw, NULL), 0);
     cr_assert_eq(keel_listener_start(f.l), 0);
