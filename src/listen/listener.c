@@ -89,6 +89,7 @@ struct keel_listener {
   uv_timer_t *beat_timer;  /* asks the server's time while active */
   bool beat_in_flight;
   uint64_t beats;
+  bool sweep_again;               /* the last sweep deleted its limit: sweep at the next beat */
   bool holding;                   /* a session is starting: deliver nothing before its gap event */
   int64_t caught_up_us;           /* server time at which every earlier commit had reached us */
   int64_t pending_from_us;        /* the caught-up time when the connection was lost */
@@ -723,7 +724,11 @@ static void on_beat(uv_timer_t *timer) {
   keel_listener *l = timer->data;
   if (l->closing || !l->active || l->beat_in_flight || l->conn == NULL) return;
   if (ask_server_time(l, true) == 0) l->beat_in_flight = true;
-  if (l->sub_count > 0 && ++l->beats % 120 == 0) sweep_overflow(l);
+  bool sweep = ++l->beats % 120 == 0 || l->sweep_again;
+  if (l->sub_count > 0 && sweep) {
+    l->sweep_again = false;
+    sweep_overflow(l);
+  }
 }
 
 static void activate(keel_listener *l) {
@@ -1188,10 +1193,23 @@ static int check_subscription(keel_listener *l, subscription *s) {
 /* Overflow rows every listener has had time to read (ten minutes: a
  * listener away longer is inside a gap anyway). Errors are ignored (no
  * overflow table: a trigger from before it; no DELETE right). */
+/* Rows of keel_overflow deleted per sweep at most: each sweep is a short
+ * statement (the session's statements have a deadline), oldest ids first
+ * through the primary key; one that deletes its limit is followed by
+ * another at the next heartbeat. */
+#define KEEL__SWEEP_ROWS 2000 /* the LIMIT in sweep_overflow() */
+
+static void on_swept(keel_pg *conn, int status, const keel_pg_result *res, void *data) {
+  keel_listener *l = data;
+  if (l->closing || conn != l->conn) return;
+  if (status == 0 && keel_pg_result_affected(res) >= KEEL__SWEEP_ROWS) l->sweep_again = true;
+}
+
 static void sweep_overflow(keel_listener *l) {
   keel_pg_query(l->conn,
-                "DELETE FROM public.keel_overflow WHERE created < now() - interval '10 minutes'", 0,
-                NULL, NULL, NULL);
+                "DELETE FROM public.keel_overflow WHERE id IN (SELECT id FROM public.keel_overflow"
+                " WHERE created < now() - interval '10 minutes' ORDER BY id LIMIT 2000)",
+                0, NULL, on_swept, l);
 }
 
 static void begin_session(keel_listener *l) {

@@ -719,3 +719,31 @@ Test(listen_exact, oversize_changes_arrive_as_they_changed_in_order) {
   cr_assert(b.has_old[4] && b.fetched[4]);
   teardown(&f);
 }
+
+/* ---- the overflow sweep --------------------------------------------------------- */
+
+/* More old overflow rows than one sweep deletes: the sweeps follow one
+ * another at the heartbeats until none is left (each one bounded, so that
+ * it stays within the session's statement deadline). */
+Test(listen_exact, overflow_sweep_in_bounded_steps) {
+  fixture f;
+  setup(&f, "id int PRIMARY KEY, name text");
+  install_plain(&f);
+  kt_pg_exec(
+      "INSERT INTO public.keel_overflow (created, payload) SELECT now() - interval '11 minutes',"
+      " 'old sweep test ' || g FROM generate_series(1, 4500) g");
+  new_listener(&f, NULL);
+  cr_assert_eq(keel_listener_start(f.l), 0);
+  cr_assert(run_until_active(&f, 10000), "%s", keel_listener_last_error(f.l));
+  uint64_t start = uv_now(&f.loop);
+  int left = -1;
+  while (uv_now(&f.loop) - start < 20000) {
+    left = scalar_int(
+        "SELECT count(*) FROM public.keel_overflow WHERE payload LIKE 'old sweep test %'");
+    if (left == 0) break;
+    uint64_t until = uv_now(&f.loop) + 200;
+    while (uv_now(&f.loop) < until) uv_run(&f.loop, UV_RUN_ONCE);
+  }
+  cr_assert_eq(left, 0, "old overflow rows left: %d", left);
+  teardown(&f);
+}
