@@ -68,6 +68,14 @@ static void setup_fixture(fixture *f, const char *token) {
   cr_assert_eq(keel_retry_serve(f->s, f->r, "sync"), 0);
 }
 
+/* A fixture with a server only (no objects), made with o on a free port. */
+static void setup_server_only(fixture *f, keel_serve_opts *o) {
+  memset(f, 0, sizeof *f);
+  cr_assert_eq(uv_loop_init(&f->loop), 0);
+  o->port = 0;
+  cr_assert_eq(keel_serve_new(&f->loop, o, &f->s), 0);
+}
+
 static void teardown_fixture(fixture *f) {
   keel_serve_close(f->s, NULL, NULL);
   keel_breaker_close(f->b, NULL, NULL);
@@ -416,13 +424,10 @@ static void do_slow(void *arg) {
 
 Test(serve, incomplete_request_closed_after_timeout) {
   fixture f;
-  memset(&f, 0, sizeof f);
-  cr_assert_eq(uv_loop_init(&f.loop), 0);
   keel_serve_opts o;
   keel_serve_opts_init(&o);
-  o.port = 0;
   o.request_timeout_s = 1;
-  cr_assert_eq(keel_serve_new(&f.loop, &o, &f.s), 0);
+  setup_server_only(&f, &o);
   slow x = {keel_serve_port(f.s), 1, 0};
   tc_run(&f.loop, do_slow, &x);
   cr_assert_eq(x.status, 0);
@@ -478,13 +483,10 @@ static void do_ok(void *arg) {
 
 Test(serve, metrics_client_that_never_reads) {
   fixture f;
-  memset(&f, 0, sizeof f);
-  cr_assert_eq(uv_loop_init(&f.loop), 0);
   keel_serve_opts o;
   keel_serve_opts_init(&o);
-  o.port = 0;
   o.request_timeout_s = 1;
-  cr_assert_eq(keel_serve_new(&f.loop, &o, &f.s), 0);
+  setup_server_only(&f, &o);
   for (int i = 0; i < 2000; i++) snprintf(wide_names[i], sizeof wide_names[i], "g%d", i);
   static const keel_stats_source wide = {"wide", write_wide};
   int obj = 0;
@@ -676,13 +678,10 @@ Test(serve, websocket_with_largest_max_request_bytes) {
   /* regression: lws's header buffer was max_request_bytes + 64 as an
    * unsigned short, 63 bytes for 65535: no handshake fit */
   fixture f;
-  memset(&f, 0, sizeof f);
-  cr_assert_eq(uv_loop_init(&f.loop), 0);
   keel_serve_opts o;
   keel_serve_opts_init(&o);
-  o.port = 0;
   o.max_request_bytes = 65535;
-  cr_assert_eq(keel_serve_new(&f.loop, &o, &f.s), 0);
+  setup_server_only(&f, &o);
   f.port = keel_serve_port(f.s);
   wsx x = {&f, -1, 0, NULL, "/ws"};
   tc_run(&f.loop, do_ws_open, &x);
