@@ -388,29 +388,11 @@ static void on_finish(keel_pg *c, int status, const keel_pg_result *res, void *d
     keel__free(ids);
     fin_clear(fl);
     q->fin_retry_ms = 0;
-  } else if (status == KEEL_EPG && transient(res) && !q->closing) {
-    /* Rolled back (serialization failure, deadlock, a lock or statement
-     * timeout): certainly not applied, so sent again after a pause rather
-     * than dropped (the jobs would have run again at their lease's end). */
-    for (size_t i = 0; i < fl->n; i++) {
-      fin_entry *e = &fl->v[i];
-      if (fin_push(&q->fin, e->id, e->attempt, e->op, e->delay_ms, e->err) == 0)
-        q->fin.v[q->fin.n - 1].resent = e->resent;
-    }
-    fin_clear(fl);
-    set_pg_error(q, "completion batch", c, res, status);
-    q->st.flush_retries++;
-    q->fin_retry_ms = q->fin_retry_ms == 0     ? 10
-                      : q->fin_retry_ms >= 500 ? 1000
-                                               : q->fin_retry_ms * 2;
-    q->fin_paused = true;
-    uv_timer_start(&q->t_flush, on_flush_timer, q->fin_retry_ms, 0);
-    return;
-  } else if ((status == KEEL_ECONN || status == KEEL_EINDOUBT || status == UV_ETIMEDOUT) &&
-             !q->closing) {
-    /* Fenced writes are safe to send again; a zero-row answer to a resent
-     * one is then not counted as fenced (it may have applied the first
-     * time). */
+  } else if (!q->closing && ((status == KEEL_EPG && transient(res)) || status == KEEL_ECONN ||
+                             status == KEEL_EINDOUBT || status == UV_ETIMEDOUT)) {
+    /* Sent again. Fenced writes are safe to send again; a zero-row answer
+     * to a resent one is then not counted as fenced (it may have applied
+     * the first time). */
     for (size_t i = 0; i < fl->n; i++) {
       fin_entry *e = &fl->v[i];
       if (fin_push(&q->fin, e->id, e->attempt, e->op, e->delay_ms, e->err) == 0)
@@ -418,6 +400,19 @@ static void on_finish(keel_pg *c, int status, const keel_pg_result *res, void *d
     }
     fin_clear(fl);
     set_pg_error(q, "completion batch", c, res, status);
+    if (status == KEEL_EPG) {
+      /* Rolled back (serialization failure, deadlock, a lock or statement
+       * timeout): certainly not applied, and sent again after a pause
+       * rather than dropped (the jobs would have run again at their lease's
+       * end). */
+      q->st.flush_retries++;
+      q->fin_retry_ms = q->fin_retry_ms == 0     ? 10
+                        : q->fin_retry_ms >= 500 ? 1000
+                                                 : q->fin_retry_ms * 2;
+      q->fin_paused = true;
+      uv_timer_start(&q->t_flush, on_flush_timer, q->fin_retry_ms, 0);
+      return;
+    }
   } else {
     set_pg_error(q, "completion batch", c, res, status);
     fin_clear(fl); /* the leases expire and the rescue makes the jobs available */
