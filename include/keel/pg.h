@@ -357,7 +357,14 @@ typedef struct keel_pg_pool_opts {
   unsigned max_waiters;        /* queries, acquires and transactions waiting for a
                                   connection; KEEL_EFULL beyond; 0 = the default
                                   KEEL_PG_POOL_MAX_WAITERS_DEFAULT (65536) */
-  uint64_t reserved_[8];       /* ABI room: zero (opts_init does); never set */
+  uint32_t pipeline_depth;     /* pool statements (keel_pg_pool_query*; never an
+                                  acquire or a transaction) one member may have
+                                  in flight: when every member is busy, the next
+                                  goes pipelined behind those of the member
+                                  running the fewest, up to this many; 0 or 1
+                                  (default): one at a time */
+  uint32_t reserved32_;        /* ABI room: zero */
+  uint64_t reserved_[7];       /* ABI room: zero (opts_init does); never set */
 } keel_pg_pool_opts;
 
 /* Zeroes *opts and fills the defaults above. NULL-safe. Thread-safe. */
@@ -379,7 +386,10 @@ KEEL_EXTERN int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts,
 
 /*
  * Runs one statement on the first member that is connected and free (FIFO
- * waiters). sql and values are copied. cb (may be NULL) is called exactly
+ * waiters); with opts.pipeline_depth > 1 and every member busy, pipelined
+ * behind the statements of the connected member running the fewest (its
+ * own sync: a failure never aborts its neighbours, but it waits for those
+ * ahead of it). sql and values are copied. cb (may be NULL) is called exactly
  * once, on a later loop iteration: its keel_pg is the connection that ran
  * it, with the statuses of keel_pg_result_cb; or NULL when the request
  * failed before getting one: UV_ETIMEDOUT after opts.acquire_timeout_ms

@@ -75,6 +75,7 @@ typedef struct keel_saga_call keel_saga_call;
 #define KEEL_SAGA_DEFAULT_TIMEOUT_MS 30000u
 #define KEEL_SAGA_DEFAULT_LEASE_MS 30000u
 #define KEEL_SAGA_DEFAULT_MAX_PENDING 10000u
+#define KEEL_SAGA_DEFAULT_POOL_SIZE 2u
 #define KEEL_SAGA_DEFAULT_STATS_MS 5000u
 /* Failed sagas listed in keel_saga_stats.stuck_ids. */
 #define KEEL_SAGA_STUCK_LIST 16u
@@ -201,7 +202,11 @@ typedef struct keel_saga_opts {
                                   >= 200. A crashed orchestrator's sagas resume elsewhere
                                   within about 1.5 x lease_ms */
   uint32_t poll_ms;            /* durable-queue polling backstop; default 1000 */
-  unsigned pool_size;          /* log connections; 0 (default): concurrency, at most 16 */
+  unsigned pool_size;          /* log connections; 0 (default): 2. Log writes are
+                                  pipelined on them (each its own transaction):
+                                  fewer server backends to wake. A server whose
+                                  commits wait long for the disk wants more: one
+                                  connection commits its writes one after another */
   uint64_t deadline_ms;        /* default saga deadline from its start (start opts may
                                   set another); 0 = none (default) */
   uint32_t max_pending;        /* starts / re-drives waiting for the schema; default 10000 */

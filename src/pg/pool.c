@@ -1,6 +1,7 @@
-/* A pool of connections: one statement or one holder per connection at a
- * time, FIFO waiters (bounded) with a timeout, work only for connected
- * members, and transactions on one connection. */
+/* A pool of connections: one holder, or pool statements (one at a time, or
+ * up to pipeline_depth pipelined when every member is busy), per
+ * connection; FIFO waiters (bounded) with a timeout, work only for
+ * connected members, and transactions on one connection. */
 #include <stdio.h>
 #include <string.h>
 
@@ -21,18 +22,17 @@ typedef struct waiter {
   int nparams;
   char *sql;
   char **values;
-  bool cached;  /* WAIT_QUERY: keel_pg_query_cached */
-  bool literal; /* and keel's own SQL (keel__pg_query_literal) */
+  bool cached;      /* WAIT_QUERY: keel_pg_query_cached */
+  bool literal;     /* and keel's own SQL (keel__pg_query_literal) */
+  struct member *m; /* WAIT_QUERY sent: the member it runs on */
 } waiter;
 
 typedef struct member {
   keel_pg *conn;
   keel_pg_pool *pool;
-  bool busy;
-  bool in_tx; /* held by keel_pg_pool_transaction(), not releasable by hand */
-  /* The pool query running on it, so its callback can be relayed. */
-  keel_pg_result_cb result_cb;
-  void *result_data;
+  bool busy;        /* held (acquired, a transaction) or running pool queries */
+  bool in_tx;       /* held by keel_pg_pool_transaction(), not releasable by hand */
+  unsigned queries; /* pool queries sent on it and not answered yet */
 } member;
 
 struct keel_pg_pool {
@@ -56,6 +56,7 @@ struct keel_pg_pool {
   keel_pg_tx *cancelled;               /* ended by close while their body ran */
   bool cancels_delivered;              /* close's UV_ECANCELED callbacks have run */
   bool unnamed;                        /* every member sends unnamed statements */
+  unsigned depth;                      /* pool queries pipelined per member, >= 1 */
   keel_pg_pool_stats stats;
   char last_error[KEEL__ERRBUF_SIZE];
   char conn_error[KEEL__ERRBUF_SIZE]; /* why a member last went down */
@@ -215,14 +216,15 @@ static void on_wait_timer(uv_timer_t *timer) {
   arm_wait_timer(p);
 }
 
-/* Relays a pool query's result and frees its connection. */
+/* Relays a pool query's result; its member is free when none is left. */
 static void on_member_result(keel_pg *c, int status, const keel_pg_result *res, void *data) {
-  member *m = data;
+  waiter *w = data;
+  member *m = w->m;
   keel_pg_pool *p = m->pool;
-  keel_pg_result_cb cb = m->result_cb;
-  void *cb_data = m->result_data;
-  m->busy = false;
-  m->result_cb = NULL;
+  keel_pg_result_cb cb = w->result_cb;
+  void *cb_data = w->data;
+  keel__free(w);
+  if (--m->queries == 0) m->busy = false;
   p->stats.queries++;
   if (status == KEEL_EPG) p->stats.errors++;
   if (status != 0) snprintf(p->last_error, sizeof p->last_error, "%s", keel_pg_last_error(c));
@@ -252,6 +254,15 @@ static void dispatch(keel_pg_pool *p) {
       member *m = &p->members[i];
       if (!m->busy && keel_pg_is_connected(m->conn)) free_member = m;
     }
+    /* None free: a query may queue behind others on the member running
+     * the fewest (never on one held by a holder or a transaction). */
+    if (free_member == NULL && p->depth > 1 && p->wait_head->kind == WAIT_QUERY) {
+      for (unsigned i = 0; i < p->size; i++) {
+        member *m = &p->members[i];
+        if (m->queries == 0 || m->queries >= p->depth || !keel_pg_is_connected(m->conn)) continue;
+        if (free_member == NULL || m->queries < free_member->queries) free_member = m;
+      }
+    }
     if (free_member == NULL) break;
     waiter *w = pop_waiter(p);
     free_member->busy = true;
@@ -262,21 +273,18 @@ static void dispatch(keel_pg_pool *p) {
       cb(p, free_member->conn, 0, data);
       continue;
     }
-    free_member->result_cb = w->result_cb;
-    free_member->result_data = w->data;
+    w->m = free_member;
+    free_member->queries++;
     int rc = (w->literal  ? keel__pg_query_literal
               : w->cached ? keel_pg_query_cached
                           : keel_pg_query)(free_member->conn, w->sql, w->nparams,
-                                           (const char *const *)w->values, on_member_result,
-                                           free_member);
+                                           (const char *const *)w->values, on_member_result, w);
     if (rc != 0) {
-      free_member->busy = false;
-      free_member->result_cb = NULL;
+      if (--free_member->queries == 0) free_member->busy = false;
       snprintf(p->last_error, sizeof p->last_error, "%s", keel_pg_last_error(free_member->conn));
       fail_waiter(p, w, rc, keel_pg_last_error(free_member->conn));
       continue;
     }
-    keel__free(w);
   }
   arm_wait_timer(p);
 }
@@ -316,6 +324,7 @@ int keel_pg_pool_new(uv_loop_t *loop, const keel_pg_pool_opts *opts, keel_pg_poo
   }
   p->opts.conn.conninfo = p->conninfo;
   p->size = opts->size;
+  p->depth = opts->pipeline_depth > 1 ? opts->pipeline_depth : 1;
   p->max_waiters = opts->max_waiters != 0 ? opts->max_waiters : KEEL_PG_POOL_MAX_WAITERS_DEFAULT;
   keel_pg_opts conn_opts = p->opts.conn;
   conn_opts.on_state = on_member_state;
@@ -422,7 +431,7 @@ int keel_pg_pool_release(keel_pg_pool *p, keel_pg *conn) {
   if (p == NULL || conn == NULL) return UV_EINVAL;
   if (p->closing) return KEEL_ECLOSING;
   member *m = member_of(p, conn);
-  if (m == NULL || !m->busy || m->result_cb != NULL || m->in_tx)
+  if (m == NULL || !m->busy || m->queries > 0 || m->in_tx)
     return keel__fail(p->last_error, UV_EINVAL, "connection is not acquired from this pool");
   m->busy = false;
   schedule_dispatch(p);

@@ -14,6 +14,7 @@ typedef struct keel__saga_sql {
   char *advance;
   char *advance_end; /* advance + the job's fenced completion */
   char *start;
+  char *start_nokey; /* START when the caller gave no start key */
   char *redrive;
   char *stats;
 } keel__saga_sql;

@@ -1074,3 +1074,109 @@ Test(pool, commit_lost_in_flight_is_passed_through_never_counted_as_rollback) {
   snprintf(sql, sizeof sql, "DROP TABLE %s; DROP FUNCTION %s_slow()", d.table, d.table);
   kt_pg_exec(sql);
 }
+
+/* ---- 9. pipeline_depth: pool statements pipelined on a busy member -------- */
+
+static void open_pipelined_pool(pctx *p, uint32_t depth) {
+  memset(p, 0, sizeof *p);
+  uv_loop_init(&p->loop);
+  keel_pg_pool_opts o;
+  keel_pg_pool_opts_init(&o);
+  o.conn.conninfo = kt_pg_conninfo();
+  o.size = 1;
+  o.pipeline_depth = depth;
+  keel_backoff_fixed(&o.conn.reconnect_backoff, 50);
+  cr_assert_eq(keel_pg_pool_new(&p->loop, &o, &p->pool), 0);
+}
+
+static void acquired_after_results(keel_pg_pool *pool, keel_pg *conn, int status, void *data) {
+  pctx *p = data;
+  cr_assert_eq(status, 0);
+  /* recorded where the statements' results are, then given back */
+  p->done_status = p->results;
+  p->done_calls++;
+  cr_assert_eq(keel_pg_pool_release(pool, conn), 0);
+  cr_assert_neq(keel_pg_pool_release(pool, conn), 0, "released twice");
+}
+
+/* Waits until n statements are on the wire of the (stopped) backend. */
+static void wait_in_flight(pctx *p, uint64_t n) {
+  uint64_t start = uv_now(&p->loop);
+  while (in_flight(p) < n && uv_now(&p->loop) - start < 5000) uv_run(&p->loop, UV_RUN_ONCE);
+  /* a few more turns: nothing beyond the depth may follow */
+  for (int i = 0; i < 5; i++) uv_run(&p->loop, UV_RUN_NOWAIT);
+}
+
+static const char *const PIPELINED[5] = {"SELECT 'a'", "SELECT 1/0", "SELECT 'c'", "SELECT 'd'",
+                                         "SELECT 'e'"};
+
+/* With every member busy, up to pipeline_depth statements share one; the
+ * one past the depth and an acquire wait. A failing statement fails alone,
+ * the replies keep their order, and the acquire gets the member only once
+ * every pipelined statement has answered. */
+Test(pool, pipelined_statements_share_a_busy_member_and_fail_alone) {
+  pctx p;
+  open_pipelined_pool(&p, 4);
+  int pid = backend_pid(&p);
+  int before = p.results;
+  cr_assert_eq(kill(pid, SIGSTOP), 0);
+  for (int i = 0; i < 5; i++)
+    cr_assert_eq(keel_pg_pool_query(p.pool, PIPELINED[i], 0, NULL, store, &p), 0);
+  cr_assert_eq(keel_pg_pool_acquire(p.pool, acquired_after_results, &p), 0);
+  wait_in_flight(&p, 4);
+  keel_pg_pool_stats s;
+  keel_pg_pool_get_stats(p.pool, &s);
+  kill(pid, SIGCONT);
+  cr_assert_eq(s.in_flight, 4, "four statements pipelined on the one member");
+  cr_assert_eq(s.waiting, 2, "the fifth statement and the acquire wait");
+  cr_assert_eq(p.results, before);
+  run_until(&p, &p.done_calls, 1);
+  cr_assert_eq(p.results, before + 5);
+  cr_assert_eq(p.done_status, before + 5, "the acquire waited for every statement");
+  const char *want[5] = {"a", NULL, "c", "d", "e"};
+  for (int i = 0; i < 5; i++) {
+    if (want[i] == NULL) {
+      cr_assert_eq(p.statuses[before + i], KEEL_EPG, "%s", keel_err_name(p.statuses[before + i]));
+    } else {
+      cr_assert_eq(p.statuses[before + i], 0, "%s", keel_err_name(p.statuses[before + i]));
+      cr_assert_str_eq(p.values[before + i], want[i]);
+    }
+  }
+  keel_pg_pool_get_stats(p.pool, &s);
+  cr_assert_eq(s.queries, (uint64_t)before + 5);
+  cr_assert_eq(s.errors, 1);
+  keel_pg_pool_close(p.pool, on_closed, &p);
+  uv_run(&p.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(p.closed, 1);
+  cr_assert_eq(uv_loop_close(&p.loop), 0);
+}
+
+/* The session of a member with pipelined statements is lost: each gets
+ * its callback once, with an error; the statement waiting behind them
+ * runs on the new session. */
+Test(pool, pipelined_statements_on_a_lost_session_each_fail_once) {
+  pctx p;
+  open_pipelined_pool(&p, 3);
+  int pid = backend_pid(&p);
+  int before = p.results;
+  cr_assert_eq(kill(pid, SIGSTOP), 0);
+  /* each of the three would outlive the session if it started running */
+  for (int i = 0; i < 3; i++)
+    cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 'x' FROM pg_sleep(5)", 0, NULL, store, &p), 0);
+  cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 'd'", 0, NULL, store, &p), 0);
+  wait_in_flight(&p, 3);
+  uint64_t sent = in_flight(&p);
+  kt_pg_execf("SELECT pg_terminate_backend(%d)", pid);
+  kill(pid, SIGCONT);
+  cr_assert_eq(sent, 3);
+  run_until(&p, &p.results, before + 4);
+  for (int i = 0; i < 3; i++)
+    cr_assert_neq(p.statuses[before + i], 0, "pipelined statement %d failed with the session", i);
+  cr_assert_eq(p.statuses[before + 3], 0, "%s", keel_err_name(p.statuses[before + 3]));
+  cr_assert_str_eq(p.values[before + 3], "d");
+  for (int i = 0; i < 20; i++) uv_run(&p.loop, UV_RUN_NOWAIT);
+  cr_assert_eq(p.results, before + 4, "one callback each");
+  keel_pg_pool_close(p.pool, on_closed, &p);
+  uv_run(&p.loop, UV_RUN_DEFAULT);
+  cr_assert_eq(uv_loop_close(&p.loop), 0);
+}
