@@ -6,6 +6,8 @@
  * runs update 1, then 2, then 3, and starts again), on the same server in
  * the same run.
  *
+ *   Each side first runs 200 sequences / sagas untimed (connections up,
+ *   statements prepared on both sides), then:
  *   floor: KEEL_BENCH_SAGAS (default 3000) sequences of three updates;
  *   saga:  KEEL_BENCH_SAGAS sagas, started ahead (at most 64 waiting) so
  *          that the 8 workers never wait for a start; sagas/s from the
@@ -64,6 +66,8 @@ static void phase(const char *name, bool begin, long n) {
 static keel_pg_pool *pp;
 static const char *conninfo;
 static long total;
+static long target; /* sequences or sagas of the part running: warm-up or measured */
+#define WARMUP 200  /* untimed, before each measured part: connections up, statements prepared */
 
 /* ---- participants: one single-row update per step ------------------------- */
 
@@ -113,7 +117,7 @@ static void floor_cb(keel_pg *c, int status, const keel_pg_result *res, void *da
   if (++w->step == 3) {
     w->step = 0;
     floor_done++;
-    if (floor_started >= total) return;
+    if (floor_started >= target) return;
   }
   floor_next(w);
 }
@@ -127,15 +131,21 @@ static void floor_next(fworker *w) {
   if (keel_pg_pool_query_cached(pp, UPD[w->step], 1, p, floor_cb, w) != 0) exit(1);
 }
 
-static double run_floor(void) {
+static double run_floor_part(long n) {
   fworker ws[WORKERS];
   memset(ws, 0, sizeof ws);
   floor_started = floor_done = 0;
-  phase("floor", true, total);
+  target = n;
   double t0 = bench_now_s();
   for (int i = 0; i < WORKERS; i++) floor_next(&ws[i]);
-  while (floor_done < total) uv_run(&loop, UV_RUN_ONCE);
-  double rate = (double)floor_done / (bench_now_s() - t0);
+  while (floor_done < n) uv_run(&loop, UV_RUN_ONCE);
+  return (double)floor_done / (bench_now_s() - t0);
+}
+
+static double run_floor(void) {
+  (void)run_floor_part(WARMUP);
+  phase("floor", true, total);
+  double rate = run_floor_part(total);
   phase("floor", false, total);
   return rate;
 }
@@ -207,7 +217,7 @@ static void on_end(keel_saga *s, int64_t id, keel_saga_state st, void *data) {
 }
 
 static void start_more(void) {
-  while (started < total && in_flight < 64) {
+  while (started < target && in_flight < 64) {
     if (started == 0) t_first = bench_now_s();
     started++;
     in_flight++;
@@ -236,6 +246,12 @@ static double run_saga(double *p99) {
   o.stats_ms = 0;
   if (keel_saga_new(&loop, &o, &sg) != 0) exit(1);
   while (!ready) uv_run(&loop, UV_RUN_ONCE);
+  target = WARMUP;
+  start_more();
+  while (ended < WARMUP) uv_run(&loop, UV_RUN_ONCE);
+  started = ended = 0;
+  running_sum = 0;
+  target = total;
   phase("saga", true, total);
   start_more();
   while (ended < total) uv_run(&loop, UV_RUN_ONCE);
