@@ -1180,3 +1180,28 @@ Test(pool, pipelined_statements_on_a_lost_session_each_fail_once) {
   uv_run(&p.loop, UV_RUN_DEFAULT);
   cr_assert_eq(uv_loop_close(&p.loop), 0);
 }
+
+/* Closing the pool with statements pipelined on a member (its backend
+ * stopped, so none can answer): each gets its callback once, before the
+ * close callback, and the loop closes. */
+Test(pool, close_with_pipelined_statements_in_flight) {
+  pctx p;
+  open_pipelined_pool(&p, 4);
+  int pid = backend_pid(&p);
+  int before = p.results;
+  cr_assert_eq(kill(pid, SIGSTOP), 0);
+  for (int i = 0; i < 6; i++)
+    cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 'x'", 0, NULL, store, &p), 0);
+  wait_in_flight(&p, 4);
+  uint64_t sent = in_flight(&p);
+  keel_pg_pool_close(p.pool, on_closed, &p);
+  cr_assert_eq(p.results, before, "no callback inside close");
+  uv_run(&p.loop, UV_RUN_DEFAULT);
+  kill(pid, SIGCONT);
+  cr_assert_eq(sent, 4);
+  cr_assert_eq(p.results, before + 6, "each statement's callback once");
+  for (int i = 0; i < 6; i++)
+    cr_assert_eq(p.statuses[before + i], UV_ECANCELED, "%s", keel_err_name(p.statuses[before + i]));
+  cr_assert_eq(p.closed, 1);
+  cr_assert_eq(uv_loop_close(&p.loop), 0);
+}
