@@ -1089,6 +1089,22 @@ static void open_pipelined_pool(pctx *p, uint32_t depth) {
   cr_assert_eq(keel_pg_pool_new(&p->loop, &o, &p->pool), 0);
 }
 
+/* A pipelined pool of one member whose backend is stopped: statements go
+ * out and pile up unanswered. Returns the backend's pid (SIGCONT it). */
+static int stopped_pipelined_pool(pctx *p, uint32_t depth) {
+  open_pipelined_pool(p, depth);
+  int pid = backend_pid(p);
+  cr_assert_eq(kill(pid, SIGSTOP), 0);
+  return pid;
+}
+
+static void close_pool_and_loop(pctx *p) {
+  keel_pg_pool_close(p->pool, on_closed, p);
+  uv_run(&p->loop, UV_RUN_DEFAULT);
+  cr_assert_eq(p->closed, 1);
+  cr_assert_eq(uv_loop_close(&p->loop), 0);
+}
+
 static void acquired_after_results(keel_pg_pool *pool, keel_pg *conn, int status, void *data) {
   pctx *p = data;
   cr_assert_eq(status, 0);
@@ -1116,10 +1132,8 @@ static const char *const PIPELINED[5] = {"SELECT 'a'", "SELECT 1/0", "SELECT 'c'
  * every pipelined statement has answered. */
 Test(pool, pipelined_statements_share_a_busy_member_and_fail_alone) {
   pctx p;
-  open_pipelined_pool(&p, 4);
-  int pid = backend_pid(&p);
+  int pid = stopped_pipelined_pool(&p, 4);
   int before = p.results;
-  cr_assert_eq(kill(pid, SIGSTOP), 0);
   for (int i = 0; i < 5; i++)
     cr_assert_eq(keel_pg_pool_query(p.pool, PIPELINED[i], 0, NULL, store, &p), 0);
   cr_assert_eq(keel_pg_pool_acquire(p.pool, acquired_after_results, &p), 0);
@@ -1145,10 +1159,7 @@ Test(pool, pipelined_statements_share_a_busy_member_and_fail_alone) {
   keel_pg_pool_get_stats(p.pool, &s);
   cr_assert_eq(s.queries, (uint64_t)before + 5);
   cr_assert_eq(s.errors, 1);
-  keel_pg_pool_close(p.pool, on_closed, &p);
-  uv_run(&p.loop, UV_RUN_DEFAULT);
-  cr_assert_eq(p.closed, 1);
-  cr_assert_eq(uv_loop_close(&p.loop), 0);
+  close_pool_and_loop(&p);
 }
 
 /* The session of a member with pipelined statements is lost: each gets
@@ -1156,10 +1167,8 @@ Test(pool, pipelined_statements_share_a_busy_member_and_fail_alone) {
  * runs on the new session. */
 Test(pool, pipelined_statements_on_a_lost_session_each_fail_once) {
   pctx p;
-  open_pipelined_pool(&p, 3);
-  int pid = backend_pid(&p);
+  int pid = stopped_pipelined_pool(&p, 3);
   int before = p.results;
-  cr_assert_eq(kill(pid, SIGSTOP), 0);
   /* each of the three would outlive the session if it started running */
   for (int i = 0; i < 3; i++)
     cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 'x' FROM pg_sleep(5)", 0, NULL, store, &p), 0);
@@ -1176,9 +1185,7 @@ Test(pool, pipelined_statements_on_a_lost_session_each_fail_once) {
   cr_assert_str_eq(p.values[before + 3], "d");
   for (int i = 0; i < 20; i++) uv_run(&p.loop, UV_RUN_NOWAIT);
   cr_assert_eq(p.results, before + 4, "one callback each");
-  keel_pg_pool_close(p.pool, on_closed, &p);
-  uv_run(&p.loop, UV_RUN_DEFAULT);
-  cr_assert_eq(uv_loop_close(&p.loop), 0);
+  close_pool_and_loop(&p);
 }
 
 /* Closing the pool with statements pipelined on a member (its backend
@@ -1186,10 +1193,8 @@ Test(pool, pipelined_statements_on_a_lost_session_each_fail_once) {
  * close callback, and the loop closes. */
 Test(pool, close_with_pipelined_statements_in_flight) {
   pctx p;
-  open_pipelined_pool(&p, 4);
-  int pid = backend_pid(&p);
+  int pid = stopped_pipelined_pool(&p, 4);
   int before = p.results;
-  cr_assert_eq(kill(pid, SIGSTOP), 0);
   for (int i = 0; i < 6; i++)
     cr_assert_eq(keel_pg_pool_query(p.pool, "SELECT 'x'", 0, NULL, store, &p), 0);
   wait_in_flight(&p, 4);
