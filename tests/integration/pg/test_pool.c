@@ -129,8 +129,11 @@ static void close_with_statement_in_flight(int stop_at, int finish_with) {
   uint64_t start = uv_now(&p.loop);
   /* Wait until the statement is on the wire (stop 2: after the body ran). */
   while ((in_flight(&p) == 0 || (stop_at == 2 && p.body_runs == 0)) &&
-         uv_now(&p.loop) - start < 5000)
-    uv_run(&p.loop, UV_RUN_ONCE);
+         uv_now(&p.loop) - start < 5000) {
+    uv_run(&p.loop, UV_RUN_NOWAIT); /* never block: the stopped backend does not answer */
+    usleep(1000);
+    uv_update_time(&p.loop);
+  }
   cr_assert_eq(in_flight(&p), 1);
   cr_assert_eq(p.body_runs, stop_at == 1 ? 0 : 1);
   keel_pg_pool_close(p.pool, on_closed, &p);
@@ -1120,8 +1123,14 @@ static void acquired_after_results(keel_pg_pool *pool, keel_pg *conn, int status
 
 /* Waits until n statements are on the wire of the (stopped) backend. */
 static void wait_in_flight(pctx *p, uint64_t n) {
+  /* NOWAIT turns: a turn that blocks would wait for an answer the stopped
+   * backend never gives (until the health check, 10 s on) */
   uint64_t start = uv_now(&p->loop);
-  while (in_flight(p) < n && uv_now(&p->loop) - start < 5000) uv_run(&p->loop, UV_RUN_ONCE);
+  while (in_flight(p) < n && uv_now(&p->loop) - start < 5000) {
+    uv_run(&p->loop, UV_RUN_NOWAIT);
+    usleep(1000);
+    uv_update_time(&p->loop);
+  }
   /* a few more turns: nothing beyond the depth may follow */
   for (int i = 0; i < 5; i++) uv_run(&p->loop, UV_RUN_NOWAIT);
 }
