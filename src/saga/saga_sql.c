@@ -117,19 +117,6 @@ static const char ADVANCE_END[] = ADVANCE_CTES
  * the saga as written (version 1, data), so that its first delivery calls
  * step 0 with no further statement. A start key already there writes
  * nothing (no job either) and returns that saga's id. */
-/* START without a start key ($1 id $2 type $3 data $4 deadline_ms $5 queue
- * $6 job max_attempts): no key to collide on, so neither the arbiter nor
- * the lookup of an existing saga (about a fifth of the statement's cost). */
-static const char START_NOKEY[] =
-    "WITH ins AS (INSERT INTO %s.saga_instances (id, type, data, deadline, attempt, attempt_at)"
-    " VALUES ($1, $2, $3::jsonb, CASE WHEN $4::bigint > 0 THEN now() + $4::bigint *"
-    " interval '1 millisecond' END, 1, now()) RETURNING id, data),"
-    " job AS (INSERT INTO %s.pgqueue_jobs (queue, payload, max_attempts, unique_key)"
-    " SELECT $5, CASE WHEN $4::bigint > 0 THEN jsonb_build_object('saga', id) ELSE"
-    " jsonb_build_object('saga', id, 'v', 1, 'a', 1, 'data', data) END, $6::int, 'saga:' || id "
-    "FROM ins)"
-    " SELECT id, false AS existed FROM ins";
-
 static const char START[] =
     "WITH ins AS (INSERT INTO %s.saga_instances (id, type, data, deadline, start_key, attempt,"
     " attempt_at) VALUES ($1, $2, $3::jsonb, CASE WHEN $4::bigint > 0 THEN now() + $4::bigint *"
@@ -142,6 +129,19 @@ static const char START[] =
     " SELECT id, false AS existed FROM ins UNION ALL"
     " SELECT id, true FROM %s.saga_instances WHERE $5 IS NOT NULL AND type = $2"
     " AND start_key = $5 AND NOT EXISTS (SELECT 1 FROM ins)";
+
+/* START without a start key ($1 id $2 type $3 data $4 deadline_ms $5 queue
+ * $6 job max_attempts): no key to collide on, so neither the arbiter nor
+ * the lookup of an existing saga (about a fifth of the statement's cost). */
+static const char START_NOKEY[] =
+    "WITH ins AS (INSERT INTO %s.saga_instances (id, type, data, deadline, attempt, attempt_at)"
+    " VALUES ($1, $2, $3::jsonb, CASE WHEN $4::bigint > 0 THEN now() + $4::bigint *"
+    " interval '1 millisecond' END, 1, now()) RETURNING id, data),"
+    " job AS (INSERT INTO %s.pgqueue_jobs (queue, payload, max_attempts, unique_key)"
+    " SELECT $5, CASE WHEN $4::bigint > 0 THEN jsonb_build_object('saga', id) ELSE"
+    " jsonb_build_object('saga', id, 'v', 1, 'a', 1, 'data', data) END, $6::int, 'saga:' || id "
+    "FROM ins)"
+    " SELECT id, false AS existed FROM ins";
 
 /* $1 id $2 type */
 static const char REDRIVE[] =
