@@ -361,8 +361,9 @@ typedef struct keel_pg_pool_opts {
                                   acquire or a transaction) one member may have
                                   in flight: when every member is busy, the next
                                   goes pipelined behind those of the member
-                                  running the fewest, up to this many; 0 or 1
-                                  (default): one at a time */
+                                  running the fewest (never one held by an
+                                  acquire or a transaction), up to this many;
+                                  0 or 1 (default): one at a time */
   uint32_t reserved32_;        /* ABI room: zero */
   uint64_t reserved_[7];       /* ABI room: zero (opts_init does); never set */
 } keel_pg_pool_opts;
