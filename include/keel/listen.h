@@ -250,6 +250,10 @@ KEEL_EXTERN int keel_listener_start(keel_listener *l);
  * Disconnects (the seed's stop()); handlers and subscriptions stay for a
  * later keel_listener_start(). Changes received but not yet delivered
  * (waiting for a row fetch) are dropped; no callback runs inside the call.
+ * When the listener had been active, the next start reports a gap (on_gap,
+ * keel_listener_gap_window()) covering what may have been missed: from the
+ * last moment it knew it was caught up (or the oldest change dropped here,
+ * if earlier) to when the new session's LISTENs are in place.
  * Safe inside a handler. Returns 0 (also when not started), UV_EINVAL for
  * NULL, KEEL_ECLOSING after close began. Loop thread only.
  */

@@ -1543,12 +1543,22 @@ static void on_conn_closed(void *object, void *data) {
 }
 
 static void disconnect(keel_listener *l) {
+  /* A listener that had been caught up misses what commits until its next
+   * start, and drops what it received but did not deliver: that start
+   * reports the gap, from the last moment it knew it was caught up or the
+   * oldest change dropped here, whichever is earlier. */
+  if (l->ever_active || l->down_since_ms != 0) {
+    int64_t from_us = l->down_since_ms != 0 ? l->pending_from_us : l->caught_up_us;
+    for (queued_change *q = l->queue_head; q != NULL; q = q->next)
+      if (q->change.time_us > 0 && q->change.time_us < from_us) from_us = q->change.time_us;
+    if (l->down_since_ms == 0) l->down_since_ms = uv_now(l->loop);
+    l->pending_from_us = from_us;
+  }
   keel_pg *conn = l->conn;
   l->conn = NULL;
   l->started = false;
   l->active = false;
   l->ever_active = false;
-  l->down_since_ms = 0;
   l->listen_round++;
   l->listens_outstanding = 0;
   l->holding = false;
