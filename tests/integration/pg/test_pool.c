@@ -90,6 +90,15 @@ static uint64_t in_flight(pctx *p) {
   return s.in_flight;
 }
 
+/* One loop turn that never blocks, then 1 ms: with a stopped backend, a
+ * turn that blocks waits for an answer it never gives (until the health
+ * check, 10 s on). */
+static void turn_without_blocking(pctx *p) {
+  uv_run(&p->loop, UV_RUN_NOWAIT);
+  usleep(1000);
+  uv_update_time(&p->loop);
+}
+
 /* The backend of a size-1 pool. */
 static int backend_pid(pctx *p) {
   int before = p->results;
@@ -129,11 +138,8 @@ static void close_with_statement_in_flight(int stop_at, int finish_with) {
   uint64_t start = uv_now(&p.loop);
   /* Wait until the statement is on the wire (stop 2: after the body ran). */
   while ((in_flight(&p) == 0 || (stop_at == 2 && p.body_runs == 0)) &&
-         uv_now(&p.loop) - start < 5000) {
-    uv_run(&p.loop, UV_RUN_NOWAIT); /* never block: the stopped backend does not answer */
-    usleep(1000);
-    uv_update_time(&p.loop);
-  }
+         uv_now(&p.loop) - start < 5000)
+    turn_without_blocking(&p);
   cr_assert_eq(in_flight(&p), 1);
   cr_assert_eq(p.body_runs, stop_at == 1 ? 0 : 1);
   keel_pg_pool_close(p.pool, on_closed, &p);
@@ -1123,14 +1129,8 @@ static void acquired_after_results(keel_pg_pool *pool, keel_pg *conn, int status
 
 /* Waits until n statements are on the wire of the (stopped) backend. */
 static void wait_in_flight(pctx *p, uint64_t n) {
-  /* NOWAIT turns: a turn that blocks would wait for an answer the stopped
-   * backend never gives (until the health check, 10 s on) */
   uint64_t start = uv_now(&p->loop);
-  while (in_flight(p) < n && uv_now(&p->loop) - start < 5000) {
-    uv_run(&p->loop, UV_RUN_NOWAIT);
-    usleep(1000);
-    uv_update_time(&p->loop);
-  }
+  while (in_flight(p) < n && uv_now(&p->loop) - start < 5000) turn_without_blocking(p);
   /* a few more turns: nothing beyond the depth may follow */
   for (int i = 0; i < 5; i++) uv_run(&p->loop, UV_RUN_NOWAIT);
 }

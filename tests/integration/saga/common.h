@@ -357,6 +357,14 @@ typedef struct all_terminal_ctx {
   bool yes;
 } all_terminal_ctx;
 
+/* A number from a query whose every %s is schema (at most four). */
+static inline long schema_count(const char *fmt, const char *schema) {
+  char *v = kt_pg_scalarf(fmt, schema, schema, schema, schema);
+  long n = v ? strtol(v, NULL, 10) : -1;
+  free(v);
+  return n;
+}
+
 static inline long world_open_count(world *w) {
   char *v = kt_pg_scalarf(
       "SELECT count(*) FROM %s.saga_instances WHERE state IN "

@@ -86,13 +86,6 @@ static void recover_until_settled(world *w, uint64_t timeout_ms) {
   }
 }
 
-static long sl(const char *fmt, const char *schema) {
-  char *v = kt_pg_scalarf(fmt, schema, schema, schema, schema);
-  long n = v ? strtol(v, NULL, 10) : -1;
-  free(v);
-  return n;
-}
-
 Test(saga_crash, every_persistence_point, .timeout = 600) {
   world w;
   world_init(&w, "saga_cp", 64, 100);
@@ -155,7 +148,7 @@ Test(saga_crash, every_persistence_point, .timeout = 600) {
                 WIFEXITED(stc) ? WEXITSTATUS(stc) : -1);
     }
   }
-  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances", w.schema), n - 1);
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.saga_instances", w.schema), n - 1);
   cr_assert(world_open_count(&w) > 0, "the crashes left open sagas");
   /* the restart: another process's orchestrator takes their jobs */
   world_opts(&w);
@@ -168,40 +161,50 @@ Test(saga_crash, every_persistence_point, .timeout = 600) {
   long jobs = -1;
   for (int k = 0; k < 200 && jobs != 0; k++) {
     for (int i = 0; i < 10; i++) uv_run(&w.loop, UV_RUN_NOWAIT), usleep(5000);
-    jobs = sl("SELECT count(*) FROM %s.pgqueue_jobs WHERE queue = 'saga.order'", w.schema);
+    jobs =
+        schema_count("SELECT count(*) FROM %s.pgqueue_jobs WHERE queue = 'saga.order'", w.schema);
   }
   cr_assert_eq(jobs, 0, "saga jobs left in the queue");
   /* every saga ended done or compensated, as its wallet decided */
-  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances WHERE state = 'done'", w.schema), 23);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances WHERE state = 'compensated'", w.schema),
-               6);
+  cr_assert_eq(
+      schema_count("SELECT count(*) FROM %s.saga_instances WHERE state = 'done'", w.schema), 23);
+  cr_assert_eq(
+      schema_count("SELECT count(*) FROM %s.saga_instances WHERE state = 'compensated'", w.schema),
+      6);
   /* each effect at most once */
-  cr_assert_eq(sl("SELECT count(*) FROM (SELECT key FROM %s.effects GROUP BY key"
-                  " HAVING count(*) > 1) d",
-                  w.schema),
+  cr_assert_eq(schema_count("SELECT count(*) FROM (SELECT key FROM %s.effects GROUP BY key"
+                            " HAVING count(*) > 1) d",
+                            w.schema),
                0);
   /* done sagas: each effect once; compensated ones: the item released
    * exactly when it was booked, nothing charged */
 #define DONE_IDS "(id BETWEEN 2 AND 18 OR id BETWEEN 25 AND 30)"
-  cr_assert_eq(sl("SELECT count(*) FROM %s.items WHERE " DONE_IDS " AND booked <> 1", w.schema), 0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.slots WHERE " DONE_IDS " AND reserved <> 1", w.schema),
-               0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.wallets WHERE " DONE_IDS " AND balance <> 60", w.schema),
+  cr_assert_eq(
+      schema_count("SELECT count(*) FROM %s.items WHERE " DONE_IDS " AND booked <> 1", w.schema),
+      0);
+  cr_assert_eq(
+      schema_count("SELECT count(*) FROM %s.slots WHERE " DONE_IDS " AND reserved <> 1", w.schema),
+      0);
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.wallets WHERE " DONE_IDS " AND balance <> 60",
+                            w.schema),
                0);
   /* saga 1 was never written: nothing of it happened */
-  cr_assert_eq(sl("SELECT booked FROM %s.items WHERE id = 1", w.schema), 0);
-  cr_assert_eq(sl("SELECT reserved FROM %s.slots WHERE id = 1", w.schema), 0);
-  cr_assert_eq(sl("SELECT balance FROM %s.wallets WHERE id = 1", w.schema), 100);
+  cr_assert_eq(schema_count("SELECT booked FROM %s.items WHERE id = 1", w.schema), 0);
+  cr_assert_eq(schema_count("SELECT reserved FROM %s.slots WHERE id = 1", w.schema), 0);
+  cr_assert_eq(schema_count("SELECT balance FROM %s.wallets WHERE id = 1", w.schema), 100);
   cr_assert_eq(
-      sl("SELECT count(*) FROM %s.items WHERE id BETWEEN 19 AND 24 AND booked <> 0", w.schema), 0);
-  cr_assert_eq(
-      sl("SELECT count(*) FROM %s.wallets WHERE id BETWEEN 19 AND 24 AND balance <> 10", w.schema),
+      schema_count("SELECT count(*) FROM %s.items WHERE id BETWEEN 19 AND 24 AND booked <> 0",
+                   w.schema),
       0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.effects WHERE kind = 'unbook'", w.schema),
-               sl("SELECT count(*) FROM %s.effects e WHERE kind = 'book' AND"
-                  " split_part(key, ':', 2) IN (SELECT id::text FROM %s.saga_instances"
-                  " WHERE state = 'compensated')",
-                  w.schema));
+  cr_assert_eq(
+      schema_count("SELECT count(*) FROM %s.wallets WHERE id BETWEEN 19 AND 24 AND balance <> 10",
+                   w.schema),
+      0);
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.effects WHERE kind = 'unbook'", w.schema),
+               schema_count("SELECT count(*) FROM %s.effects e WHERE kind = 'book' AND"
+                            " split_part(key, ':', 2) IN (SELECT id::text FROM %s.saga_instances"
+                            " WHERE state = 'compensated')",
+                            w.schema));
   world_finish(&w);
 }
 
@@ -275,7 +278,7 @@ Test(saga_crash, soak_with_kills, .timeout = 900) {
   srand(42);
   /* a third of the wallets cannot pay */
   kt_pg_execf("UPDATE %s.wallets SET balance = 30 WHERE id %% 3 = 0", w.schema);
-  long money0 = sl("SELECT sum(balance) FROM %s.wallets", w.schema);
+  long money0 = schema_count("SELECT sum(balance) FROM %s.wallets", w.schema);
   world_opts(&w);
   w.o.orchestrate = false;
   world_start_objects(&w);
@@ -318,36 +321,38 @@ Test(saga_crash, soak_with_kills, .timeout = 900) {
   cr_log_info("soak: %d sagas, %d kills", n, kills);
   cr_assert(kills > 0);
   /* no saga left running (nor failed: compensations get 50 attempts) */
-  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances WHERE state NOT IN"
-                  " ('done','compensated')",
-                  w.schema),
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.saga_instances WHERE state NOT IN"
+                            " ('done','compensated')",
+                            w.schema),
                0, "sagas not finished");
   /* each effect at most once */
-  cr_assert_eq(sl("SELECT count(*) FROM (SELECT key FROM %s.effects GROUP BY key"
-                  " HAVING count(*) > 1) d",
-                  w.schema),
+  cr_assert_eq(schema_count("SELECT count(*) FROM (SELECT key FROM %s.effects GROUP BY key"
+                            " HAVING count(*) > 1) d",
+                            w.schema),
                0);
   /* money conserved: what left the wallets is what was charged and kept */
-  long charged =
-      sl("SELECT coalesce(sum(CASE kind WHEN 'charge' THEN 40 ELSE -40 END), 0)"
-         " FROM %s.effects WHERE kind IN ('charge','uncharge')",
-         w.schema);
-  cr_assert_eq(sl("SELECT sum(balance) FROM %s.wallets", w.schema) + charged, money0);
+  long charged = schema_count(
+      "SELECT coalesce(sum(CASE kind WHEN 'charge' THEN 40 ELSE -40 END), 0)"
+      " FROM %s.effects WHERE kind IN ('charge','uncharge')",
+      w.schema);
+  cr_assert_eq(schema_count("SELECT sum(balance) FROM %s.wallets", w.schema) + charged, money0);
   /* no wallet charged without its item booked; done sagas have all three */
-  cr_assert_eq(sl("SELECT count(*) FROM %s.wallets w JOIN %s.items i USING (id)"
-                  " WHERE (w.balance < 30 OR (w.balance < 100 AND w.id %% 3 <> 0))"
-                  " AND i.booked <> 1",
-                  w.schema),
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.wallets w JOIN %s.items i USING (id)"
+                            " WHERE (w.balance < 30 OR (w.balance < 100 AND w.id %% 3 <> 0))"
+                            " AND i.booked <> 1",
+                            w.schema),
                0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances s JOIN %s.items i ON"
-                  " i.id = (s.data->>'item')::int JOIN %s.slots sl ON sl.id = i.id"
-                  " WHERE s.state = 'done' AND (i.booked <> 1 OR sl.reserved <> 1)",
-                  w.schema),
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.saga_instances s JOIN %s.items i ON"
+                            " i.id = (s.data->>'item')::int JOIN %s.slots sl ON sl.id = i.id"
+                            " WHERE s.state = 'done' AND (i.booked <> 1 OR sl.reserved <> 1)",
+                            w.schema),
                0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances s JOIN %s.items i ON"
-                  " i.id = (s.data->>'item')::int JOIN %s.slots sl ON sl.id = i.id"
-                  " WHERE s.state = 'compensated' AND (i.booked <> 0 OR sl.reserved <> 0)",
-                  w.schema),
-               0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.items WHERE booked < 0 OR booked > 1", w.schema), 0);
+  cr_assert_eq(
+      schema_count("SELECT count(*) FROM %s.saga_instances s JOIN %s.items i ON"
+                   " i.id = (s.data->>'item')::int JOIN %s.slots sl ON sl.id = i.id"
+                   " WHERE s.state = 'compensated' AND (i.booked <> 0 OR sl.reserved <> 0)",
+                   w.schema),
+      0);
+  cr_assert_eq(
+      schema_count("SELECT count(*) FROM %s.items WHERE booked < 0 OR booked > 1", w.schema), 0);
 }

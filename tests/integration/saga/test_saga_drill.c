@@ -3,13 +3,6 @@
  * executable: no child processes, and nothing else running in it. */
 #include "common.h"
 
-static long sl(const char *fmt, const char *schema) {
-  char *v = kt_pg_scalarf(fmt, schema, schema, schema, schema);
-  long n = v ? strtol(v, NULL, 10) : -1;
-  free(v);
-  return n;
-}
-
 typedef struct terminator {
   world *w;
   uv_timer_t t;
@@ -65,16 +58,18 @@ Test(saga_drill, log_sessions_terminated_mid_run, .timeout = 300) {
   fprintf(stderr, "log drill: terminated %ld sessions in %d rounds; %d ended here\n", k.terminated,
           k.rounds, w.c.ended);
   cr_assert(k.terminated > 0, "no session was terminated: the drill did nothing");
-  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances WHERE state <> 'done'", w.schema), 0,
-               "every saga done");
-  cr_assert_eq(sl("SELECT count(*) FROM %s.saga_instances", w.schema), n);
-  cr_assert_eq(sl("SELECT count(*) FROM (SELECT key FROM %s.effects GROUP BY key"
-                  " HAVING count(*) > 1) d",
-                  w.schema),
+  cr_assert_eq(
+      schema_count("SELECT count(*) FROM %s.saga_instances WHERE state <> 'done'", w.schema), 0,
+      "every saga done");
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.saga_instances", w.schema), n);
+  cr_assert_eq(schema_count("SELECT count(*) FROM (SELECT key FROM %s.effects GROUP BY key"
+                            " HAVING count(*) > 1) d",
+                            w.schema),
                0, "an effect applied twice");
-  cr_assert_eq(sl("SELECT count(*) FROM %s.effects", w.schema), 3 * n);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.items WHERE booked <> 1", w.schema), 0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.wallets WHERE balance <> 60", w.schema), 0);
-  cr_assert_eq(sl("SELECT count(*) FROM %s.pgqueue_jobs", w.schema), 0, "a saga job left");
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.effects", w.schema), 3 * n);
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.items WHERE booked <> 1", w.schema), 0);
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.wallets WHERE balance <> 60", w.schema), 0);
+  cr_assert_eq(schema_count("SELECT count(*) FROM %s.pgqueue_jobs", w.schema), 0,
+               "a saga job left");
   world_finish(&w);
 }
