@@ -28,6 +28,22 @@ keel_install_deps() {
 }
 
 # Prints a TCP port on 127.0.0.1 that nothing listens on.
+# Waits up to 5 s for the daemon whose pid file is $1 to accept connections
+# on port $2. Fails when it is gone: a port free when probed can be taken
+# (by any connection's local end) before the daemon binds it.
+keel_wait_daemon() {
+  local pidfile="$1" port="$2" pid
+  for _ in $(seq 1 100); do
+    pid="$(cat "$pidfile" 2>/dev/null || true)"
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
+      && (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      return 0
+    fi
+    sleep 0.05
+  done
+  return 1
+}
+
 keel_free_port() {
   local port
   for _ in $(seq 1 200); do
@@ -103,15 +119,20 @@ keel_start_services() {
   export KEEL_TEST_PG_DATA="$KEEL_PG_DATA"
   export KEEL_TEST_PG_BINDIR="$bindir"
 
-  redis_port="$(keel_free_port)"
   KEEL_REDIS_PIDFILE="$KEEL_TMP/redis.pid"
-  redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
-    --daemonize yes --pidfile "$KEEL_REDIS_PIDFILE" --dir "$KEEL_TMP" \
-    --logfile "$KEEL_TMP/redis.log" >/dev/null
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null && break
-    sleep 0.05
+  started=0
+  for _ in 1 2 3 4 5; do
+    redis_port="$(keel_free_port)"
+    rm -f "$KEEL_REDIS_PIDFILE"
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
+      --daemonize yes --pidfile "$KEEL_REDIS_PIDFILE" --dir "$KEEL_TMP" \
+      --logfile "$KEEL_TMP/redis.log" >/dev/null
+    if keel_wait_daemon "$KEEL_REDIS_PIDFILE" "$redis_port"; then
+      started=1
+      break
+    fi
   done
+  [ "$started" = 1 ] || { tail -5 "$KEEL_TMP/redis.log" >&2; return 1; }
   export KEEL_TEST_REDIS="127.0.0.1:$redis_port"
   keel_start_pgbouncer "$pg_port"
   log "PostgreSQL: $KEEL_TEST_PG"
@@ -125,7 +146,23 @@ keel_start_services() {
 keel_start_pgbouncer() {
   local pg_port="$1" dir="$KEEL_TMP/pgbouncer" port
   mkdir -p "$dir"
-  port="$(keel_free_port)"
+  KEEL_PGBOUNCER_PIDFILE="$dir/pgbouncer.pid"
+  for _ in 1 2 3 4 5; do
+    port="$(keel_free_port)"
+    rm -f "$KEEL_PGBOUNCER_PIDFILE"
+    keel_write_pgbouncer_ini "$dir" "$pg_port" "$port"
+    if keel_as_pg pgbouncer -d "$dir/pgbouncer.ini" >/dev/null 2>&1 \
+      && keel_wait_daemon "$KEEL_PGBOUNCER_PIDFILE" "$port"; then
+      export KEEL_TEST_PG_POOLER="host=127.0.0.1 port=$port user=postgres dbname=postgres"
+      return 0
+    fi
+  done
+  cat "$dir/pgbouncer.log" >&2 2>/dev/null
+  return 1
+}
+
+keel_write_pgbouncer_ini() {
+  local dir="$1" pg_port="$2" port="$3"
   printf '"postgres" ""\n' >"$dir/users.txt"
   cat >"$dir/pgbouncer.ini" <<INI
 [databases]
@@ -146,12 +183,4 @@ logfile = $dir/pgbouncer.log
 admin_users = postgres
 INI
   if [ "$(id -u)" -eq 0 ]; then chown -R postgres:postgres "$dir"; fi
-  KEEL_PGBOUNCER_PIDFILE="$dir/pgbouncer.pid"
-  keel_as_pg pgbouncer -d "$dir/pgbouncer.ini" >/dev/null 2>&1 \
-    || { cat "$dir/pgbouncer.log" >&2 2>/dev/null; return 1; }
-  for _ in $(seq 1 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-    sleep 0.05
-  done
-  export KEEL_TEST_PG_POOLER="host=127.0.0.1 port=$port user=postgres dbname=postgres"
 }
